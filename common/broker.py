@@ -1,0 +1,59 @@
+"""Which Redis lorafleet talks to, as a redis-py client for job state and a URL for Celery.
+
+``LORAFLEET_BROKER_URL`` (redis://, rediss:// or unix://) names a shared Redis; without it
+the embedded Redis under the home folder is started or reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis
+
+from lorafleet.common.embedded import EmbeddedRedis
+from lorafleet.common.errors import ConfigError
+from lorafleet.common.settings import Settings
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One Redis, addressed two ways: ``url`` for redis-py, ``celery_url`` for kombu."""
+
+    url: str
+    embedded: bool = False
+
+    @property
+    def celery_url(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            query = f"?{parts.query}" if parts.query else ""
+            return f"redis+socket://{parts.path}{query}"
+        return self.url
+
+    def client(self, **options) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **options)
+
+    def describe(self) -> str:
+        """The URL with any password hidden, for logs and screens."""
+        parts = urlsplit(self.url)
+        if parts.password:
+            netloc = f"{parts.username or ''}:***@{parts.hostname}"
+            if parts.port:
+                netloc += f":{parts.port}"
+            return parts._replace(netloc=netloc).geturl()
+        return self.url
+
+
+def resolve_broker(settings: Settings) -> Broker:
+    """The configured Redis, or the embedded one (started if it is not running)."""
+    if settings.broker_url:
+        scheme = urlsplit(settings.broker_url).scheme
+        if scheme not in _SCHEMES:
+            raise ConfigError(
+                f"LORAFLEET_BROKER_URL has scheme {scheme!r}; allowed: redis://, rediss://, unix://"
+            )
+        return Broker(settings.broker_url)
+    return Broker(EmbeddedRedis(settings.redis_dir).ensure_running(), embedded=True)

@@ -1,0 +1,95 @@
+"""Settings: one object, read from LORAFLEET_* environment variables, passed down.
+
+Zero configuration works on one machine: no broker URL starts the embedded Redis under
+the home folder, no storage URL writes images to ``<home>/outputs``. Pointing
+LORAFLEET_BROKER_URL and LORAFLEET_STORAGE_URL at shared services is all it takes to scale
+out. S3 credentials are never settings: boto3 reads them from the standard AWS sources
+(environment, shared credentials file, instance or pod role).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path("~/.lorafleet")
+"""Home folder when LORAFLEET_HOME is not set."""
+
+
+class Settings(BaseSettings):
+    """Every setting of lorafleet; environment variable = LORAFLEET_ + the upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="ignore")
+
+    home: Path = Field(
+        default=DEFAULT_HOME,
+        description="Folder holding models/, autoimport/lora/, the embedded Redis and outputs/.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="redis://, rediss:// or unix:// URL of the shared Redis; "
+        "unset starts the embedded Redis under the home folder.",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Where images go: a local folder (path or file://) or s3://bucket/prefix; "
+        "unset means <home>/outputs.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store (MinIO, R2, ...); unset is AWS S3.",
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; unset lets boto3 decide.")
+    device: str = Field(default="auto", description="Worker device: auto (cuda if present), cuda, cuda:N or cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Worker weights dtype: auto is float16 on CUDA, float32 on CPU."
+    )
+    visibility_timeout: int = Field(
+        default=3600,
+        ge=10,
+        description="Seconds before a job taken by a worker that died is handed to another; "
+        "must exceed the longest job.",
+    )
+    record_retention: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="Seconds a finished job's record is kept in Redis.",
+    )
+    max_pipelines: int = Field(default=2, ge=1, description="Hot pipelines a worker keeps loaded.")
+    lora_cache_mb: int = Field(
+        default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
+    )
+    upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")
+    job_attempts: int = Field(
+        default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
+    )
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, home: Path) -> Path:
+        return home.expanduser().absolute()
+
+    @property
+    def models_dir(self) -> Path:
+        """Registered base models: each sub-folder is a diffusers pipeline, named by folder."""
+        return self.home / "models"
+
+    @property
+    def lora_dir(self) -> Path:
+        """The seed's LoRA drop folder: a .safetensors file copied here is usable by its name."""
+        return self.home / "autoimport" / "lora"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def outputs_url(self) -> str:
+        return self.storage_url or str(self.home / "outputs")
+
+    def ensure_folders(self) -> None:
+        for folder in (self.models_dir, self.lora_dir):
+            folder.mkdir(parents=True, exist_ok=True)

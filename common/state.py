@@ -1,0 +1,146 @@
+"""Job records in Redis: the one source of job state.
+
+Keys (all under ``lorafleet:``)::
+
+    lorafleet:job:<id>            the JobRecord as JSON; expires ``retention`` s after it ends
+    lorafleet:jobs                zset of every job id, scored by submit time
+    lorafleet:status:<status>     zset of the job ids in that status, scored by submit time
+    lorafleet:batch:<batch_id>    zset of a batch's job ids, scored by submit time
+
+The producer creates a record (queued); the worker moves it (running, progress, succeeded
+or failed); a cancel sets ``cancel_requested`` or, while queued, ends it cancelled. Every
+change is a read-modify-write under WATCH, so a cancel never overwrites progress or the
+other way round. Index entries of expired records are dropped when a listing meets them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import redis
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import JobRecord, JobStatus
+
+PREFIX = "lorafleet:"
+JOB_KEY = PREFIX + "job:"
+ALL_JOBS_KEY = PREFIX + "jobs"
+STATUS_KEY = PREFIX + "status:"
+BATCH_KEY = PREFIX + "batch:"
+
+Change = Callable[[JobRecord], "JobRecord | None"]
+
+
+def job_key(job_id: str) -> str:
+    return JOB_KEY + job_id
+
+
+def _score(record: JobRecord) -> float:
+    return record.submitted_at.timestamp()
+
+
+class JobStore:
+    """Reads and changes job records; safe to share between threads of one process."""
+
+    def __init__(self, client: redis.Redis, *, retention: int) -> None:
+        self.redis = client
+        self.retention = retention
+
+    # ------------------------------------------------------------------ create
+    def create_many(self, records: Iterable[JobRecord]) -> None:
+        """Write new records (status queued) and index them; refuses an id already taken."""
+        records = list(records)
+        keys = [job_key(r.job_id) for r in records]
+        if len(set(keys)) != len(keys):
+            raise JobRejected("the same job_id appears twice in one submission", field="job_id")
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*keys)
+                    taken = [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n]
+                    if taken:
+                        raise JobRejected(
+                            f"job_id {taken[0]!r} is already taken",
+                            field="job_id",
+                            allowed="a new id, or none (the producer makes one)",
+                        )
+                    pipe.multi()
+                    for record in records:
+                        score = _score(record)
+                        pipe.set(job_key(record.job_id), record.model_dump_json())
+                        pipe.zadd(ALL_JOBS_KEY, {record.job_id: score})
+                        pipe.zadd(STATUS_KEY + record.status.value, {record.job_id: score})
+                        pipe.zadd(BATCH_KEY + record.job.batch_id, {record.job_id: score})
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    @staticmethod
+    def _exist(pipe: redis.client.Pipeline, keys: list[str]) -> list[bool]:
+        # In WATCH mode a pipeline runs commands at once; one EXISTS per key tells which.
+        return [bool(pipe.exists(key)) for key in keys]
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        """Remove records that never reached the queue (the broker refused the send)."""
+        records = [r for r in self.get_many(list(job_ids)) if r is not None]
+        pipe = self.redis.pipeline(transaction=True)
+        for record in records:
+            pipe.delete(job_key(record.job_id))
+            pipe.zrem(ALL_JOBS_KEY, record.job_id)
+            pipe.zrem(STATUS_KEY + record.status.value, record.job_id)
+            pipe.zrem(BATCH_KEY + record.job.batch_id, record.job_id)
+        pipe.execute()
+
+    # ------------------------------------------------------------------ read
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.get(job_key(job_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        raws = self.redis.mget([job_key(i) for i in job_ids])
+        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
+
+    def batch(self, batch_id: str) -> list[str]:
+        """Job ids of a batch, in submit order."""
+        return [i.decode() for i in self.redis.zrange(BATCH_KEY + batch_id, 0, -1)]
+
+    # ------------------------------------------------------------------ change
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        """Apply ``change`` to the record atomically; it returns the new record, or None
+        to leave it as it is. Returns what is stored afterwards (None if no record)."""
+        key = job_key(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    before = JobRecord.model_validate_json(raw)
+                    after = change(before.model_copy(deep=True))
+                    if after is None:
+                        pipe.unwatch()
+                        return before
+                    pipe.multi()
+                    pipe.set(key, after.model_dump_json())
+                    if after.status is not before.status:
+                        score = _score(after)
+                        pipe.zrem(STATUS_KEY + before.status.value, job_id)
+                        pipe.zadd(STATUS_KEY + after.status.value, {job_id: score})
+                    if after.status.final:
+                        pipe.expire(key, self.retention)
+                    pipe.execute()
+                    return after
+                except redis.WatchError:
+                    continue
+
+    # ------------------------------------------------------------------ list
+    def count_by_status(self) -> dict[JobStatus, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for status in JobStatus:
+            pipe.zcard(STATUS_KEY + status.value)
+        return dict(zip(JobStatus, pipe.execute()))
