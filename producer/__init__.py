@@ -1,0 +1,34 @@
+"""lorafleet.producer: submitting and watching jobs (never imports torch).
+
+The public SDK is re-exported here; ``tests/producer/test_public_api.py`` pins it.
+"""
+
+from lorafleet.common.errors import (
+    ConfigError,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+    LorafleetError,
+    TransientError,
+)
+from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, LoraSpec, Priority, Sampler
+from lorafleet.common.settings import Settings
+from lorafleet.producer.client import Client, JobHandle
+
+__all__ = [
+    "Client",
+    "ConfigError",
+    "GenerationJob",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobRecord",
+    "JobRejected",
+    "JobStatus",
+    "LoraSpec",
+    "LorafleetError",
+    "Priority",
+    "Sampler",
+    "Settings",
+    "TransientError",
+]

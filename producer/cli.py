@@ -1,0 +1,424 @@
+"""The ``lorafleet`` command.
+
+Producer commands (submit, status, wait, cancel, models, loras, redis) need only the
+producer install; worker commands (worker, make-tiny-model, make-demo-loras) import the
+worker side when they run and say how to install it when it is missing.
+
+Exit codes: 0 done; 1 a job ended failed or cancelled, or a wait timed out; 2 the input was
+refused; 3 lorafleet could not work here (configuration, broker or storage unreachable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorafleet.common import __version__
+from lorafleet.common.embedded import EmbeddedRedis
+from lorafleet.common.errors import ConfigError, JobRejected, LorafleetError, TransientError
+from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
+from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.producer.display import WaitDisplay, outputs_lines, record_table, timings_table
+
+app = typer.Typer(
+    name="lorafleet",
+    help="A distributed job queue for batch image generation with LoRA stacks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+redis_app = typer.Typer(help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True)
+models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
+loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
+app.add_typer(redis_app, name="redis")
+app.add_typer(models_app, name="models")
+app.add_typer(loras_app, name="loras")
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_UNAVAILABLE = 1, 2, 3
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    errors.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _client():
+    from lorafleet.producer.client import Client
+
+    return Client(Settings())
+
+
+def _run(action):
+    """Run ``action`` and turn lorafleet's errors into messages and exit codes."""
+    try:
+        return action()
+    except JobRejected as exc:
+        for field, message in exc.problems:
+            errors.print(f"[red]refused:[/] [bold]{field}[/]: {message}", highlight=False)
+        raise typer.Exit(EXIT_REJECTED) from None
+    except (ConfigError, TransientError) as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
+    except TimeoutError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+    except LorafleetError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+
+
+def _parse_lora(text: str) -> dict[str, Any]:
+    """NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]] -> a LoraSpec dict (names may contain ':')."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    spec: dict[str, Any] = {"name": ":".join(parts)}
+    if numbers:
+        spec["weight"] = numbers[0]
+    if len(numbers) > 1:
+        spec["text_encoder_weight"] = numbers[1]
+    return spec
+
+
+def _parse_tags(tags: Sequence[str]) -> dict[str, str]:
+    parsed = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep:
+            raise JobRejected(f"{tag!r} is not KEY=VALUE", field="--tag")
+        parsed[key] = value
+    return parsed
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json: bool) -> None:
+    if as_json:
+        records = client.wait(job_ids, timeout=timeout)
+        _print_json([r.model_dump(mode="json") for r in records])
+    else:
+        with WaitDisplay(console, job_ids) as display:
+            records = client.wait(job_ids, timeout=timeout, on_update=display.update)
+        _print_records(records)
+    if any(r.status is not JobStatus.succeeded for r in records):
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+def _print_records(records: Sequence[JobRecord]) -> None:
+    console.print(timings_table(records))
+    for line in outputs_lines(records):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
+    if as_json and not waiting:
+        _print_json([{"job_id": h.job_id, "batch_id": h.batch_id, "warnings": h.warnings} for h in handles])
+        return
+    if as_json:
+        return
+    for handle in handles:
+        console.print(
+            f"queued [bold]{handle.job_id}[/] (batch {handle.batch_id}) on {handle.job.model}, "
+            f"seed {handle.job.seed}",
+            highlight=False,
+        )
+        for warning in handle.warnings:
+            errors.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+# ---------------------------------------------------------------------------- submit
+@app.command()
+def submit(
+    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
+    negative_prompt: Annotated[str, typer.Option("--negative", "-n", help="What not to draw.")] = "",
+    lora: Annotated[list[str], typer.Option("--lora", "-l", help="NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]], repeatable, in stack order.")] = [],  # noqa: B006
+    inject_triggers: Annotated[bool, typer.Option("--inject-triggers", help="Append each LoRA's trigger words to the prompt.")] = False,
+    sampler: Annotated[Sampler | None, typer.Option(help="Sampler (default euler_a; lcm with --lcm).")] = None,
+    lcm: Annotated[bool, typer.Option("--lcm", help="The seed's LCM recipe: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm).")] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default 7; 1 under lcm).")] = None,
+    width: Annotated[int | None, typer.Option(help="Width in pixels, a multiple of 8 (default: the model's native size).")] = None,
+    height: Annotated[int | None, typer.Option(help="Height in pixels, a multiple of 8 (default: the model's native size).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: random, recorded).")] = None,
+    images: Annotated[int, typer.Option("--images", help="Images per job (seeds seed, seed+1, ...).")] = 1,
+    count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
+    prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
+    priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
+    tag: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE, repeatable, kept on the record.")] = [],  # noqa: B006
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Queue one job (or --count jobs with consecutive seeds)."""
+
+    def action():
+        if count < 1 or count > 10_000:
+            raise JobRejected(f"got {count}", field="--count", allowed="1 to 10000")
+        job: dict[str, Any] = {
+            "model": model,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "loras": [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora],
+            "lcm": lcm,
+            "num_images": images,
+            "output_prefix": prefix,
+            "priority": priority.value,
+            "tags": _parse_tags(tag),
+        }
+        optional = {"sampler": sampler.value if sampler else None, "steps": steps, "cfg_scale": cfg,
+                    "width": width, "height": height}  # fmt: skip
+        job |= {k: v for k, v in optional.items() if v is not None}
+        base_seed = seed
+        if base_seed is None and count > 1:
+            base_seed = secrets.randbelow(2**32)  # one draw, so the count's seeds are consecutive
+        jobs = [
+            job if base_seed is None else job | {"seed": (base_seed + n * images) % 2**32}
+            for n in range(count)
+        ]
+        client = _client()
+        handles = client.submit_many(jobs, batch_id=batch_id)
+        _report_submitted(handles, as_json, wait)
+        if wait:
+            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+
+    _run(action)
+
+
+@app.command("submit-file")
+def submit_file(
+    path: Annotated[Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)],
+    batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
+    wait: Annotated[bool, typer.Option("--wait")] = False,
+    timeout: Annotated[float | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Queue every job of a JSON Lines file as one batch: all of them, or none."""
+
+    def action():
+        jobs = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            try:
+                jobs.append(json.loads(line))
+            except ValueError as exc:
+                raise JobRejected(f"line {number} is not JSON: {exc}", field=f"{path.name}:{number}") from None
+        if not jobs:
+            raise JobRejected("no jobs in the file", field=str(path))
+        client = _client()
+        handles = client.submit_many(jobs, batch_id=batch_id)
+        _report_submitted(handles, as_json, wait)
+        if wait:
+            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+
+    _run(action)
+
+
+@app.command()
+def status(
+    job_ids: Annotated[list[str], typer.Argument(help="Job ids (or a batch id with --batch).")],
+    batch: Annotated[bool, typer.Option("--batch", help="The ids are batch ids.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show jobs: status, progress, timings, images, warnings, error."""
+
+    def action():
+        client = _client()
+        records: list[JobRecord] = []
+        for job_id in job_ids:
+            records.extend(client.batch(job_id) if batch else [client.get(job_id)])
+        if as_json:
+            _print_json([r.model_dump(mode="json") for r in records])
+        elif len(records) == 1:
+            console.print(record_table(records[0]))
+        else:
+            _print_records(records)
+
+    _run(action)
+
+
+@app.command("wait")
+def wait_command(
+    job_ids: Annotated[list[str], typer.Argument(help="Job ids to wait for.")],
+    timeout: Annotated[float | None, typer.Option()] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Wait for jobs to end, with progress; exit 1 if any did not succeed."""
+    _run(lambda: _wait_and_report(_client(), list(job_ids), timeout, as_json))
+
+
+@app.command()
+def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.")]) -> None:
+    """Cancel jobs: a queued job never runs; a running one stops at its next step."""
+
+    def action():
+        client = _client()
+        for job_id in job_ids:
+            record = client.cancel(job_id)
+            if record.status is JobStatus.cancelled:
+                console.print(f"{job_id}: cancelled")
+            elif record.cancel_requested:
+                console.print(f"{job_id}: running; it stops at its next step")
+            else:
+                console.print(f"{job_id}: already {record.status.value}; nothing to cancel")
+
+    _run(action)
+
+
+# ---------------------------------------------------------------------------- models, loras
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models (pipeline folders under <home>/models)."""
+    settings = Settings()
+    registry = ModelRegistry(settings)
+    table = Table("name", "family", "native size", "queue", title=str(settings.models_dir))
+    for name in registry.names():
+        ref = registry.resolve(name)
+        table.add_row(name, ref.family or "?", str(ref.native_size or "?"), ref.queue)
+    console.print(table)
+
+
+@loras_app.command("list")
+def loras_list() -> None:
+    """LoRAs in the autoimport folder, with format, family, rank and trigger words."""
+    settings = Settings()
+    catalog = LoraCatalog(settings.lora_dir)
+    table = Table("name", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
+    for name in catalog.names():
+        path = catalog.path_of(name)
+        try:
+            info = catalog.info(path)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            table.add_row(name, "[red]refused[/]", "", "", "", "", str(exc))
+            continue
+        table.add_row(info.name, info.format, info.family or "?", str(info.rank or "-"),
+                      f"{info.size / 1024:.0f} KiB", info.short_hash, ", ".join(info.trigger_words))  # fmt: skip
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- embedded redis
+@redis_app.command("start")
+def redis_start() -> None:
+    """Start the embedded Redis (or find it running) and print its URL."""
+    settings = Settings()
+    _run(lambda: console.print(EmbeddedRedis(settings.redis_dir).ensure_running(), highlight=False))
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded Redis; its append-only file keeps every queued job."""
+    settings = Settings()
+    stopped = EmbeddedRedis(settings.redis_dir).stop()
+    console.print("stopped" if stopped else "not running")
+
+
+@redis_app.command("status")
+def redis_status() -> None:
+    """Say whether the embedded Redis runs, and where."""
+    settings = Settings()
+    embedded = EmbeddedRedis(settings.redis_dir)
+    if embedded.ping():
+        console.print(f"running at {embedded.url}", highlight=False)
+    else:
+        console.print(f"not running (data in {embedded.folder})", highlight=False)
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- worker side
+def _worker_side(module: str):
+    try:
+        return __import__(f"lorafleet.worker.{module}", fromlist=["_"])
+    except ImportError as exc:
+        _fail(
+            f"this command runs on the worker side, which needs torch and diffusers ({exc}); "
+            "install it with: pip install 'lorafleet[worker]'",
+            EXIT_UNAVAILABLE,
+        )
+
+
+@app.command()
+def worker(
+    models: Annotated[str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")],
+    name: Annotated[str | None, typer.Option(help="Worker node name (default lorafleet-PID@HOST).")] = None,
+    preload: Annotated[bool, typer.Option(help="Load the models' pipelines before taking jobs.")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run a worker: one job at a time, pipelines kept hot, on cuda when present, else cpu."""
+    service = _worker_side("service")
+    _configure_logging(loglevel)
+
+    def action():
+        served = [m.strip() for m in models.split(",") if m.strip()]
+        if not served:
+            raise JobRejected("no model named", field="--models", allowed="NAME[,NAME...]")
+        instance = service.Worker(Settings(), served, name=name)
+        if preload:
+            instance.preload()
+        instance.run(loglevel=loglevel)
+
+    _run(action)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
+    family: Annotated[str, typer.Option(help="sd15 or sdxl.")] = "sd15",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny offline diffusers pipeline (random weights) for tests and demos."""
+    tiny = _worker_side("tiny")
+    if family not in ("sd15", "sdxl"):
+        _fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
+    path = tiny.make_tiny_model(folder, family=family, seed=seed)
+    console.print(f"wrote a tiny {family} pipeline to {path}", highlight=False)
+
+
+@app.command("make-demo-loras")
+def make_demo_loras(
+    model: Annotated[Path, typer.Option("--model", help="The pipeline folder the LoRAs are for.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the LoRA files into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random factors.")] = 0,
+) -> None:
+    """Write demo LoRAs (kohya, LoCon, PEFT, an LCM-LoRA shape) for a pipeline folder."""
+    tiny = _worker_side("tiny")
+    if not (model / "model_index.json").is_file():
+        _fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
+    for path in tiny.make_demo_loras(model, out, seed=seed):
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print lorafleet's version."""
+    console.print(__version__)
+
+
+def _configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,210 @@
+"""The Python SDK: submit jobs, watch them, cancel them.
+
+    from lorafleet.producer import Client
+
+    with Client() as client:
+        handle = client.submit({"model": "tiny-sd15", "prompt": "a lighthouse",
+                                "loras": [{"name": "watercolor", "weight": 0.8}]})
+        record = handle.wait(timeout=60)
+        print(record.status, [image.uri for image in record.images])
+
+A submission is validated and resolved completely before anything is written: if one job
+of a ``submit_many`` is refused, none is queued. A job's record is written (queued) before
+its message is sent, so a worker never meets a job without a record; if the broker refuses
+the send, the records of the jobs not sent are removed again and TransientError says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from lorafleet.common.broker import resolve_broker
+from lorafleet.common.errors import JobRejected, TransientError
+from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
+from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
+from lorafleet.common.settings import Settings
+from lorafleet.common.state import JobStore
+from lorafleet.producer.resolver import JobResolver, new_id
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+"""How often wait() reads the records."""
+
+JobInput = GenerationJob | dict[str, Any]
+
+
+class JobHandle:
+    """A submitted job: its ids, the warnings it was queued with, and ways to follow it."""
+
+    def __init__(self, client: Client, record: JobRecord) -> None:
+        self._client = client
+        self.job_id = record.job_id
+        self.batch_id = record.job.batch_id
+        self.job = record.job
+        self.warnings = list(record.warnings)
+
+    def record(self) -> JobRecord:
+        return self._client.get(self.job_id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        return self._client.wait([self.job_id], timeout=timeout)[0]
+
+    def cancel(self) -> JobRecord:
+        return self._client.cancel(self.job_id)
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r}, batch={self.batch_id!r})"
+
+
+class Client:
+    """Submits and follows jobs; one per process is plenty (it is thread-safe)."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.broker = resolve_broker(self.settings)
+        self.redis = self.broker.client()
+        self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
+        self.celery = make_celery(self.settings, self.broker)
+        self.resolver = JobResolver(ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir))
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, job: JobInput, *, batch_id: str | None = None) -> JobHandle:
+        """Validate, resolve and queue one job."""
+        return self.submit_many([job], batch_id=batch_id)[0]
+
+    def submit_many(self, jobs: Iterable[JobInput], *, batch_id: str | None = None) -> list[JobHandle]:
+        """Queue several jobs as one batch: all of them, or none if any is refused."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        batch = batch_id or new_id()
+        records, problems = [], []
+        for index, raw in enumerate(jobs):
+            where = f"jobs[{index}]." if len(jobs) > 1 else ""
+            try:
+                job = parse_job(raw, where=where)
+                if job.batch_id is None:
+                    job.batch_id = batch
+                resolved = self.resolver.resolve(job, where=where)
+            except JobRejected as exc:
+                problems.extend(exc.problems)
+                continue
+            records.append(
+                JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings)
+            )
+        if problems:
+            raise JobRejected(
+                "; ".join(f"{field}: {message}" for field, message in problems),
+                field=problems[0][0],
+                problems=problems,
+            )
+        self.jobs.create_many(records)
+        self._send(records)
+        for record in records:
+            logger.info("queued job %s on %s", record.job_id, record.queue)
+        return [JobHandle(self, record) for record in records]
+
+    def _send(self, records: Sequence[JobRecord]) -> None:
+        sent = 0
+        try:
+            with self.celery.producer_or_acquire() as producer:
+                for record in records:
+                    self.celery.send_task(
+                        TASK_GENERATE,
+                        kwargs={"job_id": record.job_id},
+                        task_id=record.job_id,
+                        queue=record.queue,
+                        priority=PRIORITY_VALUE[record.job.priority],
+                        producer=producer,
+                    )
+                    sent += 1
+        except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"
+            unsent = [r.job_id for r in records[sent:]]
+            self.jobs.delete(unsent)
+            raise TransientError(
+                f"the broker {self.broker.describe()} refused the jobs after {sent} of "
+                f"{len(records)} were queued ({exc}); the other {len(unsent)} were not queued"
+            ) from exc
+
+    # ------------------------------------------------------------------ follow
+    def get(self, job_id: str) -> JobRecord:
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise JobRejected(
+                f"no job {job_id!r}",
+                field="job_id",
+                allowed=f"the id of a job submitted in the last {self.settings.record_retention // 3600} h",
+            )
+        return record
+
+    def batch(self, batch_id: str) -> list[JobRecord]:
+        """The records of a batch, in submit order."""
+        ids = self.jobs.batch(batch_id)
+        return [r for r in self.jobs.get_many(ids) if r is not None]
+
+    def wait(
+        self,
+        job_ids: Sequence[str],
+        timeout: float | None = None,
+        on_update: Callable[[list[JobRecord]], None] | None = None,
+    ) -> list[JobRecord]:
+        """Block until every job has ended (succeeded, failed or cancelled).
+
+        ``on_update`` is called with the records after each read, for progress displays.
+        Raises TimeoutError if ``timeout`` seconds pass first.
+        """
+        ids = list(job_ids)
+        for job_id in ids:
+            self.get(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            records = self.jobs.get_many(ids)
+            missing = [i for i, r in zip(ids, records) if r is None]
+            if missing:
+                raise JobRejected(f"job {missing[0]!r} disappeared (its record expired)", field="job_id")
+            if on_update:
+                on_update(records)  # type: ignore[arg-type]
+            if all(r.status.final for r in records):  # type: ignore[union-attr]
+                return records  # type: ignore[return-value]
+            if deadline is not None and time.monotonic() >= deadline:
+                pending = sum(not r.status.final for r in records)  # type: ignore[union-attr]
+                raise TimeoutError(f"{pending} of {len(ids)} jobs still unfinished after {timeout:g} s")
+            time.sleep(POLL_SECONDS)
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one never runs; a running one stops at its next step."""
+        self.get(job_id)
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.status is JobStatus.queued:
+                record.status = JobStatus.cancelled
+                record.finished_at = utcnow()
+                record.error = "cancelled before it ran"
+                return record
+            if record.status is JobStatus.running and not record.cancel_requested:
+                record.cancel_requested = True
+                return record
+            return None
+
+        record = self.jobs.update(job_id, change)
+        assert record is not None
+        logger.info("cancel of job %s: now %s", job_id, record.status.value)
+        return record
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        self.redis.close()
+        self.celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

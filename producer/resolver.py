@@ -1,0 +1,131 @@
+"""Turning what a producer asked for into a job a worker can run, or refusing it.
+
+Resolution happens once, at submit, so that the record says exactly what will run:
+the model's key and queue, each LoRA's file hash, the weights the seed's conventions give
+LoRAs that came without one, the size and seed. Nothing is silently corrected: a value the
+producer gave is kept, and advice goes to the record's warnings.
+
+Semantics of default weights (the seed's starting points): an LCM-LoRA without a weight
+gets 0.35; any other LoRA without a weight gets 0.45 when an LCM-LoRA is in the stack and
+0.75 otherwise.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
+from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo
+from lorafleet.common.models import ModelRef, ModelRegistry
+
+LCM_LORA_WEIGHT = 0.35
+"""The seed: an LCM-LoRA's strength, as a starting point."""
+LORA_WEIGHT_BESIDE_LCM = 0.45
+"""The seed: a standard LoRA's strength alongside an LCM-LoRA."""
+LORA_WEIGHT = 0.75
+"""The seed: most LoRAs perform best at .75-1; the low end is the starting point."""
+FALLBACK_SIZE = 512
+"""Width and height when neither the job nor the model's config gives one (hub ids)."""
+
+
+@dataclass
+class ResolvedJob:
+    job: GenerationJob
+    model: ModelRef
+    warnings: list[str]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobResolver:
+    """Resolves models and LoRAs against the registry and the LoRA drop folder."""
+
+    def __init__(self, models: ModelRegistry, loras: LoraCatalog) -> None:
+        self.models = models
+        self.loras = loras
+
+    def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
+        job = job.model_copy(deep=True)
+        model = self.models.resolve(job.model, field=f"{where}model")
+        warnings = list(job.advice())
+        infos = [
+            self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)
+        ]
+        if job.lcm and not any(info.is_lcm for info in infos):
+            lcm = self._lcm_lora_for(model, where)
+            if len(job.loras) >= MAX_LORAS:
+                raise JobRejected(
+                    f"lcm adds the LCM-LoRA {lcm.name!r}, which makes {MAX_LORAS + 1} LoRAs",
+                    field=f"{where}loras",
+                    allowed=f"at most {MAX_LORAS} LoRAs",
+                )
+            job.loras.append(LoraSpec(name=lcm.name, weight=LCM_LORA_WEIGHT))
+            infos.append(lcm)
+        has_lcm = any(info.is_lcm for info in infos)
+        for spec, info in zip(job.loras, infos):
+            spec.name = info.name
+            spec.sha256 = info.sha256
+            if spec.weight is None:
+                spec.weight = (
+                    LCM_LORA_WEIGHT if info.is_lcm else LORA_WEIGHT_BESIDE_LCM if has_lcm else LORA_WEIGHT
+                )
+            if spec.inject_trigger:
+                if info.trigger_words:
+                    job.prompt = ", ".join([job.prompt, *info.trigger_words]) if job.prompt else ", ".join(info.trigger_words)
+                else:
+                    warnings.append(f"LoRA {info.name!r} has no trigger words to inject")
+        if has_lcm and job.sampler is not Sampler.lcm:
+            warnings.append(
+                f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
+                "LCM-LoRAs are meant for the lcm sampler"
+            )
+        size = model.native_size or FALLBACK_SIZE
+        job.width = job.width or size
+        job.height = job.height or size
+        if job.seed is None:
+            job.seed = secrets.randbelow(MAX_SEED + 1)
+        job.job_id = job.job_id or new_id()
+        job.model = model.key
+        return ResolvedJob(job=job, model=model, warnings=warnings)
+
+    def _lora(self, spec: LoraSpec, index: int, model: ModelRef, *, where: str) -> LoraInfo:
+        field = f"{where}loras[{index}].name"
+        info = self.loras.resolve(spec.name, field=field)
+        if spec.sha256 and spec.sha256 != info.sha256:
+            raise JobRejected(
+                f"LoRA {spec.name!r} on disk has sha256 {info.short_hash}..., not the "
+                f"{spec.sha256[:12]}... the job asks for",
+                field=f"{where}loras[{index}].sha256",
+            )
+        if info.family and model.family and info.family != model.family:
+            raise JobRejected(
+                f"LoRA {info.name!r} is for {info.family} but model {model.key!r} is {model.family}",
+                field=field,
+                allowed=f"a {model.family} LoRA",
+            )
+        width, expected = info.cross_attention_width, model.cross_attention_dim
+        if width and expected and width != expected:
+            raise JobRejected(
+                f"LoRA {info.name!r} was made for a text embedding {width} wide but model "
+                f"{model.key!r} uses {expected}",
+                field=field,
+                allowed=f"a LoRA trained on a {model.family or 'matching'} base",
+            )
+        return info
+
+    def _lcm_lora_for(self, model: ModelRef, where: str) -> LoraInfo:
+        for name in self.loras.names():
+            info = self.loras.info(self.loras.path_of(name))  # type: ignore[arg-type]
+            if info.is_lcm and (info.family is None or info.family == model.family):
+                return info
+        raise JobRejected(
+            f"lcm asks for an LCM-LoRA but none for {model.family or 'this model'} is in "
+            f"{self.loras.folder}",
+            field=f"{where}lcm",
+            allowed="copy the family's LCM-LoRA .safetensors there (its name containing 'lcm')",
+        )
