@@ -1,0 +1,72 @@
+"""Images out: PNGs that carry their generation parameters, uploaded under stable keys.
+
+The "parameters" text chunk follows A1111's layout, which Civitai, InvokeAI's importer,
+ComfyUI nodes and PNG-info readers parse:
+
+    <prompt> <lora:NAME:WEIGHT> ...
+    Negative prompt: <negative prompt>
+    Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, Model: tiny-sd15,
+    Lora hashes: "NAME: 0123456789ab, ...", Version: lorafleet 0.1.0
+
+(the last line is one line in the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+from lorafleet.common import __version__
+from lorafleet.common.jobs import GenerationJob
+from lorafleet.common.lora_catalog import LoraInfo
+from lorafleet.worker.sampling import A1111_NAMES
+
+
+def _quote(text: str) -> str:
+    if any(c in text for c in ',:"\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    return text
+
+
+def parameters_text(job: GenerationJob, seed: int, loras: list[LoraInfo]) -> str:
+    """The A1111 "parameters" text for one image of a job."""
+    prompt = job.prompt.replace("\n", " ")
+    tags = " ".join(f"<lora:{info.name}:{spec.weight:g}>" for spec, info in zip(job.loras, loras))
+    lines = [f"{prompt} {tags}".strip()]
+    if job.negative_prompt:
+        lines.append("Negative prompt: " + job.negative_prompt.replace("\n", " "))
+    fields = [
+        ("Steps", str(job.steps)),
+        ("Sampler", A1111_NAMES[job.sampler]),
+        ("CFG scale", f"{job.cfg_scale:g}"),
+        ("Seed", str(seed)),
+        ("Size", f"{job.width}x{job.height}"),
+        ("Model", _quote(job.model)),
+    ]
+    if loras:
+        hashes = ", ".join(f"{info.name}: {info.short_hash}" for info in loras)
+        fields.append(("Lora hashes", '"' + hashes.replace('"', "'") + '"'))
+        weights = [
+            f"{info.name}: {spec.weight:g}"
+            + (f"/{spec.text_encoder_weight:g}" if spec.text_encoder_weight is not None else "")
+            for spec, info in zip(job.loras, loras)
+        ]
+        fields.append(("Lora weights", _quote(", ".join(weights))))
+    fields.append(("Version", f"lorafleet {__version__}"))
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def encode_png(image, parameters: str) -> bytes:
+    """PNG bytes of a PIL image with the parameters chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

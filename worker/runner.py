@@ -1,0 +1,250 @@
+"""One job, end to end, on a worker: the logic behind the Celery task.
+
+    record queued/running -> running (attempt n)
+    hot pipeline -> LoRA stack -> patch -> sample (progress, cancel) -> restore
+    PNGs with parameters -> storage (retried with backoff) -> record succeeded
+
+Every way out ends the record: succeeded, failed with a message a person can act on, or
+cancelled. Weights are restored from the pristine copies after every job, whatever
+happened, before the worker takes the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafleet.common.errors import JobCancelled, JobFailed, JobRejected, TransientError
+from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.common.state import JobStore
+from lorafleet.common.storage import Storage, image_key
+from lorafleet.worker.loras import LoraStore
+from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
+from lorafleet.worker.pipelines import HotPipeline, PipelineCache
+from lorafleet.worker.sampling import image_seed, sample
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_FIRST_DELAY = 1.0
+"""Seconds before the second upload attempt; doubled each time after."""
+UPLOAD_MAX_DELAY = 30.0
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker reports about itself."""
+
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    lora_hits: int = 0
+    lora_misses: int = 0
+    current_job: str | None = None
+    current_step: int = 0
+    switch_seconds: list[float] = field(default_factory=list)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
+
+
+class JobRunner:
+    """Runs jobs on this worker's hot pipelines."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        pipelines: PipelineCache,
+        loras: LoraStore,
+        *,
+        worker_name: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.pipelines = pipelines
+        self.loras = loras
+        self.models = ModelRegistry(settings)
+        self.worker_name = worker_name
+        self.stats = WorkerStats()
+
+    # ------------------------------------------------------------------ record moves
+    def _start(self, job_id: str) -> JobRecord | None:
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.status.final:
+                return None
+            if record.cancel_requested:
+                record.status = JobStatus.cancelled
+                record.finished_at = utcnow()
+                record.error = "cancelled before it ran"
+                return record
+            record.status = JobStatus.running
+            record.attempts += 1
+            record.started_at = utcnow()
+            record.worker = self.worker_name
+            record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
+            record.timings = Timings(
+                queue_wait=(record.started_at - record.submitted_at).total_seconds()
+            )
+            return record
+
+        record = self.store.update(job_id, change)
+        if record is None or record.status is not JobStatus.running or record.worker != self.worker_name:
+            return None
+        return record
+
+    def _finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
+        def change(record: JobRecord) -> JobRecord:
+            record.status = status
+            record.finished_at = utcnow()
+            for name, value in fields.items():
+                setattr(record, name, value)
+            return record
+
+        return self.store.update(job_id, change)
+
+    def _progress(self, job_id: str, step: int) -> None:
+        def change(record: JobRecord) -> JobRecord:
+            record.progress.step = step
+            return record
+
+        self.stats.current_step = step
+        record = self.store.update(job_id, change)
+        if record is None or record.cancel_requested or record.status is JobStatus.cancelled:
+            raise JobCancelled("cancelled while running", job_id=job_id)
+
+    # ------------------------------------------------------------------ the job
+    def run(self, job_id: str) -> JobStatus | None:
+        """Run one job to its end; returns its final status (None if it was not ours to run)."""
+        existing = self.store.get(job_id)
+        if existing is None:
+            logger.warning("job %s has no record (expired or never queued); dropped", job_id)
+            return None
+        if existing.status.final:
+            logger.info("job %s is already %s; skipped", job_id, existing.status.value)
+            return existing.status
+        if existing.attempts >= self.settings.job_attempts:
+            self._finish(
+                job_id,
+                JobStatus.failed,
+                error=f"started {existing.attempts} times and the worker running it was lost each "
+                "time (killed or out of memory); not retried again",
+            )
+            return JobStatus.failed
+        record = self._start(job_id)
+        if record is None:
+            logger.info("job %s was cancelled before it ran", job_id)
+            return JobStatus.cancelled
+        logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
+        self.stats.current_job, self.stats.current_step = job_id, 0
+        try:
+            return self._run(record)
+        finally:
+            self.stats.current_job = None
+
+    def _run(self, record: JobRecord) -> JobStatus:
+        job_id, job = record.job_id, record.job
+        timings = record.timings
+        warnings = list(record.warnings)
+        started = time.perf_counter()
+        hot: HotPipeline | None = None
+        try:
+            model = self.models.resolve(job.model)
+            hot, timings.pipeline_load = self.pipelines.get(model)
+            hot.in_use = True
+            stack = self.loras.stack(model.key, hot.patcher, job.loras)
+            timings.lora_load = stack.seconds
+            self.stats.lora_hits += stack.hits
+            self.stats.lora_misses += stack.misses
+            warnings.extend(stack.warnings)
+            patch = hot.patcher.apply(stack.entries)
+            timings.lora_apply = patch.apply
+            tick = time.perf_counter()
+            images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
+            timings.sampling = time.perf_counter() - tick
+            restored = hot.patcher.restore()
+            timings.restore = patch.restore + restored.restore
+            self.stats.switch_seconds.append(patch.apply + timings.restore)
+            tick = time.perf_counter()
+            refs = [self._store_image(job, index, image, stack.infos) for index, image in enumerate(images)]
+            timings.upload = time.perf_counter() - tick
+        except JobCancelled:
+            self._restore(hot)
+            self.stats.cancelled += 1
+            self._finish(job_id, JobStatus.cancelled, error="cancelled while running",
+                         timings=timings, warnings=warnings)  # fmt: skip
+            logger.info("job %s cancelled while running", job_id)
+            return JobStatus.cancelled
+        except (JobRejected, JobFailed, TransientError) as exc:
+            return self._fail(job_id, hot, exc.message, timings, warnings)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                message = (
+                    f"out of memory on {self.pipelines.device}: {str(exc).splitlines()[0]} — "
+                    "ask for fewer or smaller images, or run fewer models per worker"
+                )
+            else:
+                logger.exception("job %s: unexpected error", job_id)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            return self._fail(job_id, hot, message, timings, warnings)
+        finally:
+            if hot is not None:
+                hot.in_use = False
+        timings.total = time.perf_counter() - started
+        self._finish(job_id, JobStatus.succeeded, images=refs, timings=timings, warnings=warnings,
+                     progress=Progress(step=record.progress.total, total=record.progress.total))  # fmt: skip
+        self.stats.done += 1
+        logger.info("job %s succeeded: %d images in %.2f s", job_id, len(refs), timings.total)
+        return JobStatus.succeeded
+
+    def _restore(self, hot: HotPipeline | None) -> None:
+        if hot is not None:
+            hot.patcher.restore()
+        if self.pipelines.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _fail(self, job_id: str, hot: HotPipeline | None, message: str, timings: Timings,
+              warnings: list[str]) -> JobStatus:  # fmt: skip
+        self._restore(hot)
+        self.stats.failed += 1
+        self._finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
+        logger.info("job %s failed: %s", job_id, message)
+        return JobStatus.failed
+
+    # ------------------------------------------------------------------ images
+    def _store_image(self, job, index: int, image, infos) -> ImageRef:
+        seed = image_seed(job, index)
+        data = encode_png(image, parameters_text(job, seed, infos))
+        key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
+        uri = self._upload(key, data)
+        logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)
+        return ImageRef(uri=uri, key=key, size=len(data), sha256=sha256_bytes(data),
+                        width=image.width, height=image.height, seed=seed)  # fmt: skip
+
+    def _upload(self, key: str, data: bytes) -> str:
+        attempts = self.settings.upload_attempts
+        delay = UPLOAD_FIRST_DELAY
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.storage.put(key, data, "image/png")
+            except TransientError as exc:
+                if attempt == attempts:
+                    raise JobFailed(f"upload of {key} failed {attempts} times, last: {exc}") from exc
+                logger.warning("upload of %s failed (attempt %d of %d): %s; retrying in %.0f s",
+                               key, attempt, attempts, exc, delay)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, UPLOAD_MAX_DELAY)
+        raise AssertionError("unreachable")

@@ -1,0 +1,82 @@
+"""Running a worker: one Celery worker process, one job at a time, pipelines kept hot.
+
+``lorafleet worker --models A,B`` consumes the queues of models A and B with Celery's solo
+pool (the job runs in the process that holds the pipelines; one process per GPU). SIGTERM
+is Celery's warm shutdown: the running job finishes, then the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from lorafleet.common.broker import resolve_broker
+from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.models import ModelRef, ModelRegistry
+from lorafleet.common.queue import make_celery
+from lorafleet.common.settings import Settings
+from lorafleet.common.state import JobStore
+from lorafleet.common.storage import open_storage
+from lorafleet.worker.loras import LoraStore
+from lorafleet.worker.pipelines import PipelineCache
+from lorafleet.worker.runner import JobRunner
+from lorafleet.worker.tasks import register_tasks
+
+logger = logging.getLogger(__name__)
+
+
+def default_node_name() -> str:
+    return f"lorafleet-{os.getpid()}@{socket.gethostname()}"
+
+
+class Worker:
+    """Everything one worker process holds: the Celery app, the runner and its caches."""
+
+    def __init__(self, settings: Settings, models: list[str], *, name: str | None = None) -> None:
+        if not models:
+            raise ValueError("a worker needs at least one model to serve (--models NAME[,NAME])")
+        self.settings = settings
+        self.name = name or default_node_name()
+        registry = ModelRegistry(settings)
+        self.models: list[ModelRef] = [registry.resolve(m, field="--models") for m in models]
+        self.broker = resolve_broker(settings)
+        self.app = make_celery(settings, self.broker)
+        self.store = JobStore(self.broker.client(), retention=settings.record_retention)
+        self.pipelines = PipelineCache(settings, capacity=max(settings.max_pipelines, 1))
+        self.loras = LoraStore(
+            LoraCatalog(settings.lora_dir), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
+        )
+        self.runner = JobRunner(
+            settings, self.store, open_storage(settings), self.pipelines, self.loras, worker_name=self.name
+        )
+        register_tasks(self.app, self.runner)
+
+    @property
+    def queues(self) -> list[str]:
+        return [m.queue for m in self.models]
+
+    def preload(self) -> None:
+        """Load every served model's pipeline now rather than on its first job."""
+        for model in self.models[: self.pipelines.capacity]:
+            self.pipelines.get(model)
+
+    def run(self, loglevel: str = "INFO") -> None:
+        logger.info(
+            "worker %s serving %s on %s (%s), broker %s",
+            self.name, ", ".join(m.key for m in self.models), self.pipelines.device,
+            self.pipelines.dtype, self.broker.describe(),
+        )  # fmt: skip
+        self.app.worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                f"--hostname={self.name}",
+                f"--queues={','.join(self.queues)}",
+                f"--loglevel={loglevel}",
+                "--without-mingle",
+                "--without-gossip",
+                "--task-events",
+            ]
+        )

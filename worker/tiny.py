@@ -1,0 +1,318 @@
+"""Offline tiny pipelines and demo LoRAs, for tests and the demo. Nothing is downloaded.
+
+``make_tiny_model`` writes a real diffusers pipeline folder (SD1.5- or SDXL-shaped, random
+weights, a self-made CLIP tokenizer) that ``from_pretrained`` loads offline; a 64x64
+image takes a fraction of a second on a CPU. ``make_demo_loras`` writes LoRA files for any
+such folder (tiny or real) in the formats people bring: kohya LoRA and LoCon, diffusers/
+PEFT, and one shaped like an LCM-LoRA. Both are deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.common.models import describe_folder
+from lorafleet.worker.lora_formats import file_module_names
+
+TINY_SIZE = 64
+"""Native image size of the tiny models (UNet sample size 8, VAE downscale 8)."""
+
+_WORDS = (
+    "a an the of in on at with and photo portrait painting style city night day cat dog "
+    "lighthouse sea forest mountain robot castle flower red blue green gold light dark "
+    "watercolor ink sketch oil neon sunset snow river bridge girl boy man woman old new"
+).split()
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """A CLIP BPE tokenizer whose merges spell a small word list; returns its vocab size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?-'")
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            pieces = [merged, *pieces[2:]]
+    for token in _SPECIAL:
+        vocab[token] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": _SPECIAL[0],
+                "eos_token": _SPECIAL[1],
+                "pad_token": _SPECIAL[1],
+                "unk_token": _SPECIAL[1],
+            }
+        )
+    )
+    return len(vocab)
+
+
+def _text_encoder(vocab_size: int, tokenizer_dir: Path, *, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return model, tokenizer
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_SIZE,
+        scaling_factor=scaling_factor,
+    )
+
+
+def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
+    """Write a tiny pipeline of ``family`` (sd15 or sdxl) into ``folder``; return it."""
+    from diffusers import (
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"family must be sd15 or sdxl, got {family!r}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_dir = Path(scratch)
+        vocab_size = _write_tokenizer(scratch_dir / "tok")
+        if family == "sd15":
+            text_encoder, tokenizer = _text_encoder(vocab_size, scratch_dir / "tok")
+            unet = UNet2DConditionModel(
+                sample_size=TINY_SIZE // 8,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=8,
+                norm_num_groups=32,
+            )
+            pipe = StableDiffusionPipeline(
+                vae=_vae(0.18215),
+                text_encoder=text_encoder,
+                tokenizer=tokenizer,
+                unet=unet,
+                scheduler=PNDMScheduler(**schedule, skip_prk_steps=True),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        else:
+            text_encoder, tokenizer = _text_encoder(vocab_size, scratch_dir / "tok")
+            text_encoder_2, tokenizer_2 = _text_encoder(vocab_size, scratch_dir / "tok", projection=True)
+            unet = UNet2DConditionModel(
+                sample_size=TINY_SIZE // 8,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+                cross_attention_dim=64,
+                norm_num_groups=32,
+            )
+            pipe = StableDiffusionXLPipeline(
+                vae=_vae(0.13025),
+                text_encoder=text_encoder,
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2,
+                unet=unet,
+                scheduler=EulerDiscreteScheduler(**schedule, timestep_spacing="leading"),
+                add_watermarker=False,
+            )
+        pipe.save_pretrained(str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------------------- demo LoRAs
+
+
+@dataclass(frozen=True)
+class DemoLora:
+    name: str
+    format: str
+    description: str
+
+
+DEMO_LORAS = (
+    DemoLora("watercolor", "kohya", "kohya LoRA on attention and the text encoder, trigger word"),
+    DemoLora("ink-sketch", "peft", "diffusers/PEFT LoRA on attention and feed-forward layers"),
+    DemoLora("texture-locon", "locon", "kohya LoCon: attention plus the UNet's 3x3 convolutions"),
+    DemoLora("lcm-lora-{family}", "lcm", "shaped like an LCM-LoRA: rank 64 over attention, ff, proj layers"),
+)
+
+
+def _components(model_dir: Path, family: str) -> dict[str, torch.nn.Module]:
+    """The model's UNet and text encoders, built on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        components = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model_dir / "unet"))),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(model_dir / "text_encoder"))),
+        }
+        if family == "sdxl" and (model_dir / "text_encoder_2").is_dir():
+            components["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(str(model_dir / "text_encoder_2"))
+            )
+    return components
+
+
+def _layers(components, component: str, wanted) -> list[tuple[str, tuple[int, ...]]]:
+    """(name as LoRA files write it, weight shape) of the layers ``wanted`` picks."""
+    found = []
+    for name, module in components[component].named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() in (2, 4) and wanted(name, weight):
+            found.append((file_module_names(component, name)[0], tuple(weight.shape)))
+    return found
+
+
+def _attention(name: str, weight) -> bool:
+    return any(name.endswith(s) for s in (".to_q", ".to_k", ".to_v", ".to_out.0"))
+
+
+def _text_attention(name: str, weight) -> bool:
+    return any(name.endswith(s) for s in (".q_proj", ".k_proj", ".v_proj", ".out_proj"))
+
+
+def _attention_ff(name: str, weight) -> bool:
+    return _attention(name, weight) or name.endswith((".ff.net.0.proj", ".ff.net.2"))
+
+
+def _conv3x3(name: str, weight) -> bool:
+    return weight.dim() == 4 and weight.shape[-1] == 3 and ".resnets." in name
+
+
+def _lcm_layers(name: str, weight) -> bool:
+    return _attention_ff(name, weight) or name.endswith((".proj_in", ".proj_out"))
+
+
+def _factors(shape: tuple[int, ...], rank: int, generator: torch.Generator, strength: float):
+    """(down, up) factors of a random delta whose entries have std about ``strength``."""
+    out_features = shape[0]
+    in_flat = 1
+    for size in shape[1:]:
+        in_flat *= size
+    rank = max(1, min(rank, out_features, in_flat))
+    down = torch.randn(rank, in_flat, generator=generator) / in_flat**0.5
+    up = torch.randn(out_features, rank, generator=generator) * strength / rank**0.5
+    if len(shape) == 4:
+        down = down.reshape(rank, shape[1], shape[2], shape[3])
+        up = up.reshape(out_features, rank, 1, 1)
+    return down, up, rank
+
+
+def _kohya_state(layers, prefix: str, rank: int, alpha_ratio: float, gen, strength: float):
+    state = {}
+    for name, shape in layers:
+        down, up, r = _factors(shape, rank, gen, strength / alpha_ratio)
+        base = prefix + name.replace(".", "_")
+        state[f"{base}.lora_down.weight"] = down.half()
+        state[f"{base}.lora_up.weight"] = up.half()
+        state[f"{base}.alpha"] = torch.tensor(float(r) * alpha_ratio).half()
+    return state
+
+
+def _peft_state(layers, prefix: str, rank: int, gen, strength: float):
+    state = {}
+    for name, shape in layers:
+        down, up, _ = _factors(shape, rank, gen, strength)
+        state[f"{prefix}{name}.lora_A.weight"] = down
+        state[f"{prefix}{name}.lora_B.weight"] = up
+    return state
+
+
+def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: float = 0.05) -> list[Path]:
+    """Write the DEMO_LORAS for the pipeline in ``model_dir`` into ``out_dir``."""
+    from safetensors.torch import save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model = describe_folder(model_dir.name, model_dir)
+    family = model.family or "sd15"
+    components = _components(model_dir, family)
+    te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
+    version = "sdxl_base_v1-0" if family == "sdxl" else "sd_v1"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    written = []
+    for demo in DEMO_LORAS:
+        metadata = {"ss_base_model_version": version, "lorafleet.demo": demo.description}
+        if demo.format == "kohya":
+            state = _kohya_state(_layers(components, "unet", _attention), "lora_unet_", 4, 0.5, gen, strength)
+            state |= _kohya_state(_layers(components, "text_encoder", _text_attention), te_prefix, 4, 0.5, gen, strength)
+            metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": "4",
+                         "ss_network_alpha": "2", "modelspec.trigger_phrase": "watercolor"}  # fmt: skip
+        elif demo.format == "peft":
+            state = _peft_state(_layers(components, "unet", _attention_ff), "unet.", 8, gen, strength)
+            metadata = {}  # diffusers' own exports carry no kohya metadata: shapes tell the family
+        elif demo.format == "locon":
+            layers = _layers(components, "unet", lambda n, w: _attention(n, w) or _conv3x3(n, w))
+            state = _kohya_state(layers, "lora_unet_", 4, 1.0, gen, strength)
+            metadata |= {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "locon"}'}
+        else:
+            state = _kohya_state(_layers(components, "unet", _lcm_layers), "lora_unet_", 64, 1.0, gen, strength)
+            metadata |= {"lorafleet.lcm": "true"}
+        path = out_dir / f"{demo.name.format(family=family)}.safetensors"
+        save_file(state, str(path), metadata=metadata)
+        written.append(path)
+    return written
