@@ -1,0 +1,109 @@
+"""The LoRA drop folder, read without torch: names, checks, families, hostile headers."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.lora_catalog import LoraCatalog, describe_file, read_safetensors_header
+
+
+def write_raw(path, header: dict, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_a_file_copied_into_the_folder_is_usable_by_its_name_without_a_restart(home):
+    catalog = LoraCatalog(home / "autoimport" / "lora")
+    assert "watercolor" in catalog.names()
+    assert catalog.resolve("watercolor").name == "watercolor"
+    assert catalog.resolve("watercolor.safetensors").name == "watercolor"
+    (home / "autoimport" / "lora" / "fresh.safetensors").write_bytes(
+        (home / "autoimport" / "lora" / "watercolor.safetensors").read_bytes()
+    )
+    assert catalog.resolve("fresh").sha256 == catalog.resolve("watercolor").sha256
+
+
+def test_demo_files_are_described_from_their_headers(home):
+    catalog = LoraCatalog(home / "autoimport" / "lora")
+    watercolor = catalog.resolve("watercolor")
+    assert (watercolor.format, watercolor.family, watercolor.rank) == ("kohya", "sd15", 4)
+    assert watercolor.trigger_words == ["watercolor"]
+    assert len(watercolor.sha256) == 64 and watercolor.short_hash == watercolor.sha256[:12]
+    peft = catalog.resolve("ink-sketch")
+    assert (peft.format, peft.rank) == ("peft", 8)
+    assert peft.cross_attention_width == 32  # the tiny model's text embedding width
+    lcm = catalog.resolve("lcm-lora-sd15")
+    assert lcm.is_lcm and lcm.rank is not None and lcm.rank <= 64
+    assert not watercolor.is_lcm
+
+
+def test_sdxl_files_are_told_apart(home):
+    catalog = LoraCatalog(home / "xl-loras")
+    assert catalog.resolve("watercolor").family == "sdxl"
+    assert catalog.resolve("ink-sketch").cross_attention_width == 64
+
+
+def test_unknown_name_lists_what_is_there(home):
+    with pytest.raises(JobRejected) as caught:
+        LoraCatalog(home / "autoimport" / "lora").resolve("nope", field="loras[0].name")
+    assert caught.value.field == "loras[0].name"
+    assert "unknown LoRA 'nope'" in str(caught.value) and "watercolor" in str(caught.value)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin", ".pth"])
+def test_pickled_files_are_refused_saying_why(home, suffix):
+    folder = home / "autoimport" / "lora"
+    (folder / f"evil{suffix}").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(JobRejected, match="pickled .* arbitrary code"):
+        LoraCatalog(folder).resolve("evil")
+    with pytest.raises(ValueError, match="arbitrary code"):
+        describe_file(folder / f"evil{suffix}")
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"\x01\x02", "too short"),
+        (struct.pack("<Q", 10**12) + b"{}", "does not fit the file"),
+        (struct.pack("<Q", 5) + b"{nope", "not valid JSON"),
+        (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    ],
+)
+def test_corrupt_headers_are_refused(tmp_path, content, words):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=words):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        ({"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, "dtype"),
+        ({"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}, "shape"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 800]}, "outside the file"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "8 bytes for shape"),
+    ],
+)
+def test_inconsistent_tensor_entries_are_refused(tmp_path, entry, words):
+    path = tmp_path / "bad.safetensors"
+    write_raw(path, {"lora_unet_x.lora_down.weight": entry}, b"\x00" * 8)
+    with pytest.raises(ValueError, match=words):
+        read_safetensors_header(path)
+
+
+def test_corrupt_file_in_the_folder_is_refused_at_resolve(home):
+    folder = home / "autoimport" / "lora"
+    (folder / "broken.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(JobRejected, match="LoRA 'broken' is refused"):
+        LoraCatalog(folder).resolve("broken")
+
+
+def test_path_like_names_never_leave_the_folder(home):
+    catalog = LoraCatalog(home / "autoimport" / "lora")
+    for name in ("../models/tiny-sd15", "/etc/passwd", ".hidden", "a\\b"):
+        assert catalog.path_of(name) is None

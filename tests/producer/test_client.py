@@ -1,0 +1,163 @@
+"""The SDK against a real Redis: what is queued, what is refused, and what never arrives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import JobStatus
+from lorafleet.common.queue import PRIORITY_SEPARATOR, priority_lists, queue_for
+from lorafleet.producer import Client
+from tests.conftest import TINY, TINY_XL
+
+JOB = {"model": TINY, "prompt": "a lighthouse"}
+
+
+@pytest.fixture
+def client(settings):
+    with Client(settings) as c:
+        yield c
+
+
+def queued_messages(client, model=TINY) -> list[dict]:
+    messages = []
+    for key in priority_lists(queue_for(model)):
+        messages += [json.loads(raw) for raw in client.redis.lrange(key, 0, -1)]
+    return messages
+
+
+def test_submit_writes_a_queued_record_and_one_message(client):
+    handle = client.submit(JOB | {"loras": [{"name": "watercolor", "weight": 0.8}]})
+    record = client.get(handle.job_id)
+    assert record.status is JobStatus.queued
+    assert record.queue == "lorafleet.model.tiny-sd15"
+    assert record.job.loras[0].sha256 and record.job.seed is not None
+    assert (record.job.width, record.job.height) == (64, 64)  # the model's native size
+    messages = queued_messages(client)
+    assert [m["headers"]["id"] for m in messages] == [handle.job_id]
+    assert messages[0]["headers"]["task"] == "lorafleet.generate"
+    assert messages[0]["content-type"] == "application/json"
+
+
+def test_priorities_land_in_celerys_priority_lists(client):
+    client.submit(JOB | {"priority": "low"})
+    client.submit(JOB | {"priority": "high"})
+    queue = queue_for(TINY)
+    assert client.redis.llen(queue) == 1  # high: priority 0, the bare list
+    assert client.redis.llen(f"{queue}{PRIORITY_SEPARATOR}6") == 1
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"width": 100}, "width"),
+        ({"model": "no-such-model"}, "model"),
+        ({"loras": [{"name": "no-such-lora"}]}, "loras[0].name"),
+        ({"model": TINY_XL, "loras": [{"name": "watercolor"}]}, "loras[0].name"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_a_refused_job_never_reaches_the_queue(client, change, field):
+    with pytest.raises(JobRejected) as caught:
+        client.submit(JOB | change)
+    assert caught.value.field == field
+    assert queued_messages(client) == [] and queued_messages(client, TINY_XL) == []
+    assert client.redis.keys("lorafleet:job:*") == []
+
+
+def test_family_mismatch_says_which_family_is_needed(client):
+    with pytest.raises(JobRejected, match="for sd15 but model 'tiny-sdxl' is sdxl"):
+        client.submit(JOB | {"model": TINY_XL, "loras": [{"name": "watercolor"}]})
+
+
+def test_shape_mismatch_is_refused_when_metadata_is_silent(client, home):
+    # ink-sketch (PEFT) carries no family metadata; its cross-attention width gives it away.
+    (home / "autoimport" / "lora" / "xl-ink.safetensors").write_bytes(
+        (home / "xl-loras" / "ink-sketch.safetensors").read_bytes()
+    )
+    with pytest.raises(JobRejected, match="text embedding 64 wide but model 'tiny-sd15' uses 32"):
+        client.submit(JOB | {"loras": [{"name": "xl-ink"}]})
+
+
+def test_submit_many_is_all_or_nothing(client):
+    jobs = [JOB, JOB | {"steps": 0}, JOB | {"loras": [{"name": "missing"}]}]
+    with pytest.raises(JobRejected) as caught:
+        client.submit_many(jobs)
+    assert [f for f, _ in caught.value.problems] == ["jobs[1].steps", "jobs[2].loras[0].name"]
+    assert queued_messages(client) == []
+    handles = client.submit_many([JOB, JOB | {"seed": 5}])
+    assert len({h.batch_id for h in handles}) == 1
+    assert [r.job_id for r in client.batch(handles[0].batch_id)] == [h.job_id for h in handles]
+    assert len(queued_messages(client)) == 2
+
+
+def test_default_weights_follow_the_seed(client):
+    alone = client.submit(JOB | {"loras": [{"name": "watercolor"}]}).job
+    assert alone.loras[0].weight == 0.75
+    beside = client.submit(JOB | {"loras": [{"name": "watercolor"}, {"name": "lcm-lora-sd15"}]}).job
+    assert [spec.weight for spec in beside.loras] == [0.45, 0.35]
+    explicit = client.submit(JOB | {"loras": [{"name": "watercolor", "weight": 1.0}, {"name": "lcm-lora-sd15"}]}).job
+    assert [spec.weight for spec in explicit.loras] == [1.0, 0.35]
+
+
+def test_lcm_adds_the_familys_lcm_lora_at_035(client):
+    job = client.submit(JOB | {"lcm": True, "loras": [{"name": "watercolor"}]}).job
+    assert (job.sampler.value, job.steps, job.cfg_scale) == ("lcm", 4, 1.0)
+    assert [(s.name, s.weight) for s in job.loras] == [("watercolor", 0.45), ("lcm-lora-sd15", 0.35)]
+
+
+def test_lcm_without_an_lcm_lora_for_the_family_is_refused(client, home):
+    (home / "autoimport" / "lora" / "lcm-lora-sd15.safetensors").unlink()
+    with pytest.raises(JobRejected) as caught:
+        client.submit(JOB | {"lcm": True})
+    assert caught.value.field == "lcm"
+
+
+def test_inject_trigger_appends_the_files_trigger_words(client):
+    job = client.submit(JOB | {"loras": [{"name": "watercolor", "inject_trigger": True}]}).job
+    assert job.prompt == "a lighthouse, watercolor"
+    handle = client.submit(JOB | {"loras": [{"name": "ink-sketch", "inject_trigger": True}]})
+    assert handle.job.prompt == "a lighthouse"
+    assert any("no trigger words" in w for w in handle.warnings)
+
+
+def test_lcm_warnings_reach_the_record(client):
+    handle = client.submit(JOB | {"sampler": "lcm", "steps": 20})
+    assert any("steps=20" in w for w in client.get(handle.job_id).warnings)
+
+
+def test_a_model_folder_outside_the_registry_has_its_own_queue(client, home):
+    handle = client.submit(JOB | {"model": str(home / "models" / TINY_XL)})
+    assert client.get(handle.job_id).queue == "lorafleet.model.tiny-sdxl"  # inside models/: its name
+    elsewhere = home / "elsewhere"
+    (home / "models" / TINY).rename(elsewhere)
+    record = client.get(client.submit(JOB | {"model": str(elsewhere)}).job_id)
+    assert record.queue == queue_for(str(elsewhere)) and record.job.model == str(elsewhere)
+
+
+def test_a_taken_job_id_is_refused(client):
+    client.submit(JOB | {"job_id": "fixed-1"})
+    with pytest.raises(JobRejected, match="already taken"):
+        client.submit(JOB | {"job_id": "fixed-1"})
+    assert len(queued_messages(client)) == 1
+
+
+def test_cancel_of_a_queued_job_ends_it(client):
+    handle = client.submit(JOB)
+    record = client.cancel(handle.job_id)
+    assert record.status is JobStatus.cancelled and record.finished_at is not None
+    assert client.cancel(handle.job_id).status is JobStatus.cancelled
+    assert client.wait([handle.job_id], timeout=1)[0].status is JobStatus.cancelled
+
+
+def test_wait_times_out_saying_how_many_are_left(client):
+    handles = client.submit_many([JOB, JOB])
+    with pytest.raises(TimeoutError, match="2 of 2 jobs still unfinished"):
+        client.wait([h.job_id for h in handles], timeout=0.3)
+
+
+def test_unknown_job_id_is_a_clear_error(client):
+    with pytest.raises(JobRejected, match="no job 'nope'"):
+        client.get("nope")

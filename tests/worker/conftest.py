@@ -1,0 +1,46 @@
+"""Worker-side fixtures: the tiny pipeline loaded in this process, a runner without Celery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.common.state import JobStore
+from lorafleet.common.storage import open_storage
+from lorafleet.worker.loras import LoraStore
+from lorafleet.worker.pipelines import PipelineCache, load_pipeline
+from lorafleet.worker.runner import JobRunner
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def hot(template_home):
+    """The tiny SD1.5 pipeline, loaded once per module (tests must leave it pristine)."""
+    model = ModelRegistry(Settings(home=template_home)).resolve(TINY)
+    return load_pipeline(model, torch.device("cpu"), torch.float32)
+
+
+def snapshot(hot) -> dict[str, torch.Tensor]:
+    """Every adaptable weight of the pipeline, copied."""
+    return {
+        f"{name}:{key}": value.detach().clone()
+        for name, module in hot.patcher.components.items()
+        for key, value in module.state_dict().items()
+    }
+
+
+def assert_same(hot, before: dict[str, torch.Tensor]) -> None:
+    after = snapshot(hot)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"{len(changed)} tensors differ from pristine, e.g. {changed[:3]}"
+
+
+@pytest.fixture
+def runner(settings):
+    pipelines = PipelineCache(settings)
+    store = JobStore(__import__("redis").Redis.from_url(settings.broker_url), retention=3600)
+    loras = LoraStore(LoraCatalog(settings.lora_dir), pipelines.device, 256 * 1024 * 1024)
+    return JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")

@@ -1,0 +1,158 @@
+"""One job end to end on a real Redis and real storage, through the runner (no Celery here)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from lorafleet.common.jobs import JobStatus
+from lorafleet.producer import Client
+from tests.conftest import TINY
+from tests.worker.conftest import assert_same, snapshot
+
+JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 1234}
+
+
+@pytest.fixture
+def client(settings):
+    with Client(settings) as c:
+        yield c
+
+
+def run(client, runner, **fields):
+    handle = client.submit(JOB | fields)
+    runner.run(handle.job_id)
+    return client.get(handle.job_id)
+
+
+def pixels(record, runner) -> bytes:
+    data = runner.storage.get(record.images[0].key)
+    return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+
+def test_a_job_with_a_lora_stack_ends_succeeded_with_its_png(client, runner):
+    record = run(client, runner, loras=[{"name": "watercolor", "weight": 0.8}, {"name": "lcm-lora-sd15", "weight": 0.35}],
+                 sampler="lcm", steps=4, cfg_scale=1, num_images=2)  # fmt: skip
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.progress.step == record.progress.total == 8
+    assert [i.key for i in record.images] == [
+        f"images/{record.job.batch_id}/{record.job_id}/0.png",
+        f"images/{record.job.batch_id}/{record.job_id}/1.png",
+    ]
+    assert [i.seed for i in record.images] == [1234, 1235]
+    data = runner.storage.get(record.images[0].key)
+    assert hashlib.sha256(data).hexdigest() == record.images[0].sha256 and len(data) == record.images[0].size
+    text = Image.open(io.BytesIO(data)).text["parameters"]
+    assert "<lora:watercolor:0.8> <lora:lcm-lora-sd15:0.35>" in text
+    assert "Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 1234, Size: 64x64, Model: tiny-sd15" in text
+    assert 'Lora hashes: "watercolor: ' in text
+    timings = record.timings
+    for phase in ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total"):
+        assert getattr(timings, phase) is not None, phase
+    assert record.worker == "test-worker" and record.attempts == 1
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"])
+def test_every_sampler_runs(client, runner, sampler):
+    record = run(client, runner, sampler=sampler, steps=3)
+    assert record.status is JobStatus.succeeded, record.error
+    from lorafleet.worker.sampling import A1111_NAMES
+
+    text = Image.open(io.BytesIO(runner.storage.get(record.images[0].key))).text["parameters"]
+    assert f"Sampler: {A1111_NAMES[record.job.sampler]}," in text
+
+
+def test_the_same_job_after_any_other_job_gives_identical_pixels(client, runner):
+    first = pixels(run(client, runner), runner)
+    heavy = run(client, runner, loras=[{"name": "texture-locon", "weight": 1.5}, {"name": "ink-sketch", "weight": -1}],
+                sampler="dpmpp_2m_karras", seed=99)  # fmt: skip
+    assert heavy.status is JobStatus.succeeded
+    assert pixels(heavy, runner) != first
+    assert pixels(run(client, runner), runner) == first
+    hot = runner.pipelines.loaded()[0]
+    assert hot.patcher.is_pristine
+
+
+def test_loras_change_the_picture_and_cache_hits_are_counted(client, runner):
+    plain = pixels(run(client, runner), runner)
+    styled = run(client, runner, loras=[{"name": "watercolor", "weight": 1.0}])
+    assert pixels(styled, runner) != plain
+    again = run(client, runner, loras=[{"name": "watercolor", "weight": 1.0}])
+    assert pixels(again, runner) == pixels(styled, runner)
+    assert (runner.stats.lora_misses, runner.stats.lora_hits) == (1, 1)
+    assert runner.stats.done == 3
+
+
+def test_cancel_while_running_stops_at_the_next_step(client, runner):
+    handle = client.submit(JOB | {"steps": 150, "width": 256, "height": 256, "num_images": 4})
+    thread = threading.Thread(target=runner.run, args=(handle.job_id,))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while client.get(handle.job_id).progress.step < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.cancel(handle.job_id)
+    thread.join(60)
+    record = client.get(handle.job_id)
+    assert record.status is JobStatus.cancelled
+    assert record.progress.step < record.progress.total
+    assert record.images == [] and runner.storage.exists(f"images/{handle.batch_id}/{handle.job_id}/0.png") is False
+
+
+def test_a_job_cancelled_before_it_runs_never_runs(client, runner):
+    handle = client.submit(JOB)
+    client.cancel(handle.job_id)
+    assert runner.run(handle.job_id) is JobStatus.cancelled
+    record = client.get(handle.job_id)
+    assert record.attempts == 0 and record.started_at is None
+
+
+def test_a_corrupt_lora_fails_the_job_and_leaves_the_weights_pristine(client, runner, home):
+    warm = run(client, runner)  # load the pipeline
+    hot = runner.pipelines.loaded()[0]
+    before = snapshot(hot)
+    folder = home / "autoimport" / "lora"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "watercolor.safetensors"))
+    key = sorted(k for k in state if k.endswith("lora_up.weight"))[-1]
+    state[key][0, 0] = float("nan")
+    save_file(state, str(folder / "poisoned.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    record = run(client, runner, loras=[{"name": "watercolor"}, {"name": "poisoned"}])
+    assert record.status is JobStatus.failed
+    assert "LoRA 'poisoned' is refused" in record.error and "NaN" in record.error
+    assert_same(hot, before)
+    assert pixels(run(client, runner), runner) == pixels(warm, runner)
+
+
+def test_a_lora_replaced_after_submit_fails_the_job_saying_so(client, runner, home):
+    handle = client.submit(JOB | {"loras": [{"name": "watercolor"}]})
+    folder = home / "autoimport" / "lora"
+    (folder / "watercolor.safetensors").write_bytes((folder / "ink-sketch.safetensors").read_bytes())
+    runner.run(handle.job_id)
+    record = client.get(handle.job_id)
+    assert record.status is JobStatus.failed and "the file was replaced" in record.error
+
+
+def test_unmatched_keys_are_named_in_the_warnings(client, runner, home):
+    from safetensors.torch import load_file, save_file
+
+    folder = home / "autoimport" / "lora"
+    state = load_file(str(folder / "watercolor.safetensors"))
+    state["lora_unet_made_up_block_to_q.lora_down.weight"] = torch.zeros(4, 32, dtype=torch.float16)
+    state["lora_unet_made_up_block_to_q.lora_up.weight"] = torch.zeros(32, 4, dtype=torch.float16)
+    save_file(state, str(folder / "extra-keys.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    record = run(client, runner, loras=[{"name": "extra-keys"}])
+    assert record.status is JobStatus.succeeded
+    assert any("2 keys match no layer" in w and "lora_unet_made_up_block_to_q" in w for w in record.warnings)
+
+
+def test_a_finished_job_delivered_again_is_skipped(client, runner):
+    record = run(client, runner)
+    assert runner.run(record.job_id) is JobStatus.succeeded
+    assert client.get(record.job_id).attempts == 1
