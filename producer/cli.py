@@ -20,16 +20,16 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lorafleet.common import __version__
-from lorafleet.common.embedded import EmbeddedRedis
 from lorafleet.common.errors import ConfigError, JobRejected, LorafleetError, TransientError
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
 from lorafleet.common.lora_catalog import LoraCatalog
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
-from lorafleet.producer.display import WaitDisplay, outputs_lines, record_table, timings_table
+from lorafleet.producer.display import WaitDisplay, print_report, record_table
 
 app = typer.Typer(
     name="lorafleet",
@@ -52,7 +52,7 @@ EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_UNAVAILABLE = 1, 2, 3
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {message}", highlight=False)
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -68,7 +68,7 @@ def _run(action):
         return action()
     except JobRejected as exc:
         for field, message in exc.problems:
-            errors.print(f"[red]refused:[/] [bold]{field}[/]: {message}", highlight=False)
+            errors.print(f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}", highlight=False)
         raise typer.Exit(EXIT_REJECTED) from None
     except (ConfigError, TransientError) as exc:
         _fail(str(exc), EXIT_UNAVAILABLE)
@@ -117,15 +117,9 @@ def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json:
     else:
         with WaitDisplay(console, job_ids) as display:
             records = client.wait(job_ids, timeout=timeout, on_update=display.update)
-        _print_records(records)
+        print_report(console, records)
     if any(r.status is not JobStatus.succeeded for r in records):
         raise typer.Exit(EXIT_JOB_FAILED)
-
-
-def _print_records(records: Sequence[JobRecord]) -> None:
-    console.print(timings_table(records))
-    for line in outputs_lines(records):
-        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
@@ -141,7 +135,7 @@ def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
             highlight=False,
         )
         for warning in handle.warnings:
-            errors.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 # ---------------------------------------------------------------------------- submit
@@ -252,7 +246,7 @@ def status(
         elif len(records) == 1:
             console.print(record_table(records[0]))
         else:
-            _print_records(records)
+            print_report(console, records)
 
     _run(action)
 
@@ -276,11 +270,11 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.
         for job_id in job_ids:
             record = client.cancel(job_id)
             if record.status is JobStatus.cancelled:
-                console.print(f"{job_id}: cancelled")
+                console.print(f"{job_id}: cancelled", markup=False)
             elif record.cancel_requested:
-                console.print(f"{job_id}: running; it stops at its next step")
+                console.print(f"{job_id}: running; it stops at its next step", markup=False)
             else:
-                console.print(f"{job_id}: already {record.status.value}; nothing to cancel")
+                console.print(f"{job_id}: already {record.status.value}; nothing to cancel", markup=False)
 
     _run(action)
 
@@ -321,14 +315,14 @@ def loras_list() -> None:
 def redis_start() -> None:
     """Start the embedded Redis (or find it running) and print its URL."""
     settings = Settings()
-    _run(lambda: console.print(EmbeddedRedis(settings.redis_dir).ensure_running(), highlight=False))
+    _run(lambda: console.print(settings.embedded_redis().ensure_running(), highlight=False))
 
 
 @redis_app.command("stop")
 def redis_stop() -> None:
     """Stop the embedded Redis; its append-only file keeps every queued job."""
     settings = Settings()
-    stopped = EmbeddedRedis(settings.redis_dir).stop()
+    stopped = settings.embedded_redis().stop()
     console.print("stopped" if stopped else "not running")
 
 
@@ -336,11 +330,11 @@ def redis_stop() -> None:
 def redis_status() -> None:
     """Say whether the embedded Redis runs, and where."""
     settings = Settings()
-    embedded = EmbeddedRedis(settings.redis_dir)
+    embedded = settings.embedded_redis()
     if embedded.ping():
-        console.print(f"running at {embedded.url}", highlight=False)
+        console.print(f"running at {embedded.url}", markup=False, highlight=False)
     else:
-        console.print(f"not running (data in {embedded.folder})", highlight=False)
+        console.print(f"not running (data in {embedded.folder})", markup=False, highlight=False)
         raise typer.Exit(1)
 
 
@@ -390,7 +384,7 @@ def make_tiny_model(
     if family not in ("sd15", "sdxl"):
         _fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
     path = tiny.make_tiny_model(folder, family=family, seed=seed)
-    console.print(f"wrote a tiny {family} pipeline to {path}", highlight=False)
+    console.print(f"wrote a tiny {family} pipeline to {path}", markup=False, highlight=False)
 
 
 @app.command("make-demo-loras")
@@ -404,7 +398,7 @@ def make_demo_loras(
     if not (model / "model_index.json").is_file():
         _fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
     for path in tiny.make_demo_loras(model, out, seed=seed):
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,31 +28,50 @@ def status_text(status: JobStatus) -> str:
 
 
 def lora_stack(record: JobRecord) -> str:
-    return " + ".join(f"{spec.name}:{spec.weight:g}" for spec in record.job.loras) or "-"
+    return escape(" + ".join(f"{spec.name}:{spec.weight:g}" for spec in record.job.loras) or "-")
 
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def timings_table(records: Sequence[JobRecord], title: str | None = None) -> Table:
-    """One row per job: what it ran, each phase's seconds, and where its images went."""
-    table = Table(title=title, caption="seconds per phase", caption_justify="right")
+def jobs_table(records: Sequence[JobRecord], title: str | None = None) -> Table:
+    """One row per job: what it ran."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("job", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("sampler", no_wrap=True)
+    table.add_column("seed", justify="right", no_wrap=True)
     table.add_column("loras")
-    for heading in PHASE_TITLES:
-        table.add_column(heading, justify="right", no_wrap=True)
     for record in records:
+        job = record.job
         table.add_row(
             record.job_id[:8],
             status_text(record.status),
-            f"{record.job.sampler.value} {record.job.steps}@{record.job.cfg_scale:g}",
+            f"{job.sampler.value} {job.steps}@{job.cfg_scale:g}",
+            str(job.seed),
             lora_stack(record),
-            *(_seconds(getattr(record.timings, phase)) for phase in PHASES),
         )
     return table
+
+
+def timings_table(records: Sequence[JobRecord], title: str | None = None) -> Table:
+    """One row per job: seconds spent in each phase."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, caption="seconds per phase", caption_justify="right")
+    table.add_column("job", no_wrap=True)
+    for heading in PHASE_TITLES:
+        table.add_column(heading, justify="right", no_wrap=True)
+    for record in records:
+        table.add_row(record.job_id[:8], *(_seconds(getattr(record.timings, phase)) for phase in PHASES))
+    return table
+
+
+def print_report(console: Console, records: Sequence[JobRecord]) -> None:
+    """What ran, how long each phase took, and where the images went."""
+    console.print(jobs_table(records))
+    console.print(timings_table(records))
+    for line in outputs_lines(records):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def outputs_lines(records: Sequence[JobRecord]) -> list[str]:
@@ -58,9 +79,9 @@ def outputs_lines(records: Sequence[JobRecord]) -> list[str]:
     lines = []
     for record in records:
         for image in record.images:
-            lines.append(f"{record.job_id[:8]}  {image.uri}")
+            lines.append(f"{record.job_id[:8]}  {escape(image.uri)}")
         if not record.images:
-            lines.append(f"{record.job_id[:8]}  {status_text(record.status)}: {record.error or 'no images yet'}")
+            lines.append(f"{record.job_id[:8]}  {status_text(record.status)}: {escape(record.error or 'no images yet')}")
     return lines
 
 
@@ -75,14 +96,14 @@ def record_table(record: JobRecord) -> Table:
         ("batch", job.batch_id or ""),
         ("status", status_text(record.status)),
         ("progress", f"{record.progress.step}/{record.progress.total}"),
-        ("model", job.model),
+        ("model", escape(job.model)),
         ("loras", lora_stack(record)),
-        ("prompt", job.prompt),
-        ("negative", job.negative_prompt or "-"),
+        ("prompt", escape(job.prompt)),
+        ("negative", escape(job.negative_prompt) or "-"),
         ("sampler", f"{job.sampler.value}, {job.steps} steps, CFG {job.cfg_scale:g}"),
         ("size", f"{job.width}x{job.height}, {job.num_images} image(s), seed {job.seed}"),
         ("priority", job.priority.value),
-        ("worker", record.worker or "-"),
+        ("worker", escape(record.worker or "-")),
         ("attempts", str(record.attempts)),
         ("submitted", record.submitted_at.isoformat(timespec="seconds")),
         ("finished", record.finished_at.isoformat(timespec="seconds") if record.finished_at else "-"),
@@ -91,10 +112,10 @@ def record_table(record: JobRecord) -> Table:
             for phase in PHASES if getattr(record.timings, phase) is not None
         ) or "-"),
     ]  # fmt: skip
-    rows += [("image", f"{image.uri} ({image.size} bytes, seed {image.seed})") for image in record.images]
-    rows += [("warning", f"[yellow]{w}[/]") for w in record.warnings]
+    rows += [("image", escape(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images]
+    rows += [("warning", f"[yellow]{escape(w)}[/]") for w in record.warnings]
     if record.error:
-        rows.append(("error", f"[red]{record.error}[/]"))
+        rows.append(("error", f"[red]{escape(record.error)}[/]"))
     for key, value in rows:
         table.add_row(key, value)
     return table

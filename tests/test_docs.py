@@ -1,0 +1,38 @@
+"""The README matches the code: every setting and every command is documented."""
+
+from __future__ import annotations
+
+import re
+
+import typer.main
+
+from lorafleet.common.settings import Settings
+from lorafleet.producer.cli import app
+from tests.helpers import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def command_paths(group, prefix=""):
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, command in click_group.commands.items():
+        if hasattr(command, "commands"):
+            yield from command_paths(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_every_setting_is_documented():
+    documented = set(re.findall(r"LORAFLEET_[A-Z0-9_]+", README))
+    settings = {f"LORAFLEET_{name.upper()}" for name in Settings.model_fields}
+    assert settings - documented == set()
+    assert documented - settings == set(), "the README names settings that do not exist"
+
+
+def test_every_command_is_documented():
+    missing = [path for path in command_paths(app) if path != "version" and f"lorafleet {path.split()[0]}" not in README]
+    assert missing == []
+
+
+def test_readme_gives_the_two_commands():
+    assert "make demo" in README and "make test" in README
