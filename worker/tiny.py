@@ -300,6 +300,9 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
         if demo.format == "kohya":
             state = _kohya_state(_layers(components, "unet", _attention), "lora_unet_", 4, 0.5, gen, strength)
             state |= _kohya_state(_layers(components, "text_encoder", _text_attention), te_prefix, 4, 0.5, gen, strength)
+            if "text_encoder_2" in components:
+                te2 = _layers(components, "text_encoder_2", _text_attention)
+                state |= _kohya_state(te2, "lora_te2_", 4, 0.5, gen, strength)
             metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": "4",
                          "ss_network_alpha": "2", "modelspec.trigger_phrase": "watercolor"}  # fmt: skip
         elif demo.format == "peft":

@@ -156,3 +156,28 @@ def test_a_finished_job_delivered_again_is_skipped(client, runner):
     record = run(client, runner)
     assert runner.run(record.job_id) is JobStatus.succeeded
     assert client.get(record.job_id).attempts == 1
+
+
+@pytest.fixture
+def xl_settings(settings, home):
+    """The same home, with the SDXL demo LoRAs in the drop folder."""
+    lora_dir = home / "autoimport" / "lora"
+    lora_dir.rename(home / "autoimport" / "lora-sd15")
+    (home / "xl-loras").rename(lora_dir)
+    return settings
+
+
+def test_an_sdxl_job_patches_the_unet_and_both_text_encoders(xl_settings, runner):
+    with Client(xl_settings) as client:
+        handle = client.submit({"model": "tiny-sdxl", "prompt": "a castle", "seed": 5,
+                                "loras": [{"name": "watercolor", "weight": 0.9}, {"name": "ink-sketch", "weight": 0.5}]})  # fmt: skip
+        runner.run(handle.job_id)
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.succeeded, record.error
+        hot = next(h for h in runner.pipelines.loaded() if h.model.key == "tiny-sdxl")
+        watercolor = runner.loras.stack("tiny-sdxl", hot.patcher, record.job.loras[:1]).entries[0].lora
+        assert {d.target.component for d in watercolor.deltas} == {"unet", "text_encoder", "text_encoder_2"}
+        plain = client.submit({"model": "tiny-sdxl", "prompt": "a castle", "seed": 5})
+        runner.run(plain.job_id)
+        assert pixels(client.get(plain.job_id), runner) != pixels(record, runner)
+        assert hot.patcher.is_pristine
