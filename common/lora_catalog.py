@@ -40,7 +40,8 @@ CROSS_ATTENTION_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 """Family by the width of the text embedding that cross-attention reads."""
 
 _CROSS_ATTENTION_INPUT = re.compile(
-    r"attn2[._](?:to_[kv]|processor[._]to_[kv]_lora)[._](?:lora_down|lora_A|down|lora[._]down)[._]weight$"
+    r"attn2[._](?:to_[kv]|processor[._]to_[kv]_lora)[._](?:lora_down[._]weight|lora_A[._]weight|down[._]weight"
+    r"|lora[._]down[._]weight|hada_w1_b)$"
 )
 
 
@@ -104,9 +105,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(tensors, metadata)
 
 
-def detect_format(keys: list[str]) -> str:
-    """The LoRA format, by its key names."""
-    joined = "\n".join(keys)
+def detect_format(header: SafetensorsHeader) -> str:
+    """The LoRA format, by its key names (and, for LoCon, its 3x3 factors)."""
+    joined = "\n".join(header.tensors)
     if ".hada_w1_a" in joined:
         kind = "lycoris-loha"
     elif ".lokr_w1" in joined:
@@ -114,7 +115,11 @@ def detect_format(keys: list[str]) -> str:
     elif ".lora_A." in joined or ".lora_B." in joined:
         kind = "peft"
     elif ".lora_down." in joined:
-        kind = "kohya"
+        conv = any(
+            k.endswith(".lora_down.weight") and len(t.shape) == 4 and t.shape[2:] != (1, 1)
+            for k, t in header.tensors.items()
+        )
+        kind = "kohya-locon" if conv or ".lora_mid." in joined else "kohya-lora"
     elif ".lora.down." in joined or "_lora.down." in joined:
         kind = "diffusers-old"
     elif ".diff" in joined:
@@ -140,13 +145,11 @@ def detect_family(header: SafetensorsHeader) -> str | None:
     keys = list(header.tensors)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "te2.")) for k in keys):
         return "sdxl"
+    width = cross_attention_width(header)
+    if width in CROSS_ATTENTION_FAMILY:
+        return CROSS_ATTENTION_FAMILY[width]
     if any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in keys):
-        return "sdxl"
-    for key, info in header.tensors.items():
-        if _CROSS_ATTENTION_INPUT.search(key) and len(info.shape) == 2:
-            family = CROSS_ATTENTION_FAMILY.get(info.shape[1])
-            if family:
-                return family
+        return "sdxl"  # kohya's SDXL trainer writes the original block names; its SD1.5 one does not
     return None
 
 
@@ -224,7 +227,6 @@ def describe_file(path: Path, name: str | None = None) -> LoraInfo:
     header = read_safetensors_header(path)
     if not header.tensors:
         raise ValueError(f"{path.name} holds no tensors")
-    keys = list(header.tensors)
     name = name or path.stem
     lcm_meta = header.metadata.get("lorafleet.lcm", "").lower() == "true"
     return LoraInfo(
@@ -232,10 +234,10 @@ def describe_file(path: Path, name: str | None = None) -> LoraInfo:
         path=path,
         size=path.stat().st_size,
         sha256=sha256_file(path),
-        format=detect_format(keys),
+        format=detect_format(header),
         family=detect_family(header),
         rank=_rank(header),
-        tensor_count=len(keys),
+        tensor_count=len(header.tensors),
         trigger_words=_trigger_words(header.metadata),
         cross_attention_width=cross_attention_width(header),
         is_lcm=lcm_meta or "lcm" in name.lower(),

@@ -112,11 +112,10 @@ class LoraStore:
         except (SafetensorError, OSError, ValueError) as exc:
             raise JobFailed(f"LoRA {info.name!r} cannot be read: {exc}") from None
         try:
-            parsed = parse_lora(state, patcher.index, info.format)
+            return parse_lora(state, patcher.index, info.format, metadata=info.metadata,
+                              original=patcher.original, device=self.device)  # fmt: skip
         except LoraFormatError as exc:
             raise JobFailed(f"LoRA {info.name!r} is refused: {exc}") from None
-        parsed.deltas = [delta.to(self.device) for delta in parsed.deltas]
-        return parsed
 
     def _evict(self, keep: set[tuple[str, str]]) -> None:
         while self.cached_bytes > self.budget_bytes:

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.worker.lora_formats import Delta, ModuleIndex, ParsedLora
+from lorafleet.worker.lora_deltas import Delta
+from lorafleet.worker.lora_formats import ParsedLora
+from lorafleet.worker.module_index import ModuleIndex, Target
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,10 @@ class WeightPatcher:
             param = self.index.parameter(self.components, self.index.targets[key])
             self._params[key] = param
         return param
+
+    def original(self, target: Target) -> torch.Tensor:
+        """The pristine weight W₀ of ``target`` (kept from its first touch on)."""
+        return self._original(target.key)
 
     def _original(self, key: str) -> torch.Tensor:
         copy = self._pristine.get(key)
@@ -133,7 +139,7 @@ class WeightPatcher:
         merged = original.to(torch.float32, copy=True)
         matrix = merged.view(merged.shape[0], -1)
         for delta, strength in parts:
-            delta.add_to(matrix, strength)
+            delta.add_to(matrix, strength, original)
         param.copy_(merged)
 
     @torch.no_grad()

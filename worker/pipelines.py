@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline
 from lorafleet.common.errors import JobFailed
 from lorafleet.common.models import FAMILY_BY_PIPELINE, ModelRef
 from lorafleet.common.settings import Settings
-from lorafleet.worker.lora_formats import COMPONENTS
+from lorafleet.worker.module_index import COMPONENTS
 from lorafleet.worker.patcher import WeightPatcher
 
 logger = logging.getLogger(__name__)

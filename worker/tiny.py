@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lorafleet.common.models import describe_folder
-from lorafleet.worker.lora_formats import file_module_names
+from lorafleet.worker.module_index import file_module_names
 
 TINY_SIZE = 64
 """Native image size of the tiny models (UNet sample size 8, VAE downscale 8)."""

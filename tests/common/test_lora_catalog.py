@@ -30,7 +30,7 @@ def test_a_file_copied_into_the_folder_is_usable_by_its_name_without_a_restart(h
 def test_demo_files_are_described_from_their_headers(home):
     catalog = LoraCatalog(home / "autoimport" / "lora")
     watercolor = catalog.resolve("watercolor")
-    assert (watercolor.format, watercolor.family, watercolor.rank) == ("kohya", "sd15", 4)
+    assert (watercolor.format, watercolor.family, watercolor.rank) == ("kohya-lora", "sd15", 4)
     assert watercolor.trigger_words == ["watercolor"]
     assert len(watercolor.sha256) == 64 and watercolor.short_hash == watercolor.sha256[:12]
     peft = catalog.resolve("ink-sketch")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.worker.lora_formats import LowRankDelta, ParsedLora, parse_lora
+from lorafleet.worker.lora_deltas import LowRankDelta
+from lorafleet.worker.lora_formats import ParsedLora, parse_lora
 from lorafleet.worker.patcher import StackEntry
 from tests.worker.conftest import assert_same, snapshot
 
@@ -141,7 +142,7 @@ def test_random_stack_changes_stay_bit_exact(hot, template_home):
 
 
 class ExplodingDelta(LowRankDelta):
-    def add_to(self, weight, strength):
+    def add_to(self, weight, strength, original):
         raise RuntimeError("device lost half-way")
 
 

@@ -1,0 +1,173 @@
+"""Every parameter a LoRA can change, reachable by each name that LoRA files use for it.
+
+Files name layers four ways: kohya flattens diffusers module paths with ``_``
+(``lora_unet_down_blocks_0_attentions_0_proj_in``); diffusers and PEFT keep the dots
+(``unet.down_blocks.0.attentions.0.proj_in``); kohya's SDXL trainer and other LDM-based
+tools use the original Stable Diffusion block names (``lora_unet_input_blocks_4_1_...``,
+``middle_block``, ``output_blocks``); and text-encoder paths come with or without CLIP's
+``text_model.`` level. The index registers every one of them for every parameter.
+
+The LDM names are derived from the UNet's own config (blocks, layers per block, which
+blocks have attention), so SD1.5, SD2 and SDXL UNets all get the right mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""Pipeline components a LoRA may adapt."""
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+FLAT_PREFIXES = {
+    "unet": ("lora_unet_",),
+    "text_encoder": ("lora_te_", "lora_te1_"),
+    "text_encoder_2": ("lora_te2_",),
+}
+DOTTED_PREFIXES = {
+    "unet": ("unet.", "base_model.model.", "diffusion_model."),
+    "text_encoder": ("text_encoder.", "te1.", "base_model.model."),
+    "text_encoder_2": ("text_encoder_2.", "te2."),
+}
+
+# Inside a ResnetBlock2D, LDM's names for diffusers' layers.
+_RESNET_LAYERS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter a LoRA can change."""
+
+    component: str
+    module: str
+    param: str
+    shape: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.component}:{self.module}.{self.param}"
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component in TEXT_ENCODERS
+
+
+def file_module_names(component: str, module: str) -> list[str]:
+    """The module paths LoRA files use for ``module``; the first is the usual one.
+
+    transformers 5 dropped the ``text_model.`` level from CLIPTextModel (not from
+    CLIPTextModelWithProjection), while files made before keep it: both are accepted.
+    """
+    if component not in TEXT_ENCODERS or module == "text_projection":
+        return [module]
+    if module.startswith("text_model."):
+        return [module, module[len("text_model.") :]]
+    return [f"text_model.{module}", module]
+
+
+def ldm_block_prefixes(config: dict) -> dict[str, str]:
+    """diffusers UNet block path -> the original (LDM/SGM) block path, from the config."""
+    down_types = list(config.get("down_block_types") or ())
+    up_types = list(config.get("up_block_types") or ())
+    if not down_types:
+        return {}
+    layers = config.get("layers_per_block", 2)
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers] * len(down_types)
+    prefixes = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+        "mid_block.resnets.0": "middle_block.0",
+        "mid_block.attentions.0": "middle_block.1",
+        "mid_block.resnets.1": "middle_block.2",
+    }
+    index = 1
+    for block, kind in enumerate(down_types):
+        for layer in range(layers[block]):
+            prefixes[f"down_blocks.{block}.resnets.{layer}"] = f"input_blocks.{index}.0"
+            if "CrossAttn" in kind:
+                prefixes[f"down_blocks.{block}.attentions.{layer}"] = f"input_blocks.{index}.1"
+            index += 1
+        if block < len(down_types) - 1:
+            prefixes[f"down_blocks.{block}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    index = 0
+    up_layers = list(reversed(layers))
+    for block, kind in enumerate(up_types):
+        attention = "CrossAttn" in kind
+        for layer in range(up_layers[block] + 1):
+            prefixes[f"up_blocks.{block}.resnets.{layer}"] = f"output_blocks.{index}.0"
+            if attention:
+                prefixes[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{index}.1"
+            if layer == up_layers[block] and block < len(up_types) - 1:
+                prefixes[f"up_blocks.{block}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if attention else 1}.conv"
+            index += 1
+    return prefixes
+
+
+def ldm_name(module: str, prefixes: dict[str, str]) -> str | None:
+    """The LDM path of a diffusers UNet module path, or None if it has none."""
+    parts = module.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in prefixes:
+            rest = parts[cut:]
+            if ".resnets." in f".{head}." and rest and rest[0] in _RESNET_LAYERS:
+                rest = [_RESNET_LAYERS[rest[0]], *rest[1:]]
+            return ".".join([prefixes[head], *rest])
+    return None
+
+
+class ModuleIndex:
+    """Maps every name a LoRA file may use to the parameter it means."""
+
+    def __init__(self, components: dict[str, torch.nn.Module]) -> None:
+        self.targets: dict[str, Target] = {}
+        self._by_name: dict[str, str] = {}  # module name as a file writes it -> module key
+        for component, model in components.items():
+            ldm = ldm_block_prefixes(dict(getattr(model, "config", {}) or {})) if component == "unet" else {}
+            for name, module in model.named_modules():
+                weight = getattr(module, "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+                    continue
+                if isinstance(module, torch.nn.Embedding):
+                    continue
+                target = Target(component, name, "weight", tuple(weight.shape))
+                self.targets[target.key] = target
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor):
+                    bias_target = Target(component, name, "bias", tuple(bias.shape))
+                    self.targets[bias_target.key] = bias_target
+                aliases = file_module_names(component, name)
+                if ldm:
+                    original = ldm_name(name, ldm)
+                    if original:
+                        aliases.append(original)
+                module_key = f"{component}:{name}"
+                for alias in aliases:
+                    for prefix in FLAT_PREFIXES[component]:
+                        self._by_name.setdefault(prefix + alias.replace(".", "_"), module_key)
+                    for prefix in DOTTED_PREFIXES[component]:
+                        self._by_name.setdefault(prefix + alias, module_key)
+
+    def lookup(self, module_name: str, param: str = "weight") -> Target | None:
+        """The parameter ``param`` of the module a file calls ``module_name``."""
+        module_key = self._by_name.get(module_name)
+        return self.targets.get(f"{module_key}.{param}") if module_key else None
+
+    def parameter(self, components: dict[str, torch.nn.Module], target: Target) -> torch.nn.Parameter:
+        module = components[target.component].get_submodule(target.module)
+        return getattr(module, target.param)
