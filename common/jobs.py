@@ -68,6 +68,15 @@ PREFIX_PATTERN = re.compile(rf"^{_SEGMENT}(/{_SEGMENT}){{0,7}}$")
 _LORA_NAME_BAD = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
+def check_lora_name(name: str) -> None:
+    """ValueError unless ``name`` can only mean a file inside the LoRA folder."""
+    if not name or _LORA_NAME_BAD.search(name) or name.startswith(".") or name.strip() != name:
+        raise ValueError(
+            "must be a plain LoRA name: no path separators, control characters, "
+            "leading dot or surrounding spaces"
+        )
+
+
 class Sampler(str, Enum):
     """Samplers a job may ask for; names as users type them."""
 
@@ -127,11 +136,7 @@ class LoraSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_file_name(cls, name: str) -> str:
-        if _LORA_NAME_BAD.search(name) or name.startswith(".") or name.strip() != name:
-            raise ValueError(
-                "must be a plain LoRA name: no path separators, control characters, "
-                "leading dot or surrounding spaces"
-            )
+        check_lora_name(name)
         return name
 
 
@@ -308,11 +313,17 @@ class Progress(BaseModel):
 
 
 class Timings(BaseModel):
-    """Seconds spent in each phase of a job; None where the phase has not happened."""
+    """Seconds spent in each phase of a job; None where the phase has not happened.
+
+    ``lora_load`` covers finding, hashing and parsing the stack's LoRAs; ``lora_hits`` and
+    ``lora_misses`` say how many came from the worker's cache and how many were parsed.
+    """
 
     queue_wait: float | None = None
     pipeline_load: float | None = None
     lora_load: float | None = None
+    lora_hits: int | None = None
+    lora_misses: int | None = None
     lora_apply: float | None = None
     sampling: float | None = None
     restore: float | None = None

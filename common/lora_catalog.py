@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import check_lora_name
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -260,7 +261,9 @@ class LoraCatalog:
 
     def path_of(self, name: str) -> Path | None:
         """The file a name refers to (``name`` or ``name.safetensors``), or None."""
-        if "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        try:
+            check_lora_name(name)
+        except ValueError:
             return None
         stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
         path = self.folder / f"{stem}{SAFETENSORS_SUFFIX}"

@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Worker weights dtype: auto is float16 on CUDA, float32 on CPU."
     )
+    lcm_loras: dict[str, str] = Field(
+        default_factory=dict,
+        description='The LCM-LoRA that --lcm adds, per model family, as JSON: {"sd15": "lcm-lora-sdv1-5"}. '
+        "Unset families use the LoRA whose name contains 'lcm' (or whose metadata says lorafleet.lcm).",
+    )
     visibility_timeout: int = Field(
         default=3600,
         ge=10,
@@ -66,6 +71,11 @@ class Settings(BaseSettings):
         description="Seconds a finished job's record is kept in Redis.",
     )
     max_pipelines: int = Field(default=2, ge=1, description="Hot pipelines a worker keeps loaded.")
+    pipeline_memory_mb: int = Field(
+        default=0,
+        ge=0,
+        description="Memory for hot pipelines per worker, in MiB; 0 is 85% of the GPU, or no limit on a CPU.",
+    )
     lora_cache_mb: int = Field(
         default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
     )

@@ -13,23 +13,29 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import ConfigError, JobRejected, LorafleetError, TransientError
+from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
-from lorafleet.common.lora_catalog import LoraCatalog
-from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
+from lorafleet.producer.cli_catalog import loras_app, models_app, redis_app
 from lorafleet.producer.display import WaitDisplay, print_report, record_table
+from lorafleet.producer.terminal import (
+    EXIT_JOB_FAILED,
+    EXIT_REJECTED,
+    console,
+    errors,
+    fail,
+    print_json,
+    run,
+    worker_side,
+)
 
 app = typer.Typer(
     name="lorafleet",
@@ -38,44 +44,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-redis_app = typer.Typer(help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True)
-models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
-loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
 app.add_typer(redis_app, name="redis")
 app.add_typer(models_app, name="models")
 app.add_typer(loras_app, name="loras")
-
-console = Console()
-errors = Console(stderr=True)
-
-EXIT_JOB_FAILED, EXIT_REJECTED, EXIT_UNAVAILABLE = 1, 2, 3
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
 
 
 def _client():
     from lorafleet.producer.client import Client
 
     return Client(Settings())
-
-
-def _run(action):
-    """Run ``action`` and turn lorafleet's errors into messages and exit codes."""
-    try:
-        return action()
-    except JobRejected as exc:
-        for field, message in exc.problems:
-            errors.print(f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}", highlight=False)
-        raise typer.Exit(EXIT_REJECTED) from None
-    except (ConfigError, TransientError) as exc:
-        _fail(str(exc), EXIT_UNAVAILABLE)
-    except TimeoutError as exc:
-        _fail(str(exc), EXIT_JOB_FAILED)
-    except LorafleetError as exc:
-        _fail(str(exc), EXIT_JOB_FAILED)
 
 
 def _parse_lora(text: str) -> dict[str, Any]:
@@ -106,14 +83,10 @@ def _parse_tags(tags: Sequence[str]) -> dict[str, str]:
     return parsed
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
 def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json: bool) -> None:
     if as_json:
         records = client.wait(job_ids, timeout=timeout)
-        _print_json([r.model_dump(mode="json") for r in records])
+        print_json([r.model_dump(mode="json") for r in records])
     else:
         with WaitDisplay(console, job_ids) as display:
             records = client.wait(job_ids, timeout=timeout, on_update=display.update)
@@ -124,7 +97,7 @@ def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json:
 
 def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
     if as_json and not waiting:
-        _print_json([{"job_id": h.job_id, "batch_id": h.batch_id, "warnings": h.warnings} for h in handles])
+        print_json([{"job_id": h.job_id, "batch_id": h.batch_id, "warnings": h.warnings} for h in handles])
         return
     if as_json:
         return
@@ -195,7 +168,7 @@ def submit(
         if wait:
             _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
 
-    _run(action)
+    run(action)
 
 
 @app.command("submit-file")
@@ -225,7 +198,7 @@ def submit_file(
         if wait:
             _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
 
-    _run(action)
+    run(action)
 
 
 @app.command()
@@ -242,13 +215,13 @@ def status(
         for job_id in job_ids:
             records.extend(client.batch(job_id) if batch else [client.get(job_id)])
         if as_json:
-            _print_json([r.model_dump(mode="json") for r in records])
+            print_json([r.model_dump(mode="json") for r in records])
         elif len(records) == 1:
             console.print(record_table(records[0]))
         else:
             print_report(console, records)
 
-    _run(action)
+    run(action)
 
 
 @app.command("wait")
@@ -258,7 +231,7 @@ def wait_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Wait for jobs to end, with progress; exit 1 if any did not succeed."""
-    _run(lambda: _wait_and_report(_client(), list(job_ids), timeout, as_json))
+    run(lambda: _wait_and_report(_client(), list(job_ids), timeout, as_json))
 
 
 @app.command()
@@ -276,80 +249,10 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.
             else:
                 console.print(f"{job_id}: already {record.status.value}; nothing to cancel", markup=False)
 
-    _run(action)
-
-
-# ---------------------------------------------------------------------------- models, loras
-@models_app.command("list")
-def models_list() -> None:
-    """Registered models (pipeline folders under <home>/models)."""
-    settings = Settings()
-    registry = ModelRegistry(settings)
-    table = Table("name", "family", "native size", "queue", title=str(settings.models_dir))
-    for name in registry.names():
-        ref = registry.resolve(name)
-        table.add_row(name, ref.family or "?", str(ref.native_size or "?"), ref.queue)
-    console.print(table)
-
-
-@loras_app.command("list")
-def loras_list() -> None:
-    """LoRAs in the autoimport folder, with format, family, rank and trigger words."""
-    settings = Settings()
-    catalog = LoraCatalog(settings.lora_dir)
-    table = Table("name", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
-    for name in catalog.names():
-        path = catalog.path_of(name)
-        try:
-            info = catalog.info(path)  # type: ignore[arg-type]
-        except (OSError, ValueError) as exc:
-            table.add_row(name, "[red]refused[/]", "", "", "", "", str(exc))
-            continue
-        table.add_row(info.name, info.format, info.family or "?", str(info.rank or "-"),
-                      f"{info.size / 1024:.0f} KiB", info.short_hash, ", ".join(info.trigger_words))  # fmt: skip
-    console.print(table)
-
-
-# ---------------------------------------------------------------------------- embedded redis
-@redis_app.command("start")
-def redis_start() -> None:
-    """Start the embedded Redis (or find it running) and print its URL."""
-    settings = Settings()
-    _run(lambda: console.print(settings.embedded_redis().ensure_running(), highlight=False))
-
-
-@redis_app.command("stop")
-def redis_stop() -> None:
-    """Stop the embedded Redis; its append-only file keeps every queued job."""
-    settings = Settings()
-    stopped = settings.embedded_redis().stop()
-    console.print("stopped" if stopped else "not running")
-
-
-@redis_app.command("status")
-def redis_status() -> None:
-    """Say whether the embedded Redis runs, and where."""
-    settings = Settings()
-    embedded = settings.embedded_redis()
-    if embedded.ping():
-        console.print(f"running at {embedded.url}", markup=False, highlight=False)
-    else:
-        console.print(f"not running (data in {embedded.folder})", markup=False, highlight=False)
-        raise typer.Exit(1)
+    run(action)
 
 
 # ---------------------------------------------------------------------------- worker side
-def _worker_side(module: str):
-    try:
-        return __import__(f"lorafleet.worker.{module}", fromlist=["_"])
-    except ImportError as exc:
-        _fail(
-            f"this command runs on the worker side, which needs torch and diffusers ({exc}); "
-            "install it with: pip install 'lorafleet[worker]'",
-            EXIT_UNAVAILABLE,
-        )
-
-
 @app.command()
 def worker(
     models: Annotated[str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")],
@@ -358,7 +261,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run a worker: one job at a time, pipelines kept hot, on cuda when present, else cpu."""
-    service = _worker_side("service")
+    service = worker_side("service")
     _configure_logging(loglevel)
 
     def action():
@@ -370,7 +273,7 @@ def worker(
             instance.preload()
         instance.run(loglevel=loglevel)
 
-    _run(action)
+    run(action)
 
 
 @app.command("make-tiny-model")
@@ -380,9 +283,9 @@ def make_tiny_model(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny offline diffusers pipeline (random weights) for tests and demos."""
-    tiny = _worker_side("tiny")
+    tiny = worker_side("tiny")
     if family not in ("sd15", "sdxl"):
-        _fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
+        fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
     path = tiny.make_tiny_model(folder, family=family, seed=seed)
     console.print(f"wrote a tiny {family} pipeline to {path}", markup=False, highlight=False)
 
@@ -394,9 +297,9 @@ def make_demo_loras(
     seed: Annotated[int, typer.Option(help="Seed of the random factors.")] = 0,
 ) -> None:
     """Write demo LoRAs (kohya, LoCon, PEFT, an LCM-LoRA shape) for a pipeline folder."""
-    tiny = _worker_side("tiny")
+    tiny = worker_side("tiny")
     if not (model / "model_index.json").is_file():
-        _fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
+        fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
     for path in tiny.make_demo_loras(model, out, seed=seed):
         console.print(f"wrote {path}", markup=False, highlight=False)
 

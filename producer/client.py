@@ -71,7 +71,9 @@ class Client:
         self.redis = self.broker.client()
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
-        self.resolver = JobResolver(ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir))
+        self.resolver = JobResolver(
+            ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir), self.settings.lcm_loras
+        )
 
     # ------------------------------------------------------------------ submit
     def submit(self, job: JobInput, *, batch_id: str | None = None) -> JobHandle:

@@ -111,6 +111,8 @@ def record_table(record: JobRecord) -> Table:
             f"{phase} {getattr(record.timings, phase):.2f}s"
             for phase in PHASES if getattr(record.timings, phase) is not None
         ) or "-"),
+        ("lora cache", "-" if record.timings.lora_hits is None
+         else f"{record.timings.lora_hits} hit(s), {record.timings.lora_misses} miss(es)"),
     ]  # fmt: skip
     rows += [("image", escape(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images]
     rows += [("warning", f"[yellow]{escape(w)}[/]") for w in record.warnings]

@@ -45,9 +45,13 @@ def new_id() -> str:
 class JobResolver:
     """Resolves models and LoRAs against the registry and the LoRA drop folder."""
 
-    def __init__(self, models: ModelRegistry, loras: LoraCatalog) -> None:
+    def __init__(self, models: ModelRegistry, loras: LoraCatalog, lcm_loras: dict[str, str] | None = None) -> None:
         self.models = models
         self.loras = loras
+        self.lcm_loras = dict(lcm_loras or {})
+
+    def _is_lcm(self, info: LoraInfo) -> bool:
+        return info.is_lcm or info.name in self.lcm_loras.values()
 
     def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
         job = job.model_copy(deep=True)
@@ -56,8 +60,8 @@ class JobResolver:
         infos = [
             self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)
         ]
-        if job.lcm and not any(info.is_lcm for info in infos):
-            lcm = self._lcm_lora_for(model, where)
+        if job.lcm and not any(self._is_lcm(info) for info in infos):
+            lcm = self._lcm_lora_for(model, where, warnings)
             if len(job.loras) >= MAX_LORAS:
                 raise JobRejected(
                     f"lcm adds the LCM-LoRA {lcm.name!r}, which makes {MAX_LORAS + 1} LoRAs",
@@ -66,13 +70,13 @@ class JobResolver:
                 )
             job.loras.append(LoraSpec(name=lcm.name, weight=LCM_LORA_WEIGHT))
             infos.append(lcm)
-        has_lcm = any(info.is_lcm for info in infos)
+        has_lcm = any(self._is_lcm(info) for info in infos)
         for spec, info in zip(job.loras, infos):
             spec.name = info.name
             spec.sha256 = info.sha256
             if spec.weight is None:
                 spec.weight = (
-                    LCM_LORA_WEIGHT if info.is_lcm else LORA_WEIGHT_BESIDE_LCM if has_lcm else LORA_WEIGHT
+                    LCM_LORA_WEIGHT if self._is_lcm(info) else LORA_WEIGHT_BESIDE_LCM if has_lcm else LORA_WEIGHT
                 )
             if spec.inject_trigger:
                 if info.trigger_words:
@@ -118,14 +122,31 @@ class JobResolver:
             )
         return info
 
-    def _lcm_lora_for(self, model: ModelRef, where: str) -> LoraInfo:
+    def _lcm_lora_for(self, model: ModelRef, where: str, warnings: list[str]) -> LoraInfo:
+        """The family's registered LCM-LoRA (LORAFLEET_LCM_LORAS), else the one named so."""
+        field = f"{where}lcm"
+        registered = self.lcm_loras.get(model.family or "")
+        if registered:
+            return self.loras.resolve(registered, field=field)
+        candidates = []
         for name in self.loras.names():
-            info = self.loras.info(self.loras.path_of(name))  # type: ignore[arg-type]
+            try:
+                info = self.loras.info(self.loras.path_of(name))  # type: ignore[arg-type]
+            except (OSError, ValueError):
+                continue
             if info.is_lcm and (info.family is None or info.family == model.family):
-                return info
-        raise JobRejected(
-            f"lcm asks for an LCM-LoRA but none for {model.family or 'this model'} is in "
-            f"{self.loras.folder}",
-            field=f"{where}lcm",
-            allowed="copy the family's LCM-LoRA .safetensors there (its name containing 'lcm')",
-        )
+                candidates.append(info)
+        if not candidates:
+            raise JobRejected(
+                f"lcm asks for an LCM-LoRA but none for {model.family or 'this model'} is in {self.loras.folder}",
+                field=field,
+                allowed="copy the family's LCM-LoRA .safetensors there (its name containing 'lcm'), "
+                'or name it in LORAFLEET_LCM_LORAS, e.g. {"sd15": "lcm-lora-sdv1-5"}',
+            )
+        if len(candidates) > 1:
+            names = ", ".join(c.name for c in candidates)
+            warnings.append(
+                f"several LCM-LoRAs fit {model.family} ({names}); using {candidates[0].name!r} — "
+                "name one in LORAFLEET_LCM_LORAS to choose"
+            )
+        return candidates[0]

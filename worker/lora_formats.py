@@ -92,6 +92,28 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+@dataclass
+class MatchReport:
+    """Which of a file's layers a model has, by name alone (no tensor is read)."""
+
+    matched: dict[str, int]
+    unmatched: list[str]
+
+
+def match_keys(keys: list[str], index: ModuleIndex) -> MatchReport:
+    """Count the file's layers each component of the model matches; list the keys it does not."""
+    matched: dict[str, set[str]] = defaultdict(set)
+    unmatched = []
+    for key in keys:
+        split = split_key(key)
+        target = index.lookup(split[0]) if split else None
+        if target is None:
+            unmatched.append(key)
+        else:
+            matched[target.component].add(target.module)
+    return MatchReport({c: len(m) for c, m in sorted(matched.items())}, sorted(unmatched))
+
+
 def _peft_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None, dict[str, float]]]:
     """component -> (lora_alpha, alpha_pattern) from diffusers' ``lora_adapter_metadata``."""
     raw = metadata.get("lora_adapter_metadata")

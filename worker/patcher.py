@@ -5,10 +5,13 @@ Semantics: for every parameter W that the stack touches,
     W  <-  round_to_dtype( float32(W₀) + Σᵢ strengthᵢ · ΔWᵢ )
 
 where W₀ is the pristine weight, kept as a copy on the parameter's device the first time
-the parameter is touched, and the sum runs over the stack's deltas for that parameter in
-stack order, accumulated in float32 (``addmm_`` for low-rank deltas). The result is
-rounded once and written into the parameter's existing storage, so no new Parameter
-objects appear and compiled graphs keep working. Restore is ``W.copy_(W₀)``: bit-exact,
+the parameter is touched. The sum is accumulated in float32: the stack's low-rank deltas
+for that parameter first, as one GEMM whose rank is the sum of theirs (each up factor
+scaled by strength · scale), then any other deltas in stack order. A float32 parameter
+accumulates in place (``addmm(W₀, up, down, out=W)``); a half-precision one accumulates
+in a float32 workspace and is rounded once. Either way the result goes into the
+parameter's existing storage, so no new Parameter objects appear and compiled graphs keep
+working. Restore is ``W.copy_(W₀)``: bit-exact,
 never a subtraction.
 
 ``apply(stack)`` moves from the current stack to the new one: parameters only the old
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.worker.lora_deltas import Delta
+from lorafleet.worker.lora_deltas import Delta, LowRankDelta
 from lorafleet.worker.lora_formats import ParsedLora
 from lorafleet.worker.module_index import ModuleIndex, Target
 
@@ -53,6 +56,20 @@ class PatchTimings:
 Contribution = tuple[tuple[int, float], ...]
 
 
+def _concatenated(parts: list[tuple[LowRankDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up, down, alpha) with up @ down · alpha = Σ strengthᵢ · scaleᵢ · upᵢ @ downᵢ.
+
+    One delta is used as it is; several are joined along the rank, each up factor scaled
+    by its strength times its scale, so the whole sum is a single float32 GEMM.
+    """
+    if len(parts) == 1:
+        delta, strength = parts[0]
+        return delta.up, delta.down, strength * delta.scale
+    up = torch.cat([delta.up * (strength * delta.scale) for delta, strength in parts], dim=1)
+    down = torch.cat([delta.down for delta, _ in parts], dim=0)
+    return up, down, 1.0
+
+
 class WeightPatcher:
     """Owns the adaptable weights of one pipeline and the pristine copies of those touched."""
 
@@ -63,6 +80,7 @@ class WeightPatcher:
         self._pristine: dict[str, torch.Tensor] = {}
         self._applied: dict[str, Contribution] = {}
         self._touched: set[str] = set()  # may differ from W₀: applied, or a write under way
+        self._workspaces: dict[torch.device, torch.Tensor] = {}
 
     @property
     def pristine_bytes(self) -> int:
@@ -136,11 +154,34 @@ class WeightPatcher:
         original = self._original(key)
         self._applied.pop(key, None)  # until the write completes, the state is unknown
         self._touched.add(key)
-        merged = original.to(torch.float32, copy=True)
-        matrix = merged.view(merged.shape[0], -1)
-        for delta, strength in parts:
-            delta.add_to(matrix, strength, original)
-        param.copy_(merged)
+        rows = param.shape[0]
+        target = param.detach().view(rows, -1)
+        base = original.view(rows, -1)
+        low_rank = [(d, s) for d, s in parts if isinstance(d, LowRankDelta)]
+        others = [(d, s) for d, s in parts if not isinstance(d, LowRankDelta)]
+        # float32 parameters accumulate in place; others in a float32 workspace, rounded once.
+        acc = target if param.dtype == torch.float32 else self._workspace(param.numel(), param.device).view(rows, -1)
+        if low_rank:
+            up, down, alpha = _concatenated(low_rank)
+            if acc is target:
+                torch.addmm(base, up, down, alpha=alpha, out=acc)
+            else:
+                acc.copy_(base)
+                acc.addmm_(up, down, alpha=alpha)
+        else:
+            acc.copy_(base)
+        for delta, strength in others:
+            delta.add_to(acc, strength, original)
+        if acc is not target:
+            target.copy_(acc)
+
+    def _workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A float32 buffer kept per device (no allocation, no page faults per write)."""
+        buffer = self._workspaces.get(device)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            self._workspaces[device] = buffer
+        return buffer[:numel]
 
     @torch.no_grad()
     def restore(self) -> PatchTimings:

@@ -1,8 +1,8 @@
 """Hot pipelines: each base model loaded once per worker process and reused by every job.
 
 A worker keeps the pipelines of the models it serves in memory, least recently used first
-out when a new one would not fit ``max_pipelines`` (never the one in use). Each pipeline
-comes with the WeightPatcher that owns its adaptable weights.
+out when a new one would not fit (``max_pipelines``, ``pipeline_memory_mb``), never the one
+in use. Each pipeline comes with the WeightPatcher that owns its adaptable weights.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import diffusers
 import torch
@@ -19,6 +20,7 @@ import transformers
 from diffusers import DiffusionPipeline
 
 from lorafleet.common.errors import JobFailed
+from lorafleet.common.lora_catalog import read_safetensors_header
 from lorafleet.common.models import FAMILY_BY_PIPELINE, ModelRef
 from lorafleet.common.settings import Settings
 from lorafleet.worker.module_index import COMPONENTS
@@ -111,17 +113,55 @@ def load_pipeline(model: ModelRef, device: torch.device, dtype: torch.dtype) -> 
     return hot
 
 
-class PipelineCache:
-    """Hot pipelines by model key, at most ``capacity`` of them."""
+def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
+    """The weights a pipeline folder will occupy at ``dtype``, from its safetensors headers."""
+    if model.path is None:
+        return 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in model.path.glob("*/*.safetensors"):
+        try:
+            header = read_safetensors_header(path)
+        except (OSError, ValueError):
+            continue
+        for tensor in header.tensors.values():
+            count = 1
+            for size in tensor.shape:
+                count *= size
+            total += count * itemsize
+    return total
 
-    def __init__(self, settings: Settings, capacity: int = 2) -> None:
+
+def default_budget(device: torch.device) -> int:
+    """Bytes for hot pipelines when the setting is 0: 85% of a GPU, no limit on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * 0.85)
+    return 0
+
+
+class PipelineCache:
+    """Hot pipelines by model key: at most ``capacity`` of them within ``budget_bytes``.
+
+    The least recently used pipeline goes first when a new one would not fit, never the one
+    in use; a budget of 0 means no byte limit. A pipeline's size counts its weights and the
+    pristine copies its patcher keeps.
+    """
+
+    def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
-        self.capacity = capacity
+        self.capacity = capacity or settings.max_pipelines
+        budget = settings.pipeline_memory_mb * 1024 * 1024
+        self.budget_bytes = budget or default_budget(self.device)
         self._hot: OrderedDict[str, HotPipeline] = OrderedDict()
+        self.loads = 0
 
     def loaded(self) -> list[HotPipeline]:
         return list(self._hot.values())
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(h.nbytes for h in self._hot.values())
 
     def get(self, model: ModelRef) -> tuple[HotPipeline, float]:
         """The model's pipeline and the seconds spent loading it (0 when it was hot)."""
@@ -129,13 +169,23 @@ class PipelineCache:
         if hot is not None:
             self._hot.move_to_end(model.key)
             return hot, 0.0
-        self._make_room()
+        self._make_room(pipeline_bytes(model, self.dtype))
         hot = load_pipeline(model, self.device, self.dtype)
         self._hot[model.key] = hot
+        self.loads += 1
         return hot, hot.load_seconds
 
-    def _make_room(self) -> None:
-        while len(self._hot) >= self.capacity:
+    def trim(self) -> None:
+        """Evict idle pipelines while the hot ones exceed the budget (pristine copies grow)."""
+        self._make_room(0, count_new=False)
+
+    def _over(self, incoming: int, count_new: bool) -> bool:
+        if len(self._hot) + (1 if count_new else 0) > self.capacity:
+            return True
+        return bool(self.budget_bytes) and self.used_bytes + incoming > self.budget_bytes
+
+    def _make_room(self, incoming: int, count_new: bool = True) -> None:
+        while self._hot and self._over(incoming, count_new):
             victim = next((k for k, h in self._hot.items() if not h.in_use), None)
             if victim is None:
                 return
@@ -143,3 +193,21 @@ class PipelineCache:
             logger.info("pipeline evicted: %s", victim)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def empty_components(folder: Path, family: str | None) -> dict[str, torch.nn.Module]:
+    """A pipeline folder's UNet and text encoders on the meta device: shapes, no weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        components = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet"))),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))),
+        }
+        if family == "sdxl" and (folder / "text_encoder_2").is_dir():
+            components["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))
+            )
+    return components

@@ -167,6 +167,7 @@ class JobRunner:
             hot.in_use = True
             stack = self.loras.stack(model.key, hot.patcher, job.loras)
             timings.lora_load = stack.seconds
+            timings.lora_hits, timings.lora_misses = stack.hits, stack.misses
             self.stats.lora_hits += stack.hits
             self.stats.lora_misses += stack.misses
             warnings.extend(stack.warnings)
@@ -203,6 +204,7 @@ class JobRunner:
         finally:
             if hot is not None:
                 hot.in_use = False
+            self.pipelines.trim()
         timings.total = time.perf_counter() - started
         self._finish(job_id, JobStatus.succeeded, images=refs, timings=timings, warnings=warnings,
                      progress=Progress(step=record.progress.total, total=record.progress.total))  # fmt: skip

@@ -43,7 +43,7 @@ class Worker:
         self.broker = resolve_broker(settings)
         self.app = make_celery(settings, self.broker)
         self.store = JobStore(self.broker.client(), retention=settings.record_retention)
-        self.pipelines = PipelineCache(settings, capacity=max(settings.max_pipelines, 1))
+        self.pipelines = PipelineCache(settings)
         self.loras = LoraStore(
             LoraCatalog(settings.lora_dir), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
         )

@@ -18,6 +18,7 @@ import torch
 
 from lorafleet.common.models import describe_folder
 from lorafleet.worker.module_index import file_module_names
+from lorafleet.worker.pipelines import empty_components
 
 TINY_SIZE = 64
 """Native image size of the tiny models (UNet sample size 8, VAE downscale 8)."""
@@ -199,24 +200,6 @@ DEMO_LORAS = (
 )
 
 
-def _components(model_dir: Path, family: str) -> dict[str, torch.nn.Module]:
-    """The model's UNet and text encoders, built on the meta device (no weights read)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with init_empty_weights():
-        components = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(model_dir / "unet"))),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(model_dir / "text_encoder"))),
-        }
-        if family == "sdxl" and (model_dir / "text_encoder_2").is_dir():
-            components["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(str(model_dir / "text_encoder_2"))
-            )
-    return components
-
-
 def _layers(components, component: str, wanted) -> list[tuple[str, tuple[int, ...]]]:
     """(name as LoRA files write it, weight shape) of the layers ``wanted`` picks."""
     found = []
@@ -289,7 +272,7 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = describe_folder(model_dir.name, model_dir)
     family = model.family or "sd15"
-    components = _components(model_dir, family)
+    components = empty_components(model_dir, family)
     te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
     version = "sdxl_base_v1-0" if family == "sdxl" else "sd_v1"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,22 @@ def test_wait_times_out_saying_how_many_are_left(client):
 def test_unknown_job_id_is_a_clear_error(client):
     with pytest.raises(JobRejected, match="no job 'nope'"):
         client.get("nope")
+
+
+def test_the_registered_lcm_lora_wins_and_counts_as_lcm(settings, home):
+    folder = home / "autoimport" / "lora"
+    (folder / "turbo-distill.safetensors").write_bytes((folder / "lcm-lora-sd15.safetensors").read_bytes())
+    registered = settings.model_copy(update={"lcm_loras": {"sd15": "turbo-distill"}})
+    with Client(registered) as client:
+        job = client.submit(JOB | {"lcm": True, "loras": [{"name": "watercolor"}]}).job
+        assert [(s.name, s.weight) for s in job.loras] == [("watercolor", 0.45), ("turbo-distill", 0.35)]
+        explicit = client.submit(JOB | {"loras": [{"name": "turbo-distill"}, {"name": "ink-sketch"}]}).job
+        assert [s.weight for s in explicit.loras] == [0.35, 0.45]
+
+
+def test_several_unregistered_lcm_loras_warn_which_was_used(client, home):
+    folder = home / "autoimport" / "lora"
+    (folder / "lcm-other.safetensors").write_bytes((folder / "lcm-lora-sd15.safetensors").read_bytes())
+    handle = client.submit(JOB | {"lcm": True})
+    assert handle.job.loras[0].name == "lcm-lora-sd15"
+    assert any("several LCM-LoRAs" in w and "LORAFLEET_LCM_LORAS" in w for w in handle.warnings)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.worker.lora_deltas import LowRankDelta
+from lorafleet.worker.lora_deltas import Delta
 from lorafleet.worker.lora_formats import ParsedLora, parse_lora
-from lorafleet.worker.patcher import StackEntry
+from lorafleet.worker.patcher import StackEntry, WeightPatcher
 from tests.worker.conftest import assert_same, snapshot
 
 
@@ -141,7 +141,7 @@ def test_random_stack_changes_stay_bit_exact(hot, template_home):
     assert_same(hot, before)
 
 
-class ExplodingDelta(LowRankDelta):
+class ExplodingDelta(Delta):
     def add_to(self, weight, strength, original):
         raise RuntimeError("device lost half-way")
 
@@ -149,7 +149,7 @@ class ExplodingDelta(LowRankDelta):
 def test_an_exception_half_way_restores_the_pristine_weights(hot, template_home):
     good, _ = parsed(hot, template_home / "autoimport" / "lora", "watercolor")
     target = good.deltas[-1]
-    bad = ParsedLora("kohya", [ExplodingDelta(target.target, target.up, target.down, 1.0)])
+    bad = ParsedLora("kohya", [ExplodingDelta(target.target)])
     before = snapshot(hot)
     hot.patcher.apply([StackEntry(good, 1.0, 1.0)])
     with pytest.raises(RuntimeError, match="half-way"):
@@ -167,3 +167,31 @@ def test_parameters_are_written_in_place(hot, template_home):
     hot.patcher.restore()
     param_after = hot.patcher.components[target.component].get_submodule(target.module).weight
     assert id(param_after) == identity and param_after.data_ptr() == pointer
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_rounded_once_and_restored_bit_exactly(template_home, dtype):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(template_home / "models" / "tiny-sd15" / "unet")).to(dtype)
+    patcher = WeightPatcher({"unet": unet})
+    folder = template_home / "autoimport" / "lora"
+    a = parse_lora(load_file(str(folder / "texture-locon.safetensors")), patcher.index, "kohya")
+    b = parse_lora(load_file(str(folder / "lcm-lora-sd15.safetensors")), patcher.index, "kohya")
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    patcher.apply([StackEntry(a, 0.8, 0.8), StackEntry(b, 0.35, 0.35)])
+    for delta in b.deltas:
+        key = f"{delta.target.module}.weight"
+        w0 = before[key].float().reshape(delta.target.shape[0], -1)
+        expected = w0 + 0.35 * delta.scale * (delta.up @ delta.down)
+        for other in a.deltas:
+            if other.target == delta.target:
+                expected += 0.8 * other.scale * (other.up @ other.down)
+        got = unet.state_dict()[key].reshape(expected.shape)
+        rounded = expected.to(dtype)
+        ulp = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))).float() - rounded.float()).abs()
+        # Rounded once from the float32 sum: our sum and this one may differ in the last
+        # float32 bits, which moves the rounding by at most one unit in the last place.
+        assert ((got.float() - rounded.float()).abs() <= ulp).all()
+    patcher.restore()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())

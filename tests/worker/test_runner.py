@@ -86,6 +86,8 @@ def test_loras_change_the_picture_and_cache_hits_are_counted(client, runner):
     again = run(client, runner, loras=[{"name": "watercolor", "weight": 1.0}])
     assert pixels(again, runner) == pixels(styled, runner)
     assert (runner.stats.lora_misses, runner.stats.lora_hits) == (1, 1)
+    assert (styled.timings.lora_misses, styled.timings.lora_hits) == (1, 0)
+    assert (again.timings.lora_misses, again.timings.lora_hits) == (0, 1)
     assert runner.stats.done == 3
 
 
@@ -181,3 +183,21 @@ def test_an_sdxl_job_patches_the_unet_and_both_text_encoders(xl_settings, runner
         runner.run(plain.job_id)
         assert pixels(client.get(plain.job_id), runner) != pixels(record, runner)
         assert hot.patcher.is_pristine
+
+
+def test_a_lora_whose_shapes_do_not_fit_fails_at_the_worker_with_weights_pristine(client, runner, home):
+    warm = run(client, runner)
+    hot = runner.pipelines.loaded()[0]
+    before = snapshot(hot)
+    from safetensors.torch import load_file, save_file
+
+    folder = home / "autoimport" / "lora"
+    state = load_file(str(folder / "watercolor.safetensors"))
+    key = next(k for k in sorted(state) if k.endswith("attn1_to_q.lora_down.weight"))
+    state[key] = torch.zeros(4, 48, dtype=torch.float16)  # the layer reads 32 features, not 48
+    save_file(state, str(folder / "misfit.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    record = run(client, runner, loras=[{"name": "ink-sketch"}, {"name": "misfit"}])
+    assert record.status is JobStatus.failed
+    assert "LoRA 'misfit' is refused" in record.error and "the layer's weight is (32, 32)" in record.error
+    assert_same(hot, before)
+    assert pixels(run(client, runner), runner) == pixels(warm, runner)

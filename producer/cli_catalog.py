@@ -1,0 +1,213 @@
+"""`lorafleet models`, `lorafleet loras` and `lorafleet redis`: what a fleet has to work with."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import check_lora_name
+from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo, describe_file
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.producer.terminal import console, print_json, run, worker_side
+
+redis_app = typer.Typer(help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True)
+models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
+loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
+
+UNMATCHED_SHOWN = 10
+"""Unmatched keys `loras inspect` names (all of them with --json)."""
+_METADATA_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                   "ss_output_name", "modelspec.architecture", "modelspec.title")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- models
+@models_app.command("list")
+def models_list() -> None:
+    """Registered models (pipeline folders under <home>/models)."""
+    settings = Settings()
+    registry = ModelRegistry(settings)
+    table = Table("name", "family", "native size", "queue", title=str(settings.models_dir))
+    for name in registry.names():
+        ref = registry.resolve(name)
+        table.add_row(name, ref.family or "?", str(ref.native_size or "?"), ref.queue)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- loras
+@loras_app.command("list")
+def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """LoRAs in the autoimport folder, with format, family, rank and trigger words."""
+    catalog = LoraCatalog(Settings().lora_dir)
+    rows: list[dict[str, Any]] = []
+    for name in catalog.names():
+        try:
+            info = catalog.info(catalog.path_of(name))  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            rows.append({"name": name, "refused": str(exc)})
+            continue
+        rows.append(_summary(info))
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
+    for row in rows:
+        if "refused" in row:
+            table.add_row(escape(row["name"]), "[red]refused[/]", "", "", "", "", escape(row["refused"]))
+        else:
+            table.add_row(escape(row["name"]), row["format"], row["family"] or "?", str(row["rank"] or "-"),
+                          f"{row['size'] / 1024:.0f} KiB", row["sha256"][:12], escape(", ".join(row["trigger_words"])))  # fmt: skip
+    console.print(table)
+
+
+def _summary(info: LoraInfo) -> dict[str, Any]:
+    data = asdict(info)
+    data["path"] = str(info.path)
+    data["metadata"] = {k: v for k, v in info.metadata.items() if k in _METADATA_SHOWN}
+    return data
+
+
+def _find(settings: Settings, file_or_name: str) -> LoraInfo:
+    path = Path(file_or_name).expanduser()
+    if path.is_file():
+        try:
+            return describe_file(path)
+        except ValueError as exc:
+            raise JobRejected(str(exc), field="FILE_OR_NAME") from None
+    return LoraCatalog(settings.lora_dir).resolve(file_or_name, field="FILE_OR_NAME")
+
+
+@loras_app.command("inspect")
+def loras_inspect(
+    file_or_name: Annotated[str, typer.Argument(help="A .safetensors file, or the name of one in the autoimport folder.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Match the file's keys against this model's layers.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Format, family, rank, trigger words, hash and size; with --model, matched and unmatched keys."""
+    settings = Settings()
+
+    def action():
+        info = _find(settings, file_or_name)
+        data = _summary(info)
+        if model:
+            data["match"] = _match(settings, info, model)
+        if as_json:
+            print_json(data)
+            return
+        table = Table(show_header=False, box=None)
+        for key in ("name", "path", "format", "family", "rank", "tensor_count", "size", "sha256", "is_lcm"):
+            table.add_row(f"[bold]{key}[/]", escape(str(data[key])))
+        table.add_row("[bold]trigger words[/]", escape(", ".join(info.trigger_words) or "-"))
+        for key, value in data["metadata"].items():
+            table.add_row(f"[bold]{escape(key)}[/]", escape(value))
+        if model:
+            match = data["match"]
+            layers = ", ".join(f"{n} {c}" for c, n in match["matched"].items()) or "none"
+            table.add_row("[bold]model[/]", escape(f"{match['model']} ({match['family'] or '?'})"))
+            table.add_row("[bold]matched layers[/]", escape(layers))
+            unmatched = match["unmatched"]
+            shown = ", ".join(unmatched[:UNMATCHED_SHOWN]) + (" ..." if len(unmatched) > UNMATCHED_SHOWN else "")
+            table.add_row("[bold]unmatched keys[/]", escape(f"{len(unmatched)}" + (f": {shown}" if unmatched else "")))
+            if match["family_mismatch"]:
+                table.add_row("[bold red]refused[/]", escape(match["family_mismatch"]))
+        console.print(table)
+
+    run(action)
+
+
+def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any]:
+    model = ModelRegistry(settings).resolve(model_name, field="--model")
+    if model.path is None:
+        raise JobRejected("matching needs the model's folder on this machine", field="--model",
+                          allowed="a registered model or a diffusers folder")  # fmt: skip
+    pipelines = worker_side("pipelines")
+    from lorafleet.common.lora_catalog import read_safetensors_header
+    from lorafleet.worker.lora_formats import match_keys
+    from lorafleet.worker.module_index import ModuleIndex
+
+    index = ModuleIndex(pipelines.empty_components(model.path, model.family))
+    report = match_keys(list(read_safetensors_header(info.path).tensors), index)
+    mismatch = None
+    if info.family and model.family and info.family != model.family:
+        mismatch = f"the LoRA is for {info.family}, the model is {model.family}"
+    return {"model": model.key, "family": model.family, "matched": report.matched,
+            "unmatched": report.unmatched, "family_mismatch": mismatch}  # fmt: skip
+
+
+@loras_app.command("import")
+def loras_import(
+    file: Annotated[Path, typer.Argument(help="The .safetensors LoRA to import.", exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option(help="Name to use (default: the file's name).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a different file of the same name.")] = False,
+) -> None:
+    """Check a LoRA file and copy it into the autoimport folder, usable by its name at once."""
+    settings = Settings()
+
+    def action():
+        try:
+            info = describe_file(file, name)
+        except ValueError as exc:
+            raise JobRejected(str(exc), field="FILE") from None
+        catalog = LoraCatalog(settings.lora_dir)
+        target_name = name or file.stem
+        try:
+            check_lora_name(target_name)
+        except ValueError as exc:
+            raise JobRejected(f"{target_name!r} {exc}", field="--name") from None
+        destination = settings.lora_dir / f"{target_name}.safetensors"
+        if destination.exists():
+            existing = catalog.info(destination)
+            if existing.sha256 == info.sha256:
+                console.print(f"{target_name}: already imported ({info.sha256[:12]})", markup=False)
+                return
+            if not force:
+                raise JobRejected(
+                    f"a different {target_name!r} is already imported ({existing.sha256[:12]})",
+                    field="--name", allowed="another --name, or --force to replace it",
+                )  # fmt: skip
+        settings.lora_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=settings.lora_dir, prefix=".import-")
+        os.close(fd)
+        shutil.copyfile(file, tmp)
+        os.replace(tmp, destination)
+        console.print(
+            f"imported {target_name}: {info.format}, {info.family or 'family unknown'}, rank {info.rank}, "
+            f"sha256 {info.sha256[:12]}", markup=False,
+        )  # fmt: skip
+
+    run(action)
+
+
+# ---------------------------------------------------------------------------- embedded redis
+@redis_app.command("start")
+def redis_start() -> None:
+    """Start the embedded Redis (or find it running) and print its URL."""
+    settings = Settings()
+    run(lambda: console.print(settings.embedded_redis().ensure_running(), markup=False, highlight=False))
+
+
+@redis_app.command("stop")
+def redis_stop() -> None:
+    """Stop the embedded Redis; its append-only file keeps every queued job."""
+    stopped = Settings().embedded_redis().stop()
+    console.print("stopped" if stopped else "not running")
+
+
+@redis_app.command("status")
+def redis_status() -> None:
+    """Say whether the embedded Redis runs, and where."""
+    embedded = Settings().embedded_redis()
+    if embedded.ping():
+        console.print(f"running at {embedded.url}", markup=False, highlight=False)
+    else:
+        console.print(f"not running (data in {embedded.folder})", markup=False, highlight=False)
+        raise typer.Exit(1)

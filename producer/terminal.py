@@ -1,0 +1,61 @@
+"""What every `lorafleet` command shares: consoles, exit codes, errors as messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from lorafleet.common.errors import ConfigError, JobRejected, LorafleetError, TransientError
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_JOB_FAILED = 1
+"""A job ended failed or cancelled, or a wait timed out."""
+EXIT_REJECTED = 2
+"""The input was refused; the message names the field and what is allowed."""
+EXIT_UNAVAILABLE = 3
+"""lorafleet cannot work here: configuration, broker or storage."""
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def run(action: Callable[[], T]) -> T:
+    """Run ``action`` and turn lorafleet's errors into messages and exit codes."""
+    try:
+        return action()
+    except JobRejected as exc:
+        for field, message in exc.problems:
+            errors.print(f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}", highlight=False)
+        raise typer.Exit(EXIT_REJECTED) from None
+    except (ConfigError, TransientError) as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except (TimeoutError, LorafleetError) as exc:
+        fail(str(exc), EXIT_JOB_FAILED)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def worker_side(module: str):
+    """Import ``lorafleet.worker.<module>``, or say how to install the worker side."""
+    try:
+        return __import__(f"lorafleet.worker.{module}", fromlist=["_"])
+    except ImportError as exc:
+        fail(
+            f"this command runs on the worker side, which needs torch and diffusers ({exc}); "
+            "install it with: pip install 'lorafleet[worker]'",
+            EXIT_UNAVAILABLE,
+        )
