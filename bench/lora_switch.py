@@ -230,11 +230,10 @@ def random_changes(unet, patcher, loras, pristine, device, changes: int, seed: i
 def bench_diffusers(unet, files, device, dtype, repeats, pristine):
     import warnings
 
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lorafleet.worker.tiny import make_tiny_model
-
-    import diffusers
 
     warnings.filterwarnings("ignore")
     diffusers.utils.logging.set_verbosity_error()

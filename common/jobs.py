@@ -360,8 +360,13 @@ class JobRecord(BaseModel):
     warnings: list[str] = []
     error: str | None = None
     cancel_requested: bool = False
+    retry_of: str | None = None
 
     @property
     def job_id(self) -> str:
         assert self.job.job_id is not None
         return self.job.job_id
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON data with its job id first, as the CLI and the API print it."""
+        return {"job_id": self.job_id, **self.model_dump(mode="json")}

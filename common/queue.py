@@ -44,6 +44,16 @@ def priority_lists(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
 
 
+def queue_depths(client, queues: list[str]) -> dict[str, dict[int, int]]:
+    """Messages waiting per queue, by priority step (one round trip for all of them)."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        for key in priority_lists(queue):
+            pipe.llen(key)
+    counts = iter(pipe.execute())
+    return {queue: {step: next(counts) for step in PRIORITY_STEPS} for queue in queues}
+
+
 def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
     """Celery's whole configuration, derived from lorafleet's settings in one place."""
     return {

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     lora_cache_mb: int = Field(
         default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
     )
+    api_tokens: str | None = Field(
+        default=None,
+        description="Comma-separated bearer tokens for the API and the dashboard; unset serves on "
+        "127.0.0.1 only, without tokens.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address `lorafleet serve` listens on.")
+    api_port: int = Field(default=8750, ge=1, le=65535, description="Port `lorafleet serve` listens on.")
     upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")
     job_attempts: int = Field(
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."

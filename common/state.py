@@ -6,6 +6,8 @@ Keys (all under ``lorafleet:``)::
     lorafleet:jobs                zset of every job id, scored by submit time
     lorafleet:status:<status>     zset of the job ids in that status, scored by submit time
     lorafleet:batch:<batch_id>    zset of a batch's job ids, scored by submit time
+    lorafleet:model:<model_key>   zset of a base model's job ids, scored by submit time
+    lorafleet:models              set of the model keys jobs were ever submitted for
 
 The producer creates a record (queued); the worker moves it (running, progress, succeeded
 or failed); a cancel sets ``cancel_requested`` or, while queued, ends it cancelled. Every
@@ -27,6 +29,8 @@ JOB_KEY = PREFIX + "job:"
 ALL_JOBS_KEY = PREFIX + "jobs"
 STATUS_KEY = PREFIX + "status:"
 BATCH_KEY = PREFIX + "batch:"
+MODEL_KEY = PREFIX + "model:"
+MODELS_KEY = PREFIX + "models"
 
 Change = Callable[[JobRecord], "JobRecord | None"]
 
@@ -71,6 +75,8 @@ class JobStore:
                         pipe.zadd(ALL_JOBS_KEY, {record.job_id: score})
                         pipe.zadd(STATUS_KEY + record.status.value, {record.job_id: score})
                         pipe.zadd(BATCH_KEY + record.job.batch_id, {record.job_id: score})
+                        pipe.zadd(MODEL_KEY + record.job.model, {record.job_id: score})
+                        pipe.sadd(MODELS_KEY, record.job.model)
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -90,6 +96,7 @@ class JobStore:
             pipe.zrem(ALL_JOBS_KEY, record.job_id)
             pipe.zrem(STATUS_KEY + record.status.value, record.job_id)
             pipe.zrem(BATCH_KEY + record.job.batch_id, record.job_id)
+            pipe.zrem(MODEL_KEY + record.job.model, record.job_id)
         pipe.execute()
 
     # ------------------------------------------------------------------ read
@@ -144,3 +151,45 @@ class JobStore:
         for status in JobStatus:
             pipe.zcard(STATUS_KEY + status.value)
         return dict(zip(JobStatus, pipe.execute()))
+
+    def models(self) -> list[str]:
+        """Model keys that jobs were submitted for."""
+        return sorted(m.decode() for m in self.redis.smembers(MODELS_KEY))
+
+    def page(
+        self,
+        *,
+        status: JobStatus | None = None,
+        batch: str | None = None,
+        model: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[JobRecord], int]:
+        """Records matching every filter given, newest first, and how many match in all.
+
+        Records that have expired are dropped from the indexes as the listing meets them.
+        """
+        indexes = [ALL_JOBS_KEY]
+        if status is not None:
+            indexes.append(STATUS_KEY + status.value)
+        if batch is not None:
+            indexes.append(BATCH_KEY + batch)
+        if model is not None:
+            indexes.append(MODEL_KEY + model)
+        if len(indexes) == 1:
+            total = self.redis.zcard(ALL_JOBS_KEY)
+            ids = [i.decode() for i in self.redis.zrevrange(ALL_JOBS_KEY, offset, offset + limit - 1)]
+        else:
+            matching = self.redis.zinter(indexes[1:], withscores=True, aggregate="MAX")
+            matching.sort(key=lambda pair: pair[1], reverse=True)
+            total = len(matching)
+            ids = [i.decode() for i, _ in matching[offset : offset + limit]]
+        records = self.get_many(ids)
+        expired = [i for i, r in zip(ids, records) if r is None]
+        if expired:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in indexes + [STATUS_KEY + s.value for s in JobStatus]:
+                pipe.zrem(key, *expired)
+            pipe.execute()
+            total -= len(expired)
+        return [r for r in records if r is not None], total

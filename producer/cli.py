@@ -86,7 +86,7 @@ def _parse_tags(tags: Sequence[str]) -> dict[str, str]:
 def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json: bool) -> None:
     if as_json:
         records = client.wait(job_ids, timeout=timeout)
-        print_json([r.model_dump(mode="json") for r in records])
+        print_json([r.to_json() for r in records])
     else:
         with WaitDisplay(console, job_ids) as display:
             records = client.wait(job_ids, timeout=timeout, on_update=display.update)
@@ -215,7 +215,7 @@ def status(
         for job_id in job_ids:
             records.extend(client.batch(job_id) if batch else [client.get(job_id)])
         if as_json:
-            print_json([r.model_dump(mode="json") for r in records])
+            print_json([r.to_json() for r in records])
         elif len(records) == 1:
             console.print(record_table(records[0]))
         else:
@@ -302,6 +302,36 @@ def make_demo_loras(
         fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
     for path in tiny.make_demo_loras(model, out, seed=seed):
         console.print(f"wrote {path}", markup=False, highlight=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default LORAFLEET_API_PORT, 8750).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the HTTP API and the dashboard (FastAPI on uvicorn); OpenAPI docs at /docs."""
+    import uvicorn
+
+    from lorafleet.producer.api import create_app
+    from lorafleet.producer.auth import parse_tokens
+
+    settings = Settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
+    if not parse_tokens(settings.api_tokens):
+        if host not in LOOPBACK:
+            errors.print(f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
+                         "listening on 127.0.0.1 only", highlight=False)  # fmt: skip
+            host = "127.0.0.1"
+        console.print("no LORAFLEET_API_TOKENS set: the API and the dashboard are open to this machine only "
+                      "(127.0.0.1); set tokens to serve other machines", highlight=False)  # fmt: skip
+    app_instance = run(lambda: create_app(settings))
+    console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
+    uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()

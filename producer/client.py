@@ -46,6 +46,7 @@ class JobHandle:
         self._client = client
         self.job_id = record.job_id
         self.batch_id = record.job.batch_id
+        self.queue = record.queue
         self.job = record.job
         self.warnings = list(record.warnings)
 
@@ -106,11 +107,33 @@ class Client:
                 field=problems[0][0],
                 problems=problems,
             )
+        self._queue(records)
+        return [JobHandle(self, record) for record in records]
+
+    def retry(self, job_id: str) -> JobHandle:
+        """Submit a failed or cancelled job again, as a new job in the same batch.
+
+        The new job keeps every resolved value of the old one (seed, size, weights) but its
+        LoRAs are resolved again, so a file replaced since is picked up (or refused).
+        """
+        old = self.get(job_id)
+        if old.status not in (JobStatus.failed, JobStatus.cancelled):
+            raise JobRejected(
+                f"job {job_id} is {old.status.value}", field="job_id", allowed="a failed or cancelled job"
+            )
+        again = old.job.model_dump(exclude={"job_id"})
+        for spec in again["loras"]:
+            spec.pop("sha256", None)
+            spec["inject_trigger"] = False  # the prompt already carries them
+        job = parse_job(again)
+        resolved = self.resolver.resolve(job)
+        record = JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings, retry_of=job_id)
+        self._queue([record])
+        return JobHandle(self, record)
+
+    def _queue(self, records: list[JobRecord]) -> None:
         self.jobs.create_many(records)
         self._send(records)
-        for record in records:
-            logger.info("queued job %s on %s", record.job_id, record.queue)
-        return [JobHandle(self, record) for record in records]
 
     def _send(self, records: Sequence[JobRecord]) -> None:
         sent = 0
@@ -126,6 +149,7 @@ class Client:
                         producer=producer,
                     )
                     sent += 1
+                    logger.info("queued job %s on %s", record.job_id, record.queue)
         except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"
             unsent = [r.job_id for r in records[sent:]]
             self.jobs.delete(unsent)

@@ -47,6 +47,7 @@ class LoraStore:
         self.device = device
         self.budget_bytes = budget_bytes
         self._cache: OrderedDict[tuple[str, str], ParsedLora] = OrderedDict()
+        self._names: dict[str, str] = {}  # sha256 -> the name it was last loaded by
 
     @property
     def cached_bytes(self) -> int:
@@ -54,6 +55,10 @@ class LoraStore:
 
     def cached(self) -> list[tuple[str, str]]:
         return list(self._cache)
+
+    def cached_names(self) -> list[str]:
+        """'name (sha256 prefix)' of every cached LoRA, most recently used last."""
+        return [f"{self._names.get(sha, '?')} ({sha[:12]})" for _, sha in self._cache]
 
     def stack(self, model_key: str, patcher: WeightPatcher, specs: list[LoraSpec]) -> LoadedStack:
         """Load (or take from the cache) every LoRA of a job, in stack order."""
@@ -63,6 +68,7 @@ class LoraStore:
         for spec in specs:
             info = self._info(spec)
             key = (model_key, info.sha256)
+            self._names[info.sha256] = info.name
             parsed = self._cache.get(key)
             if parsed is not None:
                 self._cache.move_to_end(key)

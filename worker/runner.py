@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from lorafleet.common.errors import JobCancelled, JobFailed, JobRejected, TransientError
 from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
+from lorafleet.common.metrics import record_finished
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
@@ -46,7 +48,8 @@ class WorkerStats:
     lora_misses: int = 0
     current_job: str | None = None
     current_step: int = 0
-    switch_seconds: list[float] = field(default_factory=list)
+    current_total: int = 0
+    switch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -114,7 +117,10 @@ class JobRunner:
                 setattr(record, name, value)
             return record
 
-        return self.store.update(job_id, change)
+        record = self.store.update(job_id, change)
+        if record is not None:
+            record_finished(self.store.redis, record)
+        return record
 
     def _progress(self, job_id: str, step: int) -> None:
         def change(record: JobRecord) -> JobRecord:
@@ -150,6 +156,7 @@ class JobRunner:
             return JobStatus.cancelled
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
         self.stats.current_job, self.stats.current_step = job_id, 0
+        self.stats.current_total = record.progress.total
         try:
             return self._run(record)
         finally:

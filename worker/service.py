@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 
+from celery.signals import worker_ready
+
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.lora_catalog import LoraCatalog
 from lorafleet.common.models import ModelRef, ModelRegistry
@@ -18,6 +20,8 @@ from lorafleet.common.queue import make_celery
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
+from lorafleet.common.workers import WorkerRegistry
+from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
 from lorafleet.worker.runner import JobRunner
@@ -51,6 +55,15 @@ class Worker:
             settings, self.store, open_storage(settings), self.pipelines, self.loras, worker_name=self.name
         )
         register_tasks(self.app, self.runner)
+        self.heartbeat = Heartbeat(
+            WorkerRegistry(self.store.redis), self.name, [m.key for m in self.models], self.queues,
+            self.runner, self.pipelines, self.loras,
+        )  # fmt: skip
+        worker_ready.connect(self._on_ready, weak=False)
+
+    def _on_ready(self, **_: object) -> None:
+        """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""
+        self.heartbeat.start()
 
     @property
     def queues(self) -> list[str]:
@@ -67,6 +80,12 @@ class Worker:
             self.name, ", ".join(m.key for m in self.models), self.pipelines.device,
             self.pipelines.dtype, self.broker.describe(),
         )  # fmt: skip
+        try:
+            self._consume(loglevel)
+        finally:
+            self.heartbeat.stop()
+
+    def _consume(self, loglevel: str) -> None:
         self.app.worker_main(
             [
                 "worker",

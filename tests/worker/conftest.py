@@ -38,9 +38,16 @@ def assert_same(hot, before: dict[str, torch.Tensor]) -> None:
     assert not changed, f"{len(changed)} tensors differ from pristine, e.g. {changed[:3]}"
 
 
-@pytest.fixture
-def runner(settings):
+def make_runner(settings) -> JobRunner:
+    """A JobRunner on real Redis and storage, without Celery (the task only calls run)."""
+    import redis
+
     pipelines = PipelineCache(settings)
-    store = JobStore(__import__("redis").Redis.from_url(settings.broker_url), retention=3600)
+    store = JobStore(redis.Redis.from_url(settings.broker_url), retention=settings.record_retention)
     loras = LoraStore(LoraCatalog(settings.lora_dir), pipelines.device, 256 * 1024 * 1024)
     return JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")
+
+
+@pytest.fixture
+def runner(settings):
+    return make_runner(settings)

@@ -1,0 +1,106 @@
+"""Worker heartbeats in Redis: who is serving what, right now.
+
+Every worker writes a WorkerBeat every HEARTBEAT_SECONDS into one Redis hash
+(``lorafleet:workers``, field = worker name). Readers judge a worker by the age of its last
+beat: ``alive`` under STALE_AFTER, ``stale`` under GONE_AFTER, then ``gone``; a worker
+unseen for FORGET_AFTER is dropped from the hash. A worker that stops cleanly removes
+itself at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import redis
+from pydantic import BaseModel
+
+from lorafleet.common.state import PREFIX
+
+WORKERS_KEY = PREFIX + "workers"
+HEARTBEAT_SECONDS = 2.0
+"""How often a worker beats."""
+STALE_AFTER = 10.0
+"""Seconds without a beat after which a worker is shown stale."""
+GONE_AFTER = 60.0
+"""Seconds without a beat after which a worker is gone (it died or lost the network)."""
+FORGET_AFTER = 3600.0
+"""Seconds after which a gone worker is no longer listed."""
+
+Liveness = Literal["alive", "stale", "gone"]
+
+
+class WorkerBeat(BaseModel):
+    """What one worker says about itself."""
+
+    name: str
+    host: str
+    pid: int
+    version: str
+    device: str
+    device_memory_used: int | None = None
+    device_memory_total: int | None = None
+    models: list[str] = []
+    queues: list[str] = []
+    hot_pipelines: list[str] = []
+    cached_loras: list[str] = []
+    current_job: str | None = None
+    current_step: int = 0
+    current_total: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    jobs_cancelled: int = 0
+    lora_hits: int = 0
+    lora_misses: int = 0
+    lora_hit_rate: float | None = None
+    switch_p50: float | None = None
+    started_at: float
+    last_seen: float
+
+
+class WorkerView(WorkerBeat):
+    """A beat as a reader sees it: with its liveness and the seconds since it was written."""
+
+    liveness: Liveness
+    age: float
+
+
+def liveness(age: float) -> Liveness:
+    if age < STALE_AFTER:
+        return "alive"
+    if age < GONE_AFTER:
+        return "stale"
+    return "gone"
+
+
+class WorkerRegistry:
+    """Writes and reads worker heartbeats."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def beat(self, beat: WorkerBeat) -> None:
+        self.redis.hset(WORKERS_KEY, beat.name, beat.model_dump_json())
+
+    def remove(self, name: str) -> None:
+        self.redis.hdel(WORKERS_KEY, name)
+
+    def all(self, now: float | None = None) -> list[WorkerView]:
+        """Every known worker, alive first, then by name; forgotten ones are dropped."""
+        now = time.time() if now is None else now
+        views, forgotten = [], []
+        for name, raw in self.redis.hgetall(WORKERS_KEY).items():
+            beat = WorkerBeat.model_validate_json(raw)
+            age = max(0.0, now - beat.last_seen)
+            if age >= FORGET_AFTER:
+                forgotten.append(name)
+                continue
+            views.append(WorkerView(**beat.model_dump(), liveness=liveness(age), age=age))
+        if forgotten:
+            self.redis.hdel(WORKERS_KEY, *forgotten)
+        order = {"alive": 0, "stale": 1, "gone": 2}
+        return sorted(views, key=lambda v: (order[v.liveness], v.name))
+
+    def serving(self, model_key: str, now: float | None = None) -> list[WorkerView]:
+        """Live workers that serve ``model_key``."""
+        return [w for w in self.all(now) if w.liveness == "alive" and model_key in w.models]

@@ -1,0 +1,67 @@
+"""The dashboard: HTML shells and one small script per page, all reading the JSON API.
+
+Pages: ``/`` (queues, workers, counts, throughput, jobs), ``/jobs/{id}`` (images,
+parameters, a copyable CLI line), ``/batches/{id}`` (a contact sheet) and ``/login``. Each
+page polls the API every 1.5 s; changes go through the API's POST and DELETE routes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from lorafleet.producer.auth import COOKIE, token_ok
+
+FOLDER = Path(__file__).with_name("dashboard")  # the HTML shells, scripts and styles
+COOKIE_SECONDS = 30 * 24 * 3600
+
+
+def _page(name: str) -> FileResponse:
+    return FileResponse(FOLDER / f"{name}.html", media_type="text/html")
+
+
+def mount_dashboard(app: FastAPI, tokens: list[str]) -> None:
+    app.mount("/static", StaticFiles(directory=FOLDER / "static"), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def overview() -> FileResponse:
+        return _page("index")
+
+    @app.get("/jobs/{job_id}", include_in_schema=False)
+    def job_page(job_id: str) -> FileResponse:
+        return _page("job")
+
+    @app.get("/batches/{batch_id}", include_in_schema=False)
+    def batch_page(batch_id: str) -> FileResponse:
+        return _page("batch")
+
+    @app.get("/login", include_in_schema=False)
+    def login_form() -> FileResponse:
+        return _page("login")
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        token = (form.get("token") or [""])[0]
+        target = (form.get("next") or ["/"])[0]
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/"
+        if tokens and not token_ok(token, tokens):
+            return HTMLResponse((FOLDER / "login.html").read_text().replace("<!--error-->",
+                                '<p class="error">That token is not one of LORAFLEET_API_TOKENS.</p>'),  # fmt: skip
+                                status_code=401)
+        response = RedirectResponse(target, status_code=303)
+        if tokens:
+            response.set_cookie(COOKIE, token, max_age=COOKIE_SECONDS, httponly=True, samesite="strict",
+                                secure=request.url.scheme == "https")  # fmt: skip
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    def logout() -> RedirectResponse:
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
