@@ -17,6 +17,7 @@ other way round. Index entries of expired records are dropped when a listing mee
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 
 import redis
@@ -176,14 +177,21 @@ class JobStore:
             indexes.append(BATCH_KEY + batch)
         if model is not None:
             indexes.append(MODEL_KEY + model)
-        if len(indexes) == 1:
-            total = self.redis.zcard(ALL_JOBS_KEY)
-            ids = [i.decode() for i in self.redis.zrevrange(ALL_JOBS_KEY, offset, offset + limit - 1)]
+        filters = indexes[1:] or indexes
+        pipe = self.redis.pipeline(transaction=True)
+        if len(filters) == 1:
+            pipe.zcard(filters[0])
+            pipe.zrevrange(filters[0], offset, offset + limit - 1)
         else:
-            matching = self.redis.zinter(indexes[1:], withscores=True, aggregate="MAX")
-            matching.sort(key=lambda pair: pair[1], reverse=True)
-            total = len(matching)
-            ids = [i.decode() for i, _ in matching[offset : offset + limit]]
+            # Intersect on the server into a scratch key: only one page crosses the wire.
+            scratch = f"{PREFIX}scratch:{uuid.uuid4().hex}"
+            pipe.zinterstore(scratch, filters, aggregate="MAX")
+            pipe.zcard(scratch)
+            pipe.zrevrange(scratch, offset, offset + limit - 1)
+            pipe.delete(scratch)
+        replies = pipe.execute()
+        total, ids = (replies[0], replies[1]) if len(filters) == 1 else (replies[1], replies[2])
+        ids = [i.decode() for i in ids]
         records = self.get_many(ids)
         expired = [i for i, r in zip(ids, records) if r is None]
         if expired:
