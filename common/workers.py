@@ -15,6 +15,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel
 
+from lorafleet.common.queue import PRIORITY_STEPS, queue_depths, queue_for
 from lorafleet.common.state import PREFIX
 
 WORKERS_KEY = PREFIX + "workers"
@@ -104,3 +105,31 @@ class WorkerRegistry:
     def serving(self, model_key: str, now: float | None = None) -> list[WorkerView]:
         """Live workers that serve ``model_key``."""
         return [w for w in self.all(now) if w.liveness == "alive" and model_key in w.models]
+
+
+class QueueView(BaseModel):
+    """One base model's queue: jobs waiting by priority step, and who serves it."""
+
+    model: str
+    queue: str
+    depth: int
+    by_priority: dict[str, int]
+    workers: list[str]
+    stale_workers: list[str]
+
+
+def queue_views(client: redis.Redis, model_keys: set[str], workers: list[WorkerView]) -> list[QueueView]:
+    """The queues of ``model_keys`` and of every model a worker serves, by model key."""
+    keys = sorted(set(model_keys).union(*(w.models for w in workers)))
+    depths = queue_depths(client, [queue_for(k) for k in keys])
+    views = []
+    for key in keys:
+        steps = depths[queue_for(key)]
+        serving = [w for w in workers if key in w.models]
+        views.append(QueueView(
+            model=key, queue=queue_for(key), depth=sum(steps.values()),
+            by_priority={str(step): steps[step] for step in PRIORITY_STEPS},
+            workers=[w.name for w in serving if w.liveness == "alive"],
+            stale_workers=[w.name for w in serving if w.liveness == "stale"],
+        ))  # fmt: skip
+    return views

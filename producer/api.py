@@ -31,10 +31,9 @@ from lorafleet.common.errors import ConfigError, JobRejected, TransientError
 from lorafleet.common.jobs import JobRecord, JobStatus
 from lorafleet.common.metrics import images_per_minute
 from lorafleet.common.models import ModelRegistry
-from lorafleet.common.queue import PRIORITY_STEPS, queue_depths, queue_for
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import LocalStorage, open_storage
-from lorafleet.common.workers import WorkerRegistry, WorkerView
+from lorafleet.common.workers import QueueView, WorkerRegistry, WorkerView, queue_views
 from lorafleet.producer.auth import TokenMiddleware, parse_tokens
 from lorafleet.producer.client import Client
 from lorafleet.producer.display import resubmit_command
@@ -76,15 +75,6 @@ class Submitted(BaseModel):
 class Submission(BaseModel):
     batch_id: str
     jobs: list[Submitted]
-
-
-class QueueView(BaseModel):
-    model: str
-    queue: str
-    depth: int
-    by_priority: dict[str, int]
-    workers: list[str]
-    stale_workers: list[str]
 
 
 class BatchView(BaseModel):
@@ -233,23 +223,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return BatchView(batch_id=batch_id, counts=counts, jobs=views, images=[u for v in views for u in v.image_urls])
 
     # ------------------------------------------------------------------ fleet
-    def queue_views(workers: list[WorkerView]) -> list[QueueView]:
-        keys = set(models.names()) | set(client.jobs.models())
-        for worker in workers:
-            keys.update(worker.models)
-        keys_sorted = sorted(keys)
-        depths = queue_depths(client.redis, [queue_for(k) for k in keys_sorted])
-        views = []
-        for key in keys_sorted:
-            steps = depths[queue_for(key)]
-            serving = [w for w in workers if key in w.models]
-            views.append(QueueView(
-                model=key, queue=queue_for(key), depth=sum(steps.values()),
-                by_priority={str(step): steps[step] for step in PRIORITY_STEPS},
-                workers=[w.name for w in serving if w.liveness == "alive"],
-                stale_workers=[w.name for w in serving if w.liveness == "stale"],
-            ))  # fmt: skip
-        return views
+    def fleet_queues(workers: list[WorkerView]) -> list[QueueView]:
+        return queue_views(client.redis, set(models.names()) | set(client.jobs.models()), workers)
 
     @app.get("/v1/workers", response_model=list[WorkerView])
     def workers():
@@ -259,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/queues", response_model=list[QueueView])
     def queues():
         """Per base model: jobs waiting (by priority) and the workers serving it."""
-        return queue_views(registry.all())
+        return fleet_queues(registry.all())
 
     @app.get("/v1/summary", response_model=Summary)
     def summary():
@@ -268,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         series = images_per_minute(client.redis)
         return Summary(
             counts={s.value: n for s, n in client.jobs.count_by_status().items()},
-            queues=queue_views(fleet),
+            queues=fleet_queues(fleet),
             workers=fleet,
             throughput=[{"minute": m, "images": n} for m, n in series],
             images_last_hour=sum(n for _, n in series),
@@ -279,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus metrics: queue depth per model, jobs by status, phase durations, cache, workers."""
         fleet = registry.all()
         return PlainTextResponse(
-            exposition(client.redis, client.jobs.count_by_status(), queue_views(fleet), fleet),
+            exposition(client.redis, client.jobs.count_by_status(), fleet_queues(fleet), fleet),
             media_type="text/plain; version=0.0.4",
         )
 

@@ -25,6 +25,7 @@ from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli_catalog import loras_app, models_app, redis_app
+from lorafleet.producer.cli_fleet import queues, workers_app
 from lorafleet.producer.display import WaitDisplay, print_report, record_table
 from lorafleet.producer.terminal import (
     EXIT_JOB_FAILED,
@@ -47,6 +48,8 @@ app = typer.Typer(
 app.add_typer(redis_app, name="redis")
 app.add_typer(models_app, name="models")
 app.add_typer(loras_app, name="loras")
+app.add_typer(workers_app, name="workers")
+app.command("queues")(queues)
 
 
 def _client():

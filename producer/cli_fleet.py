@@ -1,0 +1,81 @@
+"""`lorafleet workers` and `lorafleet queues`: what the fleet is doing, from a shell.
+
+`workers check` is what a container's health or readiness probe runs: it exits 0 only
+when a worker on this host (or with the given name) has an alive heartbeat.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lorafleet.common.broker import resolve_broker
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.common.state import JobStore
+from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, queue_views
+from lorafleet.producer.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
+
+workers_app = typer.Typer(help="Workers and their heartbeats.", no_args_is_help=True)
+
+
+def _registry() -> WorkerRegistry:
+    return WorkerRegistry(resolve_broker(Settings()).client())
+
+
+@workers_app.command("list")
+def workers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every known worker: liveness, models, hot pipelines, current job, counters."""
+    views = run(lambda: _registry().all())
+    if as_json:
+        print_json([v.model_dump(mode="json") for v in views])
+        return
+    table = Table("worker", "state", "seen", "device", "serves", "hot", "now", "done", "failed")
+    for v in views:
+        now = f"{v.current_job[:8]} step {v.current_step}/{v.current_total}" if v.current_job else "idle"
+        table.add_row(v.name, v.liveness, f"{v.age:.0f} s ago", v.device, ", ".join(v.models),
+                      ", ".join(v.hot_pipelines) or "-", now, str(v.jobs_done), str(v.jobs_failed))  # fmt: skip
+    console.print(table if views else "no workers have sent a heartbeat")
+
+
+@workers_app.command("check")
+def workers_check(
+    name: Annotated[str | None, typer.Option(help="The worker's node name.")] = None,
+    host: Annotated[str | None, typer.Option(help="Any worker on this host (default: this machine).")] = None,
+) -> None:
+    """Exit 0 when the worker has an alive heartbeat (for health and readiness probes)."""
+    host = host or socket.gethostname()
+    views = run(lambda: _registry().all())
+    matching = [v for v in views if (v.name == name if name else v.host == host)]
+    alive = [v for v in matching if v.liveness == "alive"]
+    if alive:
+        console.print(f"alive: {', '.join(v.name for v in alive)}", highlight=False)
+        return
+    what = f"worker {name!r}" if name else f"a worker on host {host!r}"
+    seen = f"; last beat {min(v.age for v in matching):.0f} s ago" if matching else "; no heartbeat at all"
+    errors.print(f"not alive: {what} has no heartbeat newer than {STALE_AFTER:.0f} s{seen}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_JOB_FAILED)
+
+
+def queues(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Jobs waiting per model queue (by priority) and the live workers serving each."""
+    settings = Settings()
+
+    def collect():
+        client = resolve_broker(settings).client()
+        known = set(ModelRegistry(settings).names()) | set(JobStore(client, retention=0).models())
+        return queue_views(client, known, WorkerRegistry(client).all())
+
+    views = run(collect)
+    if as_json:
+        print_json([v.model_dump(mode="json") for v in views])
+        return
+    table = Table("model", "queue", "waiting", "high", "normal", "low", "live workers")
+    for v in views:
+        p = v.by_priority
+        table.add_row(v.model, v.queue, str(v.depth), str(p["0"]), str(p["3"]), str(p["6"]),
+                      ", ".join(v.workers) or "[yellow]none[/]")  # fmt: skip
+    console.print(table if views else "no models and no queues yet")
