@@ -150,7 +150,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", status_code=201, response_model=Submission, openapi_extra=_SUBMIT_BODY,
               responses={422: {"description": "a field was refused; each problem names its field"}})  # fmt: skip
-    async def submit(request: Request, batch_id: str | None = Query(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")):
+    async def submit(
+        request: Request,
+        batch_id: str | None = Query(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"),
+        require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
+    ):
         """Queue one job, or a list of jobs as one batch (all of them, or none)."""
         try:
             body = json.loads(await request.body() or b"null")
@@ -159,7 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs = body if isinstance(body, list) else [body]
         if not jobs:
             return _problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
-        handles = client.submit_many(jobs, batch_id=batch_id)
+        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
         return Submission(
             batch_id=handles[0].batch_id,
             jobs=[Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings) for h in handles],

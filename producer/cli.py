@@ -135,6 +135,7 @@ def submit(
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
     tag: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE, repeatable, kept on the record.")] = [],  # noqa: B006
     batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")] = None,
+    require_worker: Annotated[bool, typer.Option("--require-worker", help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -166,7 +167,7 @@ def submit(
             for n in range(count)
         ]
         client = _client()
-        handles = client.submit_many(jobs, batch_id=batch_id)
+        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
         _report_submitted(handles, as_json, wait)
         if wait:
             _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
@@ -178,6 +179,7 @@ def submit(
 def submit_file(
     path: Annotated[Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)],
     batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
+    require_worker: Annotated[bool, typer.Option("--require-worker", help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).")] = False,
     wait: Annotated[bool, typer.Option("--wait")] = False,
     timeout: Annotated[float | None, typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -196,7 +198,7 @@ def submit_file(
         if not jobs:
             raise JobRejected("no jobs in the file", field=str(path))
         client = _client()
-        handles = client.submit_many(jobs, batch_id=batch_id)
+        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
         _report_submitted(handles, as_json, wait)
         if wait:
             _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)

@@ -29,6 +29,7 @@ from lorafleet.common.models import ModelRegistry
 from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
+from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.resolver import JobResolver, new_id
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,20 @@ class JobHandle:
         return f"JobHandle({self.job_id!r}, batch={self.batch_id!r})"
 
 
+
+def grouped_by_stack(records: Sequence[JobRecord]) -> list[JobRecord]:
+    """The batch in send order: jobs with the same LoRA stack next to each other.
+
+    Groups keep the order in which their first job was given, and jobs keep their order
+    within a group, so a batch is reordered only as far as it saves stack switches; other
+    batches are not held back (each batch is sent whole, in submit order).
+    """
+    groups: dict[tuple, list[JobRecord]] = {}
+    for record in records:
+        stack = tuple((s.name, s.sha256, s.weight, s.text_encoder_weight) for s in record.job.loras)
+        groups.setdefault((record.job.model, stack), []).append(record)
+    return [record for group in groups.values() for record in group]
+
 class Client:
     """Submits and follows jobs; one per process is plenty (it is thread-safe)."""
 
@@ -77,12 +92,19 @@ class Client:
         )
 
     # ------------------------------------------------------------------ submit
-    def submit(self, job: JobInput, *, batch_id: str | None = None) -> JobHandle:
+    def submit(self, job: JobInput, *, batch_id: str | None = None, require_worker: bool = False) -> JobHandle:
         """Validate, resolve and queue one job."""
-        return self.submit_many([job], batch_id=batch_id)[0]
+        return self.submit_many([job], batch_id=batch_id, require_worker=require_worker)[0]
 
-    def submit_many(self, jobs: Iterable[JobInput], *, batch_id: str | None = None) -> list[JobHandle]:
-        """Queue several jobs as one batch: all of them, or none if any is refused."""
+    def submit_many(
+        self, jobs: Iterable[JobInput], *, batch_id: str | None = None, require_worker: bool = False
+    ) -> list[JobHandle]:
+        """Queue several jobs as one batch: all of them, or none if any is refused.
+
+        A job whose model no live worker serves is queued with a warning (it runs when one
+        starts); with ``require_worker`` the whole batch is refused instead. The batch is
+        sent grouped by LoRA stack, so a worker switches stacks as rarely as it can.
+        """
         jobs = list(jobs)
         if not jobs:
             return []
@@ -101,6 +123,8 @@ class Client:
             records.append(
                 JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings)
             )
+        if not problems:
+            problems = self._check_served(records, require_worker, multiple=len(jobs) > 1)
         if problems:
             raise JobRejected(
                 "; ".join(f"{field}: {message}" for field, message in problems),
@@ -109,6 +133,24 @@ class Client:
             )
         self._queue(records)
         return [JobHandle(self, record) for record in records]
+
+    def _check_served(self, records: list[JobRecord], required: bool, multiple: bool) -> list[tuple[str, str]]:
+        """Warn on (or, when ``required``, refuse) jobs whose model no live worker serves."""
+        workers = WorkerRegistry(self.redis).all()
+        live = {model for w in workers if w.liveness == "alive" for model in w.models}
+        problems = []
+        for index, record in enumerate(records):
+            model = record.job.model
+            if model in live:
+                continue
+            if required:
+                field = f"jobs[{index}].model" if multiple else "model"
+                problems.append((field, f"no live worker serves {model!r}; "
+                                        f"start one with: lorafleet worker --models {model}"))  # fmt: skip
+            else:
+                record.warnings.append(f"no live worker serves {model!r} now: the job waits in "
+                                       f"{record.queue} until one starts (lorafleet worker --models {model})")  # fmt: skip
+        return problems
 
     def retry(self, job_id: str) -> JobHandle:
         """Submit a failed or cancelled job again, as a new job in the same batch.
@@ -133,7 +175,7 @@ class Client:
 
     def _queue(self, records: list[JobRecord]) -> None:
         self.jobs.create_many(records)
-        self._send(records)
+        self._send(grouped_by_stack(records))
 
     def _send(self, records: Sequence[JobRecord]) -> None:
         sent = 0

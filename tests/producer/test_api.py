@@ -216,3 +216,13 @@ def test_records_in_redis_are_the_source_the_api_reads(api, settings):
     store.update(job_id, fail)
     record = api.get(f"/v1/jobs/{job_id}").json()
     assert (record["status"], record["error"]) == ("failed", "out of memory on cuda:0")
+
+
+def test_require_worker_is_a_422_naming_the_model_and_queues_nothing(api):
+    response = api.post("/v1/jobs", json=JOB, params={"require_worker": "true"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "model"
+    assert "no live worker serves 'tiny-sd15'" in response.json()["detail"][0]["message"]
+    assert api.get("/v1/jobs").json()["total"] == 0
+    warned = submit(api, JOB)["jobs"][0]["warnings"]
+    assert any("no live worker serves 'tiny-sd15'" in w for w in warned)

@@ -50,3 +50,14 @@ def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings,
     assert rows[TINY]["workers"] == ["w1@here"] and rows["tiny-sdxl"]["workers"] == []
     table = run_cli(["queues"], env).stdout
     assert "tiny-sdxl" in table and "none" in table
+
+
+def test_submit_warns_when_no_worker_serves_the_model_and_require_worker_refuses(settings, home, redis_url):
+    env = lorafleet_env(home, redis_url)
+    warned = run_cli(["submit", "--model", TINY, "--prompt", "x"], env)
+    assert warned.returncode == 0 and "warning: no live worker serves 'tiny-sd15'" in " ".join(warned.stderr.split())
+    refused = run_cli(["submit", "--model", TINY, "--prompt", "x", "--require-worker"], env)
+    assert refused.returncode == 2
+    assert "refused: model: no live worker serves 'tiny-sd15'" in " ".join(refused.stderr.split())
+    rows = {row["model"]: row for row in json.loads(run_cli(["queues", "--json"], env).stdout)}
+    assert rows[TINY]["depth"] == 1  # the warned job only

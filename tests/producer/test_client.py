@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobStatus
 from lorafleet.common.queue import PRIORITY_SEPARATOR, priority_lists, queue_for
+from lorafleet.common.workers import WorkerBeat, WorkerRegistry
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
 
@@ -180,3 +182,45 @@ def test_several_unregistered_lcm_loras_warn_which_was_used(client, home):
     handle = client.submit(JOB | {"lcm": True})
     assert handle.job.loras[0].name == "lcm-lora-sd15"
     assert any("several LCM-LoRAs" in w and "LORAFLEET_LCM_LORAS" in w for w in handle.warnings)
+
+
+def beat(client, model: str, age: float = 1.0) -> None:
+    now = time.time()
+    WorkerRegistry(client.redis).beat(WorkerBeat(
+        name=f"w@{model}", host="h", pid=1, version="t", device="cpu", models=[model],
+        queues=[queue_for(model)], started_at=now - 60, last_seen=now - age,
+    ))  # fmt: skip
+
+
+def test_a_model_no_live_worker_serves_is_queued_with_a_warning(client):
+    beat(client, TINY_XL)
+    beat(client, TINY, age=30)  # stale: it does not count
+    handle = client.submit(JOB)
+    assert any("no live worker serves 'tiny-sd15'" in w for w in handle.warnings)
+    assert client.get(handle.job_id).warnings == handle.warnings
+    assert len(queued_messages(client)) == 1
+
+
+def test_require_worker_refuses_the_whole_batch_and_queues_nothing(client):
+    beat(client, TINY_XL)
+    with pytest.raises(JobRejected) as refused:
+        client.submit_many([JOB | {"model": TINY_XL}, JOB], require_worker=True)
+    assert refused.value.problems == [
+        ("jobs[1].model", "no live worker serves 'tiny-sd15'; start one with: lorafleet worker --models tiny-sd15")
+    ]
+    assert queued_messages(client) == [] and queued_messages(client, TINY_XL) == []
+    beat(client, TINY)
+    served = client.submit(JOB, require_worker=True)
+    assert not any("no live worker" in w for w in served.warnings)
+
+
+def test_a_batch_is_sent_grouped_by_lora_stack_in_first_seen_order(client):
+    a = [{"name": "watercolor", "weight": 0.8}]
+    b = [{"name": "watercolor", "weight": 0.5}]
+    stacks = [a, b, a, [], b, a]
+    handles = client.submit_many([JOB | {"loras": s, "seed": n} for n, s in enumerate(stacks)])
+    # kombu pushes on the left and workers pop from the right: the list holds the send order reversed.
+    sent = [m["headers"]["id"] for m in reversed(queued_messages(client))]
+    ids = [h.job_id for h in handles]
+    assert sent == [ids[0], ids[2], ids[5], ids[1], ids[4], ids[3]]
+    assert [r.job_id for r in client.batch(handles[0].batch_id)] == ids  # records keep submit order
