@@ -7,10 +7,12 @@ and stops it (or kills it, when a test needs a crash).
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -141,6 +143,14 @@ class WorkerProcess:
         self.name = name
         self.process: subprocess.Popen | None = None
 
+    def limit_memory(self, headroom_mb: int) -> None:
+        """Cap the running worker's address space at what it uses now plus ``headroom_mb``,
+        so that a job needing more gets real allocation failures, as on a full GPU."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        used_kb = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1])
+        limit = (used_kb << 10) + (headroom_mb << 20)
+        resource.prlimit(self.process.pid, resource.RLIMIT_AS, (limit, limit))
+
     def start(self, wait: bool = True) -> WorkerProcess:
         command = [str(BIN / "lorafleet"), "worker", "--models", self.models]
         if self.name:
@@ -199,3 +209,79 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
     return subprocess.run(
         [str(BIN / "lorafleet"), *args], env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+class TcpProxy:
+    """A loopback TCP relay in front of a server, which can be taken down and brought back.
+
+    ``down()`` closes the listening socket and every relayed connection, so clients get
+    connection refused and resets exactly as when the server's host is unreachable;
+    ``up()`` listens on the same port again. The server behind it keeps its state.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> TcpProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._connections = self._connections, []
+        if listener:
+            listener.close()
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        listener.settimeout(0.2)  # so that a listener closed by down() is noticed
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed by down()
+            client.settimeout(None)
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

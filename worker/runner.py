@@ -12,6 +12,7 @@ happened, before the worker takes the next one.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,6 +61,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, MemoryError)) and (
         "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
     )
+
+
+def _allocator_message(exc: BaseException) -> str:
+    """The useful part of an allocator's complaint (torch's CPU one wraps it in noise)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if match := re.search(r"tried to allocate (\d+) bytes", text):
+        return f"could not allocate {int(match.group(1)) / 2**20:.0f} MiB more"
+    return text
 
 
 class JobRunner:
@@ -201,7 +210,8 @@ class JobRunner:
         except Exception as exc:
             if _is_out_of_memory(exc):
                 message = (
-                    f"out of memory on {self.pipelines.device}: {str(exc).splitlines()[0]} — "
+                    f"out of memory on {self.pipelines.device} for {job.num_images} image(s) of "
+                    f"{job.width}x{job.height}: {_allocator_message(exc)} — "
                     "ask for fewer or smaller images, or run fewer models per worker"
                 )
             else:

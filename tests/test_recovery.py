@@ -1,0 +1,134 @@
+"""Nothing lost: real worker processes killed, a real object store taken away, memory run out.
+
+Every submitted job must end succeeded, failed with a reason, or cancelled: never lost and
+never done twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import pytest
+
+from lorafleet.common.jobs import JobStatus
+from lorafleet.common.settings import Settings
+from lorafleet.producer import Client
+from tests.conftest import TINY, copy_home
+from tests.helpers import (
+    MotoServer,
+    RedisProcess,
+    TcpProxy,
+    WorkerProcess,
+    lorafleet_env,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+S3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def fleet(template_home, tmp_path, monkeypatch):
+    """A Redis, a home, an S3 server behind a proxy that can be taken down; workers on demand."""
+    redis = RedisProcess(tmp_path / "redis").start()
+    moto = MotoServer().start()
+    proxy = TcpProxy(moto.port).up()
+    for key, value in S3.items():
+        monkeypatch.setenv(key, value)
+    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="renders")
+    home = copy_home(template_home, tmp_path / "home")
+    env = lorafleet_env(home, redis.url, "s3://renders/fleet", LORAFLEET_S3_ENDPOINT_URL=proxy.endpoint,
+                        LORAFLEET_VISIBILITY_TIMEOUT="10", **S3)  # fmt: skip
+    settings = Settings(home=home, broker_url=redis.url, storage_url="s3://renders/fleet",
+                        s3_endpoint_url=proxy.endpoint, visibility_timeout=10)  # fmt: skip
+    workers: list[WorkerProcess] = []
+
+    def start_worker(name: str, **extra: str) -> WorkerProcess:
+        worker = WorkerProcess(env | extra, TINY, tmp_path / f"{name}.log", name=name).start()
+        workers.append(worker)
+        return worker
+
+    with Client(settings) as client:
+        yield {"client": client, "start_worker": start_worker, "proxy": proxy, "s3": s3, "env": env}
+    for worker in workers:
+        worker.kill()
+    proxy.down()
+    moto.stop()
+    redis.stop()
+
+
+def stored_keys(s3) -> list[str]:
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket="renders").get("Contents", []))
+
+
+def test_a_worker_killed_mid_job_has_its_job_rerun_once_by_another(fleet):
+    client = fleet["client"]
+    first = fleet["start_worker"]("first@recovery")
+    second = fleet["start_worker"]("second@recovery")
+    handle = client.submit({"model": TINY, "prompt": "survives a crash", "steps": 30, "width": 192, "height": 192,
+                            "num_images": 2, "seed": 5})  # fmt: skip
+    running = wait_until(lambda: (r := client.get(handle.job_id)).progress.step >= 2 and r, timeout=60,
+                         what="the job to be sampling")  # fmt: skip
+    victim, survivor = (first, second) if running.worker == first.name else (second, first)
+    victim.kill()
+    killed_at = time.monotonic()
+    record = handle.wait(timeout=300)
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.worker == survivor.name and record.attempts == 2
+    assert time.monotonic() - killed_at >= 9  # it waited for the visibility timeout, not less
+    keys = [f"fleet/{record.job.output_prefix}/{record.job.batch_id}/{handle.job_id}/{i}.png" for i in range(2)]
+    assert stored_keys(fleet["s3"]) == keys
+    assert [image.key for image in record.images] == [k.removeprefix("fleet/") for k in keys]
+    # The survivor ran it exactly once: one "started" line for this job in its log.
+    assert survivor.log.read_text().count(f"job {handle.job_id} started") == 1
+
+
+def test_uploads_ride_out_a_20_second_object_store_outage(fleet):
+    client = fleet["client"]
+    worker = fleet["start_worker"]("patient@recovery")
+    fleet["proxy"].down()
+    down_at = time.monotonic()
+    handles = client.submit_many([{"model": TINY, "prompt": f"outage {i}", "sampler": "lcm", "seed": i}
+                                  for i in range(2)])  # fmt: skip
+    wait_until(lambda: "retrying in" in worker.log.read_text(), timeout=30, what="a failed upload")
+    time.sleep(max(0.0, 20 - (time.monotonic() - down_at)))
+    assert client.get(handles[0].job_id).status is JobStatus.running  # still trying, not failed
+    fleet["proxy"].up()
+    records = client.wait([h.job_id for h in handles], timeout=120)
+    assert [r.status for r in records] == [JobStatus.succeeded] * 2, [r.error for r in records]
+    assert len(stored_keys(fleet["s3"])) == 2
+    assert all(r.attempts == 1 for r in records)
+
+
+def test_an_object_store_that_stays_down_fails_the_job_after_bounded_attempts(fleet):
+    client = fleet["client"]
+    worker = fleet["start_worker"]("hopeless@recovery", LORAFLEET_UPLOAD_ATTEMPTS="2")
+    fleet["proxy"].down()
+    handle = client.submit({"model": TINY, "prompt": "never stored", "sampler": "lcm", "seed": 1})
+    record = handle.wait(timeout=120)
+    assert record.status is JobStatus.failed
+    assert record.error.startswith("upload of images/") and "failed 2 times" in record.error
+    assert worker.log.read_text().count("retrying in 1 s") == 1
+
+
+def test_a_job_that_runs_out_of_memory_fails_clearly_and_the_worker_keeps_serving(fleet):
+    client = fleet["client"]
+    worker = fleet["start_worker"]("small@recovery")
+    before = client.submit({"model": TINY, "prompt": "before", "sampler": "lcm", "seed": 8,
+                            "loras": [{"name": "watercolor", "weight": 0.8}]}).wait(timeout=60)  # fmt: skip
+    # Leave the worker little room: a small job fits, a 2048x2048 batch of 8 cannot, and its
+    # allocations fail for real, as on a full GPU.
+    worker.limit_memory(headroom_mb=96)
+    huge = client.submit({"model": TINY, "prompt": "too big", "width": 2048, "height": 2048, "num_images": 8,
+                          "loras": [{"name": "watercolor", "weight": 0.8}], "steps": 2})  # fmt: skip
+    record = huge.wait(timeout=300)
+    assert record.status is JobStatus.failed
+    assert record.error.startswith("out of memory on cpu for 8 image(s) of 2048x2048: could not allocate")
+    assert "fewer or smaller images" in record.error
+    after = client.submit({"model": TINY, "prompt": "before", "sampler": "lcm", "seed": 8,
+                           "loras": [{"name": "watercolor", "weight": 0.8}]}).wait(timeout=60)  # fmt: skip
+    assert after.status is JobStatus.succeeded and worker.process.poll() is None
+    assert after.images[0].sha256 == before.images[0].sha256  # pristine weights: identical pixels
