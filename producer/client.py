@@ -85,6 +85,7 @@ class Client:
         self.settings = settings or Settings()
         self.broker = resolve_broker(self.settings)
         self.redis = self.broker.client()
+        self.broker.check(self.redis)
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
         self.resolver = JobResolver(

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -43,6 +44,8 @@ def run(action: Callable[[], T]) -> T:
         fail(str(exc), EXIT_UNAVAILABLE)
     except (TimeoutError, LorafleetError) as exc:
         fail(str(exc), EXIT_JOB_FAILED)
+    except redis.RedisError as exc:  # the broker went away mid-command
+        fail(f"the broker failed: {exc}", EXIT_UNAVAILABLE)
 
 
 def print_json(data: Any) -> None:
