@@ -21,9 +21,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import check_lora_name
+
+if TYPE_CHECKING:
+    from lorafleet.common.lora_registry import SharedLoras
 
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -249,15 +253,31 @@ def describe_file(path: Path, name: str | None = None) -> LoraInfo:
 class LoraCatalog:
     """The LoRA drop folder: names to files, each described once per (size, mtime)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, shared: SharedLoras | None = None) -> None:
         self.folder = Path(folder)
+        self.shared = shared
         self._cache: dict[Path, tuple[tuple[int, int], LoraInfo]] = {}
         self._lock = threading.Lock()
 
-    def names(self) -> list[str]:
+    def local_names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
         return sorted(p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file())
+
+    def names(self) -> list[str]:
+        """Names in the folder and, with a shared registry, every registered name."""
+        shared = self.shared.names() if self.shared else []
+        return sorted(set(self.local_names()) | set(shared))
+
+    def describe(self, name: str) -> LoraInfo | None:
+        """The LoRA ``name``: the local file's description, else the registry's; None if refused."""
+        path = self.path_of(name)
+        if path is not None:
+            try:
+                return self.info(path)
+            except (OSError, ValueError):
+                return None
+        return self.shared.lookup(name) if self.shared else None
 
     def path_of(self, name: str) -> Path | None:
         """The file a name refers to (``name`` or ``name.safetensors``), or None."""
@@ -284,6 +304,10 @@ class LoraCatalog:
     def resolve(self, name: str, *, field: str = "lora.name") -> LoraInfo:
         """The LoRA called ``name``, checked; JobRejected names the field and the choices."""
         path = self.path_of(name)
+        if path is None and self.shared is not None:
+            registered = self.shared.lookup(name) if _plain(name) else None
+            if registered is not None:
+                return registered
         if path is None:
             stem = Path(name).stem
             pickled = [self.folder / f"{stem}{s}" for s in PICKLED_SUFFIXES]
@@ -300,9 +324,19 @@ class LoraCatalog:
             raise JobRejected(
                 f"unknown LoRA {name!r}",
                 field=field,
-                allowed=f"a .safetensors file in {self.folder}: {listing or 'none yet'}",
+                allowed=f"a .safetensors file in {self.folder}"
+                + (" or a LoRA imported with `lorafleet loras import`" if self.shared else "")
+                + f": {listing or 'none yet'}",
             )
         try:
             return self.info(path)
         except (OSError, ValueError) as exc:
             raise JobRejected(f"LoRA {name!r} is refused: {exc}", field=field) from None
+
+
+def _plain(name: str) -> bool:
+    try:
+        check_lora_name(name)
+    except ValueError:
+        return False
+    return True

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     lora_cache_mb: int = Field(
         default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
     )
+    lora_disk_cache_mb: int = Field(
+        default=10240, ge=0,
+        description="Disk for LoRA files a worker fetched from the shared registry, in MiB (least recently used go first).",
+    )  # fmt: skip
+    lora_disk_cache_dir: Path | None = Field(
+        default=None, description="Folder of that disk cache; unset means <home>/cache/loras."
+    )
     api_tokens: str | None = Field(
         default=None,
         description="Comma-separated bearer tokens for the API and the dashboard; unset serves on "
@@ -100,6 +107,11 @@ class Settings(BaseSettings):
     def models_dir(self) -> Path:
         """Registered base models: each sub-folder is a diffusers pipeline, named by folder."""
         return self.home / "models"
+
+    @property
+    def lora_cache_dir(self) -> Path:
+        """Where a worker keeps LoRA files fetched from the shared registry."""
+        return self.lora_disk_cache_dir or self.home / "cache" / "loras"
 
     @property
     def lora_dir(self) -> Path:

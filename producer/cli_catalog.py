@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,11 +13,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import check_lora_name
 from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo, describe_file
+from lorafleet.common.lora_registry import SharedLoras, object_key
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
+from lorafleet.common.storage import open_storage
 from lorafleet.producer.terminal import console, print_json, run, worker_side
 
 redis_app = typer.Typer(help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True)
@@ -46,25 +49,30 @@ def models_list() -> None:
 # ---------------------------------------------------------------------------- loras
 @loras_app.command("list")
 def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """LoRAs in the autoimport folder, with format, family, rank and trigger words."""
-    catalog = LoraCatalog(Settings().lora_dir)
+    """LoRAs in the autoimport folder and in the shared registry, with format, family, rank, triggers."""
+    settings = Settings()
+    shared = run(lambda: _shared_registry(settings))
+    catalog = LoraCatalog(settings.lora_dir, shared)
+    registered = set(shared.names()) if shared else set()
     rows: list[dict[str, Any]] = []
     for name in catalog.names():
+        path = catalog.path_of(name)
+        where = "local+shared" if path and name in registered else ("local" if path else "shared")
         try:
-            info = catalog.info(catalog.path_of(name))  # type: ignore[arg-type]
+            info = catalog.info(path) if path else shared.lookup(name)  # type: ignore[union-attr]
         except (OSError, ValueError) as exc:
-            rows.append({"name": name, "refused": str(exc)})
+            rows.append({"name": name, "where": where, "refused": str(exc)})
             continue
-        rows.append(_summary(info))
+        rows.append(_summary(info) | {"where": where})
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
+    table = Table("name", "where", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
     for row in rows:
         if "refused" in row:
-            table.add_row(escape(row["name"]), "[red]refused[/]", "", "", "", "", escape(row["refused"]))
+            table.add_row(escape(row["name"]), row["where"], "[red]refused[/]", "", "", "", "", escape(row["refused"]))
         else:
-            table.add_row(escape(row["name"]), row["format"], row["family"] or "?", str(row["rank"] or "-"),
+            table.add_row(escape(row["name"]), row["where"], row["format"], row["family"] or "?", str(row["rank"] or "-"),
                           f"{row['size'] / 1024:.0f} KiB", row["sha256"][:12], escape(", ".join(row["trigger_words"])))  # fmt: skip
     console.print(table)
 
@@ -168,6 +176,7 @@ def loras_import(
             existing = catalog.info(destination)
             if existing.sha256 == info.sha256:
                 console.print(f"{target_name}: already imported ({info.sha256[:12]})", markup=False)
+                _share(settings, replace(existing, name=target_name))
                 return
             if not force:
                 raise JobRejected(
@@ -183,8 +192,36 @@ def loras_import(
             f"imported {target_name}: {info.format}, {info.family or 'family unknown'}, rank {info.rank}, "
             f"sha256 {info.sha256[:12]}", markup=False,
         )  # fmt: skip
+        _share(settings, replace(info, name=target_name, path=destination))
 
     run(action)
+
+
+def _shared_registry(settings: Settings, storage=None) -> SharedLoras | None:
+    """The shared registry on the configured broker, or on the embedded Redis if it runs.
+
+    A lone machine with no broker configured and its embedded Redis stopped has nothing to
+    share with: its workers read the autoimport folder.
+    """
+    if settings.broker_url:
+        return SharedLoras(resolve_broker(settings).client(), storage)
+    embedded = settings.embedded_redis()
+    return SharedLoras(resolve_broker(settings).client(), storage) if embedded.ping() else None
+
+
+def _share(settings: Settings, info: LoraInfo) -> None:
+    """Store the file by hash in the object store and register its name for every machine."""
+    storage = open_storage(settings)
+    shared = _shared_registry(settings, storage)
+    if shared is None:
+        console.print("not registered for other machines: no broker is configured and the embedded Redis "
+                      "is not running", markup=False, highlight=False)  # fmt: skip
+        return
+    stored = shared.publish(info)
+    console.print(
+        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {storage.describe()}; "
+        f"registered as {info.name!r} for every worker on this broker", markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- embedded redis

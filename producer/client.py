@@ -25,6 +25,7 @@ from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import JobRejected, TransientError
 from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
 from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.lora_registry import SharedLoras
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
 from lorafleet.common.settings import Settings
@@ -89,7 +90,8 @@ class Client:
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
         self.resolver = JobResolver(
-            ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir), self.settings.lcm_loras
+            ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
+            self.settings.lcm_loras,
         )
 
     # ------------------------------------------------------------------ submit

@@ -130,9 +130,8 @@ class JobResolver:
             return self.loras.resolve(registered, field=field)
         candidates = []
         for name in self.loras.names():
-            try:
-                info = self.loras.info(self.loras.path_of(name))  # type: ignore[arg-type]
-            except (OSError, ValueError):
+            info = self.loras.describe(name)
+            if info is None:
                 continue
             if info.is_lcm and (info.family is None or info.family == model.family):
                 candidates.append(info)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -65,8 +66,9 @@ class LoraStore:
         loaded = LoadedStack()
         start = time.perf_counter()
         pinned = set()
+        in_use = {spec.sha256 for spec in specs if spec.sha256}
         for spec in specs:
-            info = self._info(spec)
+            info = self._info(spec, in_use)
             key = (model_key, info.sha256)
             self._names[info.sha256] = info.name
             parsed = self._cache.get(key)
@@ -94,10 +96,10 @@ class LoraStore:
         loaded.seconds = time.perf_counter() - start
         return loaded
 
-    def _info(self, spec: LoraSpec) -> LoraInfo:
+    def _info(self, spec: LoraSpec, in_use: set[str]) -> LoraInfo:
         path = self.catalog.path_of(spec.name)
         if path is None:
-            raise JobFailed(f"LoRA {spec.name!r} is not in this worker's folder {self.catalog.folder}")
+            path = self._fetch(spec, in_use)
         try:
             info = self.catalog.info(path)
         except (OSError, ValueError) as exc:
@@ -108,6 +110,20 @@ class LoraStore:
                 f"{spec.sha256[:12]}... it had at submit: the file was replaced; submit again"
             )
         return info
+
+    def _fetch(self, spec: LoraSpec, in_use: set[str]) -> Path:
+        """A LoRA this worker has no file for: fetched from the shared registry's store."""
+        shared = self.catalog.shared
+        registered = shared.lookup(spec.name) if shared else None
+        if registered is None:
+            where = " or the shared registry" if shared else ""
+            raise JobFailed(f"LoRA {spec.name!r} is not in this worker's folder {self.catalog.folder}{where}")
+        if spec.sha256 and registered.sha256 != spec.sha256:
+            raise JobFailed(
+                f"LoRA {spec.name!r} is registered with sha256 {registered.short_hash}..., not the "
+                f"{spec.sha256[:12]}... it had at submit: it was imported again since; submit again"
+            )
+        return shared.fetch(registered, in_use=in_use)
 
     def _parse(self, info: LoraInfo, patcher: WeightPatcher) -> ParsedLora:
         from safetensors import SafetensorError

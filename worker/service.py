@@ -15,6 +15,7 @@ from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.lora_registry import SharedLoras
 from lorafleet.common.models import ModelRef, ModelRegistry
 from lorafleet.common.queue import make_celery
 from lorafleet.common.settings import Settings
@@ -48,12 +49,12 @@ class Worker:
         self.app = make_celery(settings, self.broker)
         self.store = JobStore(self.broker.client(), retention=settings.record_retention)
         self.pipelines = PipelineCache(settings)
+        storage = open_storage(settings)
+        shared = SharedLoras(self.store.redis, storage, settings.lora_cache_dir, settings.lora_disk_cache_mb << 20)
         self.loras = LoraStore(
-            LoraCatalog(settings.lora_dir), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
+            LoraCatalog(settings.lora_dir, shared), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
         )
-        self.runner = JobRunner(
-            settings, self.store, open_storage(settings), self.pipelines, self.loras, worker_name=self.name
-        )
+        self.runner = JobRunner(settings, self.store, storage, self.pipelines, self.loras, worker_name=self.name)
         register_tasks(self.app, self.runner)
         self.heartbeat = Heartbeat(
             WorkerRegistry(self.store.redis), self.name, [m.key for m in self.models], self.queues,
