@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorafleet.common.errors import JobRejected
+import redis
+
+from lorafleet.common.errors import ConfigError, JobRejected
 from lorafleet.common.queue import queue_for
 from lorafleet.common.settings import Settings
+from lorafleet.common.state import PREFIX
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -81,21 +84,84 @@ def is_pipeline_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
+REGISTERED_KEY = PREFIX + "registry:models"
+"""Redis hash: model name -> JSON {source, family, native_size, cross_attention_dim}."""
+
+
 class ModelRegistry:
-    """Resolves what a job's ``model`` field names."""
+    """Resolves what a job's ``model`` field names.
 
-    def __init__(self, settings: Settings) -> None:
+    A name is looked up in the home's ``models/`` folder first, then (given a Redis client)
+    among the models registered with `lorafleet models add`, which every producer and worker
+    on the broker shares.
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.folder = settings.models_dir
+        self.redis = client
 
-    def names(self) -> list[str]:
+    def local_names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
         return sorted(p.name for p in self.folder.iterdir() if is_pipeline_folder(p))
+
+    def names(self) -> list[str]:
+        return sorted(set(self.local_names()) | set(self.registered()))
+
+    def registered(self) -> dict[str, dict]:
+        if self.redis is None:
+            return {}
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(REGISTERED_KEY).items()}
+
+    def register(self, name: str, source: str, family: str | None = None) -> ModelRef:
+        """Register ``name`` for every machine: a folder (as the workers see it) or a hub id."""
+        if self.redis is None:
+            raise ConfigError("registering a model needs a broker (LORAFLEET_BROKER_URL or the embedded Redis)")
+        if not _NAME.match(name):
+            raise JobRejected(f"{name!r} is not a model name", field="NAME",
+                              allowed="letters, digits, '.', '_' and '-', starting with a letter or digit")  # fmt: skip
+        path = Path(source).expanduser()
+        if is_pipeline_folder(path):
+            described = describe_folder(name, path.absolute())
+            ref = replace(described, family=family or described.family)
+        elif path.is_absolute():
+            ref = ModelRef(key=name, path=path, family=family)  # a folder on the workers, not here
+        elif HUB_ID.match(source):
+            ref = ModelRef(key=name, hub_id=source, family=family)
+        else:
+            raise JobRejected(f"{source!r} is neither a diffusers pipeline folder nor a hub id", field="SOURCE",
+                              allowed="an absolute folder path (as the workers see it) or owner/name")  # fmt: skip
+        entry = {"source": ref.source, "family": ref.family, "native_size": ref.native_size,
+                 "cross_attention_dim": ref.cross_attention_dim}  # fmt: skip
+        self.redis.hset(REGISTERED_KEY, name, json.dumps(entry))
+        return ref
+
+    def unregister(self, name: str) -> bool:
+        return bool(self.redis is not None and self.redis.hdel(REGISTERED_KEY, name))
+
+    def _registered_ref(self, name: str) -> ModelRef | None:
+        raw = self.redis.hget(REGISTERED_KEY, name) if self.redis is not None and _NAME.match(name) else None
+        if raw is None:
+            return None
+        entry = json.loads(raw)
+        source = entry["source"]
+        if source.startswith("/"):
+            path = Path(source)
+            if is_pipeline_folder(path):  # this machine sees the folder: read what it says
+                described = describe_folder(name, path)
+                return replace(described, family=described.family or entry.get("family"))
+            return ModelRef(key=name, path=path, family=entry.get("family"), native_size=entry.get("native_size"),
+                            cross_attention_dim=entry.get("cross_attention_dim"))  # fmt: skip
+        return ModelRef(key=name, hub_id=source, family=entry.get("family"), native_size=entry.get("native_size"),
+                        cross_attention_dim=entry.get("cross_attention_dim"))  # fmt: skip
 
     def resolve(self, ref: str, *, field: str = "model") -> ModelRef:
         """The model ``ref`` names, or JobRejected saying what would have been accepted."""
         if _NAME.match(ref) and is_pipeline_folder(self.folder / ref):
             return describe_folder(ref, self.folder / ref)
+        registered = self._registered_ref(ref)
+        if registered is not None:
+            return registered
         path = Path(ref).expanduser()
         if is_pipeline_folder(path):
             path = path.absolute()
@@ -104,7 +170,7 @@ class ModelRegistry:
             return describe_folder(str(path), path)
         if HUB_ID.match(ref) and not path.exists():
             return ModelRef(key=ref, hub_id=ref)
-        registered = ", ".join(self.names()) or f"none yet: put pipeline folders in {self.folder}"
+        registered = ", ".join(self.names()) or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
         if path.exists():
             problem = f"{ref!r} is a path but not a diffusers pipeline folder (no model_index.json)"
         else:

@@ -35,15 +35,55 @@ _METADATA_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim
 
 # ---------------------------------------------------------------------------- models
 @models_app.command("list")
-def models_list() -> None:
-    """Registered models (pipeline folders under <home>/models)."""
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Models: pipeline folders under <home>/models, and those registered for every machine."""
     settings = Settings()
-    registry = ModelRegistry(settings)
-    table = Table("name", "family", "native size", "queue", title=str(settings.models_dir))
+    shared = run(lambda: _shared_registry(settings))
+    registry = ModelRegistry(settings, shared.redis if shared else None)
+    local, registered = set(registry.local_names()), registry.registered()
+    rows = []
     for name in registry.names():
         ref = registry.resolve(name)
-        table.add_row(name, ref.family or "?", str(ref.native_size or "?"), ref.queue)
+        where = "local" if name in local else "shared"
+        rows.append({"name": name, "where": where, "family": ref.family, "native_size": ref.native_size,
+                     "source": ref.source, "queue": ref.queue, "registered": name in registered})  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("name", "where", "family", "native size", "source", "queue", title=str(settings.models_dir))
+    for row in rows:
+        table.add_row(row["name"], row["where"], row["family"] or "?", str(row["native_size"] or "?"),
+                      escape(row["source"]), row["queue"])  # fmt: skip
     console.print(table)
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="The name jobs and `lorafleet worker --models` use.")],
+    source: Annotated[str, typer.Argument(help="A pipeline folder as the workers see it (absolute path), or a hub id owner/name.")],
+    family: Annotated[str | None, typer.Option(help="sd15 or sdxl, when the folder is not readable here (or for a hub id).")] = None,
+) -> None:
+    """Register a base model by name in Redis, so every producer and worker agrees on it."""
+    settings = Settings()
+
+    def action():
+        if family is not None and family not in ("sd15", "sdxl"):
+            raise JobRejected(f"got {family!r}", field="--family", allowed="sd15 or sdxl")
+        ref = ModelRegistry(settings, resolve_broker(settings).client()).register(name, source, family)
+        console.print(f"registered {name}: {ref.source} ({ref.family or 'family unknown'}), queue {ref.queue}",
+                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+    run(action)
+
+
+@models_app.command("remove")
+def models_remove(name: Annotated[str, typer.Argument(help="A model registered with `models add`.")]) -> None:
+    """Unregister a model (its queue and jobs are left alone)."""
+    settings = Settings()
+    removed = run(lambda: ModelRegistry(settings, resolve_broker(settings).client()).unregister(name))
+    console.print(f"removed {name}" if removed else f"{name} was not registered", markup=False, highlight=False)
+    if not removed:
+        raise typer.Exit(1)
 
 
 # ---------------------------------------------------------------------------- loras

@@ -66,7 +66,7 @@ def queues(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     def collect():
         client = resolve_broker(settings).client()
-        known = set(ModelRegistry(settings).names()) | set(JobStore(client, retention=0).models())
+        known = set(ModelRegistry(settings, client).names()) | set(JobStore(client, retention=0).models())
         return queue_views(client, known, WorkerRegistry(client).all())
 
     views = run(collect)

@@ -90,7 +90,7 @@ class Client:
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
         self.resolver = JobResolver(
-            ModelRegistry(self.settings), LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
+            ModelRegistry(self.settings, self.redis), LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
             self.settings.lcm_loras,
         )
 

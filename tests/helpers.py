@@ -136,11 +136,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
 class WorkerProcess:
     """``lorafleet worker`` as a child process, its log in a file."""
 
-    def __init__(self, env: dict[str, str], models: str, log: Path, name: str | None = None) -> None:
+    def __init__(self, env: dict[str, str], models: str, log: Path, name: str | None = None,
+                 prefix: list[str] | None = None) -> None:  # fmt: skip
         self.env = env
         self.models = models
         self.log = log
         self.name = name
+        self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]: run it elsewhere
         self.process: subprocess.Popen | None = None
 
     def limit_memory(self, headroom_mb: int) -> None:
@@ -152,7 +154,7 @@ class WorkerProcess:
         resource.prlimit(self.process.pid, resource.RLIMIT_AS, (limit, limit))
 
     def start(self, wait: bool = True) -> WorkerProcess:
-        command = [str(BIN / "lorafleet"), "worker", "--models", self.models]
+        command = [*self.prefix, str(BIN / "lorafleet"), "worker", "--models", self.models]
         if self.name:
             command += ["--name", self.name]
         self.log.parent.mkdir(parents=True, exist_ok=True)

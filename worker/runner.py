@@ -89,7 +89,7 @@ class JobRunner:
         self.storage = storage
         self.pipelines = pipelines
         self.loras = loras
-        self.models = ModelRegistry(settings)
+        self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
         self.stats = WorkerStats()
 

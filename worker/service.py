@@ -43,9 +43,9 @@ class Worker:
             raise ValueError("a worker needs at least one model to serve (--models NAME[,NAME])")
         self.settings = settings
         self.name = name or default_node_name()
-        registry = ModelRegistry(settings)
-        self.models: list[ModelRef] = [registry.resolve(m, field="--models") for m in models]
         self.broker = resolve_broker(settings)
+        registry = ModelRegistry(settings, self.broker.client())
+        self.models: list[ModelRef] = [registry.resolve(m, field="--models") for m in models]
         self.app = make_celery(settings, self.broker)
         self.store = JobStore(self.broker.client(), retention=settings.record_retention)
         self.pipelines = PipelineCache(settings)

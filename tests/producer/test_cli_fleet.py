@@ -7,6 +7,9 @@ import re
 import socket
 import time
 
+import pytest
+
+from lorafleet.common.errors import JobRejected
 from lorafleet.common.workers import WorkerBeat, WorkerRegistry
 from lorafleet.producer.client import Client
 from tests.helpers import lorafleet_env, run_cli
@@ -61,3 +64,28 @@ def test_submit_warns_when_no_worker_serves_the_model_and_require_worker_refuses
     assert "refused: model: no live worker serves 'tiny-sd15'" in " ".join(refused.stderr.split())
     rows = {row["model"]: row for row in json.loads(run_cli(["queues", "--json"], env).stdout)}
     assert rows[TINY]["depth"] == 1  # the warned job only
+
+
+def test_models_add_registers_a_name_every_machine_resolves(settings, home, redis_url, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pipelines" / "house"
+    shutil.copytree(home / "models" / TINY, folder)
+    env = lorafleet_env(home, redis_url)
+    added = run_cli(["models", "add", "house-style", str(folder)], env)
+    assert added.returncode == 0 and "registered house-style" in added.stdout and "(sd15)" in added.stdout
+    hub = run_cli(["models", "add", "hubby", "acme/sdxl-thing", "--family", "sdxl"], env)
+    assert hub.returncode == 0
+    bad = run_cli(["models", "add", "../up", str(folder)], env)
+    assert bad.returncode == 2 and "NAME" in bad.stderr
+    rows = {r["name"]: r for r in json.loads(run_cli(["models", "list", "--json"], env).stdout)}
+    assert rows["house-style"]["where"] == "shared" and rows["house-style"]["source"] == str(folder)
+    assert rows["hubby"]["family"] == "sdxl" and rows[TINY]["where"] == "local"
+    # Another machine (no such folder under its models/) resolves the name through Redis.
+    with Client(settings) as client:
+        handle = client.submit({"model": "house-style", "prompt": "registered", "loras": [{"name": "watercolor"}]})
+        assert handle.queue == "lorafleet.model.house-style" and handle.job.width == 64
+        with pytest.raises(JobRejected, match="is for sd15 but model 'hubby' is sdxl"):
+            client.submit({"model": "hubby", "prompt": "x", "loras": [{"name": "watercolor"}]})
+    assert run_cli(["models", "remove", "hubby"], env).returncode == 0
+    assert run_cli(["models", "remove", "hubby"], env).returncode == 1
