@@ -40,6 +40,20 @@ def job_key(job_id: str) -> str:
     return JOB_KEY + job_id
 
 
+_COMPARE_AND_SET = """
+-- KEYS: the record, its status index before, its status index after
+-- ARGV: the record as read, the new record, the job id, its score, seconds to keep it (0: for good)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+if KEYS[2] ~= KEYS[3] then
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+
 def _score(record: JobRecord) -> float:
     return record.submitted_at.timestamp()
 
@@ -50,6 +64,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, retention: int) -> None:
         self.redis = client
         self.retention = retention
+        self._compare_and_set = client.register_script(_COMPARE_AND_SET)
 
     # ------------------------------------------------------------------ create
     def create_many(self, records: Iterable[JobRecord]) -> None:
@@ -62,7 +77,8 @@ class JobStore:
             while True:
                 try:
                     pipe.watch(*keys)
-                    taken = [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n]
+                    # One round trip for the usual case (fresh ids); per key only if one is taken.
+                    taken = [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n] if pipe.exists(*keys) else []
                     if taken:
                         raise JobRejected(
                             f"job_id {taken[0]!r} is already taken",
@@ -118,33 +134,28 @@ class JobStore:
     # ------------------------------------------------------------------ change
     def update(self, job_id: str, change: Change) -> JobRecord | None:
         """Apply ``change`` to the record atomically; it returns the new record, or None
-        to leave it as it is. Returns what is stored afterwards (None if no record)."""
+        to leave it as it is. Returns what is stored afterwards (None if no record).
+
+        Optimistic: read, change, then write only if the record is still what was read (a
+        server-side compare-and-set, two round trips); on a race, read again and retry.
+        """
         key = job_key(job_id)
-        with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        return None
-                    before = JobRecord.model_validate_json(raw)
-                    after = change(before.model_copy(deep=True))
-                    if after is None:
-                        pipe.unwatch()
-                        return before
-                    pipe.multi()
-                    pipe.set(key, after.model_dump_json())
-                    if after.status is not before.status:
-                        score = _score(after)
-                        pipe.zrem(STATUS_KEY + before.status.value, job_id)
-                        pipe.zadd(STATUS_KEY + after.status.value, {job_id: score})
-                    if after.status.final:
-                        pipe.expire(key, self.retention)
-                    pipe.execute()
-                    return after
-                except redis.WatchError:
-                    continue
+        while True:
+            raw = self.redis.get(key)
+            if raw is None:
+                return None
+            before = JobRecord.model_validate_json(raw)
+            status_before = before.status
+            after = change(before)  # may change ``before`` in place: it is a fresh copy
+            if after is None:
+                return before
+            written = self._compare_and_set(
+                keys=[key, STATUS_KEY + status_before.value, STATUS_KEY + after.status.value],
+                args=[raw, after.model_dump_json(), job_id, _score(after),
+                      self.retention if after.status.final else 0],
+            )  # fmt: skip
+            if written:
+                return after
 
     # ------------------------------------------------------------------ list
     def count_by_status(self) -> dict[JobStatus, int]:

@@ -231,21 +231,27 @@ class Client:
         Raises TimeoutError if ``timeout`` seconds pass first.
         """
         ids = list(job_ids)
-        for job_id in ids:
-            self.get(job_id)
+        latest: dict[str, JobRecord] = {}
+        for job_id, record in zip(ids, self.jobs.get_many(ids)):
+            if record is None:
+                self.get(job_id)  # raises, saying how long records are kept
+            latest[job_id] = record  # type: ignore[assignment]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            records = self.jobs.get_many(ids)
-            missing = [i for i, r in zip(ids, records) if r is None]
-            if missing:
-                raise JobRejected(f"job {missing[0]!r} disappeared (its record expired)", field="job_id")
+            # Ended records do not change: only the pending ones are read again.
+            pending = [i for i in dict.fromkeys(ids) if not latest[i].status.final]
+            for job_id, record in zip(pending, self.jobs.get_many(pending)):
+                if record is None:
+                    raise JobRejected(f"job {job_id!r} disappeared (its record expired)", field="job_id")
+                latest[job_id] = record
+            records = [latest[i] for i in ids]
             if on_update:
-                on_update(records)  # type: ignore[arg-type]
-            if all(r.status.final for r in records):  # type: ignore[union-attr]
-                return records  # type: ignore[return-value]
+                on_update(records)
+            if all(r.status.final for r in records):
+                return records
             if deadline is not None and time.monotonic() >= deadline:
-                pending = sum(not r.status.final for r in records)  # type: ignore[union-attr]
-                raise TimeoutError(f"{pending} of {len(ids)} jobs still unfinished after {timeout:g} s")
+                left = sum(not r.status.final for r in records)
+                raise TimeoutError(f"{left} of {len(ids)} jobs still unfinished after {timeout:g} s")
             time.sleep(POLL_SECONDS)
 
     # ------------------------------------------------------------------ cancel

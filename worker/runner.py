@@ -94,15 +94,29 @@ class JobRunner:
         self.stats = WorkerStats()
 
     # ------------------------------------------------------------------ record moves
-    def _start(self, job_id: str) -> JobRecord | None:
+    def _start(self, job_id: str) -> tuple[JobStatus | None, JobRecord | None]:
+        """Take the job in one transaction: (its status before, the record after).
+
+        A job already ended is left alone; one cancelled while queued ends cancelled; one
+        whose workers were lost ``job_attempts`` times ends failed; any other starts here.
+        """
+        before: list[JobStatus] = []
+
         def change(record: JobRecord) -> JobRecord | None:
+            before.append(record.status)
             if record.status.final:
                 return None
+            record.finished_at = utcnow()
             if record.cancel_requested:
                 record.status = JobStatus.cancelled
-                record.finished_at = utcnow()
                 record.error = "cancelled before it ran"
                 return record
+            if record.attempts >= self.settings.job_attempts:
+                record.status = JobStatus.failed
+                record.error = (f"started {record.attempts} times and the worker running it was lost each "
+                                "time (killed or out of memory); not retried again")  # fmt: skip
+                return record
+            record.finished_at = None
             record.status = JobStatus.running
             record.attempts += 1
             record.started_at = utcnow()
@@ -114,9 +128,7 @@ class JobRunner:
             return record
 
         record = self.store.update(job_id, change)
-        if record is None or record.status is not JobStatus.running or record.worker != self.worker_name:
-            return None
-        return record
+        return (before[-1] if before else None), record
 
     def _finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
         def change(record: JobRecord) -> JobRecord:
@@ -144,25 +156,17 @@ class JobRunner:
     # ------------------------------------------------------------------ the job
     def run(self, job_id: str) -> JobStatus | None:
         """Run one job to its end; returns its final status (None if it was not ours to run)."""
-        existing = self.store.get(job_id)
-        if existing is None:
+        before, record = self._start(job_id)
+        if record is None:
             logger.warning("job %s has no record (expired or never queued); dropped", job_id)
             return None
-        if existing.status.final:
-            logger.info("job %s is already %s; skipped", job_id, existing.status.value)
-            return existing.status
-        if existing.attempts >= self.settings.job_attempts:
-            self._finish(
-                job_id,
-                JobStatus.failed,
-                error=f"started {existing.attempts} times and the worker running it was lost each "
-                "time (killed or out of memory); not retried again",
-            )
-            return JobStatus.failed
-        record = self._start(job_id)
-        if record is None:
-            logger.info("job %s was cancelled before it ran", job_id)
-            return JobStatus.cancelled
+        if before is not None and before.final:
+            logger.info("job %s is already %s; skipped", job_id, before.value)
+            return record.status
+        if record.status is not JobStatus.running:
+            record_finished(self.store.redis, record)
+            logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
+            return record.status
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
         self.stats.current_job, self.stats.current_step = job_id, 0
         self.stats.current_total = record.progress.total

@@ -160,6 +160,20 @@ def test_a_finished_job_delivered_again_is_skipped(client, runner):
     assert client.get(record.job_id).attempts == 1
 
 
+def test_a_job_whose_workers_were_lost_too_often_ends_failed_saying_so(client, runner):
+    handle = client.submit(JOB)
+
+    def lost(record):  # as if runner.settings.job_attempts workers had died running it
+        record.status, record.attempts = JobStatus.running, runner.settings.job_attempts
+        return record
+
+    client.jobs.update(handle.job_id, lost)
+    assert runner.run(handle.job_id) is JobStatus.failed
+    record = client.get(handle.job_id)
+    assert record.error.startswith(f"started {runner.settings.job_attempts} times and the worker running it was lost")
+    assert record.finished_at is not None and record.images == []
+
+
 @pytest.fixture
 def xl_settings(settings, home):
     """The same home, with the SDXL demo LoRAs in the drop folder."""

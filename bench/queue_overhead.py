@@ -1,0 +1,159 @@
+"""What lorafleet's path costs per job beyond Celery's own round trip, on the same Redis.
+
+Two runs, one after the other, each with one worker process (solo pool, prefetch 1,
+acks_late, task events on: lorafleet's Celery configuration) and the same Redis:
+
+- bare Celery: ``send_task`` of N no-op tasks; each task only counts itself;
+- lorafleet: ``Client.submit_many`` of N jobs (validation, resolution, records, grouping,
+  sending), and a worker whose runner does all its record keeping (record read, start
+  transaction, final record, metrics) but replaces pipeline, LoRA and sampling work with
+  nothing and stores no image.
+
+Each run's time goes from the first send to the last job ended. Prints both, per job and per
+second, their ratio (target: lorafleet within 1.5x of bare Celery) and lorafleet's jobs per
+second through one worker (target: at least 300 on the 2-core development machine), then one
+JSON line. Never part of the test run.
+
+    .venv/bin/python bench/queue_overhead.py            # 2,000 jobs each
+    .venv/bin/python bench/queue_overhead.py --jobs 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lorafleet.common.queue import make_celery, queue_for  # noqa: E402
+from lorafleet.common.settings import Settings  # noqa: E402
+
+MODEL = "acme/noop-model"  # a hub id: resolved without a download, never loaded here
+COUNTER = "bench:bare:done"
+BATCH = 500
+
+
+def app_for(settings: Settings):
+    from lorafleet.common.broker import resolve_broker
+
+    return make_celery(settings, resolve_broker(settings))
+
+
+def serve(kind: str, settings: Settings) -> None:
+    """The worker process: bare Celery, or lorafleet's runner with the GPU work left out."""
+    from lorafleet.common.broker import resolve_broker
+    from lorafleet.common.jobs import JobRecord, JobStatus, Progress
+    from lorafleet.common.state import JobStore
+
+    app = app_for(settings)
+    redis = resolve_broker(settings).client()
+    if kind == "bare":
+
+        @app.task(name="bench.noop", acks_late=True, ignore_result=True)
+        def noop() -> None:
+            redis.incr(COUNTER)
+
+    else:
+        from lorafleet.common.storage import open_storage
+        from lorafleet.worker.runner import JobRunner
+        from lorafleet.worker.tasks import register_tasks
+
+        class NoWorkRunner(JobRunner):
+            """Every record write of a real job; no pipeline, no LoRA, no sampling, no image."""
+
+            def _run(self, record: JobRecord) -> JobStatus:
+                total = record.progress.total
+                self._finish(record.job_id, JobStatus.succeeded, progress=Progress(step=total, total=total))
+                self.stats.done += 1
+                return JobStatus.succeeded
+
+        store = JobStore(redis, retention=settings.record_retention)
+        runner = NoWorkRunner(settings, store, open_storage(settings), None, None, worker_name="bench@noop")
+        register_tasks(app, runner)
+    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--hostname=bench@noop", f"--queues={queue_for(MODEL)}",
+                     "--loglevel=WARNING", "--without-mingle", "--without-gossip", "--task-events"])  # fmt: skip
+
+
+def start_worker(kind: str, home: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--home", home])
+    return process
+
+
+def run_bare(settings: Settings, jobs: int) -> float:
+    app = app_for(settings)
+    from lorafleet.common.broker import resolve_broker
+
+    redis = resolve_broker(settings).client()
+    redis.delete(COUNTER)
+    start = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for _ in range(jobs):
+            app.send_task("bench.noop", queue=queue_for(MODEL), priority=3, producer=producer)
+    while int(redis.get(COUNTER) or 0) < jobs:
+        time.sleep(0.002)
+    return time.perf_counter() - start
+
+
+def run_lorafleet(settings: Settings, jobs: int) -> float:
+    from lorafleet.producer import Client
+
+    with Client(settings) as client:
+        start = time.perf_counter()
+        ids = []
+        for chunk in range(0, jobs, BATCH):
+            handles = client.submit_many([{"model": MODEL, "prompt": f"job {n}", "seed": n}
+                                          for n in range(chunk, min(jobs, chunk + BATCH))])  # fmt: skip
+            ids += [h.job_id for h in handles]
+        records = client.wait(ids, timeout=600)
+        elapsed = time.perf_counter() - start
+    assert all(r.status.value == "succeeded" for r in records)
+    return elapsed
+
+
+def measure(kind: str, home: Path, jobs: int) -> float:
+    settings = Settings(home=home)
+    worker = start_worker(kind, str(home))
+    try:
+        time.sleep(0.5)
+        warm = max(20, jobs // 50)
+        (run_bare if kind == "bare" else run_lorafleet)(settings, warm)  # the worker up and warm
+        return (run_bare if kind == "bare" else run_lorafleet)(settings, jobs)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--serve", choices=("bare", "lorafleet"), help=argparse.SUPPRESS)
+    parser.add_argument("--home", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, Settings(home=Path(args.home)))
+        return
+    with tempfile.TemporaryDirectory(prefix="lorafleet-queue-") as home:
+        settings = Settings(home=Path(home))
+        try:
+            bare = measure("bare", Path(home), args.jobs)
+            fleet = measure("lorafleet", Path(home), args.jobs)
+        finally:
+            settings.embedded_redis().stop()
+    ratio = fleet / bare
+    print(f"\n{args.jobs} jobs through one worker, the embedded Redis (unix socket), solo pool, prefetch 1\n")
+    print(f"{'path':<44} {'ms/job':>8} {'jobs/s':>8}")
+    print(f"{'bare Celery (send_task, no-op task)':<44} {bare / args.jobs * 1000:>8.2f} {args.jobs / bare:>8.0f}")
+    print(f"{'lorafleet (submit_many, records, no GPU work)':<44} {fleet / args.jobs * 1000:>8.2f} {args.jobs / fleet:>8.0f}")
+    print(f"\nlorafleet / bare Celery: {ratio:.2f}x (target <= 1.5x); lorafleet {args.jobs / fleet:.0f} jobs/s (target >= 300)")
+    print(json.dumps({"bench": "queue_overhead", "jobs": args.jobs, "bare_s": bare, "lorafleet_s": fleet,
+                      "ratio": ratio, "lorafleet_jobs_per_s": args.jobs / fleet}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
