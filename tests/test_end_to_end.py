@@ -17,7 +17,7 @@ from PIL import Image
 
 from lorafleet.common.queue import priority_lists, queue_for
 from tests.conftest import TINY, TINY_XL, copy_home
-from tests.helpers import RedisProcess, WorkerProcess, lorafleet_env, run_cli, s3_env
+from tests.helpers import RedisProcess, WorkerProcess, lorafleet_env, run_cli, s3_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -119,18 +119,27 @@ def test_count_submits_consecutive_seeds_and_wait_shows_the_timings(stack):
     assert [image["seed"] for image in record["images"]] == [14, 15]
 
 
-def test_cancel_of_a_queued_job_from_the_cli(stack):
+def test_cancel_from_the_cli_of_a_queued_job_and_of_a_running_one(stack):
+    env = stack["env"]
     # Queue a long job first so that the second is still queued when it is cancelled.
     long = json.loads(run_cli(["submit", "--model", TINY, "--prompt", "long", "--steps", "150", "--width", "256",
-                               "--height", "256", "--images", "3", "--json"], stack["env"]).stdout)[0]  # fmt: skip
-    short = json.loads(run_cli(["submit", "--model", TINY, "--prompt", "short", "--json"], stack["env"]).stdout)[0]
-    result = run_cli(["cancel", short["job_id"]], stack["env"])
-    assert "cancelled" in result.stdout
-    run_cli(["cancel", long["job_id"]], stack["env"])
-    waited = run_cli(["wait", long["job_id"], short["job_id"], "--json", "--timeout", "120"], stack["env"])
-    statuses = [r["status"] for r in json.loads(waited.stdout)]
-    assert statuses[1] == "cancelled" and statuses[0] in ("cancelled", "succeeded")
-    assert waited.returncode == 1  # not everything succeeded
+                               "--height", "256", "--images", "3", "--json"], env).stdout)[0]  # fmt: skip
+    short = json.loads(run_cli(["submit", "--model", TINY, "--prompt", "short", "--json"], env).stdout)[0]
+    assert "cancelled" in run_cli(["cancel", short["job_id"]], env).stdout
+
+    def sampling():
+        record = json.loads(run_cli(["status", long["job_id"], "--json"], env).stdout)[0]
+        return record["status"] == "running" and record["progress"]["step"] >= 1
+
+    wait_until(sampling, timeout=60, what="the long job to be sampling")
+    run_cli(["cancel", long["job_id"]], env)
+    waited = run_cli(["wait", long["job_id"], short["job_id"], "--json", "--timeout", "120"], env)
+    records = json.loads(waited.stdout)
+    assert [r["status"] for r in records] == ["cancelled", "cancelled"] and waited.returncode == 1
+    assert records[0]["error"] == "cancelled while running" and records[0]["progress"]["step"] < 450
+    assert records[1]["error"] == "cancelled before it ran" and records[1]["started_at"] is None
+    after = run_cli(["submit", "--model", TINY, "--prompt", "after", "--lcm", "--wait", "--json"], env)
+    assert json.loads(after.stdout)[0]["status"] == "succeeded"  # the worker goes on
 
 
 def test_images_go_to_s3_through_a_real_server(stack, moto_server, tmp_path):

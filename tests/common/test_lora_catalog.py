@@ -107,3 +107,16 @@ def test_path_like_names_never_leave_the_folder(home):
     catalog = LoraCatalog(home / "autoimport" / "lora")
     for name in ("../models/tiny-sd15", "/etc/passwd", ".hidden", "a\\b"):
         assert catalog.path_of(name) is None
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    from lorafleet.common.lora_catalog import MAX_LORA_BYTES
+
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:  # sparse: no disk is used
+        f.truncate(MAX_LORA_BYTES + 1)
+    with pytest.raises(ValueError, match="over the 4 GiB limit"):
+        describe_file(huge)
+    with pytest.raises(JobRejected, match="over the 4 GiB limit") as refused:
+        LoraCatalog(tmp_path).resolve("huge", field="loras[0].name")
+    assert refused.value.problems[0][0] == "loras[0].name"
