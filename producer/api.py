@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE = 500
 """Largest page of jobs one request may ask for."""
+MAX_OFFSET = 10**9
+"""Largest offset (Redis ranges are signed 64-bit; no fleet keeps this many records)."""
 
 
 # A record as the API shows it: its id first, the record's own fields, then the image
@@ -174,7 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         status: JobStatus | None = None,
         batch: str | None = None,
         model: str | None = None,
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
     ):
         """Jobs, newest first, matching every filter given."""

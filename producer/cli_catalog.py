@@ -50,7 +50,12 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "where", "family", "native size", "source", "queue", title=str(settings.models_dir))
+    table = Table(title=str(settings.models_dir))
+    table.add_column("name", no_wrap=True)
+    for column in ("where", "family", "native size"):
+        table.add_column(column)
+    table.add_column("source", overflow="fold")
+    table.add_column("queue", no_wrap=True)
     for row in rows:
         table.add_row(row["name"], row["where"], row["family"] or "?", str(row["native_size"] or "?"),
                       escape(row["source"]), row["queue"])  # fmt: skip

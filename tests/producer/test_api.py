@@ -226,3 +226,9 @@ def test_require_worker_is_a_422_naming_the_model_and_queues_nothing(api):
     assert api.get("/v1/jobs").json()["total"] == 0
     warned = submit(api, JOB)["jobs"][0]["warnings"]
     assert any("no live worker serves 'tiny-sd15'" in w for w in warned)
+
+
+def test_paging_refuses_offsets_past_the_limit_instead_of_failing(api):
+    assert api.get("/v1/jobs", params={"offset": 10**9}).status_code == 200
+    refused = api.get("/v1/jobs", params={"offset": 2**63 - 10})
+    assert refused.status_code == 422 and "offset" in refused.text
