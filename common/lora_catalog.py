@@ -19,7 +19,7 @@ import os
 import re
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -279,6 +279,19 @@ class LoraCatalog:
                 return None
         return self.shared.lookup(name) if self.shared else None
 
+    def on_disk(self, name: str, *, in_use: frozenset[str] | set[str] = frozenset()) -> LoraInfo | None:
+        """The LoRA ``name`` as a file on this machine: the folder's, else the shared
+        registry's, fetched into the disk cache (``in_use``: hashes eviction must spare) and
+        described under its registered name. None if neither has it; ValueError if refused."""
+        path = self.path_of(name)
+        if path is not None:
+            return self.info(path)
+        registered = self.shared.lookup(name) if self.shared else None
+        if registered is None:
+            return None
+        path = self.shared.fetch(registered, in_use=in_use)
+        return replace(self.info(path), name=registered.name, is_lcm=registered.is_lcm)
+
     def path_of(self, name: str) -> Path | None:
         """The file a name refers to (``name`` or ``name.safetensors``), or None."""
         try:
@@ -305,7 +318,7 @@ class LoraCatalog:
         """The LoRA called ``name``, checked; JobRejected names the field and the choices."""
         path = self.path_of(name)
         if path is None and self.shared is not None:
-            registered = self.shared.lookup(name) if _plain(name) else None
+            registered = self.shared.lookup(name)
             if registered is not None:
                 return registered
         if path is None:
@@ -333,10 +346,3 @@ class LoraCatalog:
         except (OSError, ValueError) as exc:
             raise JobRejected(f"LoRA {name!r} is refused: {exc}", field=field) from None
 
-
-def _plain(name: str) -> bool:
-    try:
-        check_lora_name(name)
-    except ValueError:
-        return False
-    return True

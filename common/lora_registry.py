@@ -20,13 +20,14 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import redis
 
 from lorafleet.common.errors import JobFailed, TransientError
-from lorafleet.common.lora_catalog import SAFETENSORS_SUFFIX, LoraInfo, describe_file
+from lorafleet.common.lora_catalog import SAFETENSORS_SUFFIX, LoraInfo
+from lorafleet.common.settings import Settings
 from lorafleet.common.state import PREFIX
 from lorafleet.common.storage import Storage, check_key
 
@@ -49,6 +50,11 @@ class SharedLoras:
         self.cache_dir = cache_dir
         self.cache_bytes = cache_bytes
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_machine(cls, settings: Settings, client: redis.Redis, storage: Storage) -> SharedLoras:
+        """The registry with this machine's store and disk cache (what fetching needs)."""
+        return cls(client, storage, settings.lora_cache_dir, settings.lora_disk_cache_mb << 20)
 
     # ------------------------------------------------------------------ registry
     def publish(self, info: LoraInfo) -> bool:
@@ -139,8 +145,3 @@ class SharedLoras:
             return []
         return sorted(p.stem for p in self.cache_dir.glob(f"*{SAFETENSORS_SUFFIX}"))
 
-
-def describe_registered(info: LoraInfo, path: Path) -> LoraInfo:
-    """The registered entry checked against the fetched file (format and hash as imported)."""
-    described = describe_file(path, info.name)
-    return replace(described, name=info.name, is_lcm=info.is_lcm)

@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -38,8 +39,7 @@ _METADATA_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim
 def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Models: pipeline folders under <home>/models, and those registered for every machine."""
     settings = Settings()
-    shared = run(lambda: _shared_registry(settings))
-    registry = ModelRegistry(settings, shared.redis if shared else None)
+    registry = ModelRegistry(settings, run(lambda: _fleet_redis(settings)))
     local, registered = set(registry.local_names()), registry.registered()
     rows = []
     for name in registry.names():
@@ -130,13 +130,14 @@ def _summary(info: LoraInfo) -> dict[str, Any]:
 
 
 def _find(settings: Settings, file_or_name: str) -> LoraInfo:
+    """A file given by path, or a LoRA by name: the folder's, or the registry's (fetched)."""
     path = Path(file_or_name).expanduser()
-    if path.is_file():
-        try:
-            return describe_file(path)
-        except ValueError as exc:
-            raise JobRejected(str(exc), field="FILE_OR_NAME") from None
-    return LoraCatalog(settings.lora_dir).resolve(file_or_name, field="FILE_OR_NAME")
+    catalog = None if path.is_file() else LoraCatalog(settings.lora_dir, _shared_registry(settings))
+    try:
+        info = describe_file(path) if catalog is None else catalog.on_disk(file_or_name)
+    except (OSError, ValueError) as exc:
+        raise JobRejected(str(exc), field="FILE_OR_NAME") from None
+    return info or catalog.resolve(file_or_name, field="FILE_OR_NAME")  # the latter says what is known
 
 
 @loras_app.command("inspect")
@@ -178,7 +179,7 @@ def loras_inspect(
 
 
 def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any]:
-    model = ModelRegistry(settings).resolve(model_name, field="--model")
+    model = ModelRegistry(settings, _fleet_redis(settings)).resolve(model_name, field="--model")
     if model.path is None:
         raise JobRejected("matching needs the model's folder on this machine", field="--model",
                           allowed="a registered model or a diffusers folder")  # fmt: skip
@@ -242,29 +243,33 @@ def loras_import(
     run(action)
 
 
-def _shared_registry(settings: Settings, storage=None) -> SharedLoras | None:
-    """The shared registry on the configured broker, or on the embedded Redis if it runs.
+def _fleet_redis(settings: Settings) -> redis.Redis | None:
+    """The configured broker, or the embedded Redis if it runs (never started just to look).
 
-    A lone machine with no broker configured and its embedded Redis stopped has nothing to
-    share with: its workers read the autoimport folder.
+    A lone machine with no broker configured and its embedded Redis stopped has nothing
+    shared: its workers read the autoimport folder and the models folder.
     """
-    if settings.broker_url:
-        return SharedLoras(resolve_broker(settings).client(), storage)
-    embedded = settings.embedded_redis()
-    return SharedLoras(resolve_broker(settings).client(), storage) if embedded.ping() else None
+    if not settings.broker_url and not settings.embedded_redis().ping():
+        return None
+    return resolve_broker(settings).client()
+
+
+def _shared_registry(settings: Settings) -> SharedLoras | None:
+    """The shared LoRA registry, with this machine's store and disk cache; None as above."""
+    client = _fleet_redis(settings)
+    return SharedLoras.for_machine(settings, client, open_storage(settings)) if client else None
 
 
 def _share(settings: Settings, info: LoraInfo) -> None:
     """Store the file by hash in the object store and register its name for every machine."""
-    storage = open_storage(settings)
-    shared = _shared_registry(settings, storage)
+    shared = _shared_registry(settings)
     if shared is None:
         console.print("not registered for other machines: no broker is configured and the embedded Redis "
                       "is not running", markup=False, highlight=False)  # fmt: skip
         return
     stored = shared.publish(info)
     console.print(
-        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {storage.describe()}; "
+        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {shared.storage.describe()}; "
         f"registered as {info.name!r} for every worker on this broker", markup=False, highlight=False, soft_wrap=True,
     )  # fmt: skip
 

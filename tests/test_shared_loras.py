@@ -7,11 +7,13 @@ submits, one works — the last two with empty autoimport folders.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
 import boto3
 import pytest
+from PIL import Image
 
 from lorafleet.common.lora_catalog import sha256_file
 from tests.conftest import TINY, copy_home
@@ -68,6 +70,13 @@ def test_an_imported_lora_is_fetched_by_a_worker_that_never_had_it(machines):
     assert record["status"] == "succeeded", record["error"]
     assert record["job"]["loras"][0]["sha256"] == sha and record["timings"]["lora_misses"] == 1
     assert sorted(p.name for p in machines["cache"].iterdir()) == [f"{sha}.safetensors"]
+    stored = s3.get_object(Bucket="fleet", Key=f"out/{record['images'][0]['key']}")["Body"].read()
+    parameters = Image.open(io.BytesIO(stored)).text["parameters"]
+    assert "<lora:aquarelle:0.8>" in parameters and f"aquarelle: {sha[:12]}" in parameters  # its name, not its hash
+    inspected = run_cli(["loras", "inspect", "aquarelle", "--model", TINY, "--json"], env["submitter"])
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["name"] == "aquarelle" and report["sha256"] == sha and report["match"]["unmatched"] == []
     # The same picture as a machine that had the file all along would make.
     local = submit(env["importer"], "aquarelle:0.8")
     assert local["images"][0]["sha256"] == record["images"][0]["sha256"]

@@ -12,7 +12,6 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -97,33 +96,19 @@ class LoraStore:
         return loaded
 
     def _info(self, spec: LoraSpec, in_use: set[str]) -> LoraInfo:
-        path = self.catalog.path_of(spec.name)
-        if path is None:
-            path = self._fetch(spec, in_use)
         try:
-            info = self.catalog.info(path)
+            info = self.catalog.on_disk(spec.name, in_use=in_use)
         except (OSError, ValueError) as exc:
             raise JobFailed(f"LoRA {spec.name!r} is refused: {exc}") from None
+        if info is None:
+            where = " or the shared registry" if self.catalog.shared else ""
+            raise JobFailed(f"LoRA {spec.name!r} is not in this worker's folder {self.catalog.folder}{where}")
         if spec.sha256 and info.sha256 != spec.sha256:
             raise JobFailed(
                 f"LoRA {spec.name!r} on this worker has sha256 {info.short_hash}..., not the "
-                f"{spec.sha256[:12]}... it had at submit: the file was replaced; submit again"
+                f"{spec.sha256[:12]}... it had at submit: the file was replaced or imported again; submit again"
             )
         return info
-
-    def _fetch(self, spec: LoraSpec, in_use: set[str]) -> Path:
-        """A LoRA this worker has no file for: fetched from the shared registry's store."""
-        shared = self.catalog.shared
-        registered = shared.lookup(spec.name) if shared else None
-        if registered is None:
-            where = " or the shared registry" if shared else ""
-            raise JobFailed(f"LoRA {spec.name!r} is not in this worker's folder {self.catalog.folder}{where}")
-        if spec.sha256 and registered.sha256 != spec.sha256:
-            raise JobFailed(
-                f"LoRA {spec.name!r} is registered with sha256 {registered.short_hash}..., not the "
-                f"{spec.sha256[:12]}... it had at submit: it was imported again since; submit again"
-            )
-        return shared.fetch(registered, in_use=in_use)
 
     def _parse(self, info: LoraInfo, patcher: WeightPatcher) -> ParsedLora:
         from safetensors import SafetensorError

@@ -50,7 +50,7 @@ class Worker:
         self.store = JobStore(self.broker.client(), retention=settings.record_retention)
         self.pipelines = PipelineCache(settings)
         storage = open_storage(settings)
-        shared = SharedLoras(self.store.redis, storage, settings.lora_cache_dir, settings.lora_disk_cache_mb << 20)
+        shared = SharedLoras.for_machine(settings, self.store.redis, storage)
         self.loras = LoraStore(
             LoraCatalog(settings.lora_dir, shared), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
         )
