@@ -102,9 +102,9 @@ class WorkerRegistry:
         order = {"alive": 0, "stale": 1, "gone": 2}
         return sorted(views, key=lambda v: (order[v.liveness], v.name))
 
-    def serving(self, model_key: str, now: float | None = None) -> list[WorkerView]:
-        """Live workers that serve ``model_key``."""
-        return [w for w in self.all(now) if w.liveness == "alive" and model_key in w.models]
+    def live_models(self, now: float | None = None) -> set[str]:
+        """Model keys that at least one live worker serves."""
+        return {model for w in self.all(now) if w.liveness == "alive" for model in w.models}
 
 
 class QueueView(BaseModel):

@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from pydantic import BaseModel, create_model
 
@@ -165,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs = body if isinstance(body, list) else [body]
         if not jobs:
             return _problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
-        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
+        # The client talks to Redis synchronously: keep it off the event loop.
+        handles = await run_in_threadpool(client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker)
         return Submission(
             batch_id=handles[0].batch_id,
             jobs=[Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings) for h in handles],

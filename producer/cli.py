@@ -309,6 +309,10 @@ def make_demo_loras(
         console.print(f"wrote {path}", markup=False, highlight=False)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Addresses `serve` may listen on without tokens."""
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")] = None,
@@ -334,9 +338,6 @@ def serve(
     app_instance = run(lambda: create_app(settings))
     console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
     uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()

@@ -65,7 +65,6 @@ class JobHandle:
         return f"JobHandle({self.job_id!r}, batch={self.batch_id!r})"
 
 
-
 def grouped_by_stack(records: Sequence[JobRecord]) -> list[JobRecord]:
     """The batch in send order: jobs with the same LoRA stack next to each other.
 
@@ -78,6 +77,7 @@ def grouped_by_stack(records: Sequence[JobRecord]) -> list[JobRecord]:
         stack = tuple((s.name, s.sha256, s.weight, s.text_encoder_weight) for s in record.job.loras)
         groups.setdefault((record.job.model, stack), []).append(record)
     return [record for group in groups.values() for record in group]
+
 
 class Client:
     """Submits and follows jobs; one per process is plenty (it is thread-safe)."""
@@ -139,8 +139,7 @@ class Client:
 
     def _check_served(self, records: list[JobRecord], required: bool, multiple: bool) -> list[tuple[str, str]]:
         """Warn on (or, when ``required``, refuse) jobs whose model no live worker serves."""
-        workers = WorkerRegistry(self.redis).all()
-        live = {model for w in workers if w.liveness == "alive" for model in w.models}
+        live = WorkerRegistry(self.redis).live_models()
         problems = []
         for index, record in enumerate(records):
             model = record.job.model

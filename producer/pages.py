@@ -20,28 +20,42 @@ FOLDER = Path(__file__).with_name("dashboard")  # the HTML shells, scripts and s
 COOKIE_SECONDS = 30 * 24 * 3600
 
 
-def _page(name: str) -> FileResponse:
-    return FileResponse(FOLDER / f"{name}.html", media_type="text/html")
+PAGES = {"index": ("lorafleet", "overview.js"), "job": ("job · lorafleet", "job.js"),
+         "batch": ("batch · lorafleet", "batch.js")}  # fmt: skip
+"""Each page's <main> (in <name>.html), its title and its script, inside layout.html."""
+LOGOUT = '<form method="post" action="/logout"><button class="link">log out</button></form>'
+
+
+def render_pages(tokens: list[str]) -> dict[str, str]:
+    """The dashboard's pages, put together once: the shared layout around each page's body."""
+    layout = (FOLDER / "layout.html").read_text()
+    pages = {}
+    for name, (title, script) in PAGES.items():
+        html = layout.replace("{{title}}", title).replace("{{script}}", script)
+        html = html.replace("{{logout}}", LOGOUT if tokens else "")  # no login without tokens
+        pages[name] = html.replace("{{main}}", (FOLDER / f"{name}.html").read_text())
+    return pages
 
 
 def mount_dashboard(app: FastAPI, tokens: list[str]) -> None:
     app.mount("/static", StaticFiles(directory=FOLDER / "static"), name="static")
+    pages = render_pages(tokens)
 
     @app.get("/", include_in_schema=False)
-    def overview() -> FileResponse:
-        return _page("index")
+    def overview() -> HTMLResponse:
+        return HTMLResponse(pages["index"])
 
     @app.get("/jobs/{job_id}", include_in_schema=False)
-    def job_page(job_id: str) -> FileResponse:
-        return _page("job")
+    def job_page(job_id: str) -> HTMLResponse:
+        return HTMLResponse(pages["job"])
 
     @app.get("/batches/{batch_id}", include_in_schema=False)
-    def batch_page(batch_id: str) -> FileResponse:
-        return _page("batch")
+    def batch_page(batch_id: str) -> HTMLResponse:
+        return HTMLResponse(pages["batch"])
 
     @app.get("/login", include_in_schema=False)
     def login_form() -> FileResponse:
-        return _page("login")
+        return FileResponse(FOLDER / "login.html", media_type="text/html")
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):

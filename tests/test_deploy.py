@@ -84,6 +84,17 @@ def _shell_words(script: str) -> list[str]:
     return list(lexer)
 
 
+def check_lorafleet_calls(command: list[str] | str, where: str) -> int:
+    """Parse every ``lorafleet`` call in ``command``, naming ``where`` on failure; how many."""
+    calls = lorafleet_calls(command)
+    for call in calls:
+        try:
+            parse_lorafleet(call)
+        except AssertionError as exc:
+            raise AssertionError(f"{where}: {exc}") from None
+    return len(calls)
+
+
 def lorafleet_calls(argv: list[str] | str) -> list[list[str]]:
     """The arguments of each ``lorafleet`` call in a command (exec form, or a shell script)."""
     if isinstance(argv, str):
@@ -165,8 +176,7 @@ def test_images_run_real_commands_as_non_root_with_a_healthcheck():
         assert calls, f"{path.name}: the entry is not a lorafleet command"
         assert parse_lorafleet(calls[0]) == {"api": "serve", "worker": "worker"}[name]
         for command in dockerfile_commands(path):
-            for call in lorafleet_calls(command):
-                parse_lorafleet(call)
+            check_lorafleet_calls(command, path.name)
 
 
 def test_the_api_image_listens_where_its_healthcheck_and_expose_look():
@@ -337,11 +347,7 @@ def test_compose_commands_are_real_lorafleet_commands(files):
     stack = compose_stack(*files)
     for name, service in stack["services"].items():
         for command in service_commands(service):
-            for call in lorafleet_calls(command):
-                try:
-                    parse_lorafleet(call)
-                except AssertionError as exc:
-                    raise AssertionError(f"service {name}: {exc}") from None
+            check_lorafleet_calls(command, f"service {name}")
     assert set(lorafleet_services(stack, "serve")) == {"api"}
 
 
@@ -578,12 +584,7 @@ def test_manifest_commands_are_real_lorafleet_commands(folder):
     for workload, spec in pod_specs(docs).items():
         for container in all_containers(spec):
             for command in container_commands(container):
-                for call in lorafleet_calls(command):
-                    try:
-                        parse_lorafleet(call)
-                    except AssertionError as exc:
-                        raise AssertionError(f"{folder}: {workload}/{container['name']}: {exc}") from None
-                    calls += 1
+                calls += check_lorafleet_calls(command, f"{folder}: {workload}/{container['name']}")
     assert calls
 
 

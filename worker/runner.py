@@ -106,17 +106,15 @@ class JobRunner:
             before.append(record.status)
             if record.status.final:
                 return None
-            record.finished_at = utcnow()
             if record.cancel_requested:
-                record.status = JobStatus.cancelled
+                record.status, record.finished_at = JobStatus.cancelled, utcnow()
                 record.error = "cancelled before it ran"
                 return record
             if record.attempts >= self.settings.job_attempts:
-                record.status = JobStatus.failed
+                record.status, record.finished_at = JobStatus.failed, utcnow()
                 record.error = (f"started {record.attempts} times and the worker running it was lost each "
                                 "time (killed or out of memory); not retried again")  # fmt: skip
                 return record
-            record.finished_at = None
             record.status = JobStatus.running
             record.attempts += 1
             record.started_at = utcnow()

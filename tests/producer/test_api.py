@@ -184,7 +184,9 @@ def test_tokens_guard_every_call_and_the_dashboard(settings):
         assert good.status_code == 303 and good.headers["location"] == "/jobs/x"
         cookie = good.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie
-        assert api.get("/").status_code == 200  # the cookie now rides along
+        for path, script in (("/", "overview.js"), ("/jobs/x", "job.js"), ("/batches/y", "batch.js")):
+            page = api.get(path)  # the cookie now rides along
+            assert page.status_code == 200 and f'src="/static/{script}"' in page.text and "log out" in page.text
         assert api.get("/v1/jobs").status_code == 200
         assert "s3cret" not in api.get("/v1/summary").text
 
@@ -232,3 +234,9 @@ def test_paging_refuses_offsets_past_the_limit_instead_of_failing(api):
     assert api.get("/v1/jobs", params={"offset": 10**9}).status_code == 200
     refused = api.get("/v1/jobs", params={"offset": 2**63 - 10})
     assert refused.status_code == 422 and "offset" in refused.text
+
+
+def test_without_tokens_the_pages_offer_no_log_out(api):
+    page = api.get("/")
+    assert page.status_code == 200 and '<a class="brand" href="/">lorafleet</a>' in page.text
+    assert "log out" not in page.text and 'id="jobs"' in page.text

@@ -31,6 +31,16 @@ def run(client, runner, **fields):
     return client.get(handle.job_id)
 
 
+def write_changed_copy(home, name: str, change) -> None:
+    """The demo watercolor LoRA with ``change`` applied to its tensors, dropped in as ``name``."""
+    from safetensors.torch import load_file, save_file
+
+    folder = home / "autoimport" / "lora"
+    state = load_file(str(folder / "watercolor.safetensors"))
+    change(state)
+    save_file(state, str(folder / f"{name}.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+
+
 def pixels(record, runner) -> bytes:
     data = runner.storage.get(record.images[0].key)
     return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
@@ -118,13 +128,11 @@ def test_a_corrupt_lora_fails_the_job_and_leaves_the_weights_pristine(client, ru
     warm = run(client, runner)  # load the pipeline
     hot = runner.pipelines.loaded()[0]
     before = snapshot(hot)
-    folder = home / "autoimport" / "lora"
-    from safetensors.torch import load_file, save_file
 
-    state = load_file(str(folder / "watercolor.safetensors"))
-    key = sorted(k for k in state if k.endswith("lora_up.weight"))[-1]
-    state[key][0, 0] = float("nan")
-    save_file(state, str(folder / "poisoned.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    def poison(state):
+        state[sorted(k for k in state if k.endswith("lora_up.weight"))[-1]][0, 0] = float("nan")
+
+    write_changed_copy(home, "poisoned", poison)
     record = run(client, runner, loras=[{"name": "watercolor"}, {"name": "poisoned"}])
     assert record.status is JobStatus.failed
     assert "LoRA 'poisoned' is refused" in record.error and "NaN" in record.error
@@ -142,13 +150,11 @@ def test_a_lora_replaced_after_submit_fails_the_job_saying_so(client, runner, ho
 
 
 def test_unmatched_keys_are_named_in_the_warnings(client, runner, home):
-    from safetensors.torch import load_file, save_file
+    def add_unknown_layer(state):
+        state["lora_unet_made_up_block_to_q.lora_down.weight"] = torch.zeros(4, 32, dtype=torch.float16)
+        state["lora_unet_made_up_block_to_q.lora_up.weight"] = torch.zeros(32, 4, dtype=torch.float16)
 
-    folder = home / "autoimport" / "lora"
-    state = load_file(str(folder / "watercolor.safetensors"))
-    state["lora_unet_made_up_block_to_q.lora_down.weight"] = torch.zeros(4, 32, dtype=torch.float16)
-    state["lora_unet_made_up_block_to_q.lora_up.weight"] = torch.zeros(32, 4, dtype=torch.float16)
-    save_file(state, str(folder / "extra-keys.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    write_changed_copy(home, "extra-keys", add_unknown_layer)
     record = run(client, runner, loras=[{"name": "extra-keys"}])
     assert record.status is JobStatus.succeeded
     assert any("2 keys match no layer" in w and "lora_unet_made_up_block_to_q" in w for w in record.warnings)
@@ -203,13 +209,12 @@ def test_a_lora_whose_shapes_do_not_fit_fails_at_the_worker_with_weights_pristin
     warm = run(client, runner)
     hot = runner.pipelines.loaded()[0]
     before = snapshot(hot)
-    from safetensors.torch import load_file, save_file
 
-    folder = home / "autoimport" / "lora"
-    state = load_file(str(folder / "watercolor.safetensors"))
-    key = next(k for k in sorted(state) if k.endswith("attn1_to_q.lora_down.weight"))
-    state[key] = torch.zeros(4, 48, dtype=torch.float16)  # the layer reads 32 features, not 48
-    save_file(state, str(folder / "misfit.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    def misfit(state):
+        key = next(k for k in sorted(state) if k.endswith("attn1_to_q.lora_down.weight"))
+        state[key] = torch.zeros(4, 48, dtype=torch.float16)  # the layer reads 32 features, not 48
+
+    write_changed_copy(home, "misfit", misfit)
     record = run(client, runner, loras=[{"name": "ink-sketch"}, {"name": "misfit"}])
     assert record.status is JobStatus.failed
     assert "LoRA 'misfit' is refused" in record.error and "the layer's weight is (32, 32)" in record.error
