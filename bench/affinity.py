@@ -92,14 +92,28 @@ def main() -> None:
         shared = play("shared", jobs, settings)
         elapsed = time.perf_counter() - started
     ratio = shared["loads"] / max(1, affinity["loads"])
-    print(f"\n{args.jobs} jobs over {MODELS} models, {WORKERS} workers with room for {HOT} hot pipelines each "
-          f"(tiny pipelines, CPU; {elapsed:.0f} s)\n")  # fmt: skip
+    print(
+        f"\n{args.jobs} jobs over {MODELS} models, {WORKERS} workers with room for {HOT} hot pipelines each "
+        f"(tiny pipelines, CPU; {elapsed:.0f} s)\n"
+    )
     print(f"{'routing':<34} {'loads':>6} {'load s':>8}")
     print(f"{'model affinity (queue per model)':<34} {affinity['loads']:>6} {affinity['load_seconds']:>8.1f}")
     print(f"{'one shared queue':<34} {shared['loads']:>6} {shared['load_seconds']:>8.1f}")
     print(f"\naffinity makes {ratio:.0f}x fewer loads (target >= 5x)")
-    print(json.dumps({"bench": "affinity", "jobs": args.jobs, "models": MODELS, "workers": WORKERS, "hot": HOT,
-                      "affinity": affinity, "shared": shared, "ratio": ratio}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "bench": "affinity",
+                "jobs": args.jobs,
+                "models": MODELS,
+                "workers": WORKERS,
+                "hot": HOT,
+                "affinity": affinity,
+                "shared": shared,
+                "ratio": ratio,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

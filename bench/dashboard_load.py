@@ -56,32 +56,75 @@ def finished_record(i: int, rng: random.Random) -> JobRecord:
     """A record as a worker leaves it: timings, one image (or an error), a LoRA stack."""
     model = MODELS[i % len(MODELS)]
     job = GenerationJob(
-        job_id=f"{i:032x}", batch_id=f"{i // 50:032x}", model=model, prompt=f"a lighthouse, variation {i}",
+        job_id=f"{i:032x}",
+        batch_id=f"{i // 50:032x}",
+        model=model,
+        prompt=f"a lighthouse, variation {i}",
         loras=[{"name": "watercolor", "weight": 0.8}, {"name": "lcm-lora", "weight": 0.35}],
-        sampler="lcm", steps=4, cfg_scale=1.0, width=512, height=512, seed=i,
-    )  # fmt: skip
+        sampler="lcm",
+        steps=4,
+        cfg_scale=1.0,
+        width=512,
+        height=512,
+        seed=i,
+    )
     status = rng.choice(FINAL)
     submitted = utcnow() - timedelta(seconds=rng.uniform(0, 3600))
-    timings = Timings(queue_wait=rng.uniform(0, 60), pipeline_load=0.0, lora_load=0.01, lora_apply=0.02,
-                      sampling=rng.uniform(0.5, 3), restore=0.01, upload=0.05, lora_hits=2, lora_misses=0)  # fmt: skip
-    timings.total = sum(getattr(timings, p) for p in ("lora_load", "lora_apply", "sampling", "restore", "upload"))
+    timings = Timings(
+        queue_wait=rng.uniform(0, 60),
+        pipeline_load=0.0,
+        lora_load=0.01,
+        lora_apply=0.02,
+        sampling=rng.uniform(0.5, 3),
+        restore=0.01,
+        upload=0.05,
+        lora_hits=2,
+        lora_misses=0,
+    )
+    timings.total = sum(
+        getattr(timings, p) for p in ("lora_load", "lora_apply", "sampling", "restore", "upload")
+    )
     images = []
     if status is JobStatus.succeeded:
         key = f"images/{job.batch_id}/{job.job_id}/0.png"
-        images = [ImageRef(uri=f"s3://fleet/{key}", key=key, size=412_345, sha256="ab" * 32,
-                           width=512, height=512, seed=i)]  # fmt: skip
+        images = [
+            ImageRef(
+                uri=f"s3://fleet/{key}",
+                key=key,
+                size=412_345,
+                sha256="ab" * 32,
+                width=512,
+                height=512,
+                seed=i,
+            )
+        ]
     return JobRecord(
-        job=job, status=status, queue=f"lorafleet.model.{model}", progress=Progress(step=4, total=4),
-        submitted_at=submitted, started_at=submitted, finished_at=submitted, timings=timings,
-        worker=f"gpu{i % 12}@box{i % 3}", attempts=1, images=images,
+        job=job,
+        status=status,
+        queue=f"lorafleet.model.{model}",
+        progress=Progress(step=4, total=4),
+        submitted_at=submitted,
+        started_at=submitted,
+        finished_at=submitted,
+        timings=timings,
+        worker=f"gpu{i % 12}@box{i % 3}",
+        attempts=1,
+        images=images,
         error="CUDA out of memory" if status is JobStatus.failed else None,
-    )  # fmt: skip
+    )
 
 
 def fill(client: Client, records: int, queued: int, rng: random.Random) -> None:
     started = time.perf_counter()
-    jobs = [{"model": MODELS[i % len(MODELS)], "prompt": f"queued {i}", "lcm": False,
-             "priority": rng.choice(["high", "normal", "normal", "low"])} for i in range(queued)]  # fmt: skip
+    jobs = [
+        {
+            "model": MODELS[i % len(MODELS)],
+            "prompt": f"queued {i}",
+            "lcm": False,
+            "priority": rng.choice(["high", "normal", "normal", "low"]),
+        }
+        for i in range(queued)
+    ]
     for chunk in range(0, queued, 500):
         client.submit_many(jobs[chunk : chunk + 500])
     done = [finished_record(i, rng) for i in range(records - queued)]
@@ -93,19 +136,36 @@ def fill(client: Client, records: int, queued: int, rng: random.Random) -> None:
     now = time.time()
     for n in range(12):
         model = MODELS[n % len(MODELS)]
-        registry.beat(WorkerBeat(
-            name=f"gpu{n}@box{n % 3}", host=f"box{n % 3}", pid=1000 + n, version="bench", device="cuda:0",
-            device_memory_used=9 << 30, device_memory_total=80 << 30, models=[model],
-            queues=[f"lorafleet.model.{model}"], hot_pipelines=[model], cached_loras=["watercolor", "lcm-lora"],
-            jobs_done=700, lora_hits=1400, lora_misses=4, lora_hit_rate=0.997, switch_p50=0.012,
-            started_at=now - 3600, last_seen=now,
-        ))  # fmt: skip
+        registry.beat(
+            WorkerBeat(
+                name=f"gpu{n}@box{n % 3}",
+                host=f"box{n % 3}",
+                pid=1000 + n,
+                version="bench",
+                device="cuda:0",
+                device_memory_used=9 << 30,
+                device_memory_total=80 << 30,
+                models=[model],
+                queues=[f"lorafleet.model.{model}"],
+                hot_pipelines=[model],
+                cached_loras=["watercolor", "lcm-lora"],
+                jobs_done=700,
+                lora_hits=1400,
+                lora_misses=4,
+                lora_hit_rate=0.997,
+                switch_p50=0.012,
+                started_at=now - 3600,
+                last_seen=now,
+            )
+        )
     print(f"filled {records} records ({queued} queued) in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def serve(settings: Settings) -> tuple[uvicorn.Server, str]:
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -132,12 +192,16 @@ def time_requests(http: httpx.Client, path: str, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=10_000)
-    parser.add_argument("--queued", type=int, default=1_000, help="of the records, how many are really queued")
+    parser.add_argument(
+        "--queued", type=int, default=1_000, help="of the records, how many are really queued"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     rng = random.Random(7)
     with tempfile.TemporaryDirectory(prefix="lorafleet-dash-") as home:
-        settings = Settings(home=Path(home), storage_url="s3://fleet/images", s3_endpoint_url="http://127.0.0.1:9")
+        settings = Settings(
+            home=Path(home), storage_url="s3://fleet/images", s3_endpoint_url="http://127.0.0.1:9"
+        )
         client = Client(settings)
         try:
             fill(client, args.records, args.queued, rng)
@@ -163,8 +227,14 @@ def main() -> None:
     print(f"{'request':<60} {'median ms':>10} {'p95 ms':>8} {'KiB':>7}  ok")
     for row in rows:
         ok = "yes" if row["p95_ms"] < TARGET_MS else "NO"
-        print(f"{row['path']:<60} {row['median_ms']:>10.1f} {row['p95_ms']:>8.1f} {row['bytes'] / 1024:>7.1f}  {ok}")
-    print(json.dumps({"bench": "dashboard_load", "records": args.records, "queued": args.queued, "results": rows}))
+        print(
+            f"{row['path']:<60} {row['median_ms']:>10.1f} {row['p95_ms']:>8.1f} {row['bytes'] / 1024:>7.1f}  {ok}"
+        )
+    print(
+        json.dumps(
+            {"bench": "dashboard_load", "records": args.records, "queued": args.queued, "results": rows}
+        )
+    )
 
 
 if __name__ == "__main__":

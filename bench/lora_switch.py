@@ -46,14 +46,29 @@ from lorafleet.worker.patcher import StackEntry, WeightPatcher, _concatenated  #
 
 SD15 = dict(sample_size=64, cross_attention_dim=768)
 SDXL = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    sample_size=128,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
     cross_attention_dim=2048,
-)  # fmt: skip
-STYLE_LAYERS = (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
+)
+STYLE_LAYERS = (
+    ".to_q",
+    ".to_k",
+    ".to_v",
+    ".to_out.0",
+    ".ff.net.0.proj",
+    ".ff.net.2",
+    ".proj_in",
+    ".proj_out",
+)
 LCM_LAYERS = STYLE_LAYERS + (".conv1", ".conv2", ".time_emb_proj", ".conv_shortcut")
 
 
@@ -126,7 +141,10 @@ def differing(unet, reference) -> tuple[int, float]:
 
 def bench_lorafleet(unet, files, device, repeats):
     patcher = WeightPatcher({"unet": unet})
-    loras = {name: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device) for name, p in files.items()}
+    loras = {
+        name: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device)
+        for name, p in files.items()
+    }
     s1 = [StackEntry(loras["style_a"], 0.8, 0.8), StackEntry(loras["lcm"], 0.35, 0.35)]
     s2 = [StackEntry(loras["style_b"], 0.6, 0.6), StackEntry(loras["lcm"], 0.35, 0.35)]
     patcher.apply(s1)  # warm: pristine copies made, workspace allocated
@@ -153,10 +171,17 @@ def bench_lorafleet(unet, files, device, repeats):
             torch.mm(up, down, out=scratch[0][: up.shape[0] * down.shape[1]].view(up.shape[0], -1))
 
     gemm_limit = timed(products, device, repeats)
-    flops = sum(2 * _concatenated(parts)[0].numel() * _concatenated(parts)[1].shape[1] for parts in plan.values())
+    flops = sum(
+        2 * _concatenated(parts)[0].numel() * _concatenated(parts)[1].shape[1] for parts in plan.values()
+    )
     scratch.clear()
-    results = {"touched_params": len(keys), "touched_bytes": touched_bytes, "copy_limit_s": copy_limit,
-               "gemm_limit_s": gemm_limit, "gemm_flops": flops}  # fmt: skip
+    results = {
+        "touched_params": len(keys),
+        "touched_bytes": touched_bytes,
+        "copy_limit_s": copy_limit,
+        "gemm_limit_s": gemm_limit,
+        "gemm_flops": flops,
+    }
 
     def apply_then_restore():
         sync(device)
@@ -206,7 +231,11 @@ def random_changes(unet, patcher, loras, pristine, device, changes: int, seed: i
         patcher.apply([StackEntry(loras[n], w, w) for n, w in zip(picked, weights)])
         key = (tuple(picked), weights)
         if step % 50 == 0 or key in reference:
-            state = {k: v.detach().clone() for k, v in unet.state_dict().items() if k in {"conv_in.weight"} or "attn1.to_q" in k}
+            state = {
+                k: v.detach().clone()
+                for k, v in unet.state_dict().items()
+                if k in {"conv_in.weight"} or "attn1.to_q" in k
+            }
             if key in reference:
                 checked += 1
                 mismatches += any(not torch.equal(state[k], reference[key][k]) for k in state)
@@ -305,7 +334,9 @@ def bench_diffusers(unet, files, device, dtype, repeats, pristine):
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -327,8 +358,11 @@ def main() -> None:
     print(f"building a {args.family} UNet ({dtype}, {device}) and LoRA files ...", flush=True)
     unet = build_unet(args.family, device, dtype)
     with tempfile.TemporaryDirectory() as scratch:
-        files = {"style_a": Path(scratch) / "style_a.safetensors", "style_b": Path(scratch) / "style_b.safetensors",
-                 "lcm": Path(scratch) / "lcm.safetensors"}  # fmt: skip
+        files = {
+            "style_a": Path(scratch) / "style_a.safetensors",
+            "style_b": Path(scratch) / "style_b.safetensors",
+            "lcm": Path(scratch) / "lcm.safetensors",
+        }
         layers = {
             "style_a": write_lora(unet, files["style_a"], STYLE_LAYERS, 32, 1),
             "style_b": write_lora(unet, files["style_b"], STYLE_LAYERS, 32, 2),
@@ -343,14 +377,22 @@ def main() -> None:
             print("diffusers load+set_adapters+fuse / unfuse+unload ...", flush=True)
             theirs = bench_diffusers(unet, files, device, dtype, max(1, min(args.repeats, 3)), pristine)
             patcher = WeightPatcher({"unet": unet})  # diffusers replaced modules while adapters were loaded
-            loras = {n: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device) for n, p in files.items()}
+            loras = {
+                n: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device)
+                for n, p in files.items()
+            }
         print(f"{args.changes} random stack changes ...", flush=True)
         changes = random_changes(unet, patcher, loras, pristine, device, args.changes)
 
     limit = ours["copy_limit_s"]
     rows = [
         ("memory-copy limit (touched bytes)", limit, None, None),
-        (f"LoRA products alone ({ours['gemm_flops'] / 1e9:.0f} GFLOP)", ours["gemm_limit_s"], ours["gemm_limit_s"] / limit, None),
+        (
+            f"LoRA products alone ({ours['gemm_flops'] / 1e9:.0f} GFLOP)",
+            ours["gemm_limit_s"],
+            ours["gemm_limit_s"] / limit,
+            None,
+        ),
         ("lorafleet apply S1", ours["apply_s"], ours["apply_s"] / limit, None),
         ("lorafleet restore S1", ours["restore_s"], ours["restore_s"] / limit, True),
         ("lorafleet switch S1 -> S2", ours["switch_s"], ours["switch_s"] / limit, None),
@@ -358,31 +400,45 @@ def main() -> None:
     if theirs:
         rows += [
             ("diffusers load+set_adapters+fuse S1", theirs["apply_s"], theirs["apply_s"] / limit, None),
-            ("diffusers unfuse+unload S1", theirs["restore_s"], theirs["restore_s"] / limit, theirs["bit_exact"]),
+            (
+                "diffusers unfuse+unload S1",
+                theirs["restore_s"],
+                theirs["restore_s"] / limit,
+                theirs["bit_exact"],
+            ),
             ("diffusers switch S1 -> S2", theirs["switch_s"], theirs["switch_s"] / limit, None),
         ]
     print()
-    print(f"{args.family} UNet, {dtype}, {device}: {ours['touched_params']} touched parameters, "
-          f"{ours['touched_bytes'] / 1e9:.2f} GB; LoRA layers {layers}")  # fmt: skip
+    print(
+        f"{args.family} UNet, {dtype}, {device}: {ours['touched_params']} touched parameters, "
+        f"{ours['touched_bytes'] / 1e9:.2f} GB; LoRA layers {layers}"
+    )
     print(f"{'':40} {'ms':>10} {'x copy':>8} {'exact':>6}")
     for name, seconds, ratio, exact in rows:
         exact_text = "" if exact is None else ("yes" if exact else "NO")
         ratio_text = "" if ratio is None else f"{ratio:.2f}"
         print(f"{name:40} {seconds * 1000:10.1f} {ratio_text:>8} {exact_text:>6}")
     if theirs:
-        print(f"switch speed-up over diffusers: {theirs['switch_s'] / ours['switch_s']:.1f}x; diffusers changed "
-              f"{theirs['changed_tensors_after_one_cycle']} tensors (max |diff| {theirs['max_abs_diff_after_one_cycle']:.3g}) "
-              "after one fuse/unfuse cycle")  # fmt: skip
+        print(
+            f"switch speed-up over diffusers: {theirs['switch_s'] / ours['switch_s']:.1f}x; diffusers changed "
+            f"{theirs['changed_tensors_after_one_cycle']} tensors (max |diff| {theirs['max_abs_diff_after_one_cycle']:.3g}) "
+            "after one fuse/unfuse cycle"
+        )
     grow = changes["memory_after_last_bytes"] - (changes["memory_after_10_bytes"] or 0)
-    print(f"{changes['changes']} random changes in {changes['seconds']:.1f} s: bit-exact at end "
-          f"{changes['bit_exact_at_end']}, repeated stacks identical {changes['repeat_checks'] - changes['repeat_mismatches']}"
-          f"/{changes['repeat_checks']}, memory growth after change 10: {grow / 1e6:+.1f} MB")  # fmt: skip
+    print(
+        f"{changes['changes']} random changes in {changes['seconds']:.1f} s: bit-exact at end "
+        f"{changes['bit_exact_at_end']}, repeated stacks identical {changes['repeat_checks'] - changes['repeat_mismatches']}"
+        f"/{changes['repeat_checks']}, memory growth after change 10: {grow / 1e6:+.1f} MB"
+    )
     record = {
         "bench": "lora_switch",
         "commit": commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
         "family": args.family,
         "dtype": str(dtype).replace("torch.", ""),
         "lorafleet": ours,

@@ -76,8 +76,19 @@ def serve(kind: str, settings: Settings) -> None:
         store = JobStore(redis, retention=settings.record_retention)
         runner = NoWorkRunner(settings, store, open_storage(settings), None, None, worker_name="bench@noop")
         register_tasks(app, runner)
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--hostname=bench@noop", f"--queues={queue_for(MODEL)}",
-                     "--loglevel=WARNING", "--without-mingle", "--without-gossip", "--task-events"])  # fmt: skip
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "--hostname=bench@noop",
+            f"--queues={queue_for(MODEL)}",
+            "--loglevel=WARNING",
+            "--without-mingle",
+            "--without-gossip",
+            "--task-events",
+        ]
+    )
 
 
 def start_worker(kind: str, home: str) -> subprocess.Popen:
@@ -107,8 +118,12 @@ def run_lorafleet(settings: Settings, jobs: int) -> float:
         start = time.perf_counter()
         ids = []
         for chunk in range(0, jobs, BATCH):
-            handles = client.submit_many([{"model": MODEL, "prompt": f"job {n}", "seed": n}
-                                          for n in range(chunk, min(jobs, chunk + BATCH))])  # fmt: skip
+            handles = client.submit_many(
+                [
+                    {"model": MODEL, "prompt": f"job {n}", "seed": n}
+                    for n in range(chunk, min(jobs, chunk + BATCH))
+                ]
+            )
             ids += [h.job_id for h in handles]
         records = client.wait(ids, timeout=600)
         elapsed = time.perf_counter() - start
@@ -148,11 +163,27 @@ def main() -> None:
     ratio = fleet / bare
     print(f"\n{args.jobs} jobs through one worker, the embedded Redis (unix socket), solo pool, prefetch 1\n")
     print(f"{'path':<44} {'ms/job':>8} {'jobs/s':>8}")
-    print(f"{'bare Celery (send_task, no-op task)':<44} {bare / args.jobs * 1000:>8.2f} {args.jobs / bare:>8.0f}")
-    print(f"{'lorafleet (submit_many, records, no GPU work)':<44} {fleet / args.jobs * 1000:>8.2f} {args.jobs / fleet:>8.0f}")
-    print(f"\nlorafleet / bare Celery: {ratio:.2f}x (target <= 1.5x); lorafleet {args.jobs / fleet:.0f} jobs/s (target >= 300)")
-    print(json.dumps({"bench": "queue_overhead", "jobs": args.jobs, "bare_s": bare, "lorafleet_s": fleet,
-                      "ratio": ratio, "lorafleet_jobs_per_s": args.jobs / fleet}))  # fmt: skip
+    print(
+        f"{'bare Celery (send_task, no-op task)':<44} {bare / args.jobs * 1000:>8.2f} {args.jobs / bare:>8.0f}"
+    )
+    print(
+        f"{'lorafleet (submit_many, records, no GPU work)':<44} {fleet / args.jobs * 1000:>8.2f} {args.jobs / fleet:>8.0f}"
+    )
+    print(
+        f"\nlorafleet / bare Celery: {ratio:.2f}x (target <= 1.5x); lorafleet {args.jobs / fleet:.0f} jobs/s (target >= 300)"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "queue_overhead",
+                "jobs": args.jobs,
+                "bare_s": bare,
+                "lorafleet_s": fleet,
+                "ratio": ratio,
+                "lorafleet_jobs_per_s": args.jobs / fleet,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ class EmbeddedRedis:
 
     def _client(self, timeout: float) -> redis.Redis:
         # No retries: a server that does not answer (or has just shut down) is the answer.
-        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(
+            unix_socket_path=str(self.socket), socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
 
     def ping(self) -> bool:
         if not self.socket.exists():
@@ -102,19 +104,19 @@ class EmbeddedRedis:
         binary = redis_server_binary(self.binary)
         if self.socket.exists():
             self.socket.unlink()  # left by a server that died; nothing answers on it
-        command = [
-            binary,
-            "--port", "0",
-            "--unixsocket", str(self.socket),
-            "--unixsocketperm", "700",
-            "--dir", str(self.folder),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "yes",
-            "--pidfile", str(self.pidfile),
-            "--logfile", str(self.logfile),
-        ]  # fmt: skip
+        options = {
+            "port": "0",
+            "unixsocket": str(self.socket),
+            "unixsocketperm": "700",
+            "dir": str(self.folder),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "save": "",
+            "daemonize": "yes",
+            "pidfile": str(self.pidfile),
+            "logfile": str(self.logfile),
+        }
+        command = [binary, *(arg for name, value in options.items() for arg in (f"--{name}", value))]
         logger.info("starting embedded redis-server in %s", self.folder)
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:

@@ -177,12 +177,9 @@ class GenerationJob(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _size(cls, value: int | None) -> int | None:
-        if value is not None and (
-            value < MIN_SIZE or value > MAX_SIZE or value % SIZE_MULTIPLE
-        ):
+        if value is not None and (value < MIN_SIZE or value > MAX_SIZE or value % SIZE_MULTIPLE):
             raise ValueError(
-                f"must be a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}, "
-                f"got {value}"
+                f"must be a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}, got {value}"
             )
         return value
 
@@ -219,13 +216,10 @@ class GenerationJob(BaseModel):
         notes = []
         if self.sampler is Sampler.lcm:
             if self.steps and self.steps > LCM_MAX_STEPS_ADVISED:
-                notes.append(
-                    f"steps={self.steps} under the LCM sampler: LCM is meant for 4-8 steps"
-                )
+                notes.append(f"steps={self.steps} under the LCM sampler: LCM is meant for 4-8 steps")
             if self.cfg_scale is not None and self.cfg_scale > LCM_MAX_CFG_ADVISED:
                 notes.append(
-                    f"cfg_scale={self.cfg_scale:g} under the LCM sampler: LCM wants CFG "
-                    "about 1 (at most 2)"
+                    f"cfg_scale={self.cfg_scale:g} under the LCM sampler: LCM wants CFG about 1 (at most 2)"
                 )
         return notes
 
@@ -283,9 +277,7 @@ def parse_job(data: GenerationJob | dict[str, Any], *, where: str = "") -> Gener
     if isinstance(data, GenerationJob):
         data = data.model_dump(exclude_unset=True)
     if not isinstance(data, dict):
-        raise JobRejected(
-            f"a job must be a JSON object, got {type(data).__name__}", field=where or "job"
-        )
+        raise JobRejected(f"a job must be a JSON object, got {type(data).__name__}", field=where or "job")
     try:
         return GenerationJob.model_validate(data)
     except ValidationError as exc:

@@ -37,9 +37,19 @@ MAX_LORA_BYTES = 4 * 1024**3
 """Largest LoRA file accepted (full-weight diffs of SDXL run to a few GB)."""
 
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 CROSS_ATTENTION_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 """Family by the width of the text embedding that cross-attention reads."""
@@ -345,4 +355,3 @@ class LoraCatalog:
             return self.info(path)
         except (OSError, ValueError) as exc:
             raise JobRejected(f"LoRA {name!r} is refused: {exc}", field=field) from None
-

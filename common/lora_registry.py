@@ -43,8 +43,13 @@ def object_key(sha256: str) -> str:
 class SharedLoras:
     """The Redis side of the registry, plus (on a worker) the store and the disk cache."""
 
-    def __init__(self, client: redis.Redis, storage: Storage | None = None, cache_dir: Path | None = None,
-                 cache_bytes: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: redis.Redis,
+        storage: Storage | None = None,
+        cache_dir: Path | None = None,
+        cache_bytes: int = 0,
+    ) -> None:
         self.redis = client
         self.storage = storage
         self.cache_dir = cache_dir
@@ -121,8 +126,10 @@ class SharedLoras:
                     ) from None
                 time.sleep(attempt)
             except JobFailed as exc:
-                raise JobFailed(f"LoRA {info.name!r} is registered but its file is missing from the store: "
-                                f"{exc.message}; import it again") from None  # fmt: skip
+                raise JobFailed(
+                    f"LoRA {info.name!r} is registered but its file is missing from the store: "
+                    f"{exc.message}; import it again"
+                ) from None
         raise AssertionError("unreachable")
 
     def _evict(self, keep: set[str]) -> None:
@@ -144,4 +151,3 @@ class SharedLoras:
         if self.cache_dir is None or not self.cache_dir.is_dir():
             return []
         return sorted(p.stem for p in self.cache_dir.glob(f"*{SAFETENSORS_SUFFIX}"))
-

@@ -48,7 +48,9 @@ def record_finished(client: redis.Redis, record: JobRecord, now: float | None = 
     pipe.execute()
 
 
-def images_per_minute(client: redis.Redis, minutes: int = 60, now: float | None = None) -> list[tuple[int, int]]:
+def images_per_minute(
+    client: redis.Redis, minutes: int = 60, now: float | None = None
+) -> list[tuple[int, int]]:
     """(epoch minute, images stored) for each of the last ``minutes`` minutes, oldest first."""
     now = time.time() if now is None else now
     current = int(now // 60)

@@ -116,10 +116,15 @@ class ModelRegistry:
     def register(self, name: str, source: str, family: str | None = None) -> ModelRef:
         """Register ``name`` for every machine: a folder (as the workers see it) or a hub id."""
         if self.redis is None:
-            raise ConfigError("registering a model needs a broker (LORAFLEET_BROKER_URL or the embedded Redis)")
+            raise ConfigError(
+                "registering a model needs a broker (LORAFLEET_BROKER_URL or the embedded Redis)"
+            )
         if not _NAME.match(name):
-            raise JobRejected(f"{name!r} is not a model name", field="NAME",
-                              allowed="letters, digits, '.', '_' and '-', starting with a letter or digit")  # fmt: skip
+            raise JobRejected(
+                f"{name!r} is not a model name",
+                field="NAME",
+                allowed="letters, digits, '.', '_' and '-', starting with a letter or digit",
+            )
         path = Path(source).expanduser()
         if is_pipeline_folder(path):
             described = describe_folder(name, path.absolute())
@@ -129,10 +134,17 @@ class ModelRegistry:
         elif HUB_ID.match(source):
             ref = ModelRef(key=name, hub_id=source, family=family)
         else:
-            raise JobRejected(f"{source!r} is neither a diffusers pipeline folder nor a hub id", field="SOURCE",
-                              allowed="an absolute folder path (as the workers see it) or owner/name")  # fmt: skip
-        entry = {"source": ref.source, "family": ref.family, "native_size": ref.native_size,
-                 "cross_attention_dim": ref.cross_attention_dim}  # fmt: skip
+            raise JobRejected(
+                f"{source!r} is neither a diffusers pipeline folder nor a hub id",
+                field="SOURCE",
+                allowed="an absolute folder path (as the workers see it) or owner/name",
+            )
+        entry = {
+            "source": ref.source,
+            "family": ref.family,
+            "native_size": ref.native_size,
+            "cross_attention_dim": ref.cross_attention_dim,
+        }
         self.redis.hset(REGISTERED_KEY, name, json.dumps(entry))
         return ref
 
@@ -150,10 +162,20 @@ class ModelRegistry:
             if is_pipeline_folder(path):  # this machine sees the folder: read what it says
                 described = describe_folder(name, path)
                 return replace(described, family=described.family or entry.get("family"))
-            return ModelRef(key=name, path=path, family=entry.get("family"), native_size=entry.get("native_size"),
-                            cross_attention_dim=entry.get("cross_attention_dim"))  # fmt: skip
-        return ModelRef(key=name, hub_id=source, family=entry.get("family"), native_size=entry.get("native_size"),
-                        cross_attention_dim=entry.get("cross_attention_dim"))  # fmt: skip
+            return ModelRef(
+                key=name,
+                path=path,
+                family=entry.get("family"),
+                native_size=entry.get("native_size"),
+                cross_attention_dim=entry.get("cross_attention_dim"),
+            )
+        return ModelRef(
+            key=name,
+            hub_id=source,
+            family=entry.get("family"),
+            native_size=entry.get("native_size"),
+            cross_attention_dim=entry.get("cross_attention_dim"),
+        )
 
     def resolve(self, ref: str, *, field: str = "model") -> ModelRef:
         """The model ``ref`` names, or JobRejected saying what would have been accepted."""
@@ -170,7 +192,10 @@ class ModelRegistry:
             return describe_folder(str(path), path)
         if HUB_ID.match(ref) and not path.exists():
             return ModelRef(key=ref, hub_id=ref)
-        registered = ", ".join(self.names()) or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
+        registered = (
+            ", ".join(self.names())
+            or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
+        )
         if path.exists():
             problem = f"{ref!r} is a path but not a diffusers pipeline folder (no model_index.json)"
         else:
@@ -178,6 +203,5 @@ class ModelRegistry:
         raise JobRejected(
             problem,
             field=field,
-            allowed=f"a registered model ({registered}), a diffusers pipeline folder, "
-            "or a hub id owner/name",
+            allowed=f"a registered model ({registered}), a diffusers pipeline folder, or a hub id owner/name",
         )

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         description="Endpoint of an S3-compatible store (MinIO, R2, ...); unset is AWS S3.",
     )
     s3_region: str | None = Field(default=None, description="S3 region; unset lets boto3 decide.")
-    device: str = Field(default="auto", description="Worker device: auto (cuda if present), cuda, cuda:N or cpu.")
+    device: str = Field(
+        default="auto", description="Worker device: auto (cuda if present), cuda, cuda:N or cpu."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Worker weights dtype: auto is float16 on CUDA, float32 on CPU."
     )
@@ -80,9 +82,10 @@ class Settings(BaseSettings):
         default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
     )
     lora_disk_cache_mb: int = Field(
-        default=10240, ge=0,
+        default=10240,
+        ge=0,
         description="Disk for LoRA files a worker fetched from the shared registry, in MiB (least recently used go first).",
-    )  # fmt: skip
+    )
     lora_disk_cache_dir: Path | None = Field(
         default=None, description="Folder of that disk cache; unset means <home>/cache/loras."
     )

@@ -78,7 +78,11 @@ class JobStore:
                 try:
                     pipe.watch(*keys)
                     # One round trip for the usual case (fresh ids); per key only if one is taken.
-                    taken = [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n] if pipe.exists(*keys) else []
+                    taken = (
+                        [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n]
+                        if pipe.exists(*keys)
+                        else []
+                    )
                     if taken:
                         raise JobRejected(
                             f"job_id {taken[0]!r} is already taken",
@@ -151,9 +155,14 @@ class JobStore:
                 return before
             written = self._compare_and_set(
                 keys=[key, STATUS_KEY + status_before.value, STATUS_KEY + after.status.value],
-                args=[raw, after.model_dump_json(), job_id, _score(after),
-                      self.retention if after.status.final else 0],
-            )  # fmt: skip
+                args=[
+                    raw,
+                    after.model_dump_json(),
+                    job_id,
+                    _score(after),
+                    self.retention if after.status.final else 0,
+                ],
+            )
             if written:
                 return after
 

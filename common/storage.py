@@ -106,8 +106,9 @@ class LocalStorage:
 class S3Storage:
     """An S3-compatible bucket, under an optional key prefix."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -184,8 +185,9 @@ def open_storage(settings: Settings) -> LocalStorage | S3Storage:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"LORAFLEET_STORAGE_URL {url!r} names no bucket: use s3://bucket/prefix")
-        return S3Storage(parts.netloc, parts.path, endpoint_url=settings.s3_endpoint_url,
-                         region=settings.s3_region)  # fmt: skip
+        return S3Storage(
+            parts.netloc, parts.path, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+        )
     if parts.scheme == "file":
         return LocalStorage(Path(parts.path))
     if parts.scheme == "" or len(parts.scheme) == 1:  # a path (a Windows drive letter too)

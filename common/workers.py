@@ -126,10 +126,14 @@ def queue_views(client: redis.Redis, model_keys: set[str], workers: list[WorkerV
     for key in keys:
         steps = depths[queue_for(key)]
         serving = [w for w in workers if key in w.models]
-        views.append(QueueView(
-            model=key, queue=queue_for(key), depth=sum(steps.values()),
-            by_priority={str(step): steps[step] for step in PRIORITY_STEPS},
-            workers=[w.name for w in serving if w.liveness == "alive"],
-            stale_workers=[w.name for w in serving if w.liveness == "stale"],
-        ))  # fmt: skip
+        views.append(
+            QueueView(
+                model=key,
+                queue=queue_for(key),
+                depth=sum(steps.values()),
+                by_priority={str(step): steps[step] for step in PRIORITY_STEPS},
+                workers=[w.name for w in serving if w.liveness == "alive"],
+                stale_workers=[w.name for w in serving if w.liveness == "stale"],
+            )
+        )
     return views

@@ -97,20 +97,22 @@ class Summary(BaseModel):
 
 def job_view(record: JobRecord) -> JobView:
     urls = [f"/v1/jobs/{record.job_id}/images/{i}" for i in range(len(record.images))]
-    return JobView(**record.model_dump(), job_id=record.job_id, image_urls=urls, cli=resubmit_command(record.job))
+    return JobView(
+        **record.model_dump(), job_id=record.job_id, image_urls=urls, cli=resubmit_command(record.job)
+    )
 
 
 def _problems(exc: JobRejected) -> JSONResponse:
-    return JSONResponse(
-        {"detail": [{"field": f, "message": m} for f, m in exc.problems]}, status_code=422
-    )
+    return JSONResponse({"detail": [{"field": f, "message": m} for f, m in exc.problems]}, status_code=422)
 
 
 _JOB_SCHEMA = {"$ref": "#/components/schemas/GenerationJob"}
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {"oneOf": [_JOB_SCHEMA, {"type": "array", "items": _JOB_SCHEMA}]}}},
+        "content": {
+            "application/json": {"schema": {"oneOf": [_JOB_SCHEMA, {"type": "array", "items": _JOB_SCHEMA}]}}
+        },
     }
 }
 
@@ -147,16 +149,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def record_or_404(job_id: str) -> JobRecord:
         record = client.jobs.get(job_id)
         if record is None:
-            raise HTTPException(404, f"no job {job_id!r} (records are kept {settings.record_retention} s after they end)")
+            raise HTTPException(
+                404, f"no job {job_id!r} (records are kept {settings.record_retention} s after they end)"
+            )
         return record
 
     # ------------------------------------------------------------------ jobs
-    @app.post("/v1/jobs", status_code=201, response_model=Submission, openapi_extra=_SUBMIT_BODY,
-              responses={422: {"description": "a field was refused; each problem names its field"}})  # fmt: skip
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=Submission,
+        openapi_extra=_SUBMIT_BODY,
+        responses={422: {"description": "a field was refused; each problem names its field"}},
+    )
     async def submit(
         request: Request,
         batch_id: str | None = Query(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"),
-        require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
+        require_worker: bool = Query(
+            False, description="refuse the jobs when no live worker serves their model"
+        ),
     ):
         """Queue one job, or a list of jobs as one batch (all of them, or none)."""
         try:
@@ -167,10 +178,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not jobs:
             return _problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
         # The client talks to Redis synchronously: keep it off the event loop.
-        handles = await run_in_threadpool(client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker)
+        handles = await run_in_threadpool(
+            client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker
+        )
         return Submission(
             batch_id=handles[0].batch_id,
-            jobs=[Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings) for h in handles],
+            jobs=[
+                Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings)
+                for h in handles
+            ],
         )
 
     @app.get("/v1/jobs", response_model=JobPage)
@@ -195,17 +211,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         record_or_404(job_id)
         return job_view(client.cancel(job_id))
 
-    @app.post("/v1/jobs/{job_id}/retry", status_code=201, response_model=JobView,
-              responses={404: {"description": "no such job"}, 409: {"description": "the job has not failed"}})  # fmt: skip
+    @app.post(
+        "/v1/jobs/{job_id}/retry",
+        status_code=201,
+        response_model=JobView,
+        responses={404: {"description": "no such job"}, 409: {"description": "the job has not failed"}},
+    )
     def retry_job(job_id: str):
         """Queue a failed or cancelled job again, as a new job in the same batch."""
         record = record_or_404(job_id)
         if record.status not in (JobStatus.failed, JobStatus.cancelled):
-            raise HTTPException(409, f"job {job_id} is {record.status.value}; only failed or cancelled jobs are retried")
+            raise HTTPException(
+                409, f"job {job_id} is {record.status.value}; only failed or cancelled jobs are retried"
+            )
         return job_view(client.get(client.retry(job_id).job_id))
 
-    @app.get("/v1/jobs/{job_id}/images/{index}", response_class=FileResponse,
-             responses={404: {"description": "no such image"}, 307: {"description": "a presigned S3 URL"}})  # fmt: skip
+    @app.get(
+        "/v1/jobs/{job_id}/images/{index}",
+        response_class=FileResponse,
+        responses={404: {"description": "no such image"}, 307: {"description": "a presigned S3 URL"}},
+    )
     def image(job_id: str, index: int):
         """The PNG: served from a local store, or a redirect to a presigned S3 URL."""
         record = record_or_404(job_id)
@@ -219,7 +244,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return FileResponse(path, media_type="image/png")
         return RedirectResponse(storage.presigned_url(key), status_code=307)
 
-    @app.get("/v1/batches/{batch_id}", response_model=BatchView, responses={404: {"description": "no such batch"}})
+    @app.get(
+        "/v1/batches/{batch_id}", response_model=BatchView, responses={404: {"description": "no such batch"}}
+    )
     def batch(batch_id: str):
         records = client.batch(batch_id)
         if not records:
@@ -228,7 +255,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for record in records:
             counts[record.status.value] += 1
         views = [job_view(r) for r in records]
-        return BatchView(batch_id=batch_id, counts=counts, jobs=views, images=[u for v in views for u in v.image_urls])
+        return BatchView(
+            batch_id=batch_id, counts=counts, jobs=views, images=[u for v in views for u in v.image_urls]
+        )
 
     # ------------------------------------------------------------------ fleet
     def fleet_queues(workers: list[WorkerView]) -> list[QueueView]:

@@ -57,8 +57,10 @@ class TokenMiddleware(BaseHTTPMiddleware):
         if request.method == "GET" and _is_page(path):
             return RedirectResponse(f"/login?next={path}", status_code=303)
         return JSONResponse(
-            {"detail": "a valid token is required: send 'Authorization: Bearer <token>' "
-                       "(one of LORAFLEET_API_TOKENS) or log in at /login"},
+            {
+                "detail": "a valid token is required: send 'Authorization: Bearer <token>' "
+                "(one of LORAFLEET_API_TOKENS) or log in at /login"
+            },
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+        )

@@ -117,27 +117,57 @@ def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
 # ---------------------------------------------------------------------------- submit
 @app.command()
 def submit(
-    model: Annotated[str, typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id.")
+    ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
     negative_prompt: Annotated[str, typer.Option("--negative", "-n", help="What not to draw.")] = "",
-    lora: Annotated[list[str], typer.Option("--lora", "-l", help="NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]], repeatable, in stack order.")] = [],  # noqa: B006
-    inject_triggers: Annotated[bool, typer.Option("--inject-triggers", help="Append each LoRA's trigger words to the prompt.")] = False,
-    sampler: Annotated[Sampler | None, typer.Option(help="Sampler (default euler_a; lcm with --lcm).")] = None,
-    lcm: Annotated[bool, typer.Option("--lcm", help="The seed's LCM recipe: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35.")] = False,
+    lora: Annotated[
+        list[str],
+        typer.Option("--lora", "-l", help="NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]], repeatable, in stack order."),
+    ] = [],  # noqa: B006
+    inject_triggers: Annotated[
+        bool, typer.Option("--inject-triggers", help="Append each LoRA's trigger words to the prompt.")
+    ] = False,
+    sampler: Annotated[
+        Sampler | None, typer.Option(help="Sampler (default euler_a; lcm with --lcm).")
+    ] = None,
+    lcm: Annotated[
+        bool,
+        typer.Option(
+            "--lcm", help="The seed's LCM recipe: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35."
+        ),
+    ] = False,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm).")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default 7; 1 under lcm).")] = None,
-    width: Annotated[int | None, typer.Option(help="Width in pixels, a multiple of 8 (default: the model's native size).")] = None,
-    height: Annotated[int | None, typer.Option(help="Height in pixels, a multiple of 8 (default: the model's native size).")] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels, a multiple of 8 (default: the model's native size).")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Height in pixels, a multiple of 8 (default: the model's native size).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: random, recorded).")] = None,
     images: Annotated[int, typer.Option("--images", help="Images per job (seeds seed, seed+1, ...).")] = 1,
     count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
     tag: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE, repeatable, kept on the record.")] = [],  # noqa: B006
-    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")] = None,
-    require_worker: Annotated[bool, typer.Option("--require-worker", help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    batch_id: Annotated[
+        str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")
+    ] = None,
+    require_worker: Annotated[
+        bool,
+        typer.Option(
+            "--require-worker",
+            help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).",
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="With --wait: give up after this many seconds.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Queue one job (or --count jobs with consecutive seeds)."""
@@ -149,15 +179,22 @@ def submit(
             "model": model,
             "prompt": prompt,
             "negative_prompt": negative_prompt,
-            "loras": [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora],
+            "loras": [
+                _parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora
+            ],
             "lcm": lcm,
             "num_images": images,
             "output_prefix": prefix,
             "priority": priority.value,
             "tags": _parse_tags(tag),
         }
-        optional = {"sampler": sampler.value if sampler else None, "steps": steps, "cfg_scale": cfg,
-                    "width": width, "height": height}  # fmt: skip
+        optional = {
+            "sampler": sampler.value if sampler else None,
+            "steps": steps,
+            "cfg_scale": cfg,
+            "width": width,
+            "height": height,
+        }
         job |= {k: v for k, v in optional.items() if v is not None}
         base_seed = seed
         if base_seed is None and count > 1:
@@ -177,9 +214,17 @@ def submit(
 
 @app.command("submit-file")
 def submit_file(
-    path: Annotated[Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)],
+    path: Annotated[
+        Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)
+    ],
     batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
-    require_worker: Annotated[bool, typer.Option("--require-worker", help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).")] = False,
+    require_worker: Annotated[
+        bool,
+        typer.Option(
+            "--require-worker",
+            help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).",
+        ),
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait")] = False,
     timeout: Annotated[float | None, typer.Option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -194,7 +239,9 @@ def submit_file(
             try:
                 jobs.append(json.loads(line))
             except ValueError as exc:
-                raise JobRejected(f"line {number} is not JSON: {exc}", field=f"{path.name}:{number}") from None
+                raise JobRejected(
+                    f"line {number} is not JSON: {exc}", field=f"{path.name}:{number}"
+                ) from None
         if not jobs:
             raise JobRejected("no jobs in the file", field=str(path))
         client = _client()
@@ -260,7 +307,9 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.
 # ---------------------------------------------------------------------------- worker side
 @app.command()
 def worker(
-    models: Annotated[str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")],
+    models: Annotated[
+        str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")
+    ],
     name: Annotated[str | None, typer.Option(help="Worker node name (default lorafleet-PID@HOST).")] = None,
     preload: Annotated[bool, typer.Option(help="Load the models' pipelines before taking jobs.")] = False,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
@@ -315,7 +364,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Port (default LORAFLEET_API_PORT, 8750).")] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
@@ -330,11 +381,17 @@ def serve(
     port = port or settings.api_port
     if not parse_tokens(settings.api_tokens):
         if host not in LOOPBACK:
-            errors.print(f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
-                         "listening on 127.0.0.1 only", highlight=False)  # fmt: skip
+            errors.print(
+                f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
+                "listening on 127.0.0.1 only",
+                highlight=False,
+            )
             host = "127.0.0.1"
-        console.print("no LORAFLEET_API_TOKENS set: the API and the dashboard are open to this machine only "
-                      "(127.0.0.1); set tokens to serve other machines", highlight=False)  # fmt: skip
+        console.print(
+            "no LORAFLEET_API_TOKENS set: the API and the dashboard are open to this machine only "
+            "(127.0.0.1); set tokens to serve other machines",
+            highlight=False,
+        )
     app_instance = run(lambda: create_app(settings))
     console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
     uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)

@@ -24,14 +24,23 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
 from lorafleet.producer.terminal import console, print_json, run, worker_side
 
-redis_app = typer.Typer(help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True)
+redis_app = typer.Typer(
+    help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True
+)
 models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
 
 UNMATCHED_SHOWN = 10
 """Unmatched keys `loras inspect` names (all of them with --json)."""
-_METADATA_SHOWN = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
-                   "ss_output_name", "modelspec.architecture", "modelspec.title")  # fmt: skip
+_METADATA_SHOWN = (
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_output_name",
+    "modelspec.architecture",
+    "modelspec.title",
+)
 
 
 # ---------------------------------------------------------------------------- models
@@ -45,8 +54,17 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     for name in registry.names():
         ref = registry.resolve(name)
         where = "local" if name in local else "shared"
-        rows.append({"name": name, "where": where, "family": ref.family, "native_size": ref.native_size,
-                     "source": ref.source, "queue": ref.queue, "registered": name in registered})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "where": where,
+                "family": ref.family,
+                "native_size": ref.native_size,
+                "source": ref.source,
+                "queue": ref.queue,
+                "registered": name in registered,
+            }
+        )
     if as_json:
         print_json(rows)
         return
@@ -57,16 +75,29 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     table.add_column("source", overflow="fold")
     table.add_column("queue", no_wrap=True)
     for row in rows:
-        table.add_row(row["name"], row["where"], row["family"] or "?", str(row["native_size"] or "?"),
-                      escape(row["source"]), row["queue"])  # fmt: skip
+        table.add_row(
+            row["name"],
+            row["where"],
+            row["family"] or "?",
+            str(row["native_size"] or "?"),
+            escape(row["source"]),
+            row["queue"],
+        )
     console.print(table)
 
 
 @models_app.command("add")
 def models_add(
     name: Annotated[str, typer.Argument(help="The name jobs and `lorafleet worker --models` use.")],
-    source: Annotated[str, typer.Argument(help="A pipeline folder as the workers see it (absolute path), or a hub id owner/name.")],
-    family: Annotated[str | None, typer.Option(help="sd15 or sdxl, when the folder is not readable here (or for a hub id).")] = None,
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A pipeline folder as the workers see it (absolute path), or a hub id owner/name."
+        ),
+    ],
+    family: Annotated[
+        str | None, typer.Option(help="sd15 or sdxl, when the folder is not readable here (or for a hub id).")
+    ] = None,
 ) -> None:
     """Register a base model by name in Redis, so every producer and worker agrees on it."""
     settings = Settings()
@@ -75,8 +106,12 @@ def models_add(
         if family is not None and family not in ("sd15", "sdxl"):
             raise JobRejected(f"got {family!r}", field="--family", allowed="sd15 or sdxl")
         ref = ModelRegistry(settings, resolve_broker(settings).client()).register(name, source, family)
-        console.print(f"registered {name}: {ref.source} ({ref.family or 'family unknown'}), queue {ref.queue}",
-                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            f"registered {name}: {ref.source} ({ref.family or 'family unknown'}), queue {ref.queue}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
     run(action)
 
@@ -86,7 +121,9 @@ def models_remove(name: Annotated[str, typer.Argument(help="A model registered w
     """Unregister a model (its queue and jobs are left alone)."""
     settings = Settings()
     removed = run(lambda: ModelRegistry(settings, resolve_broker(settings).client()).unregister(name))
-    console.print(f"removed {name}" if removed else f"{name} was not registered", markup=False, highlight=False)
+    console.print(
+        f"removed {name}" if removed else f"{name} was not registered", markup=False, highlight=False
+    )
     if not removed:
         raise typer.Exit(1)
 
@@ -112,13 +149,33 @@ def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "where", "format", "family", "rank", "size", "sha256", "trigger words", title=str(catalog.folder))
+    table = Table(
+        "name",
+        "where",
+        "format",
+        "family",
+        "rank",
+        "size",
+        "sha256",
+        "trigger words",
+        title=str(catalog.folder),
+    )
     for row in rows:
         if "refused" in row:
-            table.add_row(escape(row["name"]), row["where"], "[red]refused[/]", "", "", "", "", escape(row["refused"]))
+            table.add_row(
+                escape(row["name"]), row["where"], "[red]refused[/]", "", "", "", "", escape(row["refused"])
+            )
         else:
-            table.add_row(escape(row["name"]), row["where"], row["format"], row["family"] or "?", str(row["rank"] or "-"),
-                          f"{row['size'] / 1024:.0f} KiB", row["sha256"][:12], escape(", ".join(row["trigger_words"])))  # fmt: skip
+            table.add_row(
+                escape(row["name"]),
+                row["where"],
+                row["format"],
+                row["family"] or "?",
+                str(row["rank"] or "-"),
+                f"{row['size'] / 1024:.0f} KiB",
+                row["sha256"][:12],
+                escape(", ".join(row["trigger_words"])),
+            )
     console.print(table)
 
 
@@ -142,8 +199,12 @@ def _find(settings: Settings, file_or_name: str) -> LoraInfo:
 
 @loras_app.command("inspect")
 def loras_inspect(
-    file_or_name: Annotated[str, typer.Argument(help="A .safetensors file, or the name of one in the autoimport folder.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Match the file's keys against this model's layers.")] = None,
+    file_or_name: Annotated[
+        str, typer.Argument(help="A .safetensors file, or the name of one in the autoimport folder.")
+    ],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Match the file's keys against this model's layers.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Format, family, rank, trigger words, hash and size; with --model, matched and unmatched keys."""
@@ -169,8 +230,12 @@ def loras_inspect(
             table.add_row("[bold]model[/]", escape(f"{match['model']} ({match['family'] or '?'})"))
             table.add_row("[bold]matched layers[/]", escape(layers))
             unmatched = match["unmatched"]
-            shown = ", ".join(unmatched[:UNMATCHED_SHOWN]) + (" ..." if len(unmatched) > UNMATCHED_SHOWN else "")
-            table.add_row("[bold]unmatched keys[/]", escape(f"{len(unmatched)}" + (f": {shown}" if unmatched else "")))
+            shown = ", ".join(unmatched[:UNMATCHED_SHOWN]) + (
+                " ..." if len(unmatched) > UNMATCHED_SHOWN else ""
+            )
+            table.add_row(
+                "[bold]unmatched keys[/]", escape(f"{len(unmatched)}" + (f": {shown}" if unmatched else ""))
+            )
             if match["family_mismatch"]:
                 table.add_row("[bold red]refused[/]", escape(match["family_mismatch"]))
         console.print(table)
@@ -181,8 +246,11 @@ def loras_inspect(
 def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any]:
     model = ModelRegistry(settings, _fleet_redis(settings)).resolve(model_name, field="--model")
     if model.path is None:
-        raise JobRejected("matching needs the model's folder on this machine", field="--model",
-                          allowed="a registered model or a diffusers folder")  # fmt: skip
+        raise JobRejected(
+            "matching needs the model's folder on this machine",
+            field="--model",
+            allowed="a registered model or a diffusers folder",
+        )
     pipelines = worker_side("pipelines")
     from lorafleet.common.lora_catalog import read_safetensors_header
     from lorafleet.worker.lora_formats import match_keys
@@ -193,15 +261,24 @@ def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any
     mismatch = None
     if info.family and model.family and info.family != model.family:
         mismatch = f"the LoRA is for {info.family}, the model is {model.family}"
-    return {"model": model.key, "family": model.family, "matched": report.matched,
-            "unmatched": report.unmatched, "family_mismatch": mismatch}  # fmt: skip
+    return {
+        "model": model.key,
+        "family": model.family,
+        "matched": report.matched,
+        "unmatched": report.unmatched,
+        "family_mismatch": mismatch,
+    }
 
 
 @loras_app.command("import")
 def loras_import(
-    file: Annotated[Path, typer.Argument(help="The .safetensors LoRA to import.", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The .safetensors LoRA to import.", exists=True, dir_okay=False)
+    ],
     name: Annotated[str | None, typer.Option(help="Name to use (default: the file's name).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a different file of the same name.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a different file of the same name.")
+    ] = False,
 ) -> None:
     """Check a LoRA file and copy it into the autoimport folder, usable by its name at once."""
     settings = Settings()
@@ -227,8 +304,9 @@ def loras_import(
             if not force:
                 raise JobRejected(
                     f"a different {target_name!r} is already imported ({existing.sha256[:12]})",
-                    field="--name", allowed="another --name, or --force to replace it",
-                )  # fmt: skip
+                    field="--name",
+                    allowed="another --name, or --force to replace it",
+                )
         settings.lora_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=settings.lora_dir, prefix=".import-")
         os.close(fd)
@@ -236,8 +314,9 @@ def loras_import(
         os.replace(tmp, destination)
         console.print(
             f"imported {target_name}: {info.format}, {info.family or 'family unknown'}, rank {info.rank}, "
-            f"sha256 {info.sha256[:12]}", markup=False,
-        )  # fmt: skip
+            f"sha256 {info.sha256[:12]}",
+            markup=False,
+        )
         _share(settings, replace(info, name=target_name, path=destination))
 
     run(action)
@@ -264,14 +343,21 @@ def _share(settings: Settings, info: LoraInfo) -> None:
     """Store the file by hash in the object store and register its name for every machine."""
     shared = _shared_registry(settings)
     if shared is None:
-        console.print("not registered for other machines: no broker is configured and the embedded Redis "
-                      "is not running", markup=False, highlight=False)  # fmt: skip
+        console.print(
+            "not registered for other machines: no broker is configured and the embedded Redis "
+            "is not running",
+            markup=False,
+            highlight=False,
+        )
         return
     stored = shared.publish(info)
     console.print(
         f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {shared.storage.describe()}; "
-        f"registered as {info.name!r} for every worker on this broker", markup=False, highlight=False, soft_wrap=True,
-    )  # fmt: skip
+        f"registered as {info.name!r} for every worker on this broker",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # ---------------------------------------------------------------------------- embedded redis

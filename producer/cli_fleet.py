@@ -36,8 +36,17 @@ def workers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> No
     table = Table("worker", "state", "seen", "device", "serves", "hot", "now", "done", "failed")
     for v in views:
         now = f"{v.current_job[:8]} step {v.current_step}/{v.current_total}" if v.current_job else "idle"
-        table.add_row(v.name, v.liveness, f"{v.age:.0f} s ago", v.device, ", ".join(v.models),
-                      ", ".join(v.hot_pipelines) or "-", now, str(v.jobs_done), str(v.jobs_failed))  # fmt: skip
+        table.add_row(
+            v.name,
+            v.liveness,
+            f"{v.age:.0f} s ago",
+            v.device,
+            ", ".join(v.models),
+            ", ".join(v.hot_pipelines) or "-",
+            now,
+            str(v.jobs_done),
+            str(v.jobs_failed),
+        )
     console.print(table if views else "no workers have sent a heartbeat")
 
 
@@ -56,7 +65,11 @@ def workers_check(
         return
     what = f"worker {name!r}" if name else f"a worker on host {host!r}"
     seen = f"; last beat {min(v.age for v in matching):.0f} s ago" if matching else "; no heartbeat at all"
-    errors.print(f"not alive: {what} has no heartbeat newer than {STALE_AFTER:.0f} s{seen}", highlight=False, soft_wrap=True)
+    errors.print(
+        f"not alive: {what} has no heartbeat newer than {STALE_AFTER:.0f} s{seen}",
+        highlight=False,
+        soft_wrap=True,
+    )
     raise typer.Exit(EXIT_JOB_FAILED)
 
 
@@ -76,6 +89,13 @@ def queues(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     table = Table("model", "queue", "waiting", "high", "normal", "low", "live workers")
     for v in views:
         p = v.by_priority
-        table.add_row(v.model, v.queue, str(v.depth), str(p["0"]), str(p["3"]), str(p["6"]),
-                      ", ".join(v.workers) or "[yellow]none[/]")  # fmt: skip
+        table.add_row(
+            v.model,
+            v.queue,
+            str(v.depth),
+            str(p["0"]),
+            str(p["3"]),
+            str(p["6"]),
+            ", ".join(v.workers) or "[yellow]none[/]",
+        )
     console.print(table if views else "no models and no queues yet")

@@ -90,12 +90,15 @@ class Client:
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
         self.resolver = JobResolver(
-            ModelRegistry(self.settings, self.redis), LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
+            ModelRegistry(self.settings, self.redis),
+            LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
             self.settings.lcm_loras,
         )
 
     # ------------------------------------------------------------------ submit
-    def submit(self, job: JobInput, *, batch_id: str | None = None, require_worker: bool = False) -> JobHandle:
+    def submit(
+        self, job: JobInput, *, batch_id: str | None = None, require_worker: bool = False
+    ) -> JobHandle:
         """Validate, resolve and queue one job."""
         return self.submit_many([job], batch_id=batch_id, require_worker=require_worker)[0]
 
@@ -137,7 +140,9 @@ class Client:
         self._queue(records)
         return [JobHandle(self, record) for record in records]
 
-    def _check_served(self, records: list[JobRecord], required: bool, multiple: bool) -> list[tuple[str, str]]:
+    def _check_served(
+        self, records: list[JobRecord], required: bool, multiple: bool
+    ) -> list[tuple[str, str]]:
         """Warn on (or, when ``required``, refuse) jobs whose model no live worker serves."""
         live = WorkerRegistry(self.redis).live_models()
         problems = []
@@ -147,11 +152,17 @@ class Client:
                 continue
             if required:
                 field = f"jobs[{index}].model" if multiple else "model"
-                problems.append((field, f"no live worker serves {model!r}; "
-                                        f"start one with: lorafleet worker --models {model}"))  # fmt: skip
+                problems.append(
+                    (
+                        field,
+                        f"no live worker serves {model!r}; start one with: lorafleet worker --models {model}",
+                    )
+                )
             else:
-                record.warnings.append(f"no live worker serves {model!r} now: the job waits in "
-                                       f"{record.queue} until one starts (lorafleet worker --models {model})")  # fmt: skip
+                record.warnings.append(
+                    f"no live worker serves {model!r} now: the job waits in "
+                    f"{record.queue} until one starts (lorafleet worker --models {model})"
+                )
         return problems
 
     def retry(self, job_id: str) -> JobHandle:
@@ -171,7 +182,9 @@ class Client:
             spec["inject_trigger"] = False  # the prompt already carries them
         job = parse_job(again)
         resolved = self.resolver.resolve(job)
-        record = JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings, retry_of=job_id)
+        record = JobRecord(
+            job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings, retry_of=job_id
+        )
         self._queue([record])
         return JobHandle(self, record)
 

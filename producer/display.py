@@ -82,7 +82,9 @@ def outputs_lines(records: Sequence[JobRecord]) -> list[str]:
         for image in record.images:
             lines.append(f"{record.job_id[:8]}  {escape(image.uri)}")
         if not record.images:
-            lines.append(f"{record.job_id[:8]}  {status_text(record.status)}: {escape(record.error or 'no images yet')}")
+            lines.append(
+                f"{record.job_id[:8]}  {status_text(record.status)}: {escape(record.error or 'no images yet')}"
+            )
     return lines
 
 
@@ -108,14 +110,25 @@ def record_table(record: JobRecord) -> Table:
         ("attempts", str(record.attempts)),
         ("submitted", record.submitted_at.isoformat(timespec="seconds")),
         ("finished", record.finished_at.isoformat(timespec="seconds") if record.finished_at else "-"),
-        ("timings", ", ".join(
-            f"{phase} {getattr(record.timings, phase):.2f}s"
-            for phase in PHASES if getattr(record.timings, phase) is not None
-        ) or "-"),
-        ("lora cache", "-" if record.timings.lora_hits is None
-         else f"{record.timings.lora_hits} hit(s), {record.timings.lora_misses} miss(es)"),
-    ]  # fmt: skip
-    rows += [("image", escape(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images]
+        (
+            "timings",
+            ", ".join(
+                f"{phase} {getattr(record.timings, phase):.2f}s"
+                for phase in PHASES
+                if getattr(record.timings, phase) is not None
+            )
+            or "-",
+        ),
+        (
+            "lora cache",
+            "-"
+            if record.timings.lora_hits is None
+            else f"{record.timings.lora_hits} hit(s), {record.timings.lora_misses} miss(es)",
+        ),
+    ]
+    rows += [
+        ("image", escape(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images
+    ]
     rows += [("warning", f"[yellow]{escape(w)}[/]") for w in record.warnings]
     if record.error:
         rows.append(("error", f"[red]{escape(record.error)}[/]"))
@@ -139,7 +152,9 @@ class WaitDisplay:
         )
         self.single = len(job_ids) > max_bars
         if self.single:
-            self.tasks = {"all": self.progress.add_task(f"{len(job_ids)} jobs", total=len(job_ids), status="")}
+            self.tasks = {
+                "all": self.progress.add_task(f"{len(job_ids)} jobs", total=len(job_ids), status="")
+            }
         else:
             self.tasks = {i: self.progress.add_task(i[:8], total=None, status="queued") for i in job_ids}
 

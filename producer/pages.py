@@ -20,8 +20,11 @@ FOLDER = Path(__file__).with_name("dashboard")  # the HTML shells, scripts and s
 COOKIE_SECONDS = 30 * 24 * 3600
 
 
-PAGES = {"index": ("lorafleet", "overview.js"), "job": ("job · lorafleet", "job.js"),
-         "batch": ("batch · lorafleet", "batch.js")}  # fmt: skip
+PAGES = {
+    "index": ("lorafleet", "overview.js"),
+    "job": ("job · lorafleet", "job.js"),
+    "batch": ("batch · lorafleet", "batch.js"),
+}
 """Each page's <main> (in <name>.html), its title and its script, inside layout.html."""
 LOGOUT = '<form method="post" action="/logout"><button class="link">log out</button></form>'
 
@@ -65,13 +68,24 @@ def mount_dashboard(app: FastAPI, tokens: list[str]) -> None:
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
         if tokens and not token_ok(token, tokens):
-            return HTMLResponse((FOLDER / "login.html").read_text().replace("<!--error-->",
-                                '<p class="error">That token is not one of LORAFLEET_API_TOKENS.</p>'),  # fmt: skip
-                                status_code=401)
+            return HTMLResponse(
+                (FOLDER / "login.html")
+                .read_text()
+                .replace(
+                    "<!--error-->", '<p class="error">That token is not one of LORAFLEET_API_TOKENS.</p>'
+                ),
+                status_code=401,
+            )
         response = RedirectResponse(target, status_code=303)
         if tokens:
-            response.set_cookie(COOKIE, token, max_age=COOKIE_SECONDS, httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https")  # fmt: skip
+            response.set_cookie(
+                COOKIE,
+                token,
+                max_age=COOKIE_SECONDS,
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+            )
         return response
 
     @app.post("/logout", include_in_schema=False)

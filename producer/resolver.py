@@ -45,7 +45,9 @@ def new_id() -> str:
 class JobResolver:
     """Resolves models and LoRAs against the registry and the LoRA drop folder."""
 
-    def __init__(self, models: ModelRegistry, loras: LoraCatalog, lcm_loras: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, models: ModelRegistry, loras: LoraCatalog, lcm_loras: dict[str, str] | None = None
+    ) -> None:
         self.models = models
         self.loras = loras
         self.lcm_loras = dict(lcm_loras or {})
@@ -57,9 +59,7 @@ class JobResolver:
         job = job.model_copy(deep=True)
         model = self.models.resolve(job.model, field=f"{where}model")
         warnings = list(job.advice())
-        infos = [
-            self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)
-        ]
+        infos = [self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)]
         if job.lcm and not any(self._is_lcm(info) for info in infos):
             lcm = self._lcm_lora_for(model, where, warnings)
             if len(job.loras) >= MAX_LORAS:
@@ -76,11 +76,19 @@ class JobResolver:
             spec.sha256 = info.sha256
             if spec.weight is None:
                 spec.weight = (
-                    LCM_LORA_WEIGHT if self._is_lcm(info) else LORA_WEIGHT_BESIDE_LCM if has_lcm else LORA_WEIGHT
+                    LCM_LORA_WEIGHT
+                    if self._is_lcm(info)
+                    else LORA_WEIGHT_BESIDE_LCM
+                    if has_lcm
+                    else LORA_WEIGHT
                 )
             if spec.inject_trigger:
                 if info.trigger_words:
-                    job.prompt = ", ".join([job.prompt, *info.trigger_words]) if job.prompt else ", ".join(info.trigger_words)
+                    job.prompt = (
+                        ", ".join([job.prompt, *info.trigger_words])
+                        if job.prompt
+                        else ", ".join(info.trigger_words)
+                    )
                 else:
                     warnings.append(f"LoRA {info.name!r} has no trigger words to inject")
         if has_lcm and job.sampler is not Sampler.lcm:

@@ -30,27 +30,59 @@ console = Console()
 JOBS = [
     # standard sampling
     {"prompt": "a lighthouse on a cliff at night", "sampler": "euler_a", "steps": 20},
-    {"prompt": "a red castle in the snow", "sampler": "dpmpp_2m_karras", "steps": 20,
-     "loras": [{"name": "watercolor", "weight": 0.8}]},
-    {"prompt": "a forest river at sunset", "sampler": "ddim", "steps": 20, "negative_prompt": "blue",
-     "loras": [{"name": "texture-locon"}]},
+    {
+        "prompt": "a red castle in the snow",
+        "sampler": "dpmpp_2m_karras",
+        "steps": 20,
+        "loras": [{"name": "watercolor", "weight": 0.8}],
+    },
+    {
+        "prompt": "a forest river at sunset",
+        "sampler": "ddim",
+        "steps": 20,
+        "negative_prompt": "blue",
+        "loras": [{"name": "texture-locon"}],
+    },
     # LCM: the seed's recipe (LCM scheduler, CFG 1, 4 steps, the LCM-LoRA at 0.35)
     {"prompt": "a robot portrait, neon light", "lcm": True},
     {"prompt": "a cat in a flower field", "lcm": True, "loras": [{"name": "watercolor"}]},  # 0.45 beside LCM
-    {"prompt": "an old bridge over the sea", "sampler": "lcm", "steps": 6,
-     "loras": [{"name": "lcm-lora-sd15", "weight": 0.35}, {"name": "ink-sketch", "weight": 0.45}]},
+    {
+        "prompt": "an old bridge over the sea",
+        "sampler": "lcm",
+        "steps": 6,
+        "loras": [{"name": "lcm-lora-sd15", "weight": 0.35}, {"name": "ink-sketch", "weight": 0.45}],
+    },
     # stacks of two LoRAs at different weights
-    {"prompt": "a city at night, ink sketch", "sampler": "euler", "steps": 15,
-     "loras": [{"name": "watercolor", "weight": 0.75}, {"name": "ink-sketch", "weight": 0.6}]},
-    {"prompt": "a mountain castle, gold light", "sampler": "dpmpp_2m", "steps": 15, "num_images": 2,
-     "loras": [{"name": "texture-locon", "weight": 1.0}, {"name": "watercolor", "weight": 0.5, "text_encoder_weight": 0.2}]},
-    {"prompt": "a dog on the beach", "sampler": "euler_a", "steps": 15, "seed": 7,
-     "loras": [{"name": "ink-sketch", "weight": 0.9}, {"name": "texture-locon", "weight": 0.4}]},
-]  # fmt: skip
+    {
+        "prompt": "a city at night, ink sketch",
+        "sampler": "euler",
+        "steps": 15,
+        "loras": [{"name": "watercolor", "weight": 0.75}, {"name": "ink-sketch", "weight": 0.6}],
+    },
+    {
+        "prompt": "a mountain castle, gold light",
+        "sampler": "dpmpp_2m",
+        "steps": 15,
+        "num_images": 2,
+        "loras": [
+            {"name": "texture-locon", "weight": 1.0},
+            {"name": "watercolor", "weight": 0.5, "text_encoder_weight": 0.2},
+        ],
+    },
+    {
+        "prompt": "a dog on the beach",
+        "sampler": "euler_a",
+        "steps": 15,
+        "seed": 7,
+        "loras": [{"name": "ink-sketch", "weight": 0.9}, {"name": "texture-locon", "weight": 0.4}],
+    },
+]
 
 
 def lorafleet(*args: str) -> None:
-    subprocess.run([str(BIN / "lorafleet"), *args], check=True, env=os.environ | {"LORAFLEET_HOME": str(HOME)})
+    subprocess.run(
+        [str(BIN / "lorafleet"), *args], check=True, env=os.environ | {"LORAFLEET_HOME": str(HOME)}
+    )
 
 
 def prepare() -> None:
@@ -69,8 +101,11 @@ def start_worker(log: Path) -> subprocess.Popen:
     handle = open(log, "wb")
     worker = subprocess.Popen(
         [str(BIN / "lorafleet"), "worker", "--models", MODEL, "--preload"],
-        env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while " ready." not in log.read_text(errors="replace"):
         if worker.poll() is not None or time.monotonic() > deadline:
@@ -88,7 +123,9 @@ def main() -> None:
     embedded = settings.embedded_redis()
     redis_was_running = embedded.ping()
     console.rule("embedded Redis and one worker")
-    console.print(f"Redis: {embedded.ensure_running()} (append-only file in {embedded.folder})", highlight=False)
+    console.print(
+        f"Redis: {embedded.ensure_running()} (append-only file in {embedded.folder})", highlight=False
+    )
     log = HOME.parent / "worker.log"
     worker = start_worker(log)
     console.print(f"worker: pid {worker.pid}, serving {MODEL}, log in {log}", highlight=False)

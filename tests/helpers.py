@@ -62,9 +62,19 @@ class RedisProcess:
     def start(self) -> RedisProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         command = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.folder), "--appendonly", "yes", "--save", "", *self.extra,
-        ]  # fmt: skip
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            *self.extra,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_until(self._ping, what=f"redis-server on port {self.port}")
         return self
@@ -136,8 +146,14 @@ def s3_env(endpoint: str) -> dict[str, str]:
 class WorkerProcess:
     """``lorafleet worker`` as a child process, its log in a file."""
 
-    def __init__(self, env: dict[str, str], models: str, log: Path, name: str | None = None,
-                 prefix: list[str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: dict[str, str],
+        models: str,
+        log: Path,
+        name: str | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.env = env
         self.models = models
         self.log = log
@@ -168,7 +184,9 @@ class WorkerProcess:
 
     def _ready(self) -> bool:
         if self.process and self.process.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"worker exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}"
+            )
         return " ready." in self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = 30) -> None:
@@ -195,7 +213,9 @@ class WorkerProcess:
             self._log_handle = None
 
 
-def lorafleet_env(home: Path, broker_url: str | None, storage_url: str | None = None, **extra: str) -> dict[str, str]:
+def lorafleet_env(
+    home: Path, broker_url: str | None, storage_url: str | None = None, **extra: str
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
     env["LORAFLEET_HOME"] = str(home)
     if broker_url:

@@ -43,12 +43,24 @@ def fleet(template_home, tmp_path_factory):
     port = free_port()
     flower_port = free_port()
     flower = subprocess.Popen(
-        [str(BIN / "celery"), f"--broker={redis.url}", "flower", f"--port={flower_port}", "--address=127.0.0.1",
-         f"--basic-auth={FLOWER_LOGIN}"],
-        env=env, stdout=open(root / "flower.log", "wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    serve = subprocess.Popen([str(BIN / "lorafleet"), "serve", "--port", str(port)], env=env,
-                             stdout=open(root / "serve.log", "wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        [
+            str(BIN / "celery"),
+            f"--broker={redis.url}",
+            "flower",
+            f"--port={flower_port}",
+            "--address=127.0.0.1",
+            f"--basic-auth={FLOWER_LOGIN}",
+        ],
+        env=env,
+        stdout=open(root / "flower.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    serve = subprocess.Popen(
+        [str(BIN / "lorafleet"), "serve", "--port", str(port)],
+        env=env,
+        stdout=open(root / "serve.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -59,7 +71,13 @@ def fleet(template_home, tmp_path_factory):
 
     wait_until(up, timeout=60, what="lorafleet serve")
     worker = WorkerProcess(env, TINY, root / "worker.log", name="dash-worker@e2e").start()
-    yield {"base": base, "env": env, "redis": redis, "root": root, "flower": f"http://127.0.0.1:{flower_port}"}
+    yield {
+        "base": base,
+        "env": env,
+        "redis": redis,
+        "root": root,
+        "flower": f"http://127.0.0.1:{flower_port}",
+    }
     worker.stop()
     for process in (serve, flower):
         process.terminate()
@@ -73,9 +91,16 @@ def _browser():
     playwright = sync_playwright().start()
     browser = playwright.chromium.launch(
         executable_path=CHROMIUM,
-        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync"],
-    )  # fmt: skip
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ],
+    )
     return playwright, browser
 
 
@@ -94,13 +119,33 @@ def test_dashboard_follows_jobs_live_and_acts_on_them(fleet):
                                                body: JSON.stringify(body)});
             return [r.status, await r.json()];
         }"""
-        long_job = {"model": TINY, "prompt": "a long lighthouse", "steps": 40, "width": 256, "height": 256,
-                    "num_images": 3, "seed": 1}  # fmt: skip
-        status, made = page.evaluate(submit, [long_job] + [
-            {"model": TINY, "prompt": f"a castle {i}", "sampler": "lcm", "seed": 10 + i,
-             "loras": [{"name": "watercolor", "weight": 0.8}, {"name": "lcm-lora-sd15", "weight": 0.35}]}
-            for i in range(3)
-        ] + [{"model": TINY, "prompt": "to be cancelled", "seed": 99}])  # fmt: skip
+        long_job = {
+            "model": TINY,
+            "prompt": "a long lighthouse",
+            "steps": 40,
+            "width": 256,
+            "height": 256,
+            "num_images": 3,
+            "seed": 1,
+        }
+        status, made = page.evaluate(
+            submit,
+            [long_job]
+            + [
+                {
+                    "model": TINY,
+                    "prompt": f"a castle {i}",
+                    "sampler": "lcm",
+                    "seed": 10 + i,
+                    "loras": [
+                        {"name": "watercolor", "weight": 0.8},
+                        {"name": "lcm-lora-sd15", "weight": 0.35},
+                    ],
+                }
+                for i in range(3)
+            ]
+            + [{"model": TINY, "prompt": "to be cancelled", "seed": 99}],
+        )
         assert status == 201, made
         ids = [j["job_id"] for j in made["jobs"]]
         long_id, doomed = ids[0], ids[-1]
@@ -152,11 +197,20 @@ def test_flower_on_the_same_broker_lists_the_worker_and_its_tasks(fleet):
 
     wait_until(lambda: tasks() is not None, timeout=60, what="flower")
     env = fleet["env"]
-    out = subprocess.run([str(BIN / "lorafleet"), "submit", "--model", TINY, "--prompt", "for flower", "--wait", "--json"],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [str(BIN / "lorafleet"), "submit", "--model", TINY, "--prompt", "for flower", "--wait", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     job_id = json.loads(out.stdout)[0]["job_id"]
     found = wait_until(lambda: (tasks() or {}).get(job_id), timeout=30, what="the task in flower")
     assert found["name"] == "lorafleet.generate" and found["state"] == "SUCCESS"
     assert found["worker"] == "dash-worker@e2e"
-    workers = wait_until(lambda: _get(fleet["flower"] + "/api/workers?refresh=1", basic=FLOWER_LOGIN) or None, timeout=30, what="workers")
+    workers = wait_until(
+        lambda: _get(fleet["flower"] + "/api/workers?refresh=1", basic=FLOWER_LOGIN) or None,
+        timeout=30,
+        what="workers",
+    )
     assert "dash-worker@e2e" in workers

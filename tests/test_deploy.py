@@ -372,7 +372,9 @@ def test_compose_workers_drain_and_report_health(files):
         service = stack["services"][name]
         timeout = int(service_env(service).get("LORAFLEET_VISIBILITY_TIMEOUT", VISIBILITY_TIMEOUT))
         grace = duration_seconds(service.get("stop_grace_period", "10s"))
-        assert grace > timeout, f"{name}: stop_grace_period {grace} s must exceed the visibility timeout {timeout} s"
+        assert grace > timeout, (
+            f"{name}: stop_grace_period {grace} s must exceed the visibility timeout {timeout} s"
+        )
         checks = [lorafleet_calls(c) for c in service_commands(service)[1:]]
         assert [parse_lorafleet(call) for calls in checks for call in calls] == ["workers check"], name
 
@@ -424,9 +426,14 @@ def test_compose_flower_watches_the_broker_lorafleet_uses():
 def kustomize(folder: str) -> tuple[dict, ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is not on PATH: the Kubernetes manifests cannot be built "
-                    "(install kubectl 1.27 or newer; it bundles kustomize)", pytrace=False)  # fmt: skip
-    result = subprocess.run([kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True, timeout=60)
+        pytest.fail(
+            "kubectl is not on PATH: the Kubernetes manifests cannot be built "
+            "(install kubectl 1.27 or newer; it bundles kustomize)",
+            pytrace=False,
+        )
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, f"kubectl kustomize {folder}:\n{result.stderr}"
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -437,8 +444,11 @@ def of_kind(docs, kind: str) -> dict[str, dict]:
 
 def pod_specs(docs) -> dict[str, dict]:
     """Pod specs of the workloads, by workload name."""
-    return {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for doc in docs
-            if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")}  # fmt: skip
+    return {
+        doc["metadata"]["name"]: doc["spec"]["template"]["spec"]
+        for doc in docs
+        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
+    }
 
 
 def all_containers(spec: dict) -> list[dict]:
@@ -482,13 +492,35 @@ def is_keda(doc: dict) -> bool:
     return doc["apiVersion"].split("/")[0] == "keda.sh"
 
 
-KEDA_SCALED_OBJECT_FIELDS = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
-                             "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced",
-                             "triggers"}  # fmt: skip
+KEDA_SCALED_OBJECT_FIELDS = {
+    "scaleTargetRef",
+    "pollingInterval",
+    "cooldownPeriod",
+    "initialCooldownPeriod",
+    "idleReplicaCount",
+    "minReplicaCount",
+    "maxReplicaCount",
+    "fallback",
+    "advanced",
+    "triggers",
+}
 KEDA_TRIGGER_FIELDS = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
-KEDA_REDIS_METADATA = {"address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "listName",
-                       "listLength", "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
-                       "usernameFromEnv", "passwordFromEnv"}  # fmt: skip
+KEDA_REDIS_METADATA = {
+    "address",
+    "addressFromEnv",
+    "host",
+    "hostFromEnv",
+    "port",
+    "portFromEnv",
+    "listName",
+    "listLength",
+    "activationListLength",
+    "databaseIndex",
+    "enableTLS",
+    "unsafeSsl",
+    "usernameFromEnv",
+    "passwordFromEnv",
+}
 KEDA_AUTH_PARAMETERS = {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key"}
 
 
@@ -503,24 +535,41 @@ def check_keda(doc: dict) -> None:
             assert set(ref) == {"parameter", "name", "key"} and ref["parameter"] in KEDA_AUTH_PARAMETERS, what
         return
     assert doc["kind"] == "ScaledObject", what
-    assert set(spec) <= KEDA_SCALED_OBJECT_FIELDS, f"{what}: unknown fields {set(spec) - KEDA_SCALED_OBJECT_FIELDS}"
+    assert set(spec) <= KEDA_SCALED_OBJECT_FIELDS, (
+        f"{what}: unknown fields {set(spec) - KEDA_SCALED_OBJECT_FIELDS}"
+    )
     assert spec["scaleTargetRef"]["name"] and spec["triggers"], what
     assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], what
     behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
     if behavior:  # KEDA passes it to the HPA as is: validate it as one
-        hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"},
-               "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "x"}, "maxReplicas": 1,
-                        "behavior": behavior}}  # fmt: skip
+        hpa = {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {"name": "x"},
+            "spec": {
+                "scaleTargetRef": {"kind": "Deployment", "name": "x"},
+                "maxReplicas": 1,
+                "behavior": behavior,
+            },
+        }
         kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
     names = [trigger.get("name") for trigger in spec["triggers"] if trigger.get("name")]
     assert len(names) == len(set(names)), f"{what}: trigger names must be unique"
     for trigger in spec["triggers"]:
-        assert set(trigger) <= KEDA_TRIGGER_FIELDS, f"{what}: unknown trigger fields {set(trigger) - KEDA_TRIGGER_FIELDS}"
+        assert set(trigger) <= KEDA_TRIGGER_FIELDS, (
+            f"{what}: unknown trigger fields {set(trigger) - KEDA_TRIGGER_FIELDS}"
+        )
         assert trigger["type"] == "redis", what
         meta = trigger["metadata"]
-        assert set(meta) <= KEDA_REDIS_METADATA, f"{what}: unknown redis metadata {set(meta) - KEDA_REDIS_METADATA}"
-        assert {"listName", "listLength"} <= set(meta) and ({"address", "addressFromEnv", "host"} & set(meta)), what
-        assert all(isinstance(value, str) for value in meta.values()), f"{what}: trigger metadata values are strings"
+        assert set(meta) <= KEDA_REDIS_METADATA, (
+            f"{what}: unknown redis metadata {set(meta) - KEDA_REDIS_METADATA}"
+        )
+        assert {"listName", "listLength"} <= set(meta) and (
+            {"address", "addressFromEnv", "host"} & set(meta)
+        ), what
+        assert all(isinstance(value, str) for value in meta.values()), (
+            f"{what}: trigger metadata values are strings"
+        )
 
 
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS)
@@ -535,7 +584,9 @@ def test_manifests_are_valid_kubernetes(folder):
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             where = ".".join(str(p) for p in exc.path)
-            raise AssertionError(f"{folder}: {doc['kind']}/{doc['metadata']['name']}: {where}: {exc.message}") from None
+            raise AssertionError(
+                f"{folder}: {doc['kind']}/{doc['metadata']['name']}: {where}: {exc.message}"
+            ) from None
 
 
 def test_the_secret_example_is_a_valid_secret():
@@ -562,7 +613,9 @@ def test_every_secret_and_config_reference_resolves(folder):
             for var in container.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref and not ref.get("optional"):
-                    assert ref["name"] == SECRET_NAME and ref["key"] in keys, f"{workload}: {var['name']}: {ref}"
+                    assert ref["name"] == SECRET_NAME and ref["key"] in keys, (
+                        f"{workload}: {var['name']}: {ref}"
+                    )
             # $(VAR) expands only variables defined before it (envFrom, then env in order).
             defined = set(container_env(docs, {"envFrom": container.get("envFrom", [])}))
             for var in container.get("env", []):
@@ -617,8 +670,11 @@ def test_the_api_listens_where_its_service_probes_and_ingress_point(folder):
         assert resolve(action["port"]) == port, probe
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     labels = of_kind(docs, "Deployment")[workload]["spec"]["template"]["metadata"]["labels"]
-    services = {name: s for name, s in of_kind(docs, "Service").items()
-                if s["spec"]["selector"].items() <= labels.items()}  # fmt: skip
+    services = {
+        name: s
+        for name, s in of_kind(docs, "Service").items()
+        if s["spec"]["selector"].items() <= labels.items()
+    }
     assert services, "no Service selects the API's pods"
     for service in services.values():
         assert {resolve(p["targetPort"]) for p in service["spec"]["ports"]} == {port}
@@ -628,8 +684,10 @@ def test_the_api_listens_where_its_service_probes_and_ingress_point(folder):
                 backend = path["backend"]["service"]
                 assert backend["name"] in services
                 ports = services[backend["name"]]["spec"]["ports"]
-                assert any(backend["port"].get("name") == p.get("name") or backend["port"].get("number") == p["port"]
-                           for p in ports)  # fmt: skip
+                assert any(
+                    backend["port"].get("name") == p.get("name") or backend["port"].get("number") == p["port"]
+                    for p in ports
+                )
 
 
 def worker_models(args: list[str]) -> list[str]:
@@ -644,9 +702,13 @@ def test_workers_drain_longer_than_the_visibility_timeout_and_probe_their_heartb
     assert workers
     for workload, container, _ in workers:
         spec = pod_specs(docs)[workload]
-        timeout = int(container_env(docs, container).get("LORAFLEET_VISIBILITY_TIMEOUT") or VISIBILITY_TIMEOUT)
+        timeout = int(
+            container_env(docs, container).get("LORAFLEET_VISIBILITY_TIMEOUT") or VISIBILITY_TIMEOUT
+        )
         grace = spec.get("terminationGracePeriodSeconds", 30)
-        assert grace > timeout, f"{workload}: terminationGracePeriodSeconds {grace} <= visibility timeout {timeout}"
+        assert grace > timeout, (
+            f"{workload}: terminationGracePeriodSeconds {grace} <= visibility timeout {timeout}"
+        )
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             calls = lorafleet_calls(container[probe]["exec"]["command"])
             assert [parse_lorafleet(call) for call in calls] == ["workers check"], f"{workload}: {probe}"
@@ -670,8 +732,13 @@ def test_the_cpu_demo_asks_for_no_gpu():
     for workload, container, args in lorafleet_containers(docs, "worker"):
         assert container_env(docs, container)["LORAFLEET_DEVICE"] == "cpu"
         home = Path(container_env(docs, container)["LORAFLEET_HOME"])
-        made = [call for c in all_containers(pod_specs(docs)[workload]) for command in container_commands(c)
-                for call in lorafleet_calls(command) if call[0] == "make-tiny-model"]  # fmt: skip
+        made = [
+            call
+            for c in all_containers(pod_specs(docs)[workload])
+            for command in container_commands(c)
+            for call in lorafleet_calls(command)
+            if call[0] == "make-tiny-model"
+        ]
         for model in worker_models(args):
             assert [home / "models" / model] == [Path(call[1]) for call in made], f"nothing makes {model}"
 
@@ -680,8 +747,11 @@ def test_the_redis_address_is_fully_qualified_in_its_namespace():
     for folder in ("overlays/production", "overlays/cpu-demo"):
         docs = kustomize(folder)
         redis = of_kind(docs, "Service")["lorafleet-redis"]
-        addresses = [cm["data"]["REDIS_ADDRESS"] for cm in of_kind(docs, "ConfigMap").values()
-                     if "REDIS_ADDRESS" in cm["data"]]  # fmt: skip
+        addresses = [
+            cm["data"]["REDIS_ADDRESS"]
+            for cm in of_kind(docs, "ConfigMap").values()
+            if "REDIS_ADDRESS" in cm["data"]
+        ]
         assert addresses
         for address in addresses:
             host, port = address.rsplit(":", 1)
@@ -694,7 +764,9 @@ def test_each_scaled_object_reads_the_priority_lists_of_its_workers_queue(folder
     docs = kustomize(folder)
     deployments = of_kind(docs, "Deployment")
     auths = of_kind(docs, "TriggerAuthentication")
-    workers = {workload: (container, args) for workload, container, args in lorafleet_containers(docs, "worker")}
+    workers = {
+        workload: (container, args) for workload, container, args in lorafleet_containers(docs, "worker")
+    }
     scaled_objects = of_kind(docs, "ScaledObject")
     assert scaled_objects
     for name, so in scaled_objects.items():
@@ -711,12 +783,18 @@ def test_each_scaled_object_reads_the_priority_lists_of_its_workers_queue(folder
         for trigger in spec["triggers"]:
             assert trigger["type"] == "redis", "KEDA's redis scaler reads Celery's lists"
             meta = trigger["metadata"]
-            assert meta["listName"] in expected, f"{name}: {meta['listName']!r} is not a list of the worker's queue"
+            assert meta["listName"] in expected, (
+                f"{name}: {meta['listName']!r} is not a list of the worker's queue"
+            )
             listed.append(meta["listName"])
             assert int(meta["listLength"]) > 0
-            assert meta["addressFromEnv"] in env, f"{name}: {meta['addressFromEnv']} is not in the worker's env"
+            assert meta["addressFromEnv"] in env, (
+                f"{name}: {meta['addressFromEnv']} is not in the worker's env"
+            )
             broker = urlparse(env["LORAFLEET_BROKER_URL"].replace("$(REDIS_ADDRESS)", env["REDIS_ADDRESS"]))
-            assert f"{broker.hostname}:{broker.port}" == env[meta["addressFromEnv"]], "KEDA reads another Redis"
+            assert f"{broker.hostname}:{broker.port}" == env[meta["addressFromEnv"]], (
+                "KEDA reads another Redis"
+            )
             assert meta.get("databaseIndex", "0") == (broker.path.strip("/") or "0")
             auth = auths[trigger["authenticationRef"]["name"]]
             assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {"password"}
@@ -726,7 +804,9 @@ def test_each_scaled_object_reads_the_priority_lists_of_its_workers_queue(folder
 def test_the_trigger_authentication_reads_the_password_redis_uses():
     docs = kustomize("overlays/production")
     redis = pod_specs(docs)["lorafleet-redis"]["containers"][0]
-    password = next(var for var in redis["env"] if var["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
+    password = next(var for var in redis["env"] if var["name"] == "REDIS_PASSWORD")["valueFrom"][
+        "secretKeyRef"
+    ]
     assert "$(REDIS_PASSWORD)" in redis["args"]
     for auth in of_kind(docs, "TriggerAuthentication").values():
         (ref,) = auth["spec"]["secretTargetRef"]

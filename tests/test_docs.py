@@ -30,7 +30,11 @@ def test_every_setting_is_documented():
 
 
 def test_every_command_is_documented():
-    missing = [path for path in command_paths(app) if path != "version" and f"lorafleet {path.split()[0]}" not in README]
+    missing = [
+        path
+        for path in command_paths(app)
+        if path != "version" and f"lorafleet {path.split()[0]}" not in README
+    ]
     assert missing == []
 
 

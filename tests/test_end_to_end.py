@@ -42,10 +42,26 @@ def queued(redis: RedisProcess, model: str = TINY) -> int:
 
 def test_cli_submit_with_a_lora_stack_writes_a_png_naming_both_loras(stack):
     result = run_cli(
-        ["submit", "--model", TINY, "--prompt", "a lighthouse at night", "--lora", "watercolor:0.8",
-         "--lora", "lcm-lora-sd15:0.35", "--sampler", "lcm", "--steps", "4", "--cfg", "1", "--wait"],
+        [
+            "submit",
+            "--model",
+            TINY,
+            "--prompt",
+            "a lighthouse at night",
+            "--lora",
+            "watercolor:0.8",
+            "--lora",
+            "lcm-lora-sd15:0.35",
+            "--sampler",
+            "lcm",
+            "--steps",
+            "4",
+            "--cfg",
+            "1",
+            "--wait",
+        ],
         stack["env"],
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     uris = re.findall(r"file://\S+\.png", result.stdout)
     assert len(uris) == 1, result.stdout
@@ -82,7 +98,12 @@ def test_cli_unknown_model_names_what_is_registered(stack):
 def test_submit_file_queues_a_batch_and_status_shows_it(stack, tmp_path):
     lines = [
         {"model": TINY, "prompt": "a red castle", "seed": 1},
-        {"model": TINY, "prompt": "a blue castle", "seed": 2, "loras": [{"name": "ink-sketch", "weight": 0.7}]},
+        {
+            "model": TINY,
+            "prompt": "a blue castle",
+            "seed": 2,
+            "loras": [{"name": "ink-sketch", "weight": 0.7}],
+        },
         {"model": TINY, "prompt": "a gold castle", "lcm": True},
     ]
     path = tmp_path / "jobs.jsonl"
@@ -99,7 +120,12 @@ def test_submit_file_queues_a_batch_and_status_shows_it(stack, tmp_path):
 
 def test_submit_file_with_one_bad_line_queues_nothing(stack, tmp_path):
     path = tmp_path / "jobs.jsonl"
-    path.write_text(json.dumps({"model": TINY, "prompt": "ok"}) + "\n" + json.dumps({"model": TINY, "prompt": "x", "width": 12}) + "\n")
+    path.write_text(
+        json.dumps({"model": TINY, "prompt": "ok"})
+        + "\n"
+        + json.dumps({"model": TINY, "prompt": "x", "width": 12})
+        + "\n"
+    )
     before = queued(stack["redis"])
     result = run_cli(["submit-file", str(path)], stack["env"])
     assert result.returncode == 2 and "jobs[1].width" in result.stderr
@@ -107,8 +133,23 @@ def test_submit_file_with_one_bad_line_queues_nothing(stack, tmp_path):
 
 
 def test_count_submits_consecutive_seeds_and_wait_shows_the_timings(stack):
-    result = run_cli(["submit", "--model", TINY, "--prompt", "a cat", "--count", "3", "--seed", "10",
-                      "--images", "2", "--json"], stack["env"])  # fmt: skip
+    result = run_cli(
+        [
+            "submit",
+            "--model",
+            TINY,
+            "--prompt",
+            "a cat",
+            "--count",
+            "3",
+            "--seed",
+            "10",
+            "--images",
+            "2",
+            "--json",
+        ],
+        stack["env"],
+    )
     handles = json.loads(result.stdout)
     assert len(handles) == 3
     waited = run_cli(["wait", *[h["job_id"] for h in handles]], stack["env"])
@@ -122,8 +163,27 @@ def test_count_submits_consecutive_seeds_and_wait_shows_the_timings(stack):
 def test_cancel_from_the_cli_of_a_queued_job_and_of_a_running_one(stack):
     env = stack["env"]
     # Queue a long job first so that the second is still queued when it is cancelled.
-    long = json.loads(run_cli(["submit", "--model", TINY, "--prompt", "long", "--steps", "150", "--width", "256",
-                               "--height", "256", "--images", "3", "--json"], env).stdout)[0]  # fmt: skip
+    long = json.loads(
+        run_cli(
+            [
+                "submit",
+                "--model",
+                TINY,
+                "--prompt",
+                "long",
+                "--steps",
+                "150",
+                "--width",
+                "256",
+                "--height",
+                "256",
+                "--images",
+                "3",
+                "--json",
+            ],
+            env,
+        ).stdout
+    )[0]
     short = json.loads(run_cli(["submit", "--model", TINY, "--prompt", "short", "--json"], env).stdout)[0]
     assert "cancelled" in run_cli(["cancel", short["job_id"]], env).stdout
 
@@ -143,8 +203,13 @@ def test_cancel_from_the_cli_of_a_queued_job_and_of_a_running_one(stack):
 
 
 def test_images_go_to_s3_through_a_real_server(stack, moto_server, tmp_path):
-    boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="renders")  # fmt: skip
+    boto3.client(
+        "s3",
+        endpoint_url=moto_server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket="renders")
     env = stack["env"] | s3_env(moto_server.endpoint) | {"LORAFLEET_STORAGE_URL": "s3://renders/fleet"}
     # This worker serves the tiny SDXL model, so only it takes the job (the module's worker
     # serves tiny-sd15 and writes to a folder).
@@ -155,8 +220,13 @@ def test_images_go_to_s3_through_a_real_server(stack, moto_server, tmp_path):
         record = json.loads(result.stdout)[0]
         image = record["images"][0]
         assert image["uri"] == f"s3://renders/fleet/{image['key']}"
-        s3 = boto3.client("s3", endpoint_url=moto_server.endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=moto_server.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         obj = s3.get_object(Bucket="renders", Key=f"fleet/{image['key']}")
         assert obj["ContentType"] == "image/png" and obj["ContentLength"] == image["size"]
         assert "Model: tiny-sdxl" in Image.open(obj["Body"]).text["parameters"]
@@ -181,7 +251,7 @@ def test_jobs_queued_with_no_worker_all_run_once_one_starts_even_after_the_embed
         assert waited.returncode == 0, waited.stdout + waited.stderr
         records = json.loads(waited.stdout)
         assert [r["status"] for r in records] == ["succeeded"] * 4
-        assert all(os.path.exists(r["images"][0]["uri"][len("file://"):]) for r in records)
+        assert all(os.path.exists(r["images"][0]["uri"][len("file://") :]) for r in records)
     finally:
         worker.stop()
         run_cli(["redis", "stop"], env)

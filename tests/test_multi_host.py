@@ -75,16 +75,26 @@ def network():
 
 
 def test_two_hosts_in_their_own_namespaces_each_run_the_jobs_of_their_model(network, template_home, tmp_path):
-    redis = RedisProcess(tmp_path / "redis", extra=["--bind", "127.0.0.1", SERVICES, "--protected-mode", "no"]).start()
+    redis = RedisProcess(
+        tmp_path / "redis", extra=["--bind", "127.0.0.1", SERVICES, "--protected-mode", "no"]
+    ).start()
     moto_port = free_port()
-    moto = subprocess.Popen([str(BIN / "moto_server"), "-H", SERVICES, "-p", str(moto_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    moto = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", SERVICES, "-p", str(moto_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://{SERVICES}:{moto_port}"
     broker = f"redis://{SERVICES}:{redis.port}/0"
     workers = []
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         wait_until(lambda: _up(s3), timeout=30, what="moto on the services address")
         s3.create_bucket(Bucket="fleet")
         producer_home = tmp_path / "producer"
@@ -97,12 +107,26 @@ def test_two_hosts_in_their_own_namespaces_each_run_the_jobs_of_their_model(netw
             home = tmp_path / f"host-{host}"
             home.mkdir()
             host_env = lorafleet_env(home, broker, "s3://fleet/out", **s3_env(endpoint))
-            workers.append(WorkerProcess(host_env, model, tmp_path / f"{host}.log", name=f"{model}@host-{host}",
-                                         prefix=["ip", "netns", "exec", network[host]]).start())  # fmt: skip
-        settings = Settings(home=producer_home, broker_url=broker, storage_url="s3://fleet/out", s3_endpoint_url=endpoint)
+            workers.append(
+                WorkerProcess(
+                    host_env,
+                    model,
+                    tmp_path / f"{host}.log",
+                    name=f"{model}@host-{host}",
+                    prefix=["ip", "netns", "exec", network[host]],
+                ).start()
+            )
+        settings = Settings(
+            home=producer_home, broker_url=broker, storage_url="s3://fleet/out", s3_endpoint_url=endpoint
+        )
         with Client(settings) as client:
-            handles = client.submit_many([{"model": model, "prompt": f"{model} {i}", "sampler": "lcm", "seed": i}
-                                          for i in range(3) for model in ("fleet-sd15", "fleet-sdxl")])  # fmt: skip
+            handles = client.submit_many(
+                [
+                    {"model": model, "prompt": f"{model} {i}", "sampler": "lcm", "seed": i}
+                    for i in range(3)
+                    for model in ("fleet-sd15", "fleet-sdxl")
+                ]
+            )
             assert all(h.warnings == [] for h in handles)  # both models have a live worker
             records = client.wait([h.job_id for h in handles], timeout=240)
         assert [r.status for r in records] == [JobStatus.succeeded] * 6, [r.error for r in records]

@@ -40,10 +40,21 @@ def fleet(template_home, tmp_path, monkeypatch):
     s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1")
     s3.create_bucket(Bucket="renders")
     home = copy_home(template_home, tmp_path / "home")
-    env = lorafleet_env(home, redis.url, "s3://renders/fleet", LORAFLEET_S3_ENDPOINT_URL=proxy.endpoint,
-                        LORAFLEET_VISIBILITY_TIMEOUT="10", **S3)  # fmt: skip
-    settings = Settings(home=home, broker_url=redis.url, storage_url="s3://renders/fleet",
-                        s3_endpoint_url=proxy.endpoint, visibility_timeout=10)  # fmt: skip
+    env = lorafleet_env(
+        home,
+        redis.url,
+        "s3://renders/fleet",
+        LORAFLEET_S3_ENDPOINT_URL=proxy.endpoint,
+        LORAFLEET_VISIBILITY_TIMEOUT="10",
+        **S3,
+    )
+    settings = Settings(
+        home=home,
+        broker_url=redis.url,
+        storage_url="s3://renders/fleet",
+        s3_endpoint_url=proxy.endpoint,
+        visibility_timeout=10,
+    )
     workers: list[WorkerProcess] = []
 
     def start_worker(name: str, **extra: str) -> WorkerProcess:
@@ -68,10 +79,22 @@ def test_a_worker_killed_mid_job_has_its_job_rerun_once_by_another(fleet):
     client = fleet["client"]
     first = fleet["start_worker"]("first@recovery")
     second = fleet["start_worker"]("second@recovery")
-    handle = client.submit({"model": TINY, "prompt": "survives a crash", "steps": 30, "width": 192, "height": 192,
-                            "num_images": 2, "seed": 5})  # fmt: skip
-    running = wait_until(lambda: (r := client.get(handle.job_id)).progress.step >= 2 and r, timeout=60,
-                         what="the job to be sampling")  # fmt: skip
+    handle = client.submit(
+        {
+            "model": TINY,
+            "prompt": "survives a crash",
+            "steps": 30,
+            "width": 192,
+            "height": 192,
+            "num_images": 2,
+            "seed": 5,
+        }
+    )
+    running = wait_until(
+        lambda: (r := client.get(handle.job_id)).progress.step >= 2 and r,
+        timeout=60,
+        what="the job to be sampling",
+    )
     victim, survivor = (first, second) if running.worker == first.name else (second, first)
     victim.kill()
     killed_at = time.monotonic()
@@ -79,7 +102,9 @@ def test_a_worker_killed_mid_job_has_its_job_rerun_once_by_another(fleet):
     assert record.status is JobStatus.succeeded, record.error
     assert record.worker == survivor.name and record.attempts == 2
     assert time.monotonic() - killed_at >= 9  # it waited for the visibility timeout, not less
-    keys = [f"fleet/{record.job.output_prefix}/{record.job.batch_id}/{handle.job_id}/{i}.png" for i in range(2)]
+    keys = [
+        f"fleet/{record.job.output_prefix}/{record.job.batch_id}/{handle.job_id}/{i}.png" for i in range(2)
+    ]
     assert stored_keys(fleet["s3"]) == keys
     assert [image.key for image in record.images] == [k.removeprefix("fleet/") for k in keys]
     # The survivor ran it exactly once: one "started" line for this job in its log.
@@ -91,8 +116,9 @@ def test_uploads_ride_out_a_20_second_object_store_outage(fleet):
     worker = fleet["start_worker"]("patient@recovery")
     fleet["proxy"].down()
     down_at = time.monotonic()
-    handles = client.submit_many([{"model": TINY, "prompt": f"outage {i}", "sampler": "lcm", "seed": i}
-                                  for i in range(2)])  # fmt: skip
+    handles = client.submit_many(
+        [{"model": TINY, "prompt": f"outage {i}", "sampler": "lcm", "seed": i} for i in range(2)]
+    )
     wait_until(lambda: "retrying in" in worker.log.read_text(), timeout=30, what="a failed upload")
     time.sleep(max(0.0, 20 - (time.monotonic() - down_at)))
     assert client.get(handles[0].job_id).status is JobStatus.running  # still trying, not failed
@@ -117,18 +143,41 @@ def test_an_object_store_that_stays_down_fails_the_job_after_bounded_attempts(fl
 def test_a_job_that_runs_out_of_memory_fails_clearly_and_the_worker_keeps_serving(fleet):
     client = fleet["client"]
     worker = fleet["start_worker"]("small@recovery")
-    before = client.submit({"model": TINY, "prompt": "before", "sampler": "lcm", "seed": 8,
-                            "loras": [{"name": "watercolor", "weight": 0.8}]}).wait(timeout=60)  # fmt: skip
+    before = client.submit(
+        {
+            "model": TINY,
+            "prompt": "before",
+            "sampler": "lcm",
+            "seed": 8,
+            "loras": [{"name": "watercolor", "weight": 0.8}],
+        }
+    ).wait(timeout=60)
     # Leave the worker little room: a small job fits, a 2048x2048 batch of 8 cannot, and its
     # allocations fail for real, as on a full GPU.
     worker.limit_memory(headroom_mb=96)
-    huge = client.submit({"model": TINY, "prompt": "too big", "width": 2048, "height": 2048, "num_images": 8,
-                          "loras": [{"name": "watercolor", "weight": 0.8}], "steps": 2})  # fmt: skip
+    huge = client.submit(
+        {
+            "model": TINY,
+            "prompt": "too big",
+            "width": 2048,
+            "height": 2048,
+            "num_images": 8,
+            "loras": [{"name": "watercolor", "weight": 0.8}],
+            "steps": 2,
+        }
+    )
     record = huge.wait(timeout=300)
     assert record.status is JobStatus.failed
     assert record.error.startswith("out of memory on cpu for 8 image(s) of 2048x2048: could not allocate")
     assert "fewer or smaller images" in record.error
-    after = client.submit({"model": TINY, "prompt": "before", "sampler": "lcm", "seed": 8,
-                           "loras": [{"name": "watercolor", "weight": 0.8}]}).wait(timeout=60)  # fmt: skip
+    after = client.submit(
+        {
+            "model": TINY,
+            "prompt": "before",
+            "sampler": "lcm",
+            "seed": 8,
+            "loras": [{"name": "watercolor", "weight": 0.8}],
+        }
+    ).wait(timeout=60)
     assert after.status is JobStatus.succeeded and worker.process.poll() is None
     assert after.images[0].sha256 == before.images[0].sha256  # pristine weights: identical pixels

@@ -37,62 +37,137 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorafleet test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     import ipaddress
 
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = {"ca": folder / "ca.pem", "cert": folder / "redis.pem", "key": folder / "redis.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))  # fmt: skip
+    paths["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return paths
 
 
 @pytest.fixture
 def tls_redis(tmp_path):
-    assert DEBIAN_REDIS, "this test needs Debian's redis-server (apt-get install redis-server); make test installs it"
+    assert DEBIAN_REDIS, (
+        "this test needs Debian's redis-server (apt-get install redis-server); make test installs it"
+    )
     certs = make_certificates(tmp_path)
     port = free_port()
-    process = subprocess.Popen([
-        DEBIAN_REDIS, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-        "--tls-cert-file", str(certs["cert"]), "--tls-key-file", str(certs["key"]),
-        "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "no",
-        "--requirepass", PASSWORD, "--appendonly", "yes", "--save", "",
-    ], stdout=open(tmp_path / "redis.log", "wb"), stderr=subprocess.STDOUT)  # fmt: skip
-    url = (f"rediss://:{quote(PASSWORD)}@127.0.0.1:{port}/0"
-           f"?ssl_cert_reqs=required&ssl_ca_certs={quote(str(certs['ca']))}")  # fmt: skip
-    wait_until(lambda: "Ready to accept connections" in (tmp_path / "redis.log").read_text(), what="TLS redis")
+    process = subprocess.Popen(
+        [
+            DEBIAN_REDIS,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp_path),
+            "--tls-cert-file",
+            str(certs["cert"]),
+            "--tls-key-file",
+            str(certs["key"]),
+            "--tls-ca-cert-file",
+            str(certs["ca"]),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            PASSWORD,
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+        ],
+        stdout=open(tmp_path / "redis.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = (
+        f"rediss://:{quote(PASSWORD)}@127.0.0.1:{port}/0"
+        f"?ssl_cert_reqs=required&ssl_ca_certs={quote(str(certs['ca']))}"
+    )
+    wait_until(
+        lambda: "Ready to accept connections" in (tmp_path / "redis.log").read_text(), what="TLS redis"
+    )
     yield url
     process.terminate()
     process.wait(10)
 
 
-def test_jobs_run_through_a_password_and_tls_redis_and_the_password_never_shows(tls_redis, template_home, tmp_path):
+def test_jobs_run_through_a_password_and_tls_redis_and_the_password_never_shows(
+    tls_redis, template_home, tmp_path
+):
     home = copy_home(template_home, tmp_path / "home")
     env = lorafleet_env(home, tls_redis, str(tmp_path / "outputs"))
     worker = WorkerProcess(env, TINY, tmp_path / "worker.log", name="tls@secure").start()
     try:
-        submitted = run_cli(["submit", "--model", TINY, "--prompt", "over tls", "--lcm", "--lora", "watercolor",
-                             "--wait", "--json"], env)  # fmt: skip
+        submitted = run_cli(
+            [
+                "submit",
+                "--model",
+                TINY,
+                "--prompt",
+                "over tls",
+                "--lcm",
+                "--lora",
+                "watercolor",
+                "--wait",
+                "--json",
+            ],
+            env,
+        )
         assert submitted.returncode == 0, submitted.stderr
         record = json.loads(submitted.stdout)[0]
         assert record["status"] == "succeeded" and record["worker"] == "tls@secure"
-        shown = [submitted.stdout, submitted.stderr, run_cli(["status", record["job_id"]], env).stdout,
-                 run_cli(["workers", "list", "--json"], env).stdout, run_cli(["queues"], env).stdout]  # fmt: skip
+        shown = [
+            submitted.stdout,
+            submitted.stderr,
+            run_cli(["status", record["job_id"]], env).stdout,
+            run_cli(["workers", "list", "--json"], env).stdout,
+            run_cli(["queues"], env).stdout,
+        ]
         settings = Settings(home=home, broker_url=tls_redis, storage_url=str(tmp_path / "outputs"))
         with TestClient(create_app(settings)) as api:
-            for path in ("/", f"/jobs/{record['job_id']}", "/v1/summary", "/v1/workers", "/v1/queues", "/metrics",
-                         f"/v1/jobs/{record['job_id']}", "/healthz", "/openapi.json"):  # fmt: skip
+            for path in (
+                "/",
+                f"/jobs/{record['job_id']}",
+                "/v1/summary",
+                "/v1/workers",
+                "/v1/queues",
+                "/metrics",
+                f"/v1/jobs/{record['job_id']}",
+                "/healthz",
+                "/openapi.json",
+            ):
                 response = api.get(path)
                 assert response.status_code == 200, path
                 shown.append(response.text)

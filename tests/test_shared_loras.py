@@ -26,8 +26,13 @@ pytestmark = pytest.mark.slow
 def machines(template_home, tmp_path):
     redis = RedisProcess(tmp_path / "redis").start()
     moto = MotoServer().start()
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     s3.create_bucket(Bucket="fleet")
     files = tmp_path / "downloads"
     shutil.copytree(template_home / "autoimport" / "lora", files)
@@ -39,7 +44,13 @@ def machines(template_home, tmp_path):
         shutil.rmtree(home / "autoimport" / "lora", ignore_errors=True)
         envs[machine] = lorafleet_env(home, redis.url, "s3://fleet/out", **s3_env(moto.endpoint))
     worker = WorkerProcess(envs["worker"], TINY, tmp_path / "worker.log", name="far@away").start()
-    yield {"env": envs, "files": files, "s3": s3, "worker": worker, "cache": tmp_path / "worker" / "cache" / "loras"}
+    yield {
+        "env": envs,
+        "files": files,
+        "s3": s3,
+        "worker": worker,
+        "cache": tmp_path / "worker" / "cache" / "loras",
+    }
     worker.stop()
     moto.stop()
     redis.stop()
@@ -57,11 +68,15 @@ def submit(env, *loras: str) -> dict:
 def test_an_imported_lora_is_fetched_by_a_worker_that_never_had_it(machines):
     env, files, s3 = machines["env"], machines["files"], machines["s3"]
     sha = sha256_file(files / "watercolor.safetensors")
-    imported = run_cli(["loras", "import", str(files / "watercolor.safetensors"), "--name", "aquarelle"], env["importer"])
+    imported = run_cli(
+        ["loras", "import", str(files / "watercolor.safetensors"), "--name", "aquarelle"], env["importer"]
+    )
     assert imported.returncode == 0, imported.stderr
     assert f"stored as loras/{sha}.safetensors" in " ".join(imported.stdout.split())
     assert s3.head_object(Bucket="fleet", Key=f"out/loras/{sha}.safetensors")["ContentLength"] > 0
-    again = run_cli(["loras", "import", str(files / "watercolor.safetensors"), "--name", "aquarelle"], env["importer"])
+    again = run_cli(
+        ["loras", "import", str(files / "watercolor.safetensors"), "--name", "aquarelle"], env["importer"]
+    )
     assert "already stored" in again.stdout
 
     listed = {r["name"]: r for r in json.loads(run_cli(["loras", "list", "--json"], env["submitter"]).stdout)}
@@ -72,7 +87,9 @@ def test_an_imported_lora_is_fetched_by_a_worker_that_never_had_it(machines):
     assert sorted(p.name for p in machines["cache"].iterdir()) == [f"{sha}.safetensors"]
     stored = s3.get_object(Bucket="fleet", Key=f"out/{record['images'][0]['key']}")["Body"].read()
     parameters = Image.open(io.BytesIO(stored)).text["parameters"]
-    assert "<lora:aquarelle:0.8>" in parameters and f"aquarelle: {sha[:12]}" in parameters  # its name, not its hash
+    assert (
+        "<lora:aquarelle:0.8>" in parameters and f"aquarelle: {sha[:12]}" in parameters
+    )  # its name, not its hash
     inspected = run_cli(["loras", "inspect", "aquarelle", "--model", TINY, "--json"], env["submitter"])
     assert inspected.returncode == 0, inspected.stderr
     report = json.loads(inspected.stdout)
@@ -85,7 +102,9 @@ def test_an_imported_lora_is_fetched_by_a_worker_that_never_had_it(machines):
 def test_a_missing_or_corrupt_stored_lora_fails_the_job_with_the_reason(machines):
     env, files, s3 = machines["env"], machines["files"], machines["s3"]
     for name in ("ink-sketch", "texture-locon"):
-        assert run_cli(["loras", "import", str(files / f"{name}.safetensors")], env["importer"]).returncode == 0
+        assert (
+            run_cli(["loras", "import", str(files / f"{name}.safetensors")], env["importer"]).returncode == 0
+        )
     ink = sha256_file(files / "ink-sketch.safetensors")
     s3.put_object(Bucket="fleet", Key=f"out/loras/{ink}.safetensors", Body=b"not the file")
     corrupt = submit(env["submitter"], "ink-sketch")

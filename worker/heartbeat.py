@@ -36,9 +36,17 @@ def _memory(device: torch.device) -> tuple[int | None, int | None]:
 class Heartbeat:
     """Beats until stopped; removes the worker from the registry when it stops cleanly."""
 
-    def __init__(self, registry: WorkerRegistry, name: str, models: list[str], queues: list[str],
-                 runner: JobRunner, pipelines: PipelineCache, loras: LoraStore,
-                 interval: float = HEARTBEAT_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        name: str,
+        models: list[str],
+        queues: list[str],
+        runner: JobRunner,
+        pipelines: PipelineCache,
+        loras: LoraStore,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
         self.registry = registry
         self.name = name
         self.models = models

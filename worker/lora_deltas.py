@@ -52,7 +52,11 @@ class Delta:
         matrix.add_(self.dense(), alpha=strength)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
 
     def to(self, device: torch.device) -> Delta:
         return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
@@ -208,8 +212,12 @@ def make_dora(inner: Delta, magnitude: torch.Tensor, original: torch.Tensor) -> 
     else:
         channels = m.numel()
         if width % channels:
-            raise ValueError(f"DoRA magnitude of {channels} values fits neither {out} rows nor the input channels")
-        norm = merged.reshape(out, channels, width // channels).transpose(0, 1).reshape(channels, -1).norm(dim=1)
+            raise ValueError(
+                f"DoRA magnitude of {channels} values fits neither {out} rows nor the input channels"
+            )
+        norm = (
+            merged.reshape(out, channels, width // channels).transpose(0, 1).reshape(channels, -1).norm(dim=1)
+        )
         per_row = False
     c = m.flatten() / norm.clamp_min(_NORM_FLOOR)
     return DoraDelta(target=inner.target, inner=inner, c=c, per_row=per_row)

@@ -142,7 +142,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 class _LayerParser:
     """Builds the delta of one layer from its tensors (already on the target device)."""
 
-    def __init__(self, target: Target, name: str, parts: dict[str, torch.Tensor], peft_alpha: float | None) -> None:
+    def __init__(
+        self, target: Target, name: str, parts: dict[str, torch.Tensor], peft_alpha: float | None
+    ) -> None:
         self.target, self.name, self.parts = target, name, parts
         self.peft_alpha = peft_alpha
 
@@ -169,7 +171,9 @@ class _LayerParser:
         if isinstance(delta, LowRankDelta):
             got = (delta.up.shape[0], delta.down.shape[1])
             if delta.up.shape[1] != delta.down.shape[0]:
-                raise self.fail(f"factors {tuple(delta.up.shape)} @ {tuple(delta.down.shape)} do not multiply")
+                raise self.fail(
+                    f"factors {tuple(delta.up.shape)} @ {tuple(delta.down.shape)} do not multiply"
+                )
         else:
             try:
                 got = tuple(delta.dense().shape)
@@ -187,16 +191,30 @@ class _LayerParser:
             rank = down.shape[0]  # type: ignore[union-attr]
             scale = self.alpha_scale(rank, self.peft_alpha)
             if mid is not None:
-                delta: Delta = TuckerDelta(target, up.reshape(up.shape[0], -1), mid, down.reshape(rank, -1), scale)  # type: ignore[union-attr]
+                delta: Delta = TuckerDelta(
+                    target, up.reshape(up.shape[0], -1), mid, down.reshape(rank, -1), scale
+                )  # type: ignore[union-attr]
             else:
-                delta = LowRankDelta(target, up.reshape(up.shape[0], -1).contiguous(), down.reshape(rank, -1).contiguous(), scale)  # type: ignore[union-attr]
+                delta = LowRankDelta(
+                    target,
+                    up.reshape(up.shape[0], -1).contiguous(),
+                    down.reshape(rank, -1).contiguous(),
+                    scale,
+                )  # type: ignore[union-attr]
         elif roles >= {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
             w1a, w1b = self.get("hada_w1_a"), self.get("hada_w1_b")
             t1, t2 = self.get("hada_t1"), self.get("hada_t2")
             rank = w1b.shape[0]  # type: ignore[union-attr]
-            delta = HadamardDelta(target, w1a, w1b.reshape(rank, -1) if t1 is None else w1b,  # type: ignore[union-attr]
-                                  self.get("hada_w2_a"), self._flat("hada_w2_b") if t2 is None else self.get("hada_w2_b"),
-                                  t1, t2, self.alpha_scale(rank))  # fmt: skip
+            delta = HadamardDelta(
+                target,
+                w1a,
+                w1b.reshape(rank, -1) if t1 is None else w1b,  # type: ignore[union-attr]
+                self.get("hada_w2_a"),
+                self._flat("hada_w2_b") if t2 is None else self.get("hada_w2_b"),
+                t1,
+                t2,
+                self.alpha_scale(rank),
+            )
         elif roles & {"lokr_w1", "lokr_w1_a"} and roles & {"lokr_w2", "lokr_w2_a"}:
             w1b, w2b = self.get("lokr_w1_b"), self.get("lokr_w2_b")
             if w2b is not None:
@@ -206,8 +224,17 @@ class _LayerParser:
             else:
                 rank = 0
             scale = self.alpha_scale(rank) if rank else 1.0
-            delta = KroneckerDelta(target, self.get("lokr_w1"), self.get("lokr_w1_a"), w1b,
-                                   self.get("lokr_w2"), self.get("lokr_w2_a"), w2b, self.get("lokr_t2"), scale)  # fmt: skip
+            delta = KroneckerDelta(
+                target,
+                self.get("lokr_w1"),
+                self.get("lokr_w1_a"),
+                w1b,
+                self.get("lokr_w2"),
+                self.get("lokr_w2_a"),
+                w2b,
+                self.get("lokr_t2"),
+                scale,
+            )
         elif roles == {"diff"}:
             diff = self.parts["diff"]
             if _numel(tuple(diff.shape)) != _numel(target.shape):
@@ -254,7 +281,9 @@ def parse_lora(
         bias = parts.pop("diff_b", None)
         target = index.lookup(module)
         if target is None:
-            unmatched.extend(f"{module}.{role}" for role in [*parts, *(["diff_b"] if bias is not None else [])])
+            unmatched.extend(
+                f"{module}.{role}" for role in [*parts, *(["diff_b"] if bias is not None else [])]
+            )
             continue
         if bias is not None:
             bias_target = index.lookup(module, "bias")

@@ -79,7 +79,12 @@ class LoraStore:
                 parsed = self._parse(info, patcher)
                 self._cache[key] = parsed
                 loaded.misses += 1
-                logger.info("LoRA cache miss: %s (%s) parsed, %d layers", info.name, info.short_hash, len(parsed.deltas))
+                logger.info(
+                    "LoRA cache miss: %s (%s) parsed, %d layers",
+                    info.name,
+                    info.short_hash,
+                    len(parsed.deltas),
+                )
             pinned.add(key)
             if parsed.unmatched:
                 shown = ", ".join(parsed.unmatched[:UNMATCHED_SHOWN])
@@ -119,8 +124,14 @@ class LoraStore:
         except (SafetensorError, OSError, ValueError) as exc:
             raise JobFailed(f"LoRA {info.name!r} cannot be read: {exc}") from None
         try:
-            return parse_lora(state, patcher.index, info.format, metadata=info.metadata,
-                              original=patcher.original, device=self.device)  # fmt: skip
+            return parse_lora(
+                state,
+                patcher.index,
+                info.format,
+                metadata=info.metadata,
+                original=patcher.original,
+                device=self.device,
+            )
         except LoraFormatError as exc:
             raise JobFailed(f"LoRA {info.name!r} is refused: {exc}") from None
 

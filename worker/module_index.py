@@ -113,7 +113,9 @@ def ldm_block_prefixes(config: dict) -> dict[str, str]:
             if attention:
                 prefixes[f"up_blocks.{block}.attentions.{layer}"] = f"output_blocks.{index}.1"
             if layer == up_layers[block] and block < len(up_types) - 1:
-                prefixes[f"up_blocks.{block}.upsamplers.0.conv"] = f"output_blocks.{index}.{2 if attention else 1}.conv"
+                prefixes[f"up_blocks.{block}.upsamplers.0.conv"] = (
+                    f"output_blocks.{index}.{2 if attention else 1}.conv"
+                )
             index += 1
     return prefixes
 

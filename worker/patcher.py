@@ -160,7 +160,11 @@ class WeightPatcher:
         low_rank = [(d, s) for d, s in parts if isinstance(d, LowRankDelta)]
         others = [(d, s) for d, s in parts if not isinstance(d, LowRankDelta)]
         # float32 parameters accumulate in place; others in a float32 workspace, rounded once.
-        acc = target if param.dtype == torch.float32 else self._workspace(param.numel(), param.device).view(rows, -1)
+        acc = (
+            target
+            if param.dtype == torch.float32
+            else self._workspace(param.numel(), param.device).view(rows, -1)
+        )
         if low_rank:
             up, down, alpha = _concatenated(low_rank)
             if acc is target:

@@ -112,17 +112,17 @@ class JobRunner:
                 return record
             if record.attempts >= self.settings.job_attempts:
                 record.status, record.finished_at = JobStatus.failed, utcnow()
-                record.error = (f"started {record.attempts} times and the worker running it was lost each "
-                                "time (killed or out of memory); not retried again")  # fmt: skip
+                record.error = (
+                    f"started {record.attempts} times and the worker running it was lost each "
+                    "time (killed or out of memory); not retried again"
+                )
                 return record
             record.status = JobStatus.running
             record.attempts += 1
             record.started_at = utcnow()
             record.worker = self.worker_name
             record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
-            record.timings = Timings(
-                queue_wait=(record.started_at - record.submitted_at).total_seconds()
-            )
+            record.timings = Timings(queue_wait=(record.started_at - record.submitted_at).total_seconds())
             return record
 
         record = self.store.update(job_id, change)
@@ -203,8 +203,13 @@ class JobRunner:
         except JobCancelled:
             self._restore(hot)
             self.stats.cancelled += 1
-            self._finish(job_id, JobStatus.cancelled, error="cancelled while running",
-                         timings=timings, warnings=warnings)  # fmt: skip
+            self._finish(
+                job_id,
+                JobStatus.cancelled,
+                error="cancelled while running",
+                timings=timings,
+                warnings=warnings,
+            )
             logger.info("job %s cancelled while running", job_id)
             return JobStatus.cancelled
         except (JobRejected, JobFailed, TransientError) as exc:
@@ -225,8 +230,14 @@ class JobRunner:
                 hot.in_use = False
             self.pipelines.trim()
         timings.total = time.perf_counter() - started
-        self._finish(job_id, JobStatus.succeeded, images=refs, timings=timings, warnings=warnings,
-                     progress=Progress(step=record.progress.total, total=record.progress.total))  # fmt: skip
+        self._finish(
+            job_id,
+            JobStatus.succeeded,
+            images=refs,
+            timings=timings,
+            warnings=warnings,
+            progress=Progress(step=record.progress.total, total=record.progress.total),
+        )
         self.stats.done += 1
         logger.info("job %s succeeded: %d images in %.2f s", job_id, len(refs), timings.total)
         return JobStatus.succeeded
@@ -237,8 +248,9 @@ class JobRunner:
         if self.pipelines.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _fail(self, job_id: str, hot: HotPipeline | None, message: str, timings: Timings,
-              warnings: list[str]) -> JobStatus:  # fmt: skip
+    def _fail(
+        self, job_id: str, hot: HotPipeline | None, message: str, timings: Timings, warnings: list[str]
+    ) -> JobStatus:
         self._restore(hot)
         self.stats.failed += 1
         self._finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
@@ -252,8 +264,15 @@ class JobRunner:
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)
-        return ImageRef(uri=uri, key=key, size=len(data), sha256=sha256_bytes(data),
-                        width=image.width, height=image.height, seed=seed)  # fmt: skip
+        return ImageRef(
+            uri=uri,
+            key=key,
+            size=len(data),
+            sha256=sha256_bytes(data),
+            width=image.width,
+            height=image.height,
+            seed=seed,
+        )
 
     def _upload(self, key: str, data: bytes) -> str:
         attempts = self.settings.upload_attempts
@@ -264,8 +283,14 @@ class JobRunner:
             except TransientError as exc:
                 if attempt == attempts:
                     raise JobFailed(f"upload of {key} failed {attempts} times, last: {exc}") from exc
-                logger.warning("upload of %s failed (attempt %d of %d): %s; retrying in %.0f s",
-                               key, attempt, attempts, exc, delay)  # fmt: skip
+                logger.warning(
+                    "upload of %s failed (attempt %d of %d): %s; retrying in %.0f s",
+                    key,
+                    attempt,
+                    attempts,
+                    exc,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, UPLOAD_MAX_DELAY)
         raise AssertionError("unreachable")

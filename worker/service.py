@@ -52,14 +52,23 @@ class Worker:
         storage = open_storage(settings)
         shared = SharedLoras.for_machine(settings, self.store.redis, storage)
         self.loras = LoraStore(
-            LoraCatalog(settings.lora_dir, shared), self.pipelines.device, settings.lora_cache_mb * 1024 * 1024
+            LoraCatalog(settings.lora_dir, shared),
+            self.pipelines.device,
+            settings.lora_cache_mb * 1024 * 1024,
         )
-        self.runner = JobRunner(settings, self.store, storage, self.pipelines, self.loras, worker_name=self.name)
+        self.runner = JobRunner(
+            settings, self.store, storage, self.pipelines, self.loras, worker_name=self.name
+        )
         register_tasks(self.app, self.runner)
         self.heartbeat = Heartbeat(
-            WorkerRegistry(self.store.redis), self.name, [m.key for m in self.models], self.queues,
-            self.runner, self.pipelines, self.loras,
-        )  # fmt: skip
+            WorkerRegistry(self.store.redis),
+            self.name,
+            [m.key for m in self.models],
+            self.queues,
+            self.runner,
+            self.pipelines,
+            self.loras,
+        )
         worker_ready.connect(self._on_ready, weak=False)
 
     def _on_ready(self, **_: object) -> None:
@@ -78,9 +87,12 @@ class Worker:
     def run(self, loglevel: str = "INFO") -> None:
         logger.info(
             "worker %s serving %s on %s (%s), broker %s",
-            self.name, ", ".join(m.key for m in self.models), self.pipelines.device,
-            self.pipelines.dtype, self.broker.describe(),
-        )  # fmt: skip
+            self.name,
+            ", ".join(m.key for m in self.models),
+            self.pipelines.device,
+            self.pipelines.dtype,
+            self.broker.describe(),
+        )
         try:
             self._consume(loglevel)
         finally:

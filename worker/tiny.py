@@ -282,12 +282,18 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
         metadata = {"ss_base_model_version": version, "lorafleet.demo": demo.description}
         if demo.format == "kohya":
             state = _kohya_state(_layers(components, "unet", _attention), "lora_unet_", 4, 0.5, gen, strength)
-            state |= _kohya_state(_layers(components, "text_encoder", _text_attention), te_prefix, 4, 0.5, gen, strength)
+            state |= _kohya_state(
+                _layers(components, "text_encoder", _text_attention), te_prefix, 4, 0.5, gen, strength
+            )
             if "text_encoder_2" in components:
                 te2 = _layers(components, "text_encoder_2", _text_attention)
                 state |= _kohya_state(te2, "lora_te2_", 4, 0.5, gen, strength)
-            metadata |= {"ss_network_module": "networks.lora", "ss_network_dim": "4",
-                         "ss_network_alpha": "2", "modelspec.trigger_phrase": "watercolor"}  # fmt: skip
+            metadata |= {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": "4",
+                "ss_network_alpha": "2",
+                "modelspec.trigger_phrase": "watercolor",
+            }
         elif demo.format == "peft":
             state = _peft_state(_layers(components, "unet", _attention_ff), "unet.", 8, gen, strength)
             metadata = {}  # diffusers' own exports carry no kohya metadata: shapes tell the family
@@ -296,7 +302,9 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
             state = _kohya_state(layers, "lora_unet_", 4, 1.0, gen, strength)
             metadata |= {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "locon"}'}
         else:
-            state = _kohya_state(_layers(components, "unet", _lcm_layers), "lora_unet_", 64, 1.0, gen, strength)
+            state = _kohya_state(
+                _layers(components, "unet", _lcm_layers), "lora_unet_", 64, 1.0, gen, strength
+            )
             metadata |= {"lorafleet.lcm": "true"}
         path = out_dir / f"{demo.name.format(family=family)}.safetensors"
         save_file(state, str(path), metadata=metadata)

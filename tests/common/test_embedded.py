@@ -57,7 +57,9 @@ def test_processes_starting_at_once_share_one_server(embedded):
         f"e = EmbeddedRedis(Path({str(embedded.folder)!r})); e.ensure_running(); "
         "print(redis.Redis.from_url(e.url).info('server')['process_id'])"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
     pids = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(pids) == 1 and pids != {""}
 

@@ -39,7 +39,11 @@ def refused(**fields) -> JobRejected:
         ({"seed": 2**32}, "seed", "from 0 to 4294967295"),
         ({"num_images": 9}, "num_images", "from 1 to 8, got 9"),
         ({"loras": [{"name": "a", "weight": 5}]}, "loras[0].weight", "from -4 to 4, got 5"),
-        ({"loras": [{"name": "a", "text_encoder_weight": -5}]}, "loras[0].text_encoder_weight", "from -4 to 4"),
+        (
+            {"loras": [{"name": "a", "text_encoder_weight": -5}]},
+            "loras[0].text_encoder_weight",
+            "from -4 to 4",
+        ),
         ({"loras": [{"name": "../etc/passwd"}]}, "loras[0].name", "no path separators"),
         ({"loras": [{"name": "a", "extra": 1}]}, "loras[0].extra", "unknown field"),
         ({"loras": [{"name": f"l{i}"} for i in range(MAX_LORAS + 1)]}, "loras", "at most 8"),

@@ -31,7 +31,11 @@ def test_publish_stores_by_hash_and_lookup_gives_the_description_back(shared):
     assert registry.names() == sorted(i.name for i in infos)
     for info in infos:
         found = registry.lookup(info.name)
-        assert found.sha256 == info.sha256 and found.family == info.family and found.trigger_words == info.trigger_words
+        assert (
+            found.sha256 == info.sha256
+            and found.family == info.family
+            and found.trigger_words == info.trigger_words
+        )
         assert str(found.path) == object_key(info.sha256) and store.exists(object_key(info.sha256))
     assert registry.lookup("nothing") is None
 
@@ -49,7 +53,9 @@ def test_the_disk_cache_keeps_its_budget_dropping_the_least_recently_used_first(
     cached = set(registry.cached())
     assert third.sha256 in cached and second.sha256 in cached and first.sha256 not in cached
     registry.fetch(first)
-    assert set(registry.cached()) <= {first.sha256, third.sha256, second.sha256} and len(registry.cached()) <= 2
+    assert (
+        set(registry.cached()) <= {first.sha256, third.sha256, second.sha256} and len(registry.cached()) <= 2
+    )
     total = sum(os.path.getsize(registry.cache_dir / f"{sha}.safetensors") for sha in registry.cached())
     assert total <= registry.cache_bytes
 

@@ -13,7 +13,9 @@ from lorafleet.common.storage import LocalStorage, S3Storage, check_key, image_k
 from tests.helpers import free_port
 
 
-@pytest.mark.parametrize("key", ["../escape.png", "/abs/key.png", "a/../../b", "a//b", "a/./b", "", "a/b\x00"])
+@pytest.mark.parametrize(
+    "key", ["../escape.png", "/abs/key.png", "a/../../b", "a//b", "a/./b", "", "a/b\x00"]
+)
 def test_keys_never_escape_the_store(key, tmp_path):
     with pytest.raises(JobFailed, match="refused"):
         check_key(key)
@@ -61,7 +63,9 @@ def test_s3_round_trip_through_a_real_server(s3_credentials):
     assert store.exists("images/b/j/0.png") and not store.exists("images/b/j/1.png")
     with urllib.request.urlopen(store.presigned_url("images/b/j/0.png")) as response:
         assert response.read() == b"png bytes"
-    head = boto3.client("s3", endpoint_url=endpoint).head_object(Bucket="round-trip", Key="run-1/images/b/j/0.png")
+    head = boto3.client("s3", endpoint_url=endpoint).head_object(
+        Bucket="round-trip", Key="run-1/images/b/j/0.png"
+    )
     assert head["ContentType"] == "image/png"
 
 

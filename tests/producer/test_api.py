@@ -37,7 +37,9 @@ def test_submit_get_list_cancel_and_retry(api):
     assert made["jobs"][0]["queue"] == "lorafleet.model.tiny-sd15"
     record = api.get(f"/v1/jobs/{job_id}").json()
     assert record["status"] == "queued" and record["job"]["loras"][0]["sha256"]
-    assert record["cli"].startswith("lorafleet submit --model tiny-sd15 --prompt 'a lighthouse' --lora watercolor:0.8")
+    assert record["cli"].startswith(
+        "lorafleet submit --model tiny-sd15 --prompt 'a lighthouse' --lora watercolor:0.8"
+    )
     assert api.get("/v1/jobs").json()["total"] == 1
     assert api.post(f"/v1/jobs/{job_id}/retry").status_code == 409
     cancelled = api.delete(f"/v1/jobs/{job_id}").json()
@@ -48,7 +50,12 @@ def test_submit_get_list_cancel_and_retry(api):
     assert again["retry_of"] == job_id and again["job_id"] != job_id
     assert again["job"]["batch_id"] == record["job"]["batch_id"] and again["job"]["seed"] == 3
     assert api.get(f"/v1/batches/{record['job']['batch_id']}").json()["counts"] == {
-        "queued": 1, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1}  # fmt: skip
+        "queued": 1,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -152,7 +159,9 @@ def test_images_in_s3_are_presigned_redirects(settings, s3_credentials):
     from tests.worker.conftest import make_runner
 
     boto3.client("s3", endpoint_url=s3_credentials.endpoint).create_bucket(Bucket="api-images")
-    s3 = settings.model_copy(update={"storage_url": "s3://api-images/out", "s3_endpoint_url": s3_credentials.endpoint})
+    s3 = settings.model_copy(
+        update={"storage_url": "s3://api-images/out", "s3_endpoint_url": s3_credentials.endpoint}
+    )
     with TestClient(create_app(s3)) as api:
         job_id = submit(api, JOB)["jobs"][0]["job_id"]
         make_runner(s3).run(job_id)
@@ -176,17 +185,27 @@ def test_tokens_guard_every_call_and_the_dashboard(settings):
         page = api.get("/", follow_redirects=False)
         assert page.status_code == 303 and page.headers["location"] == "/login?next=/"
         assert api.get("/login").status_code == 200 and api.get("/healthz").status_code == 200
-        bad = api.post("/login", content="token=nope&next=/", headers={"content-type": "application/x-www-form-urlencoded"},
-                       follow_redirects=False)  # fmt: skip
+        bad = api.post(
+            "/login",
+            content="token=nope&next=/",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            follow_redirects=False,
+        )
         assert bad.status_code == 401 and "not one of" in bad.text
-        good = api.post("/login", content="token=s3cret-one&next=/jobs/x",
-                        headers={"content-type": "application/x-www-form-urlencoded"}, follow_redirects=False)  # fmt: skip
+        good = api.post(
+            "/login",
+            content="token=s3cret-one&next=/jobs/x",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            follow_redirects=False,
+        )
         assert good.status_code == 303 and good.headers["location"] == "/jobs/x"
         cookie = good.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie
         for path, script in (("/", "overview.js"), ("/jobs/x", "job.js"), ("/batches/y", "batch.js")):
             page = api.get(path)  # the cookie now rides along
-            assert page.status_code == 200 and f'src="/static/{script}"' in page.text and "log out" in page.text
+            assert (
+                page.status_code == 200 and f'src="/static/{script}"' in page.text and "log out" in page.text
+            )
         assert api.get("/v1/jobs").status_code == 200
         assert "s3cret" not in api.get("/v1/summary").text
 
@@ -194,8 +213,12 @@ def test_tokens_guard_every_call_and_the_dashboard(settings):
 def test_login_never_redirects_off_site(settings):
     guarded = settings.model_copy(update={"api_tokens": "t"})
     with TestClient(create_app(guarded)) as api:
-        response = api.post("/login", content="token=t&next=//evil.example/", follow_redirects=False,
-                            headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        response = api.post(
+            "/login",
+            content="token=t&next=//evil.example/",
+            follow_redirects=False,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
         assert response.headers["location"] == "/"
 
 

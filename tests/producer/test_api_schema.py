@@ -22,8 +22,9 @@ def test_no_request_makes_the_api_fail(settings):
         labels.append(operation.label)
 
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=25, deadline=None, database=None,
-                             suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(
+            max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def no_server_error(case):
             case.call_and_validate(checks=[not_a_server_error])
 

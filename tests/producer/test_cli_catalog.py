@@ -28,7 +28,9 @@ def test_inspect_a_name_against_a_model_reports_matched_and_unmatched_keys(home)
 
 def test_inspect_against_the_wrong_family_says_so(home):
     env = lorafleet_env(home, None)
-    result = run_cli(["loras", "inspect", str(home / "xl-loras" / "watercolor.safetensors"), "--model", "tiny-sd15"], env)
+    result = run_cli(
+        ["loras", "inspect", str(home / "xl-loras" / "watercolor.safetensors"), "--model", "tiny-sd15"], env
+    )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     assert "the LoRA is for sdxl, the model is sd15" in text
@@ -52,11 +54,28 @@ def test_import_copies_a_checked_file_usable_by_name(home, tmp_path):
     assert (home / "autoimport" / "lora" / "My Style v2.safetensors").read_bytes() == source.read_bytes()
     again = run_cli(["loras", "import", str(source)], env)
     assert "already imported" in again.stdout
-    clash = run_cli(["loras", "import", str(home / "autoimport" / "lora" / "watercolor.safetensors"),
-                     "--name", "My Style v2"], env)  # fmt: skip
+    clash = run_cli(
+        [
+            "loras",
+            "import",
+            str(home / "autoimport" / "lora" / "watercolor.safetensors"),
+            "--name",
+            "My Style v2",
+        ],
+        env,
+    )
     assert clash.returncode == 2 and "already imported" in clash.stderr and "--force" in clash.stderr
-    forced = run_cli(["loras", "import", str(home / "autoimport" / "lora" / "watercolor.safetensors"),
-                      "--name", "My Style v2", "--force"], env)  # fmt: skip
+    forced = run_cli(
+        [
+            "loras",
+            "import",
+            str(home / "autoimport" / "lora" / "watercolor.safetensors"),
+            "--name",
+            "My Style v2",
+            "--force",
+        ],
+        env,
+    )
     assert forced.returncode == 0
 
 
@@ -74,4 +93,8 @@ def test_import_refuses_bad_files_and_names(home, tmp_path):
 
 def test_models_list_names_families_and_queues(home):
     result = run_cli(["models", "list"], lorafleet_env(home, None))
-    assert "tiny-sd15" in result.stdout and "tiny-sdxl" in result.stdout and "lorafleet.model.tiny-sdxl" in result.stdout
+    assert (
+        "tiny-sd15" in result.stdout
+        and "tiny-sdxl" in result.stdout
+        and "lorafleet.model.tiny-sdxl" in result.stdout
+    )

@@ -19,8 +19,17 @@ TINY = "tiny-sd15"
 
 def beat(name: str, host: str, age: float, models=(TINY,)) -> WorkerBeat:
     now = time.time()
-    return WorkerBeat(name=name, host=host, pid=1, version="test", device="cpu", models=list(models),
-                      queues=[f"lorafleet.model.{m}" for m in models], started_at=now - 100, last_seen=now - age)  # fmt: skip
+    return WorkerBeat(
+        name=name,
+        host=host,
+        pid=1,
+        version="test",
+        device="cpu",
+        models=list(models),
+        queues=[f"lorafleet.model.{m}" for m in models],
+        started_at=now - 100,
+        last_seen=now - age,
+    )
 
 
 def test_workers_check_passes_only_for_an_alive_heartbeat(settings, home, redis_url):
@@ -49,7 +58,11 @@ def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings,
             client.submit({"model": TINY, "prompt": "waiting", "priority": priority})
         WorkerRegistry(client.redis).beat(beat("w1@here", "here", age=1))
     rows = {row["model"]: row for row in json.loads(run_cli(["queues", "--json"], env).stdout)}
-    assert rows[TINY]["depth"] == 3 and rows[TINY]["by_priority"]["0"] == 1 and rows[TINY]["by_priority"]["6"] == 2
+    assert (
+        rows[TINY]["depth"] == 3
+        and rows[TINY]["by_priority"]["0"] == 1
+        and rows[TINY]["by_priority"]["6"] == 2
+    )
     assert rows[TINY]["workers"] == ["w1@here"] and rows["tiny-sdxl"]["workers"] == []
     table = run_cli(["queues"], env).stdout
     assert "tiny-sdxl" in table and "none" in table
@@ -58,7 +71,9 @@ def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings,
 def test_submit_warns_when_no_worker_serves_the_model_and_require_worker_refuses(settings, home, redis_url):
     env = lorafleet_env(home, redis_url)
     warned = run_cli(["submit", "--model", TINY, "--prompt", "x"], env)
-    assert warned.returncode == 0 and "warning: no live worker serves 'tiny-sd15'" in " ".join(warned.stderr.split())
+    assert warned.returncode == 0 and "warning: no live worker serves 'tiny-sd15'" in " ".join(
+        warned.stderr.split()
+    )
     refused = run_cli(["submit", "--model", TINY, "--prompt", "x", "--require-worker"], env)
     assert refused.returncode == 2
     assert "refused: model: no live worker serves 'tiny-sd15'" in " ".join(refused.stderr.split())
@@ -83,7 +98,9 @@ def test_models_add_registers_a_name_every_machine_resolves(settings, home, redi
     assert rows["hubby"]["family"] == "sdxl" and rows[TINY]["where"] == "local"
     # Another machine (no such folder under its models/) resolves the name through Redis.
     with Client(settings) as client:
-        handle = client.submit({"model": "house-style", "prompt": "registered", "loras": [{"name": "watercolor"}]})
+        handle = client.submit(
+            {"model": "house-style", "prompt": "registered", "loras": [{"name": "watercolor"}]}
+        )
         assert handle.queue == "lorafleet.model.house-style" and handle.job.width == 64
         with pytest.raises(JobRejected, match="is for sd15 but model 'hubby' is sdxl"):
             client.submit({"model": "hubby", "prompt": "x", "loras": [{"name": "watercolor"}]})

@@ -100,7 +100,9 @@ def test_default_weights_follow_the_seed(client):
     assert alone.loras[0].weight == 0.75
     beside = client.submit(JOB | {"loras": [{"name": "watercolor"}, {"name": "lcm-lora-sd15"}]}).job
     assert [spec.weight for spec in beside.loras] == [0.45, 0.35]
-    explicit = client.submit(JOB | {"loras": [{"name": "watercolor", "weight": 1.0}, {"name": "lcm-lora-sd15"}]}).job
+    explicit = client.submit(
+        JOB | {"loras": [{"name": "watercolor", "weight": 1.0}, {"name": "lcm-lora-sd15"}]}
+    ).job
     assert [spec.weight for spec in explicit.loras] == [1.0, 0.35]
 
 
@@ -186,10 +188,19 @@ def test_several_unregistered_lcm_loras_warn_which_was_used(client, home):
 
 def beat(client, model: str, age: float = 1.0) -> None:
     now = time.time()
-    WorkerRegistry(client.redis).beat(WorkerBeat(
-        name=f"w@{model}", host="h", pid=1, version="t", device="cpu", models=[model],
-        queues=[queue_for(model)], started_at=now - 60, last_seen=now - age,
-    ))  # fmt: skip
+    WorkerRegistry(client.redis).beat(
+        WorkerBeat(
+            name=f"w@{model}",
+            host="h",
+            pid=1,
+            version="t",
+            device="cpu",
+            models=[model],
+            queues=[queue_for(model)],
+            started_at=now - 60,
+            last_seen=now - age,
+        )
+    )
 
 
 def test_a_model_no_live_worker_serves_is_queued_with_a_warning(client):
@@ -206,7 +217,10 @@ def test_require_worker_refuses_the_whole_batch_and_queues_nothing(client):
     with pytest.raises(JobRejected) as refused:
         client.submit_many([JOB | {"model": TINY_XL}, JOB], require_worker=True)
     assert refused.value.problems == [
-        ("jobs[1].model", "no live worker serves 'tiny-sd15'; start one with: lorafleet worker --models tiny-sd15")
+        (
+            "jobs[1].model",
+            "no live worker serves 'tiny-sd15'; start one with: lorafleet worker --models tiny-sd15",
+        )
     ]
     assert queued_messages(client) == [] and queued_messages(client, TINY_XL) == []
     beat(client, TINY)

@@ -51,32 +51,35 @@ VALID = st.fixed_dictionaries(
     },
 )
 # (the field an error must name, how to break a valid payload)
-BREAKS = st.sampled_from([
-    ("width", lambda job: job | {"width": 100}),
-    ("height", lambda job: job | {"height": 4096}),
-    ("steps", lambda job: job | {"steps": 0}),
-    ("steps", lambda job: job | {"steps": 151}),
-    ("cfg_scale", lambda job: job | {"cfg_scale": 30.5}),
-    ("cfg_scale", lambda job: job | {"cfg_scale": float("nan")}),
-    ("num_images", lambda job: job | {"num_images": 9}),
-    ("seed", lambda job: job | {"seed": -1}),
-    ("seed", lambda job: job | {"seed": 2**32}),
-    ("prompt", lambda job: job | {"prompt": "x" * 2001}),
-    ("prompt", lambda job: {k: v for k, v in job.items() if k != "prompt"}),
-    ("sampler", lambda job: job | {"sampler": "plms"}),
-    ("priority", lambda job: job | {"priority": "urgent"}),
-    ("colour", lambda job: job | {"colour": "red"}),
-    ("loras", lambda job: job | {"loras": [{"name": "watercolor"}] * 9}),
-    ("loras[0].weight", lambda job: job | {"loras": [{"name": "watercolor", "weight": 4.5}]}),
-    ("loras[0].name", lambda job: job | {"loras": [{"name": "../watercolor"}]}),
-    ("loras[0].name", lambda job: job | {"loras": [{"name": "sub/watercolor"}]}),
-    ("loras[0].name", lambda job: job | {"loras": [{"name": "no-such-lora"}]}),
-    ("output_prefix", lambda job: job | {"output_prefix": "../../etc"}),
-    ("output_prefix", lambda job: job | {"output_prefix": "/absolute"}),
-    ("model", lambda job: job | {"model": "../models/tiny-sd15"}),
-])  # fmt: skip
-EXAMPLES = hypothesis_settings(max_examples=40, deadline=None, database=None,
-                               suppress_health_check=list(HealthCheck))  # fmt: skip
+BREAKS = st.sampled_from(
+    [
+        ("width", lambda job: job | {"width": 100}),
+        ("height", lambda job: job | {"height": 4096}),
+        ("steps", lambda job: job | {"steps": 0}),
+        ("steps", lambda job: job | {"steps": 151}),
+        ("cfg_scale", lambda job: job | {"cfg_scale": 30.5}),
+        ("cfg_scale", lambda job: job | {"cfg_scale": float("nan")}),
+        ("num_images", lambda job: job | {"num_images": 9}),
+        ("seed", lambda job: job | {"seed": -1}),
+        ("seed", lambda job: job | {"seed": 2**32}),
+        ("prompt", lambda job: job | {"prompt": "x" * 2001}),
+        ("prompt", lambda job: {k: v for k, v in job.items() if k != "prompt"}),
+        ("sampler", lambda job: job | {"sampler": "plms"}),
+        ("priority", lambda job: job | {"priority": "urgent"}),
+        ("colour", lambda job: job | {"colour": "red"}),
+        ("loras", lambda job: job | {"loras": [{"name": "watercolor"}] * 9}),
+        ("loras[0].weight", lambda job: job | {"loras": [{"name": "watercolor", "weight": 4.5}]}),
+        ("loras[0].name", lambda job: job | {"loras": [{"name": "../watercolor"}]}),
+        ("loras[0].name", lambda job: job | {"loras": [{"name": "sub/watercolor"}]}),
+        ("loras[0].name", lambda job: job | {"loras": [{"name": "no-such-lora"}]}),
+        ("output_prefix", lambda job: job | {"output_prefix": "../../etc"}),
+        ("output_prefix", lambda job: job | {"output_prefix": "/absolute"}),
+        ("model", lambda job: job | {"model": "../models/tiny-sd15"}),
+    ]
+)
+EXAMPLES = hypothesis_settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def queued(redis) -> int:
@@ -121,8 +124,9 @@ def test_http_api_answers_201_for_valid_payloads_and_422_naming_the_field_for_br
             made = api.post("/v1/jobs", content=json.dumps(job), headers={"content-type": "application/json"})
             assert made.status_code == 201, made.text
             field, breaking = broken
-            refused = api.post("/v1/jobs", content=json.dumps(breaking(job)),
-                               headers={"content-type": "application/json"})  # fmt: skip
+            refused = api.post(
+                "/v1/jobs", content=json.dumps(breaking(job)), headers={"content-type": "application/json"}
+            )
             assert refused.status_code == 422, refused.text
             problems = [(p["field"], p["message"]) for p in refused.json()["detail"]]
             assert refusal_names(problems, field), problems
@@ -136,7 +140,9 @@ def test_cli_submit_file_refuses_broken_lines_naming_the_field(settings, home, r
     redis = Client(settings).redis
 
     @given(job=VALID, broken=BREAKS)
-    @hypothesis_settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(
+        max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     def check(job, broken):
         field, breaking = broken
         before = queued(redis)

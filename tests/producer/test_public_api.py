@@ -11,10 +11,22 @@ import lorafleet.producer
 from tests.helpers import REPO
 
 PUBLIC = [
-    "Client", "ConfigError", "GenerationJob", "JobCancelled", "JobFailed", "JobHandle", "JobRecord",
-    "JobRejected", "JobStatus", "LoraSpec", "LorafleetError", "Priority", "Sampler", "Settings",
+    "Client",
+    "ConfigError",
+    "GenerationJob",
+    "JobCancelled",
+    "JobFailed",
+    "JobHandle",
+    "JobRecord",
+    "JobRejected",
+    "JobStatus",
+    "LoraSpec",
+    "LorafleetError",
+    "Priority",
+    "Sampler",
+    "Settings",
     "TransientError",
-]  # fmt: skip
+]
 
 BLOCK_TORCH = """
 import sys
@@ -33,7 +45,9 @@ def test_public_api_is_pinned():
 
 
 def test_producer_side_imports_and_runs_without_torch(settings, tmp_path):
-    code = BLOCK_TORCH + f"""
+    code = (
+        BLOCK_TORCH
+        + f"""
 import lorafleet.producer, lorafleet.producer.cli
 from lorafleet.producer import Client, Settings
 from pathlib import Path
@@ -41,18 +55,22 @@ client = Client(Settings(home=Path({str(settings.home)!r}), broker_url={settings
 handle = client.submit({{"model": "tiny-sd15", "prompt": "x", "loras": [{{"name": "watercolor"}}]}})
 print(client.get(handle.job_id).status.value)
 """
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "queued"
 
 
 def test_worker_commands_say_how_to_install_the_worker_side():
-    code = BLOCK_TORCH + """
+    code = (
+        BLOCK_TORCH
+        + """
 import sys
 from lorafleet.producer.cli import app
 sys.argv = ["lorafleet", "make-tiny-model", "/tmp/nowhere"]
 app()
 """
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 3
     assert "pip install 'lorafleet[worker]'" in result.stderr
@@ -61,6 +79,8 @@ app()
 def test_base_dependencies_leave_out_the_worker_side():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     heavy = ("torch", "diffusers", "transformers", "safetensors", "accelerate")
-    assert not [d for d in project["dependencies"] if d.split("[")[0].split(">")[0].split("=")[0].strip() in heavy]
+    assert not [
+        d for d in project["dependencies"] if d.split("[")[0].split(">")[0].split("=")[0].strip() in heavy
+    ]
     assert {d.split(">")[0] for d in project["optional-dependencies"]["worker"]} >= set(heavy)
     assert project["scripts"] == {"lorafleet": "lorafleet.producer.cli:main"}

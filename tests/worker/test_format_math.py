@@ -42,8 +42,13 @@ def apply_file(hot, tmp_path, state, strength, fmt, metadata=None):
     path = tmp_path / f"{fmt}.safetensors"
     save_file(state, str(path), metadata=metadata or {})
     info = describe_file(path)
-    lora = parse_lora(load_file(str(path)), hot.patcher.index, info.format, metadata=info.metadata,
-                      original=hot.patcher.original)  # fmt: skip
+    lora = parse_lora(
+        load_file(str(path)),
+        hot.patcher.index,
+        info.format,
+        metadata=info.metadata,
+        original=hot.patcher.original,
+    )
     hot.patcher.apply([StackEntry(lora, strength, strength)])
     return info, lora
 
@@ -53,7 +58,10 @@ def check(hot, before, expected: dict[str, torch.Tensor], atol=2e-6):
         after = snapshot(hot)
         for key, value in expected.items():
             got = after[f"unet:{key}"].double()
-            assert torch.allclose(got, value.reshape(got.shape), rtol=0, atol=atol), (key, (got - value.reshape(got.shape)).abs().max())
+            assert torch.allclose(got, value.reshape(got.shape), rtol=0, atol=atol), (
+                key,
+                (got - value.reshape(got.shape)).abs().max(),
+            )
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert changed <= {f"unet:{k}" for k in expected}, changed - {f"unet:{k}" for k in expected}
     finally:
@@ -87,13 +95,22 @@ def test_loha_linear_and_conv(hot, tmp_path, gen):
     for module, r in ((ATTN, 4), (CONV, 3)):
         shape = tuple(weight(hot, module).shape)
         out, rest = shape[0], int(np.prod(shape[1:]))
-        parts = {n: rand(*s, gen=gen) for n, s in
-                 (("hada_w1_a", (out, r)), ("hada_w1_b", (r, *shape[1:])), ("hada_w2_a", (out, r)), ("hada_w2_b", (r, *shape[1:])))}  # fmt: skip
+        parts = {
+            n: rand(*s, gen=gen)
+            for n, s in (
+                ("hada_w1_a", (out, r)),
+                ("hada_w1_b", (r, *shape[1:])),
+                ("hada_w2_a", (out, r)),
+                ("hada_w2_b", (r, *shape[1:])),
+            )
+        }
         for n, t in parts.items():
             state[f"{flat(module)}.{n}"] = t
         state[f"{flat(module)}.alpha"] = torch.tensor(2.0)
         d = lambda a, b: parts[a].double() @ parts[b].double().reshape(r, rest)  # noqa: E731
-        expected[f"{module}.weight"] = w0(before, module).reshape(out, rest) + 0.6 * (2.0 / r) * d("hada_w1_a", "hada_w1_b") * d("hada_w2_a", "hada_w2_b")
+        expected[f"{module}.weight"] = w0(before, module).reshape(out, rest) + 0.6 * (2.0 / r) * d(
+            "hada_w1_a", "hada_w1_b"
+        ) * d("hada_w2_a", "hada_w2_b")
     info, _ = apply_file(hot, tmp_path, state, 0.6, "loha")
     assert info.format == "lycoris-loha"
     check(hot, before, expected)
@@ -103,8 +120,17 @@ def test_loha_with_tucker_cores(hot, tmp_path, gen):
     before = snapshot(hot)
     out, cin, kh, kw = weight(hot, CONV).shape
     r = 3
-    t = {n: rand(*s, gen=gen) for n, s in (("hada_t1", (r, r, kh, kw)), ("hada_t2", (r, r, kh, kw)), ("hada_w1_a", (r, out)),
-                                         ("hada_w1_b", (r, cin)), ("hada_w2_a", (r, out)), ("hada_w2_b", (r, cin)))}  # fmt: skip
+    t = {
+        n: rand(*s, gen=gen)
+        for n, s in (
+            ("hada_t1", (r, r, kh, kw)),
+            ("hada_t2", (r, r, kh, kw)),
+            ("hada_w1_a", (r, out)),
+            ("hada_w1_b", (r, cin)),
+            ("hada_w2_a", (r, out)),
+            ("hada_w2_b", (r, cin)),
+        )
+    }
     state = {f"{flat(CONV)}.{n}": v for n, v in t.items()}
     expected = w0(before, CONV).clone()
     for h in range(kh):
@@ -116,7 +142,9 @@ def test_loha_with_tucker_cores(hot, tmp_path, gen):
     check(hot, before, {f"{CONV}.weight": expected})
 
 
-@pytest.mark.parametrize("variant", ["full-w1-lowrank-w2", "lowrank-both", "full-both", "conv-full", "conv-tucker"])
+@pytest.mark.parametrize(
+    "variant", ["full-w1-lowrank-w2", "lowrank-both", "full-both", "conv-full", "conv-tucker"]
+)
 def test_lokr(hot, tmp_path, gen, variant):
     before = snapshot(hot)
     module = CONV if variant.startswith("conv") else FF
@@ -134,7 +162,11 @@ def test_lokr(hot, tmp_path, gen, variant):
     if variant in ("full-w1-lowrank-w2", "lowrank-both"):
         t["lokr_w2_a"], t["lokr_w2_b"] = rand(b, r, gen=gen), rand(r, d, gen=gen)
     elif variant == "conv-tucker":
-        t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"] = rand(r, r, *k, gen=gen), rand(r, b, gen=gen), rand(r, d, gen=gen)
+        t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"] = (
+            rand(r, r, *k, gen=gen),
+            rand(r, b, gen=gen),
+            rand(r, d, gen=gen),
+        )
     else:
         t["lokr_w2"] = rand(b, d, *k, gen=gen)
     t["alpha"] = torch.tensor(1.0)
@@ -146,7 +178,9 @@ def test_lokr(hot, tmp_path, gen, variant):
         w2 = torch.zeros(b, d, *k, dtype=torch.float64)
         for h in range(k[0]):
             for w in range(k[1]):
-                w2[:, :, h, w] = t["lokr_w2_a"].double().T @ t["lokr_t2"][:, :, h, w].double() @ t["lokr_w2_b"].double()
+                w2[:, :, h, w] = (
+                    t["lokr_w2_a"].double().T @ t["lokr_t2"][:, :, h, w].double() @ t["lokr_w2_b"].double()
+                )
     else:
         w2 = t["lokr_w2_a"].double() @ t["lokr_w2_b"].double()
     decomposed = any(n.endswith(("_a", "_b")) for n in t)
@@ -164,8 +198,14 @@ def test_full_weight_and_bias_diffs(hot, tmp_path, gen):
     state = {f"{flat(FF)}.diff": diff, f"{flat(FF)}.diff_b": diff_b}
     info, _ = apply_file(hot, tmp_path, state, 0.5, "full")
     assert info.format == "full-diff"
-    check(hot, before, {f"{FF}.weight": w0(before, FF) + 0.5 * diff.double(),
-                        f"{FF}.bias": w0(before, FF, "bias") + 0.5 * diff_b.double()})  # fmt: skip
+    check(
+        hot,
+        before,
+        {
+            f"{FF}.weight": w0(before, FF) + 0.5 * diff.double(),
+            f"{FF}.bias": w0(before, FF, "bias") + 0.5 * diff_b.double(),
+        },
+    )
 
 
 def test_locon_with_a_tucker_mid(hot, tmp_path, gen):
@@ -173,22 +213,35 @@ def test_locon_with_a_tucker_mid(hot, tmp_path, gen):
     out, cin, kh, kw = weight(hot, CONV).shape
     r = 4
     down, mid, up = rand(r, cin, 1, 1, gen=gen), rand(r, r, kh, kw, gen=gen), rand(out, r, 1, 1, gen=gen)
-    state = {f"{flat(CONV)}.lora_down.weight": down, f"{flat(CONV)}.lora_mid.weight": mid,
-             f"{flat(CONV)}.lora_up.weight": up, f"{flat(CONV)}.alpha": torch.tensor(8.0)}  # fmt: skip
+    state = {
+        f"{flat(CONV)}.lora_down.weight": down,
+        f"{flat(CONV)}.lora_mid.weight": mid,
+        f"{flat(CONV)}.lora_up.weight": up,
+        f"{flat(CONV)}.alpha": torch.tensor(8.0),
+    }
     expected = w0(before, CONV).clone()
     for h in range(kh):
         for w in range(kw):
-            expected[:, :, h, w] += 0.7 * 2.0 * (up[:, :, 0, 0].double() @ mid[:, :, h, w].double() @ down[:, :, 0, 0].double())
+            expected[:, :, h, w] += (
+                0.7 * 2.0 * (up[:, :, 0, 0].double() @ mid[:, :, h, w].double() @ down[:, :, 0, 0].double())
+            )
     apply_file(hot, tmp_path, state, 0.7, "locon-tucker")
     check(hot, before, {f"{CONV}.weight": expected})
 
 
-def _dora_expected(w_0: torch.Tensor, inner: torch.Tensor, magnitude: torch.Tensor, strength: float, per_row: bool):
+def _dora_expected(
+    w_0: torch.Tensor, inner: torch.Tensor, magnitude: torch.Tensor, strength: float, per_row: bool
+):
     merged = w_0 + inner
     if per_row:
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
     else:
-        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
+        norm = (
+            merged.transpose(0, 1)
+            .reshape(merged.shape[1], -1)
+            .norm(dim=1)
+            .reshape(1, -1, *[1] * (merged.dim() - 2))
+        )
     dora = magnitude.double().reshape(norm.shape) * merged / norm
     return w_0 + strength * (dora - w_0)
 
@@ -211,8 +264,12 @@ def test_dora_kohya_style(hot, tmp_path, gen, per_row, module):
     else:
         norms = merged.transpose(0, 1).reshape(cin, -1).norm(dim=1)
         magnitude = (norms * (0.5 + torch.rand(cin, generator=gen))).reshape(1, cin, *[1] * (len(shape) - 2))
-    state = {f"{flat(module)}.lora_down.weight": down, f"{flat(module)}.lora_up.weight": up,
-             f"{flat(module)}.alpha": torch.tensor(2.0), f"{flat(module)}.dora_scale": magnitude.float()}  # fmt: skip
+    state = {
+        f"{flat(module)}.lora_down.weight": down,
+        f"{flat(module)}.lora_up.weight": up,
+        f"{flat(module)}.alpha": torch.tensor(2.0),
+        f"{flat(module)}.dora_scale": magnitude.float(),
+    }
     info, _ = apply_file(hot, tmp_path, state, 0.9, "dora")
     assert info.format == ("kohya-locon+dora" if module == CONV else "kohya-lora+dora")
     check(hot, before, {f"{module}.weight": _dora_expected(base, inner, magnitude, 0.9, per_row)}, atol=5e-6)
@@ -223,7 +280,11 @@ def test_dora_peft_magnitude_vector_at_full_strength(hot, tmp_path, gen):
     out, cin = weight(hot, ATTN).shape
     a, b = rand(8, cin, gen=gen), rand(out, 8, gen=gen)
     magnitude = torch.rand(out, generator=gen) + 0.5
-    state = {f"unet.{ATTN}.lora_A.weight": a, f"unet.{ATTN}.lora_B.weight": b, f"unet.{ATTN}.lora_magnitude_vector": magnitude}
+    state = {
+        f"unet.{ATTN}.lora_A.weight": a,
+        f"unet.{ATTN}.lora_B.weight": b,
+        f"unet.{ATTN}.lora_magnitude_vector": magnitude,
+    }
     apply_file(hot, tmp_path, state, 1.0, "peft-dora")
     base = w0(before, ATTN)
     expected = _dora_expected(base, b.double() @ a.double(), magnitude, 1.0, per_row=True)
@@ -238,16 +299,26 @@ def test_peft_alpha_from_diffusers_metadata(hot, tmp_path, gen):
     ff_out, ff_in = weight(hot, FF).shape
     r = 8
     tensors = {
-        f"unet.{ATTN}.lora_A.weight": rand(r, cin, gen=gen), f"unet.{ATTN}.lora_B.weight": rand(out, r, gen=gen),
-        f"unet.{FF}.lora_A.weight": rand(r, ff_in, gen=gen), f"unet.{FF}.lora_B.weight": rand(ff_out, r, gen=gen),
-    }  # fmt: skip
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
-        {"unet.r": r, "unet.lora_alpha": 16, "unet.alpha_pattern": {"attn1.to_q": 4}})}  # fmt: skip
+        f"unet.{ATTN}.lora_A.weight": rand(r, cin, gen=gen),
+        f"unet.{ATTN}.lora_B.weight": rand(out, r, gen=gen),
+        f"unet.{FF}.lora_A.weight": rand(r, ff_in, gen=gen),
+        f"unet.{FF}.lora_B.weight": rand(ff_out, r, gen=gen),
+    }
+    metadata = {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(
+            {"unet.r": r, "unet.lora_alpha": 16, "unet.alpha_pattern": {"attn1.to_q": 4}}
+        ),
+    }
     apply_file(hot, tmp_path, tensors, 1.0, "peft-alpha", metadata)
     expected = {
-        f"{ATTN}.weight": w0(before, ATTN) + (4 / r) * (tensors[f"unet.{ATTN}.lora_B.weight"].double() @ tensors[f"unet.{ATTN}.lora_A.weight"].double()),
-        f"{FF}.weight": w0(before, FF) + (16 / r) * (tensors[f"unet.{FF}.lora_B.weight"].double() @ tensors[f"unet.{FF}.lora_A.weight"].double()),
-    }  # fmt: skip
+        f"{ATTN}.weight": w0(before, ATTN)
+        + (4 / r)
+        * (tensors[f"unet.{ATTN}.lora_B.weight"].double() @ tensors[f"unet.{ATTN}.lora_A.weight"].double()),
+        f"{FF}.weight": w0(before, FF)
+        + (16 / r)
+        * (tensors[f"unet.{FF}.lora_B.weight"].double() @ tensors[f"unet.{FF}.lora_A.weight"].double()),
+    }
     check(hot, before, expected)
 
 
@@ -255,7 +326,13 @@ def test_kohya_lora_without_alpha_has_scale_one(hot, tmp_path, gen):
     before = snapshot(hot)
     out, cin = weight(hot, PROJ).shape[:2]
     down, up = rand(4, cin, 1, 1, gen=gen), rand(out, 4, 1, 1, gen=gen)
-    apply_file(hot, tmp_path, {f"{flat(PROJ)}.lora_down.weight": down, f"{flat(PROJ)}.lora_up.weight": up}, 1.0, "no-alpha")
+    apply_file(
+        hot,
+        tmp_path,
+        {f"{flat(PROJ)}.lora_down.weight": down, f"{flat(PROJ)}.lora_up.weight": up},
+        1.0,
+        "no-alpha",
+    )
     delta = (up.double().reshape(out, 4) @ down.double().reshape(4, cin)).reshape(out, cin, 1, 1)
     check(hot, before, {f"{PROJ}.weight": w0(before, PROJ) + delta})
 
@@ -279,7 +356,10 @@ def _ldm_names_by_diffusers(unet) -> dict[str, str]:
     ours = {}
     for module, m in unet.named_modules():
         for param, value in m.named_parameters(recurse=False):
-            ours[f"model.diffusion_model.{ldm_name(module, prefixes)}.{param}"] = (f"{module}.{param}", torch.zeros(value.shape))
+            ours[f"model.diffusion_model.{ldm_name(module, prefixes)}.{param}"] = (
+                f"{module}.{param}",
+                torch.zeros(value.shape),
+            )
     converted = convert_ldm_unet_checkpoint({k: v for k, (_, v) in ours.items()}, dict(unet.config))
     assert set(converted) == {name for name, _ in ours.values()}  # every LDM name lands where we say
     return {name: key for key, (name, _) in ours.items()}
@@ -314,8 +394,9 @@ def test_sdxl_kohya_file_with_ldm_block_names(hot_xl, tmp_path, gen):
         down, up = rand(2, *shape[1:], gen=gen), rand(out, 2, *([1] * (len(shape) - 2)), gen=gen)
         state[f"lora_unet_{ldm}.lora_down.weight"], state[f"lora_unet_{ldm}.lora_up.weight"] = down, up
         state[f"lora_unet_{ldm}.alpha"] = torch.tensor(1.0)
-        expected[f"{module}.weight"] = (before[f"unet:{module}.weight"].double().reshape(out, rest)
-                                        + 0.75 * 0.5 * up.double().reshape(out, 2) @ down.double().reshape(2, rest))  # fmt: skip
+        expected[f"{module}.weight"] = before[f"unet:{module}.weight"].double().reshape(
+            out, rest
+        ) + 0.75 * 0.5 * up.double().reshape(out, 2) @ down.double().reshape(2, rest)
     info, lora = apply_file(hot_xl, tmp_path, state, 0.75, "sgm")
     assert info.family == "sdxl" and lora.unmatched == []
     check(hot_xl, before, expected)

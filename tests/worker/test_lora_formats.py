@@ -34,7 +34,9 @@ def test_text_encoder_names_with_and_without_the_text_model_level_both_map(hot):
 
 
 def test_peft_keys_map_with_scale_one(hot, template_home):
-    lora = parse_lora(state_of(template_home / "autoimport" / "lora", "ink-sketch"), hot.patcher.index, "peft")
+    lora = parse_lora(
+        state_of(template_home / "autoimport" / "lora", "ink-sketch"), hot.patcher.index, "peft"
+    )
     assert {d.scale for d in lora.deltas} == {1.0}
     assert any(d.target.module.endswith("ff.net.2") for d in lora.deltas)
 
@@ -45,8 +47,12 @@ def test_older_diffusers_processor_names_map_too(hot):
     assert target is not None
     rank = 2
     state = {
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": torch.randn(rank, target.shape[1]),
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": torch.randn(target.shape[0], rank),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": torch.randn(
+            rank, target.shape[1]
+        ),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": torch.randn(
+            target.shape[0], rank
+        ),
     }
     lora = parse_lora(state, index, "diffusers-old")
     assert [d.target.key for d in lora.deltas] == [target.key]

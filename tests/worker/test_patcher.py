@@ -36,13 +36,17 @@ def test_kohya_merge_equals_the_files_own_math(hot, template_home):
             base = key[: -len(".lora_down.weight")]
             down, up = state[key].double(), state[f"{base}.lora_up.weight"].double()
             alpha = state[f"{base}.alpha"].double().item()
-            component, prefix = ("unet", "lora_unet_") if base.startswith("lora_unet_") else ("text_encoder", "lora_te_")
+            component, prefix = (
+                ("unet", "lora_unet_") if base.startswith("lora_unet_") else ("text_encoder", "lora_te_")
+            )
             target = hot.patcher.index.lookup(base)
             assert target is not None and target.component == component, base
             strength = 0.8 if component == "unet" else 0.5
             w0 = before[f"{component}:{target.module}.weight"].double()
             expected = w0 + strength * alpha / down.shape[0] * (up.flatten(1) @ down.flatten(1)).view_as(w0)
-            torch.testing.assert_close(weight_of(hot, component, target.module).double(), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                weight_of(hot, component, target.module).double(), expected, rtol=0, atol=1e-6
+            )
             checked += 1
         assert checked == len(lora.deltas) > 0
     finally:
@@ -61,7 +65,7 @@ def test_peft_and_locon_merges_equal_the_files_own_math(hot, template_home):
         expected = {k: v.double() for k, v in before.items()}
         for key, a in peft_state.items():
             if key.endswith(".lora_A.weight"):
-                module = key[len("unet."): -len(".lora_A.weight")]
+                module = key[len("unet.") : -len(".lora_A.weight")]
                 b = peft_state[key.replace("lora_A", "lora_B")]
                 w = expected[f"unet:{module}.weight"]
                 w += 0.7 * (b.double() @ a.double()).view_as(w)
@@ -71,7 +75,12 @@ def test_peft_and_locon_merges_equal_the_files_own_math(hot, template_home):
                 up, alpha = locon_state[f"{base}.lora_up.weight"], locon_state[f"{base}.alpha"].item()
                 target = hot.patcher.index.lookup(base)
                 w = expected[f"unet:{target.module}.weight"]
-                w += -0.5 * alpha / down.shape[0] * (up.double().flatten(1) @ down.double().flatten(1)).view_as(w)
+                w += (
+                    -0.5
+                    * alpha
+                    / down.shape[0]
+                    * (up.double().flatten(1) @ down.double().flatten(1)).view_as(w)
+                )
         after = snapshot(hot)
         for key, value in expected.items():
             torch.testing.assert_close(after[key].double(), value, rtol=0, atol=1e-6, msg=key)
@@ -173,7 +182,9 @@ def test_parameters_are_written_in_place(hot, template_home):
 def test_half_precision_weights_are_rounded_once_and_restored_bit_exactly(template_home, dtype):
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(template_home / "models" / "tiny-sd15" / "unet")).to(dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(template_home / "models" / "tiny-sd15" / "unet")).to(
+        dtype
+    )
     patcher = WeightPatcher({"unet": unet})
     folder = template_home / "autoimport" / "lora"
     a = parse_lora(load_file(str(folder / "texture-locon.safetensors")), patcher.index, "kohya")
@@ -189,7 +200,9 @@ def test_half_precision_weights_are_rounded_once_and_restored_bit_exactly(templa
                 expected += 0.8 * other.scale * (other.up @ other.down)
         got = unet.state_dict()[key].reshape(expected.shape)
         rounded = expected.to(dtype)
-        ulp = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))).float() - rounded.float()).abs()
+        ulp = (
+            torch.nextafter(rounded, torch.full_like(rounded, float("inf"))).float() - rounded.float()
+        ).abs()
         # Rounded once from the float32 sum: our sum and this one may differ in the last
         # float32 bits, which moves the rounding by at most one unit in the last place.
         assert ((got.float() - rounded.float()).abs() <= ulp).all()

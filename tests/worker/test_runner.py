@@ -47,8 +47,15 @@ def pixels(record, runner) -> bytes:
 
 
 def test_a_job_with_a_lora_stack_ends_succeeded_with_its_png(client, runner):
-    record = run(client, runner, loras=[{"name": "watercolor", "weight": 0.8}, {"name": "lcm-lora-sd15", "weight": 0.35}],
-                 sampler="lcm", steps=4, cfg_scale=1, num_images=2)  # fmt: skip
+    record = run(
+        client,
+        runner,
+        loras=[{"name": "watercolor", "weight": 0.8}, {"name": "lcm-lora-sd15", "weight": 0.35}],
+        sampler="lcm",
+        steps=4,
+        cfg_scale=1,
+        num_images=2,
+    )
     assert record.status is JobStatus.succeeded, record.error
     assert record.progress.step == record.progress.total == 8
     assert [i.key for i in record.images] == [
@@ -63,7 +70,16 @@ def test_a_job_with_a_lora_stack_ends_succeeded_with_its_png(client, runner):
     assert "Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 1234, Size: 64x64, Model: tiny-sd15" in text
     assert 'Lora hashes: "watercolor: ' in text
     timings = record.timings
-    for phase in ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total"):
+    for phase in (
+        "queue_wait",
+        "pipeline_load",
+        "lora_load",
+        "lora_apply",
+        "sampling",
+        "restore",
+        "upload",
+        "total",
+    ):
         assert getattr(timings, phase) is not None, phase
     assert record.worker == "test-worker" and record.attempts == 1
 
@@ -80,8 +96,13 @@ def test_every_sampler_runs(client, runner, sampler):
 
 def test_the_same_job_after_any_other_job_gives_identical_pixels(client, runner):
     first = pixels(run(client, runner), runner)
-    heavy = run(client, runner, loras=[{"name": "texture-locon", "weight": 1.5}, {"name": "ink-sketch", "weight": -1}],
-                sampler="dpmpp_2m_karras", seed=99)  # fmt: skip
+    heavy = run(
+        client,
+        runner,
+        loras=[{"name": "texture-locon", "weight": 1.5}, {"name": "ink-sketch", "weight": -1}],
+        sampler="dpmpp_2m_karras",
+        seed=99,
+    )
     assert heavy.status is JobStatus.succeeded
     assert pixels(heavy, runner) != first
     assert pixels(run(client, runner), runner) == first
@@ -113,7 +134,10 @@ def test_cancel_while_running_stops_at_the_next_step(client, runner):
     record = client.get(handle.job_id)
     assert record.status is JobStatus.cancelled
     assert record.progress.step < record.progress.total
-    assert record.images == [] and runner.storage.exists(f"images/{handle.batch_id}/{handle.job_id}/0.png") is False
+    assert (
+        record.images == []
+        and runner.storage.exists(f"images/{handle.batch_id}/{handle.job_id}/0.png") is False
+    )
 
 
 def test_a_job_cancelled_before_it_runs_never_runs(client, runner):
@@ -176,7 +200,9 @@ def test_a_job_whose_workers_were_lost_too_often_ends_failed_saying_so(client, r
     client.jobs.update(handle.job_id, lost)
     assert runner.run(handle.job_id) is JobStatus.failed
     record = client.get(handle.job_id)
-    assert record.error.startswith(f"started {runner.settings.job_attempts} times and the worker running it was lost")
+    assert record.error.startswith(
+        f"started {runner.settings.job_attempts} times and the worker running it was lost"
+    )
     assert record.finished_at is not None and record.images == []
 
 
@@ -191,8 +217,14 @@ def xl_settings(settings, home):
 
 def test_an_sdxl_job_patches_the_unet_and_both_text_encoders(xl_settings, runner):
     with Client(xl_settings) as client:
-        handle = client.submit({"model": "tiny-sdxl", "prompt": "a castle", "seed": 5,
-                                "loras": [{"name": "watercolor", "weight": 0.9}, {"name": "ink-sketch", "weight": 0.5}]})  # fmt: skip
+        handle = client.submit(
+            {
+                "model": "tiny-sdxl",
+                "prompt": "a castle",
+                "seed": 5,
+                "loras": [{"name": "watercolor", "weight": 0.9}, {"name": "ink-sketch", "weight": 0.5}],
+            }
+        )
         runner.run(handle.job_id)
         record = client.get(handle.job_id)
         assert record.status is JobStatus.succeeded, record.error
