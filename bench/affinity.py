@@ -46,7 +46,7 @@ HOT = 2
 
 def play(policy: str, jobs: list[str], settings: Settings) -> dict:
     registry = ModelRegistry(settings)
-    refs = {key: registry.resolve(key) for key in sorted(set(jobs))}
+    refs = {key: registry.get(key) for key in sorted(set(jobs))}
     caches = [PipelineCache(settings, capacity=HOT) for _ in range(WORKERS)]
     load_seconds = 0.0
     if policy == "affinity":

@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lorafleet.common.queue import make_celery, queue_for  # noqa: E402
+from lorafleet.common import keys  # noqa: E402
+from lorafleet.common.queue import make_celery  # noqa: E402
 from lorafleet.common.settings import Settings  # noqa: E402
 
 MODEL = "acme/noop-model"  # a hub id: resolved without a download, never loaded here
@@ -82,7 +83,7 @@ def serve(kind: str, settings: Settings) -> None:
             "--pool=solo",
             "--concurrency=1",
             "--hostname=bench@noop",
-            f"--queues={queue_for(MODEL)}",
+            f"--queues={keys.queue(MODEL)}",
             "--loglevel=WARNING",
             "--without-mingle",
             "--without-gossip",
@@ -105,7 +106,7 @@ def run_bare(settings: Settings, jobs: int) -> float:
     start = time.perf_counter()
     with app.producer_or_acquire() as producer:
         for _ in range(jobs):
-            app.send_task("bench.noop", queue=queue_for(MODEL), priority=3, producer=producer)
+            app.send_task("bench.noop", queue=keys.queue(MODEL), priority=3, producer=producer)
     while int(redis.get(COUNTER) or 0) < jobs:
         time.sleep(0.002)
     return time.perf_counter() - start

@@ -4,14 +4,27 @@
 
     LorafleetError                 anything lorafleet raises on purpose
     ├── ConfigError                settings or the environment are unusable (never a job's fault)
-    ├── JobRejected                bad input, refused at submit or at the worker, never retried
-    │   └── (field, allowed)         names the field and what is allowed
-    ├── TransientError             a service is unavailable for now; retried with backoff
-    ├── JobFailed                  the job ran and could not finish: out of memory, corrupt file
+    ├── InvalidInput               input refused, never retried; names the field (or file) and
+    │   │                            what is allowed (``field``, ``allowed``, ``problems``)
+    │   ├── JobRejected            a job, or a field of one, at submit (or at the worker)
+    │   ├── BadArgument            input that is not a job: a CLI argument, a name to register
+    │   ├── FileRefused            a file that cannot be used: pickled, not safetensors, corrupt
+    │   │                            header, over the size limit
+    │   ├── ModelError             a model name that names nothing, or a folder that is no model
+    │   └── LoraError              a LoRA that cannot be used: unknown name, refused file, keys
+    │                                or shapes that fit no layer of the model
+    ├── TransientError             a service is unavailable for now (object store, broker, a
+    │                                download): retried with backoff where it happens, and a job
+    │                                that meets one runs again, up to ``job_attempts`` runs
+    ├── JobFailed                  the job ran and cannot finish: out of memory, corrupt object,
+    │   │                            the store refused access
+    │   └── ObjectMissing          an object the job needs is not in the store
     └── JobCancelled               the job was cancelled while it ran
 
 Every message says what is wrong and what is allowed; an error raised while a job runs
-carries the job's id (``job_id``).
+carries the job's id (``job_id``). Callers translate only across a boundary: the resolver
+turns a ModelError or LoraError into a JobRejected naming the job's field; the worker ends
+the job failed with the message of any InvalidInput.
 """
 
 from __future__ import annotations
@@ -35,12 +48,13 @@ class ConfigError(LorafleetError):
     """Settings or the environment cannot work (a missing binary, an unreachable path)."""
 
 
-class JobRejected(LorafleetError):
-    """Bad input: an invalid field, an unknown or incompatible model or LoRA. Never retried.
+class InvalidInput(LorafleetError):
+    """Input refused: never retried.
 
-    ``field`` names the offending field (``loras[1].name``, ``width``); ``allowed`` says
-    what would have been accepted. ``problems`` lists (field, message) for every bad field
-    when several were found at once.
+    ``reason`` is what is wrong; ``field`` names the offending field, argument or file
+    (``loras[1].name``, ``--family``, ``style.safetensors``); ``allowed`` says what would
+    have been accepted. ``problems`` lists (field, message) for every bad field when
+    several were found at once. The message puts the three together.
     """
 
     def __init__(
@@ -52,23 +66,50 @@ class JobRejected(LorafleetError):
         job_id: str | None = None,
         problems: list[tuple[str, str]] | None = None,
     ) -> None:
-        text = message
-        if field and not message.startswith(field):
-            text = f"{field}: {message}"
-        if allowed:
-            text = f"{text} (allowed: {allowed})"
+        described = f"{message} (allowed: {allowed})" if allowed else message
+        text = f"{field}: {described}" if field and not message.startswith(field) else described
         super().__init__(text, job_id=job_id)
+        self.reason = message
         self.field = field
         self.allowed = allowed
-        self.problems = problems if problems is not None else [(field or "job", text)]
+        self.problems = problems if problems is not None else [(field or "input", described)]
+
+
+class JobRejected(InvalidInput):
+    """A job is refused: an invalid field, an unknown or incompatible model or LoRA."""
+
+    @classmethod
+    def of(cls, exc: InvalidInput, field: str) -> JobRejected:
+        """``exc`` restated as a refusal of the job's ``field``."""
+        return cls(exc.reason, field=field, allowed=exc.allowed)
+
+
+class BadArgument(InvalidInput):
+    """Input that is not a job is refused: a CLI argument, a name or source to register."""
+
+
+class FileRefused(InvalidInput):
+    """A file cannot be used: pickled, not safetensors, a corrupt header, too large."""
+
+
+class ModelError(InvalidInput):
+    """A model name names nothing here, or a folder is not a model lorafleet can load."""
+
+
+class LoraError(InvalidInput):
+    """A LoRA cannot be used: unknown name, a refused file, keys or shapes that fit no layer."""
 
 
 class TransientError(LorafleetError):
-    """A service (storage, broker, a LoRA download) is unavailable for now; retry later."""
+    """A service (storage, broker, a download) is unavailable for now: retried with backoff."""
 
 
 class JobFailed(LorafleetError):
     """The job ran and cannot finish; its record ends failed with this message."""
+
+
+class ObjectMissing(JobFailed):
+    """An object is not in the store (only a real absence: never a refusal or a network error)."""
 
 
 class JobCancelled(LorafleetError):

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorafleet.common import guidance
 from lorafleet.common.errors import JobRejected
 
 # ---------------------------------------------------------------------------- limits
@@ -52,14 +53,6 @@ DEFAULT_STEPS = 25
 """Steps for standard samplers when a job gives none."""
 DEFAULT_CFG = 7.0
 """CFG for standard samplers when a job gives none."""
-LCM_STEPS = 4
-"""Steps under the LCM sampler when a job gives none (the seed: 4-8)."""
-LCM_CFG = 1.0
-"""CFG under the LCM sampler when a job gives none (the seed: about 1)."""
-LCM_MAX_STEPS_ADVISED = 8
-"""Above this many steps under LCM, the record gets a warning (the seed: 4-8 steps)."""
-LCM_MAX_CFG_ADVISED = 2.0
-"""Above this CFG under LCM, the record gets a warning (the seed: CFG about 1)."""
 
 _ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 ID_PATTERN = re.compile(rf"^{_ID}$")
@@ -108,10 +101,6 @@ class JobStatus(str, Enum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-def _allowed_range(lo: float, hi: float) -> str:
-    return f"{lo:g} to {hi:g}"
-
-
 Weight = Annotated[float, Field(ge=MIN_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 
@@ -119,7 +108,7 @@ Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 class LoraSpec(BaseModel):
     """One LoRA of a job's stack.
 
-    ``weight`` None means "the seed's starting point": 0.75 for a LoRA alone, 0.45 beside
+    ``weight`` None means InvokeAI's LoRA guidance's starting point (``guidance``): 0.75 for a LoRA alone, 0.45 beside
     an LCM-LoRA, 0.35 for the LCM-LoRA itself (filled in at submit). ``text_encoder_weight``
     None means the same as ``weight``. ``sha256`` is filled in at submit from the file the
     name resolved to; the worker refuses a file whose hash differs.
@@ -146,7 +135,7 @@ class GenerationJob(BaseModel):
     ``job_id`` and ``batch_id`` are set by the producer when left out. ``steps`` and
     ``cfg_scale`` default by sampler (LCM: 4 and 1; others: 25 and 7); ``width`` and
     ``height`` default to the model's native size at submit; ``seed`` None is drawn at
-    submit so that every record can be reproduced. ``lcm=True`` asks for the seed's LCM
+    submit so that every record can be reproduced. ``lcm=True`` asks for the guidance's LCM
     recipe (LCM scheduler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35); values given
     explicitly always win.
     """
@@ -206,18 +195,18 @@ class GenerationJob(BaseModel):
             self.sampler = Sampler.lcm
         lcm = self.sampler is Sampler.lcm
         if self.steps is None:
-            self.steps = LCM_STEPS if lcm else DEFAULT_STEPS
+            self.steps = guidance.LCM_STEPS if lcm else DEFAULT_STEPS
         if self.cfg_scale is None:
-            self.cfg_scale = LCM_CFG if lcm else DEFAULT_CFG
+            self.cfg_scale = guidance.LCM_CFG if lcm else DEFAULT_CFG
         return self
 
     def advice(self) -> list[str]:
-        """Warnings for settings the seed advises against; nothing is changed."""
+        """Warnings for settings InvokeAI's LoRA guidance advises against; nothing is changed."""
         notes = []
         if self.sampler is Sampler.lcm:
-            if self.steps and self.steps > LCM_MAX_STEPS_ADVISED:
+            if self.steps and self.steps > guidance.LCM_MAX_STEPS_ADVISED:
                 notes.append(f"steps={self.steps} under the LCM sampler: LCM is meant for 4-8 steps")
-            if self.cfg_scale is not None and self.cfg_scale > LCM_MAX_CFG_ADVISED:
+            if self.cfg_scale is not None and self.cfg_scale > guidance.LCM_MAX_CFG_ADVISED:
                 notes.append(
                     f"cfg_scale={self.cfg_scale:g} under the LCM sampler: LCM wants CFG about 1 (at most 2)"
                 )
@@ -321,6 +310,10 @@ class Timings(BaseModel):
     restore: float | None = None
     upload: float | None = None
     total: float | None = None
+
+
+PHASES = ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total")
+"""The timed phases of a job, in the order they happen (the fields of Timings that are seconds)."""
 
 
 class ImageRef(BaseModel):

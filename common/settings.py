@@ -9,16 +9,23 @@ out. S3 credentials are never settings: boto3 reads them from the standard AWS s
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from lorafleet.common import guidance
 from lorafleet.common.embedded import EmbeddedRedis
 
 DEFAULT_HOME = Path("~/.lorafleet")
 """Home folder when LORAFLEET_HOME is not set."""
+ENV_PREFIX = "LORAFLEET_"
+
+RENAMED = {"lora_cache_mb": "lora_device_cache_mb"}
+"""Settings renamed in 0.2: the old name is still read, with a DeprecationWarning, until 0.3."""
 
 
 class Settings(BaseSettings):
@@ -78,8 +85,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Memory for hot pipelines per worker, in MiB; 0 is 85% of the GPU, or no limit on a CPU.",
     )
-    lora_cache_mb: int = Field(
-        default=2048, ge=0, description="Device memory for parsed LoRA factors per worker, in MiB."
+    lora_device_cache_mb: int = Field(
+        default=2048,
+        ge=0,
+        description="Device memory for parsed LoRA factors per worker, in MiB "
+        "(LORAFLEET_LORA_CACHE_MB, its old name, is read until 0.3).",
     )
     lora_disk_cache_mb: int = Field(
         default=10240,
@@ -101,6 +111,27 @@ class Settings(BaseSettings):
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """Read a setting under its old name (argument or environment), warning once."""
+        if not isinstance(data, dict):
+            return data
+        for old, new in RENAMED.items():
+            env = ENV_PREFIX + old.upper()
+            value = data.pop(old, None)
+            if value is None and env in os.environ:
+                value = os.environ[env]
+            if value is None:
+                continue
+            warnings.warn(
+                f"{env} is renamed {ENV_PREFIX}{new.upper()}; the old name is read until 0.3",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            data.setdefault(new, value)
+        return data
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand(cls, home: Path) -> Path:
@@ -112,14 +143,14 @@ class Settings(BaseSettings):
         return self.home / "models"
 
     @property
-    def lora_cache_dir(self) -> Path:
+    def lora_disk_cache_folder(self) -> Path:
         """Where a worker keeps LoRA files fetched from the shared registry."""
         return self.lora_disk_cache_dir or self.home / "cache" / "loras"
 
     @property
     def lora_dir(self) -> Path:
-        """The seed's LoRA drop folder: a .safetensors file copied here is usable by its name."""
-        return self.home / "autoimport" / "lora"
+        """The LoRA drop folder of InvokeAI's LoRA guidance: a file copied here is usable by its name."""
+        return self.home.joinpath(*guidance.LORA_FOLDER)
 
     @property
     def redis_dir(self) -> Path:
@@ -132,7 +163,3 @@ class Settings(BaseSettings):
     @property
     def outputs_url(self) -> str:
         return self.storage_url or str(self.home / "outputs")
-
-    def ensure_folders(self) -> None:
-        for folder in (self.models_dir, self.lora_dir):
-            folder.mkdir(parents=True, exist_ok=True)

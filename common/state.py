@@ -1,18 +1,13 @@
 """Job records in Redis: the one source of job state.
 
-Keys (all under ``lorafleet:``)::
-
-    lorafleet:job:<id>            the JobRecord as JSON; expires ``retention`` s after it ends
-    lorafleet:jobs                zset of every job id, scored by submit time
-    lorafleet:status:<status>     zset of the job ids in that status, scored by submit time
-    lorafleet:batch:<batch_id>    zset of a batch's job ids, scored by submit time
-    lorafleet:model:<model_key>   zset of a base model's job ids, scored by submit time
-    lorafleet:models              set of the model keys jobs were ever submitted for
-
-The producer creates a record (queued); the worker moves it (running, progress, succeeded
-or failed); a cancel sets ``cancel_requested`` or, while queued, ends it cancelled. Every
-change is a read-modify-write under WATCH, so a cancel never overwrites progress or the
-other way round. Index entries of expired records are dropped when a listing meets them.
+The record of a job is ``keys.job(id)``; indexes by submit time list every job, and the jobs
+of each status, batch and model (``keys`` lists the schema). The producer creates a record
+(queued); the worker moves it (running, progress, succeeded or failed); a cancel sets
+``cancel_requested`` or, while queued, ends it cancelled. Every change is a server-side
+compare-and-set (a Lua script that writes the new record only if the stored one is still
+the one the change was computed from, and moves the status index in the same step), so a
+cancel never overwrites progress or the other way round. Index entries of expired records
+are dropped when a listing meets them.
 """
 
 from __future__ import annotations
@@ -22,22 +17,11 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus
 
-PREFIX = "lorafleet:"
-JOB_KEY = PREFIX + "job:"
-ALL_JOBS_KEY = PREFIX + "jobs"
-STATUS_KEY = PREFIX + "status:"
-BATCH_KEY = PREFIX + "batch:"
-MODEL_KEY = PREFIX + "model:"
-MODELS_KEY = PREFIX + "models"
-
 Change = Callable[[JobRecord], "JobRecord | None"]
-
-
-def job_key(job_id: str) -> str:
-    return JOB_KEY + job_id
 
 
 _COMPARE_AND_SET = """
@@ -70,17 +54,17 @@ class JobStore:
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Write new records (status queued) and index them; refuses an id already taken."""
         records = list(records)
-        keys = [job_key(r.job_id) for r in records]
-        if len(set(keys)) != len(keys):
+        record_keys = [keys.job(r.job_id) for r in records]
+        if len(set(record_keys)) != len(record_keys):
             raise JobRejected("the same job_id appears twice in one submission", field="job_id")
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(*keys)
+                    pipe.watch(*record_keys)
                     # One round trip for the usual case (fresh ids); per key only if one is taken.
                     taken = (
-                        [r.job_id for r, n in zip(records, self._exist(pipe, keys)) if n]
-                        if pipe.exists(*keys)
+                        [r.job_id for r, n in zip(records, self._exist(pipe, record_keys)) if n]
+                        if pipe.exists(*record_keys)
                         else []
                     )
                     if taken:
@@ -92,48 +76,48 @@ class JobStore:
                     pipe.multi()
                     for record in records:
                         score = _score(record)
-                        pipe.set(job_key(record.job_id), record.model_dump_json())
-                        pipe.zadd(ALL_JOBS_KEY, {record.job_id: score})
-                        pipe.zadd(STATUS_KEY + record.status.value, {record.job_id: score})
-                        pipe.zadd(BATCH_KEY + record.job.batch_id, {record.job_id: score})
-                        pipe.zadd(MODEL_KEY + record.job.model, {record.job_id: score})
-                        pipe.sadd(MODELS_KEY, record.job.model)
+                        pipe.set(keys.job(record.job_id), record.model_dump_json())
+                        pipe.zadd(keys.ALL_JOBS, {record.job_id: score})
+                        pipe.zadd(keys.status(record.status.value), {record.job_id: score})
+                        pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: score})
+                        pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: score})
+                        pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
                     pipe.execute()
                     return
                 except redis.WatchError:
                     continue
 
     @staticmethod
-    def _exist(pipe: redis.client.Pipeline, keys: list[str]) -> list[bool]:
+    def _exist(pipe: redis.client.Pipeline, names: list[str]) -> list[bool]:
         # In WATCH mode a pipeline runs commands at once; one EXISTS per key tells which.
-        return [bool(pipe.exists(key)) for key in keys]
+        return [bool(pipe.exists(key)) for key in names]
 
     def delete(self, job_ids: Iterable[str]) -> None:
         """Remove records that never reached the queue (the broker refused the send)."""
         records = [r for r in self.get_many(list(job_ids)) if r is not None]
         pipe = self.redis.pipeline(transaction=True)
         for record in records:
-            pipe.delete(job_key(record.job_id))
-            pipe.zrem(ALL_JOBS_KEY, record.job_id)
-            pipe.zrem(STATUS_KEY + record.status.value, record.job_id)
-            pipe.zrem(BATCH_KEY + record.job.batch_id, record.job_id)
-            pipe.zrem(MODEL_KEY + record.job.model, record.job_id)
+            pipe.delete(keys.job(record.job_id))
+            pipe.zrem(keys.ALL_JOBS, record.job_id)
+            pipe.zrem(keys.status(record.status.value), record.job_id)
+            pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
+            pipe.zrem(keys.model_jobs(record.job.model), record.job_id)
         pipe.execute()
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(job_key(job_id))
+        raw = self.redis.get(keys.job(job_id))
         return JobRecord.model_validate_json(raw) if raw else None
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         if not job_ids:
             return []
-        raws = self.redis.mget([job_key(i) for i in job_ids])
+        raws = self.redis.mget([keys.job(i) for i in job_ids])
         return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
 
     def batch(self, batch_id: str) -> list[str]:
         """Job ids of a batch, in submit order."""
-        return [i.decode() for i in self.redis.zrange(BATCH_KEY + batch_id, 0, -1)]
+        return [i.decode() for i in self.redis.zrange(keys.batch(batch_id), 0, -1)]
 
     # ------------------------------------------------------------------ change
     def update(self, job_id: str, change: Change) -> JobRecord | None:
@@ -143,7 +127,7 @@ class JobStore:
         Optimistic: read, change, then write only if the record is still what was read (a
         server-side compare-and-set, two round trips); on a race, read again and retry.
         """
-        key = job_key(job_id)
+        key = keys.job(job_id)
         while True:
             raw = self.redis.get(key)
             if raw is None:
@@ -154,7 +138,7 @@ class JobStore:
             if after is None:
                 return before
             written = self._compare_and_set(
-                keys=[key, STATUS_KEY + status_before.value, STATUS_KEY + after.status.value],
+                keys=[key, keys.status(status_before.value), keys.status(after.status.value)],
                 args=[
                     raw,
                     after.model_dump_json(),
@@ -170,12 +154,12 @@ class JobStore:
     def count_by_status(self) -> dict[JobStatus, int]:
         pipe = self.redis.pipeline(transaction=False)
         for status in JobStatus:
-            pipe.zcard(STATUS_KEY + status.value)
+            pipe.zcard(keys.status(status.value))
         return dict(zip(JobStatus, pipe.execute()))
 
     def models(self) -> list[str]:
         """Model keys that jobs were submitted for."""
-        return sorted(m.decode() for m in self.redis.smembers(MODELS_KEY))
+        return sorted(m.decode() for m in self.redis.smembers(keys.MODELS_WITH_JOBS))
 
     def page(
         self,
@@ -190,13 +174,13 @@ class JobStore:
 
         Records that have expired are dropped from the indexes as the listing meets them.
         """
-        indexes = [ALL_JOBS_KEY]
+        indexes = [keys.ALL_JOBS]
         if status is not None:
-            indexes.append(STATUS_KEY + status.value)
+            indexes.append(keys.status(status.value))
         if batch is not None:
-            indexes.append(BATCH_KEY + batch)
+            indexes.append(keys.batch(batch))
         if model is not None:
-            indexes.append(MODEL_KEY + model)
+            indexes.append(keys.model_jobs(model))
         filters = indexes[1:] or indexes
         pipe = self.redis.pipeline(transaction=True)
         if len(filters) == 1:
@@ -204,7 +188,7 @@ class JobStore:
             pipe.zrevrange(filters[0], offset, offset + limit - 1)
         else:
             # Intersect on the server into a scratch key: only one page crosses the wire.
-            scratch = f"{PREFIX}scratch:{uuid.uuid4().hex}"
+            scratch = keys.scratch(uuid.uuid4().hex)
             pipe.zinterstore(scratch, filters, aggregate="MAX")
             pipe.zcard(scratch)
             pipe.zrevrange(scratch, offset, offset + limit - 1)
@@ -216,7 +200,7 @@ class JobStore:
         expired = [i for i, r in zip(ids, records) if r is None]
         if expired:
             pipe = self.redis.pipeline(transaction=False)
-            for key in indexes + [STATUS_KEY + s.value for s in JobStatus]:
+            for key in indexes + [keys.status(s.value) for s in JobStatus]:
                 pipe.zrem(key, *expired)
             pipe.execute()
             total -= len(expired)

@@ -7,7 +7,8 @@ the store's root: every key is checked segment by segment before it is used.
 S3 goes through boto3 with credentials from the standard AWS sources only (environment,
 shared files, instance or pod roles); the endpoint URL makes MinIO, R2 or any
 S3-compatible store work. Failures that may pass (connection refused, 5xx, throttling)
-raise TransientError; the rest raise JobFailed with what to fix.
+raise TransientError; an object that is not there raises ObjectMissing; a refusal (403)
+says access is denied; the rest raise JobFailed with what to fix.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from lorafleet.common.errors import ConfigError, JobFailed, TransientError
+from lorafleet.common.errors import ConfigError, JobFailed, ObjectMissing, TransientError
 from lorafleet.common.jobs import ID_PATTERN, PREFIX_PATTERN
 from lorafleet.common.settings import Settings
 
@@ -42,6 +44,32 @@ def check_key(key: str) -> str:
     return key
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_atomic(source: Path, destination: Path) -> None:
+    """Copy a file so that readers of ``destination`` never see a part of it."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=".part-")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def image_key(prefix: str, batch_id: str, job_id: str, index: int) -> str:
     """Where image ``index`` of a job goes; the same job always gets the same keys."""
     if not PREFIX_PATTERN.match(prefix) or not ID_PATTERN.match(batch_id) or not ID_PATTERN.match(job_id):
@@ -56,7 +84,7 @@ class Storage(Protocol):
         """Store ``data`` under ``key`` (replacing any object there); return its URI."""
 
     def get(self, key: str) -> bytes:
-        """The object's bytes; JobFailed if it does not exist."""
+        """The object's bytes; ObjectMissing if it does not exist."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -77,11 +105,7 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError as exc:
             raise TransientError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path.as_uri()
@@ -91,7 +115,9 @@ class LocalStorage:
         try:
             return path.read_bytes()
         except FileNotFoundError:
-            raise JobFailed(f"no object {key!r} in {self.root}") from None
+            raise ObjectMissing(f"no object {key!r} in {self.root}") from None
+        except OSError as exc:
+            raise TransientError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -141,8 +167,12 @@ class S3Storage:
             where = f"s3://{self.bucket}/{self._full(key)}"
             if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
                 raise TransientError(f"{what} {where}: {code} {error.get('Message', '')}".strip()) from exc
-            if code in ("NoSuchKey", "404"):
-                raise JobFailed(f"{what} {where}: no such object") from exc
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectMissing(f"{what} {where}: no such object") from exc
+            if status == 403 or code in ("AccessDenied", "403", "Forbidden"):
+                raise JobFailed(
+                    f"{what} {where}: access denied — the AWS credentials may not read or write this bucket"
+                ) from exc
             raise JobFailed(
                 f"{what} {where}: {code} {error.get('Message', '')} — check the bucket name, "
                 "LORAFLEET_S3_ENDPOINT_URL and the AWS credentials' permissions"
@@ -161,7 +191,7 @@ class S3Storage:
     def exists(self, key: str) -> bool:
         try:
             self._call("lookup of", key, self.client.head_object)
-        except JobFailed:
+        except ObjectMissing:
             return False
         return True
 

@@ -1,7 +1,7 @@
 """Worker heartbeats in Redis: who is serving what, right now.
 
 Every worker writes a WorkerBeat every HEARTBEAT_SECONDS into one Redis hash
-(``lorafleet:workers``, field = worker name). Readers judge a worker by the age of its last
+(``keys.WORKERS``, field = worker name). Readers judge a worker by the age of its last
 beat: ``alive`` under STALE_AFTER, ``stale`` under GONE_AFTER, then ``gone``; a worker
 unseen for FORGET_AFTER is dropped from the hash. A worker that stops cleanly removes
 itself at once.
@@ -15,10 +15,9 @@ from typing import Literal
 import redis
 from pydantic import BaseModel
 
-from lorafleet.common.queue import PRIORITY_STEPS, queue_depths, queue_for
-from lorafleet.common.state import PREFIX
+from lorafleet.common import keys
+from lorafleet.common.queue import queue_depths
 
-WORKERS_KEY = PREFIX + "workers"
 HEARTBEAT_SECONDS = 2.0
 """How often a worker beats."""
 STALE_AFTER = 10.0
@@ -81,16 +80,16 @@ class WorkerRegistry:
         self.redis = client
 
     def beat(self, beat: WorkerBeat) -> None:
-        self.redis.hset(WORKERS_KEY, beat.name, beat.model_dump_json())
+        self.redis.hset(keys.WORKERS, beat.name, beat.model_dump_json())
 
     def remove(self, name: str) -> None:
-        self.redis.hdel(WORKERS_KEY, name)
+        self.redis.hdel(keys.WORKERS, name)
 
     def all(self, now: float | None = None) -> list[WorkerView]:
         """Every known worker, alive first, then by name; forgotten ones are dropped."""
         now = time.time() if now is None else now
         views, forgotten = [], []
-        for name, raw in self.redis.hgetall(WORKERS_KEY).items():
+        for name, raw in self.redis.hgetall(keys.WORKERS).items():
             beat = WorkerBeat.model_validate_json(raw)
             age = max(0.0, now - beat.last_seen)
             if age >= FORGET_AFTER:
@@ -98,7 +97,7 @@ class WorkerRegistry:
                 continue
             views.append(WorkerView(**beat.model_dump(), liveness=liveness(age), age=age))
         if forgotten:
-            self.redis.hdel(WORKERS_KEY, *forgotten)
+            self.redis.hdel(keys.WORKERS, *forgotten)
         order = {"alive": 0, "stale": 1, "gone": 2}
         return sorted(views, key=lambda v: (order[v.liveness], v.name))
 
@@ -120,18 +119,18 @@ class QueueView(BaseModel):
 
 def queue_views(client: redis.Redis, model_keys: set[str], workers: list[WorkerView]) -> list[QueueView]:
     """The queues of ``model_keys`` and of every model a worker serves, by model key."""
-    keys = sorted(set(model_keys).union(*(w.models for w in workers)))
-    depths = queue_depths(client, [queue_for(k) for k in keys])
+    models = sorted(set(model_keys).union(*(w.models for w in workers)))
+    depths = queue_depths(client, [keys.queue(m) for m in models])
     views = []
-    for key in keys:
-        steps = depths[queue_for(key)]
-        serving = [w for w in workers if key in w.models]
+    for model in models:
+        steps = depths[keys.queue(model)]
+        serving = [w for w in workers if model in w.models]
         views.append(
             QueueView(
-                model=key,
-                queue=queue_for(key),
+                model=model,
+                queue=keys.queue(model),
                 depth=sum(steps.values()),
-                by_priority={str(step): steps[step] for step in PRIORITY_STEPS},
+                by_priority={str(step): steps[step] for step in keys.PRIORITY_STEPS},
                 workers=[w.name for w in serving if w.liveness == "alive"],
                 stale_workers=[w.name for w in serving if w.liveness == "stale"],
             )

@@ -28,8 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Red
 from pydantic import BaseModel, create_model
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import ConfigError, JobRejected, TransientError
-from lorafleet.common.jobs import JobRecord, JobStatus
+from lorafleet.common.errors import ConfigError, InvalidInput, JobRejected, TransientError
+from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
 from lorafleet.common.metrics import images_per_minute
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
@@ -102,7 +102,7 @@ def job_view(record: JobRecord) -> JobView:
     )
 
 
-def _problems(exc: JobRejected) -> JSONResponse:
+def _problems(exc: InvalidInput) -> JSONResponse:
     return JSONResponse({"detail": [{"field": f, "message": m} for f, m in exc.problems]}, status_code=422)
 
 
@@ -136,8 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.client = client
     app.state.settings = settings
 
-    @app.exception_handler(JobRejected)
-    async def rejected(request: Request, exc: JobRejected) -> JSONResponse:
+    @app.exception_handler(InvalidInput)
+    async def rejected(request: Request, exc: InvalidInput) -> JSONResponse:
         return _problems(exc)
 
     @app.exception_handler(TransientError)
@@ -164,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def submit(
         request: Request,
-        batch_id: str | None = Query(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"),
+        batch_id: str | None = Query(None, pattern=ID_PATTERN.pattern),
         require_worker: bool = Query(
             False, description="refuse the jobs when no live worker serves their model"
         ),

@@ -21,7 +21,7 @@ import typer
 from rich.markup import escape
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import JobRejected
+from lorafleet.common.errors import BadArgument, JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli_catalog import loras_app, models_app, redis_app
@@ -81,7 +81,7 @@ def _parse_tags(tags: Sequence[str]) -> dict[str, str]:
     for tag in tags:
         key, sep, value = tag.partition("=")
         if not sep:
-            raise JobRejected(f"{tag!r} is not KEY=VALUE", field="--tag")
+            raise BadArgument(f"{tag!r} is not KEY=VALUE", field="--tag")
         parsed[key] = value
     return parsed
 
@@ -174,7 +174,7 @@ def submit(
 
     def action():
         if count < 1 or count > 10_000:
-            raise JobRejected(f"got {count}", field="--count", allowed="1 to 10000")
+            raise BadArgument(f"got {count}", field="--count", allowed="1 to 10000")
         job: dict[str, Any] = {
             "model": model,
             "prompt": prompt,
@@ -321,7 +321,7 @@ def worker(
     def action():
         served = [m.strip() for m in models.split(",") if m.strip()]
         if not served:
-            raise JobRejected("no model named", field="--models", allowed="NAME[,NAME...]")
+            raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
         instance = service.Worker(Settings(), served, name=name)
         if preload:
             instance.preload()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,13 +12,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import JobRejected
+from lorafleet.common.errors import BadArgument, InvalidInput, ModelError
+from lorafleet.common.family import Family
 from lorafleet.common.jobs import check_lora_name
-from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo, describe_file
-from lorafleet.common.lora_registry import SharedLoras, object_key
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.files import LoraInfo, describe_file, read_safetensors_header
+from lorafleet.common.loras.registry import LoraRegistry, object_key
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
-from lorafleet.common.storage import open_storage
+from lorafleet.common.storage import copy_atomic, open_storage
 from lorafleet.producer.terminal import console, print_json, run, worker_side
 
 redis_app = typer.Typer(
@@ -52,13 +51,13 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     local, registered = set(registry.local_names()), registry.registered()
     rows = []
     for name in registry.names():
-        ref = registry.resolve(name)
+        ref = registry.get(name)
         where = "local" if name in local else "shared"
         rows.append(
             {
                 "name": name,
                 "where": where,
-                "family": ref.family,
+                "family": ref.family.value if ref.family else None,
                 "native_size": ref.native_size,
                 "source": ref.source,
                 "queue": ref.queue,
@@ -96,18 +95,24 @@ def models_add(
         ),
     ],
     family: Annotated[
-        str | None, typer.Option(help="sd15 or sdxl, when the folder is not readable here (or for a hub id).")
+        str | None,
+        typer.Option(help="sd15, sd2 or sdxl, when the folder is not readable here (or for a hub id)."),
     ] = None,
 ) -> None:
     """Register a base model by name in Redis, so every producer and worker agrees on it."""
     settings = Settings()
 
     def action():
-        if family is not None and family not in ("sd15", "sdxl"):
-            raise JobRejected(f"got {family!r}", field="--family", allowed="sd15 or sdxl")
-        ref = ModelRegistry(settings, resolve_broker(settings).client()).register(name, source, family)
+        try:
+            chosen = Family.parse(family)
+        except ValueError:
+            raise BadArgument(
+                f"got {family!r}", field="--family", allowed=", ".join(f.value for f in Family)
+            ) from None
+        ref = ModelRegistry(settings, resolve_broker(settings).client()).register(name, source, chosen)
         console.print(
-            f"registered {name}: {ref.source} ({ref.family or 'family unknown'}), queue {ref.queue}",
+            f"registered {name}: {ref.source} ({ref.family.value if ref.family else 'family unknown'}), "
+            f"queue {ref.queue}",
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -133,17 +138,17 @@ def models_remove(name: Annotated[str, typer.Argument(help="A model registered w
 def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """LoRAs in the autoimport folder and in the shared registry, with format, family, rank, triggers."""
     settings = Settings()
-    shared = run(lambda: _shared_registry(settings))
-    catalog = LoraCatalog(settings.lora_dir, shared)
-    registered = set(shared.names()) if shared else set()
+    registry = run(lambda: _lora_registry(settings))
+    catalog = LoraCatalog(settings.lora_dir, registry)
+    registered = set(catalog.registered_names())
     rows: list[dict[str, Any]] = []
     for name in catalog.names():
         path = catalog.path_of(name)
         where = "local+shared" if path and name in registered else ("local" if path else "shared")
         try:
-            info = catalog.info(path) if path else shared.lookup(name)  # type: ignore[union-attr]
-        except (OSError, ValueError) as exc:
-            rows.append({"name": name, "where": where, "refused": str(exc)})
+            info = catalog.get(name)
+        except InvalidInput as exc:
+            rows.append({"name": name, "where": where, "refused": exc.message})
             continue
         rows.append(_summary(info) | {"where": where})
     if as_json:
@@ -181,7 +186,8 @@ def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
 
 def _summary(info: LoraInfo) -> dict[str, Any]:
     data = asdict(info)
-    data["path"] = str(info.path)
+    data["path"] = str(info.path or info.object_key)
+    data["family"] = info.family.value if info.family else None
     data["metadata"] = {k: v for k, v in info.metadata.items() if k in _METADATA_SHOWN}
     return data
 
@@ -189,12 +195,17 @@ def _summary(info: LoraInfo) -> dict[str, Any]:
 def _find(settings: Settings, file_or_name: str) -> LoraInfo:
     """A file given by path, or a LoRA by name: the folder's, or the registry's (fetched)."""
     path = Path(file_or_name).expanduser()
-    catalog = None if path.is_file() else LoraCatalog(settings.lora_dir, _shared_registry(settings))
-    try:
-        info = describe_file(path) if catalog is None else catalog.on_disk(file_or_name)
-    except (OSError, ValueError) as exc:
-        raise JobRejected(str(exc), field="FILE_OR_NAME") from None
-    return info or catalog.resolve(file_or_name, field="FILE_OR_NAME")  # the latter says what is known
+    if path.is_file():
+        return describe_file(path)
+    registry = _lora_registry(settings)
+    catalog = LoraCatalog(settings.lora_dir, registry)
+    info = catalog.get(file_or_name)
+    if info.path is not None:
+        return info
+    # Registered only: fetch it into this machine's disk cache, as a worker would.
+    lora_files = worker_side("lora_files")
+    cache = lora_files.DiskCache(settings.lora_disk_cache_folder, settings.lora_disk_cache_mb * 1024 * 1024)
+    return lora_files.LoraFiles(catalog, open_storage(settings), cache).get(file_or_name)
 
 
 @loras_app.command("inspect")
@@ -244,26 +255,28 @@ def loras_inspect(
 
 
 def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any]:
-    model = ModelRegistry(settings, _fleet_redis(settings)).resolve(model_name, field="--model")
-    if model.path is None:
-        raise JobRejected(
+    try:
+        model = ModelRegistry(settings, _fleet_redis(settings)).get(model_name)
+    except ModelError as exc:
+        raise BadArgument(exc.reason, field="--model", allowed=exc.allowed) from None
+    if model.path is None or info.path is None:
+        raise BadArgument(
             "matching needs the model's folder on this machine",
             field="--model",
             allowed="a registered model or a diffusers folder",
         )
     pipelines = worker_side("pipelines")
-    from lorafleet.common.lora_catalog import read_safetensors_header
-    from lorafleet.worker.lora_formats import match_keys
-    from lorafleet.worker.module_index import ModuleIndex
+    lora_formats = worker_side("lora_formats")
+    module_index = worker_side("module_index")
 
-    index = ModuleIndex(pipelines.empty_components(model.path, model.family))
-    report = match_keys(list(read_safetensors_header(info.path).tensors), index)
+    index = module_index.ModuleIndex(pipelines.empty_components(model.path, model.family))
+    report = lora_formats.match_keys(list(read_safetensors_header(info.path).tensors), index)
     mismatch = None
     if info.family and model.family and info.family != model.family:
-        mismatch = f"the LoRA is for {info.family}, the model is {model.family}"
+        mismatch = f"the LoRA is for {info.family.value}, the model is {model.family.value}"
     return {
         "model": model.key,
-        "family": model.family,
+        "family": model.family.value if model.family else None,
         "matched": report.matched,
         "unmatched": report.unmatched,
         "family_mismatch": mismatch,
@@ -284,36 +297,30 @@ def loras_import(
     settings = Settings()
 
     def action():
-        try:
-            info = describe_file(file, name)
-        except ValueError as exc:
-            raise JobRejected(str(exc), field="FILE") from None
+        info = describe_file(file, name)
         catalog = LoraCatalog(settings.lora_dir)
         target_name = name or file.stem
         try:
             check_lora_name(target_name)
         except ValueError as exc:
-            raise JobRejected(f"{target_name!r} {exc}", field="--name") from None
+            raise BadArgument(f"{target_name!r} {exc}", field="--name") from None
         destination = settings.lora_dir / f"{target_name}.safetensors"
         if destination.exists():
-            existing = catalog.info(destination)
+            existing = catalog.describe(destination)
             if existing.sha256 == info.sha256:
                 console.print(f"{target_name}: already imported ({info.sha256[:12]})", markup=False)
                 _share(settings, replace(existing, name=target_name))
                 return
             if not force:
-                raise JobRejected(
+                raise BadArgument(
                     f"a different {target_name!r} is already imported ({existing.sha256[:12]})",
                     field="--name",
                     allowed="another --name, or --force to replace it",
                 )
-        settings.lora_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=settings.lora_dir, prefix=".import-")
-        os.close(fd)
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, destination)
+        copy_atomic(file, destination)
         console.print(
-            f"imported {target_name}: {info.format}, {info.family or 'family unknown'}, rank {info.rank}, "
+            f"imported {target_name}: {info.format}, {info.family.value if info.family else 'family unknown'}, "
+            f"rank {info.rank}, "
             f"sha256 {info.sha256[:12]}",
             markup=False,
         )
@@ -333,16 +340,16 @@ def _fleet_redis(settings: Settings) -> redis.Redis | None:
     return resolve_broker(settings).client()
 
 
-def _shared_registry(settings: Settings) -> SharedLoras | None:
-    """The shared LoRA registry, with this machine's store and disk cache; None as above."""
+def _lora_registry(settings: Settings) -> LoraRegistry | None:
+    """The fleet's shared LoRA registry; None as above."""
     client = _fleet_redis(settings)
-    return SharedLoras.for_machine(settings, client, open_storage(settings)) if client else None
+    return LoraRegistry(client) if client else None
 
 
 def _share(settings: Settings, info: LoraInfo) -> None:
     """Store the file by hash in the object store and register its name for every machine."""
-    shared = _shared_registry(settings)
-    if shared is None:
+    registry = _lora_registry(settings)
+    if registry is None:
         console.print(
             "not registered for other machines: no broker is configured and the embedded Redis "
             "is not running",
@@ -350,9 +357,10 @@ def _share(settings: Settings, info: LoraInfo) -> None:
             highlight=False,
         )
         return
-    stored = shared.publish(info)
+    storage = open_storage(settings)
+    stored = registry.publish(info, storage)
     console.print(
-        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {shared.storage.describe()}; "
+        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {storage.describe()}; "
         f"registered as {info.name!r} for every worker on this broker",
         markup=False,
         highlight=False,

@@ -24,8 +24,8 @@ from typing import Any
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import JobRejected, TransientError
 from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
-from lorafleet.common.lora_catalog import LoraCatalog
-from lorafleet.common.lora_registry import SharedLoras
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
 from lorafleet.common.settings import Settings
@@ -91,7 +91,7 @@ class Client:
         self.celery = make_celery(self.settings, self.broker)
         self.resolver = JobResolver(
             ModelRegistry(self.settings, self.redis),
-            LoraCatalog(self.settings.lora_dir, SharedLoras(self.redis)),
+            LoraCatalog(self.settings.lora_dir, LoraRegistry(self.redis)),
             self.settings.lcm_loras,
         )
 

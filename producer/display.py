@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus
+from lorafleet.common.jobs import PHASES, GenerationJob, JobRecord, JobStatus
 
 STATUS_STYLE = {
     JobStatus.queued: "yellow",
@@ -20,7 +20,6 @@ STATUS_STYLE = {
     JobStatus.failed: "red",
     JobStatus.cancelled: "magenta",
 }
-PHASES = ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total")
 PHASE_TITLES = ("queue", "load", "lora", "apply", "sample", "restore", "upload", "total")
 
 

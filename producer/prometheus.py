@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import redis
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.metrics import PHASES, images_per_minute, totals
+from lorafleet.common.jobs import PHASES, JobStatus
+from lorafleet.common.metrics import images_per_minute, totals
 
 
 def _label(value: str) -> str:

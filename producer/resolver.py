@@ -1,13 +1,12 @@
 """Turning what a producer asked for into a job a worker can run, or refusing it.
 
 Resolution happens once, at submit, so that the record says exactly what will run:
-the model's key and queue, each LoRA's file hash, the weights the seed's conventions give
-LoRAs that came without one, the size and seed. Nothing is silently corrected: a value the
-producer gave is kept, and advice goes to the record's warnings.
+the model's key and queue, each LoRA's file hash, the weights InvokeAI's LoRA guidance
+gives LoRAs that came without one, the size and seed. Nothing is silently corrected: a
+value the producer gave is kept, and advice goes to the record's warnings.
 
-Semantics of default weights (the seed's starting points): an LCM-LoRA without a weight
-gets 0.35; any other LoRA without a weight gets 0.45 when an LCM-LoRA is in the stack and
-0.75 otherwise.
+Semantics of default weights (``guidance``): an LCM-LoRA without a weight gets 0.35; any
+other LoRA without a weight gets 0.45 when an LCM-LoRA is in the stack and 0.75 otherwise.
 """
 
 from __future__ import annotations
@@ -16,17 +15,13 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from lorafleet.common.errors import JobRejected
+from lorafleet.common import guidance
+from lorafleet.common.errors import JobRejected, LoraError, ModelError
 from lorafleet.common.jobs import MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
-from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
 
-LCM_LORA_WEIGHT = 0.35
-"""The seed: an LCM-LoRA's strength, as a starting point."""
-LORA_WEIGHT_BESIDE_LCM = 0.45
-"""The seed: a standard LoRA's strength alongside an LCM-LoRA."""
-LORA_WEIGHT = 0.75
-"""The seed: most LoRAs perform best at .75-1; the low end is the starting point."""
 FALLBACK_SIZE = 512
 """Width and height when neither the job nor the model's config gives one (hub ids)."""
 
@@ -57,7 +52,10 @@ class JobResolver:
 
     def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
         job = job.model_copy(deep=True)
-        model = self.models.resolve(job.model, field=f"{where}model")
+        try:
+            model = self.models.get(job.model)
+        except ModelError as exc:
+            raise JobRejected.of(exc, f"{where}model") from None
         warnings = list(job.advice())
         infos = [self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)]
         if job.lcm and not any(self._is_lcm(info) for info in infos):
@@ -68,27 +66,17 @@ class JobResolver:
                     field=f"{where}loras",
                     allowed=f"at most {MAX_LORAS} LoRAs",
                 )
-            job.loras.append(LoraSpec(name=lcm.name, weight=LCM_LORA_WEIGHT))
+            job.loras.append(LoraSpec(name=lcm.name, weight=guidance.LCM_LORA_WEIGHT))
             infos.append(lcm)
         has_lcm = any(self._is_lcm(info) for info in infos)
         for spec, info in zip(job.loras, infos):
             spec.name = info.name
             spec.sha256 = info.sha256
             if spec.weight is None:
-                spec.weight = (
-                    LCM_LORA_WEIGHT
-                    if self._is_lcm(info)
-                    else LORA_WEIGHT_BESIDE_LCM
-                    if has_lcm
-                    else LORA_WEIGHT
-                )
+                spec.weight = self._default_weight(info, has_lcm)
             if spec.inject_trigger:
                 if info.trigger_words:
-                    job.prompt = (
-                        ", ".join([job.prompt, *info.trigger_words])
-                        if job.prompt
-                        else ", ".join(info.trigger_words)
-                    )
+                    job.prompt = ", ".join(filter(None, [job.prompt, *info.trigger_words]))
                 else:
                     warnings.append(f"LoRA {info.name!r} has no trigger words to inject")
         if has_lcm and job.sampler is not Sampler.lcm:
@@ -105,9 +93,17 @@ class JobResolver:
         job.model = model.key
         return ResolvedJob(job=job, model=model, warnings=warnings)
 
+    def _default_weight(self, info: LoraInfo, has_lcm: bool) -> float:
+        if self._is_lcm(info):
+            return guidance.LCM_LORA_WEIGHT
+        return guidance.LORA_WEIGHT_BESIDE_LCM if has_lcm else guidance.LORA_WEIGHT
+
     def _lora(self, spec: LoraSpec, index: int, model: ModelRef, *, where: str) -> LoraInfo:
         field = f"{where}loras[{index}].name"
-        info = self.loras.resolve(spec.name, field=field)
+        try:
+            info = self.loras.get(spec.name)
+        except LoraError as exc:
+            raise JobRejected.of(exc, field) from None
         if spec.sha256 and spec.sha256 != info.sha256:
             raise JobRejected(
                 f"LoRA {spec.name!r} on disk has sha256 {info.short_hash}..., not the "
@@ -116,9 +112,9 @@ class JobResolver:
             )
         if info.family and model.family and info.family != model.family:
             raise JobRejected(
-                f"LoRA {info.name!r} is for {info.family} but model {model.key!r} is {model.family}",
+                f"LoRA {info.name!r} is for {info.family.value} but model {model.key!r} is {model.family.value}",
                 field=field,
-                allowed=f"a {model.family} LoRA",
+                allowed=f"a {model.family.value} LoRA",
             )
         width, expected = info.cross_attention_width, model.cross_attention_dim
         if width and expected and width != expected:
@@ -126,26 +122,26 @@ class JobResolver:
                 f"LoRA {info.name!r} was made for a text embedding {width} wide but model "
                 f"{model.key!r} uses {expected}",
                 field=field,
-                allowed=f"a LoRA trained on a {model.family or 'matching'} base",
+                allowed=f"a LoRA trained on a {model.family.value if model.family else 'matching'} base",
             )
         return info
 
     def _lcm_lora_for(self, model: ModelRef, where: str, warnings: list[str]) -> LoraInfo:
         """The family's registered LCM-LoRA (LORAFLEET_LCM_LORAS), else the one named so."""
         field = f"{where}lcm"
-        registered = self.lcm_loras.get(model.family or "")
+        family = model.family.value if model.family else None
+        registered = self.lcm_loras.get(family or "")
         if registered:
-            return self.loras.resolve(registered, field=field)
-        candidates = []
-        for name in self.loras.names():
-            info = self.loras.describe(name)
-            if info is None:
-                continue
-            if info.is_lcm and (info.family is None or info.family == model.family):
-                candidates.append(info)
+            try:
+                return self.loras.get(registered)
+            except LoraError as exc:
+                raise JobRejected.of(exc, field) from None
+        candidates, broken = self.loras.lcm_loras(model.family)
+        for bad in broken:
+            warnings.append(f"LoRA file {bad.path.name} in {self.loras.folder} is skipped: {bad.problem}")
         if not candidates:
             raise JobRejected(
-                f"lcm asks for an LCM-LoRA but none for {model.family or 'this model'} is in {self.loras.folder}",
+                f"lcm asks for an LCM-LoRA but none for {family or 'this model'} is in {self.loras.folder}",
                 field=field,
                 allowed="copy the family's LCM-LoRA .safetensors there (its name containing 'lcm'), "
                 'or name it in LORAFLEET_LCM_LORAS, e.g. {"sd15": "lcm-lora-sdv1-5"}',
@@ -153,7 +149,7 @@ class JobResolver:
         if len(candidates) > 1:
             names = ", ".join(c.name for c in candidates)
             warnings.append(
-                f"several LCM-LoRAs fit {model.family} ({names}); using {candidates[0].name!r} — "
+                f"several LCM-LoRAs fit {family} ({names}); using {candidates[0].name!r} — "
                 "name one in LORAFLEET_LCM_LORAS to choose"
             )
         return candidates[0]

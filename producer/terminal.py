@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lorafleet.common.errors import ConfigError, JobRejected, LorafleetError, TransientError
+from lorafleet.common.errors import ConfigError, InvalidInput, LorafleetError, TransientError
 
 console = Console()
 errors = Console(stderr=True)
@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -36,9 +36,13 @@ def run(action: Callable[[], T]) -> T:
     """Run ``action`` and turn lorafleet's errors into messages and exit codes."""
     try:
         return action()
-    except JobRejected as exc:
+    except InvalidInput as exc:
         for field, message in exc.problems:
-            errors.print(f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}", highlight=False)
+            errors.print(
+                f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}",
+                highlight=False,
+                soft_wrap=True,
+            )
         raise typer.Exit(EXIT_REJECTED) from None
     except (ConfigError, TransientError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)

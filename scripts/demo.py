@@ -1,7 +1,7 @@
 """`make demo`: the whole path on one machine with zero configuration.
 
 Builds the tiny offline model and demo LoRAs (once), starts the embedded Redis and one
-worker, submits a batch of jobs (standard samplers, LCM with the LCM-LoRA at the seed's
+worker, submits a batch of jobs (standard samplers, LCM with the LCM-LoRA at InvokeAI's LoRA guidance's
 0.35, stacks of two LoRAs), shows their progress, prints each job's timings and where its
 PNG went, and stops what it started. Everything lives under .demo/ in the repository.
 """
@@ -43,7 +43,7 @@ JOBS = [
         "negative_prompt": "blue",
         "loras": [{"name": "texture-locon"}],
     },
-    # LCM: the seed's recipe (LCM scheduler, CFG 1, 4 steps, the LCM-LoRA at 0.35)
+    # LCM: the recipe of InvokeAI's LoRA guidance (LCM scheduler, CFG 1, 4 steps, the LCM-LoRA at 0.35)
     {"prompt": "a robot portrait, neon light", "lcm": True},
     {"prompt": "a cat in a flower field", "lcm": True, "loras": [{"name": "watercolor"}]},  # 0.45 beside LCM
     {

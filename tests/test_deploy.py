@@ -28,7 +28,7 @@ import pytest
 import typer.main
 import yaml
 
-from lorafleet.common.queue import priority_lists, queue_for
+from lorafleet.common import keys
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli import app
 from tests.helpers import REPO
@@ -777,7 +777,7 @@ def test_each_scaled_object_reads_the_priority_lists_of_its_workers_queue(folder
         assert "replicas" not in deployments[target["name"]]["spec"], "KEDA owns the replica count"
         assert spec["minReplicaCount"] == 0 and spec["maxReplicaCount"] >= 1
         container, args = workers[target["name"]]
-        expected = {key for model in worker_models(args) for key in priority_lists(queue_for(model))}
+        expected = {key for model in worker_models(args) for key in keys.priority_lists(keys.queue(model))}
         env = container_env(docs, container)
         listed = []
         for trigger in spec["triggers"]:

@@ -15,7 +15,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from lorafleet.common.queue import priority_lists, queue_for
+from lorafleet.common import keys
 from tests.conftest import TINY, TINY_XL, copy_home
 from tests.helpers import RedisProcess, WorkerProcess, lorafleet_env, run_cli, s3_env, wait_until
 
@@ -37,7 +37,7 @@ def stack(template_home, tmp_path_factory):
 
 def queued(redis: RedisProcess, model: str = TINY) -> int:
     client = redis.client()
-    return sum(client.llen(key) for key in priority_lists(queue_for(model)))
+    return sum(client.llen(key) for key in keys.priority_lists(keys.queue(model)))
 
 
 def test_cli_submit_with_a_lora_stack_writes_a_png_naming_both_loras(stack):

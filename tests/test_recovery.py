@@ -129,15 +129,21 @@ def test_uploads_ride_out_a_20_second_object_store_outage(fleet):
     assert all(r.attempts == 1 for r in records)
 
 
-def test_an_object_store_that_stays_down_fails_the_job_after_bounded_attempts(fleet):
+def test_an_object_store_that_stays_down_fails_the_job_after_job_attempts_runs(fleet):
     client = fleet["client"]
-    worker = fleet["start_worker"]("hopeless@recovery", LORAFLEET_UPLOAD_ATTEMPTS="2")
+    worker = fleet["start_worker"](
+        "hopeless@recovery", LORAFLEET_UPLOAD_ATTEMPTS="2", LORAFLEET_JOB_ATTEMPTS="2"
+    )
     fleet["proxy"].down()
     handle = client.submit({"model": TINY, "prompt": "never stored", "sampler": "lcm", "seed": 1})
     record = handle.wait(timeout=120)
-    assert record.status is JobStatus.failed
+    assert record.status is JobStatus.failed and record.attempts == 2
     assert record.error.startswith("upload of images/") and "failed 2 times" in record.error
-    assert worker.log.read_text().count("retrying in 1 s") == 1
+    assert record.error.endswith("(after 2 runs)")
+    assert any("run 1 of at most 2 met a transient failure" in w for w in record.warnings)
+    log = worker.log.read_text()
+    assert log.count("retrying in 1.0 s") == 2  # one upload retry in each of the two runs
+    assert log.count(f"job {handle.job_id} started") == 2
 
 
 def test_a_job_that_runs_out_of_memory_fails_clearly_and_the_worker_keeps_serving(fleet):

@@ -21,6 +21,7 @@ its factors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -31,10 +32,7 @@ _NORM_FLOOR = 1e-12
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    rest = 1
-    for size in shape[1:]:
-        rest *= size
-    return shape[0], rest
+    return shape[0], math.prod(shape[1:])
 
 
 @dataclass

@@ -21,6 +21,7 @@ match no layer are returned in ``unmatched`` for the caller to report.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafleet.common.errors import LoraError
 from lorafleet.worker.lora_deltas import (
     Delta,
     FullDelta,
@@ -65,7 +67,7 @@ Original = Callable[[Target], torch.Tensor]
 """Gives the pristine weight of a target (DoRA needs it)."""
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(LoraError):
     """The file cannot be applied to this model; the message says why."""
 
 
@@ -132,13 +134,6 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None, dict
     return alphas
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 class _LayerParser:
     """Builds the delta of one layer from its tensors (already on the target device)."""
 
@@ -167,7 +162,7 @@ class _LayerParser:
 
     def fits(self, delta: Delta) -> Delta:
         """Refuse a delta whose full shape differs from the target's."""
-        expected = (self.target.shape[0], _numel(self.target.shape) // self.target.shape[0])
+        expected = (self.target.shape[0], math.prod(self.target.shape) // self.target.shape[0])
         if isinstance(delta, LowRankDelta):
             got = (delta.up.shape[0], delta.down.shape[1])
             if delta.up.shape[1] != delta.down.shape[0]:
@@ -237,7 +232,7 @@ class _LayerParser:
             )
         elif roles == {"diff"}:
             diff = self.parts["diff"]
-            if _numel(tuple(diff.shape)) != _numel(target.shape):
+            if math.prod(tuple(diff.shape)) != math.prod(target.shape):
                 raise self.fail(f"diff {tuple(diff.shape)} does not fit the layer's weight {target.shape}")
             delta = FullDelta(target, diff.float().reshape(target.shape[0], -1))
         else:
@@ -287,7 +282,7 @@ def parse_lora(
             continue
         if bias is not None:
             bias_target = index.lookup(module, "bias")
-            if bias_target is None or bias.numel() != _numel(bias_target.shape):
+            if bias_target is None or bias.numel() != math.prod(bias_target.shape):
                 raise LoraFormatError(f"{module}: diff_b does not fit the layer's bias")
             deltas.append(FullDelta(bias_target, bias.float().reshape(-1, 1)))
         if not set(parts) - {"alpha"}:

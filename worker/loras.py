@@ -1,24 +1,26 @@
-"""The worker's LoRAs: found by name and hash, parsed once per model, kept on the device.
+"""The worker's LoRAs: found as files, parsed once per model, kept on the device.
 
 A job names each LoRA and carries the sha256 the producer resolved at submit. The worker
-finds the file in its own drop folder, checks the hash (a file replaced since submit is an
-error, not a surprise), parses it against the model's layers, and keeps the parsed factors
-on the device in an LRU within a byte budget, keyed by (model, sha256).
+finds the file (``lora_files``: its own drop folder, else fetched from the store), checks
+the hash (a file replaced since submit is an error, not a surprise), parses it against the
+model's layers, and keeps the parsed factors on the device in an LRU within a byte budget,
+keyed by (model, sha256), never evicting the LoRAs of the job being prepared.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.common.errors import JobFailed
+from lorafleet.common.errors import JobFailed, LoraError
 from lorafleet.common.jobs import LoraSpec
-from lorafleet.common.lora_catalog import LoraCatalog, LoraInfo
-from lorafleet.worker.lora_formats import LoraFormatError, ParsedLora, parse_lora
+from lorafleet.common.loras.files import LoraInfo
+from lorafleet.worker.lora_files import LoraFiles
+from lorafleet.worker.lora_formats import ParsedLora, parse_lora
+from lorafleet.worker.lru import LRUCache
 from lorafleet.worker.patcher import StackEntry, WeightPatcher
 
 logger = logging.getLogger(__name__)
@@ -42,42 +44,56 @@ class LoadedStack:
 class LoraStore:
     """Parsed LoRAs per (model key, sha256), least recently used evicted past the budget."""
 
-    def __init__(self, catalog: LoraCatalog, device: torch.device, budget_bytes: int) -> None:
-        self.catalog = catalog
+    def __init__(self, files: LoraFiles, device: torch.device, budget_bytes: int) -> None:
+        self.files = files
         self.device = device
-        self.budget_bytes = budget_bytes
-        self._cache: OrderedDict[tuple[str, str], ParsedLora] = OrderedDict()
+        self._parsed: LRUCache[tuple[str, str], ParsedLora] = LRUCache(
+            max_bytes=budget_bytes, size=lambda p: p.nbytes
+        )
         self._names: dict[str, str] = {}  # sha256 -> the name it was last loaded by
+        self._stack_pins: list[tuple[str, str]] = []  # the last stack's keys
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._parsed.max_bytes
 
     @property
     def cached_bytes(self) -> int:
-        return sum(p.nbytes for p in self._cache.values())
+        return self._parsed.used_bytes
 
     def cached(self) -> list[tuple[str, str]]:
-        return list(self._cache)
+        """(model key, sha256) of every parsed LoRA, least recently used first."""
+        return self._parsed.keys()
 
     def cached_names(self) -> list[str]:
         """'name (sha256 prefix)' of every cached LoRA, most recently used last."""
-        return [f"{self._names.get(sha, '?')} ({sha[:12]})" for _, sha in self._cache]
+        return [f"{self._names.get(sha, '?')} ({sha[:12]})" for _, sha in self._parsed.keys()]
 
     def stack(self, model_key: str, patcher: WeightPatcher, specs: list[LoraSpec]) -> LoadedStack:
-        """Load (or take from the cache) every LoRA of a job, in stack order."""
+        """Load (or take from the cache) every LoRA of a job, in stack order.
+
+        The job's own LoRAs are pinned until the next job's stack is loaded: the budget
+        never evicts what the running job uses.
+        """
         loaded = LoadedStack()
         start = time.perf_counter()
-        pinned = set()
-        in_use = {spec.sha256 for spec in specs if spec.sha256}
+        for key in self._stack_pins:
+            self._parsed.unpin(key)
+        self._stack_pins = []
+        needed = {spec.sha256 for spec in specs if spec.sha256}
         for spec in specs:
-            info = self._info(spec, in_use)
+            info = self._file(spec, needed)
             key = (model_key, info.sha256)
+            self._parsed.pin(key)
+            self._stack_pins.append(key)
             self._names[info.sha256] = info.name
-            parsed = self._cache.get(key)
+            parsed = self._parsed.get(key)
             if parsed is not None:
-                self._cache.move_to_end(key)
                 loaded.hits += 1
                 logger.info("LoRA cache hit: %s (%s)", info.name, info.short_hash)
             else:
                 parsed = self._parse(info, patcher)
-                self._cache[key] = parsed
+                self._parsed.put(key, parsed)
                 loaded.misses += 1
                 logger.info(
                     "LoRA cache miss: %s (%s) parsed, %d layers",
@@ -85,7 +101,6 @@ class LoraStore:
                     info.short_hash,
                     len(parsed.deltas),
                 )
-            pinned.add(key)
             if parsed.unmatched:
                 shown = ", ".join(parsed.unmatched[:UNMATCHED_SHOWN])
                 loaded.warnings.append(
@@ -96,18 +111,15 @@ class LoraStore:
             te_weight = spec.text_encoder_weight if spec.text_encoder_weight is not None else weight
             loaded.entries.append(StackEntry(parsed, weight, te_weight))
             loaded.infos.append(info)
-        self._evict(keep=pinned)
+        self._parsed.make_room()
         loaded.seconds = time.perf_counter() - start
         return loaded
 
-    def _info(self, spec: LoraSpec, in_use: set[str]) -> LoraInfo:
+    def _file(self, spec: LoraSpec, needed: set[str]) -> LoraInfo:
         try:
-            info = self.catalog.on_disk(spec.name, in_use=in_use)
-        except (OSError, ValueError) as exc:
-            raise JobFailed(f"LoRA {spec.name!r} is refused: {exc}") from None
-        if info is None:
-            where = " or the shared registry" if self.catalog.shared else ""
-            raise JobFailed(f"LoRA {spec.name!r} is not in this worker's folder {self.catalog.folder}{where}")
+            info = self.files.get(spec.name, pinned=needed)
+        except LoraError as exc:
+            raise JobFailed(f"on this worker: {exc.message}") from None
         if spec.sha256 and info.sha256 != spec.sha256:
             raise JobFailed(
                 f"LoRA {spec.name!r} on this worker has sha256 {info.short_hash}..., not the "
@@ -132,13 +144,5 @@ class LoraStore:
                 original=patcher.original,
                 device=self.device,
             )
-        except LoraFormatError as exc:
-            raise JobFailed(f"LoRA {info.name!r} is refused: {exc}") from None
-
-    def _evict(self, keep: set[tuple[str, str]]) -> None:
-        while self.cached_bytes > self.budget_bytes:
-            victim = next((k for k in self._cache if k not in keep), None)
-            if victim is None:
-                return
-            del self._cache[victim]
-            logger.info("LoRA cache evicted %s", victim[1][:12])
+        except LoraError as exc:
+            raise JobFailed(f"LoRA {info.name!r} is refused: {exc.message}") from None

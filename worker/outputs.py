@@ -18,7 +18,7 @@ import io
 
 from lorafleet.common import __version__
 from lorafleet.common.jobs import GenerationJob
-from lorafleet.common.lora_catalog import LoraInfo
+from lorafleet.common.loras.files import LoraInfo
 from lorafleet.worker.sampling import A1111_NAMES
 
 

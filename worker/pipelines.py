@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -19,10 +21,12 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
-from lorafleet.common.errors import JobFailed
-from lorafleet.common.lora_catalog import read_safetensors_header
-from lorafleet.common.models import FAMILY_BY_PIPELINE, ModelRef
+from lorafleet.common.errors import FileRefused, JobFailed
+from lorafleet.common.family import Family
+from lorafleet.common.loras.files import read_safetensors_header
+from lorafleet.common.models import ModelRef
 from lorafleet.common.settings import Settings
+from lorafleet.worker.lru import LRUCache
 from lorafleet.worker.module_index import COMPONENTS
 from lorafleet.worker.patcher import WeightPatcher
 
@@ -54,10 +58,8 @@ class HotPipeline:
     model: ModelRef
     pipe: object
     patcher: WeightPatcher
-    family: str
     scheduler_config: dict
     load_seconds: float
-    in_use: bool = field(default=False)
 
     @property
     def nbytes(self) -> int:
@@ -100,15 +102,14 @@ def load_pipeline(model: ModelRef, device: torch.device, dtype: torch.dtype) -> 
         for name in COMPONENTS
         if isinstance(getattr(pipe, name, None), torch.nn.Module)
     }
-    family = model.family or FAMILY_BY_PIPELINE.get(type(pipe).__name__, "unknown")
     hot = HotPipeline(
         model=model,
         pipe=pipe,
         patcher=WeightPatcher(components),
-        family=family,
         scheduler_config=dict(pipe.scheduler.config),
         load_seconds=time.perf_counter() - start,
     )
+    family = model.family.value if model.family else "family unknown"
     logger.info("pipeline loaded: %s (%s) on %s in %.2f s", model.key, family, device, hot.load_seconds)
     return hot
 
@@ -121,14 +122,10 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
     total = 0
     for path in model.path.glob("*/*.safetensors"):
         try:
-            header = read_safetensors_header(path)
-        except (OSError, ValueError):
-            continue
-        for tensor in header.tensors.values():
-            count = 1
-            for size in tensor.shape:
-                count *= size
-            total += count * itemsize
+            header = read_safetensors_header(path, max_bytes=2**40)
+        except (OSError, FileRefused):
+            continue  # from_pretrained will say what is wrong with it
+        total += sum(math.prod(tensor.shape) for tensor in header.tensors.values()) * itemsize
     return total
 
 
@@ -143,59 +140,72 @@ class PipelineCache:
     """Hot pipelines by model key: at most ``capacity`` of them within ``budget_bytes``.
 
     The least recently used pipeline goes first when a new one would not fit, never the one
-    in use; a budget of 0 means no byte limit. A pipeline's size counts its weights and the
-    pristine copies its patcher keeps.
+    in use (pinned while a job runs on it, see ``using``); a budget of 0 means no byte
+    limit. A pipeline's size counts its weights and the pristine copies its patcher keeps.
     """
 
     def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
-        self.capacity = capacity or settings.max_pipelines
         budget = settings.pipeline_memory_mb * 1024 * 1024
-        self.budget_bytes = budget or default_budget(self.device)
-        self._hot: OrderedDict[str, HotPipeline] = OrderedDict()
+        self._hot: LRUCache[str, HotPipeline] = LRUCache(
+            max_items=capacity or settings.max_pipelines,
+            max_bytes=budget or default_budget(self.device),
+            size=lambda hot: hot.nbytes,
+            on_evict=self._evicted,
+        )
         self.loads = 0
 
+    @property
+    def capacity(self) -> int:
+        return self._hot.max_items
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._hot.max_bytes
+
     def loaded(self) -> list[HotPipeline]:
-        return list(self._hot.values())
+        return self._hot.values()
 
     @property
     def used_bytes(self) -> int:
-        return sum(h.nbytes for h in self._hot.values())
+        return self._hot.used_bytes
 
     def get(self, model: ModelRef) -> tuple[HotPipeline, float]:
         """The model's pipeline and the seconds spent loading it (0 when it was hot)."""
         hot = self._hot.get(model.key)
         if hot is not None:
-            self._hot.move_to_end(model.key)
             return hot, 0.0
-        self._make_room(pipeline_bytes(model, self.dtype))
+        self._hot.make_room(pipeline_bytes(model, self.dtype), incoming_items=1)
         hot = load_pipeline(model, self.device, self.dtype)
-        self._hot[model.key] = hot
+        self._hot.put(model.key, hot)
         self.loads += 1
         return hot, hot.load_seconds
 
+    @contextmanager
+    def using(self, hot: HotPipeline) -> Iterator[HotPipeline]:
+        """Pin ``hot`` while a job runs on it; afterwards trim the cache to its budget."""
+        self._hot.pin(hot.model.key)
+        try:
+            yield hot
+        finally:
+            self._hot.unpin(hot.model.key)
+            self.trim()
+
+    def is_in_use(self, hot: HotPipeline) -> bool:
+        return self._hot.is_pinned(hot.model.key)
+
     def trim(self) -> None:
         """Evict idle pipelines while the hot ones exceed the budget (pristine copies grow)."""
-        self._make_room(0, count_new=False)
+        self._hot.make_room()
 
-    def _over(self, incoming: int, count_new: bool) -> bool:
-        if len(self._hot) + (1 if count_new else 0) > self.capacity:
-            return True
-        return bool(self.budget_bytes) and self.used_bytes + incoming > self.budget_bytes
-
-    def _make_room(self, incoming: int, count_new: bool = True) -> None:
-        while self._hot and self._over(incoming, count_new):
-            victim = next((k for k, h in self._hot.items() if not h.in_use), None)
-            if victim is None:
-                return
-            del self._hot[victim]
-            logger.info("pipeline evicted: %s", victim)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+    def _evicted(self, key: str, hot: HotPipeline) -> None:
+        logger.info("pipeline evicted: %s", key)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def empty_components(folder: Path, family: str | None) -> dict[str, torch.nn.Module]:
+def empty_components(folder: Path, family: Family | None) -> dict[str, torch.nn.Module]:
     """A pipeline folder's UNet and text encoders on the meta device: shapes, no weights."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -206,7 +216,7 @@ def empty_components(folder: Path, family: str | None) -> dict[str, torch.nn.Mod
             "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet"))),
             "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))),
         }
-        if family == "sdxl" and (folder / "text_encoder_2").is_dir():
+        if family is Family.sdxl and (folder / "text_encoder_2").is_dir():
             components["text_encoder_2"] = CLIPTextModelWithProjection(
                 CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))
             )

@@ -5,8 +5,11 @@
     PNGs with parameters -> storage (retried with backoff) -> record succeeded
 
 Every way out ends the record: succeeded, failed with a message a person can act on, or
-cancelled. Weights are restored from the pristine copies after every job, whatever
-happened, before the worker takes the next one.
+cancelled, except one: a TransientError (the store or the broker unavailable after the
+tries where it happened) puts the job back to queued, and the task sends it again after
+``requeue_delay`` seconds, until it has run ``job_attempts`` times; then it fails. Weights
+are restored from the pristine copies after every job, whatever happened, before the
+worker takes the next one.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.common.errors import JobCancelled, JobFailed, JobRejected, TransientError
+from lorafleet.common.errors import InvalidInput, JobCancelled, JobFailed, TransientError
 from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
 from lorafleet.common.metrics import record_finished
 from lorafleet.common.models import ModelRegistry
+from lorafleet.common.retry import with_retries
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
@@ -33,9 +37,9 @@ from lorafleet.worker.sampling import image_seed, sample
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_FIRST_DELAY = 1.0
-"""Seconds before the second upload attempt; doubled each time after."""
-UPLOAD_MAX_DELAY = 30.0
+RUN_AGAIN_DELAY = 5.0
+"""Seconds before a job that met a transient failure runs again; doubled for each run."""
+RUN_AGAIN_MAX_DELAY = 120.0
 
 
 @dataclass
@@ -92,13 +96,15 @@ class JobRunner:
         self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
         self.stats = WorkerStats()
+        self.requeue_delay = RUN_AGAIN_DELAY
+        """Seconds the task waits before sending a job that was queued again."""
 
     # ------------------------------------------------------------------ record moves
     def _start(self, job_id: str) -> tuple[JobStatus | None, JobRecord | None]:
         """Take the job in one transaction: (its status before, the record after).
 
         A job already ended is left alone; one cancelled while queued ends cancelled; one
-        whose workers were lost ``job_attempts`` times ends failed; any other starts here.
+        that started ``job_attempts`` times without finishing ends failed; any other starts here.
         """
         before: list[JobStatus] = []
 
@@ -113,8 +119,8 @@ class JobRunner:
             if record.attempts >= self.settings.job_attempts:
                 record.status, record.finished_at = JobStatus.failed, utcnow()
                 record.error = (
-                    f"started {record.attempts} times and the worker running it was lost each "
-                    "time (killed or out of memory); not retried again"
+                    f"started {record.attempts} times without finishing (the worker running it was lost: "
+                    "killed or out of memory); not retried again"
                 )
                 return record
             record.status = JobStatus.running
@@ -178,30 +184,16 @@ class JobRunner:
         timings = record.timings
         warnings = list(record.warnings)
         started = time.perf_counter()
-        hot: HotPipeline | None = None
         try:
-            model = self.models.resolve(job.model)
+            model = self.models.get(job.model)
             hot, timings.pipeline_load = self.pipelines.get(model)
-            hot.in_use = True
-            stack = self.loras.stack(model.key, hot.patcher, job.loras)
-            timings.lora_load = stack.seconds
-            timings.lora_hits, timings.lora_misses = stack.hits, stack.misses
-            self.stats.lora_hits += stack.hits
-            self.stats.lora_misses += stack.misses
-            warnings.extend(stack.warnings)
-            patch = hot.patcher.apply(stack.entries)
-            timings.lora_apply = patch.apply
-            tick = time.perf_counter()
-            images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
-            timings.sampling = time.perf_counter() - tick
-            restored = hot.patcher.restore()
-            timings.restore = patch.restore + restored.restore
-            self.stats.switch_seconds.append(patch.apply + timings.restore)
-            tick = time.perf_counter()
-            refs = [self._store_image(job, index, image, stack.infos) for index, image in enumerate(images)]
-            timings.upload = time.perf_counter() - tick
+            with self.pipelines.using(hot):
+                try:
+                    refs = self._generate(record, hot, timings, warnings)
+                except BaseException:
+                    self._restore(hot)
+                    raise
         except JobCancelled:
-            self._restore(hot)
             self.stats.cancelled += 1
             self._finish(
                 job_id,
@@ -212,8 +204,10 @@ class JobRunner:
             )
             logger.info("job %s cancelled while running", job_id)
             return JobStatus.cancelled
-        except (JobRejected, JobFailed, TransientError) as exc:
-            return self._fail(job_id, hot, exc.message, timings, warnings)
+        except TransientError as exc:
+            return self._again_or_fail(record, exc.message, timings, warnings)
+        except (InvalidInput, JobFailed) as exc:
+            return self._fail(job_id, exc.message, timings, warnings)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 message = (
@@ -224,11 +218,7 @@ class JobRunner:
             else:
                 logger.exception("job %s: unexpected error", job_id)
                 message = f"internal error: {type(exc).__name__}: {exc}"
-            return self._fail(job_id, hot, message, timings, warnings)
-        finally:
-            if hot is not None:
-                hot.in_use = False
-            self.pipelines.trim()
+            return self._fail(job_id, message, timings, warnings)
         timings.total = time.perf_counter() - started
         self._finish(
             job_id,
@@ -242,16 +232,60 @@ class JobRunner:
         logger.info("job %s succeeded: %d images in %.2f s", job_id, len(refs), timings.total)
         return JobStatus.succeeded
 
-    def _restore(self, hot: HotPipeline | None) -> None:
-        if hot is not None:
-            hot.patcher.restore()
+    def _generate(
+        self, record: JobRecord, hot: HotPipeline, timings: Timings, warnings: list[str]
+    ) -> list[ImageRef]:
+        """Stack, patch, sample, restore, store: the images of one job on a pinned pipeline."""
+        job_id, job = record.job_id, record.job
+        stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
+        timings.lora_load = stack.seconds
+        timings.lora_hits, timings.lora_misses = stack.hits, stack.misses
+        self.stats.lora_hits += stack.hits
+        self.stats.lora_misses += stack.misses
+        warnings.extend(stack.warnings)
+        patch = hot.patcher.apply(stack.entries)
+        timings.lora_apply = patch.apply
+        tick = time.perf_counter()
+        images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
+        timings.sampling = time.perf_counter() - tick
+        restored = hot.patcher.restore()
+        timings.restore = patch.restore + restored.restore
+        self.stats.switch_seconds.append(patch.apply + timings.restore)
+        tick = time.perf_counter()
+        refs = [self._store_image(job, index, image, stack.infos) for index, image in enumerate(images)]
+        timings.upload = time.perf_counter() - tick
+        return refs
+
+    def _restore(self, hot: HotPipeline) -> None:
+        hot.patcher.restore()
         if self.pipelines.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _fail(
-        self, job_id: str, hot: HotPipeline | None, message: str, timings: Timings, warnings: list[str]
+    def _again_or_fail(
+        self, record: JobRecord, message: str, timings: Timings, warnings: list[str]
     ) -> JobStatus:
-        self._restore(hot)
+        """A transient failure: queue the job again (the task sends it after a delay), or fail
+        it once it has run ``job_attempts`` times."""
+        attempts = record.attempts
+        if attempts >= self.settings.job_attempts:
+            return self._fail(record.job_id, f"{message} (after {attempts} runs)", timings, warnings)
+        self.requeue_delay = min(RUN_AGAIN_DELAY * 2 ** (attempts - 1), RUN_AGAIN_MAX_DELAY)
+        note = f"run {attempts} of at most {self.settings.job_attempts} met a transient failure: {message}"
+
+        def change(current: JobRecord) -> JobRecord | None:
+            if current.status is not JobStatus.running:
+                return None
+            current.status = JobStatus.queued
+            current.progress = Progress(step=0, total=current.progress.total)
+            current.timings = timings
+            current.warnings = [*warnings, f"{note}; it runs again in {self.requeue_delay:g} s"]
+            return current
+
+        self.store.update(record.job_id, change)
+        logger.warning("job %s: %s; queued again in %.0f s", record.job_id, note, self.requeue_delay)
+        return JobStatus.queued
+
+    def _fail(self, job_id: str, message: str, timings: Timings, warnings: list[str]) -> JobStatus:
         self.stats.failed += 1
         self._finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
         logger.info("job %s failed: %s", job_id, message)
@@ -275,22 +309,11 @@ class JobRunner:
         )
 
     def _upload(self, key: str, data: bytes) -> str:
+        """Store one PNG, riding out a store outage for ``upload_attempts`` tries."""
         attempts = self.settings.upload_attempts
-        delay = UPLOAD_FIRST_DELAY
-        for attempt in range(1, attempts + 1):
-            try:
-                return self.storage.put(key, data, "image/png")
-            except TransientError as exc:
-                if attempt == attempts:
-                    raise JobFailed(f"upload of {key} failed {attempts} times, last: {exc}") from exc
-                logger.warning(
-                    "upload of %s failed (attempt %d of %d): %s; retrying in %.0f s",
-                    key,
-                    attempt,
-                    attempts,
-                    exc,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, UPLOAD_MAX_DELAY)
-        raise AssertionError("unreachable")
+        try:
+            return with_retries(
+                f"upload of {key}", lambda: self.storage.put(key, data, "image/png"), attempts
+            )
+        except TransientError as exc:
+            raise TransientError(f"upload of {key} failed {attempts} times, last: {exc.message}") from exc

@@ -14,8 +14,9 @@ import socket
 from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
-from lorafleet.common.lora_catalog import LoraCatalog
-from lorafleet.common.lora_registry import SharedLoras
+from lorafleet.common.errors import BadArgument, ModelError
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRef, ModelRegistry
 from lorafleet.common.queue import make_celery
 from lorafleet.common.settings import Settings
@@ -23,6 +24,7 @@ from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.worker.heartbeat import Heartbeat
+from lorafleet.worker.lora_files import DiskCache, LoraFiles
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
 from lorafleet.worker.runner import JobRunner
@@ -40,21 +42,22 @@ class Worker:
 
     def __init__(self, settings: Settings, models: list[str], *, name: str | None = None) -> None:
         if not models:
-            raise ValueError("a worker needs at least one model to serve (--models NAME[,NAME])")
+            raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
         self.settings = settings
         self.name = name or default_node_name()
         self.broker = resolve_broker(settings)
         registry = ModelRegistry(settings, self.broker.client())
-        self.models: list[ModelRef] = [registry.resolve(m, field="--models") for m in models]
+        self.models: list[ModelRef] = [self._model(registry, m) for m in models]
         self.app = make_celery(settings, self.broker)
         self.store = JobStore(self.broker.client(), retention=settings.record_retention)
         self.pipelines = PipelineCache(settings)
         storage = open_storage(settings)
-        shared = SharedLoras.for_machine(settings, self.store.redis, storage)
+        catalog = LoraCatalog(settings.lora_dir, LoraRegistry(self.store.redis))
+        disk = DiskCache(settings.lora_disk_cache_folder, settings.lora_disk_cache_mb * 1024 * 1024)
         self.loras = LoraStore(
-            LoraCatalog(settings.lora_dir, shared),
+            LoraFiles(catalog, storage, disk),
             self.pipelines.device,
-            settings.lora_cache_mb * 1024 * 1024,
+            settings.lora_device_cache_mb * 1024 * 1024,
         )
         self.runner = JobRunner(
             settings, self.store, storage, self.pipelines, self.loras, worker_name=self.name
@@ -70,6 +73,13 @@ class Worker:
             self.loras,
         )
         worker_ready.connect(self._on_ready, weak=False)
+
+    @staticmethod
+    def _model(registry: ModelRegistry, name: str) -> ModelRef:
+        try:
+            return registry.get(name)
+        except ModelError as exc:
+            raise BadArgument(exc.reason, field="--models", allowed=exc.allowed) from None
 
     def _on_ready(self, **_: object) -> None:
         """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""

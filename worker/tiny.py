@@ -10,12 +10,14 @@ PEFT, and one shaped like an LCM-LoRA. Both are deterministic for a given seed.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorafleet.common.family import Family
 from lorafleet.common.models import describe_folder
 from lorafleet.worker.module_index import file_module_names
 from lorafleet.worker.pipelines import empty_components
@@ -233,9 +235,7 @@ def _lcm_layers(name: str, weight) -> bool:
 def _factors(shape: tuple[int, ...], rank: int, generator: torch.Generator, strength: float):
     """(down, up) factors of a random delta whose entries have std about ``strength``."""
     out_features = shape[0]
-    in_flat = 1
-    for size in shape[1:]:
-        in_flat *= size
+    in_flat = math.prod(shape[1:])
     rank = max(1, min(rank, out_features, in_flat))
     down = torch.randn(rank, in_flat, generator=generator) / in_flat**0.5
     up = torch.randn(out_features, rank, generator=generator) * strength / rank**0.5
@@ -271,10 +271,10 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = describe_folder(model_dir.name, model_dir)
-    family = model.family or "sd15"
+    family = model.family or Family.sd15
     components = empty_components(model_dir, family)
-    te_prefix = "lora_te1_" if family == "sdxl" else "lora_te_"
-    version = "sdxl_base_v1-0" if family == "sdxl" else "sd_v1"
+    te_prefix = "lora_te1_" if family is Family.sdxl else "lora_te_"
+    version = "sdxl_base_v1-0" if family is Family.sdxl else "sd_v1"
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     written = []

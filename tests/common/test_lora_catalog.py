@@ -1,4 +1,6 @@
-"""The LoRA drop folder, read without torch: names, checks, families, hostile headers."""
+"""The LoRA drop folder, read without torch: names, checks, families, hostile headers.
+
+One lookup (``LoraCatalog.get``) returns a description or raises LoraError."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import struct
 
 import pytest
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.lora_catalog import LoraCatalog, describe_file, read_safetensors_header
+from lorafleet.common.errors import FileRefused, LoraError
+from lorafleet.common.family import Family
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.files import describe_file, read_safetensors_header
 
 
 def write_raw(path, header: dict, data: bytes = b"") -> None:
@@ -19,38 +23,37 @@ def write_raw(path, header: dict, data: bytes = b"") -> None:
 def test_a_file_copied_into_the_folder_is_usable_by_its_name_without_a_restart(home):
     catalog = LoraCatalog(home / "autoimport" / "lora")
     assert "watercolor" in catalog.names()
-    assert catalog.resolve("watercolor").name == "watercolor"
-    assert catalog.resolve("watercolor.safetensors").name == "watercolor"
+    assert catalog.get("watercolor").name == "watercolor"
+    assert catalog.get("watercolor.safetensors").name == "watercolor"
     (home / "autoimport" / "lora" / "fresh.safetensors").write_bytes(
         (home / "autoimport" / "lora" / "watercolor.safetensors").read_bytes()
     )
-    assert catalog.resolve("fresh").sha256 == catalog.resolve("watercolor").sha256
+    assert catalog.get("fresh").sha256 == catalog.get("watercolor").sha256
 
 
 def test_demo_files_are_described_from_their_headers(home):
     catalog = LoraCatalog(home / "autoimport" / "lora")
-    watercolor = catalog.resolve("watercolor")
+    watercolor = catalog.get("watercolor")
     assert (watercolor.format, watercolor.family, watercolor.rank) == ("kohya-lora", "sd15", 4)
     assert watercolor.trigger_words == ["watercolor"]
     assert len(watercolor.sha256) == 64 and watercolor.short_hash == watercolor.sha256[:12]
-    peft = catalog.resolve("ink-sketch")
+    peft = catalog.get("ink-sketch")
     assert (peft.format, peft.rank) == ("peft", 8)
     assert peft.cross_attention_width == 32  # the tiny model's text embedding width
-    lcm = catalog.resolve("lcm-lora-sd15")
+    lcm = catalog.get("lcm-lora-sd15")
     assert lcm.is_lcm and lcm.rank is not None and lcm.rank <= 64
     assert not watercolor.is_lcm
 
 
 def test_sdxl_files_are_told_apart(home):
     catalog = LoraCatalog(home / "xl-loras")
-    assert catalog.resolve("watercolor").family == "sdxl"
-    assert catalog.resolve("ink-sketch").cross_attention_width == 64
+    assert catalog.get("watercolor").family is Family.sdxl
+    assert catalog.get("ink-sketch").cross_attention_width == 64
 
 
 def test_unknown_name_lists_what_is_there(home):
-    with pytest.raises(JobRejected) as caught:
-        LoraCatalog(home / "autoimport" / "lora").resolve("nope", field="loras[0].name")
-    assert caught.value.field == "loras[0].name"
+    with pytest.raises(LoraError) as caught:
+        LoraCatalog(home / "autoimport" / "lora").get("nope")
     assert "unknown LoRA 'nope'" in str(caught.value) and "watercolor" in str(caught.value)
 
 
@@ -58,9 +61,9 @@ def test_unknown_name_lists_what_is_there(home):
 def test_pickled_files_are_refused_saying_why(home, suffix):
     folder = home / "autoimport" / "lora"
     (folder / f"evil{suffix}").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(JobRejected, match="pickled .* arbitrary code"):
-        LoraCatalog(folder).resolve("evil")
-    with pytest.raises(ValueError, match="arbitrary code"):
+    with pytest.raises(LoraError, match="pickled .* arbitrary code"):
+        LoraCatalog(folder).get("evil")
+    with pytest.raises(FileRefused, match="arbitrary code"):
         describe_file(folder / f"evil{suffix}")
 
 
@@ -76,7 +79,7 @@ def test_pickled_files_are_refused_saying_why(home, suffix):
 def test_corrupt_headers_are_refused(tmp_path, content, words):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(FileRefused, match=words):
         read_safetensors_header(path)
 
 
@@ -92,15 +95,15 @@ def test_corrupt_headers_are_refused(tmp_path, content, words):
 def test_inconsistent_tensor_entries_are_refused(tmp_path, entry, words):
     path = tmp_path / "bad.safetensors"
     write_raw(path, {"lora_unet_x.lora_down.weight": entry}, b"\x00" * 8)
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(FileRefused, match=words):
         read_safetensors_header(path)
 
 
 def test_corrupt_file_in_the_folder_is_refused_at_resolve(home):
     folder = home / "autoimport" / "lora"
     (folder / "broken.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(JobRejected, match="LoRA 'broken' is refused"):
-        LoraCatalog(folder).resolve("broken")
+    with pytest.raises(LoraError, match="LoRA 'broken' is refused"):
+        LoraCatalog(folder).get("broken")
 
 
 def test_path_like_names_never_leave_the_folder(home):
@@ -110,13 +113,21 @@ def test_path_like_names_never_leave_the_folder(home):
 
 
 def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
-    from lorafleet.common.lora_catalog import MAX_LORA_BYTES
+    from lorafleet.common.loras.files import MAX_LORA_BYTES
 
     huge = tmp_path / "huge.safetensors"
     with open(huge, "wb") as f:  # sparse: no disk is used
         f.truncate(MAX_LORA_BYTES + 1)
-    with pytest.raises(ValueError, match="over the 4 GiB limit"):
+    with pytest.raises(FileRefused, match="over the 4 GiB limit"):
         describe_file(huge)
-    with pytest.raises(JobRejected, match="over the 4 GiB limit") as refused:
-        LoraCatalog(tmp_path).resolve("huge", field="loras[0].name")
-    assert refused.value.problems[0][0] == "loras[0].name"
+    with pytest.raises(LoraError, match="over the 4 GiB limit"):
+        LoraCatalog(tmp_path).get("huge")
+
+
+def test_broken_files_in_the_folder_are_reported_not_skipped(home):
+    folder = home / "autoimport" / "lora"
+    (folder / "lcm-broken.safetensors").write_bytes(b"\xff" * 64)
+    usable, broken = LoraCatalog(folder).lcm_loras(Family.sd15)
+    assert [i.name for i in usable] == ["lcm-lora-sd15"]
+    assert [(b.name, b.path.name) for b in broken] == [("lcm-broken", "lcm-broken.safetensors")]
+    assert "header length" in broken[0].problem

@@ -1,17 +1,18 @@
 """The shared LoRA registry against a real Redis and a store: content-addressed objects,
-a disk cache that keeps to its budget (least recently used first, never one in use)."""
+descriptions that come back whole, and names that resolve through the catalog."""
 
 from __future__ import annotations
 
-import os
-import time
+import json
 
 import pytest
 import redis
 
-from lorafleet.common.errors import JobFailed
-from lorafleet.common.lora_catalog import describe_file
-from lorafleet.common.lora_registry import SharedLoras, object_key
+from lorafleet.common import keys
+from lorafleet.common.errors import LoraError
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.files import describe_file
+from lorafleet.common.loras.registry import LoraRegistry, object_key
 from lorafleet.common.storage import LocalStorage
 
 
@@ -19,10 +20,9 @@ from lorafleet.common.storage import LocalStorage
 def shared(redis_url, home, tmp_path):
     store = LocalStorage(tmp_path / "store")
     infos = [describe_file(p) for p in sorted((home / "autoimport" / "lora").glob("*.safetensors"))]
-    budget = sum(sorted(i.size for i in infos)[-2:])  # room for the two largest files
-    registry = SharedLoras(redis.Redis.from_url(redis_url), store, tmp_path / "cache", budget)
+    registry = LoraRegistry(redis.Redis.from_url(redis_url))
     for info in infos:
-        registry.publish(info)
+        registry.publish(info, store)
     return registry, infos, store
 
 
@@ -33,36 +33,29 @@ def test_publish_stores_by_hash_and_lookup_gives_the_description_back(shared):
         found = registry.lookup(info.name)
         assert (
             found.sha256 == info.sha256
-            and found.family == info.family
+            and found.family is info.family
             and found.trigger_words == info.trigger_words
         )
-        assert str(found.path) == object_key(info.sha256) and store.exists(object_key(info.sha256))
+        assert found.path is None and found.object_key == object_key(info.sha256)
+        assert store.exists(object_key(info.sha256))
     assert registry.lookup("nothing") is None
 
 
-def test_the_disk_cache_keeps_its_budget_dropping_the_least_recently_used_first(shared):
+def test_entries_written_before_object_key_existed_still_resolve(shared):
     registry, infos, _ = shared
-    first, second, third = infos[:3]
-    registry.fetch(first)
-    time.sleep(0.01)
-    registry.fetch(second)
-    time.sleep(0.01)
-    registry.fetch(first)  # now second is the least recently used
-    time.sleep(0.01)
-    registry.fetch(third, in_use={second.sha256})  # second is needed by the same job: kept
-    cached = set(registry.cached())
-    assert third.sha256 in cached and second.sha256 in cached and first.sha256 not in cached
-    registry.fetch(first)
-    assert (
-        set(registry.cached()) <= {first.sha256, third.sha256, second.sha256} and len(registry.cached()) <= 2
-    )
-    total = sum(os.path.getsize(registry.cache_dir / f"{sha}.safetensors") for sha in registry.cached())
-    assert total <= registry.cache_bytes
+    entry = json.loads(registry.redis.hget(keys.REGISTERED_LORAS, infos[0].name))
+    entry.pop("object_key")
+    entry["path"] = object_key(infos[0].sha256)
+    registry.redis.hset(keys.REGISTERED_LORAS, infos[0].name, json.dumps(entry))
+    assert registry.lookup(infos[0].name).object_key == object_key(infos[0].sha256)
 
 
-def test_a_corrupt_object_is_refused_and_never_cached(shared):
-    registry, infos, store = shared
-    store.put(object_key(infos[0].sha256), b"garbage")
-    with pytest.raises(JobFailed, match="the stored object is corrupt"):
-        registry.fetch(infos[0])
-    assert registry.cached() == []
+def test_the_catalog_prefers_the_folder_then_the_registry_and_one_error_says_neither(shared, tmp_path):
+    registry, infos, _ = shared
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    catalog = LoraCatalog(empty, registry)
+    assert catalog.get(infos[0].name).object_key == object_key(infos[0].sha256)
+    with pytest.raises(LoraError, match="unknown LoRA 'nothing'") as caught:
+        catalog.get("nothing")
+    assert "lorafleet loras import" in str(caught.value)

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobStatus, parse_job
-from lorafleet.common.state import job_key
 from lorafleet.common.workers import WorkerBeat, WorkerRegistry
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, TINY_XL
@@ -105,7 +105,7 @@ def test_filters_and_paging(api):
 
 def test_expired_records_leave_the_listing(api, settings):
     made = submit(api, [JOB, JOB])
-    api.app.state.client.redis.delete(job_key(made["jobs"][0]["job_id"]))
+    api.app.state.client.redis.delete(keys.job(made["jobs"][0]["job_id"]))
     page = api.get("/v1/jobs").json()
     assert page["total"] == 1 and [j["job_id"] for j in page["jobs"]] == [made["jobs"][1]["job_id"]]
     assert api.get("/v1/jobs").json()["total"] == 1

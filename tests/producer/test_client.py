@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import JobStatus
-from lorafleet.common.queue import PRIORITY_SEPARATOR, priority_lists, queue_for
 from lorafleet.common.workers import WorkerBeat, WorkerRegistry
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
@@ -25,7 +25,7 @@ def client(settings):
 
 def queued_messages(client, model=TINY) -> list[dict]:
     messages = []
-    for key in priority_lists(queue_for(model)):
+    for key in keys.priority_lists(keys.queue(model)):
         messages += [json.loads(raw) for raw in client.redis.lrange(key, 0, -1)]
     return messages
 
@@ -46,9 +46,9 @@ def test_submit_writes_a_queued_record_and_one_message(client):
 def test_priorities_land_in_celerys_priority_lists(client):
     client.submit(JOB | {"priority": "low"})
     client.submit(JOB | {"priority": "high"})
-    queue = queue_for(TINY)
+    queue = keys.queue(TINY)
     assert client.redis.llen(queue) == 1  # high: priority 0, the bare list
-    assert client.redis.llen(f"{queue}{PRIORITY_SEPARATOR}6") == 1
+    assert client.redis.llen(f"{queue}{keys.PRIORITY_SEPARATOR}6") == 1
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_a_model_folder_outside_the_registry_has_its_own_queue(client, home):
     elsewhere = home / "elsewhere"
     (home / "models" / TINY).rename(elsewhere)
     record = client.get(client.submit(JOB | {"model": str(elsewhere)}).job_id)
-    assert record.queue == queue_for(str(elsewhere)) and record.job.model == str(elsewhere)
+    assert record.queue == keys.queue(str(elsewhere)) and record.job.model == str(elsewhere)
 
 
 def test_a_taken_job_id_is_refused(client):
@@ -196,7 +196,7 @@ def beat(client, model: str, age: float = 1.0) -> None:
             version="t",
             device="cpu",
             models=[model],
-            queues=[queue_for(model)],
+            queues=[keys.queue(model)],
             started_at=now - 60,
             last_seen=now - age,
         )

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
-from lorafleet.common.queue import priority_lists, queue_for
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.helpers import lorafleet_env, run_cli
@@ -83,7 +83,7 @@ EXAMPLES = hypothesis_settings(
 
 
 def queued(redis) -> int:
-    return sum(redis.llen(key) for key in priority_lists(queue_for(TINY)))
+    return sum(redis.llen(key) for key in keys.priority_lists(keys.queue(TINY)))
 
 
 def refusal_names(problems, field: str) -> bool:

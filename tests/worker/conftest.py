@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
+from lorafleet.worker.lora_files import LoraFiles
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.pipelines import PipelineCache, load_pipeline
 from lorafleet.worker.runner import JobRunner
@@ -19,7 +20,7 @@ from tests.conftest import TINY
 @pytest.fixture(scope="module")
 def hot(template_home):
     """The tiny SD1.5 pipeline, loaded once per module (tests must leave it pristine)."""
-    model = ModelRegistry(Settings(home=template_home)).resolve(TINY)
+    model = ModelRegistry(Settings(home=template_home)).get(TINY)
     return load_pipeline(model, torch.device("cpu"), torch.float32)
 
 
@@ -44,7 +45,9 @@ def make_runner(settings) -> JobRunner:
 
     pipelines = PipelineCache(settings)
     store = JobStore(redis.Redis.from_url(settings.broker_url), retention=settings.record_retention)
-    loras = LoraStore(LoraCatalog(settings.lora_dir), pipelines.device, 256 * 1024 * 1024)
+    loras = LoraStore(
+        LoraFiles(LoraCatalog(settings.lora_dir), None, None), pipelines.device, 256 * 1024 * 1024
+    )
     return JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")
 
 

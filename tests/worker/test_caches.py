@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from lorafleet.common.jobs import LoraSpec
-from lorafleet.common.lora_catalog import LoraCatalog
+from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.models import ModelRegistry
+from lorafleet.worker.lora_files import LoraFiles
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.pipelines import PipelineCache, pipeline_bytes
 from tests.conftest import TINY, TINY_XL
@@ -14,22 +15,20 @@ from tests.conftest import TINY, TINY_XL
 
 def test_pipelines_are_loaded_once_and_the_least_recently_used_goes_first(settings):
     registry = ModelRegistry(settings)
-    sd15, sdxl = registry.resolve(TINY), registry.resolve(TINY_XL)
+    sd15, sdxl = registry.get(TINY), registry.get(TINY_XL)
     cache = PipelineCache(settings.model_copy(update={"max_pipelines": 1}))
     first, seconds = cache.get(sd15)
     assert seconds > 0 and cache.get(sd15) == (first, 0.0)
-    first.in_use = True
-    second, _ = cache.get(sdxl)  # over capacity, but the one in use stays
-    assert {h.model.key for h in cache.loaded()} == {TINY, TINY_XL}
-    first.in_use = False
-    cache.trim()
+    with cache.using(first):
+        second, _ = cache.get(sdxl)  # over capacity, but the one in use stays
+        assert {h.model.key for h in cache.loaded()} == {TINY, TINY_XL}
     assert [h.model.key for h in cache.loaded()] == [TINY_XL]
     assert cache.loads == 2
 
 
 def test_a_byte_budget_evicts_idle_pipelines(settings):
     registry = ModelRegistry(settings)
-    sd15, sdxl = registry.resolve(TINY), registry.resolve(TINY_XL)
+    sd15, sdxl = registry.get(TINY), registry.get(TINY_XL)
     size = pipeline_bytes(sd15, torch.float32)
     assert size > 1_000_000
     budget_mb = (size + pipeline_bytes(sdxl, torch.float32)) // 2**20  # room for less than both
@@ -43,16 +42,18 @@ def test_a_byte_budget_evicts_idle_pipelines(settings):
 def test_parsed_loras_stay_within_their_budget_but_a_jobs_own_stack_is_kept(settings):
     registry = ModelRegistry(settings)
     pipelines = PipelineCache(settings)
-    hot, _ = pipelines.get(registry.resolve(TINY))
+    hot, _ = pipelines.get(registry.get(TINY))
     catalog = LoraCatalog(settings.lora_dir)
-    store = LoraStore(catalog, pipelines.device, budget_bytes=1)  # smaller than any LoRA
+    store = LoraStore(
+        LoraFiles(catalog, None, None), pipelines.device, budget_bytes=1
+    )  # smaller than any LoRA
     specs = [LoraSpec(name="watercolor", weight=1.0), LoraSpec(name="ink-sketch", weight=1.0)]
     stack = store.stack(TINY, hot.patcher, specs)
     assert (stack.hits, stack.misses) == (0, 2) and len(stack.entries) == 2
     assert len(store.cached()) == 2  # both pinned by the job that uses them
     store.stack(TINY, hot.patcher, specs[:1])
-    assert [key[1] for key in store.cached()] == [catalog.resolve("watercolor").sha256]
-    roomy = LoraStore(catalog, pipelines.device, budget_bytes=2**30)
+    assert [key[1] for key in store.cached()] == [catalog.get("watercolor").sha256]
+    roomy = LoraStore(LoraFiles(catalog, None, None), pipelines.device, budget_bytes=2**30)
     roomy.stack(TINY, hot.patcher, specs)
     again = roomy.stack(TINY, hot.patcher, specs)
     assert (again.hits, again.misses) == (2, 0)

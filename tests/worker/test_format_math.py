@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafleet.common.lora_catalog import describe_file
+from lorafleet.common.loras.files import describe_file
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.worker.lora_formats import parse_lora
@@ -342,7 +342,7 @@ def test_kohya_lora_without_alpha_has_scale_one(hot, tmp_path, gen):
 
 @pytest.fixture(scope="module")
 def hot_xl(template_home):
-    model = ModelRegistry(Settings(home=template_home)).resolve(TINY_XL)
+    model = ModelRegistry(Settings(home=template_home)).get(TINY_XL)
     return load_pipeline(model, torch.device("cpu"), torch.float32)
 
 

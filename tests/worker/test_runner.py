@@ -201,7 +201,7 @@ def test_a_job_whose_workers_were_lost_too_often_ends_failed_saying_so(client, r
     assert runner.run(handle.job_id) is JobStatus.failed
     record = client.get(handle.job_id)
     assert record.error.startswith(
-        f"started {runner.settings.job_attempts} times and the worker running it was lost"
+        f"started {runner.settings.job_attempts} times without finishing (the worker running it was lost"
     )
     assert record.finished_at is not None and record.images == []
 
@@ -252,3 +252,44 @@ def test_a_lora_whose_shapes_do_not_fit_fails_at_the_worker_with_weights_pristin
     assert "LoRA 'misfit' is refused" in record.error and "the layer's weight is (32, 32)" in record.error
     assert_same(hot, before)
     assert pixels(run(client, runner), runner) == pixels(warm, runner)
+
+
+def test_a_store_outage_queues_the_job_again_and_the_next_run_succeeds(client, runner, tmp_path):
+    from lorafleet.common.storage import LocalStorage
+
+    good = runner.storage
+    blocked = tmp_path / "store-is-a-file"
+    blocked.write_text("no folder can be made under a file")
+    runner.storage = LocalStorage(blocked)
+    runner.settings = runner.settings.model_copy(update={"upload_attempts": 1})
+    try:
+        handle = client.submit(JOB)
+        assert runner.run(handle.job_id) is JobStatus.queued
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.queued and record.attempts == 1 and record.error is None
+        assert "run 1 of at most 3 met a transient failure" in record.warnings[-1]
+        assert runner.requeue_delay > 0
+        runner.storage = good  # the store is back when the task sends the job again
+        assert runner.run(handle.job_id) is JobStatus.succeeded
+        record = client.get(handle.job_id)
+        assert record.attempts == 2 and len(record.images) == 1
+    finally:
+        runner.storage = good
+
+
+def test_a_store_that_stays_down_fails_the_job_after_job_attempts_runs(client, runner, tmp_path):
+    from lorafleet.common.storage import LocalStorage
+
+    good = runner.storage
+    blocked = tmp_path / "store-is-a-file"
+    blocked.write_text("no folder can be made under a file")
+    runner.storage = LocalStorage(blocked)
+    runner.settings = runner.settings.model_copy(update={"upload_attempts": 1, "job_attempts": 2})
+    try:
+        handle = client.submit(JOB)
+        assert runner.run(handle.job_id) is JobStatus.queued
+        assert runner.run(handle.job_id) is JobStatus.failed
+        record = client.get(handle.job_id)
+        assert record.error.endswith("(after 2 runs)") and "cannot write" in record.error
+    finally:
+        runner.storage = good

@@ -1,0 +1,98 @@
+"""Every Redis key lorafleet uses, named in one place.
+
+lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start with
+``lorafleet.model.`` (a dot: they are Celery queue names, which KEDA and Flower read)::
+
+    key                                   type    holds
+    lorafleet:job:<job_id>                string  the JobRecord as JSON; expires ``record_retention``
+                                                  s after the job ends
+    lorafleet:jobs                        zset    every job id, scored by submit time
+    lorafleet:status:<status>             zset    job ids in that status (queued, running, ...)
+    lorafleet:batch:<batch_id>            zset    a batch's job ids, scored by submit time
+    lorafleet:model:<model_key>           zset    a base model's job ids, scored by submit time
+    lorafleet:models                      set     model keys jobs were ever submitted for
+    lorafleet:scratch:<uuid>              zset    a listing's intersection of indexes, deleted in
+                                                  the same transaction that builds it
+    lorafleet:registry:models             hash    model name -> JSON {source, family, native_size,
+                                                  cross_attention_dim} (`lorafleet models add`)
+    lorafleet:loras                       hash    LoRA name -> JSON LoraInfo, its path the object
+                                                  key (`lorafleet loras import`)
+    lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
+    lorafleet:stats:finished              hash    final status -> jobs that ended so
+    lorafleet:stats:phases                hash    "<phase>:sum" / "<phase>:count" -> seconds / jobs
+    lorafleet:stats:lora                  hash    hits / misses of the workers' LoRA caches
+    lorafleet:stats:images:<minute>       string  images stored in that epoch minute; 2 h TTL
+
+    lorafleet.model.<model_key>           list    Celery messages of priority step 0 (high)
+    lorafleet.model.<model_key>\\x06\\x16<n> list    the same queue's step n = 3 (normal), 6 (low), 9
+
+Celery's Redis transport also keeps its own bookkeeping, which lorafleet never writes:
+``unacked`` and ``unacked_index`` (messages taken but not yet acknowledged, restored to
+their queue after the visibility timeout) and ``_kombu.binding.<queue>``.
+
+Records are changed by a server-side compare-and-set (``state.JobStore.update``); the
+counters are INCRBY/HINCRBYFLOAT, so any number of workers add to them at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "lorafleet:"
+"""Every key lorafleet itself writes starts with this."""
+
+ALL_JOBS = PREFIX + "jobs"
+MODELS_WITH_JOBS = PREFIX + "models"
+REGISTERED_MODELS = PREFIX + "registry:models"
+REGISTERED_LORAS = PREFIX + "loras"
+WORKERS = PREFIX + "workers"
+STATS_FINISHED = PREFIX + "stats:finished"
+STATS_PHASES = PREFIX + "stats:phases"
+STATS_LORA = PREFIX + "stats:lora"
+STATS_IMAGES_TTL = 2 * 3600
+"""Seconds a per-minute image counter is kept."""
+
+QUEUE_PREFIX = "lorafleet.model."
+"""Celery queue of base model M is QUEUE_PREFIX + M's key (made safe)."""
+PRIORITY_STEPS = (0, 3, 6, 9)
+"""Celery's Redis priority lists (kombu's default steps; KEDA and Flower count the same)."""
+PRIORITY_SEPARATOR = "\x06\x16"
+"""Between a queue's name and its priority step in the Redis list's key (kombu's default)."""
+
+_UNSAFE_IN_QUEUE = re.compile(r"[^A-Za-z0-9._:/-]")
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def status(value: str) -> str:
+    """The index of job ids in status ``value`` (``queued``, ``running``, ...)."""
+    return f"{PREFIX}status:{value}"
+
+
+def batch(batch_id: str) -> str:
+    return f"{PREFIX}batch:{batch_id}"
+
+
+def model_jobs(model_key: str) -> str:
+    return f"{PREFIX}model:{model_key}"
+
+
+def scratch(token: str) -> str:
+    return f"{PREFIX}scratch:{token}"
+
+
+def images_in_minute(minute: int) -> str:
+    """Images stored in epoch minute ``minute``."""
+    return f"{PREFIX}stats:images:{minute}"
+
+
+def queue(model_key: str) -> str:
+    """The Celery queue (and its step-0 Redis list) of one base model."""
+    return QUEUE_PREFIX + _UNSAFE_IN_QUEUE.sub("_", model_key)
+
+
+def priority_lists(queue_name: str) -> list[str]:
+    """The Redis list keys that hold ``queue_name``'s messages, one per priority step."""
+    return [queue_name if step == 0 else f"{queue_name}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
