@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from pydantic import BaseModel, create_model
 
 from lorafleet.common import __version__
@@ -38,7 +38,7 @@ from lorafleet.common.workers import QueueView, WorkerRegistry, WorkerView, queu
 from lorafleet.producer.auth import TokenMiddleware, parse_tokens
 from lorafleet.producer.client import Client
 from lorafleet.producer.display import resubmit_command
-from lorafleet.producer.prometheus import exposition
+from lorafleet.producer.prometheus import CONTENT_TYPE, exposition
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics():
         """Prometheus metrics: queue depth per model, jobs by status, phase durations, cache, workers."""
-        fleet = registry.all()
-        return PlainTextResponse(
-            exposition(client.redis, client.jobs.count_by_status(), fleet_queues(fleet), fleet),
-            media_type="text/plain; version=0.0.4",
-        )
+
+        def snapshot():
+            fleet = registry.all()
+            return client.jobs.count_by_status(), fleet_queues(fleet), fleet
+
+        return Response(exposition(client.redis, snapshot), media_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

@@ -133,6 +133,21 @@ def test_queues_summary_and_metrics(api, settings):
     assert 'lorafleet_jobs{status="queued"} 3' in metrics
     assert 'lorafleet_workers{liveness="alive"} 1' in metrics
     assert "# TYPE lorafleet_phase_seconds summary" in metrics
+    # The exposition parses, and keeps the metric names dashboards and alerts were built on.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {s.name for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert {
+        "lorafleet_queue_depth",
+        "lorafleet_jobs",
+        "lorafleet_jobs_finished_total",
+        "lorafleet_phase_seconds_sum",
+        "lorafleet_phase_seconds_count",
+        "lorafleet_lora_cache_hits_total",
+        "lorafleet_lora_cache_misses_total",
+        "lorafleet_workers",
+        "lorafleet_images_last_hour",
+    } <= samples
     assert api.get("/healthz").json()["ok"] is True
 
 
