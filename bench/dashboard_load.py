@@ -21,7 +21,6 @@ import json
 import random
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -31,15 +30,12 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lorafleet.common.jobs import GenerationJob, ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow  # noqa: E402
-from lorafleet.common.metrics import record_finished  # noqa: E402
-from lorafleet.common.settings import Settings  # noqa: E402
-from lorafleet.common.workers import WorkerBeat, WorkerRegistry  # noqa: E402
-from lorafleet.producer.api import create_app  # noqa: E402
-from lorafleet.producer.client import Client  # noqa: E402
+from lorafleet.common.jobs import GenerationJob, ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
+from lorafleet.common.metrics import record_finished
+from lorafleet.common.settings import Settings
+from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+from lorafleet.producer.api import create_app
+from lorafleet.producer.client import Client
 
 MODELS = ["acme/sd15-base", "acme/sd15-anime", "acme/sdxl-base", "acme/sdxl-photo"]
 TARGET_MS = 200.0

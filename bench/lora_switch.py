@@ -30,7 +30,6 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,11 +37,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lorafleet.worker.lora_formats import parse_lora  # noqa: E402
-from lorafleet.worker.patcher import StackEntry, WeightPatcher, _concatenated  # noqa: E402
+from lorafleet.worker.lora_formats import parse_lora
+from lorafleet.worker.patcher import StackEntry, WeightPatcher, concatenate_low_rank
 
 SD15 = dict(sample_size=64, cross_attention_dim=768)
 SDXL = dict(
@@ -150,7 +146,7 @@ def bench_lorafleet(unet, files, device, repeats):
     patcher.apply(s1)  # warm: pristine copies made, workspace allocated
     patcher.restore()
     keys = sorted({d.target.key for entry in s1 for d in entry.lora.deltas})
-    params = [patcher._param(k) for k in keys]
+    params = [patcher.parameter(k) for k in keys]
     buffers = [p.detach().clone() for p in params]
     touched_bytes = sum(p.nbytes for p in params)
 
@@ -162,17 +158,18 @@ def bench_lorafleet(unet, files, device, repeats):
     patcher.restore()
     buffers.clear()
     # The arithmetic alone: each touched parameter's summed low-rank product, into a buffer.
-    plan = patcher._plan(s1)
+    plan = patcher.plan(s1)
     scratch = [torch.empty(max(p.numel() for p in params), dtype=torch.float32, device=device)]
 
     def products():
         for parts in plan.values():
-            up, down, _ = _concatenated(parts)
+            up, down, _ = concatenate_low_rank(parts)
             torch.mm(up, down, out=scratch[0][: up.shape[0] * down.shape[1]].view(up.shape[0], -1))
 
     gemm_limit = timed(products, device, repeats)
     flops = sum(
-        2 * _concatenated(parts)[0].numel() * _concatenated(parts)[1].shape[1] for parts in plan.values()
+        2 * concatenate_low_rank(parts)[0].numel() * concatenate_low_rank(parts)[1].shape[1]
+        for parts in plan.values()
     )
     scratch.clear()
     results = {
@@ -335,7 +332,7 @@ def bench_diffusers(unet, files, device, dtype, repeats, pristine):
 def commit() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         return "unknown"

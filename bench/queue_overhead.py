@@ -28,12 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from lorafleet.common import keys  # noqa: E402
-from lorafleet.common.queue import make_celery  # noqa: E402
-from lorafleet.common.settings import Settings  # noqa: E402
+from lorafleet.common import keys
+from lorafleet.common.queue import make_celery, worker_argv
+from lorafleet.common.settings import Settings
 
 MODEL = "acme/noop-model"  # a hub id: resolved without a download, never loaded here
 COUNTER = "bench:bare:done"
@@ -68,28 +65,16 @@ def serve(kind: str, settings: Settings) -> None:
         class NoWorkRunner(JobRunner):
             """Every record write of a real job; no pipeline, no LoRA, no sampling, no image."""
 
-            def _run(self, record: JobRecord) -> JobStatus:
+            def execute(self, record: JobRecord) -> JobStatus:
                 total = record.progress.total
-                self._finish(record.job_id, JobStatus.succeeded, progress=Progress(step=total, total=total))
+                self.finish(record.job_id, JobStatus.succeeded, progress=Progress(step=total, total=total))
                 self.stats.done += 1
                 return JobStatus.succeeded
 
         store = JobStore(redis, retention=settings.record_retention)
         runner = NoWorkRunner(settings, store, open_storage(settings), None, None, worker_name="bench@noop")
         register_tasks(app, runner)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=solo",
-            "--concurrency=1",
-            "--hostname=bench@noop",
-            f"--queues={keys.queue(MODEL)}",
-            "--loglevel=WARNING",
-            "--without-mingle",
-            "--without-gossip",
-            "--task-events",
-        ]
-    )
+    app.worker_main(worker_argv("bench@noop", [keys.queue(MODEL)], "WARNING"))
 
 
 def start_worker(kind: str, home: str) -> subprocess.Popen:

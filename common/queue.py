@@ -72,6 +72,22 @@ def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
     }
 
 
+def worker_argv(name: str, queues: list[str], loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command line of a lorafleet worker: one job at a time, in the
+    process that holds the pipelines (the solo pool), consuming ``queues``."""
+    return [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--hostname={name}",
+        f"--queues={','.join(queues)}",
+        f"--loglevel={loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+        "--task-events",
+    ]
+
+
 def make_celery(settings: Settings, broker: Broker) -> Celery:
     """The Celery app of one lorafleet process (producer or worker)."""
     app = Celery("lorafleet", set_as_current=False)

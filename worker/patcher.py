@@ -56,7 +56,7 @@ class PatchTimings:
 Contribution = tuple[tuple[int, float], ...]
 
 
-def _concatenated(parts: list[tuple[LowRankDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def concatenate_low_rank(parts: list[tuple[LowRankDelta, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(up, down, alpha) with up @ down · alpha = Σ strengthᵢ · scaleᵢ · upᵢ @ downᵢ.
 
     One delta is used as it is; several are joined along the rank, each up factor scaled
@@ -91,7 +91,8 @@ class WeightPatcher:
         """True when no parameter carries a LoRA (nothing is applied)."""
         return not self._touched
 
-    def _param(self, key: str) -> torch.nn.Parameter:
+    def parameter(self, key: str) -> torch.nn.Parameter:
+        """The live parameter of a target key (``unet:down_blocks.0...weight``)."""
         param = self._params.get(key)
         if param is None:
             param = self.index.parameter(self.components, self.index.targets[key])
@@ -105,12 +106,13 @@ class WeightPatcher:
     def _original(self, key: str) -> torch.Tensor:
         copy = self._pristine.get(key)
         if copy is None:
-            copy = self._param(key).detach().clone()
+            copy = self.parameter(key).detach().clone()
             self._pristine[key] = copy
         return copy
 
     @staticmethod
-    def _plan(stack: list[StackEntry]) -> dict[str, list[tuple[Delta, float]]]:
+    def plan(stack: list[StackEntry]) -> dict[str, list[tuple[Delta, float]]]:
+        """Per touched parameter key, the (delta, strength) pairs the stack adds to it, in order."""
         plan: dict[str, list[tuple[Delta, float]]] = {}
         for entry in stack:
             for delta in entry.lora.deltas:
@@ -126,12 +128,12 @@ class WeightPatcher:
     def apply(self, stack: list[StackEntry]) -> PatchTimings:
         """Make the weights equal W₀ plus exactly this stack (see the module docstring)."""
         timings = PatchTimings()
-        plan = self._plan(stack)
+        plan = self.plan(stack)
         wanted = {key: tuple((id(d), s) for d, s in parts) for key, parts in plan.items()}
         try:
             start = time.perf_counter()
             for key in [k for k in self._touched if k not in wanted]:
-                self._param(key).copy_(self._pristine[key])
+                self.parameter(key).copy_(self._pristine[key])
                 self._touched.discard(key)
                 self._applied.pop(key, None)
                 timings.restored += 1
@@ -150,7 +152,7 @@ class WeightPatcher:
         return timings
 
     def _write(self, key: str, parts: list[tuple[Delta, float]]) -> None:
-        param = self._param(key)
+        param = self.parameter(key)
         original = self._original(key)
         self._applied.pop(key, None)  # until the write completes, the state is unknown
         self._touched.add(key)
@@ -166,7 +168,7 @@ class WeightPatcher:
             else self._workspace(param.numel(), param.device).view(rows, -1)
         )
         if low_rank:
-            up, down, alpha = _concatenated(low_rank)
+            up, down, alpha = concatenate_low_rank(low_rank)
             if acc is target:
                 torch.addmm(base, up, down, alpha=alpha, out=acc)
             else:
@@ -193,7 +195,7 @@ class WeightPatcher:
         start = time.perf_counter()
         count = len(self._touched)
         for key in self._touched:
-            self._param(key).copy_(self._pristine[key])
+            self.parameter(key).copy_(self._pristine[key])
         self._touched.clear()
         self._applied.clear()
         return PatchTimings(restore=time.perf_counter() - start, restored=count)

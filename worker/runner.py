@@ -134,7 +134,9 @@ class JobRunner:
         record = self.store.update(job_id, change)
         return (before[-1] if before else None), record
 
-    def _finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
+    def finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
+        """End the record in ``status`` (setting ``fields``) and count it in the fleet's stats."""
+
         def change(record: JobRecord) -> JobRecord:
             record.status = status
             record.finished_at = utcnow()
@@ -175,11 +177,14 @@ class JobRunner:
         self.stats.current_job, self.stats.current_step = job_id, 0
         self.stats.current_total = record.progress.total
         try:
-            return self._run(record)
+            return self.execute(record)
         finally:
             self.stats.current_job = None
 
-    def _run(self, record: JobRecord) -> JobStatus:
+    def execute(self, record: JobRecord) -> JobStatus:
+        """Everything between taking a running job and its final record: pipeline, LoRAs,
+        sampling, storage. A subclass may replace it to measure the queue alone
+        (bench/queue_overhead.py); it must end the record with ``finish``."""
         job_id, job = record.job_id, record.job
         timings = record.timings
         warnings = list(record.warnings)
@@ -195,7 +200,7 @@ class JobRunner:
                     raise
         except JobCancelled:
             self.stats.cancelled += 1
-            self._finish(
+            self.finish(
                 job_id,
                 JobStatus.cancelled,
                 error="cancelled while running",
@@ -220,7 +225,7 @@ class JobRunner:
                 message = f"internal error: {type(exc).__name__}: {exc}"
             return self._fail(job_id, message, timings, warnings)
         timings.total = time.perf_counter() - started
-        self._finish(
+        self.finish(
             job_id,
             JobStatus.succeeded,
             images=refs,
@@ -287,7 +292,7 @@ class JobRunner:
 
     def _fail(self, job_id: str, message: str, timings: Timings, warnings: list[str]) -> JobStatus:
         self.stats.failed += 1
-        self._finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
+        self.finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
         logger.info("job %s failed: %s", job_id, message)
         return JobStatus.failed
 

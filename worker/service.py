@@ -18,7 +18,7 @@ from lorafleet.common.errors import BadArgument, ModelError
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRef, ModelRegistry
-from lorafleet.common.queue import make_celery
+from lorafleet.common.queue import make_celery, worker_argv
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
@@ -109,16 +109,4 @@ class Worker:
             self.heartbeat.stop()
 
     def _consume(self, loglevel: str) -> None:
-        self.app.worker_main(
-            [
-                "worker",
-                "--pool=solo",
-                "--concurrency=1",
-                f"--hostname={self.name}",
-                f"--queues={','.join(self.queues)}",
-                f"--loglevel={loglevel}",
-                "--without-mingle",
-                "--without-gossip",
-                "--task-events",
-            ]
-        )
+        self.app.worker_main(worker_argv(self.name, self.queues, loglevel))
