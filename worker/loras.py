@@ -53,14 +53,6 @@ class LoraStore:
         self._names: dict[str, str] = {}  # sha256 -> the name it was last loaded by
         self._stack_pins: list[tuple[str, str]] = []  # the last stack's keys
 
-    @property
-    def budget_bytes(self) -> int:
-        return self._parsed.max_bytes
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._parsed.used_bytes
-
     def cached(self) -> list[tuple[str, str]]:
         """(model key, sha256) of every parsed LoRA, least recently used first."""
         return self._parsed.keys()

@@ -49,10 +49,6 @@ class LRUCache(Generic[K, V]):
             self._entries.move_to_end(key)
         return value
 
-    def peek(self, key: K) -> V | None:
-        """The value without touching its place in the order."""
-        return self._entries.get(key)
-
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
@@ -104,9 +100,6 @@ class LRUCache(Generic[K, V]):
             self._pins[key] = count
         else:
             self._pins.pop(key, None)
-
-    def is_pinned(self, key: K) -> bool:
-        return key in self._pins
 
     @contextmanager
     def pinned(self, keys: Iterable[K]):

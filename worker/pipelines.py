@@ -192,9 +192,6 @@ class PipelineCache:
             self._hot.unpin(hot.model.key)
             self.trim()
 
-    def is_in_use(self, hot: HotPipeline) -> bool:
-        return self._hot.is_pinned(hot.model.key)
-
     def trim(self) -> None:
         """Evict idle pipelines while the hot ones exceed the budget (pristine copies grow)."""
         self._hot.make_room()
