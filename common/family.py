@@ -46,9 +46,12 @@ FAMILY_BY_PIPELINE = {
 """Family by the pipeline class in model_index.json."""
 
 
-def pipeline_family(class_name: str, cross_attention_dim: int | None) -> Family | None:
-    """The family of a diffusers pipeline from its class and its UNet's cross-attention width."""
+def pipeline_family(
+    class_name: str, cross_attention_dim: int | None, text_activation: str | None = None
+) -> Family | None:
+    """The family of a diffusers pipeline from its class, its UNet's cross-attention width
+    and its text encoder's activation (SD 2.x's OpenCLIP uses gelu, SD 1.x's CLIP quick_gelu)."""
     family = FAMILY_BY_PIPELINE.get(class_name)
-    if family is Family.sd15 and cross_attention_dim == 1024:
+    if family is Family.sd15 and (cross_attention_dim == 1024 or text_activation == "gelu"):
         return Family.sd2
     return family

@@ -1,6 +1,8 @@
-"""Base models by name: a registered name, a local diffusers folder, or a hub id.
+"""Base models by name: a diffusers folder, a single-file checkpoint, or a hub id.
 
-A model in ``<home>/models/<name>`` is a diffusers pipeline folder. Every model has a key
+A model in ``<home>/models/<name>`` is a diffusers pipeline folder; a .safetensors
+checkpoint in ``<home>/autoimport/main/`` is a model by its file name (as in InvokeAI's
+autoimport); `lorafleet models add` registers either for every machine. Every model has a key
 that names it on the queue (``keys.queue(key)``): the name, the absolute path of a folder
 given directly, or the hub id. Producers and workers resolve the same way, so a worker
 started with ``--models NAME`` consumes exactly the jobs submitted for NAME.
@@ -19,8 +21,10 @@ from pathlib import Path
 import redis
 
 from lorafleet.common import keys
-from lorafleet.common.errors import BadArgument, ConfigError, ModelError
+from lorafleet.common.checkpoints import CANONICAL_CONFIGS, NATIVE_SIZE, describe_checkpoint
+from lorafleet.common.errors import BadArgument, ConfigError, FileRefused, ModelError
 from lorafleet.common.family import Family, pipeline_family
+from lorafleet.common.loras.files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX
 from lorafleet.common.settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -39,6 +43,8 @@ class ModelRef:
     native_size: int | None = None
     cross_attention_dim: int | None = None
     prediction_type: str | None = None
+    config: str | None = None
+    """A single-file checkpoint's component configs: a diffusers folder or a hub id."""
 
     @property
     def queue(self) -> str:
@@ -46,8 +52,13 @@ class ModelRef:
 
     @property
     def source(self) -> str:
-        """What from_pretrained loads: the folder, or the hub id."""
+        """What is loaded: the folder or checkpoint file, or the hub id."""
         return str(self.path) if self.path else str(self.hub_id)
+
+    @property
+    def single_file(self) -> bool:
+        """Whether the model is one checkpoint file (loaded with diffusers' single-file support)."""
+        return self.path is not None and self.path.suffix.lower() == SAFETENSORS_SUFFIX
 
     def entry(self) -> dict:
         """What the registry keeps in Redis for this model."""
@@ -57,6 +68,7 @@ class ModelRef:
             "native_size": self.native_size,
             "cross_attention_dim": self.cross_attention_dim,
             "prediction_type": self.prediction_type,
+            "config": self.config,
         }
 
 
@@ -81,6 +93,7 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
     unet = _config(folder / "unet" / "config.json")
     vae = _config(folder / "vae" / "config.json")
     scheduler = _config(folder / "scheduler" / "scheduler_config.json")
+    text_encoder = _config(folder / "text_encoder" / "config.json")
     cross = unet.get("cross_attention_dim")
     cross = cross if isinstance(cross, int) else None
     native = None
@@ -90,7 +103,7 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
     return ModelRef(
         key=key,
         path=folder,
-        family=pipeline_family(str(index.get("_class_name", "")), cross),
+        family=pipeline_family(str(index.get("_class_name", "")), cross, text_encoder.get("hidden_act")),
         native_size=native,
         cross_attention_dim=cross,
         prediction_type=prediction if isinstance(prediction, str) else None,
@@ -101,21 +114,59 @@ def is_pipeline_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
-def _from_entry(name: str, entry: dict) -> ModelRef:
+def is_checkpoint_path(path: Path) -> bool:
+    """A path that names a single-file checkpoint (or a pickled one, which is then refused)."""
+    return path.suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLED_SUFFIXES)
+
+
+def describe_file(key: str, path: Path, config: str | None, settings_configs: dict[str, str]) -> ModelRef:
+    """A checkpoint file as a model: its family from the tensors, its configs from ``config``,
+    else LORAFLEET_CHECKPOINT_CONFIGS, else the family's canonical repository."""
+    try:
+        info = describe_checkpoint(path)
+    except FileRefused as exc:
+        raise ModelError(f"{path.name}: {exc.reason}", allowed=exc.allowed) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+    config = config or settings_configs.get(info.family.value) or CANONICAL_CONFIGS[info.family]
+    native = NATIVE_SIZE[info.family]
+    prediction = info.prediction_type
+    folder = Path(config)
+    if folder.is_absolute() and is_pipeline_folder(folder):
+        described = describe_folder(key, folder)
+        native = described.native_size or native
+        prediction = prediction or described.prediction_type
+    return ModelRef(
+        key=key,
+        path=path.absolute(),
+        family=info.family,
+        native_size=native,
+        cross_attention_dim=info.cross_attention_dim,
+        prediction_type=prediction,
+        config=config,
+    )
+
+
+def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
     source = entry["source"]
     known = {
         "family": Family.parse(entry.get("family")),
         "native_size": entry.get("native_size"),
         "cross_attention_dim": entry.get("cross_attention_dim"),
         "prediction_type": entry.get("prediction_type"),
+        "config": entry.get("config"),
     }
-    if source.startswith("/"):
-        path = Path(source)
-        if is_pipeline_folder(path):  # this machine sees the folder: read what it says
-            described = describe_folder(name, path)
-            return replace(described, family=described.family or known["family"])
-        return ModelRef(key=name, path=path, **known)
-    return ModelRef(key=name, hub_id=source, **known)
+    if not source.startswith("/"):
+        return ModelRef(key=name, hub_id=source, **known)
+    path = Path(source)
+    if is_pipeline_folder(path):  # this machine sees the folder: read what it says
+        described = describe_folder(name, path)
+        return replace(described, family=described.family or known["family"])
+    if path.is_file() and is_checkpoint_path(path):  # this machine sees the checkpoint
+        return describe_file(name, path, known["config"], configs)
+    if is_checkpoint_path(path) and known["config"] is None and known["family"] is not None:
+        known["config"] = configs.get(known["family"].value) or CANONICAL_CONFIGS[known["family"]]
+    return ModelRef(key=name, path=path, **known)  # a file or folder only the workers see
 
 
 class ModelRegistry:
@@ -128,12 +179,28 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.folder = settings.models_dir
+        self.checkpoints = settings.checkpoints_dir
+        self.configs = dict(settings.checkpoint_configs)
         self.redis = client
 
     def local_names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.name for p in self.folder.iterdir() if is_pipeline_folder(p))
+        """Pipeline folders under models/ and checkpoint files under autoimport/main/."""
+        folders = (
+            [p.name for p in self.folder.iterdir() if is_pipeline_folder(p)] if self.folder.is_dir() else []
+        )
+        files = (
+            [p.stem for p in self.checkpoints.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
+            if self.checkpoints.is_dir()
+            else []
+        )
+        return sorted(set(folders) | set(files))
+
+    def _checkpoint_in_folder(self, name: str) -> Path | None:
+        if not NAME.match(name):
+            return None
+        stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
+        path = self.checkpoints / f"{stem}{SAFETENSORS_SUFFIX}"
+        return path if path.is_file() else None
 
     def names(self) -> list[str]:
         return sorted(set(self.local_names()) | set(self.registered()))
@@ -143,8 +210,11 @@ class ModelRegistry:
             return {}
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(keys.REGISTERED_MODELS).items()}
 
-    def register(self, name: str, source: str, family: Family | None = None) -> ModelRef:
-        """Register ``name`` for every machine: a folder (as the workers see it) or a hub id."""
+    def register(
+        self, name: str, source: str, family: Family | None = None, config: str | None = None
+    ) -> ModelRef:
+        """Register ``name`` for every machine: a folder or checkpoint file (as the workers
+        see it) or a hub id; ``config`` gives a checkpoint's component configs."""
         if self.redis is None:
             raise ConfigError(
                 "registering a model needs a broker (LORAFLEET_BROKER_URL or the embedded Redis)"
@@ -152,9 +222,24 @@ class ModelRegistry:
         if not NAME.match(name):
             raise BadArgument(f"{name!r} is not a model name", field="NAME", allowed=NAME_ALLOWED)
         path = Path(source).expanduser()
+        if config is not None and not (HUB_ID.match(config) or Path(config).is_absolute()):
+            raise BadArgument(
+                f"{config!r} is neither an absolute folder path nor a hub id",
+                field="--config",
+                allowed="a diffusers folder as the workers see it, or owner/name",
+            )
+        if config is not None and not is_checkpoint_path(path):
+            raise BadArgument("only a single-file checkpoint takes --config", field="--config")
         if is_pipeline_folder(path):
             described = describe_folder(name, path.absolute())
             ref = replace(described, family=family or described.family)
+        elif is_checkpoint_path(path) and (path.exists() or not path.is_absolute()):
+            try:
+                ref = describe_file(name, path, config, self.configs)
+            except ModelError as exc:
+                raise BadArgument(exc.reason, field="SOURCE", allowed=exc.allowed) from None
+            if family is not None and family is not ref.family:
+                raise BadArgument(f"the file's tensors say {ref.family}, not {family}", field="--family")
         elif path.is_absolute():
             ref = ModelRef(key=name, path=path, family=family)  # a folder on the workers, not here
         elif HUB_ID.match(source):
@@ -177,16 +262,21 @@ class ModelRegistry:
             if self.redis is not None and NAME.match(name)
             else None
         )
-        return _from_entry(name, json.loads(raw)) if raw is not None else None
+        return _from_entry(name, json.loads(raw), self.configs) if raw is not None else None
 
     def get(self, ref: str) -> ModelRef:
         """The model ``ref`` names; ModelError says what would have been accepted."""
         if NAME.match(ref) and is_pipeline_folder(self.folder / ref):
             return describe_folder(ref, self.folder / ref)
+        dropped = self._checkpoint_in_folder(ref)
+        if dropped is not None:
+            return describe_file(dropped.stem, dropped, None, self.configs)
         registered = self._registered_ref(ref)
         if registered is not None:
             return registered
         path = Path(ref).expanduser()
+        if path.is_file() and is_checkpoint_path(path):
+            return describe_file(str(path.absolute()), path, None, self.configs)
         if is_pipeline_folder(path):
             path = path.absolute()
             if path.parent == self.folder.absolute():
@@ -198,6 +288,13 @@ class ModelRegistry:
             ", ".join(self.names())
             or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
         )
+        pickled = [self.checkpoints / f"{ref}{s}" for s in PICKLED_SUFFIXES] if NAME.match(ref) else []
+        if any(p.is_file() for p in pickled):
+            found = next(p for p in pickled if p.is_file())
+            raise ModelError(
+                f"{found.name} is a pickled {found.suffix} checkpoint: loading it can run arbitrary code",
+                allowed="a .safetensors checkpoint (convert it with a trusted tool first)",
+            )
         if path.exists():
             problem = f"{ref!r} is a path but not a diffusers pipeline folder (no model_index.json)"
         else:

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="Worker weights dtype: auto is float16 on CUDA, float32 on CPU."
     )
+    checkpoint_configs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where single-file checkpoints take their component configs from, per family, as JSON: "
+        '{"sdxl": "/srv/configs/sdxl-base"} (a diffusers folder as the workers see it, or a hub id); '
+        "unset families use the family's canonical hub repository. `models add --config` wins.",
+    )
     lcm_loras: dict[str, str] = Field(
         default_factory=dict,
         description='The LCM-LoRA that --lcm adds, per model family, as JSON: {"sd15": "lcm-lora-sdv1-5"}. '
@@ -136,6 +142,16 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, home: Path) -> Path:
         return home.expanduser().absolute()
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """The drop folder for single-file checkpoints: a .safetensors file here is a model by its name."""
+        return self.home / "autoimport" / "main"
+
+    @property
+    def converted_dir(self) -> Path:
+        """Where a worker keeps checkpoints it converted to diffusers folders (later loads are folder loads)."""
+        return self.home / "cache" / "checkpoints"
 
     @property
     def models_dir(self) -> Path:

@@ -12,6 +12,7 @@ from tests.helpers import MotoServer, RedisProcess
 
 TINY = "tiny-sd15"
 TINY_XL = "tiny-sdxl"
+TINY_SD2 = "tiny-sd2"
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +31,13 @@ def redis_url(redis_proc) -> str:
 
 @pytest.fixture(scope="session")
 def template_home(tmp_path_factory) -> Path:
-    """A lorafleet home with tiny sd15 and sdxl pipelines and the demo LoRAs (built once)."""
+    """A lorafleet home with tiny sd15, sd2 and sdxl pipelines and the demo LoRAs (built once)."""
     from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
 
     home = tmp_path_factory.mktemp("template-home")
     make_tiny_model(home / "models" / TINY, family="sd15")
     make_tiny_model(home / "models" / TINY_XL, family="sdxl")
+    make_tiny_model(home / "models" / TINY_SD2, family="sd2")
     make_demo_loras(home / "models" / TINY, home / "autoimport" / "lora")
     make_demo_loras(home / "models" / TINY_XL, home / "xl-loras")
     return home

@@ -5,7 +5,7 @@ ComfyUI nodes and PNG-info readers parse:
 
     <prompt> <lora:NAME:WEIGHT> ...
     Negative prompt: <negative prompt>
-    Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, Model: tiny-sd15,
+    Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, Model hash: 0123456789, Model: tiny-sd15,
     Lora hashes: "NAME: 0123456789ab, ...", Version: lorafleet 0.1.0
 
 (the last line is one line in the file).
@@ -28,8 +28,11 @@ def _quote(text: str) -> str:
     return text
 
 
-def parameters_text(job: GenerationJob, seed: int, loras: list[LoraInfo]) -> str:
-    """The A1111 "parameters" text for one image of a job."""
+def parameters_text(
+    job: GenerationJob, seed: int, loras: list[LoraInfo], model_hash: str | None = None
+) -> str:
+    """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
+    10-digit short sha256, which Civitai and PNG-info readers match models by)."""
     prompt = job.prompt.replace("\n", " ")
     tags = " ".join(f"<lora:{info.name}:{spec.weight:g}>" for spec, info in zip(job.loras, loras))
     lines = [f"{prompt} {tags}".strip()]
@@ -41,6 +44,7 @@ def parameters_text(job: GenerationJob, seed: int, loras: list[LoraInfo]) -> str
         ("CFG scale", f"{job.cfg_scale:g}"),
         ("Seed", str(seed)),
         ("Size", f"{job.width}x{job.height}"),
+        *([("Model hash", model_hash)] if model_hash else []),
         ("Model", _quote(job.model)),
     ]
     if loras:

@@ -7,9 +7,12 @@ in use. Each pipeline comes with the WeightPatcher that owns its adaptable weigh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
+from lorafleet.common.checkpoints import short_hash
 from lorafleet.common.errors import FileRefused, JobFailed
 from lorafleet.common.family import Family
 from lorafleet.common.loras.files import read_safetensors_header
@@ -60,6 +64,8 @@ class HotPipeline:
     patcher: WeightPatcher
     scheduler_config: dict
     load_seconds: float
+    model_hash: str | None = None
+    """A1111's short hash of a checkpoint file (None for folders and hub models)."""
 
     @property
     def nbytes(self) -> int:
@@ -71,7 +77,17 @@ class HotPipeline:
         return total + self.patcher.pristine_bytes
 
 
+PIPELINE_CLASS = {
+    Family.sd15: "StableDiffusionPipeline",
+    Family.sd2: "StableDiffusionPipeline",
+    Family.sdxl: "StableDiffusionXLPipeline",
+}
+"""The diffusers pipeline a single-file checkpoint of each family becomes."""
+
+
 def _pipeline_class(model: ModelRef) -> str:
+    if model.single_file:
+        return PIPELINE_CLASS.get(model.family, "") if model.family else ""
     if model.path is None:
         return ""
     try:
@@ -80,21 +96,100 @@ def _pipeline_class(model: ModelRef) -> str:
         return ""
 
 
-def load_pipeline(model: ModelRef, device: torch.device, dtype: torch.dtype) -> HotPipeline:
-    """Load a diffusers pipeline (offline for local folders) and wrap it for jobs."""
-    start = time.perf_counter()
-    class_name = _pipeline_class(model)
-    extra: dict = {}
+def _options(class_name: str) -> dict:
+    """What lorafleet leaves out of every pipeline: the safety checker, the watermark."""
     if class_name == "StableDiffusionPipeline":
-        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    elif class_name == "StableDiffusionXLPipeline":
-        extra = {"add_watermarker": False}
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if class_name == "StableDiffusionXLPipeline":
+        return {"add_watermarker": False}
+    return {}
+
+
+def converted_folder(model: ModelRef, dtype: torch.dtype, root: Path) -> Path:
+    """Where a checkpoint's diffusers copy lives: one per file version (path, size, mtime) and dtype."""
+    assert model.path is not None
+    stat = model.path.stat()
+    stamp = f"{model.path}:{stat.st_size}:{stat.st_mtime_ns}:{dtype}:{model.config}"
+    return root / hashlib.sha256(stamp.encode()).hexdigest()[:24]
+
+
+def _load_checkpoint(model: ModelRef, dtype: torch.dtype, converted_root: Path | None):
+    """A single-file checkpoint's pipeline: from its converted copy when this worker made one
+    before, else with diffusers' single-file loader (then saved as that copy)."""
+    import diffusers
+
+    class_name = _pipeline_class(model)
+    if not class_name or model.path is None:
+        raise JobFailed(f"model {model.key!r}: {model.source} is a checkpoint of unknown family")
+    converted = converted_folder(model, dtype, converted_root) if converted_root else None
+    if converted is not None and (converted / "lorafleet.json").is_file():
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                str(converted), dtype=dtype, local_files_only=True, **_options(class_name)
+            )
+            return pipe, json.loads((converted / "lorafleet.json").read_text()).get("model_hash")
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            logger.warning(
+                "converted copy %s of %s is unusable (%s); converting again", converted, model.path, exc
+            )
+            shutil.rmtree(converted, ignore_errors=True)
+    local_config = Path(str(model.config)).is_absolute()
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            model.source, dtype=dtype, local_files_only=model.path is not None, **extra
+        pipe = getattr(diffusers, class_name).from_single_file(
+            str(model.path),
+            config=model.config,
+            local_files_only=local_config,
+            torch_dtype=dtype,
+            **_options(class_name),
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise JobFailed(f"model {model.key!r} cannot be loaded from {model.source}: {exc}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise JobFailed(
+            f"model {model.key!r}: the checkpoint {model.path.name} could not be loaded with the configs of "
+            f"{model.config} ({type(exc).__name__}: {exc}); check that --config is a {model.family} "
+            "diffusers folder or hub id"
+        ) from exc
+    if model.prediction_type and pipe.scheduler.config.get("prediction_type") != model.prediction_type:
+        pipe.scheduler = pipe.scheduler.__class__.from_config(
+            pipe.scheduler.config, prediction_type=model.prediction_type
+        )
+    model_hash = short_hash(model.path)
+    if converted is not None:
+        _save_converted(pipe, converted, {"source": str(model.path), "model_hash": model_hash})
+    return pipe, model_hash
+
+
+def _save_converted(pipe, folder: Path, note: dict) -> None:
+    """Save the converted pipeline next to the others, whole or not at all."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}")
+    try:
+        pipe.save_pretrained(str(partial), safe_serialization=True)
+        (partial / "lorafleet.json").write_text(json.dumps(note))
+        os.replace(partial, folder)
+        logger.info("checkpoint %s converted and kept as %s", note["source"], folder)
+    except OSError as exc:  # a full disk costs the next load its speed, not this job
+        logger.warning("converted copy of %s not kept: %s", note["source"], exc)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_pipeline(
+    model: ModelRef, device: torch.device, dtype: torch.dtype, converted_root: Path | None = None
+) -> HotPipeline:
+    """Load a pipeline (offline for local folders and checkpoints) and wrap it for jobs."""
+    start = time.perf_counter()
+    model_hash = None
+    if model.single_file:
+        pipe, model_hash = _load_checkpoint(model, dtype, converted_root)
+    else:
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                model.source,
+                dtype=dtype,
+                local_files_only=model.path is not None,
+                **_options(_pipeline_class(model)),
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise JobFailed(f"model {model.key!r} cannot be loaded from {model.source}: {exc}") from exc
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     components = {
@@ -108,6 +203,7 @@ def load_pipeline(model: ModelRef, device: torch.device, dtype: torch.dtype) -> 
         patcher=WeightPatcher(components),
         scheduler_config=dict(pipe.scheduler.config),
         load_seconds=time.perf_counter() - start,
+        model_hash=model_hash,
     )
     family = model.family.value if model.family else "family unknown"
     logger.info("pipeline loaded: %s (%s) on %s in %.2f s", model.key, family, device, hot.load_seconds)
@@ -115,16 +211,17 @@ def load_pipeline(model: ModelRef, device: torch.device, dtype: torch.dtype) -> 
 
 
 def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
-    """The weights a pipeline folder will occupy at ``dtype``, from its safetensors headers."""
+    """The weights a pipeline will occupy at ``dtype``, from its safetensors headers."""
     if model.path is None:
         return 0
     itemsize = torch.empty((), dtype=dtype).element_size()
+    files = [model.path] if model.single_file else model.path.glob("*/*.safetensors")
     total = 0
-    for path in model.path.glob("*/*.safetensors"):
+    for path in files:
         try:
             header = read_safetensors_header(path, max_bytes=2**40)
         except (OSError, FileRefused):
-            continue  # from_pretrained will say what is wrong with it
+            continue  # loading will say what is wrong with it
         total += sum(math.prod(tensor.shape) for tensor in header.tensors.values()) * itemsize
     return total
 
@@ -147,6 +244,7 @@ class PipelineCache:
     def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
+        self.converted_root = settings.converted_dir
         budget = settings.pipeline_memory_mb * 1024 * 1024
         self._hot: LRUCache[str, HotPipeline] = LRUCache(
             max_items=capacity or settings.max_pipelines,
@@ -177,7 +275,7 @@ class PipelineCache:
         if hot is not None:
             return hot, 0.0
         self._hot.make_room(pipeline_bytes(model, self.dtype), incoming_items=1)
-        hot = load_pipeline(model, self.device, self.dtype)
+        hot = load_pipeline(model, self.device, self.dtype, self.converted_root)
         self._hot.put(model.key, hot)
         self.loads += 1
         return hot, hot.load_seconds

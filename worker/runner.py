@@ -257,7 +257,10 @@ class JobRunner:
         timings.restore = patch.restore + restored.restore
         self.stats.switch_seconds.append(patch.apply + timings.restore)
         tick = time.perf_counter()
-        refs = [self._store_image(job, index, image, stack.infos) for index, image in enumerate(images)]
+        refs = [
+            self._store_image(job, index, image, stack.infos, hot.model_hash)
+            for index, image in enumerate(images)
+        ]
         timings.upload = time.perf_counter() - tick
         return refs
 
@@ -297,9 +300,9 @@ class JobRunner:
         return JobStatus.failed
 
     # ------------------------------------------------------------------ images
-    def _store_image(self, job, index: int, image, infos) -> ImageRef:
+    def _store_image(self, job, index: int, image, infos, model_hash: str | None) -> ImageRef:
         seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos))
+        data = encode_png(image, parameters_text(job, seed, infos, model_hash))
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)

@@ -70,19 +70,29 @@ def _write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def _text_encoder(vocab_size: int, tokenizer_dir: Path, *, projection: bool = False):
+def _text_encoder(
+    vocab_size: int,
+    tokenizer_dir: Path,
+    *,
+    projection: bool = False,
+    width: int = 32,
+    activation: str = "quick_gelu",
+):
+    """A tiny CLIP text encoder: OpenAI's CLIP uses quick_gelu, OpenCLIP (SD 2.x, SDXL's
+    second encoder) plain gelu; the widths differ as in the real models, so a single-file
+    loader can tell the encoders apart."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     config = CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
         projection_dim=32,
-        hidden_act="quick_gelu",
+        hidden_act=activation,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -109,7 +119,12 @@ def _vae(scaling_factor: float):
 
 
 def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a tiny pipeline of ``family`` (sd15 or sdxl) into ``folder``; return it."""
+    """Write a tiny pipeline of ``family`` (sd15, sd2 or sdxl) into ``folder``; return it.
+
+    The tiny SD 2.x has an OpenCLIP-like text encoder (gelu, 48 wide) and predicts v, as
+    the 768 px SD 2.x models do; the tiny SDXL's second encoder is 48 wide beside the
+    first's 32, so its UNet reads a text embedding 80 wide.
+    """
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
@@ -118,16 +133,21 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
         UNet2DConditionModel,
     )
 
-    if family not in ("sd15", "sdxl"):
-        raise ValueError(f"family must be sd15 or sdxl, got {family!r}")
+    if family not in ("sd15", "sd2", "sdxl"):
+        raise ValueError(f"family must be sd15, sd2 or sdxl, got {family!r}")
     folder = Path(folder)
     torch.manual_seed(seed)
     schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)
         vocab_size = _write_tokenizer(scratch_dir / "tok")
-        if family == "sd15":
-            text_encoder, tokenizer = _text_encoder(vocab_size, scratch_dir / "tok")
+        if family in ("sd15", "sd2"):
+            width = 32 if family == "sd15" else 48
+            activation = "quick_gelu" if family == "sd15" else "gelu"
+            text_encoder, tokenizer = _text_encoder(
+                vocab_size, scratch_dir / "tok", width=width, activation=activation
+            )
+            prediction = "epsilon" if family == "sd15" else "v_prediction"
             unet = UNet2DConditionModel(
                 sample_size=TINY_SIZE // 8,
                 in_channels=4,
@@ -136,7 +156,7 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
                 layers_per_block=2,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32,
+                cross_attention_dim=width,
                 attention_head_dim=8,
                 norm_num_groups=32,
             )
@@ -145,14 +165,16 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
                 text_encoder=text_encoder,
                 tokenizer=tokenizer,
                 unet=unet,
-                scheduler=PNDMScheduler(**schedule, skip_prk_steps=True),
+                scheduler=PNDMScheduler(**schedule, skip_prk_steps=True, prediction_type=prediction),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
         else:
             text_encoder, tokenizer = _text_encoder(vocab_size, scratch_dir / "tok")
-            text_encoder_2, tokenizer_2 = _text_encoder(vocab_size, scratch_dir / "tok", projection=True)
+            text_encoder_2, tokenizer_2 = _text_encoder(
+                vocab_size, scratch_dir / "tok", projection=True, width=48, activation="gelu"
+            )
             unet = UNet2DConditionModel(
                 sample_size=TINY_SIZE // 8,
                 in_channels=4,
@@ -167,7 +189,7 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
                 addition_embed_type="text_time",
                 addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 32,
-                cross_attention_dim=64,
+                cross_attention_dim=32 + 48,
                 norm_num_groups=32,
             )
             pipe = StableDiffusionXLPipeline(
