@@ -206,6 +206,62 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     return folder
 
 
+def make_sd15_shaped_model(folder: Path, seed: int = 0) -> Path:
+    """Random weights in SD 1.5's real shapes (an 860M-parameter UNet, the 84M VAE, a
+    123M CLIP text encoder), for benchmarks that need real sizes; nothing is downloaded."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_size = _write_tokenizer(Path(scratch) / "tok")
+        tokenizer = CLIPTokenizer.from_pretrained(str(Path(scratch) / "tok"))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=64, cross_attention_dim=768
+        )  # diffusers' defaults are SD 1.x's
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        schedule = {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "steps_offset": 1,
+        }
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=PNDMScheduler(**schedule, skip_prk_steps=True),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(folder))
+    return folder
+
+
 # ---------------------------------------------------------------------------- demo LoRAs
 
 
