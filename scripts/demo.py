@@ -19,7 +19,7 @@ from rich.console import Console
 
 from lorafleet.common.settings import Settings
 from lorafleet.producer import Client
-from lorafleet.producer.display import WaitDisplay, print_report
+from lorafleet.producer.cli.display import WaitDisplay, print_report
 
 REPO = Path(__file__).resolve().parent.parent
 HOME = REPO / ".demo" / "home"

@@ -79,7 +79,7 @@ def test_shape_mismatch_is_refused_when_metadata_is_silent(client, home):
     (home / "autoimport" / "lora" / "xl-ink.safetensors").write_bytes(
         (home / "xl-loras" / "ink-sketch.safetensors").read_bytes()
     )
-    with pytest.raises(JobRejected, match="text embedding 64 wide but model 'tiny-sd15' uses 32"):
+    with pytest.raises(JobRejected, match="text embedding 80 wide but model 'tiny-sd15' uses 32"):
         client.submit(JOB | {"loras": [{"name": "xl-ink"}]})
 
 

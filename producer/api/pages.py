@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from fastapi.staticfiles import StaticFiles
 
 from lorafleet.producer.auth import COOKIE, token_ok
 
-FOLDER = Path(__file__).with_name("dashboard")  # the HTML shells, scripts and styles
+FOLDER = Path(__file__).parent.parent / "dashboard"  # producer/dashboard: HTML shells, scripts, styles
+STATIC = FOLDER / "static"
+"""The scripts and the stylesheet, which ``create_app`` mounts at /static."""
 COOKIE_SECONDS = 30 * 24 * 3600
 
 
@@ -40,27 +41,28 @@ def render_pages(tokens: list[str]) -> dict[str, str]:
     return pages
 
 
-def mount_dashboard(app: FastAPI, tokens: list[str]) -> None:
-    app.mount("/static", StaticFiles(directory=FOLDER / "static"), name="static")
+def dashboard(tokens: list[str]) -> APIRouter:
+    """The pages, the login form and log out, for a fleet with these tokens (none: open)."""
+    router = APIRouter(include_in_schema=False)
     pages = render_pages(tokens)
 
-    @app.get("/", include_in_schema=False)
+    @router.get("/")
     def overview() -> HTMLResponse:
         return HTMLResponse(pages["index"])
 
-    @app.get("/jobs/{job_id}", include_in_schema=False)
+    @router.get("/jobs/{job_id}")
     def job_page(job_id: str) -> HTMLResponse:
         return HTMLResponse(pages["job"])
 
-    @app.get("/batches/{batch_id}", include_in_schema=False)
+    @router.get("/batches/{batch_id}")
     def batch_page(batch_id: str) -> HTMLResponse:
         return HTMLResponse(pages["batch"])
 
-    @app.get("/login", include_in_schema=False)
+    @router.get("/login")
     def login_form() -> FileResponse:
         return FileResponse(FOLDER / "login.html", media_type="text/html")
 
-    @app.post("/login", include_in_schema=False)
+    @router.post("/login")
     async def login(request: Request):
         form = parse_qs((await request.body()).decode(errors="replace"))
         token = (form.get("token") or [""])[0]
@@ -88,8 +90,10 @@ def mount_dashboard(app: FastAPI, tokens: list[str]) -> None:
             )
         return response
 
-    @app.post("/logout", include_in_schema=False)
+    @router.post("/logout")
     def logout() -> RedirectResponse:
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response
+
+    return router

@@ -1,4 +1,4 @@
-"""`lorafleet models`, `lorafleet loras` and `lorafleet redis`: what a fleet has to work with."""
+"""`lorafleet models` and `lorafleet loras`: the base models and LoRAs a fleet has to work with."""
 
 from __future__ import annotations
 
@@ -21,11 +21,9 @@ from lorafleet.common.loras.registry import LoraRegistry, object_key
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import copy_atomic, open_storage
-from lorafleet.producer.terminal import console, print_json, run, worker_side
+from lorafleet.producer.cli.terminal import console, print_json, run
+from lorafleet.producer.cli.worker_side import worker_side
 
-redis_app = typer.Typer(
-    help="The embedded Redis (used when LORAFLEET_BROKER_URL is unset).", no_args_is_help=True
-)
 models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
 
@@ -366,29 +364,3 @@ def _share(settings: Settings, info: LoraInfo) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-# ---------------------------------------------------------------------------- embedded redis
-@redis_app.command("start")
-def redis_start() -> None:
-    """Start the embedded Redis (or find it running) and print its URL."""
-    settings = Settings()
-    run(lambda: console.print(settings.embedded_redis().ensure_running(), markup=False, highlight=False))
-
-
-@redis_app.command("stop")
-def redis_stop() -> None:
-    """Stop the embedded Redis; its append-only file keeps every queued job."""
-    stopped = Settings().embedded_redis().stop()
-    console.print("stopped" if stopped else "not running")
-
-
-@redis_app.command("status")
-def redis_status() -> None:
-    """Say whether the embedded Redis runs, and where."""
-    embedded = Settings().embedded_redis()
-    if embedded.ping():
-        console.print(f"running at {embedded.url}", markup=False, highlight=False)
-    else:
-        console.print(f"not running (data in {embedded.folder})", markup=False, highlight=False)
-        raise typer.Exit(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 
 from rich import box
@@ -11,7 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.common.jobs import PHASES, GenerationJob, JobRecord, JobStatus
+from lorafleet.common.jobs import PHASES, JobRecord, JobStatus
 
 STATUS_STYLE = {
     JobStatus.queued: "yellow",
@@ -181,31 +180,3 @@ class WaitDisplay:
             self.progress.update(
                 self.tasks[record.job_id], total=total, completed=step, status=status_text(record.status)
             )
-
-
-def resubmit_command(job: GenerationJob) -> str:
-    """A `lorafleet submit` command line that queues this job again, values as resolved."""
-    args = ["lorafleet", "submit", "--model", job.model, "--prompt", job.prompt]
-    if job.negative_prompt:
-        args += ["--negative", job.negative_prompt]
-    for spec in job.loras:
-        text = f"{spec.name}:{spec.weight:g}" if spec.weight is not None else spec.name
-        if spec.text_encoder_weight is not None:
-            text += f":{spec.text_encoder_weight:g}"
-        args += ["--lora", text]
-    args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", f"{job.cfg_scale:g}"]
-    if job.width:
-        args += ["--width", str(job.width)]
-    if job.height:
-        args += ["--height", str(job.height)]
-    if job.seed is not None:
-        args += ["--seed", str(job.seed)]
-    if job.num_images != 1:
-        args += ["--images", str(job.num_images)]
-    if job.output_prefix != "images":
-        args += ["--prefix", job.output_prefix]
-    if job.priority.value != "normal":
-        args += ["--priority", job.priority.value]
-    for key, value in job.tags.items():
-        args += ["--tag", f"{key}={value}"]
-    return shlex.join(args)

@@ -54,15 +54,3 @@ def run(action: Callable[[], T]) -> T:
 
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def worker_side(module: str):
-    """Import ``lorafleet.worker.<module>``, or say how to install the worker side."""
-    try:
-        return __import__(f"lorafleet.worker.{module}", fromlist=["_"])
-    except ImportError as exc:
-        fail(
-            f"this command runs on the worker side, which needs torch and diffusers ({exc}); "
-            "install it with: pip install 'lorafleet[worker]'",
-            EXIT_UNAVAILABLE,
-        )

@@ -1,4 +1,4 @@
-"""`lorafleet workers` and `lorafleet queues`: what the fleet is doing, from a shell.
+"""The fleet from a shell: `lorafleet workers`, `queues`, `serve` (the API) and `version`.
 
 `workers check` is what a container's health or readiness probe runs: it exits 0 only
 when a worker on this host (or with the given name) has an alive heartbeat.
@@ -10,14 +10,16 @@ import socket
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from lorafleet.common import __version__
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, queue_views
-from lorafleet.producer.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
+from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
 
 workers_app = typer.Typer(help="Workers and their heartbeats.", no_args_is_help=True)
 
@@ -99,3 +101,46 @@ def queues(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             ", ".join(v.workers) or "[yellow]none[/]",
         )
     console.print(table if views else "no models and no queues yet")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Addresses `serve` may listen on without tokens."""
+
+
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default LORAFLEET_API_PORT, 8750).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run the HTTP API and the dashboard (FastAPI on uvicorn); OpenAPI docs at /docs."""
+    import uvicorn
+
+    from lorafleet.producer.api import create_app
+    from lorafleet.producer.auth import parse_tokens
+
+    settings = Settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
+    if not parse_tokens(settings.api_tokens):
+        if host not in LOOPBACK:
+            errors.print(
+                f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
+                "listening on 127.0.0.1 only",
+                highlight=False,
+            )
+            host = "127.0.0.1"
+        console.print(
+            "no LORAFLEET_API_TOKENS set: the API and the dashboard are open to this machine only "
+            "(127.0.0.1); set tokens to serve other machines",
+            highlight=False,
+        )
+    app_instance = run(lambda: create_app(settings))
+    console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
+    uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)
+
+
+def version() -> None:
+    """Print lorafleet's version."""
+    console.print(__version__)

@@ -1,17 +1,8 @@
-"""The ``lorafleet`` command.
-
-Producer commands (submit, status, wait, cancel, models, loras, redis) need only the
-producer install; worker commands (worker, make-tiny-model, make-demo-loras) import the
-worker side when they run and say how to install it when it is missing.
-
-Exit codes: 0 done; 1 a job ended failed or cancelled, or a wait timed out; 2 the input was
-refused; 3 lorafleet could not work here (configuration, broker or storage unreachable).
-"""
+"""Submitting and watching jobs: `lorafleet submit`, `submit-file`, `status`, `wait`, `cancel`."""
 
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,36 +11,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from lorafleet.common import __version__
 from lorafleet.common.errors import BadArgument, JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
 from lorafleet.common.settings import Settings
-from lorafleet.producer.cli_catalog import loras_app, models_app, redis_app
-from lorafleet.producer.cli_fleet import queues, workers_app
-from lorafleet.producer.display import WaitDisplay, print_report, record_table
-from lorafleet.producer.terminal import (
-    EXIT_JOB_FAILED,
-    EXIT_REJECTED,
-    console,
-    errors,
-    fail,
-    print_json,
-    run,
-    worker_side,
-)
-
-app = typer.Typer(
-    name="lorafleet",
-    help="A distributed job queue for batch image generation with LoRA stacks.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-app.add_typer(redis_app, name="redis")
-app.add_typer(models_app, name="models")
-app.add_typer(loras_app, name="loras")
-app.add_typer(workers_app, name="workers")
-app.command("queues")(queues)
+from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
+from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
 
 
 def _client():
@@ -114,8 +80,6 @@ def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
             errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
-# ---------------------------------------------------------------------------- submit
-@app.command()
 def submit(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id.")
@@ -212,7 +176,6 @@ def submit(
     run(action)
 
 
-@app.command("submit-file")
 def submit_file(
     path: Annotated[
         Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)
@@ -253,7 +216,6 @@ def submit_file(
     run(action)
 
 
-@app.command()
 def status(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids (or a batch id with --batch).")],
     batch: Annotated[bool, typer.Option("--batch", help="The ids are batch ids.")] = False,
@@ -276,7 +238,6 @@ def status(
     run(action)
 
 
-@app.command("wait")
 def wait_command(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids to wait for.")],
     timeout: Annotated[float | None, typer.Option()] = None,
@@ -286,7 +247,6 @@ def wait_command(
     run(lambda: _wait_and_report(_client(), list(job_ids), timeout, as_json))
 
 
-@app.command()
 def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.")]) -> None:
     """Cancel jobs: a queued job never runs; a running one stops at its next step."""
 
@@ -302,113 +262,3 @@ def cancel(job_ids: Annotated[list[str], typer.Argument(help="Job ids to cancel.
                 console.print(f"{job_id}: already {record.status.value}; nothing to cancel", markup=False)
 
     run(action)
-
-
-# ---------------------------------------------------------------------------- worker side
-@app.command()
-def worker(
-    models: Annotated[
-        str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")
-    ],
-    name: Annotated[str | None, typer.Option(help="Worker node name (default lorafleet-PID@HOST).")] = None,
-    preload: Annotated[bool, typer.Option(help="Load the models' pipelines before taking jobs.")] = False,
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
-) -> None:
-    """Run a worker: one job at a time, pipelines kept hot, on cuda when present, else cpu."""
-    service = worker_side("service")
-    _configure_logging(loglevel)
-
-    def action():
-        served = [m.strip() for m in models.split(",") if m.strip()]
-        if not served:
-            raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
-        instance = service.Worker(Settings(), served, name=name)
-        if preload:
-            instance.preload()
-        instance.run(loglevel=loglevel)
-
-    run(action)
-
-
-@app.command("make-tiny-model")
-def make_tiny_model(
-    folder: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
-    family: Annotated[str, typer.Option(help="sd15 or sdxl.")] = "sd15",
-    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
-) -> None:
-    """Write a tiny offline diffusers pipeline (random weights) for tests and demos."""
-    tiny = worker_side("tiny")
-    if family not in ("sd15", "sdxl"):
-        fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
-    path = tiny.make_tiny_model(folder, family=family, seed=seed)
-    console.print(f"wrote a tiny {family} pipeline to {path}", markup=False, highlight=False)
-
-
-@app.command("make-demo-loras")
-def make_demo_loras(
-    model: Annotated[Path, typer.Option("--model", help="The pipeline folder the LoRAs are for.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the LoRA files into.")],
-    seed: Annotated[int, typer.Option(help="Seed of the random factors.")] = 0,
-) -> None:
-    """Write demo LoRAs (kohya, LoCon, PEFT, an LCM-LoRA shape) for a pipeline folder."""
-    tiny = worker_side("tiny")
-    if not (model / "model_index.json").is_file():
-        fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
-    for path in tiny.make_demo_loras(model, out, seed=seed):
-        console.print(f"wrote {path}", markup=False, highlight=False)
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-"""Addresses `serve` may listen on without tokens."""
-
-
-@app.command()
-def serve(
-    host: Annotated[
-        str | None, typer.Option(help="Address to listen on (default LORAFLEET_API_HOST, 127.0.0.1).")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default LORAFLEET_API_PORT, 8750).")] = None,
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
-) -> None:
-    """Run the HTTP API and the dashboard (FastAPI on uvicorn); OpenAPI docs at /docs."""
-    import uvicorn
-
-    from lorafleet.producer.api import create_app
-    from lorafleet.producer.auth import parse_tokens
-
-    settings = Settings()
-    host = host or settings.api_host
-    port = port or settings.api_port
-    if not parse_tokens(settings.api_tokens):
-        if host not in LOOPBACK:
-            errors.print(
-                f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
-                "listening on 127.0.0.1 only",
-                highlight=False,
-            )
-            host = "127.0.0.1"
-        console.print(
-            "no LORAFLEET_API_TOKENS set: the API and the dashboard are open to this machine only "
-            "(127.0.0.1); set tokens to serve other machines",
-            highlight=False,
-        )
-    app_instance = run(lambda: create_app(settings))
-    console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
-    uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)
-
-
-@app.command()
-def version() -> None:
-    """Print lorafleet's version."""
-    console.print(__version__)
-
-
-def _configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def main() -> None:
-    app()

@@ -1,0 +1,81 @@
+"""The HTTP API (FastAPI): the same jobs, errors and records as the SDK, over JSON.
+
+    POST   /v1/jobs                    one job or a list (one batch); 422 names each bad field
+    GET    /v1/jobs                    filters status, batch, model; paging offset, limit
+    GET    /v1/jobs/{id}               the record, its image URLs, a CLI line that resubmits it
+    DELETE /v1/jobs/{id}               cancel
+    POST   /v1/jobs/{id}/retry         a failed or cancelled job, as a new job
+    GET    /v1/jobs/{id}/images/{i}    the PNG (a local file through the app, S3 by redirect)
+    GET    /v1/batches/{id}            counts by status, the jobs, the image URLs
+    GET    /v1/workers, /v1/queues     heartbeats; per-model queue depth and who serves it
+    GET    /v1/summary                 what the dashboard's overview shows, in one call
+    GET    /metrics                    Prometheus text format
+    GET    /healthz                    Redis reachable (no token needed)
+
+One router per resource: ``jobs``, ``batches``, ``fleet``, and ``pages`` for the dashboard,
+whose pages read the same endpoints. ``views`` holds the response models, ``state`` what
+the routes share. ``create_app`` here builds the app and is the only thing that does.
+"""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from lorafleet.common import __version__
+from lorafleet.common.errors import ConfigError, InvalidInput, TransientError
+from lorafleet.common.models import ModelRegistry
+from lorafleet.common.settings import Settings
+from lorafleet.common.storage import open_storage
+from lorafleet.common.workers import WorkerRegistry
+from lorafleet.producer.api import batches, fleet, jobs, pages
+from lorafleet.producer.api.state import ApiState
+from lorafleet.producer.api.views import problems
+from lorafleet.producer.auth import TokenMiddleware, parse_tokens
+from lorafleet.producer.client import Client
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API and dashboard for the fleet that ``settings`` points at."""
+    settings = settings or Settings()
+    client = Client(settings)
+    state = ApiState(
+        settings=settings,
+        client=client,
+        workers=WorkerRegistry(client.redis),
+        storage=open_storage(settings),
+        models=ModelRegistry(settings, client.redis),
+    )
+    app = FastAPI(
+        title="lorafleet",
+        version=__version__,
+        description="A distributed job queue for batch image generation with LoRA stacks.",
+        separate_input_output_schemas=False,
+    )
+    tokens = parse_tokens(settings.api_tokens)
+    if tokens:
+        app.add_middleware(TokenMiddleware, tokens=tokens)
+    app.state.api = state
+    app.state.client = client  # for scripts and tests that reach in
+    app.state.settings = settings
+
+    @app.exception_handler(InvalidInput)
+    async def rejected(request: Request, exc: InvalidInput) -> JSONResponse:
+        return problems(exc)
+
+    @app.exception_handler(TransientError)
+    @app.exception_handler(ConfigError)
+    @app.exception_handler(redis.ConnectionError)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=503)
+
+    app.include_router(jobs.router)
+    app.include_router(batches.router)
+    app.include_router(fleet.router)
+    app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
+    app.include_router(pages.dashboard(tokens))
+    return app

@@ -1,0 +1,139 @@
+"""/v1/jobs: queue, list, read, cancel and retry jobs, and fetch their images."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, RedirectResponse
+
+from lorafleet.common.errors import JobRejected
+from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
+from lorafleet.common.storage import LocalStorage
+from lorafleet.producer.api.state import ApiState, State
+from lorafleet.producer.api.views import JobPage, JobView, Submission, Submitted, job_view, problems
+
+MAX_PAGE = 500
+"""Largest page of jobs one request may ask for."""
+MAX_OFFSET = 10**9
+"""Largest offset (Redis ranges are signed 64-bit; no fleet keeps this many records)."""
+
+router = APIRouter()
+
+_JOB_SCHEMA = {"$ref": "#/components/schemas/GenerationJob"}
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"oneOf": [_JOB_SCHEMA, {"type": "array", "items": _JOB_SCHEMA}]}}
+        },
+    }
+}
+
+
+def _record_or_404(state: ApiState, job_id: str) -> JobRecord:
+    record = state.client.jobs.get(job_id)
+    if record is None:
+        raise HTTPException(
+            404, f"no job {job_id!r} (records are kept {state.settings.record_retention} s after they end)"
+        )
+    return record
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=201,
+    response_model=Submission,
+    openapi_extra=_SUBMIT_BODY,
+    responses={422: {"description": "a field was refused; each problem names its field"}},
+)
+async def submit(
+    request: Request,
+    state: State,
+    batch_id: str | None = Query(None, pattern=ID_PATTERN.pattern),
+    require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
+):
+    """Queue one job, or a list of jobs as one batch (all of them, or none)."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return problems(JobRejected(f"the body is not JSON ({exc})", field="body"))
+    jobs = body if isinstance(body, list) else [body]
+    if not jobs:
+        return problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
+    # The client talks to Redis synchronously: keep it off the event loop.
+    handles = await run_in_threadpool(
+        state.client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker
+    )
+    return Submission(
+        batch_id=handles[0].batch_id,
+        jobs=[
+            Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings)
+            for h in handles
+        ],
+    )
+
+
+@router.get("/v1/jobs", response_model=JobPage)
+def list_jobs(
+    state: State,
+    status: JobStatus | None = None,
+    batch: str | None = None,
+    model: str | None = None,
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: int = Query(50, ge=1, le=MAX_PAGE),
+):
+    """Jobs, newest first, matching every filter given."""
+    records, total = state.client.jobs.page(
+        status=status, batch=batch, model=model, offset=offset, limit=limit
+    )
+    return JobPage(jobs=[job_view(r) for r in records], total=total, offset=offset, limit=limit)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "no such job"}})
+def get_job(state: State, job_id: str):
+    return job_view(_record_or_404(state, job_id))
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "no such job"}})
+def cancel_job(state: State, job_id: str):
+    """Cancel: a queued job never runs; a running one stops at its next step."""
+    _record_or_404(state, job_id)
+    return job_view(state.client.cancel(job_id))
+
+
+@router.post(
+    "/v1/jobs/{job_id}/retry",
+    status_code=201,
+    response_model=JobView,
+    responses={404: {"description": "no such job"}, 409: {"description": "the job has not failed"}},
+)
+def retry_job(state: State, job_id: str):
+    """Queue a failed or cancelled job again, as a new job in the same batch."""
+    record = _record_or_404(state, job_id)
+    if record.status not in (JobStatus.failed, JobStatus.cancelled):
+        raise HTTPException(
+            409, f"job {job_id} is {record.status.value}; only failed or cancelled jobs are retried"
+        )
+    return job_view(state.client.get(state.client.retry(job_id).job_id))
+
+
+@router.get(
+    "/v1/jobs/{job_id}/images/{index}",
+    response_class=FileResponse,
+    responses={404: {"description": "no such image"}, 307: {"description": "a presigned S3 URL"}},
+)
+def image(state: State, job_id: str, index: int):
+    """The PNG: served from a local store, or a redirect to a presigned S3 URL."""
+    record = _record_or_404(state, job_id)
+    if not 0 <= index < len(record.images):
+        raise HTTPException(404, f"job {job_id} has {len(record.images)} images")
+    key = record.images[index].key
+    storage = state.storage
+    if isinstance(storage, LocalStorage):
+        path = storage.root / key
+        if not path.is_file():
+            raise HTTPException(404, f"image {key} is no longer in {storage.root}")
+        return FileResponse(path, media_type="image/png")
+    return RedirectResponse(storage.presigned_url(key), status_code=307)

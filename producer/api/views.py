@@ -1,0 +1,102 @@
+"""What the API answers: the response models, a record as a ``JobView``, refusals as 422.
+
+A ``JobView`` carries a CLI line that queues the job again (``resubmit_command``); it is
+built here rather than by the CLI, so the API never imports the terminal's display code.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, create_model
+
+from lorafleet.common.errors import InvalidInput
+from lorafleet.common.jobs import GenerationJob, JobRecord
+from lorafleet.common.workers import QueueView, WorkerView
+
+# A record as the API shows it: its id first, the record's own fields, then the image
+# URLs and a CLI line that resubmits it. Built field by field rather than by subclassing,
+# because JobRecord already has a ``job_id`` property that a field must not shadow.
+JobView = create_model(
+    "JobView",
+    __doc__="A job record with its id, image URLs and a resubmitting CLI line.",
+    job_id=(str, ...),
+    **{name: (field.annotation, field) for name, field in JobRecord.model_fields.items()},
+    image_urls=(list[str], ...),
+    cli=(str, ...),
+)
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    total: int
+    offset: int
+    limit: int
+
+
+class Submitted(BaseModel):
+    job_id: str
+    batch_id: str
+    queue: str
+    warnings: list[str]
+
+
+class Submission(BaseModel):
+    batch_id: str
+    jobs: list[Submitted]
+
+
+class BatchView(BaseModel):
+    batch_id: str
+    counts: dict[str, int]
+    jobs: list[JobView]
+    images: list[str]
+
+
+class Summary(BaseModel):
+    counts: dict[str, int]
+    queues: list[QueueView]
+    workers: list[WorkerView]
+    throughput: list[dict[str, int]]
+    images_last_hour: int
+
+
+def job_view(record: JobRecord) -> JobView:
+    urls = [f"/v1/jobs/{record.job_id}/images/{i}" for i in range(len(record.images))]
+    return JobView(
+        **record.model_dump(), job_id=record.job_id, image_urls=urls, cli=resubmit_command(record.job)
+    )
+
+
+def problems(exc: InvalidInput) -> JSONResponse:
+    """A 422 that names each refused field and what is wrong with it."""
+    return JSONResponse({"detail": [{"field": f, "message": m} for f, m in exc.problems]}, status_code=422)
+
+
+def resubmit_command(job: GenerationJob) -> str:
+    """A `lorafleet submit` command line that queues this job again, values as resolved."""
+    args = ["lorafleet", "submit", "--model", job.model, "--prompt", job.prompt]
+    if job.negative_prompt:
+        args += ["--negative", job.negative_prompt]
+    for spec in job.loras:
+        text = f"{spec.name}:{spec.weight:g}" if spec.weight is not None else spec.name
+        if spec.text_encoder_weight is not None:
+            text += f":{spec.text_encoder_weight:g}"
+        args += ["--lora", text]
+    args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", f"{job.cfg_scale:g}"]
+    if job.width:
+        args += ["--width", str(job.width)]
+    if job.height:
+        args += ["--height", str(job.height)]
+    if job.seed is not None:
+        args += ["--seed", str(job.seed)]
+    if job.num_images != 1:
+        args += ["--images", str(job.num_images)]
+    if job.output_prefix != "images":
+        args += ["--prefix", job.output_prefix]
+    if job.priority.value != "normal":
+        args += ["--priority", job.priority.value]
+    for key, value in job.tags.items():
+        args += ["--tag", f"{key}={value}"]
+    return shlex.join(args)

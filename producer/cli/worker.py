@@ -1,0 +1,75 @@
+"""The worker side from the shell: `lorafleet worker`, `make-tiny-model`, `make-demo-loras`.
+
+Each command reaches ``lorafleet.worker`` through ``worker_side`` when it runs, so a
+producer-only install lists them and says how to install the worker side.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafleet.common.errors import BadArgument
+from lorafleet.common.settings import Settings
+from lorafleet.producer.cli.terminal import EXIT_REJECTED, console, fail, run
+from lorafleet.producer.cli.worker_side import worker_side
+
+
+def worker(
+    models: Annotated[
+        str, typer.Option("--models", help="Models to serve, comma-separated (names, folders or hub ids).")
+    ],
+    name: Annotated[str | None, typer.Option(help="Worker node name (default lorafleet-PID@HOST).")] = None,
+    preload: Annotated[bool, typer.Option(help="Load the models' pipelines before taking jobs.")] = False,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run a worker: one job at a time, pipelines kept hot, on cuda when present, else cpu."""
+    service = worker_side("service")
+    _configure_logging(loglevel)
+
+    def action():
+        served = [m.strip() for m in models.split(",") if m.strip()]
+        if not served:
+            raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
+        instance = service.Worker(Settings(), served, name=name)
+        if preload:
+            instance.preload()
+        instance.run(loglevel=loglevel)
+
+    run(action)
+
+
+def make_tiny_model(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
+    family: Annotated[str, typer.Option(help="sd15 or sdxl.")] = "sd15",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny offline diffusers pipeline (random weights) for tests and demos."""
+    tiny = worker_side("tiny")
+    if family not in ("sd15", "sdxl"):
+        fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
+    path = tiny.make_tiny_model(folder, family=family, seed=seed)
+    console.print(f"wrote a tiny {family} pipeline to {path}", markup=False, highlight=False)
+
+
+def make_demo_loras(
+    model: Annotated[Path, typer.Option("--model", help="The pipeline folder the LoRAs are for.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the LoRA files into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random factors.")] = 0,
+) -> None:
+    """Write demo LoRAs (kohya, LoCon, PEFT, an LCM-LoRA shape) for a pipeline folder."""
+    tiny = worker_side("tiny")
+    if not (model / "model_index.json").is_file():
+        fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
+    for path in tiny.make_demo_loras(model, out, seed=seed):
+        console.print(f"wrote {path}", markup=False, highlight=False)
+
+
+def _configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,129 @@
+"""The floor plan holds: imports go one way, no loops, every Redis key built in one module."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import REPO
+
+PACKAGES = {"common": "lorafleet.common", "producer": "lorafleet.producer", "worker": "lorafleet.worker"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> set[str]:
+    """lorafleet modules that ``path`` imports anywhere (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                names.add(full if full in MODULES else node.module)
+    return {n for n in names if n in MODULES}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {name: _imports(path) - {name} for name, path in MODULES.items()}
+
+
+def test_no_two_modules_import_each_other_directly_or_through_a_loop():
+    graph = _graph()
+    loops, state = [], {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                loops.append(trail[trail.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not loops, "import loops: " + "; ".join(" -> ".join(loop) for loop in loops)
+
+
+def test_common_imports_neither_side_and_the_worker_never_imports_the_producer():
+    graph = _graph()
+    for name, imported in graph.items():
+        if name.startswith("lorafleet.common"):
+            assert not {i for i in imported if not i.startswith("lorafleet.common")}, name
+        if name.startswith("lorafleet.worker"):
+            assert not {i for i in imported if i.startswith("lorafleet.producer")}, name
+
+
+def test_the_producer_imports_the_worker_only_from_its_cli_package():
+    for name, imported in _graph().items():
+        if name.startswith("lorafleet.producer") and not name.startswith("lorafleet.producer.cli"):
+            assert not {i for i in imported if i.startswith("lorafleet.worker")}, name
+    text = (REPO / "producer" / "cli" / "worker_side.py").read_text()
+    assert "import_module" in text
+
+
+def test_lorafleet_submit_help_loads_no_torch():
+    code = (
+        "import sys\n"
+        "sys.argv = ['lorafleet', 'submit', '--help']\n"
+        "from lorafleet.producer.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
+        "assert not heavy, heavy[:5]\n"
+        "assert not [m for m in sys.modules if m.startswith('lorafleet.worker')]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--model" in result.stdout
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_every_redis_key_is_built_in_the_keys_module():
+    offenders = []
+    for name, path in MODULES.items():
+        if name == "lorafleet.common.keys":
+            continue
+        for line, text in _string_constants(path):
+            if "lorafleet:" in text or text.startswith("lorafleet.model."):
+                offenders.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
+    assert not offenders, "Redis keys built outside common/keys.py:\n" + "\n".join(offenders)
+
+
+def test_every_package_is_in_the_distribution():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages == listed, "pyproject.toml's packages and the folders with an __init__.py differ"
