@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="Comma-separated bearer tokens for the API and the dashboard; unset serves on "
         "127.0.0.1 only, without tokens.",
     )
+    api_import_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated hosts on private or loopback addresses that POST /v1/loras may download "
+        "from; every other host must resolve to public addresses.",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address `lorafleet serve` listens on.")
     api_port: int = Field(default=8750, ge=1, le=65535, description="Port `lorafleet serve` listens on.")
     upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")

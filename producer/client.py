@@ -31,6 +31,7 @@ from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import WorkerRegistry
+from lorafleet.producer.lora_imports import ImportedLora, import_lora
 from lorafleet.producer.resolver import JobResolver, new_id
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,15 @@ class Client:
                 f"the broker {self.broker.describe()} refused the jobs after {sent} of "
                 f"{len(records)} were queued ({exc}); the other {len(unsent)} were not queued"
             ) from exc
+
+    # ------------------------------------------------------------------ LoRAs
+    def import_lora(
+        self, source: str, *, name: str | None = None, sha256: str | None = None, force: bool = False
+    ) -> ImportedLora:
+        """Import a LoRA for the whole fleet from a file, a diffusers folder, an http(s) URL
+        or a hub repo (see ``lora_sources``): checked, dropped into this machine's folder,
+        stored by hash and registered on the broker. Returns what it did."""
+        return import_lora(self.settings, source, self.redis, name=name, sha256=sha256, force=force)
 
     # ------------------------------------------------------------------ follow
     def get(self, job_id: str) -> JobRecord:

@@ -7,12 +7,13 @@
     POST   /v1/jobs/{id}/retry         a failed or cancelled job, as a new job
     GET    /v1/jobs/{id}/images/{i}    the PNG (a local file through the app, S3 by redirect)
     GET    /v1/batches/{id}            counts by status, the jobs, the image URLs
+    POST   /v1/loras                   import a LoRA from a download link or a hub repo
     GET    /v1/workers, /v1/queues     heartbeats; per-model queue depth and who serves it
     GET    /v1/summary                 what the dashboard's overview shows, in one call
     GET    /metrics                    Prometheus text format
     GET    /healthz                    Redis reachable (no token needed)
 
-One router per resource: ``jobs``, ``batches``, ``fleet``, and ``pages`` for the dashboard,
+One router per resource: ``jobs``, ``batches``, ``loras``, ``fleet``, and ``pages`` for the dashboard,
 whose pages read the same endpoints. ``views`` holds the response models, ``state`` what
 the routes share. ``create_app`` here builds the app and is the only thing that does.
 """
@@ -30,7 +31,7 @@ from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
 from lorafleet.common.workers import WorkerRegistry
-from lorafleet.producer.api import batches, fleet, jobs, pages
+from lorafleet.producer.api import batches, fleet, jobs, loras, pages
 from lorafleet.producer.api.state import ApiState
 from lorafleet.producer.api.views import problems
 from lorafleet.producer.auth import TokenMiddleware, parse_tokens
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(loras.router)
     app.include_router(fleet.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
     app.include_router(pages.dashboard(tokens))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,15 +14,16 @@ from rich.table import Table
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, InvalidInput, ModelError
 from lorafleet.common.family import Family
-from lorafleet.common.jobs import check_lora_name
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo, describe_file, read_safetensors_header
-from lorafleet.common.loras.registry import LoraRegistry, object_key
+from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
-from lorafleet.common.storage import copy_atomic, open_storage
+from lorafleet.common.storage import open_storage
+from lorafleet.producer.cli.display import DownloadProgress
 from lorafleet.producer.cli.terminal import console, print_json, run
 from lorafleet.producer.cli.worker_side import worker_side
+from lorafleet.producer.lora_imports import import_lora
 
 models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
@@ -89,12 +90,21 @@ def models_add(
     source: Annotated[
         str,
         typer.Argument(
-            help="A pipeline folder as the workers see it (absolute path), or a hub id owner/name."
+            help="A pipeline folder or .safetensors checkpoint as the workers see it (absolute path), "
+            "or a hub id owner/name."
         ),
     ],
     family: Annotated[
         str | None,
         typer.Option(help="sd15, sd2 or sdxl, when the folder is not readable here (or for a hub id)."),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="For a single-file checkpoint: the diffusers folder (as the workers see it) or hub id "
+            "its component configs come from (default: LORAFLEET_CHECKPOINT_CONFIGS, else the family's repo).",
+        ),
     ] = None,
 ) -> None:
     """Register a base model by name in Redis, so every producer and worker agrees on it."""
@@ -107,7 +117,9 @@ def models_add(
             raise BadArgument(
                 f"got {family!r}", field="--family", allowed=", ".join(f.value for f in Family)
             ) from None
-        ref = ModelRegistry(settings, resolve_broker(settings).client()).register(name, source, chosen)
+        ref = ModelRegistry(settings, resolve_broker(settings).client()).register(
+            name, source, chosen, config
+        )
         console.print(
             f"registered {name}: {ref.source} ({ref.family.value if ref.family else 'family unknown'}), "
             f"queue {ref.queue}",
@@ -283,46 +295,61 @@ def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any
 
 @loras_app.command("import")
 def loras_import(
-    file: Annotated[
-        Path, typer.Argument(help="The .safetensors LoRA to import.", exists=True, dir_okay=False)
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A .safetensors file, a diffusers LoRA folder, an http(s) download link, "
+            "a hub repo owner/repo or owner/repo/file.safetensors."
+        ),
     ],
-    name: Annotated[str | None, typer.Option(help="Name to use (default: the file's name).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Name to use (default: the name the source gives).")
+    ] = None,
+    sha256: Annotated[
+        str | None, typer.Option("--sha256", help="Refuse the file unless it has this sha256.")
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a different file of the same name.")
     ] = False,
 ) -> None:
-    """Check a LoRA file and copy it into the autoimport folder, usable by its name at once."""
+    """Fetch and check a LoRA, copy it into the autoimport folder (usable by its name at once)
+    and, when a broker is reachable, share it with every machine."""
     settings = Settings()
 
     def action():
-        info = describe_file(file, name)
-        catalog = LoraCatalog(settings.lora_dir)
-        target_name = name or file.stem
-        try:
-            check_lora_name(target_name)
-        except ValueError as exc:
-            raise BadArgument(f"{target_name!r} {exc}", field="--name") from None
-        destination = settings.lora_dir / f"{target_name}.safetensors"
-        if destination.exists():
-            existing = catalog.describe(destination)
-            if existing.sha256 == info.sha256:
-                console.print(f"{target_name}: already imported ({info.sha256[:12]})", markup=False)
-                _share(settings, replace(existing, name=target_name))
-                return
-            if not force:
-                raise BadArgument(
-                    f"a different {target_name!r} is already imported ({existing.sha256[:12]})",
-                    field="--name",
-                    allowed="another --name, or --force to replace it",
-                )
-        copy_atomic(file, destination)
-        console.print(
-            f"imported {target_name}: {info.format}, {info.family.value if info.family else 'family unknown'}, "
-            f"rank {info.rank}, "
-            f"sha256 {info.sha256[:12]}",
-            markup=False,
-        )
-        _share(settings, replace(info, name=target_name, path=destination))
+        with DownloadProgress(console) as progress:
+            result = import_lora(
+                settings,
+                source,
+                _fleet_redis(settings),
+                name=name,
+                sha256=sha256,
+                force=force,
+                progress=progress.update,
+            )
+        info = result.info
+        if result.already_imported:
+            console.print(f"{info.name}: already imported ({info.short_hash})", markup=False)
+        else:
+            family = info.family.value if info.family else "family unknown"
+            console.print(
+                f"imported {info.name}: {info.format}, {family}, rank {info.rank}, sha256 {info.short_hash}",
+                markup=False,
+            )
+        if result.stored_as is None:
+            console.print(
+                "not registered for other machines: no broker is configured and the embedded Redis is not running",
+                markup=False,
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"{'stored' if result.newly_stored else 'already stored'} as {result.stored_as} in {result.store}; "
+                f"registered as {info.name!r} for every worker on this broker",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     run(action)
 
@@ -342,25 +369,3 @@ def _lora_registry(settings: Settings) -> LoraRegistry | None:
     """The fleet's shared LoRA registry; None as above."""
     client = _fleet_redis(settings)
     return LoraRegistry(client) if client else None
-
-
-def _share(settings: Settings, info: LoraInfo) -> None:
-    """Store the file by hash in the object store and register its name for every machine."""
-    registry = _lora_registry(settings)
-    if registry is None:
-        console.print(
-            "not registered for other machines: no broker is configured and the embedded Redis "
-            "is not running",
-            markup=False,
-            highlight=False,
-        )
-        return
-    storage = open_storage(settings)
-    stored = registry.publish(info, storage)
-    console.print(
-        f"{'stored' if stored else 'already stored'} as {object_key(info.sha256)} in {storage.describe()}; "
-        f"registered as {info.name!r} for every worker on this broker",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from lorafleet.common.jobs import PHASES, JobRecord, JobStatus
@@ -133,6 +141,34 @@ def record_table(record: JobRecord) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+class DownloadProgress:
+    """One bar for a download, shown only once bytes arrive (a local file shows nothing)."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("downloading"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> DownloadProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+    def update(self, received: int, total: int | None) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("download", total=total)
+        self.progress.update(self.task, completed=received)
 
 
 class WaitDisplay:

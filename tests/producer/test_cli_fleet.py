@@ -106,3 +106,28 @@ def test_models_add_registers_a_name_every_machine_resolves(settings, home, redi
             client.submit({"model": "hubby", "prompt": "x", "loras": [{"name": "watercolor"}]})
     assert run_cli(["models", "remove", "hubby"], env).returncode == 0
     assert run_cli(["models", "remove", "hubby"], env).returncode == 1
+
+
+def test_models_add_takes_a_checkpoint_with_its_config_and_refuses_a_refiner(
+    settings, home, redis_url, tmp_path
+):
+    from lorafleet.common.models import ModelRegistry
+    from lorafleet.worker.checkpoint_format import write_single_file
+    from tests.common.test_checkpoints import shapes_of, write_header_only
+
+    checkpoint = write_single_file(
+        home / "models" / TINY, tmp_path / "civitai" / "tiny_v1.safetensors", "sd15"
+    )
+    env = lorafleet_env(home, redis_url)
+    added = run_cli(
+        ["models", "add", "civitai-tiny", str(checkpoint), "--config", str(home / "models" / TINY)], env
+    )
+    assert added.returncode == 0 and "(sd15)" in added.stdout, added.stderr
+    model = ModelRegistry(settings, Client(settings).redis).get("civitai-tiny")
+    assert model.single_file and model.config == str(home / "models" / TINY) and model.native_size == 64
+    refiner = tmp_path / "refiner.safetensors"
+    write_header_only(refiner, shapes_of("refiner"))
+    refused = run_cli(["models", "add", "refiner", str(refiner)], env)
+    assert refused.returncode == 2 and "refiner.safetensors: an SDXL refiner" in refused.stderr
+    rows = {r["name"] for r in json.loads(run_cli(["models", "list", "--json"], env).stdout)}
+    assert "civitai-tiny" in rows and "refiner" not in rows
