@@ -11,8 +11,9 @@
     │   ├── FileRefused            a file that cannot be used: pickled, not safetensors, corrupt
     │   │                            header, over the size limit
     │   ├── ModelError             a model name that names nothing, or a folder that is no model
-    │   └── LoraError              a LoRA that cannot be used: unknown name, refused file, keys
-    │                                or shapes that fit no layer of the model
+    │   ├── LoraError              a LoRA that cannot be used: unknown name, refused file, keys
+    │   │                            or shapes that fit no layer of the model
+    │   └── VaeError               a VAE name that names nothing here, or a refused VAE file
     ├── TransientError             a service is unavailable for now (object store, broker, a
     │                                download): retried with backoff where it happens, and a job
     │                                that meets one runs again, up to ``job_attempts`` runs
@@ -98,6 +99,10 @@ class ModelError(InvalidInput):
 
 class LoraError(InvalidInput):
     """A LoRA cannot be used: unknown name, a refused file, keys or shapes that fit no layer."""
+
+
+class VaeError(InvalidInput):
+    """A VAE name names nothing here, or its file is refused."""
 
 
 class TransientError(LorafleetError):

@@ -137,7 +137,8 @@ class GenerationJob(BaseModel):
     ``height`` default to the model's native size at submit; ``seed`` None is drawn at
     submit so that every record can be reproduced. ``lcm=True`` asks for the guidance's LCM
     recipe (LCM scheduler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35); values given
-    explicitly always win.
+    explicitly always win. ``vae`` names a separate VAE (``autoimport/vae``) to decode
+    with; None is the model's default (`models add --vae`), else its own.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -155,6 +156,7 @@ class GenerationJob(BaseModel):
     width: int | None = None
     height: int | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    vae: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
     output_prefix: Annotated[str, StringConstraints(max_length=300)] = "images"
     priority: Priority = Priority.normal

@@ -22,10 +22,11 @@ import redis
 
 from lorafleet.common import keys
 from lorafleet.common.checkpoints import CANONICAL_CONFIGS, NATIVE_SIZE, describe_checkpoint
-from lorafleet.common.errors import BadArgument, ConfigError, FileRefused, ModelError
+from lorafleet.common.errors import BadArgument, ConfigError, FileRefused, ModelError, VaeError
 from lorafleet.common.family import Family, pipeline_family
 from lorafleet.common.loras.files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX
 from lorafleet.common.settings import Settings
+from lorafleet.common.vaes import VaeCatalog
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -45,6 +46,8 @@ class ModelRef:
     prediction_type: str | None = None
     config: str | None = None
     """A single-file checkpoint's component configs: a diffusers folder or a hub id."""
+    vae: str | None = None
+    """The VAE its jobs decode with when they name none (a name in autoimport/vae)."""
 
     @property
     def queue(self) -> str:
@@ -69,6 +72,7 @@ class ModelRef:
             "cross_attention_dim": self.cross_attention_dim,
             "prediction_type": self.prediction_type,
             "config": self.config,
+            "vae": self.vae,
         }
 
 
@@ -156,6 +160,11 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "prediction_type": entry.get("prediction_type"),
         "config": entry.get("config"),
     }
+    vae = entry.get("vae")
+    return replace(_source_ref(name, source, known, configs), vae=vae)
+
+
+def _source_ref(name: str, source: str, known: dict, configs: dict[str, str]) -> ModelRef:
     if not source.startswith("/"):
         return ModelRef(key=name, hub_id=source, **known)
     path = Path(source)
@@ -181,6 +190,7 @@ class ModelRegistry:
         self.folder = settings.models_dir
         self.checkpoints = settings.checkpoints_dir
         self.configs = dict(settings.checkpoint_configs)
+        self.vaes = VaeCatalog(settings.vae_dir)
         self.redis = client
 
     def local_names(self) -> list[str]:
@@ -211,7 +221,12 @@ class ModelRegistry:
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(keys.REGISTERED_MODELS).items()}
 
     def register(
-        self, name: str, source: str, family: Family | None = None, config: str | None = None
+        self,
+        name: str,
+        source: str,
+        family: Family | None = None,
+        config: str | None = None,
+        vae: str | None = None,
     ) -> ModelRef:
         """Register ``name`` for every machine: a folder or checkpoint file (as the workers
         see it) or a hub id; ``config`` gives a checkpoint's component configs."""
@@ -250,6 +265,12 @@ class ModelRegistry:
                 field="SOURCE",
                 allowed="an absolute folder path (as the workers see it) or owner/name",
             )
+        if vae is not None:
+            try:
+                vae = self.vaes.get(vae).name
+            except VaeError as exc:
+                raise BadArgument(exc.reason, field="--vae", allowed=exc.allowed) from None
+        ref = replace(ref, vae=vae)
         self.redis.hset(keys.REGISTERED_MODELS, name, json.dumps(ref.entry()))
         return ref
 

@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         return self.home / "autoimport" / "main"
 
     @property
+    def vae_dir(self) -> Path:
+        """The drop folder for separate VAEs: a .safetensors file or diffusers folder here is a VAE by its name."""
+        return self.home / "autoimport" / "vae"
+
+    @property
     def converted_dir(self) -> Path:
         """Where a worker keeps checkpoints it converted to diffusers folders (later loads are folder loads)."""
         return self.home / "cache" / "checkpoints"

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from lorafleet.common import guidance
-from lorafleet.common.errors import JobRejected, LoraError, ModelError
+from lorafleet.common.errors import JobRejected, LoraError, ModelError, VaeError
 from lorafleet.common.jobs import MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
@@ -45,6 +45,7 @@ class JobResolver:
     ) -> None:
         self.models = models
         self.loras = loras
+        self.vaes = models.vaes
         self.lcm_loras = dict(lcm_loras or {})
 
     def _is_lcm(self, info: LoraInfo) -> bool:
@@ -84,6 +85,12 @@ class JobResolver:
                 f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
                 "LCM-LoRAs are meant for the lcm sampler"
             )
+        job.vae = job.vae or model.vae
+        if job.vae is not None:
+            try:
+                job.vae = self.vaes.get(job.vae).name
+            except VaeError as exc:
+                raise JobRejected.of(exc, f"{where}vae") from None
         size = model.native_size or FALLBACK_SIZE
         job.width = job.width or size
         job.height = job.height or size

@@ -19,6 +19,7 @@ import io
 from lorafleet.common import __version__
 from lorafleet.common.jobs import GenerationJob
 from lorafleet.common.loras.files import LoraInfo
+from lorafleet.common.vaes import VaeInfo
 from lorafleet.worker.sampling import A1111_NAMES
 
 
@@ -29,7 +30,11 @@ def _quote(text: str) -> str:
 
 
 def parameters_text(
-    job: GenerationJob, seed: int, loras: list[LoraInfo], model_hash: str | None = None
+    job: GenerationJob,
+    seed: int,
+    loras: list[LoraInfo],
+    model_hash: str | None = None,
+    vae: VaeInfo | None = None,
 ) -> str:
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
@@ -46,6 +51,7 @@ def parameters_text(
         ("Size", f"{job.width}x{job.height}"),
         *([("Model hash", model_hash)] if model_hash else []),
         ("Model", _quote(job.model)),
+        *([("VAE hash", vae.short_hash), ("VAE", _quote(vae.file_name))] if vae else []),
     ]
     if loras:
         hashes = ", ".join(f"{info.name}: {info.short_hash}" for info in loras)

@@ -30,10 +30,12 @@ from lorafleet.common.retry import with_retries
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
+from lorafleet.common.vaes import VaeInfo
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
 from lorafleet.worker.sampling import image_seed, sample
+from lorafleet.worker.vaes import VaeCache
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class JobRunner:
         self.storage = storage
         self.pipelines = pipelines
         self.loras = loras
+        self.vaes = VaeCache(pipelines.device, pipelines.dtype)
         self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
         self.stats = WorkerStats()
@@ -251,14 +254,16 @@ class JobRunner:
         patch = hot.patcher.apply(stack.entries)
         timings.lora_apply = patch.apply
         tick = time.perf_counter()
-        images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
+        vae = self.models.vaes.get(job.vae) if job.vae else None
+        with self.vaes.swapped(hot, vae):
+            images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
         timings.sampling = time.perf_counter() - tick
         restored = hot.patcher.restore()
         timings.restore = patch.restore + restored.restore
         self.stats.switch_seconds.append(patch.apply + timings.restore)
         tick = time.perf_counter()
         refs = [
-            self._store_image(job, index, image, stack.infos, hot.model_hash)
+            self._store_image(job, index, image, stack.infos, hot.model_hash, vae)
             for index, image in enumerate(images)
         ]
         timings.upload = time.perf_counter() - tick
@@ -300,9 +305,11 @@ class JobRunner:
         return JobStatus.failed
 
     # ------------------------------------------------------------------ images
-    def _store_image(self, job, index: int, image, infos, model_hash: str | None) -> ImageRef:
+    def _store_image(
+        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None
+    ) -> ImageRef:
         seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos, model_hash))
+        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae))
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)

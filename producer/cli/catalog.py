@@ -106,6 +106,10 @@ def models_add(
             "its component configs come from (default: LORAFLEET_CHECKPOINT_CONFIGS, else the family's repo).",
         ),
     ] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option("--vae", help="A VAE in autoimport/vae that the model's jobs decode with by default."),
+    ] = None,
 ) -> None:
     """Register a base model by name in Redis, so every producer and worker agrees on it."""
     settings = Settings()
@@ -118,7 +122,7 @@ def models_add(
                 f"got {family!r}", field="--family", allowed=", ".join(f.value for f in Family)
             ) from None
         ref = ModelRegistry(settings, resolve_broker(settings).client()).register(
-            name, source, chosen, config
+            name, source, chosen, config, vae
         )
         console.print(
             f"registered {name}: {ref.source} ({ref.family.value if ref.family else 'family unknown'}), "

@@ -1,0 +1,111 @@
+"""Separate VAE files: the decoders people swap in (``sdxl_vae.safetensors``, ``vae-ft-mse``).
+
+A VAE is a .safetensors file in ``<home>/autoimport/vae/`` (the original single-file layout,
+``encoder.down.0.block...``, with or without ``first_stage_model.``, or diffusers' names) or
+a diffusers folder there (``config.json`` beside ``diffusion_pytorch_model.safetensors``),
+usable by its name. A registered model may name a default VAE (`models add --vae`); a job
+names one in its ``vae`` field. Read without torch: a file that is no VAE is refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafleet.common.errors import FileRefused, VaeError
+from lorafleet.common.loras.files import (
+    PICKLED_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    read_safetensors_header,
+    refuse_pickled,
+    sha256_file,
+)
+
+DIFFUSERS_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MAX_VAE_BYTES = 2 * 1024**3
+"""Largest VAE file accepted (an fp32 SD VAE is 335 MB)."""
+_DECODER_OUT = (
+    "decoder.conv_out.weight",
+    "first_stage_model.decoder.conv_out.weight",
+    "vae.decoder.conv_out.weight",
+)
+
+
+@dataclass(frozen=True)
+class VaeInfo:
+    """A VAE: its name, where it is, and A1111's short hash of its weights file."""
+
+    name: str
+    path: Path
+    weights: Path
+    short_hash: str
+    single_file: bool
+
+    @property
+    def file_name(self) -> str:
+        """How A1111 names it in the parameters chunk (``VAE: sdxl_vae.safetensors``)."""
+        return self.weights.name if self.single_file else self.name
+
+
+def check_vae_file(path: Path) -> None:
+    """FileRefused unless ``path`` is a safetensors file with a VAE decoder in it."""
+    refuse_pickled(path)
+    header = read_safetensors_header(path, max_bytes=MAX_VAE_BYTES)
+    out = next((header.tensors[k] for k in _DECODER_OUT if k in header.tensors), None)
+    if out is None:
+        raise FileRefused(
+            "not a VAE: it has no decoder.conv_out",
+            field=path.name,
+            allowed="a VAE .safetensors file or a diffusers VAE folder",
+        )
+    if out.shape[:1] != (3,):
+        raise FileRefused(f"its decoder writes {out.shape[0]} channels, not RGB", field=path.name)
+
+
+class VaeCatalog:
+    """The VAE drop folder: names to files or folders, each checked when looked up."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._hashes: dict[tuple[Path, int, int], str] = {}
+
+    def names(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        files = [p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
+        folders = [p.name for p in self.folder.iterdir() if (p / DIFFUSERS_VAE_WEIGHTS).is_file()]
+        return sorted(set(files) | set(folders))
+
+    def get(self, name: str) -> VaeInfo:
+        """The VAE ``name``; VaeError says why there is none to use."""
+        stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
+        if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or "\x00" in stem:
+            raise VaeError(
+                f"{name!r} is not a VAE name", allowed="a file or folder name in " + str(self.folder)
+            )
+        file, folder = self.folder / f"{stem}{SAFETENSORS_SUFFIX}", self.folder / stem
+        if file.is_file():
+            weights, single = file, True
+        elif (folder / DIFFUSERS_VAE_WEIGHTS).is_file() and (folder / "config.json").is_file():
+            weights, single = folder / DIFFUSERS_VAE_WEIGHTS, False
+        else:
+            pickled = [self.folder / f"{stem}{s}" for s in PICKLED_SUFFIXES]
+            if any(p.is_file() for p in pickled):
+                raise VaeError(
+                    f"VAE {name!r} is a pickled file: loading it can run arbitrary code",
+                    allowed="a .safetensors VAE",
+                )
+            known = ", ".join(self.names()) or "none yet"
+            raise VaeError(f"unknown VAE {name!r}", allowed=f"a VAE in {self.folder}: {known}")
+        try:
+            check_vae_file(weights)
+        except FileRefused as exc:
+            raise VaeError(f"VAE {name!r} is refused: {exc.message}") from None
+        return VaeInfo(stem, file if single else folder, weights, self._short_hash(weights), single)
+
+    def _short_hash(self, path: Path) -> str:
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(path)[:10]
+        return self._hashes[key]
