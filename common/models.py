@@ -118,6 +118,13 @@ def is_pipeline_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def is_checkpoint_path(path: Path) -> bool:
     """A path that names a single-file checkpoint (or a pickled one, which is then refused)."""
     return path.suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLED_SUFFIXES)
@@ -285,16 +292,8 @@ class ModelRegistry:
         )
         return _from_entry(name, json.loads(raw), self.configs) if raw is not None else None
 
-    def get(self, ref: str) -> ModelRef:
-        """The model ``ref`` names; ModelError says what would have been accepted."""
-        if NAME.match(ref) and is_pipeline_folder(self.folder / ref):
-            return describe_folder(ref, self.folder / ref)
-        dropped = self._checkpoint_in_folder(ref)
-        if dropped is not None:
-            return describe_file(dropped.stem, dropped, None, self.configs)
-        registered = self._registered_ref(ref)
-        if registered is not None:
-            return registered
+    def _by_path(self, ref: str) -> ModelRef | None:
+        """The model at path ``ref`` (a checkpoint or a pipeline folder), a hub id, or None."""
         path = Path(ref).expanduser()
         if path.is_file() and is_checkpoint_path(path):
             return describe_file(str(path.absolute()), path, None, self.configs)
@@ -305,6 +304,25 @@ class ModelRegistry:
             return describe_folder(str(path), path)
         if HUB_ID.match(ref) and not path.exists():
             return ModelRef(key=ref, hub_id=ref)
+        return None
+
+    def get(self, ref: str) -> ModelRef:
+        """The model ``ref`` names; ModelError says what would have been accepted."""
+        if NAME.match(ref) and is_pipeline_folder(self.folder / ref):
+            return describe_folder(ref, self.folder / ref)
+        dropped = self._checkpoint_in_folder(ref)
+        if dropped is not None:
+            return describe_file(dropped.stem, dropped, None, self.configs)
+        registered = self._registered_ref(ref)
+        if registered is not None:
+            return registered
+        try:
+            found = self._by_path(ref)
+        except (OSError, RuntimeError, ValueError):  # a name too long for a path, "~nobody", a NUL
+            found = None
+        if found is not None:
+            return found
+        path = Path(ref)
         known = (
             ", ".join(self.names())
             or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
@@ -316,11 +334,12 @@ class ModelRegistry:
                 f"{found.name} is a pickled {found.suffix} checkpoint: loading it can run arbitrary code",
                 allowed="a .safetensors checkpoint (convert it with a trusted tool first)",
             )
-        if path.exists():
+        if _exists(path):
             problem = f"{ref!r} is a path but not a diffusers pipeline folder (no model_index.json)"
         else:
             problem = f"unknown model {ref!r}"
         raise ModelError(
             problem,
-            allowed=f"a registered model ({known}), a diffusers pipeline folder, or a hub id owner/name",
+            allowed=f"a registered model ({known}), a diffusers pipeline folder, a .safetensors checkpoint, "
+            "or a hub id owner/name",
         )

@@ -1,11 +1,13 @@
-"""Importing a LoRA: fetched from its source, checked, dropped into the folder, shared.
+"""Importing a LoRA: fetched from its source, checked, shared, dropped into the folder.
 
 The same steps for every source and every front end (`lorafleet loras import`, the SDK's
-``Client.import_lora``): ``lora_sources.fetch`` makes it a local file; the file is checked
-as any LoRA is (safetensors only, header and tensor table, family); it is copied into the
-autoimport folder under its name (atomically: a reader sees no half file); when a broker is
-reachable it is stored by sha256 in the object store and its name registered for every
-machine. A refused file leaves nothing behind: no folder entry, no object, no name.
+``Client.import_lora``, ``POST /v1/loras``): ``lora_sources.fetch`` makes it a local file;
+the file is checked as any LoRA is (safetensors only, header and tensor table, family);
+when a broker is reachable it is stored by sha256 in the object store and its name
+registered for every machine; last it is copied into the autoimport folder under its name
+(atomically: a reader sees no half file). A refused file leaves nothing behind; a store or
+broker that fails leaves the folder as it was; a copy that fails puts the registry entry back.
+Two imports of the same name at the same moment are not serialized: the last one wins.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from lorafleet.common.loras.registry import LoraRegistry, object_key
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import copy_atomic, open_storage
 from lorafleet.producer.lora_sources import Progress, UrlCheck, fetch
+
+MAX_NAME = 200
+"""Longest LoRA name (a job's LoraSpec allows as many; file systems allow 255 bytes)."""
 
 
 @dataclass
@@ -53,13 +58,7 @@ def import_lora(
         source, settings.home / "cache" / "downloads", sha256=sha256, progress=progress, remote=remote
     )
     try:
-        target = name or fetched.suggested_name
-        if target.lower().endswith(SAFETENSORS_SUFFIX):
-            target = target[: -len(SAFETENSORS_SUFFIX)]
-        try:
-            check_lora_name(target)
-        except ValueError as exc:
-            raise BadArgument(f"{target!r} {exc}", field="--name") from None
+        target = _target_name(name or fetched.suggested_name)
         try:
             info = describe_file(fetched.path, target)
         except FileRefused as exc:
@@ -76,14 +75,35 @@ def import_lora(
                     field="--name",
                     allowed="another --name, or --force to replace it",
                 )
+        result = ImportedLora(info=replace(info, name=target, path=destination), already_imported=already)
+        # Shared first, copied last: a store or broker that fails leaves the folder as it was,
+        # and a copy that fails puts the registry entry back as it was.
+        registry = LoraRegistry(client) if client is not None else None
+        before = registry.snapshot(target) if registry is not None else None
+        if registry is not None:
+            storage = open_storage(settings)
+            result.newly_stored = registry.publish(replace(info, name=target), storage)
+            result.stored_as, result.store = object_key(info.sha256), storage.describe()
         if not already:
-            copy_atomic(fetched.path, destination)
+            try:
+                copy_atomic(fetched.path, destination)
+            except BaseException:
+                if registry is not None:
+                    registry.restore(target, before)
+                raise
     finally:
         fetched.discard()
-    info = replace(info, name=target, path=destination)
-    result = ImportedLora(info=info, already_imported=already)
-    if client is not None:
-        storage = open_storage(settings)
-        result.newly_stored = LoraRegistry(client).publish(info, storage)
-        result.stored_as, result.store = object_key(info.sha256), storage.describe()
     return result
+
+
+def _target_name(name: str) -> str:
+    """The name a LoRA is imported under, checked: a plain file name of at most MAX_NAME characters."""
+    if name.lower().endswith(SAFETENSORS_SUFFIX):
+        name = name[: -len(SAFETENSORS_SUFFIX)]
+    try:
+        check_lora_name(name)
+    except ValueError as exc:
+        raise BadArgument(f"{name!r} {exc}", field="--name") from None
+    if len(name) > MAX_NAME or len(name.encode()) > MAX_NAME:
+        raise BadArgument(f"a name of {len(name)} characters", field="--name", allowed=f"at most {MAX_NAME}")
+    return name

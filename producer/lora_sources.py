@@ -22,6 +22,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -42,30 +43,51 @@ FIELD = "SOURCE"
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while a download streams."""
-UrlCheck = Callable[[str], None]
-"""Called with every URL a download requests (redirects too); raises to refuse it."""
+UrlCheck = Callable[[str], "str | None"]
+"""Called with every URL a download requests (each redirect too) before any connection;
+raises to refuse it, or returns the one address to connect to (None: resolve as usual)."""
+MAX_REDIRECTS = 10
+_EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("2002::/16"))
+
+
+def is_public_address(text: str) -> bool:
+    """Whether an address is on the public internet (not loopback, private, link-local,
+    reserved, nor an IPv6 form that carries an IPv4 address: mapped, NAT64, 6to4)."""
+    address = ipaddress.ip_address(text.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return is_public_address(str(address.ipv4_mapped))
+        if any(address in network for network in _EMBEDDING_IPV4):
+            return False
+    return address.is_global
 
 
 def public_hosts_only(allowed: set[str]) -> UrlCheck:
     """A UrlCheck for downloads made on behalf of remote clients (the HTTP API): a host must
     resolve only to public addresses, unless it is one of ``allowed``, so that a client
-    cannot make the server fetch from its own network (server-side request forgery)."""
+    cannot make the server fetch from its own network (server-side request forgery). The
+    address checked is the one connected to, so a name that resolves differently the
+    second time (DNS rebinding) changes nothing."""
 
-    def check(url: str) -> None:
+    def check(url: str) -> str | None:
         host = urlsplit(url).hostname or ""
         if host in allowed:
-            return
+            return None
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except OSError as exc:
+            addresses = sorted(
+                {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+            )
+        except (OSError, UnicodeError) as exc:
             raise BadArgument(f"{url}: cannot resolve {host!r} ({exc})", field="source") from None
-        private = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global)
-        if private:
+        private = [a for a in addresses if not is_public_address(a)]
+        if private or not addresses:
             raise BadArgument(
-                f"{url}: {host} resolves to {private[0]}, not a public address; the API downloads only from public hosts",
+                f"{url}: {host} resolves to {(private or ['nothing'])[0]}, not a public address; "
+                "the API downloads only from public hosts",
                 field="source",
                 allowed="a public http(s) URL, a hub repo, or a host listed in LORAFLEET_API_IMPORT_HOSTS",
             )
+        return addresses[0]
 
     return check
 
@@ -79,10 +101,14 @@ class Fetched:
     temporary: bool
     sha256: str | None = None
     """Computed while downloading; None for a file that was already here."""
+    cleanup: Path | None = None
+    """A folder the fetch made for it, removed with it."""
 
     def discard(self) -> None:
         if self.temporary:
             self.path.unlink(missing_ok=True)
+        if self.cleanup is not None:
+            shutil.rmtree(self.cleanup, ignore_errors=True)
 
 
 def fetch(
@@ -116,7 +142,7 @@ def fetch(
     elif is_url:
         fetched = _download(source, scratch, progress, remote)
     elif HUB_SOURCE.match(source):
-        fetched = _from_hub(source)
+        fetched = _from_hub(source, scratch)
     else:
         raise BadArgument(
             f"{source!r} is no file, folder, URL or hub repo",
@@ -165,13 +191,35 @@ def _name_from_headers(url: str, disposition: str | None) -> str:
     return Path(unquote(urlsplit(url).path)).name or "download"
 
 
+def _open(http, url: str, check: UrlCheck | None):
+    """GET ``url`` as a stream, following redirects by hand so that every hop is checked and,
+    when the check pins an address, connected to that address (Host and TLS name kept)."""
+    import httpx
+
+    for _ in range(MAX_REDIRECTS + 1):
+        target = httpx.URL(url)
+        address = check(url) if check is not None else None
+        if address is None:
+            request = http.build_request("GET", target)
+        else:
+            request = http.build_request(
+                "GET",
+                target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.host},
+            )
+        response = http.send(request, stream=True)
+        if not response.is_redirect:
+            return response
+        location = response.headers.get("location", "")
+        response.close()
+        url = str(target.join(location))
+    raise BadArgument(f"{url}: more than {MAX_REDIRECTS} redirects", field=FIELD)
+
+
 def _download(url: str, scratch: Path, progress: Progress | None, check: UrlCheck | None) -> Fetched:
     """Stream ``url`` into a temporary file, within the size cap."""
     import httpx
-
-    def before(request: httpx.Request) -> None:
-        if check is not None:
-            check(str(request.url))
 
     scratch.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=scratch, prefix=".download-", suffix=SAFETENSORS_SUFFIX)
@@ -179,41 +227,14 @@ def _download(url: str, scratch: Path, progress: Progress | None, check: UrlChec
     try:
         with (
             os.fdopen(fd, "wb") as out,
-            httpx.Client(
-                follow_redirects=True, timeout=TIMEOUT_SECONDS, event_hooks={"request": [before]}
-            ) as http,
-            http.stream("GET", url) as r,
+            httpx.Client(follow_redirects=False, timeout=TIMEOUT_SECONDS) as http,
         ):
-            if r.status_code >= 500 or r.status_code == 429:
-                raise TransientError(f"{url} answered HTTP {r.status_code}; try again later")
-            if r.status_code >= 400:
-                raise BadArgument(f"{url} answered HTTP {r.status_code} {r.reason_phrase}", field=FIELD)
-            kind = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind in ("text/html", "application/xhtml+xml"):
-                raise BadArgument(
-                    f"{url} answered a web page ({kind}), not a .safetensors file: a login or a "
-                    "'download' page? Use the file's direct download link",
-                    field=FIELD,
-                )
-            length = r.headers.get("content-length")
-            total = int(length) if length and length.isdigit() else None
-            if total is not None and total > MAX_LORA_BYTES:
-                raise BadArgument(
-                    f"{url} is {total / 1024**3:.1f} GiB, over the {MAX_LORA_BYTES // 1024**3} GiB cap",
-                    field=FIELD,
-                )
-            received, digest = 0, hashlib.sha256()
-            for chunk in r.iter_bytes(CHUNK):
-                received += len(chunk)
-                digest.update(chunk)
-                if received > MAX_LORA_BYTES:
-                    raise BadArgument(
-                        f"{url} sent more than the {MAX_LORA_BYTES // 1024**3} GiB cap", field=FIELD
-                    )
-                out.write(chunk)
-                if progress:
-                    progress(received, total)
-            name = _name_from_headers(str(r.url), r.headers.get("content-disposition"))
+            r = _open(http, url, check)
+            try:
+                digest = _receive(r, url, out, progress)
+                name = _name_from_headers(str(r.url), r.headers.get("content-disposition"))
+            finally:
+                r.close()
     except httpx.HTTPError as exc:
         path.unlink(missing_ok=True)
         raise TransientError(f"download of {url} failed: {exc}") from None
@@ -224,16 +245,69 @@ def _download(url: str, scratch: Path, progress: Progress | None, check: UrlChec
     return Fetched(path, stem or "download", temporary=True, sha256=digest.hexdigest())
 
 
-def _from_hub(source: str) -> Fetched:
-    """``owner/repo`` (its one LoRA file) or ``owner/repo/path/file.safetensors``, via huggingface_hub."""
+def _receive(r, url: str, out, progress: Progress | None):
+    """Check the answer and write its body to ``out``; returns its running sha256."""
+    if r.status_code >= 500 or r.status_code == 429:
+        raise TransientError(f"{url} answered HTTP {r.status_code}; try again later")
+    if r.status_code >= 400:
+        raise BadArgument(f"{url} answered HTTP {r.status_code} {r.reason_phrase}", field=FIELD)
+    kind = r.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("text/html", "application/xhtml+xml"):
+        raise BadArgument(
+            f"{url} answered a web page ({kind}), not a .safetensors file: a login or a "
+            "'download' page? Use the file's direct download link",
+            field=FIELD,
+        )
+    length = r.headers.get("content-length")
+    total = int(length) if length and length.isdigit() else None
+    if total is not None and total > MAX_LORA_BYTES:
+        raise BadArgument(
+            f"{url} is {total / 1024**3:.1f} GiB, over the {MAX_LORA_BYTES // 1024**3} GiB cap", field=FIELD
+        )
+    received, digest = 0, hashlib.sha256()
+    for chunk in r.iter_bytes(CHUNK):
+        received += len(chunk)
+        if received > MAX_LORA_BYTES:
+            raise BadArgument(f"{url} sent more than the {MAX_LORA_BYTES // 1024**3} GiB cap", field=FIELD)
+        digest.update(chunk)
+        out.write(chunk)
+        if progress:
+            progress(received, total)
+    return digest
+
+
+def _from_hub(source: str, scratch: Path) -> Fetched:
+    """``owner/repo`` (its one LoRA file) or ``owner/repo/path/file.safetensors``, via
+    huggingface_hub: its size checked against the cap before anything is downloaded, and
+    downloaded into ``scratch`` (removed afterwards), not into the hub's cache."""
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
 
     owner, repo, *rest = source.split("/")
     repo_id, filename = f"{owner}/{repo}", "/".join(rest) or None
+    try:  # refused here, before any request: a bad name never reaches the hub
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise BadArgument(f"hub: {repo_id!r} is not a valid repo id ({exc})", field=FIELD) from None
+    if any(part in ("", ".", "..") for part in rest):
+        raise BadArgument(f"hub: {source!r} has an empty, '.' or '..' path segment", field=FIELD)
+    scratch.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=scratch, prefix=".hub-"))
     try:
+        sizes = {
+            f.path: f.size
+            for f in HfApi().list_repo_tree(repo_id, recursive=True)
+            if getattr(f, "size", None) is not None and f.path.endswith(SAFETENSORS_SUFFIX)
+        }
         if filename is None:
-            files = [f for f in HfApi().list_repo_files(repo_id) if f.endswith(SAFETENSORS_SUFFIX)]
+            files = sorted(sizes)
             if DIFFUSERS_WEIGHTS in files:
                 filename = DIFFUSERS_WEIGHTS
             elif len(files) == 1:
@@ -244,10 +318,24 @@ def _from_hub(source: str) -> Fetched:
                     field=FIELD,
                     allowed="owner/repo/FILE with one of: " + (", ".join(files[:10]) or "none"),
                 )
-        path = Path(hf_hub_download(repo_id, filename))
-    except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-        raise BadArgument(f"hub: {source} not found ({type(exc).__name__})", field=FIELD) from None
-    except HfHubHTTPError as exc:
-        raise TransientError(f"hub: {source} could not be fetched: {exc}") from None
+        if filename not in sizes:
+            raise BadArgument(f"hub: {repo_id} has no file {filename!r}", field=FIELD)
+        if sizes[filename] > MAX_LORA_BYTES:
+            cap = MAX_LORA_BYTES // 1024**3
+            raise BadArgument(
+                f"hub: {source} is {sizes[filename] / 1024**3:.1f} GiB, over the {cap} GiB cap", field=FIELD
+            )
+        path = Path(hf_hub_download(repo_id, filename, local_dir=folder))
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, (RepositoryNotFoundError, EntryNotFoundError)):
+            raise BadArgument(f"hub: {source} not found ({type(exc).__name__})", field=FIELD) from None
+        if isinstance(exc, (HFValidationError, ValueError)) and not isinstance(exc, BadArgument):
+            raise BadArgument(
+                f"hub: {source!r} is not a valid repo or file name ({exc})", field=FIELD
+            ) from None
+        if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+            raise TransientError(f"hub: {source} could not be fetched: {exc}") from None
+        raise
     name = repo if filename == DIFFUSERS_WEIGHTS else Path(filename).stem
-    return Fetched(path, name, temporary=False)
+    return Fetched(path, name, temporary=True, cleanup=folder)

@@ -107,7 +107,10 @@ class LoraFiles:
                 f"LoRA {name!r} is registered but this worker has no object store to fetch it from"
             )
         path = self.cache.get(info.sha256) or self._fetch(info, pinned)
-        local = self.catalog.describe(path)
+        try:
+            local = self.catalog.describe(path)
+        except FileNotFoundError:  # another worker process on this host evicted it just now
+            local = self.catalog.describe(self._fetch(info, pinned))
         return replace(local, name=info.name, is_lcm=info.is_lcm)
 
     def _fetch(self, info: LoraInfo, pinned: set[str]) -> Path:

@@ -128,7 +128,7 @@ def _load_checkpoint(model: ModelRef, dtype: torch.dtype, converted_root: Path |
                 str(converted), dtype=dtype, local_files_only=True, **_options(class_name)
             )
             return pipe, json.loads((converted / "lorafleet.json").read_text()).get("model_hash")
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # a damaged copy; out of memory is not one
             logger.warning(
                 "converted copy %s of %s is unusable (%s); converting again", converted, model.path, exc
             )
@@ -170,6 +170,27 @@ def _save_converted(pipe, folder: Path, note: dict) -> None:
     except OSError as exc:  # a full disk costs the next load its speed, not this job
         logger.warning("converted copy of %s not kept: %s", note["source"], exc)
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def sweep_partial_copies(root: Path) -> None:
+    """Remove the half-written converted copies of worker processes that are gone."""
+    if not root.is_dir():
+        return
+    for partial in root.glob(".*.*"):
+        pid = partial.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+            logger.info("removed %s, a converted copy its worker never finished", partial)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_pipeline(
@@ -245,6 +266,7 @@ class PipelineCache:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self.converted_root = settings.converted_dir
+        sweep_partial_copies(self.converted_root)
         budget = settings.pipeline_memory_mb * 1024 * 1024
         self._hot: LRUCache[str, HotPipeline] = LRUCache(
             max_items=capacity or settings.max_pipelines,

@@ -288,13 +288,23 @@ class JobRunner:
         def change(current: JobRecord) -> JobRecord | None:
             if current.status is not JobStatus.running:
                 return None
+            if current.cancel_requested:  # it ran, and was cancelled meanwhile: it ends so
+                current.status, current.finished_at = JobStatus.cancelled, utcnow()
+                current.error = f"cancelled while running (the run had met a transient failure: {message})"
+                current.timings, current.warnings = timings, warnings
+                return current
             current.status = JobStatus.queued
             current.progress = Progress(step=0, total=current.progress.total)
             current.timings = timings
             current.warnings = [*warnings, f"{note}; it runs again in {self.requeue_delay:g} s"]
             return current
 
-        self.store.update(record.job_id, change)
+        after = self.store.update(record.job_id, change)
+        if after is not None and after.status is JobStatus.cancelled:
+            self.stats.cancelled += 1
+            record_finished(self.store.redis, after)
+            logger.info("job %s cancelled while running", record.job_id)
+            return JobStatus.cancelled
         logger.warning("job %s: %s; queued again in %.0f s", record.job_id, note, self.requeue_delay)
         return JobStatus.queued
 

@@ -4,12 +4,16 @@ The message carries only the job id; the job itself is read from its record, the
 of job state. The runner ends every job's record itself, so the task returns and the
 message is acknowledged (acks_late) only then. The one exception: a job the runner queued
 again after a transient failure is sent again with a countdown (Celery's retry publishes
-the new message before the old one is acknowledged, so it is never lost).
+the new message before the old one is acknowledged); if that publish fails, or Redis fails
+mid-job, the message is rejected back to its queue instead of acknowledged, so the job is
+never lost and its record never stranded.
 """
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
+from celery.exceptions import Reject
 
 from lorafleet.common.jobs import JobStatus
 from lorafleet.common.queue import TASK_GENERATE
@@ -26,7 +30,15 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
         max_retries=None,
     )
     def generate(task, job_id: str) -> str | None:
-        status = runner.run(job_id)
+        try:
+            status = runner.run(job_id)
+        except redis.RedisError as exc:
+            # The record could not be written (the broker went away mid-job): give the message
+            # back rather than acknowledge it; the next run's start takes the record over.
+            raise Reject(f"job {job_id}: Redis failed mid-job ({exc})", requeue=True) from exc
         if status is JobStatus.queued:
-            raise task.retry(countdown=runner.requeue_delay)
+            try:
+                raise task.retry(countdown=runner.requeue_delay)
+            except Reject as exc:  # the new message could not be published: keep the old one
+                raise Reject(exc.reason, requeue=True) from exc
         return status.value if status else None

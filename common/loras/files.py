@@ -85,6 +85,8 @@ def read_safetensors_header(path: Path, *, max_bytes: int = MAX_LORA_BYTES) -> S
         table = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _refused(path, f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _refused(path, "header nests too deeply to be a safetensors table") from None
     if not isinstance(table, dict):
         raise _refused(path, "header is not a JSON object")
     metadata = table.pop("__metadata__", None) or {}
@@ -200,7 +202,7 @@ def _trigger_words(meta: dict[str, str]) -> list[str]:
             if value.startswith("["):
                 try:
                     return [str(w).strip() for w in json.loads(value) if str(w).strip()]
-                except ValueError:
+                except (ValueError, TypeError, RecursionError):
                     pass
             return [w.strip() for w in value.split(",") if w.strip()]
     return []

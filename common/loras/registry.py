@@ -12,7 +12,7 @@ disk cache (``lorafleet.worker.lora_files``); nothing here touches a worker's di
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import redis
 
@@ -42,7 +42,9 @@ class LoraRegistry:
         new = not storage.exists(key)
         if new:
             storage.put(key, info.path.read_bytes(), "application/octet-stream")
-        entry = asdict(replace(info, path=None, object_key=key))
+        # The layout older lorafleet versions read: the object key in "path", no other new field.
+        entry = asdict(replace(info, path=None, object_key=None)) | {"path": key}
+        entry.pop("object_key")
         self.redis.hset(keys.REGISTERED_LORAS, info.name, json.dumps(entry))
         return new
 
@@ -52,10 +54,22 @@ class LoraRegistry:
         if raw is None:
             return None
         entry = json.loads(raw)
-        # Entries written before object_key existed kept the key in "path".
-        stored = entry.pop("object_key", None) or entry.get("path")
+        stored = entry.pop("object_key", None) or entry.get("path")  # the object key
         family = Family.parse(entry.pop("family", None))
+        known = {f.name for f in fields(LoraInfo)}
+        entry = {k: v for k, v in entry.items() if k in known}  # entries from newer versions may say more
         return LoraInfo(**entry | {"path": None, "object_key": stored, "family": family})
+
+    def snapshot(self, name: str) -> bytes | None:
+        """The registry's entry for ``name`` as stored, to put back with ``restore``."""
+        return self.redis.hget(keys.REGISTERED_LORAS, name)
+
+    def restore(self, name: str, snapshot: bytes | None) -> None:
+        """Put ``name``'s entry back as ``snapshot`` had it (None: not registered)."""
+        if snapshot is None:
+            self.redis.hdel(keys.REGISTERED_LORAS, name)
+        else:
+            self.redis.hset(keys.REGISTERED_LORAS, name, snapshot)
 
     def names(self) -> list[str]:
         return sorted(n.decode() for n in self.redis.hkeys(keys.REGISTERED_LORAS))

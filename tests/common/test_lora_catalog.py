@@ -131,3 +131,11 @@ def test_broken_files_in_the_folder_are_reported_not_skipped(home):
     assert [i.name for i in usable] == ["lcm-lora-sd15"]
     assert [(b.name, b.path.name) for b in broken] == [("lcm-broken", "lcm-broken.safetensors")]
     assert "header length" in broken[0].problem
+
+
+def test_a_header_that_nests_too_deeply_is_refused_not_a_crash(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    write_raw_bytes = b"[" * 200_000
+    path.write_bytes(struct.pack("<Q", len(write_raw_bytes)) + write_raw_bytes)
+    with pytest.raises(FileRefused, match="nests too deeply"):
+        describe_file(path)

@@ -41,12 +41,11 @@ def test_publish_stores_by_hash_and_lookup_gives_the_description_back(shared):
     assert registry.lookup("nothing") is None
 
 
-def test_entries_written_before_object_key_existed_still_resolve(shared):
+def test_entries_keep_the_layout_older_versions_read_and_newer_fields_are_tolerated(shared):
     registry, infos, _ = shared
     entry = json.loads(registry.redis.hget(keys.REGISTERED_LORAS, infos[0].name))
-    entry.pop("object_key")
-    entry["path"] = object_key(infos[0].sha256)
-    registry.redis.hset(keys.REGISTERED_LORAS, infos[0].name, json.dumps(entry))
+    assert entry["path"] == object_key(infos[0].sha256) and "object_key" not in entry  # as 0.1 wrote them
+    registry.redis.hset(keys.REGISTERED_LORAS, infos[0].name, json.dumps(entry | {"from_the_future": 1}))
     assert registry.lookup(infos[0].name).object_key == object_key(infos[0].sha256)
 
 

@@ -73,3 +73,9 @@ def test_an_unknown_model_is_a_model_error_listing_what_there_is(settings):
     with pytest.raises(ModelError, match="unknown model 'nope'") as caught:
         ModelRegistry(settings).get("nope")
     assert "tiny-sd15" in str(caught.value)
+
+
+@pytest.mark.parametrize("ref", ["x" * 300, "~nosuchuser/model", "a" * 200 + "/" + "b" * 200])
+def test_a_reference_that_cannot_be_a_path_is_an_unknown_model_not_a_crash(settings, ref):
+    with pytest.raises(ModelError, match="unknown model"):
+        ModelRegistry(settings).get(ref)

@@ -214,3 +214,97 @@ def test_the_api_imports_from_public_sources_only(settings, site):
         bad = api.post("/v1/loras", json={"source": url, "sha256": "nothex"})
         assert bad.status_code == 422
     assert not list((settings.home / "cache" / "downloads").glob(".download-*"))
+
+
+def test_a_checked_download_connects_to_the_checked_address_not_a_second_lookup(home, site, tmp_path):
+    """DNS rebinding: the address the guard approved is the one connected to (the name is
+    never looked up again), with the name kept in the Host header."""
+    from lorafleet.producer.lora_sources import fetch
+
+    seen = []
+    site.file("/f.safetensors", lora_bytes(home))
+
+    def approve(url: str) -> str:
+        seen.append(url)
+        return "127.0.0.1"  # the one address this check approved for the name
+
+    # "lora.invalid" resolves nowhere: only a connection pinned to the approved address works.
+    fetched = fetch(f"http://lora.invalid:{site.server.server_port}/f.safetensors", tmp_path, remote=approve)
+    assert fetched.path.read_bytes() == lora_bytes(home) and seen == [
+        f"http://lora.invalid:{site.server.server_port}/f.safetensors"
+    ]
+    fetched.discard()
+
+
+def test_addresses_that_embed_private_ipv4_are_not_public():
+    from lorafleet.producer.lora_sources import is_public_address
+
+    for address in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "169.254.169.254",
+        "::1",
+        "::ffff:127.0.0.1",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::",
+        "fc00::1",
+    ):
+        assert not is_public_address(address), address
+    assert is_public_address("93.184.216.34") and is_public_address("2606:2800:220:1:248:1893:25c8:1946")
+
+
+def test_a_store_that_fails_leaves_neither_a_file_nor_a_name(settings, site, tmp_path):
+    from lorafleet.common.errors import TransientError
+    from lorafleet.common.loras.registry import LoraRegistry
+    from lorafleet.producer import Client
+
+    site.file("/files/late.safetensors", lora_bytes(settings.home))
+    blocked = tmp_path / "store-is-a-file"
+    blocked.write_text("no folder can be made under a file")
+    broken = settings.model_copy(update={"storage_url": str(blocked)})
+    with Client(broken) as client, pytest.raises(TransientError):
+        client.import_lora(f"{site.url}/files/late.safetensors")
+    assert not (settings.lora_dir / "late.safetensors").exists()
+    with Client(settings) as client:
+        assert LoraRegistry(client.redis).lookup("late") is None
+    assert leftovers(settings.home) == []
+
+
+def test_hub_sources_are_capped_checked_and_leave_no_cache(settings, site, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lorafleet.producer.api import create_app
+
+    body = lora_bytes(settings.home)
+    site.hub_repo("acme/big", {"huge.safetensors": body})
+    tree = json.loads(site.routes["/api/models/acme/big/tree/main"][2])
+    tree[0]["size"] = 7 * 1024**3  # the hub says it is a 7 GB checkpoint
+    site.routes["/api/models/acme/big/tree/main"] = (
+        200,
+        {"Content-Type": "application/json"},
+        json.dumps(tree).encode(),
+    )
+    site.hub_repo("acme/small", {"style.safetensors": body})
+    env = lorafleet_env(
+        settings.home, None, HF_ENDPOINT=site.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1"
+    )
+    big = run_cli(["loras", "import", "acme/big"], env)
+    assert big.returncode == 2 and "over the 4 GiB cap" in big.stderr
+    small = run_cli(["loras", "import", "acme/small"], env)
+    assert small.returncode == 0, small.stderr
+    assert leftovers(settings.home) == [] and not list((tmp_path / "hf").rglob("*.safetensors"))
+    with TestClient(create_app(settings)) as api:
+        for source in ("a/b..c", "a/b--c", "a/b/../../x.safetensors"):
+            answer = api.post("/v1/loras", json={"source": source})
+            assert answer.status_code == 422, (source, answer.text)
+
+
+def test_a_name_too_long_for_a_file_is_refused(home, site):
+    site.file(
+        "/f",
+        lora_bytes(home),
+        **{"Content-Disposition": 'attachment; filename="' + "x" * 300 + '.safetensors"'},
+    )
+    result = run_cli(["loras", "import", f"{site.url}/f"], lorafleet_env(home, None))
+    assert result.returncode == 2 and "--name" in result.stderr and "at most 200" in result.stderr
+    assert leftovers(home) == []

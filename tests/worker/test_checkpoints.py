@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import pytest
 import torch
@@ -96,3 +97,16 @@ def test_a_damaged_converted_copy_is_converted_again(settings):
     second, _ = PipelineCache(settings).get(model)
     assert second.model_hash == first.model_hash
     assert (copy / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 64  # rebuilt
+
+
+def test_a_copy_left_half_written_by_a_dead_worker_is_swept(settings):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    partial = settings.converted_dir / f".abc123.{dead.pid}"
+    mine = settings.converted_dir / f".def456.{os.getpid()}"
+    partial.mkdir(parents=True)
+    mine.mkdir()
+    PipelineCache(settings)
+    assert not partial.exists() and mine.exists()

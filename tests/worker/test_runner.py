@@ -293,3 +293,27 @@ def test_a_store_that_stays_down_fails_the_job_after_job_attempts_runs(client, r
         assert record.error.endswith("(after 2 runs)") and "cannot write" in record.error
     finally:
         runner.storage = good
+
+
+def test_a_job_cancelled_while_its_upload_waits_ends_cancelled_not_queued_again(client, runner, tmp_path):
+    from lorafleet.common.storage import LocalStorage
+    from tests.helpers import wait_until
+
+    good = runner.storage
+    blocked = tmp_path / "store-is-a-file"
+    blocked.write_text("no folder can be made under a file")
+    runner.storage = LocalStorage(blocked)
+    runner.settings = runner.settings.model_copy(update={"upload_attempts": 3})  # retries wait 1 s, then 2 s
+    try:
+        handle = client.submit(JOB | {"steps": 2})
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(runner.run(handle.job_id)))
+        thread.start()
+        wait_until(lambda: client.get(handle.job_id).progress.step == 2, what="sampling to end")
+        client.cancel(handle.job_id)  # while the upload is being retried
+        thread.join(30)
+        assert outcome == [JobStatus.cancelled]
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.cancelled and "transient failure" in record.error
+    finally:
+        runner.storage = good
