@@ -47,6 +47,15 @@ LORAFLEET_CHECKPOINT_CONFIGS names a local folder (needs the hub once, then its 
 NATIVE_SIZE = {Family.sd15: 512, Family.sd2: 768, Family.sdxl: 1024}
 """Width and height a family was trained at (SD 2.x base models: 512)."""
 
+_TEXT_WIDTH_KEYS = {
+    Family.sd15: [("text_encoder", "cond_stage_model.transformer.text_model.final_layer_norm.weight")],
+    Family.sd2: [("text_encoder", "cond_stage_model.model.ln_final.weight")],
+    Family.sdxl: [
+        ("text_encoder", "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"),
+        ("text_encoder_2", "conditioner.embedders.1.model.ln_final.weight"),
+    ],
+}
+"""Where each family's text encoders show their width in a checkpoint."""
 _PREDICTION = {"v": "v_prediction", "v_prediction": "v_prediction", "epsilon": "epsilon", "eps": "epsilon"}
 
 
@@ -59,6 +68,8 @@ class CheckpointInfo:
     family: Family
     cross_attention_dim: int | None
     prediction_type: str | None
+    text_widths: dict[str, int]
+    """Width of each text encoder's token vectors (what an embedding must match)."""
 
 
 def describe_checkpoint(path: Path) -> CheckpointInfo:
@@ -75,7 +86,11 @@ def describe_checkpoint(path: Path) -> CheckpointInfo:
         None,
     )
     prediction = _PREDICTION.get(header.metadata.get("modelspec.prediction_type", "").lower())
-    return CheckpointInfo(path, path.stat().st_size, family, width, prediction)
+    widths = {}
+    for encoder, key in _TEXT_WIDTH_KEYS[family]:
+        if key in header.tensors and header.tensors[key].shape:
+            widths[encoder] = header.tensors[key].shape[-1]
+    return CheckpointInfo(path, path.stat().st_size, family, width, prediction, widths)
 
 
 def checkpoint_family(header: SafetensorsHeader, name: str) -> Family:

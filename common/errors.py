@@ -13,7 +13,8 @@
     │   ├── ModelError             a model name that names nothing, or a folder that is no model
     │   ├── LoraError              a LoRA that cannot be used: unknown name, refused file, keys
     │   │                            or shapes that fit no layer of the model
-    │   └── VaeError               a VAE name that names nothing here, or a refused VAE file
+    │   ├── VaeError               a VAE name that names nothing here, or a refused VAE file
+    │   └── EmbeddingError         an embedding that names nothing here, is refused, or does not fit
     ├── TransientError             a service is unavailable for now (object store, broker, a
     │                                download): retried with backoff where it happens, and a job
     │                                that meets one runs again, up to ``job_attempts`` runs
@@ -103,6 +104,10 @@ class LoraError(InvalidInput):
 
 class VaeError(InvalidInput):
     """A VAE name names nothing here, or its file is refused."""
+
+
+class EmbeddingError(InvalidInput):
+    """A textual-inversion embedding names nothing here, is refused, or does not fit the model."""
 
 
 class TransientError(LorafleetError):

@@ -46,6 +46,8 @@ MAX_IMAGES = 8
 """Most images one job makes."""
 MAX_SEED = 2**32 - 1
 """Largest seed (seeds are unsigned 32-bit, as in A1111 and InvokeAI)."""
+MAX_EMBEDDINGS = 16
+"""Most textual-inversion embeddings one job's prompts may use."""
 MAX_TAGS = 32
 """Most free-form tags on a job."""
 
@@ -138,7 +140,9 @@ class GenerationJob(BaseModel):
     submit so that every record can be reproduced. ``lcm=True`` asks for the guidance's LCM
     recipe (LCM scheduler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35); values given
     explicitly always win. ``vae`` names a separate VAE (``autoimport/vae``) to decode
-    with; None is the model's default (`models add --vae`), else its own.
+    with; None is the model's default (`models add --vae`), else its own. ``embeddings``
+    lists the textual-inversion embeddings the prompts use: filled at submit with every
+    embedding whose name is written in a prompt.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -157,6 +161,10 @@ class GenerationJob(BaseModel):
     height: int | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     vae: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    embeddings: Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=200)]],
+        Field(max_length=MAX_EMBEDDINGS),
+    ] = []
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
     output_prefix: Annotated[str, StringConstraints(max_length=300)] = "images"
     priority: Priority = Priority.normal

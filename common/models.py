@@ -48,6 +48,8 @@ class ModelRef:
     """A single-file checkpoint's component configs: a diffusers folder or a hub id."""
     vae: str | None = None
     """The VAE its jobs decode with when they name none (a name in autoimport/vae)."""
+    text_widths: dict[str, int] | None = None
+    """Width of each text encoder's token vectors (``text_encoder``, ``text_encoder_2``)."""
 
     @property
     def queue(self) -> str:
@@ -73,6 +75,7 @@ class ModelRef:
             "prediction_type": self.prediction_type,
             "config": self.config,
             "vae": self.vae,
+            "text_widths": self.text_widths,
         }
 
 
@@ -98,6 +101,12 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
     vae = _config(folder / "vae" / "config.json")
     scheduler = _config(folder / "scheduler" / "scheduler_config.json")
     text_encoder = _config(folder / "text_encoder" / "config.json")
+    text_encoder_2 = _config(folder / "text_encoder_2" / "config.json")
+    widths = {
+        name: config["hidden_size"]
+        for name, config in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+        if isinstance(config.get("hidden_size"), int)
+    }
     cross = unet.get("cross_attention_dim")
     cross = cross if isinstance(cross, int) else None
     native = None
@@ -111,6 +120,7 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         native_size=native,
         cross_attention_dim=cross,
         prediction_type=prediction if isinstance(prediction, str) else None,
+        text_widths=widths or None,
     )
 
 
@@ -155,6 +165,7 @@ def describe_file(key: str, path: Path, config: str | None, settings_configs: di
         cross_attention_dim=info.cross_attention_dim,
         prediction_type=prediction,
         config=config,
+        text_widths=info.text_widths or None,
     )
 
 
@@ -166,6 +177,7 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "cross_attention_dim": entry.get("cross_attention_dim"),
         "prediction_type": entry.get("prediction_type"),
         "config": entry.get("config"),
+        "text_widths": entry.get("text_widths"),
     }
     vae = entry.get("vae")
     return replace(_source_ref(name, source, known, configs), vae=vae)
@@ -198,6 +210,7 @@ class ModelRegistry:
         self.checkpoints = settings.checkpoints_dir
         self.configs = dict(settings.checkpoint_configs)
         self.vaes = VaeCatalog(settings.vae_dir)
+        self.embeddings_folder = settings.embedding_dir
         self.redis = client
 
     def local_names(self) -> list[str]:

@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         return self.home / "autoimport" / "main"
 
     @property
+    def embedding_dir(self) -> Path:
+        """The drop folder for textual-inversion embeddings: a file here is a prompt word by its name."""
+        return self.home / "autoimport" / "embedding"
+
+    @property
     def vae_dir(self) -> Path:
         """The drop folder for separate VAEs: a .safetensors file or diffusers folder here is a VAE by its name."""
         return self.home / "autoimport" / "vae"

@@ -16,8 +16,9 @@ import uuid
 from dataclasses import dataclass
 
 from lorafleet.common import guidance
-from lorafleet.common.errors import JobRejected, LoraError, ModelError, VaeError
-from lorafleet.common.jobs import MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
+from lorafleet.common.embeddings import EmbeddingCatalog
+from lorafleet.common.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
+from lorafleet.common.jobs import MAX_EMBEDDINGS, MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
@@ -46,6 +47,7 @@ class JobResolver:
         self.models = models
         self.loras = loras
         self.vaes = models.vaes
+        self.embeddings = EmbeddingCatalog(models.embeddings_folder)
         self.lcm_loras = dict(lcm_loras or {})
 
     def _is_lcm(self, info: LoraInfo) -> bool:
@@ -85,6 +87,7 @@ class JobResolver:
                 f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
                 "LCM-LoRAs are meant for the lcm sampler"
             )
+        job.embeddings = self._embeddings(job, model, where)
         job.vae = job.vae or model.vae
         if job.vae is not None:
             try:
@@ -99,6 +102,27 @@ class JobResolver:
         job.job_id = job.job_id or new_id()
         job.model = model.key
         return ResolvedJob(job=job, model=model, warnings=warnings)
+
+    def _embeddings(self, job: GenerationJob, model: ModelRef, where: str) -> list[str]:
+        """The embeddings the job names or its prompts use, each checked against the model."""
+        names = sorted(set(job.embeddings) | set(self.embeddings.mentioned(job.prompt, job.negative_prompt)))
+        if len(names) > MAX_EMBEDDINGS:
+            raise JobRejected(
+                f"the prompts use {len(names)} embeddings",
+                field=f"{where}embeddings",
+                allowed=f"at most {MAX_EMBEDDINGS}",
+            )
+        for name in names:
+            try:
+                info = self.embeddings.get(name)
+            except EmbeddingError as exc:
+                raise JobRejected.of(exc, f"{where}embeddings") from None
+            problem = info.fits(model.family, model.text_widths) if model.text_widths else None
+            if problem:
+                raise JobRejected(
+                    problem, field=f"{where}embeddings", allowed="an embedding made for this model's family"
+                )
+        return names
 
     def _default_weight(self, info: LoraInfo, has_lcm: bool) -> float:
         if self._is_lcm(info):

@@ -17,6 +17,7 @@ import hashlib
 import io
 
 from lorafleet.common import __version__
+from lorafleet.common.embeddings import EmbeddingInfo
 from lorafleet.common.jobs import GenerationJob
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.vaes import VaeInfo
@@ -35,6 +36,7 @@ def parameters_text(
     loras: list[LoraInfo],
     model_hash: str | None = None,
     vae: VaeInfo | None = None,
+    embeddings: list[EmbeddingInfo] | None = None,
 ) -> str:
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
@@ -62,6 +64,9 @@ def parameters_text(
             for spec, info in zip(job.loras, loras)
         ]
         fields.append(("Lora weights", _quote(", ".join(weights))))
+    if embeddings:
+        hashes = ", ".join(f"{info.name}: {info.sha256[:10]}" for info in embeddings)
+        fields.append(("TI hashes", '"' + hashes.replace('"', "'") + '"'))
     fields.append(("Version", f"lorafleet {__version__}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafleet.common.embeddings import EmbeddingCatalog
 from lorafleet.common.errors import InvalidInput, JobCancelled, JobFailed, TransientError
 from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
 from lorafleet.common.metrics import record_finished
@@ -31,6 +32,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
 from lorafleet.common.vaes import VaeInfo
+from lorafleet.worker.embeddings import applied
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
@@ -96,6 +98,7 @@ class JobRunner:
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)
+        self.embeddings = EmbeddingCatalog(settings.embedding_dir)
         self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
         self.stats = WorkerStats()
@@ -255,7 +258,8 @@ class JobRunner:
         timings.lora_apply = patch.apply
         tick = time.perf_counter()
         vae = self.models.vaes.get(job.vae) if job.vae else None
-        with self.vaes.swapped(hot, vae):
+        embeddings = [self.embeddings.get(name) for name in job.embeddings]
+        with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
         timings.sampling = time.perf_counter() - tick
         restored = hot.patcher.restore()
@@ -263,7 +267,7 @@ class JobRunner:
         self.stats.switch_seconds.append(patch.apply + timings.restore)
         tick = time.perf_counter()
         refs = [
-            self._store_image(job, index, image, stack.infos, hot.model_hash, vae)
+            self._store_image(job, index, image, stack.infos, hot.model_hash, vae, embeddings)
             for index, image in enumerate(images)
         ]
         timings.upload = time.perf_counter() - tick
@@ -316,10 +320,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------ images
     def _store_image(
-        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None
+        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None, embeddings: list
     ) -> ImageRef:
         seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae))
+        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings))
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)

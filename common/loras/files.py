@@ -60,12 +60,16 @@ _TRIGGER_KEYS = ("lorafleet.trigger_words", "modelspec.trigger_phrase", "trigger
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    offsets: tuple[int, int] = (0, 0)
+    """Where its bytes are, from the start of the data (after the header)."""
 
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    data_start: int = 0
+    """Where the data begins in the file: 8 bytes of length plus the header."""
 
 
 def read_safetensors_header(path: Path, *, max_bytes: int = MAX_LORA_BYTES) -> SafetensorsHeader:
@@ -113,8 +117,8 @@ def read_safetensors_header(path: Path, *, max_bytes: int = MAX_LORA_BYTES) -> S
             raise _refused(
                 path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} {dtype}"
             )
-        tensors[name] = TensorInfo(dtype, tuple(shape))
-    return SafetensorsHeader(tensors, metadata)
+        tensors[name] = TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
+    return SafetensorsHeader(tensors, metadata, 8 + length)
 
 
 def _refused(path: Path, problem: str) -> FileRefused:
