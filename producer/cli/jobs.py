@@ -64,6 +64,34 @@ def _wait_and_report(client, job_ids: list[str], timeout: float | None, as_json:
         raise typer.Exit(EXIT_JOB_FAILED)
 
 
+BatchId = Annotated[
+    str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")
+]
+RequireWorker = Annotated[
+    bool,
+    typer.Option(
+        "--require-worker",
+        help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).",
+    ),
+]
+Wait = Annotated[
+    bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")
+]
+Timeout = Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _queue(
+    jobs: list, batch_id: str | None, require_worker: bool, wait: bool, timeout: float | None, as_json: bool
+) -> None:
+    """Submit ``jobs`` as one batch, say what was queued, and wait for them when asked."""
+    client = _client()
+    handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
+    _report_submitted(handles, as_json, wait)
+    if wait:
+        _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+
+
 def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
     if as_json and not waiting:
         print_json([{"job_id": h.job_id, "batch_id": h.batch_id, "warnings": h.warnings} for h in handles])
@@ -99,7 +127,8 @@ def submit(
     lcm: Annotated[
         bool,
         typer.Option(
-            "--lcm", help="The seed's LCM recipe: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35."
+            "--lcm",
+            help="The LCM recipe of InvokeAI's LoRA guidance: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35.",
         ),
     ] = False,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm).")] = None,
@@ -116,23 +145,11 @@ def submit(
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
     tag: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE, repeatable, kept on the record.")] = [],  # noqa: B006
-    batch_id: Annotated[
-        str | None, typer.Option("--batch-id", help="Batch to add the jobs to (default: a new one).")
-    ] = None,
-    require_worker: Annotated[
-        bool,
-        typer.Option(
-            "--require-worker",
-            help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).",
-        ),
-    ] = False,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Wait for the jobs, with progress, then print their timings.")
-    ] = False,
-    timeout: Annotated[
-        float | None, typer.Option(help="With --wait: give up after this many seconds.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    batch_id: BatchId = None,
+    require_worker: RequireWorker = False,
+    wait: Wait = False,
+    timeout: Timeout = None,
+    as_json: Json = False,
 ) -> None:
     """Queue one job (or --count jobs with consecutive seeds)."""
 
@@ -167,11 +184,7 @@ def submit(
             job if base_seed is None else job | {"seed": (base_seed + n * images) % 2**32}
             for n in range(count)
         ]
-        client = _client()
-        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
-        _report_submitted(handles, as_json, wait)
-        if wait:
-            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+        _queue(jobs, batch_id, require_worker, wait, timeout, as_json)
 
     run(action)
 
@@ -180,17 +193,11 @@ def submit_file(
     path: Annotated[
         Path, typer.Argument(help="JSON Lines: one job object per line.", exists=True, dir_okay=False)
     ],
-    batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
-    require_worker: Annotated[
-        bool,
-        typer.Option(
-            "--require-worker",
-            help="Refuse the jobs when no live worker serves their model (default: queue them with a warning).",
-        ),
-    ] = False,
-    wait: Annotated[bool, typer.Option("--wait")] = False,
-    timeout: Annotated[float | None, typer.Option()] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    batch_id: BatchId = None,
+    require_worker: RequireWorker = False,
+    wait: Wait = False,
+    timeout: Timeout = None,
+    as_json: Json = False,
 ) -> None:
     """Queue every job of a JSON Lines file as one batch: all of them, or none."""
 
@@ -207,11 +214,7 @@ def submit_file(
                 ) from None
         if not jobs:
             raise JobRejected("no jobs in the file", field=str(path))
-        client = _client()
-        handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
-        _report_submitted(handles, as_json, wait)
-        if wait:
-            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+        _queue(jobs, batch_id, require_worker, wait, timeout, as_json)
 
     run(action)
 

@@ -70,15 +70,20 @@ def test_a_job_on_a_dropped_checkpoint_gives_the_folders_pixels_and_names_its_ha
     assert (converted_folder(model, torch.float32, settings.converted_dir) / "model_index.json").is_file()
 
 
+def loaded_once(settings, name: str):
+    """A tiny checkpoint dropped as ``name``, loaded once: (settings, model, pipeline, converted copy)."""
+    folder = settings.models_dir / TINY
+    write_single_file(folder, settings.checkpoints_dir / f"{name}.safetensors", "sd15")
+    settings = settings.model_copy(update={"checkpoint_configs": {"sd15": str(folder)}})
+    model = ModelRegistry(settings).get(name)
+    first, _ = PipelineCache(settings).get(model)
+    return settings, model, first, converted_folder(model, torch.float32, settings.converted_dir)
+
+
 def test_the_second_load_of_a_checkpoint_is_a_folder_load_of_its_converted_copy(settings):
     import json
 
-    folder = settings.models_dir / TINY
-    write_single_file(folder, settings.checkpoints_dir / "again.safetensors", "sd15")
-    settings = settings.model_copy(update={"checkpoint_configs": {"sd15": str(folder)}})
-    model = ModelRegistry(settings).get("again")
-    first, _ = PipelineCache(settings).get(model)
-    copy = converted_folder(model, torch.float32, settings.converted_dir)
+    settings, model, first, copy = loaded_once(settings, "again")
     note = json.loads((copy / "lorafleet.json").read_text())
     assert note["model_hash"] == first.model_hash
     (copy / "lorafleet.json").write_text(json.dumps(note | {"model_hash": "from-copy"}))
@@ -87,12 +92,7 @@ def test_the_second_load_of_a_checkpoint_is_a_folder_load_of_its_converted_copy(
 
 
 def test_a_damaged_converted_copy_is_converted_again(settings):
-    folder = settings.models_dir / TINY
-    write_single_file(folder, settings.checkpoints_dir / "damaged.safetensors", "sd15")
-    settings = settings.model_copy(update={"checkpoint_configs": {"sd15": str(folder)}})
-    model = ModelRegistry(settings).get("damaged")
-    first, _ = PipelineCache(settings).get(model)
-    copy = converted_folder(model, torch.float32, settings.converted_dir)
+    settings, model, first, copy = loaded_once(settings, "damaged")
     (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\xff" * 64)
     second, _ = PipelineCache(settings).get(model)
     assert second.model_hash == first.model_hash

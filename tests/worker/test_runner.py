@@ -41,6 +41,15 @@ def write_changed_copy(home, name: str, change) -> None:
     save_file(state, str(folder / f"{name}.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
 
 
+def blocked_store(tmp_path):
+    """A local store whose root is a file: every upload fails as a store outage does."""
+    from lorafleet.common.storage import LocalStorage
+
+    blocked = tmp_path / "store-is-a-file"
+    blocked.write_text("no folder can be made under a file")
+    return LocalStorage(blocked)
+
+
 def pixels(record, runner) -> bytes:
     data = runner.storage.get(record.images[0].key)
     return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
@@ -255,12 +264,8 @@ def test_a_lora_whose_shapes_do_not_fit_fails_at_the_worker_with_weights_pristin
 
 
 def test_a_store_outage_queues_the_job_again_and_the_next_run_succeeds(client, runner, tmp_path):
-    from lorafleet.common.storage import LocalStorage
-
     good = runner.storage
-    blocked = tmp_path / "store-is-a-file"
-    blocked.write_text("no folder can be made under a file")
-    runner.storage = LocalStorage(blocked)
+    runner.storage = blocked_store(tmp_path)
     runner.settings = runner.settings.model_copy(update={"upload_attempts": 1})
     try:
         handle = client.submit(JOB)
@@ -278,12 +283,8 @@ def test_a_store_outage_queues_the_job_again_and_the_next_run_succeeds(client, r
 
 
 def test_a_store_that_stays_down_fails_the_job_after_job_attempts_runs(client, runner, tmp_path):
-    from lorafleet.common.storage import LocalStorage
-
     good = runner.storage
-    blocked = tmp_path / "store-is-a-file"
-    blocked.write_text("no folder can be made under a file")
-    runner.storage = LocalStorage(blocked)
+    runner.storage = blocked_store(tmp_path)
     runner.settings = runner.settings.model_copy(update={"upload_attempts": 1, "job_attempts": 2})
     try:
         handle = client.submit(JOB)
