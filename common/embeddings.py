@@ -29,6 +29,7 @@ from lorafleet.common.loras.files import (
     refuse_pickled,
     sha256_file,
 )
+from lorafleet.common.shared_files import SharedFiles
 
 MAX_EMBEDDING_BYTES = 16 * 1024**2
 """Largest embedding file accepted (a 75-vector SDXL embedding is under 1 MB)."""
@@ -40,10 +41,12 @@ class EmbeddingInfo:
     """One embedding: its vectors per text encoder (``text_encoder``, ``text_encoder_2``)."""
 
     name: str
-    path: Path
+    path: Path | None
     sha256: str
     vectors: int
     widths: dict[str, int]
+    object_key: str | None = None
+    """For an embedding known only from the shared registry: its object in the store."""
 
     def fits(self, family: Family | None, text_widths: dict[str, int]) -> str | None:
         """None if it fits a model whose text encoders are ``text_widths`` wide, else why not."""
@@ -113,16 +116,21 @@ def describe_embedding(path: Path, name: str | None = None) -> EmbeddingInfo:
 
 
 class EmbeddingCatalog:
-    """The embedding drop folder: names to files, each described once per (size, mtime)."""
+    """The embedding drop folder (each file described once per size and mtime) and, when
+    given, the fleet's registered embeddings."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, shared: SharedFiles | None = None) -> None:
         self.folder = Path(folder)
+        self.shared = shared
         self._described: dict[Path, tuple[tuple[int, int], EmbeddingInfo]] = {}
 
     def names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file())
+        local = (
+            [p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
+            if self.folder.is_dir()
+            else []
+        )
+        return sorted(set(local) | set(self.shared.names() if self.shared else []))
 
     def mentioned(self, *texts: str) -> list[str]:
         """Names of the folder's embeddings written as words in ``texts``, in name order."""
@@ -141,9 +149,15 @@ class EmbeddingCatalog:
             raise EmbeddingError(f"{name!r} {exc}") from None
         path = self.folder / f"{name}{SAFETENSORS_SUFFIX}"
         if not path.is_file():
-            raise EmbeddingError(
-                f"unknown embedding {name!r}", allowed=f"a .safetensors file in {self.folder}"
+            registered = self.shared.lookup(name) if self.shared else None
+            if registered is not None:
+                meta = registered.meta
+                vectors, widths = int(meta.get("vectors", 1)), dict(meta.get("widths", {}))
+                return EmbeddingInfo(name, None, registered.sha256, vectors, widths, registered.object_key)
+            where = f"a .safetensors file in {self.folder}" + (
+                " or an imported embedding" if self.shared else ""
             )
+            raise EmbeddingError(f"unknown embedding {name!r}", allowed=where)
         stat = path.stat()
         stamp = (stat.st_size, stat.st_mtime_ns)
         cached = self._described.get(path)

@@ -17,6 +17,9 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   cross_attention_dim} (`lorafleet models add`)
     lorafleet:loras                       hash    LoRA name -> JSON LoraInfo, its path the object
                                                   key (`lorafleet loras import`)
+    lorafleet:embeddings                  hash    embedding name -> JSON {sha256, object_key, size,
+                                                  meta} (`lorafleet embeddings import`)
+    lorafleet:vaes                        hash    VAE name -> the same (`lorafleet vaes import`)
     lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
     lorafleet:stats:finished              hash    final status -> jobs that ended so
     lorafleet:stats:phases                hash    "<phase>:sum" / "<phase>:count" -> seconds / jobs
@@ -45,6 +48,8 @@ ALL_JOBS = PREFIX + "jobs"
 MODELS_WITH_JOBS = PREFIX + "models"
 REGISTERED_MODELS = PREFIX + "registry:models"
 REGISTERED_LORAS = PREFIX + "loras"
+REGISTERED_EMBEDDINGS = PREFIX + "embeddings"
+REGISTERED_VAES = PREFIX + "vaes"
 WORKERS = PREFIX + "workers"
 STATS_FINISHED = PREFIX + "stats:finished"
 STATS_PHASES = PREFIX + "stats:phases"

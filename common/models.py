@@ -26,6 +26,7 @@ from lorafleet.common.errors import BadArgument, ConfigError, FileRefused, Model
 from lorafleet.common.family import Family, pipeline_family
 from lorafleet.common.loras.files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX
 from lorafleet.common.settings import Settings
+from lorafleet.common.shared_files import SharedFiles
 from lorafleet.common.vaes import VaeCatalog
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -209,7 +210,7 @@ class ModelRegistry:
         self.folder = settings.models_dir
         self.checkpoints = settings.checkpoints_dir
         self.configs = dict(settings.checkpoint_configs)
-        self.vaes = VaeCatalog(settings.vae_dir)
+        self.vaes = VaeCatalog(settings.vae_dir, SharedFiles(client, "vae") if client is not None else None)
         self.embeddings_folder = settings.embedding_dir
         self.redis = client
 

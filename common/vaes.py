@@ -20,6 +20,7 @@ from lorafleet.common.loras.files import (
     refuse_pickled,
     sha256_file,
 )
+from lorafleet.common.shared_files import SharedFiles
 
 DIFFUSERS_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MAX_VAE_BYTES = 2 * 1024**3
@@ -36,15 +37,18 @@ class VaeInfo:
     """A VAE: its name, where it is, and A1111's short hash of its weights file."""
 
     name: str
-    path: Path
-    weights: Path
+    path: Path | None
+    weights: Path | None
     short_hash: str
     single_file: bool
+    object_key: str | None = None
+    """For a VAE known only from the shared registry: its object in the store."""
+    sha256: str | None = None
 
     @property
     def file_name(self) -> str:
         """How A1111 names it in the parameters chunk (``VAE: sdxl_vae.safetensors``)."""
-        return self.weights.name if self.single_file else self.name
+        return f"{self.name}{SAFETENSORS_SUFFIX}" if self.single_file else self.name
 
 
 def check_vae_file(path: Path) -> None:
@@ -65,16 +69,18 @@ def check_vae_file(path: Path) -> None:
 class VaeCatalog:
     """The VAE drop folder: names to files or folders, each checked when looked up."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, shared: SharedFiles | None = None) -> None:
         self.folder = Path(folder)
+        self.shared = shared
         self._hashes: dict[tuple[Path, int, int], str] = {}
 
     def names(self) -> list[str]:
+        registered = set(self.shared.names()) if self.shared else set()
         if not self.folder.is_dir():
-            return []
+            return sorted(registered)
         files = [p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
         folders = [p.name for p in self.folder.iterdir() if (p / DIFFUSERS_VAE_WEIGHTS).is_file()]
-        return sorted(set(files) | set(folders))
+        return sorted(set(files) | set(folders) | registered)
 
     def get(self, name: str) -> VaeInfo:
         """The VAE ``name``; VaeError says why there is none to use."""
@@ -88,6 +94,10 @@ class VaeCatalog:
             weights, single = file, True
         elif (folder / DIFFUSERS_VAE_WEIGHTS).is_file() and (folder / "config.json").is_file():
             weights, single = folder / DIFFUSERS_VAE_WEIGHTS, False
+        elif self.shared is not None and (registered := self.shared.lookup(stem)) is not None:
+            return VaeInfo(
+                stem, None, None, registered.sha256[:10], True, registered.object_key, registered.sha256
+            )
         else:
             pickled = [self.folder / f"{stem}{s}" for s in PICKLED_SUFFIXES]
             if any(p.is_file() for p in pickled):

@@ -58,7 +58,7 @@ def import_lora(
         source, settings.home / "cache" / "downloads", sha256=sha256, progress=progress, remote=remote
     )
     try:
-        target = _target_name(name or fetched.suggested_name)
+        target = target_name(name or fetched.suggested_name)
         try:
             info = describe_file(fetched.path, target)
         except FileRefused as exc:
@@ -96,7 +96,7 @@ def import_lora(
     return result
 
 
-def _target_name(name: str) -> str:
+def target_name(name: str) -> str:
     """The name a LoRA is imported under, checked: a plain file name of at most MAX_NAME characters."""
     if name.lower().endswith(SAFETENSORS_SUFFIX):
         name = name[: -len(SAFETENSORS_SUFFIX)]

@@ -22,6 +22,7 @@ from lorafleet.common.jobs import MAX_EMBEDDINGS, MAX_LORAS, MAX_SEED, Generatio
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
+from lorafleet.common.shared_files import SharedFiles
 
 FALLBACK_SIZE = 512
 """Width and height when neither the job nor the model's config gives one (hub ids)."""
@@ -47,7 +48,8 @@ class JobResolver:
         self.models = models
         self.loras = loras
         self.vaes = models.vaes
-        self.embeddings = EmbeddingCatalog(models.embeddings_folder)
+        shared = SharedFiles(models.redis, "embedding") if models.redis is not None else None
+        self.embeddings = EmbeddingCatalog(models.embeddings_folder, shared)
         self.lcm_loras = dict(lcm_loras or {})
 
     def _is_lcm(self, info: LoraInfo) -> bool:

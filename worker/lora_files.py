@@ -115,24 +115,34 @@ class LoraFiles:
 
     def _fetch(self, info: LoraInfo, pinned: set[str]) -> Path:
         assert self.storage is not None and self.cache is not None and info.object_key is not None
-        storage, key = self.storage, info.object_key
-        try:
-            data = with_retries(f"fetch of LoRA {info.name!r}", lambda: storage.get(key), FETCH_ATTEMPTS)
-        except TransientError as exc:
-            raise JobFailed(
-                f"LoRA {info.name!r} could not be fetched from {storage.describe()} "
-                f"after {FETCH_ATTEMPTS} tries: {exc}"
-            ) from None
-        except JobFailed as exc:
-            raise JobFailed(
-                f"LoRA {info.name!r} is registered but its file is missing from the store: "
-                f"{exc.message}; import it again"
-            ) from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise JobFailed(
-                f"LoRA {info.name!r} fetched from {storage.describe()} has sha256 {digest[:12]}..., "
-                f"not the registered {info.sha256[:12]}...: the stored object is corrupt; import it again"
-            )
-        logger.info("LoRA %s (%s) fetched from %s", info.name, info.short_hash, storage.describe())
-        return self.cache.put(info.sha256, data, pinned)
+        return fetch_object(
+            self.storage, self.cache, f"LoRA {info.name!r}", info.object_key, info.sha256, pinned
+        )
+
+
+def fetch_object(
+    storage: Storage, cache: DiskCache, what: str, key: str, sha256: str, pinned: set[str] = frozenset()
+) -> Path:
+    """The registered file ``key`` on local disk: from the cache, else fetched from the store
+    (TransientError retried), checked against ``sha256`` and cached; JobFailed says why not."""
+    cached = cache.get(sha256)
+    if cached is not None:
+        return cached
+    try:
+        data = with_retries(f"fetch of {what}", lambda: storage.get(key), FETCH_ATTEMPTS)
+    except TransientError as exc:
+        raise JobFailed(
+            f"{what} could not be fetched from {storage.describe()} after {FETCH_ATTEMPTS} tries: {exc}"
+        ) from None
+    except JobFailed as exc:
+        raise JobFailed(
+            f"{what} is registered but its file is missing from the store: {exc.message}; import it again"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise JobFailed(
+            f"{what} fetched from {storage.describe()} has sha256 {digest[:12]}..., "
+            f"not the registered {sha256[:12]}...: the stored object is corrupt; import it again"
+        )
+    logger.info("%s (%s) fetched from %s", what, sha256[:12], storage.describe())
+    return cache.put(sha256, data, pinned)

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -29,10 +29,12 @@ from lorafleet.common.metrics import record_finished
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.retry import with_retries
 from lorafleet.common.settings import Settings
+from lorafleet.common.shared_files import SharedFiles
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
 from lorafleet.common.vaes import VaeInfo
 from lorafleet.worker.embeddings import applied
+from lorafleet.worker.lora_files import DiskCache, fetch_object
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
@@ -98,7 +100,11 @@ class JobRunner:
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)
-        self.embeddings = EmbeddingCatalog(settings.embedding_dir)
+        self.embeddings = EmbeddingCatalog(settings.embedding_dir, SharedFiles(store.redis, "embedding"))
+        # Registered embeddings and VAEs are fetched into the LoRA files' disk cache (by sha256).
+        self.disk = loras.files.cache or DiskCache(
+            settings.lora_disk_cache_folder, settings.lora_disk_cache_mb * 1024 * 1024
+        )
         self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
         self.stats = WorkerStats()
@@ -257,8 +263,8 @@ class JobRunner:
         patch = hot.patcher.apply(stack.entries)
         timings.lora_apply = patch.apply
         tick = time.perf_counter()
-        vae = self.models.vaes.get(job.vae) if job.vae else None
-        embeddings = [self.embeddings.get(name) for name in job.embeddings]
+        vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
+        embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
         timings.sampling = time.perf_counter() - tick
@@ -272,6 +278,16 @@ class JobRunner:
         ]
         timings.upload = time.perf_counter() - tick
         return refs
+
+    def _local(self, info):
+        """An embedding or VAE with a file on this worker: fetched from the store when it is
+        known only from the shared registry (checked by sha256, kept in the disk cache)."""
+        if info.path is not None or info.object_key is None:
+            return info
+        path = fetch_object(self.storage, self.disk, repr(info.name), info.object_key, info.sha256)
+        return (
+            replace(info, path=path, weights=path) if hasattr(info, "weights") else replace(info, path=path)
+        )
 
     def _restore(self, hot: HotPipeline) -> None:
         hot.patcher.restore()

@@ -32,6 +32,8 @@ app = typer.Typer(
 app.add_typer(embedded_redis.redis_app, name="redis")
 app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.loras_app, name="loras")
+app.add_typer(catalog.embeddings_app, name="embeddings")
+app.add_typer(catalog.vaes_app, name="vaes")
 app.add_typer(fleet.workers_app, name="workers")
 # Commands are listed in `lorafleet --help` in this order.
 app.command("queues")(fleet.queues)

@@ -23,9 +23,14 @@ from lorafleet.common.storage import open_storage
 from lorafleet.producer.cli.display import DownloadProgress
 from lorafleet.producer.cli.terminal import console, print_json, run
 from lorafleet.producer.cli.worker_side import worker_side
+from lorafleet.producer.file_imports import import_file
 from lorafleet.producer.lora_imports import import_lora
 
 models_app = typer.Typer(help="Registered base models.", no_args_is_help=True)
+embeddings_app = typer.Typer(
+    help="Textual-inversion embeddings (autoimport/embedding).", no_args_is_help=True
+)
+vaes_app = typer.Typer(help="Separate VAE files (autoimport/vae).", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
 
 UNMATCHED_SHOWN = 10
@@ -373,3 +378,52 @@ def _lora_registry(settings: Settings) -> LoraRegistry | None:
     """The fleet's shared LoRA registry; None as above."""
     client = _fleet_redis(settings)
     return LoraRegistry(client) if client else None
+
+
+def _import_file(kind: str, file: Path, name: str | None) -> None:
+    settings = Settings()
+
+    def action():
+        result = import_file(settings, kind, file, _fleet_redis(settings), name)
+        console.print(
+            f"imported {kind} {result.name} (sha256 {result.sha256[:12]}) into {result.destination.parent}",
+            markup=False,
+            highlight=False,
+        )
+        if result.shared is None:
+            console.print(
+                "not registered for other machines: no broker is configured and the embedded Redis "
+                "is not running",
+                markup=False,
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"stored as {result.shared.object_key}; registered as {result.name!r} for every machine "
+                "on this broker",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    run(action)
+
+
+@embeddings_app.command("import")
+def embeddings_import(
+    file: Annotated[Path, typer.Argument(help="A .safetensors embedding.", exists=True, dir_okay=False)],
+    name: Annotated[str | None, typer.Option(help="The word prompts use (default: the file's name).")] = None,
+) -> None:
+    """Check an embedding, share it with every machine and drop it into autoimport/embedding."""
+    _import_file("embedding", file, name)
+
+
+@vaes_app.command("import")
+def vaes_import(
+    file: Annotated[
+        Path, typer.Argument(help="A single-file .safetensors VAE.", exists=True, dir_okay=False)
+    ],
+    name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
+) -> None:
+    """Check a VAE file, share it with every machine and drop it into autoimport/vae."""
+    _import_file("vae", file, name)

@@ -1,0 +1,58 @@
+"""Importing an embedding or a VAE file for the fleet: checked, shared, dropped into the folder.
+
+As ``lora_imports`` does for LoRAs, in the same order: the file is checked (an embedding's
+vectors, a VAE's decoder), stored by sha256 and registered when a broker is reachable, then
+copied into this machine's ``autoimport/embedding`` or ``autoimport/vae`` folder. A refused
+file leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from lorafleet.common.embeddings import describe_embedding
+from lorafleet.common.errors import FileRefused
+from lorafleet.common.loras.files import SAFETENSORS_SUFFIX, sha256_file
+from lorafleet.common.settings import Settings
+from lorafleet.common.shared_files import Kind, SharedFile, SharedFiles
+from lorafleet.common.storage import copy_atomic, open_storage
+from lorafleet.common.vaes import check_vae_file
+from lorafleet.producer.lora_imports import target_name
+
+
+@dataclass
+class ImportedFile:
+    name: str
+    sha256: str
+    destination: Path
+    shared: SharedFile | None
+
+
+def import_file(
+    settings: Settings, kind: Kind, file: Path, client: redis.Redis | None, name: str | None = None
+):
+    """Check ``file`` as an embedding or a VAE, share it, and drop it into its folder."""
+    target = target_name(name or file.stem)
+    try:
+        if kind == "embedding":
+            info = describe_embedding(file, target)
+            sha256, meta, folder = (
+                info.sha256,
+                {"vectors": info.vectors, "widths": info.widths},
+                settings.embedding_dir,
+            )
+        else:
+            check_vae_file(file)
+            sha256, meta, folder = sha256_file(file), {}, settings.vae_dir
+    except FileRefused as exc:
+        raise FileRefused(f"{file.name} is not a usable {kind}: {exc.reason}", field="FILE") from None
+    shared = None
+    if client is not None:
+        shared = SharedFiles(client, kind).publish(target, file, sha256, meta, open_storage(settings))
+    destination = folder / f"{target}{SAFETENSORS_SUFFIX}"
+    if not (destination.exists() and sha256_file(destination) == sha256):
+        copy_atomic(file, destination)
+    return ImportedFile(target, sha256, destination, shared)
