@@ -16,6 +16,9 @@ import array
 import math
 import re
 import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +126,7 @@ class EmbeddingCatalog:
         self.folder = Path(folder)
         self.shared = shared
         self._described: dict[Path, tuple[tuple[int, int], EmbeddingInfo]] = {}
+        self._batch = threading.local()
 
     def names(self) -> list[str]:
         local = (
@@ -132,14 +136,24 @@ class EmbeddingCatalog:
         )
         return sorted(set(local) | set(self.shared.names() if self.shared else []))
 
+    @contextmanager
+    def names_read_once(self) -> Iterator[None]:
+        """Within the block, ``mentioned`` reads the folder and the registry once (this thread):
+        a batch of jobs costs one listing, not one per job."""
+        self._batch.names = self.names()
+        try:
+            yield
+        finally:
+            self._batch.names = None
+
     def mentioned(self, *texts: str) -> list[str]:
-        """Names of the folder's embeddings written as words in ``texts``, in name order."""
-        found = []
-        for name in self.names():
-            pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
-            if any(pattern.search(text) for text in texts):
-                found.append(name)
-        return found
+        """Names of the embeddings written as words in ``texts``, in name order."""
+        names = getattr(self._batch, "names", None)
+        names = self.names() if names is None else names
+        if not names:
+            return []
+        words = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
+        return sorted({match for text in texts for match in words.findall(text)})
 
     def get(self, name: str) -> EmbeddingInfo:
         """The embedding ``name``; EmbeddingError says why there is none to use."""

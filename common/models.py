@@ -141,7 +141,9 @@ def is_checkpoint_path(path: Path) -> bool:
     return path.suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLED_SUFFIXES)
 
 
-def describe_file(key: str, path: Path, config: str | None, settings_configs: dict[str, str]) -> ModelRef:
+def describe_checkpoint_file(
+    key: str, path: Path, config: str | None, settings_configs: dict[str, str]
+) -> ModelRef:
     """A checkpoint file as a model: its family from the tensors, its configs from ``config``,
     else LORAFLEET_CHECKPOINT_CONFIGS, else the family's canonical repository."""
     try:
@@ -192,7 +194,7 @@ def _source_ref(name: str, source: str, known: dict, configs: dict[str, str]) ->
         described = describe_folder(name, path)
         return replace(described, family=described.family or known["family"])
     if path.is_file() and is_checkpoint_path(path):  # this machine sees the checkpoint
-        return describe_file(name, path, known["config"], configs)
+        return describe_checkpoint_file(name, path, known["config"], configs)
     if is_checkpoint_path(path) and known["config"] is None and known["family"] is not None:
         known["config"] = configs.get(known["family"].value) or CANONICAL_CONFIGS[known["family"]]
     return ModelRef(key=name, path=path, **known)  # a file or folder only the workers see
@@ -271,7 +273,7 @@ class ModelRegistry:
             ref = replace(described, family=family or described.family)
         elif is_checkpoint_path(path) and (path.exists() or not path.is_absolute()):
             try:
-                ref = describe_file(name, path, config, self.configs)
+                ref = describe_checkpoint_file(name, path, config, self.configs)
             except ModelError as exc:
                 raise BadArgument(exc.reason, field="SOURCE", allowed=exc.allowed) from None
             if family is not None and family is not ref.family:
@@ -310,7 +312,7 @@ class ModelRegistry:
         """The model at path ``ref`` (a checkpoint or a pipeline folder), a hub id, or None."""
         path = Path(ref).expanduser()
         if path.is_file() and is_checkpoint_path(path):
-            return describe_file(str(path.absolute()), path, None, self.configs)
+            return describe_checkpoint_file(str(path.absolute()), path, None, self.configs)
         if is_pipeline_folder(path):
             path = path.absolute()
             if path.parent == self.folder.absolute():
@@ -326,7 +328,7 @@ class ModelRegistry:
             return describe_folder(ref, self.folder / ref)
         dropped = self._checkpoint_in_folder(ref)
         if dropped is not None:
-            return describe_file(dropped.stem, dropped, None, self.configs)
+            return describe_checkpoint_file(dropped.stem, dropped, None, self.configs)
         registered = self._registered_ref(ref)
         if registered is not None:
             return registered

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.common.errors import FileRefused, VaeError
+from lorafleet.common.jobs import check_lora_name
 from lorafleet.common.loras.files import (
     PICKLED_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -34,16 +35,26 @@ _DECODER_OUT = (
 
 @dataclass(frozen=True)
 class VaeInfo:
-    """A VAE: its name, where it is, and A1111's short hash of its weights file."""
+    """A VAE: its name, where it is (a file, or a diffusers folder), and its weights' sha256."""
 
     name: str
     path: Path | None
-    weights: Path | None
-    short_hash: str
     single_file: bool
+    sha256: str
     object_key: str | None = None
     """For a VAE known only from the shared registry: its object in the store."""
-    sha256: str | None = None
+
+    @property
+    def weights(self) -> Path | None:
+        """The file that holds the weights: the VAE file itself, or the folder's weights file."""
+        if self.path is None or self.single_file:
+            return self.path
+        return self.path / DIFFUSERS_VAE_WEIGHTS
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's "VAE hash": the first 10 hex digits of the weights' sha256."""
+        return self.sha256[:10]
 
     @property
     def file_name(self) -> str:
@@ -85,19 +96,19 @@ class VaeCatalog:
     def get(self, name: str) -> VaeInfo:
         """The VAE ``name``; VaeError says why there is none to use."""
         stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
-        if not stem or "/" in stem or "\\" in stem or stem.startswith(".") or "\x00" in stem:
+        try:
+            check_lora_name(stem)  # the same rule as any name that must stay inside its folder
+        except ValueError as exc:
             raise VaeError(
-                f"{name!r} is not a VAE name", allowed="a file or folder name in " + str(self.folder)
-            )
+                f"{name!r} is not a VAE name: {exc}", allowed=f"a file or folder name in {self.folder}"
+            ) from None
         file, folder = self.folder / f"{stem}{SAFETENSORS_SUFFIX}", self.folder / stem
         if file.is_file():
             weights, single = file, True
         elif (folder / DIFFUSERS_VAE_WEIGHTS).is_file() and (folder / "config.json").is_file():
             weights, single = folder / DIFFUSERS_VAE_WEIGHTS, False
         elif self.shared is not None and (registered := self.shared.lookup(stem)) is not None:
-            return VaeInfo(
-                stem, None, None, registered.sha256[:10], True, registered.object_key, registered.sha256
-            )
+            return VaeInfo(stem, None, True, registered.sha256, registered.object_key)
         else:
             pickled = [self.folder / f"{stem}{s}" for s in PICKLED_SUFFIXES]
             if any(p.is_file() for p in pickled):
@@ -111,11 +122,12 @@ class VaeCatalog:
             check_vae_file(weights)
         except FileRefused as exc:
             raise VaeError(f"VAE {name!r} is refused: {exc.message}") from None
-        return VaeInfo(stem, file if single else folder, weights, self._short_hash(weights), single)
+        return VaeInfo(stem, file if single else folder, single, self._sha256(weights))
 
-    def _short_hash(self, path: Path) -> str:
+    def _sha256(self, path: Path) -> str:
+        """The file's sha256, hashed once per (size, mtime)."""
         stat = path.stat()
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in self._hashes:
-            self._hashes[key] = sha256_file(path)[:10]
+            self._hashes[key] = sha256_file(path)
         return self._hashes[key]

@@ -117,19 +117,20 @@ class Client:
             return []
         batch = batch_id or new_id()
         records, problems = [], []
-        for index, raw in enumerate(jobs):
-            where = f"jobs[{index}]." if len(jobs) > 1 else ""
-            try:
-                job = parse_job(raw, where=where)
-                if job.batch_id is None:
-                    job.batch_id = batch
-                resolved = self.resolver.resolve(job, where=where)
-            except JobRejected as exc:
-                problems.extend(exc.problems)
-                continue
-            records.append(
-                JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings)
-            )
+        with self.resolver.embeddings.names_read_once():
+            for index, raw in enumerate(jobs):
+                where = f"jobs[{index}]." if len(jobs) > 1 else ""
+                try:
+                    job = parse_job(raw, where=where)
+                    if job.batch_id is None:
+                        job.batch_id = batch
+                    resolved = self.resolver.resolve(job, where=where)
+                except JobRejected as exc:
+                    problems.extend(exc.problems)
+                    continue
+                records.append(
+                    JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings)
+                )
         if not problems:
             problems = self._check_served(records, require_worker, multiple=len(jobs) > 1)
         if problems:

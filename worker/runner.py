@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorafleet.common.embeddings import EmbeddingCatalog
+from lorafleet.common.embeddings import EmbeddingCatalog, EmbeddingInfo
 from lorafleet.common.errors import InvalidInput, JobCancelled, JobFailed, TransientError
 from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
 from lorafleet.common.metrics import record_finished
@@ -279,15 +279,13 @@ class JobRunner:
         timings.upload = time.perf_counter() - tick
         return refs
 
-    def _local(self, info):
+    def _local(self, info: EmbeddingInfo | VaeInfo) -> EmbeddingInfo | VaeInfo:
         """An embedding or VAE with a file on this worker: fetched from the store when it is
         known only from the shared registry (checked by sha256, kept in the disk cache)."""
         if info.path is not None or info.object_key is None:
             return info
         path = fetch_object(self.storage, self.disk, repr(info.name), info.object_key, info.sha256)
-        return (
-            replace(info, path=path, weights=path) if hasattr(info, "weights") else replace(info, path=path)
-        )
+        return replace(info, path=path)
 
     def _restore(self, hot: HotPipeline) -> None:
         hot.patcher.restore()
