@@ -22,8 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from lorafleet.common import guidance
+from lorafleet.common import guidance, samplers
 from lorafleet.common.errors import JobRejected
+from lorafleet.common.samplers import Sampler
 
 # ---------------------------------------------------------------------------- limits
 MIN_SIZE = 64
@@ -50,6 +51,8 @@ MAX_EMBEDDINGS = 16
 """Most textual-inversion embeddings one job's prompts may use."""
 MAX_TAGS = 32
 """Most free-form tags on a job."""
+MAX_CLIP_SKIP = 12
+"""Largest clip skip (A1111's meaning: 1 is the text encoder's last layer, 2 the one before)."""
 
 DEFAULT_STEPS = 25
 """Steps for standard samplers when a job gives none."""
@@ -70,17 +73,6 @@ def check_lora_name(name: str) -> None:
             "must be a plain LoRA name: no path separators, control characters, "
             "leading dot or surrounding spaces"
         )
-
-
-class Sampler(str, Enum):
-    """Samplers a job may ask for; names as users type them."""
-
-    lcm = "lcm"
-    euler = "euler"
-    euler_a = "euler_a"
-    dpmpp_2m = "dpmpp_2m"
-    dpmpp_2m_karras = "dpmpp_2m_karras"
-    ddim = "ddim"
 
 
 class Priority(str, Enum):
@@ -153,13 +145,25 @@ class GenerationJob(BaseModel):
     loras: Annotated[list[LoraSpec], Field(max_length=MAX_LORAS)] = []
     prompt: Prompt
     negative_prompt: Prompt = ""
-    sampler: Sampler = Sampler.euler_a
+    sampler: Annotated[
+        Sampler,
+        Field(description=f"lorafleet's name or A1111's (any case): {samplers.allowed()}"),
+    ] = Sampler.euler_a
     lcm: bool = False
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     cfg_scale: Annotated[float, Field(ge=0.0, le=MAX_CFG, allow_inf_nan=False)] | None = None
     width: int | None = None
     height: int | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    clip_skip: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_CLIP_SKIP,
+            description="A1111's clip skip: 1 uses the text encoder's last layer, 2 the one before, ... "
+            "(SDXL as in diffusers: 1 is its usual penultimate layer, 2 the one before that).",
+        ),
+    ] = 1
     vae: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
     embeddings: Annotated[
         list[Annotated[str, StringConstraints(min_length=1, max_length=200)]],
@@ -172,6 +176,11 @@ class GenerationJob(BaseModel):
         Annotated[str, StringConstraints(min_length=1, max_length=64)],
         Annotated[str, StringConstraints(max_length=256)],
     ] = {}
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler_alias(cls, value: Any) -> Any:
+        return samplers.from_alias(value) if isinstance(value, str) else value
 
     @field_validator("width", "height")
     @classmethod
@@ -203,7 +212,7 @@ class GenerationJob(BaseModel):
     def _defaults_by_sampler(self) -> GenerationJob:
         if self.lcm and "sampler" not in self.model_fields_set:
             self.sampler = Sampler.lcm
-        lcm = self.sampler is Sampler.lcm
+        lcm = self.sampler.is_lcm
         if self.steps is None:
             self.steps = guidance.LCM_STEPS if lcm else DEFAULT_STEPS
         if self.cfg_scale is None:
@@ -213,7 +222,7 @@ class GenerationJob(BaseModel):
     def advice(self) -> list[str]:
         """Warnings for settings InvokeAI's LoRA guidance advises against; nothing is changed."""
         notes = []
-        if self.sampler is Sampler.lcm:
+        if self.sampler.is_lcm:
             if self.steps and self.steps > guidance.LCM_MAX_STEPS_ADVISED:
                 notes.append(f"steps={self.steps} under the LCM sampler: LCM is meant for 4-8 steps")
             if self.cfg_scale is not None and self.cfg_scale > guidance.LCM_MAX_CFG_ADVISED:
@@ -240,6 +249,7 @@ RANGES = {
     "num_images": f"a whole number from 1 to {MAX_IMAGES}",
     "weight": f"a number from {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
     "text_encoder_weight": f"a number from {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",
+    "clip_skip": f"a whole number from 1 to {MAX_CLIP_SKIP}",
 }
 """What each numeric field allows, for refusals."""
 _RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number"}

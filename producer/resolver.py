@@ -15,13 +15,23 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from lorafleet.common import guidance
 from lorafleet.common.embeddings import EmbeddingCatalog
 from lorafleet.common.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
-from lorafleet.common.jobs import MAX_EMBEDDINGS, MAX_LORAS, MAX_SEED, GenerationJob, LoraSpec, Sampler
+from lorafleet.common.jobs import (
+    MAX_EMBEDDINGS,
+    MAX_LORAS,
+    MAX_SEED,
+    GenerationJob,
+    LoraSpec,
+    describe_validation_error,
+)
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
+from lorafleet.common.prompts import check_weights, split_lora_tags
 from lorafleet.common.shared_files import SharedFiles
 
 FALLBACK_SIZE = 512
@@ -62,7 +72,9 @@ class JobResolver:
         except ModelError as exc:
             raise JobRejected.of(exc, f"{where}model") from None
         warnings = list(job.advice())
-        infos = [self._lora(spec, i, model, where=where) for i, spec in enumerate(job.loras)]
+        origins = self._take_prompt_loras(job, where)
+        infos = [self._lora(spec, origin, model, where=where) for spec, origin in zip(job.loras, origins)]
+        infos = self._merge_repeats(job, infos, origins)
         if job.lcm and not any(self._is_lcm(info) for info in infos):
             lcm = self._lcm_lora_for(model, where, warnings)
             if len(job.loras) >= MAX_LORAS:
@@ -84,7 +96,7 @@ class JobResolver:
                     job.prompt = ", ".join(filter(None, [job.prompt, *info.trigger_words]))
                 else:
                     warnings.append(f"LoRA {info.name!r} has no trigger words to inject")
-        if has_lcm and job.sampler is not Sampler.lcm:
+        if has_lcm and not job.sampler.is_lcm:
             warnings.append(
                 f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
                 "LCM-LoRAs are meant for the lcm sampler"
@@ -104,6 +116,70 @@ class JobResolver:
         job.job_id = job.job_id or new_id()
         job.model = model.key
         return ResolvedJob(job=job, model=model, warnings=warnings)
+
+    def _take_prompt_loras(self, job: GenerationJob, where: str) -> list[str]:
+        """Move the prompt's LoRA tags to the end of ``job.loras``, in the order written, and
+        return where each stack entry came from (a field, or the tag), for messages."""
+        try:
+            job.prompt, tags = split_lora_tags(job.prompt)
+            check_weights(job.prompt)
+        except ValueError as exc:
+            raise JobRejected(str(exc), field=f"{where}prompt") from None
+        try:
+            negative, negative_tags = split_lora_tags(job.negative_prompt)
+            check_weights(negative)
+        except ValueError as exc:
+            raise JobRejected(str(exc), field=f"{where}negative_prompt") from None
+        if negative_tags:
+            raise JobRejected(
+                f"{negative_tags[0].text} is a LoRA tag in the negative prompt",
+                field=f"{where}negative_prompt",
+                allowed="LoRA tags in the prompt (a LoRA changes the whole model, not one prompt)",
+            )
+        origins = [f"{where}loras[{index}]" for index in range(len(job.loras))]
+        for tag in tags:
+            try:
+                spec = LoraSpec(name=tag.name, weight=tag.weight, text_encoder_weight=tag.text_encoder_weight)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{field}: {message}" for field, message in describe_validation_error(exc)
+                )
+                raise JobRejected(f"LoRA tag {tag.text}: {problems}", field=f"{where}prompt") from None
+            job.loras.append(spec)
+            origins.append(f"{where}prompt tag {tag.text}")
+        if len(job.loras) > MAX_LORAS:
+            raise JobRejected(
+                f"the stack has {len(job.loras)} LoRAs ({len(tags)} from tags in the prompt)",
+                field=f"{where}loras",
+                allowed=f"at most {MAX_LORAS} LoRAs",
+            )
+        return origins
+
+    @staticmethod
+    def _merge_repeats(job: GenerationJob, infos: list[LoraInfo], origins: list[str]) -> list[LoraInfo]:
+        """One entry per LoRA where a prompt tag names a LoRA already in the stack at the same
+        weights (or a tag gives no weight); refused where the weights differ."""
+        first: dict[str, int] = {}
+        kept: list[int] = []
+        for index, (spec, info) in enumerate(zip(job.loras, infos)):
+            earlier = first.get(info.sha256)
+            if earlier is None or "tag" not in origins[index] + origins[earlier]:
+                first.setdefault(info.sha256, index)
+                kept.append(index)
+                continue
+            before = job.loras[earlier]
+            if spec.weight is not None and (spec.weight, spec.text_encoder_weight) != (
+                before.weight,
+                before.text_encoder_weight,
+            ):
+                raise JobRejected(
+                    f"LoRA {info.name!r} is in the stack twice with different weights: "
+                    f"{origins[earlier]} ({_weights(before)}) and {origins[index]} ({_weights(spec)})",
+                    field=origins[index].split(" ")[0],
+                    allowed="each LoRA once, or the same weights in both places",
+                )
+        job.loras = [job.loras[index] for index in kept]
+        return [infos[index] for index in kept]
 
     def _embeddings(self, job: GenerationJob, model: ModelRef, where: str) -> list[str]:
         """The embeddings the job names or its prompts use, each checked against the model."""
@@ -131,17 +207,19 @@ class JobResolver:
             return guidance.LCM_LORA_WEIGHT
         return guidance.LORA_WEIGHT_BESIDE_LCM if has_lcm else guidance.LORA_WEIGHT
 
-    def _lora(self, spec: LoraSpec, index: int, model: ModelRef, *, where: str) -> LoraInfo:
-        field = f"{where}loras[{index}].name"
+    def _lora(self, spec: LoraSpec, origin: str, model: ModelRef, *, where: str) -> LoraInfo:
+        from_tag = not origin.startswith(f"{where}loras[")
+        field = origin.split(" ")[0] if from_tag else f"{origin}.name"
         try:
             info = self.loras.get(spec.name)
         except LoraError as exc:
-            raise JobRejected.of(exc, field) from None
+            reason = f"{origin.split(' ', 1)[1]}: {exc.reason}" if from_tag else exc.reason
+            raise JobRejected(reason, field=field, allowed=exc.allowed) from None
         if spec.sha256 and spec.sha256 != info.sha256:
             raise JobRejected(
                 f"LoRA {spec.name!r} on disk has sha256 {info.short_hash}..., not the "
                 f"{spec.sha256[:12]}... the job asks for",
-                field=f"{where}loras[{index}].sha256",
+                field=f"{origin}.sha256",
             )
         if info.family and model.family and info.family != model.family:
             raise JobRejected(
@@ -186,3 +264,11 @@ class JobResolver:
                 "name one in LORAFLEET_LCM_LORAS to choose"
             )
         return candidates[0]
+
+
+def _weights(spec: LoraSpec) -> str:
+    if spec.weight is None:
+        return "default weight"
+    if spec.text_encoder_weight is None:
+        return f"weight {spec.weight:g}"
+    return f"weight {spec.weight:g}, text encoder {spec.text_encoder_weight:g}"

@@ -5,10 +5,12 @@ ComfyUI nodes and PNG-info readers parse:
 
     <prompt> <lora:NAME:WEIGHT> ...
     Negative prompt: <negative prompt>
-    Steps: 4, Sampler: LCM, CFG scale: 1, Seed: 42, Size: 64x64, Model hash: 0123456789, Model: tiny-sd15,
-    Lora hashes: "NAME: 0123456789ab, ...", Version: lorafleet 0.1.0
+    Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 1, Seed: 42, Size: 64x64,
+    Model hash: 0123456789, Model: tiny-sd15, Clip skip: 2, Lora hashes: "NAME: 0123456789ab, ...",
+    Version: lorafleet 0.1.0
 
-(the last line is one line in the file).
+(the last line is one line in the file). A LoRA whose text-encoder weight differs is tagged
+``<lora:NAME:TE:UNET>``, A1111's order. common/infotext.py reads it back.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from lorafleet.common import __version__
 from lorafleet.common.embeddings import EmbeddingInfo
 from lorafleet.common.jobs import GenerationJob
 from lorafleet.common.loras.files import LoraInfo
+from lorafleet.common.prompts import format_number, lora_tag
+from lorafleet.common.samplers import a1111_fields
 from lorafleet.common.vaes import VaeInfo
-from lorafleet.worker.sampling import A1111_NAMES
 
 
 def _quote(text: str) -> str:
@@ -41,29 +44,26 @@ def parameters_text(
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
     prompt = job.prompt.replace("\n", " ")
-    tags = " ".join(f"<lora:{info.name}:{spec.weight:g}>" for spec, info in zip(job.loras, loras))
+    tags = " ".join(
+        lora_tag(info.name, spec.weight, spec.text_encoder_weight) for spec, info in zip(job.loras, loras)
+    )
     lines = [f"{prompt} {tags}".strip()]
     if job.negative_prompt:
         lines.append("Negative prompt: " + job.negative_prompt.replace("\n", " "))
     fields = [
         ("Steps", str(job.steps)),
-        ("Sampler", A1111_NAMES[job.sampler]),
-        ("CFG scale", f"{job.cfg_scale:g}"),
+        *a1111_fields(job.sampler),
+        ("CFG scale", format_number(job.cfg_scale)),
         ("Seed", str(seed)),
         ("Size", f"{job.width}x{job.height}"),
         *([("Model hash", model_hash)] if model_hash else []),
         ("Model", _quote(job.model)),
         *([("VAE hash", vae.short_hash), ("VAE", _quote(vae.file_name))] if vae else []),
+        *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
     ]
     if loras:
         hashes = ", ".join(f"{info.name}: {info.short_hash}" for info in loras)
         fields.append(("Lora hashes", '"' + hashes.replace('"', "'") + '"'))
-        weights = [
-            f"{info.name}: {spec.weight:g}"
-            + (f"/{spec.text_encoder_weight:g}" if spec.text_encoder_weight is not None else "")
-            for spec, info in zip(job.loras, loras)
-        ]
-        fields.append(("Lora weights", _quote(", ".join(weights))))
     if embeddings:
         hashes = ", ".join(f"{info.name}: {info.sha256[:10]}" for info in embeddings)
         fields.append(("TI hashes", '"' + hashes.replace('"', "'") + '"'))

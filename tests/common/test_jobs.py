@@ -49,7 +49,7 @@ def refused(**fields) -> JobRejected:
         ({"loras": [{"name": f"l{i}"} for i in range(MAX_LORAS + 1)]}, "loras", "at most 8"),
         ({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt", "at most 2000 characters"),
         ({"negative_prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt", "at most 2000"),
-        ({"sampler": "plms"}, "sampler", "'lcm', 'euler', 'euler_a'"),
+        ({"sampler": "plms"}, "sampler", "allowed: lcm (LCM), lcm_trailing (LCM SGM Uniform)"),
         ({"priority": "urgent"}, "priority", "'high', 'normal' or 'low'"),
         ({"output_prefix": "../up"}, "output_prefix", "segments of letters"),
         ({"output_prefix": "/abs"}, "output_prefix", "segments of letters"),

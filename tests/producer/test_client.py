@@ -95,7 +95,7 @@ def test_submit_many_is_all_or_nothing(client):
     assert len(queued_messages(client)) == 2
 
 
-def test_default_weights_follow_the_seed(client):
+def test_default_weights_follow_invokeais_lora_guidance(client):
     alone = client.submit(JOB | {"loras": [{"name": "watercolor"}]}).job
     assert alone.loras[0].weight == 0.75
     beside = client.submit(JOB | {"loras": [{"name": "watercolor"}, {"name": "lcm-lora-sd15"}]}).job

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lorafleet.common.jobs import JobStatus
+from lorafleet.common.samplers import Sampler, a1111_fields
 from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.worker.conftest import assert_same, snapshot
@@ -93,14 +94,13 @@ def test_a_job_with_a_lora_stack_ends_succeeded_with_its_png(client, runner):
     assert record.worker == "test-worker" and record.attempts == 1
 
 
-@pytest.mark.parametrize("sampler", ["lcm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim"])
-def test_every_sampler_runs(client, runner, sampler):
+@pytest.mark.parametrize("sampler", [s.value for s in Sampler])
+def test_every_sampler_runs_and_writes_its_a1111_name(client, runner, sampler):
     record = run(client, runner, sampler=sampler, steps=3)
     assert record.status is JobStatus.succeeded, record.error
-    from lorafleet.worker.sampling import A1111_NAMES
-
     text = Image.open(io.BytesIO(runner.storage.get(record.images[0].key))).text["parameters"]
-    assert f"Sampler: {A1111_NAMES[record.job.sampler]}," in text
+    fields = ", ".join(f"{key}: {value}" for key, value in a1111_fields(record.job.sampler))
+    assert f", {fields}, CFG scale:" in text
 
 
 def test_the_same_job_after_any_other_job_gives_identical_pixels(client, runner):

@@ -1,0 +1,146 @@
+"""A1111 prompt syntax on real tiny pipelines: weights, BREAK, long prompts, clip skip, LoRA tags."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from lorafleet.common.jobs import JobStatus
+from lorafleet.worker.prompt_encoding import CHUNK_TOKENS, _text_encoders
+from tests.conftest import TINY, TINY_SD2, TINY_XL
+from tests.worker.test_runner import client, pixels, run  # noqa: F401  (client is a fixture)
+
+BASE = "a lighthouse at night"
+LONG = ", ".join(["red city", "blue sea", "old bridge", "gold light"] * 12)
+"""A prompt of about 100 tokens on the tiny tokenizer: more than one chunk."""
+
+
+def image(client, runner, **fields) -> bytes:  # noqa: F811
+    record = run(client, runner, **fields)
+    assert record.status is JobStatus.succeeded, record.error
+    return pixels(record, runner)
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_SD2, TINY_XL])
+def test_a_weight_of_one_changes_nothing_and_a_higher_weight_changes_the_image(client, runner, model):  # noqa: F811
+    plain = image(client, runner, model=model, prompt=BASE)
+    assert image(client, runner, model=model, prompt="a (lighthouse:1.0) at night") == plain
+    assert image(client, runner, model=model, prompt="a (lighthouse:1.6) at night") != plain
+    assert image(client, runner, model=model, prompt="a [lighthouse] at night") != plain
+
+
+def test_a_plain_prompt_gives_the_pixels_of_diffusers_own_encoding(client, runner):  # noqa: F811
+    """The text path is untouched: the same pixels as calling the pipeline with the text."""
+    record = run(client, runner, prompt=BASE, negative_prompt="dark sketch", sampler="euler", steps=3)
+    hot, _ = runner.pipelines.get(runner.models.get(TINY))
+    from diffusers import EulerDiscreteScheduler
+
+    hot.pipe.scheduler = EulerDiscreteScheduler.from_config(hot.scheduler_config)
+    direct = hot.pipe(
+        prompt=BASE,
+        negative_prompt="dark sketch",
+        num_inference_steps=3,
+        guidance_scale=record.job.cfg_scale,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(record.job.seed),
+    ).images[0]
+    assert pixels(record, runner) == direct.convert("RGB").tobytes()
+
+
+def test_escaped_brackets_are_the_characters_themselves(client, runner):  # noqa: F811
+    # The tiny vocabulary has no brackets: "\(" reaches the tokenizer as "(" (unknown token),
+    # which differs from the weighted word and from the word alone.
+    escaped = image(client, runner, prompt=r"a \(lighthouse\) at night")
+    assert escaped != image(client, runner, prompt="a (lighthouse) at night")
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_XL])
+def test_a_long_prompt_is_not_cut_at_77_tokens(client, runner, model):  # noqa: F811
+    hot, _ = runner.pipelines.get(runner.models.get(model))
+    assert len(_text_encoders(hot.pipe)[0].token_ids(hot.pipe, LONG)) > CHUNK_TOKENS + 10
+    long = image(client, runner, model=model, prompt=LONG)
+    changed_tail = image(client, runner, model=model, prompt=LONG + ", snow forest")
+    assert long != changed_tail, "words past the first 75 tokens must reach the model"
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_XL])
+def test_break_starts_a_new_chunk(client, runner, model):  # noqa: F811
+    joined = image(client, runner, model=model, prompt="a lighthouse, red sea")
+    broken = image(client, runner, model=model, prompt="a lighthouse BREAK red sea")
+    assert broken != joined
+    assert image(client, runner, model=model, prompt="a lighthouse BREAK red sea") == broken
+
+
+def test_a_long_negative_prompt_and_a_short_prompt_work_together(client, runner):  # noqa: F811
+    short_negative = image(client, runner, prompt=BASE, negative_prompt="dark")
+    long_negative = image(client, runner, prompt=BASE, negative_prompt=LONG)
+    assert long_negative != short_negative
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_SD2, TINY_XL])
+def test_clip_skip_two_uses_an_earlier_layer(client, runner, model):  # noqa: F811
+    last = image(client, runner, model=model, prompt=BASE)
+    assert image(client, runner, model=model, prompt=BASE, clip_skip=1) == last
+    assert image(client, runner, model=model, prompt=BASE, clip_skip=2) != last
+
+
+def test_clip_skip_takes_the_layer_a1111_takes(runner):
+    """SD 1.x: clip skip 2 is the final layer norm of the second-to-last hidden state."""
+    from lorafleet.common.jobs import GenerationJob
+    from lorafleet.worker.prompt_encoding import prompt_arguments
+
+    pipe = runner.pipelines.get(runner.models.get(TINY))[0].pipe
+    job = GenerationJob(model=TINY, prompt=BASE, clip_skip=2)
+    embeds = prompt_arguments(pipe, job)["prompt_embeds"]
+    ids = pipe.tokenizer(BASE, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+        expected = pipe.text_encoder.final_layer_norm(hidden[-2])
+    assert torch.equal(embeds, expected)
+
+
+def test_sdxl_clip_skip_follows_diffusers(runner):
+    """SDXL: lorafleet's clip skip c is diffusers' clip_skip c - 1 (the same pixels)."""
+    from lorafleet.common.jobs import GenerationJob
+    from lorafleet.worker.prompt_encoding import prompt_arguments
+
+    pipe = runner.pipelines.get(runner.models.get(TINY_XL))[0].pipe
+    ours = prompt_arguments(pipe, GenerationJob(model=TINY_XL, prompt=BASE, clip_skip=2))
+    theirs = pipe.encode_prompt(BASE, device="cpu", num_images_per_prompt=1, clip_skip=1)
+    assert torch.equal(ours["prompt_embeds"], theirs[0])
+    assert torch.equal(ours["negative_prompt_embeds"], theirs[1])
+    assert torch.equal(ours["pooled_prompt_embeds"], theirs[2])
+
+
+def test_clip_skip_beyond_the_text_encoders_layers_fails_naming_it(client, runner):  # noqa: F811
+    record = run(client, runner, prompt=BASE, clip_skip=3)
+    assert record.status is JobStatus.failed
+    assert "clip_skip=3" in record.error and "2 layers" in record.error
+
+
+def test_lora_tags_in_the_prompt_apply_the_lora_and_leave_the_text(client, runner):  # noqa: F811
+    tagged = run(client, runner, prompt=f"{BASE} <lora:watercolor:0.8>")
+    assert tagged.status is JobStatus.succeeded, tagged.error
+    assert tagged.job.prompt == BASE
+    assert [(s.name, s.weight) for s in tagged.job.loras] == [("watercolor", 0.8)]
+    listed = run(client, runner, prompt=BASE, loras=[{"name": "watercolor", "weight": 0.8}])
+    assert pixels(tagged, runner) == pixels(listed, runner)
+    text = Image.open(io.BytesIO(runner.storage.get(tagged.images[0].key))).text["parameters"]
+    assert text.startswith(f"{BASE} <lora:watercolor:0.8>\n")
+
+
+def test_a_tag_with_two_weights_is_text_encoder_then_unet_as_in_a1111(client, runner):  # noqa: F811
+    tagged = run(client, runner, prompt=f"{BASE} <lora:watercolor:0.2:0.9>")
+    assert tagged.status is JobStatus.succeeded, tagged.error
+    spec = tagged.job.loras[0]
+    assert (spec.weight, spec.text_encoder_weight) == (0.9, 0.2)
+    listed = run(
+        client, runner, prompt=BASE, loras=[{"name": "watercolor", "weight": 0.9, "text_encoder_weight": 0.2}]
+    )
+    assert pixels(tagged, runner) == pixels(listed, runner)
+    text = Image.open(io.BytesIO(runner.storage.get(tagged.images[0].key))).text["parameters"]
+    assert "<lora:watercolor:0.2:0.9>" in text
