@@ -24,6 +24,7 @@ from pydantic import (
 
 from lorafleet.common import guidance, samplers
 from lorafleet.common.errors import JobRejected
+from lorafleet.common.prompts import PromptSyntax
 from lorafleet.common.samplers import Sampler
 
 # ---------------------------------------------------------------------------- limits
@@ -145,6 +146,13 @@ class GenerationJob(BaseModel):
     loras: Annotated[list[LoraSpec], Field(max_length=MAX_LORAS)] = []
     prompt: Prompt
     negative_prompt: Prompt = ""
+    prompt_syntax: Annotated[
+        PromptSyntax,
+        Field(
+            description="a1111: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT> tags, prompts past 77 tokens "
+            "(as A1111 and Forge read them); compel: InvokeAI's syntax (word+, (words)1.2, .blend(), .and())."
+        ),
+    ] = PromptSyntax.a1111
     sampler: Annotated[
         Sampler,
         Field(description=f"lorafleet's name or A1111's (any case): {samplers.allowed()}"),

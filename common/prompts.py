@@ -16,10 +16,12 @@ Semantics (A1111's prompt syntax):
 - ``BREAK`` (the upper-case word) ends the current 75-token chunk: what follows starts a
   new one.
 
-compel is the usual prompt-weighting library for diffusers, but it reads its own syntax
-(``word+``, ``(word)1.3``, ``.and()``), not A1111's, and weights differently (it blends
-toward the empty prompt and masks down-weighted words), so a prompt pasted from an A1111
-PNG would give another picture: this module and worker/prompt_encoding.py follow A1111.
+compel is the usual prompt-weighting library for diffusers, and a job whose
+``prompt_syntax`` is ``compel`` (InvokeAI's syntax) goes to it. But compel reads its own
+syntax (``word+``, ``(word)1.3``, ``.and()``), not A1111's, has no BREAK, and weights
+differently (it blends toward the empty prompt and masks down-weighted words), so a prompt
+pasted from an A1111 PNG would give another picture through it: for A1111's syntax this
+module and worker/prompt_encoding.py follow A1111.
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from enum import Enum
+
+
+class PromptSyntax(str, Enum):
+    """How a job's prompts are read: A1111's syntax (this module) or compel's, InvokeAI's
+    syntax (``word+``, ``(words)1.3``, ``("a", "b").blend(0.7, 0.3)``, ``.and()``), which
+    the worker hands to compel itself."""
+
+    a1111 = "a1111"
+    compel = "compel"
+
 
 ATTENTION_STEP = 1.1
 """What one pair of round brackets multiplies a weight by (square brackets divide by it)."""

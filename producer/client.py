@@ -17,8 +17,10 @@ the send, the records of the jobs not sent are removed again and TransientError 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from lorafleet.common.broker import resolve_broker
@@ -32,6 +34,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
+from lorafleet.producer.png_jobs import PngReader
 from lorafleet.producer.resolver import JobResolver, new_id
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,20 @@ class Client:
             LoraCatalog(self.settings.lora_dir, LoraRegistry(self.redis)),
             self.settings.lcm_loras,
         )
+
+    # ------------------------------------------------------------------ jobs from images
+    def job_from_png(self, path: str | os.PathLike, **overrides: Any) -> GenerationJob:
+        """The job that regenerates the image at ``path`` (a PNG from lorafleet, A1111, Forge
+        or InvokeAI), with ``overrides`` (job fields) in place of the image's values.
+
+        Submitting it on the same model gives the same pixels for a lorafleet PNG. LoRAs,
+        model and VAE are matched by name, then by hash; one not installed is refused
+        (JobRejected names it). Parameters lorafleet does not reproduce are logged.
+        """
+        read = PngReader(self.resolver.models, self.resolver.loras).read(Path(path), overrides)
+        for note in read.notes:
+            logger.warning("%s", note)
+        return parse_job(read.fields)
 
     # ------------------------------------------------------------------ submit
     def submit(

@@ -31,7 +31,7 @@ from lorafleet.common.jobs import (
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
-from lorafleet.common.prompts import check_weights, split_lora_tags
+from lorafleet.common.prompts import PromptSyntax, check_weights, split_lora_tags
 from lorafleet.common.shared_files import SharedFiles
 
 FALLBACK_SIZE = 512
@@ -120,14 +120,17 @@ class JobResolver:
     def _take_prompt_loras(self, job: GenerationJob, where: str) -> list[str]:
         """Move the prompt's LoRA tags to the end of ``job.loras``, in the order written, and
         return where each stack entry came from (a field, or the tag), for messages."""
+        a1111 = job.prompt_syntax is PromptSyntax.a1111
         try:
             job.prompt, tags = split_lora_tags(job.prompt)
-            check_weights(job.prompt)
+            if a1111:
+                check_weights(job.prompt)
         except ValueError as exc:
             raise JobRejected(str(exc), field=f"{where}prompt") from None
         try:
             negative, negative_tags = split_lora_tags(job.negative_prompt)
-            check_weights(negative)
+            if a1111:
+                check_weights(negative)
         except ValueError as exc:
             raise JobRejected(str(exc), field=f"{where}negative_prompt") from None
         if negative_tags:

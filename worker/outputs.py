@@ -20,17 +20,12 @@ import io
 
 from lorafleet.common import __version__
 from lorafleet.common.embeddings import EmbeddingInfo
+from lorafleet.common.infotext import quote
 from lorafleet.common.jobs import GenerationJob
 from lorafleet.common.loras.files import LoraInfo
-from lorafleet.common.prompts import format_number, lora_tag
+from lorafleet.common.prompts import PromptSyntax, format_number, lora_tag
 from lorafleet.common.samplers import a1111_fields
 from lorafleet.common.vaes import VaeInfo
-
-
-def _quote(text: str) -> str:
-    if any(c in text for c in ',:"\n'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-    return text
 
 
 def parameters_text(
@@ -57,9 +52,14 @@ def parameters_text(
         ("Seed", str(seed)),
         ("Size", f"{job.width}x{job.height}"),
         *([("Model hash", model_hash)] if model_hash else []),
-        ("Model", _quote(job.model)),
-        *([("VAE hash", vae.short_hash), ("VAE", _quote(vae.file_name))] if vae else []),
+        ("Model", quote(job.model)),
+        *([("VAE hash", vae.short_hash), ("VAE", quote(vae.file_name))] if vae else []),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
+        *(
+            [("Prompt syntax", job.prompt_syntax.value)]
+            if job.prompt_syntax is not PromptSyntax.a1111
+            else []
+        ),
     ]
     if loras:
         hashes = ", ".join(f"{info.name}: {info.short_hash}" for info in loras)

@@ -13,7 +13,8 @@ Semantics:
   prompt and the negative prompt get the same number of chunks (the shorter one is padded
   with empty chunks), as the pipeline's classifier-free guidance batches them together.
 - Weights ("Original" emphasis): z' = z * w per token, then z'' = z' * mean(z) / mean(z');
-  a chunk whose weights are all 1 is left exactly as the encoder gave it.
+  a chunk whose weights are all 1 is left exactly as the encoder gave it, and one whose
+  means are ~0 (|mean| <= MEAN_FLOOR * std) keeps z' (A1111 would divide by ~0).
 - Clip skip c: SD 1.x/2.x use final_layer_norm(hidden_states[-c]) (c = 1 is the last layer);
   SDXL uses hidden_states[-(c + 1)] of both encoders, unnormalised, concatenated (c = 1 is
   diffusers' usual penultimate layer), and the pooled embedding of the second encoder's
@@ -24,18 +25,23 @@ Semantics:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import GenerationJob
-from lorafleet.common.prompts import Fragment, is_plain, parse_attention
+from lorafleet.common.prompts import Fragment, PromptSyntax, is_plain, parse_attention
 
 CHUNK_TOKENS = 75
 """Prompt tokens per chunk (77 with the start and end markers)."""
 COMMA_BACKTRACK = 20
 """How far back from a full chunk's end a comma may be to cut the chunk there."""
+MEAN_FLOOR = 1e-3
+"""A chunk's mean embedding smaller than this times its spread is taken as zero: the weights'
+mean restore is skipped rather than dividing by it."""
 
 
 @dataclass
@@ -119,7 +125,12 @@ class _TextEncoder:
                 scale = torch.tensor(weights, device=device, dtype=z.dtype).reshape(1, -1, 1)
                 original_mean = z.mean()
                 z = z * scale
-                z = z * (original_mean / z.mean())
+                new_mean = z.mean()
+                # A1111 divides unguarded; a mean of ~0 (a layer norm's output without bias)
+                # would scale by noise / noise, so there the weights stand unnormalised.
+                floor = MEAN_FLOOR * float(z.std())
+                if abs(float(original_mean)) > floor and abs(float(new_mean)) > floor:
+                    z = z * (original_mean / new_mean)
             parts.append(z)
         return torch.cat(parts, dim=1), pooled
 
@@ -147,6 +158,8 @@ def prompt_arguments(pipe, job: GenerationJob) -> dict:
     """The pipeline arguments that carry the job's prompts: text where diffusers' own encoding
     means the same, embeddings (with the semantics above) otherwise."""
     check_clip_skip(pipe, job)
+    if job.prompt_syntax is PromptSyntax.compel:
+        return _compel_arguments(pipe, job)
     encoders = _text_encoders(pipe)
     texts = {"prompt": job.prompt, "negative_prompt": job.negative_prompt}
     fits = all(
@@ -181,3 +194,53 @@ def _encode_all(
         embeds.append(z)
         pooled = encoder_pooled if encoder_pooled is not None else pooled
     return torch.cat(embeds, dim=-1), pooled
+
+
+def _layers(encoder) -> torch.nn.ModuleList:
+    """The transformer layers of a CLIP text model (transformers 5: ``text_model`` only on
+    the projection model)."""
+    return getattr(encoder, "text_model", encoder).encoder.layers
+
+
+@contextmanager
+def _without_last_layers(encoders: list[_TextEncoder], count: int) -> Iterator[None]:
+    """The text encoders with their last ``count`` layers taken out for the block (clip skip
+    for compel, which has no layer choice of its own; InvokeAI does the same)."""
+    if count == 0:
+        yield
+        return
+    saved = [_layers(e.encoder) for e in encoders]
+    try:
+        for encoder, layers in zip(encoders, saved):
+            getattr(encoder.encoder, "text_model", encoder.encoder).encoder.layers = layers[:-count]
+        yield
+    finally:
+        for encoder, layers in zip(encoders, saved):
+            getattr(encoder.encoder, "text_model", encoder.encoder).encoder.layers = layers
+
+
+def _compel_arguments(pipe, job: GenerationJob) -> dict:
+    """The job's prompts read by compel, as InvokeAI reads them (long prompts not cut)."""
+    from compel import CompelForSD, CompelForSDXL, DiffusersTextualInversionManager
+
+    encoders = _text_encoders(pipe)
+    sdxl = encoders[0].sdxl
+    wrapper = CompelForSDXL if sdxl else CompelForSD
+    compel = wrapper(pipe, DiffusersTextualInversionManager(pipe), device=str(pipe.text_encoder.device))
+    try:
+        with torch.no_grad(), _without_last_layers(encoders, job.clip_skip - 1):
+            result = compel(job.prompt, negative_prompt=job.negative_prompt)
+    except Exception as exc:  # compel's parser raises pyparsing's errors and its own
+        raise JobRejected(
+            f"compel cannot read the prompt: {exc}", field="prompt", allowed="compel's (InvokeAI's) syntax"
+        ) from None
+    arguments = {"prompt_embeds": result.embeds, "negative_prompt_embeds": result.negative_embeds}
+    if sdxl:
+        arguments |= {
+            "pooled_prompt_embeds": result.pooled_embeds,
+            "negative_pooled_prompt_embeds": result.negative_pooled_embeds,
+        }
+        if not job.negative_prompt and pipe.config.get("force_zeros_for_empty_prompt"):
+            for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+                arguments[key] = torch.zeros_like(arguments[key])
+    return arguments

@@ -212,9 +212,14 @@ def _trigger_words(meta: dict[str, str]) -> list[str]:
     return []
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *, skip_header: bool = False) -> str:
+    """The file's sha256; with ``skip_header``, of a safetensors file's tensor data only
+    (A1111's "Lora hashes" and Civitai's AutoV3: the same weights under other metadata)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_header:
+            (length,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + length)
         while chunk := f.read(4 * 1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()

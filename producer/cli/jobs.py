@@ -11,8 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from lorafleet.common import samplers
 from lorafleet.common.errors import BadArgument, JobRejected
-from lorafleet.common.jobs import JobRecord, JobStatus, Priority, Sampler
+from lorafleet.common.jobs import JobRecord, JobStatus, Priority
+from lorafleet.common.prompts import PromptSyntax
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
@@ -110,19 +112,46 @@ def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
 
 def submit(
     model: Annotated[
-        str, typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id.")
-    ],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to draw.")],
-    negative_prompt: Annotated[str, typer.Option("--negative", "-n", help="What not to draw.")] = "",
+        str | None,
+        typer.Option("--model", "-m", help="Registered model name, diffusers folder or hub id."),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="What to draw, in A1111's syntax: (word:1.2), [word], BREAK, <lora:NAME:WEIGHT> "
+            "(<lora:NAME:TE:UNET> for separate text-encoder and UNet weights).",
+        ),
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative", "-n", help="What not to draw.")] = None,
+    from_png: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-png",
+            help="Regenerate this PNG (lorafleet, A1111, Forge or InvokeAI): its prompt, LoRAs, sampler, "
+            "steps, CFG, seed, size, clip skip and model; any other option given here overrides the PNG's value.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     lora: Annotated[
         list[str],
-        typer.Option("--lora", "-l", help="NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]], repeatable, in stack order."),
+        typer.Option(
+            "--lora",
+            "-l",
+            help="NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]], repeatable, in stack order (before tags).",
+        ),
     ] = [],  # noqa: B006
     inject_triggers: Annotated[
         bool, typer.Option("--inject-triggers", help="Append each LoRA's trigger words to the prompt.")
     ] = False,
     sampler: Annotated[
-        Sampler | None, typer.Option(help="Sampler (default euler_a; lcm with --lcm).")
+        str | None,
+        typer.Option(
+            help="Sampler, by lorafleet's or A1111's name (default euler_a; lcm with --lcm): "
+            + samplers.allowed()
+        ),
     ] = None,
     lcm: Annotated[
         bool,
@@ -133,6 +162,16 @@ def submit(
     ] = False,
     steps: Annotated[int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm).")] = None,
     cfg: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default 7; 1 under lcm).")] = None,
+    clip_skip: Annotated[
+        int | None,
+        typer.Option(
+            "--clip-skip", help="A1111's clip skip, 1-12 (default 1: the text encoder's last layer)."
+        ),
+    ] = None,
+    prompt_syntax: Annotated[
+        PromptSyntax | None,
+        typer.Option("--prompt-syntax", help="a1111 (default) or compel (InvokeAI's syntax)."),
+    ] = None,
     width: Annotated[
         int | None, typer.Option(help="Width in pixels, a multiple of 8 (default: the model's native size).")
     ] = None,
@@ -151,33 +190,42 @@ def submit(
     timeout: Timeout = None,
     as_json: Json = False,
 ) -> None:
-    """Queue one job (or --count jobs with consecutive seeds)."""
+    """Queue one job (or --count jobs with consecutive seeds), or regenerate a PNG with --from-png."""
 
     def action():
         if count < 1 or count > 10_000:
             raise BadArgument(f"got {count}", field="--count", allowed="1 to 10000")
-        job: dict[str, Any] = {
+        given = {
             "model": model,
             "prompt": prompt,
             "negative_prompt": negative_prompt,
-            "loras": [
-                _parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora
-            ],
+            "sampler": sampler,
+            "steps": steps,
+            "cfg_scale": cfg,
+            "clip_skip": clip_skip,
+            "prompt_syntax": prompt_syntax.value if prompt_syntax else None,
+            "width": width,
+            "height": height,
+            "seed": seed,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        if from_png is None:
+            for option, name in (("--model", "model"), ("--prompt", "prompt")):
+                if name not in given:
+                    raise BadArgument("missing", field=option, allowed=f"{option} VALUE, or --from-png FILE")
+            job: dict[str, Any] = given
+        else:
+            job = _client().job_from_png(from_png, **given).model_dump(exclude_unset=True)
+        job |= {
             "lcm": lcm,
             "num_images": images,
             "output_prefix": prefix,
             "priority": priority.value,
             "tags": _parse_tags(tag),
         }
-        optional = {
-            "sampler": sampler.value if sampler else None,
-            "steps": steps,
-            "cfg_scale": cfg,
-            "width": width,
-            "height": height,
-        }
-        job |= {k: v for k, v in optional.items() if v is not None}
-        base_seed = seed
+        listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]
+        job["loras"] = listed + list(job.get("loras", []))
+        base_seed = job.get("seed")
         if base_seed is None and count > 1:
             base_seed = secrets.randbelow(2**32)  # one draw, so the count's seeds are consecutive
         jobs = [

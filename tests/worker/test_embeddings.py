@@ -98,3 +98,25 @@ def test_an_embedding_that_does_not_fit_is_refused_at_submit(embedded, model, pr
     with Client(embedded) as client, pytest.raises(JobRejected, match=re.escape(words)) as refused:
         client.submit({"model": model, "prompt": prompt})
     assert refused.value.field == "embeddings"
+
+
+@pytest.mark.parametrize("syntax", ["a1111", "compel"])
+def test_a_multi_vector_embedding_in_a_weighted_prompt_is_the_embedding(embedded, syntax):
+    """The weighted paths (A1111's and compel's) expand an embedding's name as diffusers does."""
+    runner = make_runner(embedded)
+    job = {"model": TINY, "seed": 5, "steps": 3, "prompt_syntax": syntax}
+    with Client(embedded) as client:
+        handles = [
+            client.submit(job | {"prompt": prompt})
+            for prompt in (
+                "a lighthouse, glowstyle",
+                "a (lighthouse:1.0), glowstyle",
+                "a lighthouse, glowing",
+            )
+        ]
+        for handle in handles:
+            assert runner.run(handle.job_id) is JobStatus.succeeded
+        plain, weighted, other = (pixels(runner, client.get(h.job_id)) for h in handles)
+    if syntax == "a1111":
+        assert weighted == plain  # weight 1.0: the embedding's pixels exactly
+    assert plain != other

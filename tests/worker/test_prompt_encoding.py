@@ -144,3 +144,20 @@ def test_a_tag_with_two_weights_is_text_encoder_then_unet_as_in_a1111(client, ru
     assert pixels(tagged, runner) == pixels(listed, runner)
     text = Image.open(io.BytesIO(runner.storage.get(tagged.images[0].key))).text["parameters"]
     assert "<lora:watercolor:0.2:0.9>" in text
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_XL])
+def test_compel_syntax_goes_to_compel(client, runner, model):  # noqa: F811
+    plain = image(client, runner, model=model, prompt=BASE)
+    compel = {"model": model, "prompt_syntax": "compel"}
+    assert image(client, runner, prompt=BASE, **compel) == plain
+    assert image(client, runner, prompt="a lighthouse++ at night", **compel) != plain
+    blended = image(client, runner, prompt='("a lighthouse", "a castle").blend(0.7, 0.3)', **compel)
+    assert blended != plain
+
+
+def test_compel_clip_skip_takes_the_same_layer(client, runner):  # noqa: F811
+    ours = image(client, runner, prompt=BASE, clip_skip=2)
+    assert image(client, runner, prompt=BASE, clip_skip=2, prompt_syntax="compel") == ours
+    hot, _ = runner.pipelines.get(runner.models.get(TINY))
+    assert len(hot.pipe.text_encoder.encoder.layers) == 2, "layers taken out for clip skip are put back"

@@ -1,0 +1,152 @@
+"""A job from an image's generation parameters: regenerate a PNG, or start from one.
+
+The image's parameters (common/infotext.py) give prompt, negative prompt, sampler, steps,
+CFG, seed, size, clip skip, model, VAE and LoRAs. Names are matched against what is
+installed here; a LoRA, model or VAE named differently here is found by the hash the image
+carries (A1111's hashes: a model's and a VAE's first 10 hex digits of the file's sha256, a
+LoRA's first 12 of its tensor data's sha256; lorafleet's own PNGs: the file's sha256).
+What is not installed is refused, naming it and its hash. Fields the writing tool used that
+lorafleet does not reproduce (hires fix, ADetailer, ...) come back as notes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.common.checkpoints import short_hash
+from lorafleet.common.errors import JobRejected, LoraError, ModelError, VaeError
+from lorafleet.common.infotext import Infotext, read_png
+from lorafleet.common.loras.catalog import LoraCatalog
+from lorafleet.common.loras.files import LoraInfo, sha256_file
+from lorafleet.common.models import ModelRegistry
+
+_TAG = re.compile(r"<(lora|lyco):([^:>]+)", re.IGNORECASE)
+
+
+@dataclass
+class PngJob:
+    """The job fields an image gives, and what of the image will not be reproduced."""
+
+    fields: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+class PngReader:
+    """Reads images into job fields, matching names and hashes against this installation."""
+
+    def __init__(self, models: ModelRegistry, loras: LoraCatalog) -> None:
+        self.models = models
+        self.loras = loras
+        self._by_hash: list[tuple[LoraInfo, str | None]] | None = None
+
+    def read(self, path: Path, overrides: dict[str, Any] | None = None) -> PngJob:
+        overrides = dict(overrides or {})
+        info = read_png(Path(path))
+        where = f"{Path(path).name}: "
+        fields = info.job_fields(where)
+        notes = [f"{where}{key} is not reproduced by lorafleet" for key in info.ignored]
+        if info.source == "invokeai":
+            fields["prompt_syntax"] = "compel"
+            fields["loras"] = [
+                {"name": self._lora_name(name, digest, where), "weight": weight}
+                for name, weight, digest in info.loras
+            ]
+        elif "prompt" not in overrides:
+            fields["prompt"] = self._rename_tags(info, where)
+        if "model" not in overrides:
+            fields["model"] = self._model(info, where)
+        if "vae" not in overrides and "VAE" in info.fields:
+            fields["vae"] = self._vae(info, where)
+        fields.pop("num_images", None)
+        return PngJob(fields=fields | overrides, notes=notes)
+
+    # ------------------------------------------------------------------ LoRAs
+    def _rename_tags(self, info: Infotext, where: str) -> str:
+        """The prompt with each tag naming an installed LoRA (found by hash where the name
+        is not installed)."""
+        hashes = info.lora_hashes
+
+        def rename(match: re.Match) -> str:
+            name = match.group(2).strip()
+            installed = self._lora_name(name, hashes.get(name), where)
+            return match.group(0) if installed == name else f"<{match.group(1)}:{installed}"
+
+        return _TAG.sub(rename, info.prompt)
+
+    def _lora_name(self, name: str, digest: str | None, where: str) -> str:
+        try:
+            return self.loras.get(name).name
+        except LoraError as exc:
+            unknown = exc
+        if digest:
+            for candidate, tensor_hash in self._hash_index():
+                if candidate.sha256.startswith(digest) or (tensor_hash and tensor_hash.startswith(digest)):
+                    return candidate.name
+        raise JobRejected(
+            f"{where}LoRA {name!r}" + (f" (hash {digest})" if digest else "") + " is not installed here",
+            field="prompt",
+            allowed=unknown.allowed + "; or pass the stack yourself (--lora / loras)",
+        )
+
+    def _hash_index(self) -> list[tuple[LoraInfo, str | None]]:
+        """Every installed LoRA with its tensor-data hash (A1111's) where the file is here."""
+        if self._by_hash is None:
+            usable, _ = self.loras.scan()
+            self._by_hash = [
+                (info, sha256_file(info.path, skip_header=True) if info.path else None) for info in usable
+            ]
+        return self._by_hash
+
+    # ------------------------------------------------------------------ model and VAE
+    def _model(self, info: Infotext, where: str) -> str:
+        name, digest = info.fields.get("Model"), info.fields.get("Model hash", "").lower()
+        if name:
+            try:
+                return self.models.get(name).key
+            except ModelError:
+                pass
+        if digest:
+            for candidate in self.models.names():
+                try:
+                    ref = self.models.get(candidate)
+                except ModelError:
+                    continue
+                if (
+                    ref.single_file
+                    and ref.path
+                    and ref.path.is_file()
+                    and short_hash(ref.path) == digest[:10]
+                ):
+                    return ref.key
+        if not name and not digest:
+            raise JobRejected(f"{where}the image names no model", field="model", allowed="give one (--model)")
+        raise JobRejected(
+            f"{where}model {name!r}" + (f" (hash {digest})" if digest else "") + " is not installed here",
+            field="model",
+            allowed=f"one of {', '.join(self.models.names()) or 'none yet'}, or give one (--model)",
+        )
+
+    def _vae(self, info: Infotext, where: str) -> str:
+        name = info.fields["VAE"]
+        stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+        digest = info.fields.get("VAE hash", "").lower()
+        try:
+            return self.models.vaes.get(stem).name
+        except VaeError as exc:
+            unknown = exc
+        if digest:
+            for candidate in self.models.vaes.names():
+                try:
+                    vae = self.models.vaes.get(candidate)
+                except VaeError:
+                    continue
+                if vae.short_hash == digest[:10]:
+                    return vae.name
+        raise JobRejected(
+            f"{where}VAE {name!r}" + (f" (hash {digest})" if digest else "") + " is not installed here",
+            field="vae",
+            allowed=unknown.allowed,
+        )

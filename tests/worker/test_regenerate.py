@@ -1,0 +1,228 @@
+"""Regenerating from a PNG: lorafleet's own reproduce pixel for pixel; A1111's, Forge's and
+InvokeAI's are read into the job they describe, LoRAs and models matched by name or hash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from typer.testing import CliRunner
+
+from lorafleet.common.errors import BadArgument, JobRejected
+from lorafleet.common.infotext import parse_parameters
+from lorafleet.common.jobs import JobStatus
+from lorafleet.common.loras.files import sha256_file
+from lorafleet.producer.cli import app
+from lorafleet.worker.checkpoint_format import write_single_file
+from tests.conftest import TINY, TINY_XL
+from tests.worker.test_runner import client, pixels, run  # noqa: F401  (client is a fixture)
+
+
+def saved_png(runner, record, path):
+    path.write_bytes(runner.storage.get(record.images[0].key))
+    return path
+
+
+def a1111_png(path, parameters: str):
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {
+            "prompt": "a (lighthouse:1.3) at night, [red] sea <lora:watercolor:0.2:0.9>",
+            "negative_prompt": "dark, (sketch:0.8)",
+            "sampler": "dpmpp_2m_karras",
+            "steps": 3,
+            "cfg_scale": 6.5,
+            "clip_skip": 2,
+            "loras": [{"name": "ink-sketch", "weight": 0.123456789}],
+        },
+        {"prompt": "a lighthouse", "lcm": True},
+        {"model": TINY_XL, "prompt": "a city BREAK neon light", "sampler": "euler_trailing", "steps": 2},
+        {"prompt": "a lighthouse+ at (night)1.2", "prompt_syntax": "compel", "steps": 2},
+    ],
+)
+def test_a_lorafleet_png_regenerates_pixel_for_pixel(client, runner, tmp_path, fields):  # noqa: F811
+    first = run(client, runner, **({"seed": 99, "num_images": 2} | fields))
+    assert first.status is JobStatus.succeeded, first.error
+    second_image = tmp_path / "second.png"
+    second_image.write_bytes(runner.storage.get(first.images[1].key))  # image 1: seed 100
+    job = client.job_from_png(second_image)
+    assert job.seed == 100 and job.model == first.job.model
+    again = client.submit(job)
+    assert runner.run(again.job_id) is JobStatus.succeeded
+    regenerated = client.get(again.job_id)
+    assert [(s.name, s.weight, s.text_encoder_weight) for s in regenerated.job.loras] == [
+        (s.name, s.weight, s.text_encoder_weight) for s in first.job.loras
+    ]
+    assert pixels(regenerated, runner) == _pixels_of(runner, first.images[1].key)
+
+
+def _pixels_of(runner, key) -> bytes:
+    import io
+
+    return Image.open(io.BytesIO(runner.storage.get(key))).convert("RGB").tobytes()
+
+
+def test_overrides_replace_the_pngs_values(client, runner, tmp_path):  # noqa: F811
+    first = run(client, runner, prompt="a lighthouse <lora:watercolor:0.8>", steps=3)
+    path = saved_png(runner, first, tmp_path / "a.png")
+    job = client.job_from_png(path, seed=5, steps=2)
+    assert (job.seed, job.steps) == (5, 2)
+    assert job.prompt == "a lighthouse <lora:watercolor:0.8>"
+
+
+def test_an_a1111_png_is_read_with_loras_and_model_matched_by_hash(client, settings, tmp_path):  # noqa: F811
+    # A Civitai checkpoint dropped in under another name than the PNG's, and a LoRA renamed.
+    folder = settings.models_dir / TINY
+    checkpoint = write_single_file(folder, settings.checkpoints_dir / "my-checkpoint.safetensors", "sd15")
+    lora_dir = settings.lora_dir
+    shutil.copy(lora_dir / "watercolor.safetensors", lora_dir / "wc-renamed.safetensors")
+    (lora_dir / "watercolor.safetensors").unlink()
+    tensor_hash = sha256_file(lora_dir / "wc-renamed.safetensors", skip_header=True)[:12]
+    model_hash = sha256_file(checkpoint)[:10]
+    path = a1111_png(
+        tmp_path / "a1111.png",
+        "masterpiece, (a lighthouse:1.2),\nat night <lora:watercolorStyle_v2:0.7>\n"
+        "Negative prompt: lowres, bad anatomy\nBREAK sketch\n"
+        f"Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3141592653, "
+        f"Size: 512x768, Model hash: {model_hash}, Model: realisticVision_v51, Denoising strength: 0.4, "
+        f'Clip skip: 2, Hires upscale: 2, Lora hashes: "watercolorStyle_v2: {tensor_hash}", '
+        f'TI hashes: "easynegative: c74b4e810b03", Version: v1.10.1',
+    )
+    job = client.job_from_png(path)
+    assert job.model == "my-checkpoint"
+    assert job.prompt == "masterpiece, (a lighthouse:1.2),\nat night <lora:wc-renamed:0.7>"
+    assert job.negative_prompt == "lowres, bad anatomy\nBREAK sketch"
+    assert (job.steps, job.cfg_scale, job.seed, job.width, job.height, job.clip_skip) == (
+        20,
+        7.5,
+        3141592653,
+        512,
+        768,
+        2,
+    )
+    assert job.sampler.value == "dpmpp_2m_karras"
+    resolved = client.submit(job).job
+    assert [(s.name, s.weight) for s in resolved.loras] == [("wc-renamed", 0.7)]
+
+
+def test_the_ignored_fields_are_named(settings, tmp_path):
+    from lorafleet.common.infotext import read_png
+
+    path = a1111_png(
+        tmp_path / "x.png",
+        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2",
+    )
+    assert read_png(path).ignored == ["Hires upscale"]
+
+
+@pytest.mark.parametrize(
+    "parameters, field, words",
+    [
+        (
+            "a cat <lora:missing:0.5>\nSteps: 2, Sampler: Euler, Seed: 1, Model: tiny-sd15, "
+            'Lora hashes: "missing: 0123456789ab"',
+            "prompt",
+            "LoRA 'missing' (hash 0123456789ab) is not installed",
+        ),
+        (
+            "a cat\nSteps: 2, Sampler: Euler, Seed: 1, Model hash: 0123456789, Model: someModel_v1",
+            "model",
+            "model 'someModel_v1' (hash 0123456789) is not installed here",
+        ),
+        ("a cat\nSteps: 2, Sampler: Heun, Seed: 1, Model: tiny-sd15", "x.png: Sampler", "'Heun'"),
+        ("a cat\nSteps: many, Sampler: Euler, Seed: 1, Model: tiny-sd15", "x.png: Steps", "not a whole"),
+        ("a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: big, Model: tiny-sd15", "x.png: Size", "WIDTHx"),
+    ],
+)
+def test_what_cannot_be_reproduced_is_refused_naming_it(client, tmp_path, parameters, field, words):  # noqa: F811
+    path = a1111_png(tmp_path / "x.png", parameters)
+    with pytest.raises((JobRejected, BadArgument)) as caught:
+        client.job_from_png(path)
+    assert caught.value.field == field
+    assert words in str(caught.value), str(caught.value)
+
+
+def test_an_image_without_parameters_says_so(client, tmp_path):  # noqa: F811
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(BadArgument, match="carries no generation parameters"):
+        client.job_from_png(path)
+
+
+def test_invokeai_metadata_is_read_with_compel_syntax(client, tmp_path):  # noqa: F811
+    metadata = {
+        "positive_prompt": "a lighthouse+ at (night)1.2",
+        "negative_prompt": "dark",
+        "width": 64,
+        "height": 64,
+        "seed": 77,
+        "steps": 3,
+        "cfg_scale": 5,
+        "scheduler": "dpmpp_2m_k",
+        "clip_skip": 1,
+        "model": {"key": "abc", "hash": "blake3:ffff", "name": TINY, "base": "sd-1"},
+        "loras": [{"model": {"key": "k", "name": "watercolor", "base": "sd-1"}, "weight": 0.6}],
+    }
+    info = PngInfo()
+    info.add_text("invokeai_metadata", json.dumps(metadata))
+    path = tmp_path / "invoke.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    job = client.job_from_png(path)
+    assert job.prompt_syntax.value == "compel" and job.prompt == "a lighthouse+ at (night)1.2"
+    assert job.sampler.value == "dpmpp_2m_karras" and (job.steps, job.seed, job.cfg_scale) == (3, 77, 5)
+    assert [(s.name, s.weight) for s in job.loras] == [("watercolor", 0.6)]
+
+
+def test_the_cli_regenerates_a_png_with_overrides(client, runner, settings, tmp_path, monkeypatch):  # noqa: F811
+    first = run(client, runner, prompt="a lighthouse <lora:watercolor:0.8>", steps=3)
+    path = saved_png(runner, first, tmp_path / "a.png")
+    for key, value in settings.model_dump(mode="json", exclude_none=True).items():
+        if isinstance(value, (str, int, float, bool)):
+            monkeypatch.setenv(f"LORAFLEET_{key.upper()}", str(value))
+    result = CliRunner().invoke(app, ["submit", "--from-png", str(path), "--seed", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    [queued] = json.loads(result.output)
+    record = client.get(queued["job_id"])
+    assert record.job.seed == 8 and record.job.steps == 3 and record.job.model == TINY
+    assert [(s.name, s.weight) for s in record.job.loras] == [("watercolor", 0.8)]
+
+
+def test_what_lorafleet_writes_reads_back_in_sd_parsers(client, runner, tmp_path):  # noqa: F811
+    from sd_parsers import ParserManager
+
+    record = run(
+        client,
+        runner,
+        prompt='a "quoted", lighthouse: at night <lora:watercolor:0.8>',
+        negative_prompt="dark, sketch",
+        sampler="dpmpp_2m_sde_karras",
+        steps=3,
+        cfg_scale=6.5,
+        clip_skip=2,
+    )
+    path = saved_png(runner, record, tmp_path / "a.png")
+    text = Image.open(path).text["parameters"]
+    ours = parse_parameters(text)
+    assert ours.prompt == 'a "quoted", lighthouse: at night <lora:watercolor:0.8>'
+    assert ours.fields["Sampler"] == "DPM++ 2M SDE" and ours.fields["Schedule type"] == "Karras"
+    theirs = ParserManager().parse(str(path))
+    assert theirs is not None
+    [prompt] = theirs.prompts
+    [negative] = theirs.negative_prompts
+    assert prompt.value == ours.prompt and negative.value == "dark, sketch"
+    [sampler] = theirs.samplers
+    assert (sampler.name, sampler.parameters["scheduler"]) == ("DPM++ 2M SDE", "Karras")
+    assert sampler.model.name == "tiny-sd15"
+    wanted = {"steps": "3", "cfg_scale": "6.5", "seed": str(record.images[0].seed)}
+    assert {key: sampler.parameters[key] for key in wanted} == wanted
+    assert theirs.metadata["Size"] == "64x64" and theirs.metadata["Clip skip"] == "2"
