@@ -161,7 +161,8 @@ class JobResolver:
     @staticmethod
     def _merge_repeats(job: GenerationJob, infos: list[LoraInfo], origins: list[str]) -> list[LoraInfo]:
         """One entry per LoRA where a prompt tag names a LoRA already in the stack at the same
-        weights (or a tag gives no weight); refused where the weights differ."""
+        weights, or where one of the two gives no weight (the other's weights stand);
+        refused where both give weights and they differ."""
         first: dict[str, int] = {}
         kept: list[int] = []
         for index, (spec, info) in enumerate(zip(job.loras, infos)):
@@ -171,7 +172,9 @@ class JobResolver:
                 kept.append(index)
                 continue
             before = job.loras[earlier]
-            if spec.weight is not None and (spec.weight, spec.text_encoder_weight) != (
+            if before.weight is None:  # the entry without weights takes the other's
+                before.weight, before.text_encoder_weight = spec.weight, spec.text_encoder_weight
+            elif spec.weight is not None and (spec.weight, spec.text_encoder_weight) != (
                 before.weight,
                 before.text_encoder_weight,
             ):

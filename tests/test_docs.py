@@ -41,3 +41,13 @@ def test_every_command_is_documented():
 
 def test_readme_gives_the_two_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_every_job_field_is_in_the_jobs_table():
+    from lorafleet.common.jobs import GenerationJob
+
+    table = README.split("### Jobs", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `([a-z_]+)`", table, re.MULTILINE)) | set(
+        re.findall(r"^\| `[a-z_]+`, `([a-z_]+)`", table, re.MULTILINE)
+    )
+    assert set(GenerationJob.model_fields) - {"job_id", "batch_id"} - documented == set()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, create_model
 
 from lorafleet.common.errors import InvalidInput
 from lorafleet.common.jobs import GenerationJob, JobRecord
+from lorafleet.common.prompts import PromptSyntax, format_number
 from lorafleet.common.workers import QueueView, WorkerView
 
 # A record as the API shows it: its id first, the record's own fields, then the image
@@ -80,11 +81,17 @@ def resubmit_command(job: GenerationJob) -> str:
     if job.negative_prompt:
         args += ["--negative", job.negative_prompt]
     for spec in job.loras:
-        text = f"{spec.name}:{spec.weight:g}" if spec.weight is not None else spec.name
+        text = f"{spec.name}:{format_number(spec.weight)}" if spec.weight is not None else spec.name
         if spec.text_encoder_weight is not None:
-            text += f":{spec.text_encoder_weight:g}"
+            text += f":{format_number(spec.text_encoder_weight)}"
         args += ["--lora", text]
-    args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", f"{job.cfg_scale:g}"]
+    args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", format_number(job.cfg_scale)]
+    if job.clip_skip != 1:
+        args += ["--clip-skip", str(job.clip_skip)]
+    if job.prompt_syntax is not PromptSyntax.a1111:
+        args += ["--prompt-syntax", job.prompt_syntax.value]
+    if job.vae:
+        args += ["--vae", job.vae]
     if job.width:
         args += ["--width", str(job.width)]
     if job.height:

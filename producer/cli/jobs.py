@@ -172,6 +172,9 @@ def submit(
         PromptSyntax | None,
         typer.Option("--prompt-syntax", help="a1111 (default) or compel (InvokeAI's syntax)."),
     ] = None,
+    vae: Annotated[
+        str | None, typer.Option(help="A VAE in autoimport/vae to decode with (default: the model's).")
+    ] = None,
     width: Annotated[
         int | None, typer.Option(help="Width in pixels, a multiple of 8 (default: the model's native size).")
     ] = None,
@@ -204,6 +207,7 @@ def submit(
             "cfg_scale": cfg,
             "clip_skip": clip_skip,
             "prompt_syntax": prompt_syntax.value if prompt_syntax else None,
+            "vae": vae,
             "width": width,
             "height": height,
             "seed": seed,

@@ -278,3 +278,24 @@ def test_without_tokens_the_pages_offer_no_log_out(api):
     page = api.get("/")
     assert page.status_code == 200 and '<a class="brand" href="/">lorafleet</a>' in page.text
     assert "log out" not in page.text and 'id="jobs"' in page.text
+
+
+def test_lora_tags_through_the_api_give_the_resolved_stack_and_the_schema_documents_new_fields(api):
+    made = submit(api, JOB | {"prompt": "a (lighthouse:1.2) <lora:watercolor:0.3:0.8>", "clip_skip": 2})
+    record = api.get(f"/v1/jobs/{made['jobs'][0]['job_id']}").json()
+    [lora] = record["job"]["loras"]
+    assert (lora["name"], lora["weight"], lora["text_encoder_weight"]) == ("watercolor", 0.8, 0.3)
+    assert record["job"]["prompt"] == "a (lighthouse:1.2)"
+    assert "--lora watercolor:0.8:0.3 --sampler euler_a" in record["cli"] and "--clip-skip 2" in record["cli"]
+    merged = submit(api, JOB | {"prompt": "x <lora:watercolor:0.5>", "loras": [{"name": "watercolor"}]})
+    [lora] = api.get(f"/v1/jobs/{merged['jobs'][0]['job_id']}").json()["job"]["loras"]
+    assert lora["weight"] == 0.5  # a listed LoRA without a weight takes the tag's
+    refused = api.post("/v1/jobs", json=JOB | {"clip_skip": 13})
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == [
+        {"field": "clip_skip", "message": "must be a whole number from 1 to 12, got 13"}
+    ]
+    job = api.get("/openapi.json").json()["components"]["schemas"]["GenerationJob"]["properties"]
+    assert job["clip_skip"]["minimum"] == 1 and job["clip_skip"]["maximum"] == 12
+    assert "A1111" in job["sampler"]["description"] and "DPM++ 2M SDE Karras" in job["sampler"]["description"]
+    assert "compel" in job["prompt_syntax"]["description"]
