@@ -29,8 +29,11 @@ PARAMETERS_CHUNK = "parameters"
 INVOKEAI_CHUNK = "invokeai_metadata"
 NEGATIVE_PREFIX = "Negative prompt:"
 
-_FIELD = re.compile(r'\s*([A-Za-z][\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_FIELD = re.compile(r'\s*([A-Za-z][\w \-/+.()]{0,63}?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)\s*x\s*(\d+)$")
+MAX_PARAMETERS_CHARS = 64 * 1024
+"""Longest parameters text read (A1111's are a few hundred characters; a hostile one could be
+megabytes)."""
 _MIN_FIELDS = 3
 """A last line with fewer ``Key: value`` pairs than this is prompt text, not fields."""
 
@@ -52,6 +55,22 @@ USED_FIELDS = {
     "Prompt syntax",
 }
 """Fields lorafleet reproduces (or reads to match files); any other is reported as ignored."""
+
+INVOKEAI_IGNORED = (
+    "cfg_rescale_multiplier",
+    "positive_style_prompt",
+    "negative_style_prompt",
+    "refiner_model",
+    "hrf_enabled",
+    "strength",
+    "init_image",
+    "controlnets",
+    "ipAdapters",
+    "t2iAdapters",
+    "seamless_x",
+    "seamless_y",
+)
+"""InvokeAI metadata that changes the picture but that lorafleet does not reproduce."""
 
 INVOKEAI_SCHEDULERS = {
     "euler": "euler",
@@ -106,11 +125,17 @@ class Infotext:
     """Which tool's format: ``a1111`` (A1111, Forge and lorafleet) or ``invokeai``."""
     loras: list[tuple[str, float, str | None]] = field(default_factory=list)
     """InvokeAI's LoRAs: (name, weight, hash); A1111's are tags in the prompt."""
+    unused: list[str] = field(default_factory=list)
+    """InvokeAI's settings that change the picture but are not reproduced here."""
 
     @property
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
-        return [key for key in self.fields if key not in USED_FIELDS]
+        return [key for key in self.fields if key not in USED_FIELDS] + self.unused
+
+    @property
+    def by_lorafleet(self) -> bool:
+        return self.fields.get("Version", "").startswith("lorafleet")
 
     @property
     def lora_hashes(self) -> dict[str, str]:
@@ -158,6 +183,12 @@ def _number(value: str, kind: type, field_name: str) -> int | float:
 
 def parse_parameters(text: str) -> Infotext:
     """A1111's parameters text (as A1111, Forge and lorafleet write it) as an Infotext."""
+    if len(text) > MAX_PARAMETERS_CHARS:
+        raise BadArgument(
+            f"the parameters text is {len(text)} characters, longer than A1111 writes",
+            field=PARAMETERS_CHUNK,
+            allowed=f"at most {MAX_PARAMETERS_CHARS}",
+        )
     lines = text.strip().split("\n")
     fields: dict[str, str] = {}
     if lines and len(_FIELD.findall(lines[-1])) >= _MIN_FIELDS:
@@ -189,14 +220,11 @@ def _name(entry: Any) -> str | None:
 def parse_invokeai(data: dict) -> Infotext:
     """InvokeAI's ``invokeai_metadata`` JSON as an Infotext (its fields named as A1111 names them)."""
     fields: dict[str, str] = {}
-    for key, name in (
-        ("steps", "Steps"),
-        ("cfg_scale", "CFG scale"),
-        ("seed", "Seed"),
-        ("clip_skip", "Clip skip"),
-    ):
-        if data.get(key) is not None:
+    for key, name in (("steps", "Steps"), ("cfg_scale", "CFG scale"), ("seed", "Seed")):
+        if isinstance(data.get(key), (int, float)):
             fields[name] = str(data[key])
+    if isinstance(data.get("clip_skip"), int):  # InvokeAI counts the layers skipped: 0 is A1111's 1
+        fields["Clip skip"] = str(data["clip_skip"] + 1)
     if data.get("width") and data.get("height"):
         fields["Size"] = f"{data['width']}x{data['height']}"
     scheduler = data.get("scheduler")
@@ -213,8 +241,11 @@ def parse_invokeai(data: dict) -> Infotext:
         fields["Model"] = _name(model)
         if isinstance(model.get("hash"), str):
             fields["Model hash"] = model["hash"].split(":")[-1].lower()
+    if _name(data.get("vae")):
+        fields["VAE"] = _name(data["vae"])
     loras = []
-    for entry in data.get("loras") or []:
+    entries = data.get("loras")
+    for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
         lora = entry.get("model") or entry.get("lora")
@@ -228,24 +259,29 @@ def parse_invokeai(data: dict) -> Infotext:
         fields=fields,
         source="invokeai",
         loras=loras,
+        unused=[key for key in INVOKEAI_IGNORED if data.get(key) not in (None, False, [], "", 0)],
     )
 
 
 def read_png(path: Path) -> Infotext:
     """The generation parameters stored in an image file; BadArgument when it has none."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}) or {})
-    except (OSError, UnidentifiedImageError) as exc:
+            # info: the text chunks before the pixels, where A1111 and lorafleet write them,
+            # read without decoding the image (``.text`` would decode it to reach later chunks)
+            text = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # OSError: not an image; ValueError: a text chunk that inflates past Pillow's limit;
+        # SyntaxError: a broken chunk; DecompressionBombError: absurd dimensions
         raise BadArgument(f"cannot read {path.name} as an image: {exc}", field=str(path)) from None
     if text.get(PARAMETERS_CHUNK):
         return parse_parameters(text[PARAMETERS_CHUNK])
     if text.get(INVOKEAI_CHUNK):
         try:
             data = json.loads(text[INVOKEAI_CHUNK])
-        except ValueError:
+        except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict):
             return parse_invokeai(data)

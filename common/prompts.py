@@ -41,6 +41,10 @@ class PromptSyntax(str, Enum):
     compel = "compel"
 
 
+A1111_TAG_WEIGHT = 1.0
+"""A1111's text-encoder weight for a tag that names only ``unet=`` (a tag with no number at
+all takes lorafleet's default weight instead, from InvokeAI's LoRA guidance)."""
+
 ATTENTION_STEP = 1.1
 """What one pair of round brackets multiplies a weight by (square brackets divide by it)."""
 
@@ -103,8 +107,8 @@ def _lora_tag(kind: str, body: str, text: str) -> LoraTag:
         raise ValueError(f"LoRA tag {text} has {len(positional)} numbers; at most 2 (text encoder, UNet)")
     te = named.get("te", positional[0] if positional else None)
     unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-    if unet is None and te is not None:
-        unet = te
+    if te is None and unet is not None:
+        te = A1111_TAG_WEIGHT  # <lora:x:unet=0.5>: A1111 leaves the text encoder at 1
     return LoraTag(
         name=name,
         weight=unet,
@@ -116,8 +120,9 @@ def _lora_tag(kind: str, body: str, text: str) -> LoraTag:
 def split_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     """The prompt without its LoRA tags, and the tags in the order written.
 
-    ValueError names a tag that cannot be read. Other ``<kind:...>`` text (an extension's
-    syntax lorafleet does not know) is left in the prompt as A1111 leaves it.
+    ValueError names a tag that cannot be read. Other ``<kind:...>`` tags (an extension's
+    network lorafleet does not know; ``other_tags`` lists them) are taken out of the text
+    too, as A1111 takes them out.
     """
     tags: list[LoraTag] = []
 
@@ -126,14 +131,23 @@ def split_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
         if kind in _REFUSED_KINDS:
             raise ValueError(f"{match.group(0)}: {_REFUSED_KINDS[kind]}")
         if kind not in _LORA_KINDS:
-            return match.group(0)
+            return ""
         tags.append(_lora_tag(kind, match.group(2), match.group(0)))
         return ""
 
     text = _EXTRA_NETWORK.sub(take, prompt)
-    if tags:
+    if text != prompt:
         text = re.sub(r"[ \t]{2,}", " ", text).strip()
     return text, tags
+
+
+def other_tags(prompt: str) -> list[str]:
+    """The ``<kind:...>`` tags in ``prompt`` that are not LoRA tags (A1111 drops them unused)."""
+    return [
+        m.group(0)
+        for m in _EXTRA_NETWORK.finditer(prompt)
+        if m.group(1).lower() not in _LORA_KINDS | set(_REFUSED_KINDS)
+    ]
 
 
 def lora_tag(name: str, weight: float, text_encoder_weight: float | None = None) -> str:

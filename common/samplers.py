@@ -43,7 +43,7 @@ A1111_NAMES: dict[Sampler, tuple[str, str | None]] = {
     Sampler.euler: ("Euler", None),
     Sampler.euler_trailing: ("Euler", SGM_UNIFORM),
     Sampler.euler_a: ("Euler a", None),
-    Sampler.dpmpp_2m: ("DPM++ 2M", None),
+    Sampler.dpmpp_2m: ("DPM++ 2M", "Uniform"),
     Sampler.dpmpp_2m_karras: ("DPM++ 2M", "Karras"),
     Sampler.dpmpp_2m_sde_karras: ("DPM++ 2M SDE", "Karras"),
     Sampler.dpmpp_sde_karras: ("DPM++ SDE", "Karras"),
@@ -53,8 +53,12 @@ A1111_NAMES: dict[Sampler, tuple[str, str | None]] = {
 }
 """(Sampler, Schedule type) as A1111 writes them; None where A1111's default schedule is meant."""
 
-DEFAULT_SCHEDULES = {"", "automatic"}
-"""Schedule types that mean "the sampler's own"."""
+AUTOMATIC = "automatic"
+"""The schedule type that means "the sampler's own" (A1111 1.9 and later)."""
+
+AUTOMATIC_SCHEDULES = {"dpm++ 2m": Sampler.dpmpp_2m_karras, "dpm++ sde": Sampler.dpmpp_sde_karras}
+"""Samplers A1111 1.9 and later give Karras sigmas under the Automatic schedule type (before
+1.9 there was no schedule field and "DPM++ 2M" meant uniform sigmas)."""
 
 
 def _alias(name: str, schedule: str | None) -> str:
@@ -63,6 +67,8 @@ def _alias(name: str, schedule: str | None) -> str:
 
 ALIASES: dict[str, Sampler] = {
     **{_alias(*names): sampler for sampler, names in A1111_NAMES.items()},
+    "dpm++ 2m": Sampler.dpmpp_2m,
+    "dpm++ 2m normal": Sampler.dpmpp_2m,
     **{sampler.value: sampler for sampler in Sampler},
 }
 """Every name a job's ``sampler`` accepts, lower-cased, to the sampler it means."""
@@ -78,10 +84,13 @@ def from_alias(value: str) -> Sampler:
 
 def from_a1111(name: str, schedule: str | None = None) -> Sampler:
     """The sampler an A1111 ``Sampler`` field (and ``Schedule type`` field) mean, or ValueError."""
+    name = " ".join(name.split())
     schedule = (schedule or "").strip()
-    if schedule.lower() in DEFAULT_SCHEDULES:
+    if not schedule:
         return from_alias(name)
-    sampler = ALIASES.get(_alias(" ".join(name.split()), schedule))
+    if schedule.lower() == AUTOMATIC:
+        return AUTOMATIC_SCHEDULES.get(name.lower()) or from_alias(name)
+    sampler = ALIASES.get(_alias(name, schedule))
     if sampler is None:
         raise ValueError(
             f"sampler {name!r} with schedule type {schedule!r} is not available; allowed: {allowed()}"

@@ -34,7 +34,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
-from lorafleet.producer.png_jobs import PngReader
+from lorafleet.producer.png_jobs import PngJob, PngReader
 from lorafleet.producer.resolver import JobResolver, new_id
 
 logger = logging.getLogger(__name__)
@@ -106,12 +106,18 @@ class Client:
 
         Submitting it on the same model gives the same pixels for a lorafleet PNG. LoRAs,
         model and VAE are matched by name, then by hash; one not installed is refused
-        (JobRejected names it). Parameters lorafleet does not reproduce are logged.
+        (JobRejected names it). Parameters lorafleet does not reproduce are logged
+        (``read_png`` returns them).
         """
-        read = PngReader(self.resolver.models, self.resolver.loras).read(Path(path), overrides)
+        read = self.read_png(path, **overrides)
         for note in read.notes:
             logger.warning("%s", note)
         return parse_job(read.fields)
+
+    def read_png(self, path: str | os.PathLike, **overrides: Any) -> PngJob:
+        """The job fields of the image at ``path`` (not yet validated) and notes on what of it
+        will not be reproduced; see ``job_from_png``."""
+        return PngReader(self.resolver.models, self.resolver.loras).read(Path(path), overrides)
 
     # ------------------------------------------------------------------ submit
     def submit(

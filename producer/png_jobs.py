@@ -18,12 +18,16 @@ from typing import Any
 
 from lorafleet.common.checkpoints import short_hash
 from lorafleet.common.errors import JobRejected, LoraError, ModelError, VaeError
+from lorafleet.common.family import Family
 from lorafleet.common.infotext import Infotext, read_png
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo, sha256_file
 from lorafleet.common.models import ModelRegistry
+from lorafleet.common.prompts import lora_tag, split_lora_tags
 
-_TAG = re.compile(r"<(lora|lyco):([^:>]+)", re.IGNORECASE)
+_TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
+_DIGEST = re.compile(r"^[0-9a-f]{10,64}$")
+"""A hash long enough to name one file (A1111 writes 10 or 12 hex digits)."""
 
 
 @dataclass
@@ -43,45 +47,94 @@ class PngReader:
         self._by_hash: list[tuple[LoraInfo, str | None]] | None = None
 
     def read(self, path: Path, overrides: dict[str, Any] | None = None) -> PngJob:
+        """The job fields of the image at ``path``, with ``overrides`` in place of its values.
+
+        A ``prompt`` override keeps the image's LoRAs (as stack entries); a LoRA in a
+        ``loras`` override replaces the image's LoRA of that name.
+        """
         overrides = dict(overrides or {})
         info = read_png(Path(path))
         where = f"{Path(path).name}: "
         fields = info.job_fields(where)
         notes = [f"{where}{key} is not reproduced by lorafleet" for key in info.ignored]
+        replaced = {spec.get("name") for spec in overrides.get("loras", []) if isinstance(spec, dict)}
         if info.source == "invokeai":
             fields["prompt_syntax"] = "compel"
-            fields["loras"] = [
+            loras = [
                 {"name": self._lora_name(name, digest, where), "weight": weight}
                 for name, weight, digest in info.loras
             ]
-        elif "prompt" not in overrides:
-            fields["prompt"] = self._rename_tags(info, where)
+        else:
+            prompt, loras = self._prompt_and_tags(info, where, replaced, keep_text="prompt" not in overrides)
+            fields["prompt"] = prompt
+        fields["loras"] = [*overrides.pop("loras", []), *(s for s in loras if s["name"] not in replaced)]
         if "model" not in overrides:
             fields["model"] = self._model(info, where)
         if "vae" not in overrides and "VAE" in info.fields:
             fields["vae"] = self._vae(info, where)
-        fields.pop("num_images", None)
+        model = overrides.get("model") or fields.get("model", "")
+        if (
+            "clip_skip" in fields
+            and info.source == "a1111"
+            and not info.by_lorafleet
+            and self._is_sdxl(model)
+        ):
+            del fields["clip_skip"]  # A1111 writes it for SDXL but does not apply it there
+            notes.append(f"{where}Clip skip is ignored: A1111 does not apply it to SDXL models")
         return PngJob(fields=fields | overrides, notes=notes)
 
+    def _is_sdxl(self, model: str) -> bool:
+        try:
+            return self.models.get(model).family is Family.sdxl
+        except ModelError:
+            return False
+
     # ------------------------------------------------------------------ LoRAs
-    def _rename_tags(self, info: Infotext, where: str) -> str:
-        """The prompt with each tag naming an installed LoRA (found by hash where the name
-        is not installed)."""
+    def _prompt_and_tags(
+        self, info: Infotext, where: str, replaced: set, *, keep_text: bool
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The prompt with each tag naming an installed LoRA (found by hash where the name is
+        not installed) and without the tags of ``replaced`` LoRAs; with ``keep_text`` False,
+        every tag comes out of the text as a stack entry instead."""
         hashes = info.lora_hashes
+        taken: list[dict[str, Any]] = []
 
         def rename(match: re.Match) -> str:
-            name = match.group(2).strip()
-            installed = self._lora_name(name, hashes.get(name), where)
-            return match.group(0) if installed == name else f"<{match.group(1)}:{installed}"
+            tag = match.group(0)
+            [parsed] = split_lora_tags(tag)[1]
+            name = self._lora_name(parsed.name, hashes.get(parsed.name), where)
+            if name in replaced:
+                return ""
+            if not keep_text:
+                spec = {
+                    "name": name,
+                    "weight": parsed.weight,
+                    "text_encoder_weight": parsed.text_encoder_weight,
+                }
+                taken.append({k: v for k, v in spec.items() if v is not None})
+                return ""
+            if name == parsed.name:
+                return tag
+            return (
+                lora_tag(name, parsed.weight, parsed.text_encoder_weight)
+                if parsed.weight is not None
+                else f"<lora:{name}>"
+            )
 
-        return _TAG.sub(rename, info.prompt)
+        try:
+            text = _TAG.sub(rename, info.prompt)
+        except ValueError as exc:
+            raise JobRejected(f"{where}{exc}", field="prompt") from None
+        if text != info.prompt:
+            text = re.sub(r"[ \t]{2,}", " ", text).strip()
+        return text, taken
 
     def _lora_name(self, name: str, digest: str | None, where: str) -> str:
         try:
             return self.loras.get(name).name
         except LoraError as exc:
             unknown = exc
-        if digest:
+        if digest and _DIGEST.match(digest):
             for candidate, tensor_hash in self._hash_index():
                 if candidate.sha256.startswith(digest) or (tensor_hash and tensor_hash.startswith(digest)):
                     return candidate.name
@@ -108,7 +161,7 @@ class PngReader:
                 return self.models.get(name).key
             except ModelError:
                 pass
-        if digest:
+        if _DIGEST.match(digest):
             for candidate in self.models.names():
                 try:
                     ref = self.models.get(candidate)
@@ -137,7 +190,7 @@ class PngReader:
             return self.models.vaes.get(stem).name
         except VaeError as exc:
             unknown = exc
-        if digest:
+        if _DIGEST.match(digest):
             for candidate in self.models.vaes.names():
                 try:
                     vae = self.models.vaes.get(candidate)

@@ -31,7 +31,7 @@ from lorafleet.common.jobs import (
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
 from lorafleet.common.models import ModelRef, ModelRegistry
-from lorafleet.common.prompts import PromptSyntax, check_weights, split_lora_tags
+from lorafleet.common.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
 from lorafleet.common.shared_files import SharedFiles
 
 FALLBACK_SIZE = 512
@@ -72,7 +72,7 @@ class JobResolver:
         except ModelError as exc:
             raise JobRejected.of(exc, f"{where}model") from None
         warnings = list(job.advice())
-        origins = self._take_prompt_loras(job, where)
+        origins = self._take_prompt_loras(job, where, warnings)
         infos = [self._lora(spec, origin, model, where=where) for spec, origin in zip(job.loras, origins)]
         infos = self._merge_repeats(job, infos, origins)
         if job.lcm and not any(self._is_lcm(info) for info in infos):
@@ -117,10 +117,15 @@ class JobResolver:
         job.model = model.key
         return ResolvedJob(job=job, model=model, warnings=warnings)
 
-    def _take_prompt_loras(self, job: GenerationJob, where: str) -> list[str]:
+    def _take_prompt_loras(self, job: GenerationJob, where: str, warnings: list[str]) -> list[str]:
         """Move the prompt's LoRA tags to the end of ``job.loras``, in the order written, and
         return where each stack entry came from (a field, or the tag), for messages."""
         a1111 = job.prompt_syntax is PromptSyntax.a1111
+        for text, field in ((job.prompt, "prompt"), (job.negative_prompt, "negative_prompt")):
+            for tag in other_tags(text):
+                warnings.append(
+                    f"{where}{field}: {tag} is not a LoRA tag; taken out of the text unused, as A1111 does"
+                )
         try:
             job.prompt, tags = split_lora_tags(job.prompt)
             if a1111:
@@ -139,6 +144,7 @@ class JobResolver:
                 field=f"{where}negative_prompt",
                 allowed="LoRA tags in the prompt (a LoRA changes the whole model, not one prompt)",
             )
+        job.negative_prompt = negative
         origins = [f"{where}loras[{index}]" for index in range(len(job.loras))]
         for tag in tags:
             try:

@@ -7,7 +7,8 @@ pixels as before). Any other prompt is encoded here, the way A1111 does it:
 Semantics:
 - Each prompt (common/prompts.parse_attention) is a list of (text, weight) runs. Their tokens
   fill chunks of 75; a chunk that would overflow is cut after its last comma when that comma
-  is among the last 20 tokens (the rest moves to the next chunk); BREAK closes the chunk.
+  is among the last 20 tokens (the rest moves to the next chunk); BREAK closes the chunk
+  (even an empty one, as A1111 does).
 - Each chunk is encoded on its own as [BOS] + tokens + [EOS] + padding (77 tokens, padded as
   the tokenizer pads), and the chunks' embeddings are concatenated along the token axis. The
   prompt and the negative prompt get the same number of chunks (the shorter one is padded
@@ -21,6 +22,11 @@ Semantics:
   first chunk. These are diffusers' choices for ``clip_skip = c - 1``.
 - SDXL with an empty negative prompt uses zeros for it when the pipeline's config asks
   (``force_zeros_for_empty_prompt``), as diffusers does.
+
+Where this differs from A1111: A1111 runs a prompt and a negative prompt of different chunk
+counts through the UNet separately unless its "pad prompt/negative prompt" option is on;
+diffusers batches them, so lorafleet always pads (that option's behaviour). A multi-vector
+embedding that would straddle two chunks is not moved whole to the next one.
 """
 
 from __future__ import annotations
@@ -78,22 +84,24 @@ class _TextEncoder:
             current, last_comma = _Chunk([], []), -1
 
         for fragment in fragments:
-            if fragment.is_break:
-                if current.tokens:
-                    close()
+            if fragment.is_break:  # A1111 closes the chunk even when it is empty
+                close()
                 continue
             for token in self.token_ids(pipe, fragment.text):
-                if len(current.tokens) == CHUNK_TOKENS:
-                    if last_comma >= 0 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
-                        cut = last_comma + 1
-                        rest = _Chunk(current.tokens[cut:], current.weights[cut:])
-                        current = _Chunk(current.tokens[:cut], current.weights[:cut])
-                        close()
-                        current = rest
-                    else:
-                        close()
                 if token == comma:
                     last_comma = len(current.tokens)
+                elif (
+                    len(current.tokens) == CHUNK_TOKENS
+                    and last_comma >= 0
+                    and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK
+                ):  # move what follows the chunk's last comma to the next chunk
+                    cut = last_comma + 1
+                    rest = _Chunk(current.tokens[cut:], current.weights[cut:])
+                    current = _Chunk(current.tokens[:cut], current.weights[:cut])
+                    close()
+                    current = rest
+                if len(current.tokens) == CHUNK_TOKENS:
+                    close()
                 current.tokens.append(token)
                 current.weights.append(fragment.weight)
         if current.tokens or not chunks:

@@ -27,7 +27,7 @@ def _client():
 
 
 def _parse_lora(text: str) -> dict[str, Any]:
-    """NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]] -> a LoraSpec dict (names may contain ':')."""
+    """NAME[:WEIGHT[:TEXT_ENCODER_WEIGHT]] -> a LoraSpec dict (a name with a colon is refused later, naming it)."""
     parts = text.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < 2:
@@ -213,13 +213,21 @@ def submit(
             "seed": seed,
         }
         given = {k: v for k, v in given.items() if v is not None}
+        listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]
         if from_png is None:
             for option, name in (("--model", "model"), ("--prompt", "prompt")):
                 if name not in given:
                     raise BadArgument("missing", field=option, allowed=f"{option} VALUE, or --from-png FILE")
-            job: dict[str, Any] = given
+            job: dict[str, Any] = given | {"loras": listed}
         else:
-            job = _client().job_from_png(from_png, **given).model_dump(exclude_unset=True)
+            read = _client().read_png(from_png, **given, **({"loras": listed} if listed else {}))
+            for note in read.notes:
+                errors.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+            job = read.fields
+            if lcm:  # the recipe's sampler, steps and CFG, unless given here
+                for name in ("sampler", "steps", "cfg_scale"):
+                    if name not in given:
+                        job.pop(name, None)
         job |= {
             "lcm": lcm,
             "num_images": images,
@@ -227,8 +235,6 @@ def submit(
             "priority": priority.value,
             "tags": _parse_tags(tag),
         }
-        listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]
-        job["loras"] = listed + list(job.get("loras", []))
         base_seed = job.get("seed")
         if base_seed is None and count > 1:
             base_seed = secrets.randbelow(2**32)  # one draw, so the count's seeds are consecutive

@@ -120,3 +120,29 @@ def test_an_unknown_sampler_or_schedule_names_what_is_allowed():
         samplers.from_alias("PLMS")
     with pytest.raises(ValueError, match="schedule type 'Exponential'"):
         samplers.from_a1111("DPM++ 2M", "Exponential")
+
+
+def test_a1111_automatic_schedule_means_karras_for_the_dpmpp_samplers_it_defaults_so():
+    assert samplers.from_a1111("DPM++ 2M", "Automatic") is Sampler.dpmpp_2m_karras
+    assert samplers.from_a1111("DPM++ SDE", "Automatic") is Sampler.dpmpp_sde_karras
+    assert samplers.from_a1111("DPM++ 2M", None) is Sampler.dpmpp_2m  # before 1.9: no schedule field
+    assert samplers.from_a1111("DPM++ 2M", "Uniform") is Sampler.dpmpp_2m
+    assert dict(samplers.a1111_fields(Sampler.dpmpp_2m))["Schedule type"] == "Uniform"
+
+
+def test_a_tag_naming_only_the_unet_weight_keeps_a1111s_text_encoder_weight_of_one():
+    _, [tag] = split_lora_tags("<lora:x:unet=0.5>")
+    assert (tag.weight, tag.text_encoder_weight) == (0.5, 1.0)
+
+
+def test_other_extra_network_tags_are_taken_out_as_a1111_does():
+    text, tags = split_lora_tags("a <wildcard:colour> cat <lora:x:1>")
+    assert text == "a cat" and [t.name for t in tags] == ["x"]
+
+
+@pytest.mark.parametrize("name", ["a:b", "a>b", "a<b"])
+def test_lora_names_that_a_tag_cannot_spell_are_refused(name):
+    from lorafleet.common.jobs import check_lora_name
+
+    with pytest.raises(ValueError, match="':', '<' or '>'"):
+        check_lora_name(name)

@@ -81,9 +81,10 @@ def test_bad_tags_are_refused_naming_the_field(client, fields, field, words):
     assert words in str(error), str(error)
 
 
-def test_other_angle_bracket_text_stays_in_the_prompt(client):
-    job = client.submit(JOB | {"prompt": "a <wildcard:colour> lighthouse"}).job
-    assert job.prompt == "a <wildcard:colour> lighthouse" and job.loras == []
+def test_other_extra_network_tags_are_taken_out_with_a_warning(client):
+    handle = client.submit(JOB | {"prompt": "a <wildcard:colour> lighthouse"})
+    assert handle.job.prompt == "a lighthouse" and handle.job.loras == []
+    assert any("<wildcard:colour> is not a LoRA tag" in w for w in handle.warnings)
 
 
 def test_a_sampler_may_be_named_as_a1111_writes_it(client):

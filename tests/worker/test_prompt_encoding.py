@@ -161,3 +161,23 @@ def test_compel_clip_skip_takes_the_same_layer(client, runner):  # noqa: F811
     assert image(client, runner, prompt=BASE, clip_skip=2, prompt_syntax="compel") == ours
     hot, _ = runner.pipelines.get(runner.models.get(TINY))
     assert len(hot.pipe.text_encoder.encoder.layers) == 2, "layers taken out for clip skip are put back"
+
+
+@pytest.mark.parametrize(
+    "prompt, sizes",
+    [
+        ("a " * 60 + ", " + "a " * 14 + ", a a a a a", [75, 6]),  # the 76th token is the comma
+        ("a " * 60 + ", " + "a " * 20, [61, 20]),  # cut after the comma 15 tokens back
+        ("a " * 40 + ", " + "a " * 40, [75, 6]),  # the comma is too far back: cut at 75
+        ("BREAK a", [0, 1]),
+        ("a BREAK BREAK b", [1, 0, 1]),
+        ("a BREAK", [1]),
+        ("", [0]),
+    ],
+)
+def test_chunks_are_cut_where_a1111_cuts_them(runner, prompt, sizes):
+    from lorafleet.common.prompts import parse_attention
+
+    pipe = runner.pipelines.get(runner.models.get(TINY))[0].pipe
+    encoder = _text_encoders(pipe)[0]
+    assert [len(c.tokens) for c in encoder.chunks(pipe, parse_attention(prompt))] == sizes

@@ -169,7 +169,8 @@ def test_invokeai_metadata_is_read_with_compel_syntax(client, tmp_path):  # noqa
         "steps": 3,
         "cfg_scale": 5,
         "scheduler": "dpmpp_2m_k",
-        "clip_skip": 1,
+        "clip_skip": 0,
+        "cfg_rescale_multiplier": 0.7,
         "model": {"key": "abc", "hash": "blake3:ffff", "name": TINY, "base": "sd-1"},
         "loras": [{"model": {"key": "k", "name": "watercolor", "base": "sd-1"}, "weight": 0.6}],
     }
@@ -181,6 +182,9 @@ def test_invokeai_metadata_is_read_with_compel_syntax(client, tmp_path):  # noqa
     assert job.prompt_syntax.value == "compel" and job.prompt == "a lighthouse+ at (night)1.2"
     assert job.sampler.value == "dpmpp_2m_karras" and (job.steps, job.seed, job.cfg_scale) == (3, 77, 5)
     assert [(s.name, s.weight) for s in job.loras] == [("watercolor", 0.6)]
+    assert job.clip_skip == 1  # InvokeAI counts skipped layers: its 0 is A1111's 1
+    notes = reader(client).read(path).notes
+    assert notes == ["invoke.png: cfg_rescale_multiplier is not reproduced by lorafleet"]
 
 
 def test_the_cli_regenerates_a_png_with_overrides(client, runner, settings, tmp_path, monkeypatch):  # noqa: F811
@@ -195,6 +199,13 @@ def test_the_cli_regenerates_a_png_with_overrides(client, runner, settings, tmp_
     record = client.get(queued["job_id"])
     assert record.job.seed == 8 and record.job.steps == 3 and record.job.model == TINY
     assert [(s.name, s.weight) for s in record.job.loras] == [("watercolor", 0.8)]
+    result = CliRunner().invoke(
+        app, ["submit", "--from-png", str(path), "--lora", "watercolor:0.3", "--lcm", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    record = client.get(json.loads(result.output)[0]["job_id"])
+    assert [(s.name, s.weight) for s in record.job.loras] == [("watercolor", 0.3), ("lcm-lora-sd15", 0.35)]
+    assert (record.job.sampler.value, record.job.steps, record.job.cfg_scale) == ("lcm", 4, 1)
 
 
 def test_what_lorafleet_writes_reads_back_in_sd_parsers(client, runner, tmp_path):  # noqa: F811
@@ -226,3 +237,92 @@ def test_what_lorafleet_writes_reads_back_in_sd_parsers(client, runner, tmp_path
     wanted = {"steps": "3", "cfg_scale": "6.5", "seed": str(record.images[0].seed)}
     assert {key: sampler.parameters[key] for key in wanted} == wanted
     assert theirs.metadata["Size"] == "64x64" and theirs.metadata["Clip skip"] == "2"
+
+
+def reader(client):  # noqa: F811
+    from lorafleet.producer.png_jobs import PngReader
+
+    return PngReader(client.resolver.models, client.resolver.loras)
+
+
+def test_an_a1111_clip_skip_on_sdxl_is_dropped_as_a1111_ignores_it(client, tmp_path):  # noqa: F811
+    path = a1111_png(
+        tmp_path / "xl.png",
+        f"a cat\nSteps: 2, Sampler: Euler, Seed: 1, Model: {TINY_XL}, Clip skip: 2, Version: v1.10.1",
+    )
+    read = reader(client).read(path)
+    assert "clip_skip" not in read.fields
+    assert any("Clip skip" in note and "SDXL" in note for note in read.notes)
+
+
+def test_overriding_the_prompt_keeps_the_pngs_loras_and_a_listed_lora_replaces_one(client, tmp_path):  # noqa: F811
+    path = a1111_png(
+        tmp_path / "a.png",
+        "a cat <lora:watercolor:0.8> <lora:ink-sketch:0.5>\nSteps: 2, Sampler: Euler, Seed: 1, Model: tiny-sd15",
+    )
+    job = client.job_from_png(path, prompt="a dog")
+    assert job.prompt == "a dog"
+    assert [(s.name, s.weight) for s in job.loras] == [("watercolor", 0.8), ("ink-sketch", 0.5)]
+    job = client.job_from_png(path, loras=[{"name": "watercolor", "weight": 0.3}])
+    assert job.prompt == "a cat <lora:ink-sketch:0.5>"
+    assert [(s.name, s.weight) for s in client.submit(job).job.loras] == [
+        ("watercolor", 0.3),
+        ("ink-sketch", 0.5),
+    ]
+
+
+def test_a_hash_too_short_to_name_a_file_matches_nothing(client, tmp_path):  # noqa: F811
+    path = a1111_png(
+        tmp_path / "a.png",
+        'a cat <lora:renamed:0.8>\nSteps: 2, Sampler: Euler, Seed: 1, Model: tiny-sd15, Lora hashes: "renamed: a"',
+    )
+    with pytest.raises(JobRejected, match="'renamed' .* is not installed"):
+        client.job_from_png(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: _bomb_png(), "cannot read"),
+        (lambda: _png_with_text("invokeai_metadata", "[" * 200_000), "carries no generation parameters"),
+        (lambda: _png_with_text("parameters", "a" * 70_000 + ": 1, b: 2, c: 3"), "longer than"),
+    ],
+)
+def test_hostile_images_are_refused_with_a_message(client, tmp_path, make, words):  # noqa: F811
+    path = tmp_path / "hostile.png"
+    path.write_bytes(make())
+    with pytest.raises(BadArgument, match=words):
+        client.job_from_png(path)
+
+
+def _bomb_png() -> bytes:
+    import struct
+
+    header = struct.pack(">IIBBBBB", 200_000, 200_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b"")
+
+
+def _png_with_text(key: str, value: str) -> bytes:
+    import io
+
+    info = PngInfo()
+    info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def test_invokeai_metadata_of_the_wrong_shape_is_read_as_far_as_it_goes(client, tmp_path):  # noqa: F811
+    path = tmp_path / "odd.png"
+    path.write_bytes(
+        _png_with_text("invokeai_metadata", json.dumps({"positive_prompt": "a cat", "loras": 5, "model": 3}))
+    )
+    job = client.job_from_png(path, model=TINY)
+    assert job.prompt == "a cat" and job.loras == []
