@@ -183,8 +183,9 @@ def parse_attention(prompt: str) -> list[Fragment]:
 
     for match in _ATTENTION.finditer(prompt):
         token, weight = match.group(0), match.group(1)
-        if token.startswith("\\") and len(token) == 2:
-            parts.append([token[1], 1.0, False])
+        if token.startswith("\\"):  # an escaped character, or a lone backslash (dropped, as A1111 does)
+            if len(token) == 2:
+                parts.append([token[1], 1.0, False])
         elif token == "(":
             open_brackets.append(("(", len(parts)))
         elif token == "[":

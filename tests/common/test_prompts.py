@@ -35,6 +35,7 @@ def weights(prompt: str) -> list[tuple[str, float]]:
         ("(unclosed cat", [("unclosed cat", 1.1)]),
         (r"\(cat\) \[x\] a\\b", [("(cat) [x] a\\b", 1.0)]),
         ("cat)", [("cat)", 1.0)]),
+        ("a \\ b \\", [("a  b ", 1.0)]),
         ("time: 5, (cat: 1.5 )", [("time: 5, ", 1.0), ("cat", 1.5)]),
         ("", [("", 1.0)]),
     ],
