@@ -7,6 +7,7 @@ GenerationJob or raises JobRejected with one line per bad field.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 from enum import Enum
@@ -380,6 +381,27 @@ class JobRecord(BaseModel):
     error: str | None = None
     cancel_requested: bool = False
     retry_of: str | None = None
+    damaged: bool = False
+    """The stored record could not be read (see ``damaged_record``); nothing acts on it."""
+
+    @classmethod
+    def damaged_record(cls, job_id: str, raw: bytes | str, reason: str) -> JobRecord:
+        """What a listing shows for a stored record that does not read back: status failed,
+        the reason as its error, and whatever of its model and batch can still be read."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            data = None
+        stored = data.get("job") if isinstance(data, dict) else None
+        stored = stored if isinstance(stored, dict) else {}
+        salvaged = {k: v for k, v in stored.items() if k in ("model", "batch_id") and isinstance(v, str)}
+        job = GenerationJob.model_construct(**{"model": "?", "prompt": ""} | salvaged, job_id=job_id)
+        return cls.model_construct(
+            job=job,
+            status=JobStatus.failed,
+            error=f"the record is damaged and cannot be read: {reason}",
+            damaged=True,
+        )
 
     @property
     def job_id(self) -> str:

@@ -12,14 +12,18 @@ are dropped when a listing meets them.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterable
 
 import redis
+from pydantic import ValidationError
 
 from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import JobRecord, JobStatus
+from lorafleet.common.jobs import JobRecord, JobStatus, describe_validation_error
+
+logger = logging.getLogger(__name__)
 
 Change = Callable[[JobRecord], "JobRecord | None"]
 
@@ -42,6 +46,33 @@ def _score(record: JobRecord) -> float:
     return record.submitted_at.timestamp()
 
 
+def _stored_form(record: JobRecord) -> str:
+    """The record as stored, checked to read back: a record the readers could not parse is
+    never written (JobRejected names the field)."""
+    text = record.model_dump_json()
+    try:
+        JobRecord.model_validate_json(text)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc)
+        raise JobRejected(
+            "; ".join(f"{field}: {message}" for field, message in problems), field=problems[0][0]
+        ) from None
+    return text
+
+
+def _parsed(job_id: str, raw: bytes | None) -> JobRecord | None:
+    """The stored record, or a damaged one's stand-in (``JobRecord.damaged_record``)."""
+    if raw is None:
+        return None
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        logger.error("job %s: stored record is damaged (%s: %s)", job_id, where, first["msg"])
+        return JobRecord.damaged_record(job_id, raw, f"{where}: {first['msg']}")
+
+
 class JobStore:
     """Reads and changes job records; safe to share between threads of one process."""
 
@@ -54,6 +85,7 @@ class JobStore:
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Write new records (status queued) and index them; refuses an id already taken."""
         records = list(records)
+        stored = {r.job_id: _stored_form(r) for r in records}
         record_keys = [keys.job(r.job_id) for r in records]
         if len(set(record_keys)) != len(record_keys):
             raise JobRejected("the same job_id appears twice in one submission", field="job_id")
@@ -76,7 +108,7 @@ class JobStore:
                     pipe.multi()
                     for record in records:
                         score = _score(record)
-                        pipe.set(keys.job(record.job_id), record.model_dump_json())
+                        pipe.set(keys.job(record.job_id), stored[record.job_id])
                         pipe.zadd(keys.ALL_JOBS, {record.job_id: score})
                         pipe.zadd(keys.status(record.status.value), {record.job_id: score})
                         pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: score})
@@ -106,14 +138,14 @@ class JobStore:
 
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(keys.job(job_id))
-        return JobRecord.model_validate_json(raw) if raw else None
+        """The record (a damaged one's stand-in if it does not read back), or None."""
+        return _parsed(job_id, self.redis.get(keys.job(job_id)))
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         if not job_ids:
             return []
         raws = self.redis.mget([keys.job(i) for i in job_ids])
-        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
+        return [_parsed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
 
     def batch(self, batch_id: str) -> list[str]:
         """Job ids of a batch, in submit order."""
@@ -125,14 +157,15 @@ class JobStore:
         to leave it as it is. Returns what is stored afterwards (None if no record).
 
         Optimistic: read, change, then write only if the record is still what was read (a
-        server-side compare-and-set, two round trips); on a race, read again and retry.
+        server-side compare-and-set, two round trips); on a race, read again and retry. A
+        damaged record is not changed: its stand-in is returned.
         """
         key = keys.job(job_id)
         while True:
             raw = self.redis.get(key)
-            if raw is None:
-                return None
-            before = JobRecord.model_validate_json(raw)
+            before = _parsed(job_id, raw)
+            if before is None or before.damaged:
+                return before
             status_before = before.status
             after = change(before)  # may change ``before`` in place: it is a fresh copy
             if after is None:
@@ -141,7 +174,7 @@ class JobStore:
                 keys=[key, keys.status(status_before.value), keys.status(after.status.value)],
                 args=[
                     raw,
-                    after.model_dump_json(),
+                    _stored_form(after),
                     job_id,
                     _score(after),
                     self.retention if after.status.final else 0,

@@ -303,7 +303,8 @@ class Client:
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a queued one never runs; a running one stops at its next step."""
-        self.get(job_id)
+        if self.get(job_id).damaged:
+            raise JobRejected(f"job {job_id}'s record is damaged; nothing can change it", field="job_id")
 
         def change(record: JobRecord) -> JobRecord | None:
             if record.status is JobStatus.queued:

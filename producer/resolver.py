@@ -115,7 +115,7 @@ class JobResolver:
             job.seed = secrets.randbelow(MAX_SEED + 1)
         job.job_id = job.job_id or new_id()
         job.model = model.key
-        return ResolvedJob(job=job, model=model, warnings=warnings)
+        return ResolvedJob(job=_checked(job, where), model=model, warnings=warnings)
 
     def _take_prompt_loras(self, job: GenerationJob, where: str, warnings: list[str]) -> list[str]:
         """Move the prompt's LoRA tags to the end of ``job.loras``, in the order written, and
@@ -284,3 +284,21 @@ def _weights(spec: LoraSpec) -> str:
     if spec.text_encoder_weight is None:
         return f"weight {spec.weight:g}"
     return f"weight {spec.weight:g}, text encoder {spec.text_encoder_weight:g}"
+
+
+def _checked(job: GenerationJob, where: str) -> GenerationJob:
+    """The resolved job validated again: what resolution added (trigger words, the LCM-LoRA,
+    defaults) must keep it within the schema, or the job is refused naming the field."""
+    try:
+        return GenerationJob.model_validate(job.model_dump())
+    except ValidationError as exc:
+        problems = []
+        for field, message in describe_validation_error(exc):
+            if field == "prompt" and any(spec.inject_trigger for spec in job.loras):
+                message += " once the LoRAs' trigger words are added"
+            problems.append((f"{where}{field}", message))
+        raise JobRejected(
+            "; ".join(f"{field}: {message}" for field, message in problems),
+            field=problems[0][0],
+            problems=problems,
+        ) from None

@@ -96,10 +96,15 @@ def get_job(state: State, job_id: str):
     return job_view(_record_or_404(state, job_id))
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "no such job"}})
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobView,
+    responses={404: {"description": "no such job"}, 409: {"description": "the record is damaged"}},
+)
 def cancel_job(state: State, job_id: str):
     """Cancel: a queued job never runs; a running one stops at its next step."""
-    _record_or_404(state, job_id)
+    if _record_or_404(state, job_id).damaged:
+        raise HTTPException(409, f"job {job_id}'s record is damaged; nothing can change it")
     return job_view(state.client.cancel(job_id))
 
 

@@ -65,9 +65,8 @@ class Summary(BaseModel):
 
 def job_view(record: JobRecord) -> JobView:
     urls = [f"/v1/jobs/{record.job_id}/images/{i}" for i in range(len(record.images))]
-    return JobView(
-        **record.model_dump(), job_id=record.job_id, image_urls=urls, cli=resubmit_command(record.job)
-    )
+    cli = "" if record.damaged else resubmit_command(record.job)
+    return JobView(**record.model_dump(), job_id=record.job_id, image_urls=urls, cli=cli)
 
 
 def problems(exc: InvalidInput) -> JSONResponse:
