@@ -21,7 +21,10 @@
     ├── JobFailed                  the job ran and cannot finish: out of memory, corrupt object,
     │   │                            the store refused access
     │   └── ObjectMissing          an object the job needs is not in the store
-    └── JobCancelled               the job was cancelled while it ran
+    ├── JobCancelled               the job was cancelled while it ran
+    └── Superseded                 this run no longer owns the job (its worker was taken for
+                                     lost and the job handed to another run): it stops
+                                     without writing the record
 
 Every message says what is wrong and what is allowed; an error raised while a job runs
 carries the job's id (``job_id``). Callers translate only across a boundary: the resolver
@@ -124,3 +127,7 @@ class ObjectMissing(JobFailed):
 
 class JobCancelled(LorafleetError):
     """The job was cancelled; the worker stops at the next step."""
+
+
+class Superseded(LorafleetError):
+    """This run of a job no longer owns its record: another run took the job over."""

@@ -375,6 +375,11 @@ class JobRecord(BaseModel):
     finished_at: datetime | None = None
     timings: Timings = Timings()
     worker: str | None = None
+    worker_instance: str | None = None
+    """The worker process that runs it (its heartbeat's ``instance``): a restarted worker
+    with the same name is another instance."""
+    run_id: str | None = None
+    """The fencing token of the current run: only the run holding it writes the record."""
     attempts: int = 0
     images: list[ImageRef] = []
     warnings: list[str] = []

@@ -21,6 +21,8 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   meta} (`lorafleet embeddings import`)
     lorafleet:vaes                        hash    VAE name -> the same (`lorafleet vaes import`)
     lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
+    lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
+                                                  a lost worker's run back to the queue
     lorafleet:stats:finished              hash    final status -> jobs that ended so
     lorafleet:stats:phases                hash    "<phase>:sum" / "<phase>:count" -> seconds / jobs
     lorafleet:stats:lora                  hash    hits / misses of the workers' LoRA caches
@@ -82,6 +84,11 @@ def batch(batch_id: str) -> str:
 
 def model_jobs(model_key: str) -> str:
     return f"{PREFIX}model:{model_key}"
+
+
+def handback(job_id: str, run_id: str) -> str:
+    """Taken (SET NX) by whichever process hands this run of a job back to the queue."""
+    return f"{PREFIX}handback:{job_id}:{run_id}"
 
 
 def scratch(token: str) -> str:

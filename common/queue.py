@@ -17,7 +17,7 @@ from celery import Celery
 
 from lorafleet.common import keys
 from lorafleet.common.broker import Broker
-from lorafleet.common.jobs import Priority
+from lorafleet.common.jobs import JobRecord, Priority
 from lorafleet.common.settings import Settings
 
 TASK_GENERATE = "lorafleet.generate"
@@ -86,6 +86,18 @@ def worker_argv(name: str, queues: list[str], loglevel: str = "INFO") -> list[st
         "--without-gossip",
         "--task-events",
     ]
+
+
+def send_job(app: Celery, record: JobRecord, producer=None) -> None:
+    """Send the job's message to its model's queue at its priority (the task id is the job id)."""
+    app.send_task(
+        TASK_GENERATE,
+        kwargs={"job_id": record.job_id},
+        task_id=record.job_id,
+        queue=record.queue,
+        priority=PRIORITY_VALUE[record.job.priority],
+        producer=producer,
+    )
 
 
 def make_celery(settings: Settings, broker: Broker) -> Celery:

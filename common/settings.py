@@ -77,8 +77,15 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         default=3600,
         ge=10,
-        description="Seconds before a job taken by a worker that died is handed to another; "
-        "must exceed the longest job.",
+        description="Seconds before Celery hands an unacknowledged message to another worker. A job "
+        "whose worker died goes back to the queue sooner (worker_lost_after); a job that outlives "
+        "this is never run twice at once (a redelivered message finds it running and is dropped).",
+    )
+    worker_lost_after: int = Field(
+        default=30,
+        ge=6,
+        description="Seconds without a heartbeat after which a worker is taken for lost and its running "
+        "jobs are handed back to the queue (by any live worker or the API, once).",
     )
     record_retention: int = Field(
         default=7 * 24 * 3600,

@@ -34,6 +34,8 @@ class WorkerBeat(BaseModel):
     """What one worker says about itself."""
 
     name: str
+    instance: str = ""
+    """This worker process's id (a restarted worker with the same name has a new one)."""
     host: str
     pid: int
     version: str
@@ -100,6 +102,14 @@ class WorkerRegistry:
             self.redis.hdel(keys.WORKERS, *forgotten)
         order = {"alive": 0, "stale": 1, "gone": 2}
         return sorted(views, key=lambda v: (order[v.liveness], v.name))
+
+    def owner_alive(self, name: str | None, instance: str | None, within: float) -> bool:
+        """Whether worker process ``instance`` called ``name`` beat in the last ``within`` s."""
+        raw = self.redis.hget(keys.WORKERS, name) if name else None
+        if raw is None:
+            return False
+        beat = WorkerBeat.model_validate_json(raw)
+        return beat.instance == instance and time.time() - beat.last_seen < within
 
     def live_models(self, now: float | None = None) -> set[str]:
         """Model keys that at least one live worker serves."""

@@ -29,7 +29,7 @@ from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRegistry
-from lorafleet.common.queue import PRIORITY_VALUE, TASK_GENERATE, make_celery
+from lorafleet.common.queue import make_celery, send_job
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import WorkerRegistry
@@ -222,14 +222,7 @@ class Client:
         try:
             with self.celery.producer_or_acquire() as producer:
                 for record in records:
-                    self.celery.send_task(
-                        TASK_GENERATE,
-                        kwargs={"job_id": record.job_id},
-                        task_id=record.job_id,
-                        queue=record.queue,
-                        priority=PRIORITY_VALUE[record.job.priority],
-                        producer=producer,
-                    )
+                    send_job(self.celery, record, producer)
                     sent += 1
                     logger.info("queued job %s on %s", record.job_id, record.queue)
         except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"

@@ -1,4 +1,7 @@
-"""The worker's heartbeat: a thread that tells Redis what this worker is doing, every 2 s."""
+"""The worker's heartbeat: a thread that tells Redis what this worker is doing, every 2 s,
+and every HANDBACK_SECONDS hands the jobs of lost workers back to the queue
+(common/handback.py). Nothing stops the thread but ``stop``: an unexpected error is logged
+and the next beat comes on time."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 import torch
 
 from lorafleet.common import __version__
+from lorafleet.common.handback import HANDBACK_SECONDS
 from lorafleet.common.workers import HEARTBEAT_SECONDS, WorkerBeat, WorkerRegistry
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
@@ -46,6 +51,7 @@ class Heartbeat:
         pipelines: PipelineCache,
         loras: LoraStore,
         interval: float = HEARTBEAT_SECONDS,
+        handback: Callable[[], object] | None = None,
     ) -> None:
         self.registry = registry
         self.name = name
@@ -55,6 +61,7 @@ class Heartbeat:
         self.pipelines = pipelines
         self.loras = loras
         self.interval = interval
+        self.handback = handback
         self.started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-heartbeat", daemon=True)
@@ -66,6 +73,7 @@ class Heartbeat:
         lookups = stats.lora_hits + stats.lora_misses
         return WorkerBeat(
             name=self.name,
+            instance=self.runner.instance,
             host=socket.gethostname(),
             pid=os.getpid(),
             version=__version__,
@@ -97,8 +105,17 @@ class Heartbeat:
             logger.warning("heartbeat not written: %s", exc)
 
     def _loop(self) -> None:
+        last_handback = 0.0
         while not self._stop.is_set():
-            self.beat()
+            try:
+                self.beat()
+                if self.handback is not None and time.monotonic() - last_handback >= HANDBACK_SECONDS:
+                    last_handback = time.monotonic()
+                    self.handback()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("handing back lost workers' jobs: %s", exc)
+            except Exception:  # the thread must outlive anything: a dead heartbeat looks like a dead worker
+                logger.exception("heartbeat: unexpected error; beating on")
             self._stop.wait(self.interval)
 
     def start(self) -> None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from lorafleet.common.embeddings import EmbeddingCatalog, EmbeddingInfo
-from lorafleet.common.errors import InvalidInput, JobCancelled, JobFailed, TransientError
+from lorafleet.common.errors import InvalidInput, JobCancelled, JobFailed, Superseded, TransientError
 from lorafleet.common.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
 from lorafleet.common.metrics import record_finished
 from lorafleet.common.models import ModelRegistry
@@ -33,6 +34,7 @@ from lorafleet.common.shared_files import SharedFiles
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
 from lorafleet.common.vaes import VaeInfo
+from lorafleet.common.workers import WorkerRegistry
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.lora_files import DiskCache, fetch_object
 from lorafleet.worker.loras import LoraStore
@@ -107,6 +109,10 @@ class JobRunner:
         )
         self.models = ModelRegistry(settings, store.redis)
         self.worker_name = worker_name
+        self.instance = uuid.uuid4().hex
+        """This process's id in its heartbeat and in the records of the jobs it runs."""
+        self.workers = WorkerRegistry(store.redis)
+        self._run_id: str | None = None
         self.stats = WorkerStats()
         self.requeue_delay = RUN_AGAIN_DELAY
         """Seconds the task waits before sending a job that was queued again."""
@@ -119,11 +125,16 @@ class JobRunner:
         that started ``job_attempts`` times without finishing ends failed; any other starts here.
         """
         before: list[JobStatus] = []
+        run_id = uuid.uuid4().hex
 
         def change(record: JobRecord) -> JobRecord | None:
             before.append(record.status)
             if record.status.final:
                 return None
+            if record.status is JobStatus.running and self.workers.owner_alive(
+                record.worker, record.worker_instance, self.settings.worker_lost_after
+            ):
+                return None  # a second delivery while its worker runs it: dropped
             if record.cancel_requested:
                 record.status, record.finished_at = JobStatus.cancelled, utcnow()
                 record.error = "cancelled before it ran"
@@ -138,18 +149,31 @@ class JobRunner:
             record.status = JobStatus.running
             record.attempts += 1
             record.started_at = utcnow()
-            record.worker = self.worker_name
+            record.worker, record.worker_instance, record.run_id = self.worker_name, self.instance, run_id
             record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
             record.timings = Timings(queue_wait=(record.started_at - record.submitted_at).total_seconds())
             return record
 
         record = self.store.update(job_id, change)
+        if record is not None and record.run_id == run_id:
+            self._run_id = run_id
         return (before[-1] if before else None), record
+
+    def _owned(self, record: JobRecord) -> None:
+        """Superseded unless this run still owns the record (the fencing check of every
+        write a run makes, inside the same compare-and-set)."""
+        if self._run_id is not None and record.run_id != self._run_id:
+            raise Superseded(
+                f"run {self._run_id[:8]} of this worker no longer owns the job (now "
+                f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
+                job_id=record.job_id,
+            )
 
     def finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
         """End the record in ``status`` (setting ``fields``) and count it in the fleet's stats."""
 
         def change(record: JobRecord) -> JobRecord:
+            self._owned(record)
             record.status = status
             record.finished_at = utcnow()
             for name, value in fields.items():
@@ -163,6 +187,7 @@ class JobRunner:
 
     def _progress(self, job_id: str, step: int) -> None:
         def change(record: JobRecord) -> JobRecord:
+            self._owned(record)
             record.progress.step = step
             return record
 
@@ -173,7 +198,9 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the job
     def run(self, job_id: str) -> JobStatus | None:
-        """Run one job to its end; returns its final status (None if it was not ours to run)."""
+        """Run one job to its end; returns its final status (None if it was not ours to run,
+        or another run took it over while this one ran)."""
+        self._run_id = None
         before, record = self._start(job_id)
         if record is None:
             logger.warning("job %s has no record (expired or never queued); dropped", job_id)
@@ -181,6 +208,11 @@ class JobRunner:
         if before is not None and before.final:
             logger.info("job %s is already %s; skipped", job_id, before.value)
             return record.status
+        if record.status is JobStatus.running and record.run_id != self._run_id:
+            logger.info(
+                "job %s is running on %s (alive): this second delivery is dropped", job_id, record.worker
+            )
+            return None
         if record.status is not JobStatus.running:
             record_finished(self.store.redis, record)
             logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
@@ -190,8 +222,12 @@ class JobRunner:
         self.stats.current_total = record.progress.total
         try:
             return self.execute(record)
+        except Superseded as exc:
+            logger.warning("%s; this run stops without writing it", exc)
+            return None
         finally:
             self.stats.current_job = None
+            self._run_id = None
 
     def execute(self, record: JobRecord) -> JobStatus:
         """Everything between taking a running job and its final record: pipeline, LoRAs,
@@ -210,6 +246,8 @@ class JobRunner:
                 except BaseException:
                     self._restore(hot)
                     raise
+        except Superseded:
+            raise
         except JobCancelled:
             self.stats.cancelled += 1
             self.finish(
@@ -304,6 +342,7 @@ class JobRunner:
         note = f"run {attempts} of at most {self.settings.job_attempts} met a transient failure: {message}"
 
         def change(current: JobRecord) -> JobRecord | None:
+            self._owned(current)
             if current.status is not JobStatus.running:
                 return None
             if current.cancel_requested:  # it ran, and was cancelled meanwhile: it ends so

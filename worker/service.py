@@ -15,6 +15,7 @@ from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, ModelError
+from lorafleet.common.handback import hand_back_lost_jobs
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRef, ModelRegistry
@@ -71,6 +72,7 @@ class Worker:
             self.runner,
             self.pipelines,
             self.loras,
+            handback=self._hand_back,
         )
         worker_ready.connect(self._on_ready, weak=False)
 
@@ -80,6 +82,11 @@ class Worker:
             return registry.get(name)
         except ModelError as exc:
             raise BadArgument(exc.reason, field="--models", allowed=exc.allowed) from None
+
+    def _hand_back(self) -> list[str]:
+        return hand_back_lost_jobs(
+            self.store, WorkerRegistry(self.store.redis), self.app, self.settings.worker_lost_after
+        )
 
     def _on_ready(self, **_: object) -> None:
         """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""

@@ -20,6 +20,11 @@ the routes share. ``create_app`` here builds the app and is the only thing that 
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -27,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
 from lorafleet.common.errors import ConfigError, InvalidInput, TransientError
+from lorafleet.common.handback import HANDBACK_SECONDS, hand_back_lost_jobs
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
@@ -38,6 +44,18 @@ from lorafleet.producer.auth import TokenMiddleware, parse_tokens
 from lorafleet.producer.client import Client
 
 __all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+
+def _hand_back_while(stop: threading.Event, state: ApiState) -> None:
+    """The API's share of handing lost workers' jobs back (common/handback.py), until ``stop``."""
+    client = state.client
+    while not stop.wait(HANDBACK_SECONDS):
+        try:
+            hand_back_lost_jobs(client.jobs, state.workers, client.celery, state.settings.worker_lost_after)
+        except Exception as exc:  # Redis away, a broker hiccup: the next pass tries again
+            logger.warning("handing back lost workers' jobs: %s", exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -51,7 +69,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage=open_storage(settings),
         models=ModelRegistry(settings, client.redis),
     )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_hand_back_while, args=(stop, state), name="lorafleet-handback", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="lorafleet",
         version=__version__,
         description="A distributed job queue for batch image generation with LoRA stacks.",

@@ -1,0 +1,95 @@
+"""Handing a lost worker's jobs back to the queue, once, within about a minute.
+
+A running job's record names its worker process (``worker``, ``worker_instance``) and its
+run (``run_id``, the fencing token). When that process has not beaten for
+``worker_lost_after`` seconds it is taken for lost, whatever Celery's visibility timeout:
+every HANDBACK_SECONDS, each live worker's heartbeat thread and the API look at the
+running jobs, and for each one whose worker is lost, the first to take
+``keys.handback(job, run)`` sends the job's message again and moves the record back to
+queued (a compare-and-set on the same ``run_id``; a cancel asked meanwhile ends it
+cancelled instead). The worker that takes the message starts a new run with a new
+``run_id``; the lost run, if it was only slow and comes back, fails its next fenced write
+and stops without touching the record (worker/runner.py).
+
+Semantics: a job is never lost (the message is sent before the record moves, by exactly
+one process), and never runs twice at once (a delivery that finds the job running under a
+live worker is dropped). A message Celery restores after the visibility timeout is such a
+delivery, or finds the job ended.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from celery import Celery
+
+from lorafleet.common import keys
+from lorafleet.common.jobs import JobRecord, JobStatus, Progress, utcnow
+from lorafleet.common.queue import send_job
+from lorafleet.common.state import JobStore
+from lorafleet.common.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+HANDBACK_SECONDS = 10.0
+"""How often live workers and the API look for jobs of lost workers."""
+HANDBACK_HOLD_SECONDS = 300
+"""How long the one process handing a run back holds it (the others leave it alone)."""
+
+
+def hand_back_lost_jobs(
+    store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float
+) -> list[str]:
+    """Hand back the running jobs whose worker is lost; returns their ids."""
+    ids = [i.decode() for i in store.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
+    handed = []
+    for record in store.get_many(ids):
+        if record is None or record.damaged or record.status is not JobStatus.running:
+            continue
+        if workers.owner_alive(record.worker, record.worker_instance, lost_after):
+            continue
+        run = record.run_id or "-"
+        if not store.redis.set(keys.handback(record.job_id, run), "1", nx=True, ex=HANDBACK_HOLD_SECONDS):
+            continue  # another process hands this run back
+        try:
+            send_job(app, record)
+        except Exception as exc:  # kombu and redis raise many kinds: all mean "not sent"
+            store.redis.delete(keys.handback(record.job_id, run))
+            logger.warning(
+                "job %s: its lost worker's run could not be handed back yet: %s", record.job_id, exc
+            )
+            continue
+        if _requeue(store, record, lost_after):
+            handed.append(record.job_id)
+    return handed
+
+
+def _requeue(store: JobStore, seen: JobRecord, lost_after: float) -> bool:
+    moved: list[JobStatus] = []
+    note = (
+        f"worker {seen.worker} was lost (no heartbeat for {lost_after:g} s) during run {seen.attempts}; "
+        "the job was handed back to the queue"
+    )
+
+    def change(current: JobRecord) -> JobRecord | None:
+        if current.status is not JobStatus.running or current.run_id != seen.run_id:
+            return None  # it ended, or another run took it over meanwhile
+        if current.cancel_requested:
+            current.status, current.finished_at = JobStatus.cancelled, utcnow()
+            current.error = "cancelled while running (its worker was lost)"
+        else:
+            current.status = JobStatus.queued
+            current.progress = Progress(step=0, total=current.progress.total)
+        current.warnings = [*current.warnings, note]
+        moved.append(current.status)
+        return current
+
+    try:
+        store.update(seen.job_id, change)
+    except redis.RedisError as exc:
+        logger.warning("job %s: record not moved back to queued: %s", seen.job_id, exc)
+        return False
+    if moved:
+        logger.warning("job %s: %s", seen.job_id, note)
+    return bool(moved)
