@@ -85,7 +85,9 @@ def test_a_frozen_worker_that_comes_back_finds_its_job_taken_over_and_writes_not
         what="the job taken over by the other worker",
     )
     os.killpg(frozen.process.pid, signal.SIGCONT)
-    wait_until(lambda: "no longer owns the job" in frozen.log.read_text(), timeout=60, what="the frozen run fenced")
+    wait_until(
+        lambda: "no longer owns the job" in frozen.log.read_text(), timeout=60, what="the frozen run fenced"
+    )
     record = handle.wait(timeout=180)
     assert record.status is JobStatus.succeeded and record.worker == other.name
     assert record.run_id == taken.run_id and record.attempts == 2
