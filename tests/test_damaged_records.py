@@ -69,3 +69,26 @@ def test_a_damaged_record_shows_as_damaged_and_breaks_no_view(api, settings, how
         runner = make_runner(settings)
         assert runner.run(bad.job_id) is JobStatus.failed  # skipped, and the message acked
         assert runner.run(good.job_id) is JobStatus.succeeded
+
+
+def test_the_cli_shows_damaged_records_and_never_writes_control_characters(settings, monkeypatch):
+    from typer.testing import CliRunner
+
+    from lorafleet.producer.cli import app
+
+    for key, value in settings.model_dump(mode="json", exclude_none=True).items():
+        if isinstance(value, (str, int, float, bool)):
+            monkeypatch.setenv(f"LORAFLEET_{key.upper()}", str(value))
+    with Client(settings) as client:
+        hostile = client.submit(
+            {"model": TINY, "prompt": "a lighthouse\x1b[2J\x1b]0;owned\x07\x9b31m", "tags": {"k": "\x1bc"}}
+        )
+        bad = client.submit({"model": TINY, "prompt": "a lighthouse"}, batch_id=hostile.batch_id)
+        damage(client, bad.job_id, lambda raw: raw[:20])
+    runner = CliRunner()
+    for args in (["status", hostile.job_id], ["status", bad.job_id], ["status", "--batch", hostile.batch_id]):
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert not any(c in result.output for c in "\x1b\x07\x9b"), repr(result.output)
+    assert "\\x1b[2J" in runner.invoke(app, ["status", hostile.job_id], env={"COLUMNS": "200"}).output
+    assert "damaged" in runner.invoke(app, ["status", bad.job_id]).output

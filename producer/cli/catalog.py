@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import redis
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from lorafleet.common.broker import resolve_broker
@@ -21,7 +20,7 @@ from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
 from lorafleet.producer.cli.display import DownloadProgress
-from lorafleet.producer.cli.terminal import console, print_json, run
+from lorafleet.producer.cli.terminal import console, print_json, run, safe
 from lorafleet.producer.cli.worker_side import worker_side
 from lorafleet.producer.file_imports import import_file
 from lorafleet.producer.lora_imports import import_lora
@@ -83,7 +82,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
             row["where"],
             row["family"] or "?",
             str(row["native_size"] or "?"),
-            escape(row["source"]),
+            safe(row["source"]),
             row["queue"],
         )
     console.print(table)
@@ -187,18 +186,18 @@ def loras_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     for row in rows:
         if "refused" in row:
             table.add_row(
-                escape(row["name"]), row["where"], "[red]refused[/]", "", "", "", "", escape(row["refused"])
+                safe(row["name"]), row["where"], "[red]refused[/]", "", "", "", "", safe(row["refused"])
             )
         else:
             table.add_row(
-                escape(row["name"]),
+                safe(row["name"]),
                 row["where"],
                 row["format"],
                 row["family"] or "?",
                 str(row["rank"] or "-"),
                 f"{row['size'] / 1024:.0f} KiB",
                 row["sha256"][:12],
-                escape(", ".join(row["trigger_words"])),
+                safe(", ".join(row["trigger_words"])),
             )
     console.print(table)
 
@@ -250,24 +249,24 @@ def loras_inspect(
             return
         table = Table(show_header=False, box=None)
         for key in ("name", "path", "format", "family", "rank", "tensor_count", "size", "sha256", "is_lcm"):
-            table.add_row(f"[bold]{key}[/]", escape(str(data[key])))
-        table.add_row("[bold]trigger words[/]", escape(", ".join(info.trigger_words) or "-"))
+            table.add_row(f"[bold]{key}[/]", safe(str(data[key])))
+        table.add_row("[bold]trigger words[/]", safe(", ".join(info.trigger_words) or "-"))
         for key, value in data["metadata"].items():
-            table.add_row(f"[bold]{escape(key)}[/]", escape(value))
+            table.add_row(f"[bold]{safe(key)}[/]", safe(value))
         if model:
             match = data["match"]
             layers = ", ".join(f"{n} {c}" for c, n in match["matched"].items()) or "none"
-            table.add_row("[bold]model[/]", escape(f"{match['model']} ({match['family'] or '?'})"))
-            table.add_row("[bold]matched layers[/]", escape(layers))
+            table.add_row("[bold]model[/]", safe(f"{match['model']} ({match['family'] or '?'})"))
+            table.add_row("[bold]matched layers[/]", safe(layers))
             unmatched = match["unmatched"]
             shown = ", ".join(unmatched[:UNMATCHED_SHOWN]) + (
                 " ..." if len(unmatched) > UNMATCHED_SHOWN else ""
             )
             table.add_row(
-                "[bold]unmatched keys[/]", escape(f"{len(unmatched)}" + (f": {shown}" if unmatched else ""))
+                "[bold]unmatched keys[/]", safe(f"{len(unmatched)}" + (f": {shown}" if unmatched else ""))
             )
             if match["family_mismatch"]:
-                table.add_row("[bold red]refused[/]", escape(match["family_mismatch"]))
+                table.add_row("[bold red]refused[/]", safe(match["family_mismatch"]))
         console.print(table)
 
     run(action)

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lorafleet.common.jobs import PHASES, JobRecord, JobStatus
+from lorafleet.producer.cli.terminal import safe
 
 STATUS_STYLE = {
     JobStatus.queued: "yellow",
@@ -35,7 +35,7 @@ def status_text(status: JobStatus) -> str:
 
 
 def lora_stack(record: JobRecord) -> str:
-    return escape(" + ".join(f"{spec.name}:{spec.weight:g}" for spec in record.job.loras) or "-")
+    return safe(" + ".join(f"{spec.name}:{spec.weight:g}" for spec in record.job.loras) or "-")
 
 
 def _seconds(value: float | None) -> str:
@@ -55,7 +55,7 @@ def jobs_table(records: Sequence[JobRecord], title: str | None = None) -> Table:
         table.add_row(
             record.job_id[:8],
             status_text(record.status),
-            f"{job.sampler.value} {job.steps}@{job.cfg_scale:g}",
+            "damaged record" if record.damaged else f"{job.sampler.value} {job.steps}@{job.cfg_scale:g}",
             str(job.seed),
             lora_stack(record),
         )
@@ -86,10 +86,10 @@ def outputs_lines(records: Sequence[JobRecord]) -> list[str]:
     lines = []
     for record in records:
         for image in record.images:
-            lines.append(f"{record.job_id[:8]}  {escape(image.uri)}")
+            lines.append(f"{record.job_id[:8]}  {safe(image.uri)}")
         if not record.images:
             lines.append(
-                f"{record.job_id[:8]}  {status_text(record.status)}: {escape(record.error or 'no images yet')}"
+                f"{record.job_id[:8]}  {status_text(record.status)}: {safe(record.error or 'no images yet')}"
             )
     return lines
 
@@ -100,19 +100,23 @@ def record_table(record: JobRecord) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     job = record.job
+    if record.damaged:
+        table.add_row("job", record.job_id)
+        table.add_row("error", f"[red]{safe(record.error or '')}[/]")
+        return table
     rows = [
         ("job", record.job_id),
         ("batch", job.batch_id or ""),
         ("status", status_text(record.status)),
         ("progress", f"{record.progress.step}/{record.progress.total}"),
-        ("model", escape(job.model)),
+        ("model", safe(job.model)),
         ("loras", lora_stack(record)),
-        ("prompt", escape(job.prompt)),
-        ("negative", escape(job.negative_prompt) or "-"),
+        ("prompt", safe(job.prompt)),
+        ("negative", safe(job.negative_prompt) or "-"),
         ("sampler", f"{job.sampler.value}, {job.steps} steps, CFG {job.cfg_scale:g}"),
         ("size", f"{job.width}x{job.height}, {job.num_images} image(s), seed {job.seed}"),
         ("priority", job.priority.value),
-        ("worker", escape(record.worker or "-")),
+        ("worker", safe(record.worker or "-")),
         ("attempts", str(record.attempts)),
         ("submitted", record.submitted_at.isoformat(timespec="seconds")),
         ("finished", record.finished_at.isoformat(timespec="seconds") if record.finished_at else "-"),
@@ -133,11 +137,11 @@ def record_table(record: JobRecord) -> Table:
         ),
     ]
     rows += [
-        ("image", escape(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images
+        ("image", safe(f"{image.uri} ({image.size} bytes, seed {image.seed})")) for image in record.images
     ]
-    rows += [("warning", f"[yellow]{escape(w)}[/]") for w in record.warnings]
+    rows += [("warning", f"[yellow]{safe(w)}[/]") for w in record.warnings]
     if record.error:
-        rows.append(("error", f"[red]{escape(record.error)}[/]"))
+        rows.append(("error", f"[red]{safe(record.error)}[/]"))
     for key, value in rows:
         table.add_row(key, value)
     return table

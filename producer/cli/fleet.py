@@ -10,7 +10,6 @@ import socket
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from lorafleet.common import __version__
@@ -19,7 +18,7 @@ from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, queue_views
-from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
+from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
 workers_app = typer.Typer(help="Workers and their heartbeats.", no_args_is_help=True)
 
@@ -126,7 +125,7 @@ def serve(
     if not parse_tokens(settings.api_tokens):
         if host not in LOOPBACK:
             errors.print(
-                f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {escape(host)}; "
+                f"[yellow]warning:[/] no LORAFLEET_API_TOKENS: refusing to listen on {safe(host)}; "
                 "listening on 127.0.0.1 only",
                 highlight=False,
             )

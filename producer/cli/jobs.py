@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from lorafleet.common import samplers
 from lorafleet.common.errors import BadArgument, JobRejected
@@ -17,7 +16,7 @@ from lorafleet.common.jobs import JobRecord, JobStatus, Priority
 from lorafleet.common.prompts import PromptSyntax
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
-from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run
+from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
 
 def _client():
@@ -107,7 +106,7 @@ def _report_submitted(handles, as_json: bool, waiting: bool) -> None:
             highlight=False,
         )
         for warning in handle.warnings:
-            errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+            errors.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False)
 
 
 def submit(
@@ -222,7 +221,7 @@ def submit(
         else:
             read = _client().read_png(from_png, **given, **({"loras": listed} if listed else {}))
             for note in read.notes:
-                errors.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+                errors.print(f"[yellow]warning:[/] {safe(note)}", highlight=False)
             job = read.fields
             if lcm:  # the recipe's sampler, steps and CFG, unless given here
                 for name in ("sampler", "steps", "cfg_scale"):

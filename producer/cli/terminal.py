@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -26,9 +27,18 @@ EXIT_UNAVAILABLE = 3
 
 T = TypeVar("T")
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: str) -> str:
+    """User-supplied text (a prompt, a tag, a LoRA's name or metadata, an error quoting them)
+    made fit for the terminal: control characters shown as ``\\xNN``, so no text can move the
+    cursor, clear the screen or retitle the window, and rich's markup escaped."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text))
+
 
 def fail(message: str, code: int) -> NoReturn:
-    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/] {safe(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -39,7 +49,7 @@ def run(action: Callable[[], T]) -> T:
     except InvalidInput as exc:
         for field, message in exc.problems:
             errors.print(
-                f"[red]refused:[/] [bold]{escape(field)}[/]: {escape(message)}",
+                f"[red]refused:[/] [bold]{safe(field)}[/]: {safe(message)}",
                 highlight=False,
                 soft_wrap=True,
             )
