@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         description="Comma-separated hosts on private or loopback addresses that POST /v1/loras may download "
         "from; every other host must resolve to public addresses.",
     )
+    api_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated host names the API answers to without tokens, besides localhost, "
+        "127.0.0.1 and ::1 (DNS rebinding protection).",
+    )
+    api_max_body_mb: float = Field(
+        default=8.0, gt=0, description="Largest request body the API reads, in MiB (the login form: 4 KiB)."
+    )
     api_host: str = Field(default="127.0.0.1", description="Address `lorafleet serve` listens on.")
     api_port: int = Field(default=8750, ge=1, le=65535, description="Port `lorafleet serve` listens on.")
     upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")

@@ -56,7 +56,12 @@ def home(template_home, tmp_path) -> Path:
 
 @pytest.fixture
 def settings(home, redis_url, tmp_path) -> Settings:
-    return Settings(home=home, broker_url=redis_url, storage_url=str(tmp_path / "outputs"))
+    return Settings(
+        home=home,
+        broker_url=redis_url,
+        storage_url=str(tmp_path / "outputs"),
+        api_allowed_hosts="testserver",  # FastAPI's TestClient sends Host: testserver
+    )
 
 
 @pytest.fixture(scope="session")

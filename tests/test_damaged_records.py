@@ -18,6 +18,9 @@ from tests.worker.conftest import make_runner
 FULL_PROMPT = "a" * MAX_PROMPT_CHARS
 """A prompt at the limit: injecting the watercolor LoRA's trigger words makes it too long."""
 
+JSON_CALL = {"Content-Type": "application/json"}
+"""What a call that changes state must say (producer/api/guard.py)."""
+
 
 @pytest.fixture
 def api(settings):
@@ -63,7 +66,7 @@ def test_a_damaged_record_shows_as_damaged_and_breaks_no_view(api, settings, how
         single = api.get(f"/v1/jobs/{bad.job_id}")
         assert single.status_code == 200 and "damaged" in single.json()["error"]
         assert api.get(f"/v1/batches/{good.batch_id}").status_code == 200
-        assert api.delete(f"/v1/jobs/{bad.job_id}").status_code == 409
+        assert api.delete(f"/v1/jobs/{bad.job_id}", headers=JSON_CALL).status_code == 409
         assert api.get("/").status_code in (200, 307)
         assert client.get(bad.job_id).damaged
         runner = make_runner(settings)

@@ -38,6 +38,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.api import batches, fleet, jobs, loras, pages
+from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
 from lorafleet.producer.api.state import ApiState
 from lorafleet.producer.api.views import problems
 from lorafleet.producer.auth import TokenMiddleware, parse_tokens
@@ -92,6 +93,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     tokens = parse_tokens(settings.api_tokens)
     if tokens:
         app.add_middleware(TokenMiddleware, tokens=tokens)
+    extra_hosts = {h.strip().lower() for h in settings.api_allowed_hosts.split(",") if h.strip()}
+    app.add_middleware(
+        RequestGuard,
+        max_body=int(settings.api_max_body_mb * 1024 * 1024),
+        allowed_hosts=None if tokens else LOOPBACK_HOSTS | extra_hosts,
+    )
     app.state.api = state
     app.state.client = client  # for scripts and tests that reach in
     app.state.settings = settings

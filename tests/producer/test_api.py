@@ -18,6 +18,9 @@ from tests.conftest import TINY, TINY_XL
 
 JOB = {"model": TINY, "prompt": "a lighthouse", "seed": 3}
 
+JSON_CALL = {"Content-Type": "application/json"}
+"""What a call that changes state must say (producer/api/guard.py)."""
+
 
 @pytest.fixture
 def api(settings):
@@ -41,10 +44,10 @@ def test_submit_get_list_cancel_and_retry(api):
         "lorafleet submit --model tiny-sd15 --prompt 'a lighthouse' --lora watercolor:0.8"
     )
     assert api.get("/v1/jobs").json()["total"] == 1
-    assert api.post(f"/v1/jobs/{job_id}/retry").status_code == 409
-    cancelled = api.delete(f"/v1/jobs/{job_id}").json()
+    assert api.post(f"/v1/jobs/{job_id}/retry", headers=JSON_CALL).status_code == 409
+    cancelled = api.delete(f"/v1/jobs/{job_id}", headers=JSON_CALL).json()
     assert cancelled["status"] == "cancelled"
-    retried = api.post(f"/v1/jobs/{job_id}/retry")
+    retried = api.post(f"/v1/jobs/{job_id}/retry", headers=JSON_CALL)
     assert retried.status_code == 201
     again = retried.json()
     assert again["retry_of"] == job_id and again["job_id"] != job_id
@@ -89,7 +92,10 @@ def test_bodies_that_are_not_jobs_are_422_not_500(api, raw):
 def test_filters_and_paging(api):
     first = submit(api, [JOB, JOB, JOB])["batch_id"]
     submit(api, [JOB | {"model": TINY_XL}])
-    api.delete(f"/v1/jobs/{api.get('/v1/jobs', params={'batch': first}).json()['jobs'][0]['job_id']}")
+    api.delete(
+        f"/v1/jobs/{api.get('/v1/jobs', params={'batch': first}).json()['jobs'][0]['job_id']}",
+        headers=JSON_CALL,
+    )
     assert api.get("/v1/jobs").json()["total"] == 4
     assert api.get("/v1/jobs", params={"batch": first}).json()["total"] == 3
     assert api.get("/v1/jobs", params={"model": TINY_XL}).json()["total"] == 1
@@ -154,7 +160,7 @@ def test_queues_summary_and_metrics(api, settings):
 def test_unknown_ids_are_404(api):
     for path in ("/v1/jobs/nope", "/v1/batches/nope", "/v1/jobs/nope/images/0"):
         assert api.get(path).status_code == 404
-    assert api.delete("/v1/jobs/nope").status_code == 404
+    assert api.delete("/v1/jobs/nope", headers=JSON_CALL).status_code == 404
 
 
 def test_images_come_through_the_app_from_a_local_store(api, settings):

@@ -55,8 +55,10 @@ function bytes(value) {
   return `${value.toFixed(i ? 1 : 0)} ${units[i]}`;
 }
 
-async function cancelJob(id) { await api(`/v1/jobs/${id}`, { method: "DELETE" }); }
-async function retryJob(id) { return api(`/v1/jobs/${id}/retry`, { method: "POST" }); }
+// Calls that change state say JSON: the API refuses them otherwise (no cross-site form posts).
+const JSON_CALL = { "Content-Type": "application/json" };
+async function cancelJob(id) { await api(`/v1/jobs/${id}`, { method: "DELETE", headers: JSON_CALL }); }
+async function retryJob(id) { return api(`/v1/jobs/${id}/retry`, { method: "POST", headers: JSON_CALL }); }
 
 function actionButtons(record, after) {
   const buttons = [];
