@@ -21,6 +21,8 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   meta} (`lorafleet embeddings import`)
     lorafleet:vaes                        hash    VAE name -> the same (`lorafleet vaes import`)
     lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
+    lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
+                                                  opened it; expires after 30 days, deleted at log out
     lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
                                                   a lost worker's run back to the queue
     lorafleet:stats:finished              hash    final status -> jobs that ended so
@@ -89,6 +91,11 @@ def model_jobs(model_key: str) -> str:
 def handback(job_id: str, run_id: str) -> str:
     """Taken (SET NX) by whichever process hands this run of a job back to the queue."""
     return f"{PREFIX}handback:{job_id}:{run_id}"
+
+
+def session(digest: str) -> str:
+    """A dashboard session, by the sha256 of the id its cookie carries."""
+    return f"{PREFIX}session:{digest}"
 
 
 def scratch(token: str) -> str:

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     api_max_body_mb: float = Field(
         default=8.0, gt=0, description="Largest request body the API reads, in MiB (the login form: 4 KiB)."
     )
+    api_trusted_proxies: str = Field(
+        default="127.0.0.1",
+        description="Comma-separated addresses (or *) of TLS-terminating proxies whose X-Forwarded-Proto "
+        "and X-Forwarded-For the API believes (the dashboard's cookie is then Secure).",
+    )
     api_host: str = Field(default="127.0.0.1", description="Address `lorafleet serve` listens on.")
     api_port: int = Field(default=8750, ge=1, le=65535, description="Port `lorafleet serve` listens on.")
     upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")

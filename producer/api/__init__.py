@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     tokens = parse_tokens(settings.api_tokens)
     if tokens:
-        app.add_middleware(TokenMiddleware, tokens=tokens)
+        app.add_middleware(TokenMiddleware, tokens=tokens, client=client.redis)
     extra_hosts = {h.strip().lower() for h in settings.api_allowed_hosts.split(",") if h.strip()}
     app.add_middleware(
         RequestGuard,
@@ -118,5 +118,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(loras.router)
     app.include_router(fleet.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
-    app.include_router(pages.dashboard(tokens))
+    app.include_router(pages.dashboard(tokens, client.redis))
     return app

@@ -13,12 +13,11 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from lorafleet.producer.auth import COOKIE, token_ok
+from lorafleet.producer.auth import COOKIE, COOKIE_SECONDS, close_session, open_session, token_ok
 
 FOLDER = Path(__file__).parent.parent / "dashboard"  # producer/dashboard: HTML shells, scripts, styles
 STATIC = FOLDER / "static"
 """The scripts and the stylesheet, which ``create_app`` mounts at /static."""
-COOKIE_SECONDS = 30 * 24 * 3600
 
 
 PAGES = {
@@ -41,7 +40,7 @@ def render_pages(tokens: list[str]) -> dict[str, str]:
     return pages
 
 
-def dashboard(tokens: list[str]) -> APIRouter:
+def dashboard(tokens: list[str], client) -> APIRouter:
     """The pages, the login form and log out, for a fleet with these tokens (none: open)."""
     router = APIRouter(include_in_schema=False)
     pages = render_pages(tokens)
@@ -82,7 +81,7 @@ def dashboard(tokens: list[str]) -> APIRouter:
         if tokens:
             response.set_cookie(
                 COOKIE,
-                token,
+                open_session(client, token),
                 max_age=COOKIE_SECONDS,
                 httponly=True,
                 samesite="strict",
@@ -91,7 +90,8 @@ def dashboard(tokens: list[str]) -> APIRouter:
         return response
 
     @router.post("/logout")
-    def logout() -> RedirectResponse:
+    def logout(request: Request) -> RedirectResponse:
+        close_session(client, request.cookies.get(COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE)
         return response

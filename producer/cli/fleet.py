@@ -137,7 +137,14 @@ def serve(
         )
     app_instance = run(lambda: create_app(settings))
     console.print(f"dashboard: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
-    uvicorn.run(app_instance, host=host, port=port, log_level=loglevel)
+    uvicorn.run(
+        app_instance,
+        host=host,
+        port=port,
+        log_level=loglevel,
+        proxy_headers=True,  # X-Forwarded-Proto from a trusted proxy: the session cookie is Secure
+        forwarded_allow_ips=settings.api_trusted_proxies,
+    )
 
 
 def version() -> None:

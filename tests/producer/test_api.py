@@ -229,6 +229,23 @@ def test_tokens_guard_every_call_and_the_dashboard(settings):
             )
         assert api.get("/v1/jobs").status_code == 200
         assert "s3cret" not in api.get("/v1/summary").text
+        session = api.cookies["lorafleet_session"]
+        assert "s3cret" not in session and "s3cret" not in cookie  # a session id, never the token
+        api.post("/logout", follow_redirects=False)
+        api.cookies.set("lorafleet_session", session)  # the old cookie, kept by an attacker
+        assert api.get("/v1/jobs").status_code == 401  # log out ended the session itself
+
+
+def test_a_session_ends_when_its_token_is_no_longer_configured(settings):
+    first = settings.model_copy(update={"api_tokens": "old-token"})
+    with TestClient(create_app(first)) as api:
+        api.post("/login", data={"token": "old-token"}, follow_redirects=False)
+        session = api.cookies["lorafleet_session"]
+        assert api.get("/v1/jobs").status_code == 200
+    rotated = settings.model_copy(update={"api_tokens": "new-token"})
+    with TestClient(create_app(rotated)) as api:
+        api.cookies.set("lorafleet_session", session)
+        assert api.get("/v1/jobs").status_code == 401
 
 
 def test_login_never_redirects_off_site(settings):
