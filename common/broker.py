@@ -16,6 +16,16 @@ from lorafleet.common.settings import Settings
 
 _SCHEMES = ("redis", "rediss", "unix")
 
+CLIENT_OPTIONS = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 15,
+    "socket_keepalive": True,
+    "health_check_interval": 15,
+}
+"""Every Redis connection lorafleet opens: a connect or a reply that takes longer fails (a
+stalled Redis or a dead route is an error, not a hang); idle connections are kept alive and
+checked before use. Celery's connections get the same through its transport options."""
+
 
 @dataclass(frozen=True)
 class Broker:
@@ -33,7 +43,8 @@ class Broker:
         return self.url
 
     def client(self, **options) -> redis.Redis:
-        return redis.Redis.from_url(self.url, **options)
+        """A redis-py client that never hangs on a stalled Redis (CLIENT_OPTIONS)."""
+        return redis.Redis.from_url(self.url, **(CLIENT_OPTIONS | options))
 
     def check(self, client: redis.Redis) -> None:
         """Ping once, turning a refusal into an error that says what to fix (password hidden)."""

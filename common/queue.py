@@ -49,6 +49,12 @@ def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
             # instead of kombu's default of roughly every 100 s.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 10)),
             "unacked_restore_throttle": 1,
+            # No hang on a stalled Redis: kombu's blocking pops wait 1 s, well inside these.
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "socket_keepalive": True,
+            "health_check_interval": 15,
+            "retry_on_timeout": True,
         },
         "task_serializer": "json",
         "result_serializer": "json",

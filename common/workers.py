@@ -9,7 +9,9 @@ itself at once.
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 from typing import Literal
 
 import redis
@@ -28,6 +30,26 @@ FORGET_AFTER = 3600.0
 """Seconds after which a gone worker is no longer listed."""
 
 Liveness = Literal["alive", "stale", "gone"]
+
+ALIVE_FOLDER = "run"
+"""Under the home folder: one file per worker process on this machine, touched at every
+beat whether or not Redis took it (``workers check`` falls back to it when Redis is away, so
+a Redis outage does not make every worker's liveness probe fail)."""
+
+
+def alive_file(home: Path, name: str) -> Path:
+    return Path(home) / ALIVE_FOLDER / (re.sub(r"[^A-Za-z0-9@._-]", "_", name) + ".alive")
+
+
+def locally_alive(home: Path, name: str | None, within: float = STALE_AFTER) -> list[str]:
+    """Worker processes of this machine (or the one called ``name``) that beat in the last
+    ``within`` seconds by their alive files."""
+    folder = Path(home) / ALIVE_FOLDER
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    files = [alive_file(home, name)] if name else sorted(folder.glob("*.alive"))
+    return [f.stem for f in files if f.is_file() and now - f.stat().st_mtime < within]
 
 
 class WorkerBeat(BaseModel):

@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 import torch
@@ -52,6 +53,7 @@ class Heartbeat:
         loras: LoraStore,
         interval: float = HEARTBEAT_SECONDS,
         handback: Callable[[], object] | None = None,
+        alive_file: Path | None = None,
     ) -> None:
         self.registry = registry
         self.name = name
@@ -62,6 +64,7 @@ class Heartbeat:
         self.loras = loras
         self.interval = interval
         self.handback = handback
+        self.alive_file = alive_file
         self.started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lorafleet-heartbeat", daemon=True)
@@ -108,6 +111,7 @@ class Heartbeat:
         last_handback = 0.0
         while not self._stop.is_set():
             try:
+                self._touch()
                 self.beat()
                 if self.handback is not None and time.monotonic() - last_handback >= HANDBACK_SECONDS:
                     last_handback = time.monotonic()
@@ -117,6 +121,11 @@ class Heartbeat:
             except Exception:  # the thread must outlive anything: a dead heartbeat looks like a dead worker
                 logger.exception("heartbeat: unexpected error; beating on")
             self._stop.wait(self.interval)
+
+    def _touch(self) -> None:
+        if self.alive_file is not None:
+            self.alive_file.parent.mkdir(parents=True, exist_ok=True)
+            self.alive_file.touch()
 
     def start(self) -> None:
         self._thread.start()
@@ -129,3 +138,5 @@ class Heartbeat:
             self.registry.remove(self.name)
         except (redis.RedisError, OSError):
             pass
+        if self.alive_file is not None:
+            self.alive_file.unlink(missing_ok=True)

@@ -19,8 +19,11 @@ import re
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
+import redis
 import torch
 
 from lorafleet.common.embeddings import EmbeddingCatalog, EmbeddingInfo
@@ -48,6 +51,11 @@ logger = logging.getLogger(__name__)
 RUN_AGAIN_DELAY = 5.0
 """Seconds before a job that met a transient failure runs again; doubled for each run."""
 RUN_AGAIN_MAX_DELAY = 120.0
+REDIS_OUTAGE_TRIES = 12
+"""Tries of a job's final record write through a Redis outage (backoff 1, 2, 4 ... 30 s: about
+3.5 minutes) before the message goes back to its queue."""
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,6 +121,7 @@ class JobRunner:
         """This process's id in its heartbeat and in the records of the jobs it runs."""
         self.workers = WorkerRegistry(store.redis)
         self._run_id: str | None = None
+        self._redis_away = False
         self.stats = WorkerStats()
         self.requeue_delay = RUN_AGAIN_DELAY
         """Seconds the task waits before sending a job that was queued again."""
@@ -146,6 +155,12 @@ class JobRunner:
                     "killed or out of memory); not retried again"
                 )
                 return record
+            if record.status is JobStatus.running:  # its worker was lost; this run takes it over
+                record.warnings = [
+                    *record.warnings,
+                    f"worker {record.worker} was lost (no heartbeat for {self.settings.worker_lost_after} s) "
+                    f"during run {record.attempts}; run {record.attempts + 1} on {self.worker_name} took the job over",
+                ]
             record.status = JobStatus.running
             record.attempts += 1
             record.started_at = utcnow()
@@ -180,7 +195,9 @@ class JobRunner:
                 setattr(record, name, value)
             return record
 
-        record = self.store.update(job_id, change)
+        record = self._through_outage(
+            f"the record of job {job_id}", lambda: self.store.update(job_id, change)
+        )
         if record is not None:
             record_finished(self.store.redis, record)
         return record
@@ -192,9 +209,35 @@ class JobRunner:
             return record
 
         self.stats.current_step = step
-        record = self.store.update(job_id, change)
+        try:
+            record = self.store.update(job_id, change)
+        except redis.RedisError as exc:  # Redis away: sampling goes on, progress waits for it
+            if not self._redis_away:
+                logger.warning(
+                    "job %s: progress not written (Redis unavailable: %s); sampling goes on", job_id, exc
+                )
+            self._redis_away = True
+            return
+        if self._redis_away:
+            logger.info("job %s: Redis is back; progress written again", job_id)
+            self._redis_away = False
         if record is None or record.cancel_requested or record.status is JobStatus.cancelled:
             raise JobCancelled("cancelled while running", job_id=job_id)
+
+    def _through_outage(self, what: str, write: Callable[[], T]) -> T:
+        """``write()``, waited through a Redis outage of up to a few minutes (the images are
+        stored; only the record is left to write), then the RedisError itself."""
+
+        def attempt() -> T:
+            try:
+                return write()
+            except redis.RedisError as exc:
+                raise TransientError(f"Redis unavailable: {exc}") from exc
+
+        try:
+            return with_retries(what, attempt, REDIS_OUTAGE_TRIES)
+        except TransientError as exc:
+            raise exc.__cause__ or exc from None
 
     # ------------------------------------------------------------------ the job
     def run(self, job_id: str) -> JobStatus | None:
@@ -356,7 +399,9 @@ class JobRunner:
             current.warnings = [*warnings, f"{note}; it runs again in {self.requeue_delay:g} s"]
             return current
 
-        after = self.store.update(record.job_id, change)
+        after = self._through_outage(
+            f"the record of job {record.job_id}", lambda: self.store.update(record.job_id, change)
+        )
         if after is not None and after.status is JobStatus.cancelled:
             self.stats.cancelled += 1
             record_finished(self.store.redis, after)

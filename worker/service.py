@@ -23,7 +23,7 @@ from lorafleet.common.queue import make_celery, worker_argv
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
-from lorafleet.common.workers import WorkerRegistry
+from lorafleet.common.workers import WorkerRegistry, alive_file
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.lora_files import DiskCache, LoraFiles
 from lorafleet.worker.loras import LoraStore
@@ -73,6 +73,7 @@ class Worker:
             self.pipelines,
             self.loras,
             handback=self._hand_back,
+            alive_file=alive_file(settings.home, self.name),
         )
         worker_ready.connect(self._on_ready, weak=False)
 

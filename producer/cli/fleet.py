@@ -9,15 +9,17 @@ from __future__ import annotations
 import socket
 from typing import Annotated
 
+import redis
 import typer
 from rich.table import Table
 
 from lorafleet.common import __version__
 from lorafleet.common.broker import resolve_broker
+from lorafleet.common.errors import LorafleetError
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
-from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, queue_views
+from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, locally_alive, queue_views
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
 workers_app = typer.Typer(help="Workers and their heartbeats.", no_args_is_help=True)
@@ -58,7 +60,16 @@ def workers_check(
 ) -> None:
     """Exit 0 when the worker has an alive heartbeat (for health and readiness probes)."""
     host = host or socket.gethostname()
-    views = run(lambda: _registry().all())
+    try:
+        views = _registry().all()
+    except (redis.RedisError, LorafleetError) as exc:
+        # Redis away: judge this machine's workers by their alive files, so that an outage of
+        # Redis does not fail (and restart) every worker of the fleet
+        local = locally_alive(Settings().home, name) if host == socket.gethostname() else []
+        if local:
+            console.print(f"alive (Redis unreachable: {safe(str(exc))}): {', '.join(local)}", highlight=False)
+            return
+        views = run(lambda: _registry().all())
     matching = [v for v in views if (v.name == name if name else v.host == host)]
     alive = [v for v in matching if v.liveness == "alive"]
     if alive:
