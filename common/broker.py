@@ -44,7 +44,10 @@ class Broker:
 
     def client(self, **options) -> redis.Redis:
         """A redis-py client that never hangs on a stalled Redis (CLIENT_OPTIONS)."""
-        return redis.Redis.from_url(self.url, **(CLIENT_OPTIONS | options))
+        defaults = dict(CLIENT_OPTIONS)
+        if urlsplit(self.url).scheme == "unix":
+            defaults.pop("socket_keepalive")  # a TCP option
+        return redis.Redis.from_url(self.url, **(defaults | options))
 
     def check(self, client: redis.Redis) -> None:
         """Ping once, turning a refusal into an error that says what to fix (password hidden)."""

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -54,6 +55,33 @@ def redis_server_binary(explicit: str | None = None) -> str:
     )
 
 
+def private_socket_folder(base: Path | None = None) -> Path:
+    """A folder for sockets only this user can reach: ``$XDG_RUNTIME_DIR/lorafleet``, else
+    ``/tmp/lorafleet-<uid>``, made with mode 0700; ConfigError if one is there that another
+    user owns, that others may write, or that is a link (someone could plant a socket in it)."""
+    if base is None:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        folder = Path(runtime) / "lorafleet" if runtime else Path("/tmp") / f"lorafleet-{os.getuid()}"
+    else:
+        folder = Path(base) / f"lorafleet-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the socket folder {folder}: {exc}") from None
+    info = folder.lstat()
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(
+            f"{folder} is not a plain folder; remove it (the embedded Redis keeps its socket there)"
+        )
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ConfigError(
+            f"{folder} belongs to uid {info.st_uid} with mode {oct(info.st_mode & 0o777)}; it must be this "
+            "user's with mode 0700 (another user could reach the embedded Redis): remove it, or use a "
+            "shorter LORAFLEET_HOME"
+        )
+    return folder
+
+
 class EmbeddedRedis:
     """The redis-server that lorafleet runs under ``folder`` when no broker is configured."""
 
@@ -63,7 +91,7 @@ class EmbeddedRedis:
         socket = self.folder / SOCKET_NAME
         if len(str(socket)) > _MAX_SOCKET_PATH:
             digest = hashlib.sha1(str(self.folder).encode()).hexdigest()[:12]
-            socket = Path("/tmp") / f"lorafleet-{os.getuid()}-{digest}.sock"
+            socket = private_socket_folder() / f"{digest}.sock"
         self.socket = socket
         self.pidfile = self.folder / "redis.pid"
         self.logfile = self.folder / "redis.log"

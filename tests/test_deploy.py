@@ -412,11 +412,14 @@ def test_the_cpu_override_runs_cpu_workers_on_the_tiny_model_it_makes():
 
 def test_compose_flower_watches_the_broker_lorafleet_uses():
     stack = compose_stack(COMPOSE)
-    command = stack["services"]["flower"]["command"]
+    flower = stack["services"]["flower"]
+    command = flower["command"]
     assert command[0] == "celery" and "flower" in command
-    broker = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--broker="))
-    assert broker == service_env(stack["services"]["api"])["LORAFLEET_BROKER_URL"]
-    assert any(arg.startswith("--basic-auth=") for arg in command)
+    env = service_env(flower)
+    assert env["CELERY_BROKER_URL"] == service_env(stack["services"]["api"])["LORAFLEET_BROKER_URL"]
+    assert env["FLOWER_BASIC_AUTH"].startswith("ops:")
+    # no secret on a command line, which every process on the host can read
+    assert not any(arg.startswith(("--broker", "--basic-auth")) for arg in command)
 
 
 # --- Kubernetes ----------------------------------------------------------------------------
@@ -842,3 +845,13 @@ def test_the_deploy_guide_commands_are_real_and_the_readme_links_it():
                     checked += 1
     assert checked >= 5
     assert "docs/deploy.md" in (REPO / "README.md").read_text()
+
+
+def test_flower_in_kubernetes_keeps_its_secrets_off_the_command_line():
+
+    documents = yaml.safe_load_all((DEPLOY / "k8s/base/core/flower.yaml").read_text())
+    [deployment] = [d for d in documents if d and d["kind"] == "Deployment"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert not any(arg.startswith(("--broker", "--basic-auth")) for arg in container["command"])
+    names = {env["name"] for env in container["env"]}
+    assert {"CELERY_BROKER_URL", "FLOWER_BASIC_AUTH"} <= names

@@ -259,6 +259,13 @@ def describe_file(path: Path, name: str | None = None) -> LoraInfo:
     header = read_safetensors_header(path)
     if not header.tensors:
         raise FileRefused("it holds no tensors", field=path.name)
+    empty = next((n for n, t in header.tensors.items() if 0 in t.shape), None)
+    if empty is not None:
+        raise FileRefused(
+            f"tensor {empty!r} has shape {list(header.tensors[empty].shape)}: a factor of rank 0 "
+            "(or an empty tensor) cannot be applied",
+            field=path.name,
+        )
     name = name or path.stem
     lcm_meta = header.metadata.get("lorafleet.lcm", "").lower() == "true"
     return LoraInfo(

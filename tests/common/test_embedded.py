@@ -91,3 +91,22 @@ def test_deep_home_folders_get_a_short_socket_path(tmp_path):
         assert server.ping()
     finally:
         server.stop()
+
+
+def test_the_short_socket_lives_in_a_folder_only_this_user_can_reach(tmp_path):
+    import os
+    import stat
+
+    from lorafleet.common.embedded import private_socket_folder
+    from lorafleet.common.errors import ConfigError
+
+    folder = private_socket_folder(tmp_path)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    folder.chmod(0o777)  # planted open to everyone: someone could swap the socket
+    with pytest.raises(ConfigError, match="mode 0700"):
+        private_socket_folder(tmp_path)
+    folder.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    folder.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="not a plain folder"):
+        private_socket_folder(tmp_path)

@@ -139,3 +139,24 @@ def test_a_header_that_nests_too_deeply_is_refused_not_a_crash(tmp_path):
     path.write_bytes(struct.pack("<Q", len(write_raw_bytes)) + write_raw_bytes)
     with pytest.raises(FileRefused, match="nests too deeply"):
         describe_file(path)
+
+
+def test_a_factor_of_rank_zero_is_refused_naming_the_tensor(tmp_path):
+    path = tmp_path / "rank0.safetensors"
+    write_raw(
+        path,
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": {
+                "dtype": "F32",
+                "shape": [0, 32],
+                "data_offsets": [0, 0],
+            },
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": {
+                "dtype": "F32",
+                "shape": [32, 0],
+                "data_offsets": [0, 0],
+            },
+        },
+    )
+    with pytest.raises(FileRefused, match="rank 0"):
+        describe_file(path)
