@@ -16,8 +16,10 @@
     │   ├── VaeError               a VAE name that names nothing here, or a refused VAE file
     │   └── EmbeddingError         an embedding that names nothing here, is refused, or does not fit
     ├── TransientError             a service is unavailable for now (object store, broker, a
-    │                                download): retried with backoff where it happens, and a job
-    │                                that meets one runs again, up to ``job_attempts`` runs
+    │   │                            download): retried with backoff where it happens, and a job
+    │   │                            that meets one runs again, up to ``job_attempts`` runs
+    │   └── QueueFull              a model's queue holds ``max_queued_per_model`` jobs, or Redis
+    │                                is full: submit again later (HTTP 429)
     ├── JobFailed                  the job ran and cannot finish: out of memory, corrupt object,
     │   │                            the store refused access
     │   └── ObjectMissing          an object the job needs is not in the store
@@ -115,6 +117,10 @@ class EmbeddingError(InvalidInput):
 
 class TransientError(LorafleetError):
     """A service (storage, broker, a download) is unavailable for now: retried with backoff."""
+
+
+class QueueFull(TransientError):
+    """Nothing more can be queued now: the model's queue is at its cap, or Redis is full."""
 
 
 class JobFailed(LorafleetError):

@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     job_attempts: int = Field(
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
     )
+    max_jobs_per_submit: int = Field(
+        default=10_000, ge=1, description="Most jobs one submission (a batch, a file, an API call) may hold."
+    )
+    max_queued_per_model: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most jobs waiting in one model's queue; a submission past it is refused (HTTP 429) "
+        "until workers catch up.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -19,17 +19,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import JobRejected, TransientError
+from lorafleet.common.errors import JobRejected, QueueFull, TransientError
 from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRegistry
-from lorafleet.common.queue import make_celery, send_job
+from lorafleet.common.queue import make_celery, queue_depths, send_job
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.workers import WorkerRegistry
@@ -43,6 +46,19 @@ POLL_SECONDS = 0.2
 """How often wait() reads the records."""
 
 JobInput = GenerationJob | dict[str, Any]
+
+
+def _redis_full(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of memory (its maxmemory reached)."""
+    text = str(exc)
+    return text.startswith("OOM") or "maxmemory" in text
+
+
+def _full(exc: BaseException) -> QueueFull:
+    return QueueFull(
+        f"Redis is full ({exc}): nothing was queued; raise its maxmemory, or let finished records "
+        "expire sooner (LORAFLEET_RECORD_RETENTION)"
+    )
 
 
 class JobHandle:
@@ -138,6 +154,12 @@ class Client:
         jobs = list(jobs)
         if not jobs:
             return []
+        if len(jobs) > self.settings.max_jobs_per_submit:
+            raise JobRejected(
+                f"{len(jobs)} jobs in one submission",
+                field="jobs",
+                allowed=f"at most {self.settings.max_jobs_per_submit} (LORAFLEET_MAX_JOBS_PER_SUBMIT); split it",
+            )
         batch = batch_id or new_id()
         records, problems = [], []
         with self.resolver.embeddings.names_read_once():
@@ -214,8 +236,27 @@ class Client:
         return JobHandle(self, record)
 
     def _queue(self, records: list[JobRecord]) -> None:
-        self.jobs.create_many(records)
+        self._check_room(records)
+        try:
+            self.jobs.create_many(records)
+        except redis.ResponseError as exc:  # OOM, or EXECABORT after one inside the transaction
+            if not (_redis_full(exc) or isinstance(exc, redis.exceptions.ExecAbortError)):
+                raise
+            raise _full(exc) from None
         self._send(grouped_by_stack(records))
+
+    def _check_room(self, records: list[JobRecord]) -> None:
+        """QueueFull when a model's queue would pass ``max_queued_per_model``."""
+        cap = self.settings.max_queued_per_model
+        adding = Counter(record.queue for record in records)
+        waiting = queue_depths(self.redis, list(adding))
+        for queue, count in adding.items():
+            depth = sum(waiting[queue].values())
+            if depth + count > cap:
+                raise QueueFull(
+                    f"{queue} holds {depth} waiting jobs; {count} more would pass its cap of {cap} "
+                    "(LORAFLEET_MAX_QUEUED_PER_MODEL): submit again when workers have caught up"
+                )
 
     def _send(self, records: Sequence[JobRecord]) -> None:
         sent = 0
@@ -228,6 +269,8 @@ class Client:
         except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"
             unsent = [r.job_id for r in records[sent:]]
             self.jobs.delete(unsent)
+            if _redis_full(exc) and not sent:
+                raise _full(exc) from exc
             raise TransientError(
                 f"the broker {self.broker.describe()} refused the jobs after {sent} of "
                 f"{len(records)} were queued ({exc}); the other {len(unsent)} were not queued"

@@ -855,3 +855,26 @@ def test_flower_in_kubernetes_keeps_its_secrets_off_the_command_line():
     assert not any(arg.startswith(("--broker", "--basic-auth")) for arg in container["command"])
     names = {env["name"] for env in container["env"]}
     assert {"CELERY_BROKER_URL", "FLOWER_BASIC_AUTH"} <= names
+
+
+def _megabytes(value: str) -> float:
+    number, unit = re.match(r"^(\d+(?:\.\d+)?)\s*([a-zA-Z]*)$", str(value)).groups()
+    return (
+        float(number)
+        * {"": 1 / 2**20, "mb": 1, "m": 1, "mi": 1, "gb": 1024, "g": 1024, "gi": 1024}[unit.lower()]
+    )
+
+
+def test_redis_refuses_writes_before_its_container_is_killed():
+    stack = compose_stack(COMPOSE)
+    command = stack["services"]["redis"]["command"]
+    maxmemory = _megabytes(command[command.index("--maxmemory") + 1])
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert maxmemory < _megabytes(stack["services"]["redis"]["mem_limit"])
+    documents = yaml.safe_load_all((DEPLOY / "k8s/base/core/redis.yaml").read_text())
+    [redis] = [d for d in documents if d and d["kind"] in ("Deployment", "StatefulSet")]
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert _megabytes(args[args.index("--maxmemory") + 1]) < _megabytes(
+        container["resources"]["limits"]["memory"]
+    )

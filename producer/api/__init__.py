@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import ConfigError, InvalidInput, TransientError
+from lorafleet.common.errors import ConfigError, InvalidInput, QueueFull, TransientError
 from lorafleet.common.handback import HANDBACK_SECONDS, hand_back_lost_jobs
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
@@ -106,6 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InvalidInput)
     async def rejected(request: Request, exc: InvalidInput) -> JSONResponse:
         return problems(exc)
+
+    @app.exception_handler(QueueFull)
+    async def full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "30"})
 
     @app.exception_handler(TransientError)
     @app.exception_handler(ConfigError)
