@@ -156,7 +156,7 @@ def test_jobs_run_through_a_password_and_tls_redis_and_the_password_never_shows(
             run_cli(["queues"], env).stdout,
         ]
         settings = Settings(home=home, broker_url=tls_redis, storage_url=str(tmp_path / "outputs"))
-        with TestClient(create_app(settings)) as api:
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as api:  # no tokens: loopback
             for path in (
                 "/",
                 f"/jobs/{record['job_id']}",
