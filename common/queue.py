@@ -55,6 +55,7 @@ def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
             "socket_keepalive": True,
             "health_check_interval": 15,
             "retry_on_timeout": True,
+            **broker.transport_options(),
         },
         "task_serializer": "json",
         "result_serializer": "json",

@@ -307,22 +307,30 @@ class Client:
         timeout: float | None = None,
         on_update: Callable[[list[JobRecord]], None] | None = None,
     ) -> list[JobRecord]:
-        """Block until every job has ended (succeeded, failed or cancelled).
+        """Block until every job has ended (succeeded, failed or cancelled), reading on
+        through a Redis outage or failover.
 
         ``on_update`` is called with the records after each read, for progress displays.
         Raises TimeoutError if ``timeout`` seconds pass first.
         """
         ids = list(job_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first = self._read(ids)
+        while first is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"Redis stayed unavailable for {timeout:g} s")
+            time.sleep(POLL_SECONDS)
+            first = self._read(ids)
         latest: dict[str, JobRecord] = {}
-        for job_id, record in zip(ids, self.jobs.get_many(ids)):
+        for job_id, record in zip(ids, first):
             if record is None:
                 self.get(job_id)  # raises, saying how long records are kept
             latest[job_id] = record  # type: ignore[assignment]
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             # Ended records do not change: only the pending ones are read again.
             pending = [i for i in dict.fromkeys(ids) if not latest[i].status.final]
-            for job_id, record in zip(pending, self.jobs.get_many(pending)):
+            found = self._read(pending) or [latest[i] for i in pending]
+            for job_id, record in zip(pending, found):
                 if record is None:
                     raise JobRejected(f"job {job_id!r} disappeared (its record expired)", field="job_id")
                 latest[job_id] = record
@@ -335,6 +343,14 @@ class Client:
                 left = sum(not r.status.final for r in records)
                 raise TimeoutError(f"{left} of {len(ids)} jobs still unfinished after {timeout:g} s")
             time.sleep(POLL_SECONDS)
+
+    def _read(self, ids: list[str]) -> list[JobRecord | None] | None:
+        """The records, or None while Redis is away or failing over (waits read on)."""
+        try:
+            return self.jobs.get_many(ids)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("waiting: Redis unavailable (%s); reading again", exc)
+            return None
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> JobRecord:
