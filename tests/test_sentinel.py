@@ -90,7 +90,7 @@ def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
         ]
         with Client(Settings(home=home, broker_url=url)) as client:
             handles = client.submit_many(
-                [{"model": TINY, "prompt": f"failover {i}", "seed": i, "steps": 12} for i in range(6)]
+                [{"model": TINY, "prompt": f"failover {i}", "seed": i, "steps": 6} for i in range(6)]
             )
             wait_until(
                 lambda: any(client.get(h.job_id).status is JobStatus.running for h in handles),
