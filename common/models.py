@@ -322,6 +322,26 @@ class ModelRegistry:
             return ModelRef(key=ref, hub_id=ref)
         return None
 
+    def is_local_name(self, ref: str) -> bool:
+        """Whether ``ref`` is the name of a model here (a folder under models/, a checkpoint in
+        autoimport/main/) or a registered one: nothing a submitter could use to probe paths."""
+        if not NAME.match(ref):
+            return False
+        return (
+            is_pipeline_folder(self.folder / ref)
+            or self._checkpoint_in_folder(ref) is not None
+            or self._registered_ref(ref) is not None
+        )
+
+    def unknown(self, ref: str) -> ModelError:
+        """The refusal of a model reference that names nothing usable here; the same words
+        whether or not a file of that name exists."""
+        known = (
+            ", ".join(self.names())
+            or f"none yet: put pipeline folders in {self.folder} or run lorafleet models add"
+        )
+        return ModelError(f"unknown model {ref!r}", allowed=f"a registered model ({known})")
+
     def get(self, ref: str) -> ModelRef:
         """The model ``ref`` names; ModelError says what would have been accepted."""
         if NAME.match(ref) and is_pipeline_folder(self.folder / ref):

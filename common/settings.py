@@ -141,6 +141,17 @@ class Settings(BaseSettings):
     job_attempts: int = Field(
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
     )
+    allow_model_paths: bool = Field(
+        default=False,
+        description="Accept a job whose model is a path on this machine (a folder or checkpoint outside "
+        "models/ and autoimport/main/). Off: only registered and local model names, so no submitter "
+        "can probe the host's files.",
+    )
+    allow_hub_ids: bool = Field(
+        default=False,
+        description="Accept a job whose model is an unregistered hub id (owner/name), which a worker "
+        "would download. Off: register hub models with `lorafleet models add`.",
+    )
     max_jobs_per_submit: int = Field(
         default=10_000, ge=1, description="Most jobs one submission (a batch, a file, an API call) may hold."
     )

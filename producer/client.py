@@ -113,6 +113,8 @@ class Client:
             ModelRegistry(self.settings, self.redis),
             LoraCatalog(self.settings.lora_dir, LoraRegistry(self.redis)),
             self.settings.lcm_loras,
+            allow_paths=self.settings.allow_model_paths,
+            allow_hub_ids=self.settings.allow_hub_ids,
         )
 
     # ------------------------------------------------------------------ jobs from images

@@ -30,7 +30,7 @@ from lorafleet.common.jobs import (
 )
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.files import LoraInfo
-from lorafleet.common.models import ModelRef, ModelRegistry
+from lorafleet.common.models import HUB_ID, ModelRef, ModelRegistry
 from lorafleet.common.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
 from lorafleet.common.shared_files import SharedFiles
 
@@ -53,9 +53,17 @@ class JobResolver:
     """Resolves models and LoRAs against the registry and the LoRA drop folder."""
 
     def __init__(
-        self, models: ModelRegistry, loras: LoraCatalog, lcm_loras: dict[str, str] | None = None
+        self,
+        models: ModelRegistry,
+        loras: LoraCatalog,
+        lcm_loras: dict[str, str] | None = None,
+        *,
+        allow_paths: bool = True,
+        allow_hub_ids: bool = True,
     ) -> None:
         self.models = models
+        self.allow_paths = allow_paths
+        self.allow_hub_ids = allow_hub_ids
         self.loras = loras
         self.vaes = models.vaes
         shared = SharedFiles(models.redis, "embedding") if models.redis is not None else None
@@ -68,6 +76,7 @@ class JobResolver:
     def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
         job = job.model_copy(deep=True)
         try:
+            self._check_reference(job.model)
             model = self.models.get(job.model)
         except ModelError as exc:
             raise JobRejected.of(exc, f"{where}model") from None
@@ -116,6 +125,25 @@ class JobResolver:
         job.job_id = job.job_id or new_id()
         job.model = model.key
         return ResolvedJob(job=_checked(job, where), model=model, warnings=warnings)
+
+    def _check_reference(self, ref: str) -> None:
+        """ModelError unless ``ref`` is a local or registered name, or a path or hub id the
+        operator allows (LORAFLEET_ALLOW_MODEL_PATHS, LORAFLEET_ALLOW_HUB_IDS). Checked before
+        anything touches the filesystem, and refused in the same words either way, so a
+        submitter learns nothing about the host's files."""
+        if self.models.is_local_name(ref):
+            return
+        if HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+            if not self.allow_hub_ids:
+                error = self.models.unknown(ref)
+                raise ModelError(
+                    error.reason,
+                    allowed=f"{error.allowed}; hub ids only once registered (lorafleet models add NAME "
+                    f"{ref}) or with LORAFLEET_ALLOW_HUB_IDS=true",
+                )
+            return
+        if not self.allow_paths:
+            raise self.models.unknown(ref)
 
     def _take_prompt_loras(self, job: GenerationJob, where: str, warnings: list[str]) -> list[str]:
         """Move the prompt's LoRA tags to the end of ``job.loras``, in the order written, and

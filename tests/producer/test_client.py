@@ -15,6 +15,8 @@ from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
 
 JOB = {"model": TINY, "prompt": "a lighthouse"}
+MODELS = "tiny-sd15, tiny-sd2, tiny-sdxl"
+"""The models of the test home, as a refusal lists them."""
 
 
 @pytest.fixture
@@ -132,7 +134,8 @@ def test_lcm_warnings_reach_the_record(client):
     assert any("steps=20" in w for w in client.get(handle.job_id).warnings)
 
 
-def test_a_model_folder_outside_the_registry_has_its_own_queue(client, home):
+def test_a_model_folder_outside_the_registry_has_its_own_queue(settings, home):
+    client = Client(settings.model_copy(update={"allow_model_paths": True}))
     handle = client.submit(JOB | {"model": str(home / "models" / TINY_XL)})
     assert client.get(handle.job_id).queue == "lorafleet.model.tiny-sdxl"  # inside models/: its name
     elsewhere = home / "elsewhere"
@@ -238,3 +241,28 @@ def test_a_batch_is_sent_grouped_by_lora_stack_in_first_seen_order(client):
     ids = [h.job_id for h in handles]
     assert sent == [ids[0], ids[2], ids[5], ids[1], ids[4], ids[3]]
     assert [r.job_id for r in client.batch(handles[0].batch_id)] == ids  # records keep submit order
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["/etc", "/etc/passwd", "/no/such/folder", "../models/tiny-sd15", "~root", "acme/some-model"],
+)
+def test_paths_and_unregistered_hub_ids_are_refused_alike_unless_allowed(client, model):
+    with pytest.raises(JobRejected) as caught:
+        client.submit(JOB | {"model": model})
+    # the same words whether the path exists or not
+    assert str(caught.value).startswith(
+        f"model: unknown model {model!r} (allowed: a registered model ({MODELS})"
+    )
+    if "/" not in model or model.startswith(("/", ".")):  # a path: not a word more
+        assert str(caught.value).endswith(f"({MODELS}))")
+    assert caught.value.field == "model"
+    assert queued_messages(client) == []
+
+
+def test_an_allowed_hub_id_is_queued_under_its_own_queue(settings):
+    with Client(settings.model_copy(update={"allow_hub_ids": True})) as client:
+        record = client.get(
+            client.submit(JOB | {"model": "acme/some-model", "width": 64, "height": 64}).job_id
+        )
+        assert record.job.model == "acme/some-model" and record.queue == keys.queue("acme/some-model")
