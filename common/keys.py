@@ -43,6 +43,7 @@ counters are INCRBY/HINCRBYFLOAT, so any number of workers add to them at once.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 PREFIX = "lorafleet:"
@@ -108,8 +109,13 @@ def images_in_minute(minute: int) -> str:
 
 
 def queue(model_key: str) -> str:
-    """The Celery queue (and its step-0 Redis list) of one base model."""
-    return QUEUE_PREFIX + _UNSAFE_IN_QUEUE.sub("_", model_key)
+    """The Celery queue (and its step-0 Redis list) of one base model; one queue per key: a
+    key with characters a queue name cannot hold gets them replaced and a hash of the key
+    appended (``my model`` and ``my_model`` never share a queue)."""
+    safe = _UNSAFE_IN_QUEUE.sub("_", model_key)
+    if safe != model_key:
+        safe += "::" + hashlib.sha256(model_key.encode()).hexdigest()[:10]
+    return QUEUE_PREFIX + safe
 
 
 def priority_lists(queue_name: str) -> list[str]:

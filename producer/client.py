@@ -35,6 +35,7 @@ from lorafleet.common.models import ModelRegistry
 from lorafleet.common.queue import make_celery, queue_depths, send_job
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
+from lorafleet.common.storage import Storage, image_key, open_storage
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
 from lorafleet.producer.png_jobs import PngJob, PngReader
@@ -109,6 +110,7 @@ class Client:
         self.broker.check(self.redis)
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
         self.celery = make_celery(self.settings, self.broker)
+        self._storage: Storage | None = None  # opened when a submitter names a job id
         self.resolver = JobResolver(
             ModelRegistry(self.settings, self.redis),
             LoraCatalog(self.settings.lora_dir, LoraRegistry(self.redis)),
@@ -172,6 +174,8 @@ class Client:
                     if job.batch_id is None:
                         job.batch_id = batch
                     resolved = self.resolver.resolve(job, where=where)
+                    if job.job_id is not None:
+                        self._check_unused(resolved.job, where)
                 except JobRejected as exc:
                     problems.extend(exc.problems)
                     continue
@@ -188,6 +192,20 @@ class Client:
             )
         self._queue(records)
         return [JobHandle(self, record) for record in records]
+
+    def _check_unused(self, job: GenerationJob, where: str) -> None:
+        """JobRejected when a job id given by the submitter already has images in the store
+        (its record expired): the new job would silently overwrite them."""
+        if self._storage is None:
+            self._storage = open_storage(self.settings)
+        assert job.batch_id is not None and job.job_id is not None
+        key = image_key(job.output_prefix, job.batch_id, job.job_id, 0)
+        if self._storage.exists(key):
+            raise JobRejected(
+                f"job_id {job.job_id!r} was used before: its images are still in the store ({key})",
+                field=f"{where}job_id",
+                allowed="a new id, or none (the producer makes one)",
+            )
 
     def _check_served(
         self, records: list[JobRecord], required: bool, multiple: bool

@@ -122,6 +122,8 @@ class JobRunner:
         self.workers = WorkerRegistry(store.redis)
         self._run_id: str | None = None
         self._redis_away = False
+        self.served: frozenset[str] | None = None
+        """Model keys this worker serves (its queues'); None: any (tests, benchmarks)."""
         self.stats = WorkerStats()
         self.requeue_delay = RUN_AGAIN_DELAY
         """Seconds the task waits before sending a job that was queued again."""
@@ -280,6 +282,14 @@ class JobRunner:
         timings = record.timings
         warnings = list(record.warnings)
         started = time.perf_counter()
+        if self.served is not None and job.model not in self.served:
+            return self._fail(
+                job_id,
+                f"worker {self.worker_name} serves {', '.join(sorted(self.served))}, not {job.model!r}: "
+                "the job reached a queue that is not its model's",
+                timings,
+                warnings,
+            )
         try:
             model = self.models.get(job.model)
             hot, timings.pipeline_load = self.pipelines.get(model)

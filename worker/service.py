@@ -63,6 +63,7 @@ class Worker:
         self.runner = JobRunner(
             settings, self.store, storage, self.pipelines, self.loras, worker_name=self.name
         )
+        self.runner.served = frozenset(m.key for m in self.models)
         register_tasks(self.app, self.runner)
         self.heartbeat = Heartbeat(
             WorkerRegistry(self.store.redis),

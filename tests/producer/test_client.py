@@ -266,3 +266,14 @@ def test_an_allowed_hub_id_is_queued_under_its_own_queue(settings):
             client.submit(JOB | {"model": "acme/some-model", "width": 64, "height": 64}).job_id
         )
         assert record.job.model == "acme/some-model" and record.queue == keys.queue("acme/some-model")
+
+
+def test_a_job_id_whose_images_outlived_its_record_is_refused(client, settings):
+    from lorafleet.common.storage import image_key, open_storage
+
+    job = JOB | {"job_id": "reused-id", "batch_id": "batch-1"}
+    open_storage(settings).put(image_key("images", "batch-1", "reused-id", 0), b"\x89PNG old", "image/png")
+    with pytest.raises(JobRejected, match="'reused-id' was used before") as caught:
+        client.submit(job)
+    assert caught.value.field == "job_id" and queued_messages(client) == []
+    assert client.submit(JOB | {"job_id": "fresh-id", "batch_id": "batch-1"}).job_id == "fresh-id"

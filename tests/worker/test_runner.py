@@ -318,3 +318,10 @@ def test_a_job_cancelled_while_its_upload_waits_ends_cancelled_not_queued_again(
         assert record.status is JobStatus.cancelled and "transient failure" in record.error
     finally:
         runner.storage = good
+
+
+def test_a_job_for_a_model_the_worker_does_not_serve_fails_saying_so(client, runner):
+    runner.served = frozenset({"some-other-model"})
+    record = run(client, runner)
+    assert record.status is JobStatus.failed
+    assert "serves some-other-model, not 'tiny-sd15'" in record.error
