@@ -1,4 +1,6 @@
-"""Handing a lost worker's jobs back to the queue, once, within about a minute.
+"""Upkeep that any live worker or the API does: hand a lost worker's jobs back to the queue
+(once, within about a minute), send the messages a dead producer never sent, and drop the
+index entries of expired records.
 
 A running job's record names its worker process (``worker``, ``worker_instance``) and its
 run (``run_id``, the fencing token). When that process has not beaten for
@@ -36,6 +38,37 @@ HANDBACK_SECONDS = 10.0
 """How often live workers and the API look for jobs of lost workers."""
 HANDBACK_HOLD_SECONDS = 300
 """How long the one process handing a run back holds it (the others leave it alone)."""
+UNSENT_AFTER = 60.0
+"""Seconds after which a record whose message was never sent (its producer died between the
+two writes) has its message sent by upkeep."""
+TRIM_SECONDS = 600.0
+"""How often upkeep drops the index entries of expired records."""
+
+
+def upkeep(store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float, trim: bool) -> None:
+    """One round of upkeep (every HANDBACK_SECONDS; ``trim`` every TRIM_SECONDS)."""
+    hand_back_lost_jobs(store, workers, app, lost_after)
+    send_unsent(store, app, UNSENT_AFTER)
+    if trim:
+        dropped = store.trim_indexes(store.retention)
+        if dropped:
+            logger.info("dropped %d expired records from the indexes", dropped)
+
+
+def send_unsent(store: JobStore, app: Celery, after: float) -> list[str]:
+    """Send the messages of queued records that were written ``after`` seconds ago or more but
+    never sent (a producer died in between); returns their ids."""
+    sent = []
+    for job_id in store.unsent(after):
+        if not store.redis.set(keys.handback(job_id, "unsent"), "1", nx=True, ex=HANDBACK_HOLD_SECONDS):
+            continue
+        record = store.get(job_id)
+        if record is not None and not record.damaged and record.status is JobStatus.queued:
+            send_job(app, record)
+            logger.warning("job %s: its producer never sent its message; sent now", job_id)
+            sent.append(job_id)
+        store.sent([job_id])
+    return sent
 
 
 def hand_back_lost_jobs(

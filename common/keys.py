@@ -11,6 +11,9 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:batch:<batch_id>            zset    a batch's job ids, scored by submit time
     lorafleet:model:<model_key>           zset    a base model's job ids, scored by submit time
     lorafleet:models                      set     model keys jobs were ever submitted for
+    lorafleet:unsent                      zset    job ids whose record is written but whose message is not
+                                                  sent yet, scored by submit time (a producer that died
+                                                  between the two leaves them; upkeep sends them)
     lorafleet:scratch:<uuid>              zset    a listing's intersection of indexes, deleted in
                                                   the same transaction that builds it
     lorafleet:registry:models             hash    model name -> JSON {source, family, native_size,
@@ -51,6 +54,7 @@ PREFIX = "lorafleet:"
 
 ALL_JOBS = PREFIX + "jobs"
 MODELS_WITH_JOBS = PREFIX + "models"
+UNSENT = PREFIX + "unsent"
 REGISTERED_MODELS = PREFIX + "registry:models"
 REGISTERED_LORAS = PREFIX + "loras"
 REGISTERED_EMBEDDINGS = PREFIX + "embeddings"

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from lorafleet.common import keys
 from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import JobRecord, JobStatus, describe_validation_error
+from lorafleet.common.jobs import JobRecord, JobStatus, describe_validation_error, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ end
 if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
+
+
+BATCH_INDEX_SLACK = 24 * 3600
+"""Seconds a batch's index is kept beyond twice the record retention, from its last submit."""
 
 
 def _score(record: JobRecord) -> float:
@@ -112,8 +116,11 @@ class JobStore:
                         pipe.zadd(keys.ALL_JOBS, {record.job_id: score})
                         pipe.zadd(keys.status(record.status.value), {record.job_id: score})
                         pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: score})
+                        # a batch's index outlives its records' retention (they expire one by one)
+                        pipe.expire(keys.batch(record.job.batch_id), 2 * self.retention + BATCH_INDEX_SLACK)
                         pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: score})
                         pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
+                        pipe.zadd(keys.UNSENT, {record.job_id: score})
                     pipe.execute()
                     return
                 except redis.WatchError:
@@ -123,6 +130,39 @@ class JobStore:
     def _exist(pipe: redis.client.Pipeline, names: list[str]) -> list[bool]:
         # In WATCH mode a pipeline runs commands at once; one EXISTS per key tells which.
         return [bool(pipe.exists(key)) for key in names]
+
+    def sent(self, job_ids: Iterable[str]) -> None:
+        """Mark jobs whose messages are sent (``create_many`` lists them as unsent)."""
+        ids = list(job_ids)
+        if ids:
+            self.redis.zrem(keys.UNSENT, *ids)
+
+    def unsent(self, older_than: float) -> list[str]:
+        """Ids of jobs written more than ``older_than`` seconds ago whose messages were never sent."""
+        cutoff = utcnow().timestamp() - older_than
+        return [i.decode() for i in self.redis.zrangebyscore(keys.UNSENT, "-inf", cutoff)]
+
+    def trim_indexes(self, older_than: float, batch: int = 500) -> int:
+        """Drop from every index the ids of records submitted more than ``older_than`` seconds
+        ago that have expired; returns how many. (Listings drop the ones they meet too.)"""
+        cutoff = utcnow().timestamp() - older_than
+        ids = [
+            i.decode() for i in self.redis.zrangebyscore(keys.ALL_JOBS, "-inf", cutoff, start=0, num=batch)
+        ]
+        if not ids:
+            return 0
+        exists = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            exists.exists(keys.job(job_id))
+        gone = [job_id for job_id, present in zip(ids, exists.execute()) if not present]
+        if gone:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in [keys.ALL_JOBS, keys.UNSENT] + [keys.status(s.value) for s in JobStatus]:
+                pipe.zrem(key, *gone)
+            for model in self.models():
+                pipe.zrem(keys.model_jobs(model), *gone)
+            pipe.execute()
+        return len(gone)
 
     def delete(self, job_ids: Iterable[str]) -> None:
         """Remove records that never reached the queue (the broker refused the send)."""
@@ -134,6 +174,7 @@ class JobStore:
             pipe.zrem(keys.status(record.status.value), record.job_id)
             pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
             pipe.zrem(keys.model_jobs(record.job.model), record.job_id)
+            pipe.zrem(keys.UNSENT, record.job_id)
         pipe.execute()
 
     # ------------------------------------------------------------------ read

@@ -289,12 +289,17 @@ class Client:
         except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"
             unsent = [r.job_id for r in records[sent:]]
             self.jobs.delete(unsent)
+            self.jobs.sent(r.job_id for r in records[:sent])
             if _redis_full(exc) and not sent:
                 raise _full(exc) from exc
             raise TransientError(
                 f"the broker {self.broker.describe()} refused the jobs after {sent} of "
                 f"{len(records)} were queued ({exc}); the other {len(unsent)} were not queued"
             ) from exc
+        try:
+            self.jobs.sent(r.job_id for r in records)
+        except redis.RedisError as exc:  # sent all the same; upkeep may send a harmless duplicate
+            logger.warning("jobs sent but not marked so: %s", exc)
 
     # ------------------------------------------------------------------ LoRAs
     def import_lora(

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, ModelError
-from lorafleet.common.handback import hand_back_lost_jobs
+from lorafleet.common.handback import TRIM_SECONDS, upkeep
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRef, ModelRegistry
@@ -46,6 +47,7 @@ class Worker:
             raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
         self.settings = settings
         self.name = name or default_node_name()
+        self._last_trim = float("-inf")
         self.broker = resolve_broker(settings)
         registry = ModelRegistry(settings, self.broker.client())
         self.models: list[ModelRef] = [self._model(registry, m) for m in models]
@@ -85,10 +87,12 @@ class Worker:
         except ModelError as exc:
             raise BadArgument(exc.reason, field="--models", allowed=exc.allowed) from None
 
-    def _hand_back(self) -> list[str]:
-        return hand_back_lost_jobs(
-            self.store, WorkerRegistry(self.store.redis), self.app, self.settings.worker_lost_after
-        )
+    def _hand_back(self) -> None:
+        now = time.monotonic()
+        trim = now - self._last_trim >= TRIM_SECONDS
+        if trim:
+            self._last_trim = now
+        upkeep(self.store, WorkerRegistry(self.store.redis), self.app, self.settings.worker_lost_after, trim)
 
     def _on_ready(self, **_: object) -> None:
         """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
 from lorafleet.common.errors import ConfigError, InvalidInput, QueueFull, TransientError
-from lorafleet.common.handback import HANDBACK_SECONDS, hand_back_lost_jobs
+from lorafleet.common.handback import HANDBACK_SECONDS, TRIM_SECONDS, upkeep
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
@@ -52,9 +53,13 @@ logger = logging.getLogger(__name__)
 def _hand_back_while(stop: threading.Event, state: ApiState) -> None:
     """The API's share of handing lost workers' jobs back (common/handback.py), until ``stop``."""
     client = state.client
+    last_trim = float("-inf")
     while not stop.wait(HANDBACK_SECONDS):
         try:
-            hand_back_lost_jobs(client.jobs, state.workers, client.celery, state.settings.worker_lost_after)
+            trim = time.monotonic() - last_trim >= TRIM_SECONDS
+            if trim:
+                last_trim = time.monotonic()
+            upkeep(client.jobs, state.workers, client.celery, state.settings.worker_lost_after, trim)
         except Exception as exc:  # Redis away, a broker hiccup: the next pass tries again
             logger.warning("handing back lost workers' jobs: %s", exc)
 
