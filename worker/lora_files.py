@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 FETCH_ATTEMPTS = 3
 """Tries to fetch a LoRA from the store before its job fails."""
+PART_FILE_MAX_AGE = 3600.0
+"""Seconds after which a half-written cache file is taken as a dead worker's and removed."""
 
 
 class DiskCache:
@@ -43,9 +45,22 @@ class DiskCache:
             max_bytes=budget_bytes, size=lambda size: size, on_evict=self._delete
         )
         if self.folder.is_dir():
+            self._sweep_parts()
             found = sorted(self.folder.glob(f"*{SAFETENSORS_SUFFIX}"), key=lambda p: p.stat().st_atime)
             for path in found:
                 self._files.put(path.stem, path.stat().st_size)
+
+    def _sweep_parts(self) -> None:
+        """Remove the half-written files (``.part-*``) a killed worker left here long ago; a
+        fresh one may be another worker's write in progress, so it stays."""
+        cutoff = time.time() - PART_FILE_MAX_AGE
+        for part in self.folder.glob(".part-*"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    logger.info("removed %s, left half-written by a worker that died", part.name)
+            except OSError:
+                pass
 
     @property
     def budget_bytes(self) -> int:

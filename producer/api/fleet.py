@@ -18,8 +18,9 @@ router = APIRouter()
 
 
 def _queues(state: ApiState, workers: list[WorkerView]) -> list[QueueView]:
-    known = set(state.models.names()) | set(state.client.jobs.models())
-    return queue_views(state.client.redis, known, workers)
+    # registered and local models (queue_views adds the ones live workers serve): a bounded
+    # list, not every name ever submitted
+    return queue_views(state.client.redis, set(state.models.names()), workers)
 
 
 @router.get("/v1/workers", response_model=list[WorkerView])

@@ -18,7 +18,6 @@ from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import LorafleetError
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
-from lorafleet.common.state import JobStore
 from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, locally_alive, queue_views
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
@@ -91,7 +90,7 @@ def queues(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     def collect():
         client = resolve_broker(settings).client()
-        known = set(ModelRegistry(settings, client).names()) | set(JobStore(client, retention=0).models())
+        known = set(ModelRegistry(settings, client).names())  # and those live workers serve
         return queue_views(client, known, WorkerRegistry(client).all())
 
     views = run(collect)

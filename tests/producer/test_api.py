@@ -322,3 +322,10 @@ def test_lora_tags_through_the_api_give_the_resolved_stack_and_the_schema_docume
     assert job["clip_skip"]["minimum"] == 1 and job["clip_skip"]["maximum"] == 12
     assert "A1111" in job["sampler"]["description"] and "DPM++ 2M SDE Karras" in job["sampler"]["description"]
     assert "compel" in job["prompt_syntax"]["description"]
+
+
+def test_queues_cover_registered_and_served_models_not_every_name_ever_submitted(api):
+    api.app.state.client.redis.sadd(keys.MODELS_WITH_JOBS, "/some/old/path", "acme/once-used")
+    listed = {queue["model"] for queue in api.get("/v1/queues").json()}
+    assert listed == {"tiny-sd15", "tiny-sd2", "tiny-sdxl"}
+    assert "acme/once-used" not in api.get("/metrics").text

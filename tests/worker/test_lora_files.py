@@ -91,3 +91,20 @@ def test_a_missing_object_says_so_and_an_unreadable_store_does_not(fleet, tmp_pa
     with pytest.raises(JobFailed, match="could not be fetched .* after 3 tries") as caught:
         unreadable.get(infos[1].name)
     assert "missing from the store" not in str(caught.value)
+
+
+def test_half_written_files_of_dead_workers_are_swept_and_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    from lorafleet.worker.lora_files import DiskCache
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    old, fresh = folder / ".part-old", folder / ".part-fresh"
+    old.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"y" * 10)
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    DiskCache(folder, 1024)
+    assert not old.exists() and fresh.exists()
