@@ -86,6 +86,8 @@ class DiskCache:
         """Write a fetched file and make room for it, sparing ``pinned`` hashes."""
         path = self.path(sha256)
         with self._lock:
+            with self._files.pinned(set(pinned)):
+                self._files.make_room(len(data))  # first: the folder never holds more than its budget
             write_atomic(path, data)
             with self._files.pinned(set(pinned) | {sha256}):
                 self._files.put(sha256, len(data))

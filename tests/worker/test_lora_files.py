@@ -108,3 +108,22 @@ def test_half_written_files_of_dead_workers_are_swept_and_fresh_ones_kept(tmp_pa
     os.utime(old, (long_ago, long_ago))
     DiskCache(folder, 1024)
     assert not old.exists() and fresh.exists()
+
+
+def test_room_is_made_before_a_file_is_written_so_the_budget_is_never_passed(tmp_path, monkeypatch):
+    import lorafleet.worker.lora_files as lora_files
+
+    folder = tmp_path / "cache"
+    cache = lora_files.DiskCache(folder, 100)
+    peaks = []
+    write = lora_files.write_atomic
+
+    def measuring(path, data):  # lorafleet's own writer, watched: how full is the folder now?
+        peaks.append(sum(p.stat().st_size for p in folder.glob("*.safetensors")) + len(data))
+        write(path, data)
+
+    monkeypatch.setattr(lora_files, "write_atomic", measuring)
+    for name in "abc":
+        cache.put(name * 64, b"x" * 60, pinned=set())
+    assert max(peaks) <= 100
+    assert cache.cached() == ["c" * 64]
