@@ -157,7 +157,7 @@ def resolve_broker(settings: Settings) -> Broker:
                 f"LORAFLEET_BROKER_URL has scheme {scheme!r}; allowed: redis://, rediss://, unix://, "
                 "sentinel:// (redis+sentinel://)"
             )
-        broker = Broker(settings.broker_url)
-        broker.sentinel  # a malformed sentinel URL is refused here, naming what is wrong
-        return broker
+        if scheme in _SENTINEL_SCHEMES:
+            parse_sentinel_url(settings.broker_url)  # a malformed one is refused here, saying what is wrong
+        return Broker(settings.broker_url)
     return Broker(settings.embedded_redis().ensure_running(), embedded=True)

@@ -22,6 +22,7 @@ delivery, or finds the job ended.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from celery import Celery
@@ -45,14 +46,22 @@ TRIM_SECONDS = 600.0
 """How often upkeep drops the index entries of expired records."""
 
 
-def upkeep(store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float, trim: bool) -> None:
-    """One round of upkeep (every HANDBACK_SECONDS; ``trim`` every TRIM_SECONDS)."""
-    hand_back_lost_jobs(store, workers, app, lost_after)
-    send_unsent(store, app, UNSENT_AFTER)
-    if trim:
-        dropped = store.trim_indexes(store.retention)
-        if dropped:
-            logger.info("dropped %d expired records from the indexes", dropped)
+class Upkeep:
+    """One process's share of upkeep: ``run`` every HANDBACK_SECONDS (the index trim runs
+    every TRIM_SECONDS of those)."""
+
+    def __init__(self, store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float) -> None:
+        self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
+        self._last_trim = float("-inf")
+
+    def run(self) -> None:
+        hand_back_lost_jobs(self.store, self.workers, self.app, self.lost_after)
+        send_unsent(self.store, self.app, UNSENT_AFTER)
+        if time.monotonic() - self._last_trim >= TRIM_SECONDS:
+            self._last_trim = time.monotonic()
+            dropped = self.store.trim_indexes(self.store.retention)
+            if dropped:
+                logger.info("dropped %d expired records from the indexes", dropped)
 
 
 def send_unsent(store: JobStore, app: Celery, after: float) -> list[str]:

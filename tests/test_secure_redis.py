@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import quote
@@ -24,12 +23,11 @@ from fastapi.testclient import TestClient
 from lorafleet.common.settings import Settings
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, copy_home
-from tests.helpers import WorkerProcess, free_port, lorafleet_env, run_cli, wait_until
+from tests.helpers import WorkerProcess, debian_redis_server, free_port, lorafleet_env, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
 PASSWORD = "s3cret-Pa55-for-tls"
-DEBIAN_REDIS = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -77,14 +75,11 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def tls_redis(tmp_path):
-    assert DEBIAN_REDIS, (
-        "this test needs Debian's redis-server (apt-get install redis-server); make test installs it"
-    )
     certs = make_certificates(tmp_path)
     port = free_port()
     process = subprocess.Popen(
         [
-            DEBIAN_REDIS,
+            debian_redis_server(),
             "--port",
             "0",
             "--tls-port",

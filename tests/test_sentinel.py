@@ -1,9 +1,8 @@
-"""Redis that fails over: a primary, a replica and three sentinels (Debian's redis-server 7,
+"""Redis that fails over: a primary, a replica and three sentinels (Debian's redis-server 7
 in sentinel mode), real workers; the primary is killed while jobs are queued and running."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 
@@ -15,12 +14,18 @@ from lorafleet.common.jobs import JobStatus
 from lorafleet.common.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, copy_home
-from tests.helpers import RedisProcess, WorkerProcess, free_port, lorafleet_env, wait_until
+from tests.helpers import (
+    RedisProcess,
+    WorkerProcess,
+    debian_redis_server,
+    free_port,
+    lorafleet_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 MASTER = "lorafleet-main"
-DEBIAN_REDIS = shutil.which("redis-server")
 
 
 class SentinelProcess:
@@ -42,7 +47,9 @@ class SentinelProcess:
             f"sentinel failover-timeout {MASTER} 5000\n"
         )
         self.process = subprocess.Popen(
-            [DEBIAN_REDIS, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            [debian_redis_server(), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         return self
 
@@ -71,7 +78,6 @@ def test_a_malformed_sentinel_url_is_refused_saying_what_is_wrong():
     assert "p@ss" not in broker.describe() and "p%40ss" not in broker.describe()
 
 
-@pytest.mark.skipif(DEBIAN_REDIS is None, reason="needs Debian's redis-server (make test installs it)")
 def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
     primary = RedisProcess(tmp_path / "primary", extra=["--protected-mode", "no"]).start()
     replica = RedisProcess(

@@ -1,6 +1,6 @@
 """The worker's heartbeat: a thread that tells Redis what this worker is doing, every 2 s,
-and every HANDBACK_SECONDS hands the jobs of lost workers back to the queue
-(common/handback.py). Nothing stops the thread but ``stop``: an unexpected error is logged
+and every HANDBACK_SECONDS does this worker's share of upkeep (common/handback.py: lost
+workers' jobs back to the queue, unsent messages, index trimming). Nothing stops the thread but ``stop``: an unexpected error is logged
 and the next beat comes on time."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Heartbeat:
         pipelines: PipelineCache,
         loras: LoraStore,
         interval: float = HEARTBEAT_SECONDS,
-        handback: Callable[[], object] | None = None,
+        upkeep: Callable[[], object] | None = None,
         alive_file: Path | None = None,
     ) -> None:
         self.registry = registry
@@ -63,7 +63,7 @@ class Heartbeat:
         self.pipelines = pipelines
         self.loras = loras
         self.interval = interval
-        self.handback = handback
+        self.upkeep = upkeep
         self.alive_file = alive_file
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -108,16 +108,16 @@ class Heartbeat:
             logger.warning("heartbeat not written: %s", exc)
 
     def _loop(self) -> None:
-        last_handback = 0.0
+        last_upkeep = 0.0
         while not self._stop.is_set():
             try:
                 self._touch()
                 self.beat()
-                if self.handback is not None and time.monotonic() - last_handback >= HANDBACK_SECONDS:
-                    last_handback = time.monotonic()
-                    self.handback()
+                if self.upkeep is not None and time.monotonic() - last_upkeep >= HANDBACK_SECONDS:
+                    last_upkeep = time.monotonic()
+                    self.upkeep()
             except (redis.RedisError, OSError) as exc:
-                logger.warning("handing back lost workers' jobs: %s", exc)
+                logger.warning("upkeep: %s", exc)
             except Exception:  # the thread must outlive anything: a dead heartbeat looks like a dead worker
                 logger.exception("heartbeat: unexpected error; beating on")
             self._stop.wait(self.interval)

@@ -126,8 +126,7 @@ class _TextEncoder:
             elif clip_skip == 1:
                 z = output[0]
             else:
-                # transformers 5 keeps final_layer_norm on the model itself, 4.x under text_model
-                norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm
+                norm = _transformer(self.encoder).final_layer_norm
                 z = norm(output.hidden_states[-clip_skip])
             if any(w != 1.0 for w in weights):
                 scale = torch.tensor(weights, device=device, dtype=z.dtype).reshape(1, -1, 1)
@@ -204,10 +203,10 @@ def _encode_all(
     return torch.cat(embeds, dim=-1), pooled
 
 
-def _layers(encoder) -> torch.nn.ModuleList:
-    """The transformer layers of a CLIP text model (transformers 5: ``text_model`` only on
-    the projection model)."""
-    return getattr(encoder, "text_model", encoder).encoder.layers
+def _transformer(encoder):
+    """The part of a CLIP text model that holds ``encoder.layers`` and ``final_layer_norm``
+    (transformers 5: ``text_model`` on the projection model only; 4.x: on both)."""
+    return getattr(encoder, "text_model", encoder)
 
 
 @contextmanager
@@ -217,14 +216,15 @@ def _without_last_layers(encoders: list[_TextEncoder], count: int) -> Iterator[N
     if count == 0:
         yield
         return
-    saved = [_layers(e.encoder) for e in encoders]
+    stacks = [_transformer(e.encoder).encoder for e in encoders]
+    saved = [stack.layers for stack in stacks]
     try:
-        for encoder, layers in zip(encoders, saved):
-            getattr(encoder.encoder, "text_model", encoder.encoder).encoder.layers = layers[:-count]
+        for stack, layers in zip(stacks, saved):
+            stack.layers = layers[:-count]
         yield
     finally:
-        for encoder, layers in zip(encoders, saved):
-            getattr(encoder.encoder, "text_model", encoder.encoder).encoder.layers = layers
+        for stack, layers in zip(stacks, saved):
+            stack.layers = layers
 
 
 def _compel_arguments(pipe, job: GenerationJob) -> dict:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 
 from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, ModelError
-from lorafleet.common.handback import TRIM_SECONDS, upkeep
+from lorafleet.common.handback import Upkeep
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRef, ModelRegistry
@@ -47,7 +46,6 @@ class Worker:
             raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
         self.settings = settings
         self.name = name or default_node_name()
-        self._last_trim = float("-inf")
         self.broker = resolve_broker(settings)
         registry = ModelRegistry(settings, self.broker.client())
         self.models: list[ModelRef] = [self._model(registry, m) for m in models]
@@ -75,7 +73,9 @@ class Worker:
             self.runner,
             self.pipelines,
             self.loras,
-            handback=self._hand_back,
+            upkeep=Upkeep(
+                self.store, WorkerRegistry(self.store.redis), self.app, settings.worker_lost_after
+            ).run,
             alive_file=alive_file(settings.home, self.name),
         )
         worker_ready.connect(self._on_ready, weak=False)
@@ -86,13 +86,6 @@ class Worker:
             return registry.get(name)
         except ModelError as exc:
             raise BadArgument(exc.reason, field="--models", allowed=exc.allowed) from None
-
-    def _hand_back(self) -> None:
-        now = time.monotonic()
-        trim = now - self._last_trim >= TRIM_SECONDS
-        if trim:
-            self._last_trim = now
-        upkeep(self.store, WorkerRegistry(self.store.redis), self.app, self.settings.worker_lost_after, trim)
 
     def _on_ready(self, **_: object) -> None:
         """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
 from lorafleet.common.errors import ConfigError, InvalidInput, QueueFull, TransientError
-from lorafleet.common.handback import HANDBACK_SECONDS, TRIM_SECONDS, upkeep
+from lorafleet.common.handback import HANDBACK_SECONDS, Upkeep
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
@@ -50,18 +49,15 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 
-def _hand_back_while(stop: threading.Event, state: ApiState) -> None:
-    """The API's share of handing lost workers' jobs back (common/handback.py), until ``stop``."""
+def _upkeep_while(stop: threading.Event, state: ApiState) -> None:
+    """The API's share of upkeep (common/handback.py), until ``stop``."""
     client = state.client
-    last_trim = float("-inf")
+    upkeep = Upkeep(client.jobs, state.workers, client.celery, state.settings.worker_lost_after)
     while not stop.wait(HANDBACK_SECONDS):
         try:
-            trim = time.monotonic() - last_trim >= TRIM_SECONDS
-            if trim:
-                last_trim = time.monotonic()
-            upkeep(client.jobs, state.workers, client.celery, state.settings.worker_lost_after, trim)
+            upkeep.run()
         except Exception as exc:  # Redis away, a broker hiccup: the next pass tries again
-            logger.warning("handing back lost workers' jobs: %s", exc)
+            logger.warning("upkeep: %s", exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         thread = threading.Thread(
-            target=_hand_back_while, args=(stop, state), name="lorafleet-handback", daemon=True
+            target=_upkeep_while, args=(stop, state), name="lorafleet-upkeep", daemon=True
         )
         thread.start()
         try:
