@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from lorafleet.common.errors import ConfigError, JobFailed, ObjectMissing, TransientError
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PRESIGN_SECONDS = 3600
 """Lifetime of a presigned S3 URL handed to the dashboard."""
+CHUNK_BYTES = 1024 * 1024
+"""What a download holds in memory at once."""
 
 
 def check_key(key: str) -> str:
@@ -70,6 +72,15 @@ def copy_atomic(source: Path, destination: Path) -> None:
         raise
 
 
+def _pump(read, out: BinaryIO) -> int:
+    """Copy ``read``'s chunks into ``out`` until it is empty; the bytes copied."""
+    total = 0
+    while chunk := read(CHUNK_BYTES):
+        out.write(chunk)
+        total += len(chunk)
+    return total
+
+
 def image_key(prefix: str, batch_id: str, job_id: str, index: int) -> str:
     """Where image ``index`` of a job goes; the same job always gets the same keys."""
     if not PREFIX_PATTERN.match(prefix) or not ID_PATTERN.match(batch_id) or not ID_PATTERN.match(job_id):
@@ -85,6 +96,10 @@ class Storage(Protocol):
 
     def get(self, key: str) -> bytes:
         """The object's bytes; ObjectMissing if it does not exist."""
+
+    def download(self, key: str, out: BinaryIO) -> int:
+        """Stream the object into ``out`` a chunk at a time (never whole in memory); the
+        number of bytes written. ObjectMissing if it does not exist."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -114,6 +129,16 @@ class LocalStorage:
         path = self._path(key)
         try:
             return path.read_bytes()
+        except FileNotFoundError:
+            raise ObjectMissing(f"no object {key!r} in {self.root}") from None
+        except OSError as exc:
+            raise TransientError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def download(self, key: str, out: BinaryIO) -> int:
+        path = self._path(key)
+        try:
+            with path.open("rb") as source:
+                return _pump(source.read, out)
         except FileNotFoundError:
             raise ObjectMissing(f"no object {key!r} in {self.root}") from None
         except OSError as exc:
@@ -187,6 +212,17 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         response = self._call("download of", key, self.client.get_object)
         return response["Body"].read()
+
+    def download(self, key: str, out: BinaryIO) -> int:
+        from botocore.exceptions import BotoCoreError
+
+        body = self._call("download of", key, self.client.get_object)["Body"]
+        try:
+            return _pump(body.read, out)
+        except (BotoCoreError, OSError) as exc:  # the connection broke mid-object
+            raise TransientError(f"download of s3://{self.bucket}/{self._full(key)}: {exc}") from exc
+        finally:
+            body.close()
 
     def exists(self, key: str) -> bool:
         try:

@@ -273,6 +273,7 @@ class JobRunner:
         finally:
             self.stats.current_job = None
             self._run_id = None
+            self.disk.release()  # the job's cached files: other workers may evict them now
 
     def execute(self, record: JobRecord) -> JobStatus:
         """Everything between taking a running job and its final record: pipeline, LoRAs,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import urllib.request
 
 import boto3
 import pytest
 
-from lorafleet.common.errors import ConfigError, JobFailed, TransientError
+from lorafleet.common.errors import ConfigError, JobFailed, ObjectMissing, TransientError
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import LocalStorage, S3Storage, check_key, image_key, open_storage
 from tests.helpers import free_port
@@ -60,6 +61,10 @@ def test_s3_round_trip_through_a_real_server(s3_credentials):
     uri = store.put("images/b/j/0.png", b"png bytes", "image/png")
     assert uri == "s3://round-trip/run-1/images/b/j/0.png"
     assert store.get("images/b/j/0.png") == b"png bytes"
+    streamed = io.BytesIO()
+    assert store.download("images/b/j/0.png", streamed) == 9 and streamed.getvalue() == b"png bytes"
+    with pytest.raises(ObjectMissing):
+        store.download("images/b/j/9.png", io.BytesIO())
     assert store.exists("images/b/j/0.png") and not store.exists("images/b/j/1.png")
     with urllib.request.urlopen(store.presigned_url("images/b/j/0.png")) as response:
         assert response.read() == b"png bytes"

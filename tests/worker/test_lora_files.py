@@ -46,13 +46,14 @@ def test_a_registered_lora_is_fetched_described_under_its_name_and_kept(fleet):
 def test_the_disk_cache_keeps_its_budget_dropping_the_least_recently_used_first(fleet):
     files, infos, _ = fleet
     first, second, third = infos[:3]
-    files.get(first.name)
-    files.get(second.name)
-    files.get(first.name)  # now second is the least recently used
+    for name in (first.name, second.name, first.name):  # now second is the least recently used
+        files.get(name)
+        files.cache.release()  # each its own job, over
     files.get(third.name, pinned={second.sha256})  # second is needed by the same job: kept
     cached = set(files.cache.cached())
     assert third.sha256 in cached and second.sha256 in cached and first.sha256 not in cached
     assert not files.cache.path(first.sha256).exists()
+    files.cache.release()
     files.get(first.name)
     assert len(files.cache.cached()) <= 2
     total = sum(files.cache.path(sha).stat().st_size for sha in files.cache.cached())
@@ -64,6 +65,7 @@ def test_a_restarted_worker_orders_its_cache_by_the_files_access_times(fleet, tm
     first, second, third = infos[:3]
     files.get(first.name)
     files.get(second.name)
+    files.cache.release()
     _age(files, first.sha256, 100)  # set times explicitly rather than sleeping to order them
     _age(files, second.sha256, 50)
     reopened = LoraFiles(files.catalog, store, DiskCache(files.cache.folder, files.cache.budget_bytes))
@@ -110,20 +112,81 @@ def test_half_written_files_of_dead_workers_are_swept_and_fresh_ones_kept(tmp_pa
     assert not old.exists() and fresh.exists()
 
 
-def test_room_is_made_before_a_file_is_written_so_the_budget_is_never_passed(tmp_path, monkeypatch):
-    import lorafleet.worker.lora_files as lora_files
-
+def test_room_is_made_before_a_file_is_written_so_the_budget_is_never_passed(tmp_path):
     folder = tmp_path / "cache"
-    cache = lora_files.DiskCache(folder, 100)
+    cache = DiskCache(folder, 100)
     peaks = []
-    write = lora_files.write_atomic
-
-    def measuring(path, data):  # lorafleet's own writer, watched: how full is the folder now?
-        peaks.append(sum(p.stat().st_size for p in folder.glob("*.safetensors")) + len(data))
-        write(path, data)
-
-    monkeypatch.setattr(lora_files, "write_atomic", measuring)
     for name in "abc":
-        cache.put(name * 64, b"x" * 60, pinned=set())
+        with cache.writing(name * 64, pinned=set(), expected_bytes=60) as out:
+            # while the file streams in, the folder holds what was there plus this file
+            peaks.append(sum(p.stat().st_size for p in folder.glob("*.safetensors")) + 60)
+            out.write(b"x" * 60)
+        cache.release()  # the job that used it is over
     assert max(peaks) <= 100
     assert cache.cached() == ["c" * 64]
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from lorafleet.worker.lora_files import DiskCache
+cache = DiskCache(Path(sys.argv[1]), 10**9)
+assert cache.get(sys.argv[2]) is not None
+print("holding", flush=True)
+sys.stdin.readline()
+cache.release()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_worker_never_evicts_a_file_another_worker_process_is_using(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "cache"
+    first = DiskCache(folder, 100)
+    first.put("a" * 64, b"a" * 60, pinned=set())
+    first.release()
+    other = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder), "a" * 64],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "holding"
+        second = DiskCache(folder, 100)  # a second worker sharing the folder, as compose sets it up
+        second.put("b" * 64, b"b" * 60, pinned=set())  # over budget: "a" would go first
+        assert first.path("a" * 64).read_bytes() == b"a" * 60  # the other worker's job still reads it
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "released"
+        second.release()
+        second.put("c" * 64, b"c" * 60, pinned=set())  # now nobody uses "a" or "b": they go
+        assert not second.path("a" * 64).exists() and not second.path("b" * 64).exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_fetch_streams_the_object_and_never_holds_it_whole_in_memory(fleet, tmp_path):
+    import hashlib
+    import tracemalloc
+
+    from lorafleet.worker.lora_files import fetch_object
+
+    _, _, store = fleet
+    data = os.urandom(24 * 1024 * 1024)
+    sha = hashlib.sha256(data).hexdigest()
+    store.put("big/object", data)
+    del data
+    cache = DiskCache(tmp_path / "big-cache", 10**9)
+    tracemalloc.start()
+    try:
+        path = fetch_object(store, cache, "a big file", "big/object", sha)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size == 24 * 1024 * 1024
+    assert peak < 8 * 1024 * 1024, f"the fetch held {peak / 2**20:.0f} MiB at once"
