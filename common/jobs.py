@@ -65,6 +65,10 @@ _ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 ID_PATTERN = re.compile(rf"^{_ID}$")
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 PREFIX_PATTERN = re.compile(rf"^{_SEGMENT}(/{_SEGMENT}){{0,7}}$")
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""A tenant's name, as ``LORAFLEET_API_TOKENS`` gives it (``tenant:token``)."""
+ADMIN_TENANT = "admin"
+"""The tenant whose tokens see and act on every job (a token without a tenant is one too)."""
 _LORA_NAME_BAD = re.compile(r"[/\\\x00-\x1f\x7f]")
 
 
@@ -386,6 +390,9 @@ class JobRecord(BaseModel):
     error: str | None = None
     cancel_requested: bool = False
     retry_of: str | None = None
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN.pattern)
+    """Who submitted it through the API, when tokens belong to tenants; None: an operator
+    (the CLI, the SDK, an admin token, or an API without tokens)."""
     damaged: bool = False
     """The stored record could not be read (see ``damaged_record``); nothing acts on it."""
 

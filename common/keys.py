@@ -11,6 +11,8 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:batch:<batch_id>            zset    a batch's job ids, scored by submit time
     lorafleet:model:<model_key>           zset    a base model's job ids, scored by submit time
     lorafleet:models                      set     model keys jobs were ever submitted for
+    lorafleet:tenant:<tenant>             zset    a tenant's job ids, scored by submit time
+    lorafleet:tenants                     set     tenants that submitted jobs
     lorafleet:unsent                      zset    job ids whose record is written but whose message is not
                                                   sent yet, scored by submit time (a producer that died
                                                   between the two leaves them; upkeep sends them)
@@ -54,6 +56,7 @@ PREFIX = "lorafleet:"
 
 ALL_JOBS = PREFIX + "jobs"
 MODELS_WITH_JOBS = PREFIX + "models"
+TENANTS_WITH_JOBS = PREFIX + "tenants"
 UNSENT = PREFIX + "unsent"
 REGISTERED_MODELS = PREFIX + "registry:models"
 REGISTERED_LORAS = PREFIX + "loras"
@@ -96,6 +99,11 @@ def model_jobs(model_key: str) -> str:
 def handback(job_id: str, run_id: str) -> str:
     """Taken (SET NX) by whichever process hands this run of a job back to the queue."""
     return f"{PREFIX}handback:{job_id}:{run_id}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """The index of one tenant's job ids (``LORAFLEET_API_TOKENS`` names the tenants)."""
+    return f"{PREFIX}tenant:{tenant}"
 
 
 def session(digest: str) -> str:

@@ -114,8 +114,9 @@ class Settings(BaseSettings):
     )
     api_tokens: str | None = Field(
         default=None,
-        description="Comma-separated bearer tokens for the API and the dashboard; unset serves on "
-        "127.0.0.1 only, without tokens.",
+        description="Comma-separated bearer tokens for the API and the dashboard, each 'tenant:token' "
+        "(a tenant sees and acts on its own jobs only) or a bare token (an operator: every job, as does "
+        "tenant 'admin'); unset serves on 127.0.0.1 only, without tokens.",
     )
     api_import_hosts: str | None = Field(
         default=None,
@@ -154,6 +155,12 @@ class Settings(BaseSettings):
     )
     max_jobs_per_submit: int = Field(
         default=10_000, ge=1, description="Most jobs one submission (a batch, a file, an API call) may hold."
+    )
+    max_queued_per_tenant: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most jobs one tenant (an API token's, see LORAFLEET_API_TOKENS) may have waiting; "
+        "a submission past it is refused (HTTP 429).",
     )
     max_queued_per_model: int = Field(
         default=100_000,

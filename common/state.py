@@ -120,6 +120,9 @@ class JobStore:
                         pipe.expire(keys.batch(record.job.batch_id), 2 * self.retention + BATCH_INDEX_SLACK)
                         pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: score})
                         pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
+                        if record.tenant is not None:
+                            pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: score})
+                            pipe.sadd(keys.TENANTS_WITH_JOBS, record.tenant)
                         pipe.zadd(keys.UNSENT, {record.job_id: score})
                     pipe.execute()
                     return
@@ -161,6 +164,8 @@ class JobStore:
                 pipe.zrem(key, *gone)
             for model in self.models():
                 pipe.zrem(keys.model_jobs(model), *gone)
+            for tenant in self.redis.smembers(keys.TENANTS_WITH_JOBS):
+                pipe.zrem(keys.tenant_jobs(tenant.decode()), *gone)
             pipe.execute()
         return len(gone)
 
@@ -175,6 +180,8 @@ class JobStore:
             pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
             pipe.zrem(keys.model_jobs(record.job.model), record.job_id)
             pipe.zrem(keys.UNSENT, record.job_id)
+            if record.tenant is not None:
+                pipe.zrem(keys.tenant_jobs(record.tenant), record.job_id)
         pipe.execute()
 
     # ------------------------------------------------------------------ read
@@ -225,6 +232,14 @@ class JobStore:
                 return after
 
     # ------------------------------------------------------------------ list
+    def count_of_tenant(self, tenant: str, status: JobStatus) -> int:
+        """How many of ``tenant``'s jobs are in ``status`` (intersected on the server)."""
+        scratch = keys.scratch(uuid.uuid4().hex)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zinterstore(scratch, [keys.tenant_jobs(tenant), keys.status(status.value)])
+        pipe.delete(scratch)
+        return pipe.execute()[0]
+
     def count_by_status(self) -> dict[JobStatus, int]:
         pipe = self.redis.pipeline(transaction=False)
         for status in JobStatus:
@@ -241,10 +256,12 @@ class JobStore:
         status: JobStatus | None = None,
         batch: str | None = None,
         model: str | None = None,
+        tenant: str | None = None,
         offset: int = 0,
         limit: int = 50,
     ) -> tuple[list[JobRecord], int]:
         """Records matching every filter given, newest first, and how many match in all.
+        ``tenant``: only that tenant's jobs (None: everyone's).
 
         Records that have expired are dropped from the indexes as the listing meets them.
         """
@@ -255,6 +272,8 @@ class JobStore:
             indexes.append(keys.batch(batch))
         if model is not None:
             indexes.append(keys.model_jobs(model))
+        if tenant is not None:
+            indexes.append(keys.tenant_jobs(tenant))
         filters = indexes[1:] or indexes
         pipe = self.redis.pipeline(transaction=True)
         if len(filters) == 1:

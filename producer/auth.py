@@ -8,6 +8,10 @@ uvicorn trusts). The cookie holds a random session id, never the token: the sess
 in Redis (``keys.session``) for COOKIE_SECONDS, remembers which token opened it (its
 sha256), and ends at log out, or when that token is no longer configured. Without tokens,
 ``serve`` listens on 127.0.0.1 only.
+
+Tokens belong to tenants: ``tenant:token`` makes a tenant's token, whose caller sees and acts
+on that tenant's jobs and batches only (``request.state.tenant``); a bare token, or one of
+tenant ``admin``, is an operator's and sees every job.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from lorafleet.common import keys
+from lorafleet.common.errors import ConfigError
+from lorafleet.common.jobs import ADMIN_TENANT, TENANT_PATTERN
 
 COOKIE = "lorafleet_session"
 COOKIE_SECONDS = 30 * 24 * 3600
@@ -31,14 +38,43 @@ PAGE_PREFIXES = ("/", "/jobs/", "/batches/")
 """Dashboard pages: a browser without a token is sent to the login form."""
 
 
-def parse_tokens(raw: str | None) -> list[str]:
-    return [t.strip() for t in (raw or "").split(",") if t.strip()]
+@dataclass(frozen=True)
+class ApiToken:
+    """One of LORAFLEET_API_TOKENS and whose it is."""
+
+    token: str
+    tenant: str | None
+    """The tenant whose jobs it sees; None: an operator's token, which sees every job."""
 
 
-def token_ok(token: str | None, tokens: list[str]) -> bool:
-    if not token:
-        return False
-    return any(hmac.compare_digest(token.encode(), known.encode()) for known in tokens)
+def parse_tokens(raw: str | None) -> list[ApiToken]:
+    """LORAFLEET_API_TOKENS: comma-separated ``tenant:token`` pairs or bare (operator) tokens."""
+    tokens = []
+    for entry in (t.strip() for t in (raw or "").split(",")):
+        if not entry:
+            continue
+        tenant, sep, token = entry.partition(":")
+        if not sep:
+            tokens.append(ApiToken(entry, None))
+            continue
+        if not TENANT_PATTERN.match(tenant) or not token.strip():
+            raise ConfigError(
+                f"LORAFLEET_API_TOKENS entry {tenant!r}:... is refused: a tenant is 1-32 of a-z, 0-9, "
+                "'_' and '-' (starting with a letter or digit), followed by ':' and its token"
+            )
+        tokens.append(ApiToken(token.strip(), None if tenant == ADMIN_TENANT else tenant))
+    if len({t.token for t in tokens}) != len(tokens):
+        raise ConfigError("LORAFLEET_API_TOKENS holds the same token twice: each token names one tenant")
+    return tokens
+
+
+def find_token(token: str | None, tokens: list[ApiToken]) -> ApiToken | None:
+    """The configured token equal to ``token`` (compared in constant time), or None."""
+    found = None
+    for known in tokens:
+        if token and hmac.compare_digest(token.encode(), known.token.encode()):
+            found = known
+    return found
 
 
 def _fingerprint(token: str) -> str:
@@ -61,22 +97,28 @@ def close_session(client, session_id: str | None) -> None:
         client.delete(_session_key(session_id))
 
 
-def session_ok(client, session_id: str | None, tokens: list[str]) -> bool:
-    """Whether the cookie's session is open and the token that opened it still configured."""
+def session_token(client, session_id: str | None, tokens: list[ApiToken]) -> ApiToken | None:
+    """The token that opened the cookie's session, if the session is open and that token
+    still configured; else None."""
     if not session_id:
-        return False
+        return None
     stored = client.get(_session_key(session_id))
     if stored is None:
-        return False
+        return None
     stored = stored.decode() if isinstance(stored, bytes) else stored
-    return any(hmac.compare_digest(stored, _fingerprint(known)) for known in tokens)
+    found = None
+    for known in tokens:
+        if hmac.compare_digest(stored, _fingerprint(known.token)):
+            found = known
+    return found
 
 
-def authorized(request: Request, tokens: list[str], client) -> bool:
+def caller(request: Request, tokens: list[ApiToken], client) -> ApiToken | None:
+    """The token a request carries (bearer header, else the session cookie), or None."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        return token_ok(header[7:].strip(), tokens)
-    return session_ok(client, request.cookies.get(COOKIE), tokens)
+        return find_token(header[7:].strip(), tokens)
+    return session_token(client, request.cookies.get(COOKIE), tokens)
 
 
 def _is_page(path: str) -> bool:
@@ -86,14 +128,19 @@ def _is_page(path: str) -> bool:
 class TokenMiddleware(BaseHTTPMiddleware):
     """Refuses requests without a valid token when tokens are configured."""
 
-    def __init__(self, app, tokens: list[str], client) -> None:
+    def __init__(self, app, tokens: list[ApiToken], client) -> None:
         super().__init__(app)
         self.tokens = tokens
         self.client = client
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         path = request.url.path
-        if not self.tokens or path in OPEN_PATHS or authorized(request, self.tokens, self.client):
+        request.state.tenant = None
+        if not self.tokens or path in OPEN_PATHS:
+            return await call_next(request)
+        found = caller(request, self.tokens, self.client)
+        if found is not None:
+            request.state.tenant = found.tenant
             return await call_next(request)
         if request.method == "GET" and _is_page(path):
             return RedirectResponse(f"/login?next={path}", status_code=303)

@@ -141,19 +141,31 @@ class Client:
 
     # ------------------------------------------------------------------ submit
     def submit(
-        self, job: JobInput, *, batch_id: str | None = None, require_worker: bool = False
+        self,
+        job: JobInput,
+        *,
+        batch_id: str | None = None,
+        require_worker: bool = False,
+        tenant: str | None = None,
     ) -> JobHandle:
         """Validate, resolve and queue one job."""
-        return self.submit_many([job], batch_id=batch_id, require_worker=require_worker)[0]
+        return self.submit_many([job], batch_id=batch_id, require_worker=require_worker, tenant=tenant)[0]
 
     def submit_many(
-        self, jobs: Iterable[JobInput], *, batch_id: str | None = None, require_worker: bool = False
+        self,
+        jobs: Iterable[JobInput],
+        *,
+        batch_id: str | None = None,
+        require_worker: bool = False,
+        tenant: str | None = None,
     ) -> list[JobHandle]:
         """Queue several jobs as one batch: all of them, or none if any is refused.
 
         A job whose model no live worker serves is queued with a warning (it runs when one
         starts); with ``require_worker`` the whole batch is refused instead. The batch is
         sent grouped by LoRA stack, so a worker switches stacks as rarely as it can.
+        ``tenant``: the jobs are that tenant's (the API passes the caller's), counted against
+        ``max_queued_per_tenant``; a batch of another tenant's is refused.
         """
         jobs = list(jobs)
         if not jobs:
@@ -166,6 +178,7 @@ class Client:
             )
         batch = batch_id or new_id()
         records, problems = [], []
+        owners: dict[str, str | None] = {}
         with self.resolver.embeddings.names_read_once():
             for index, raw in enumerate(jobs):
                 where = f"jobs[{index}]." if len(jobs) > 1 else ""
@@ -174,13 +187,20 @@ class Client:
                     if job.batch_id is None:
                         job.batch_id = batch
                     resolved = self.resolver.resolve(job, where=where)
+                    if tenant is not None:
+                        self._check_batch_owner(resolved.job.batch_id, tenant, owners, where)
                     if job.job_id is not None:
                         self._check_unused(resolved.job, where)
                 except JobRejected as exc:
                     problems.extend(exc.problems)
                     continue
                 records.append(
-                    JobRecord(job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings)
+                    JobRecord(
+                        job=resolved.job,
+                        queue=resolved.model.queue,
+                        warnings=resolved.warnings,
+                        tenant=tenant,
+                    )
                 )
         if not problems:
             problems = self._check_served(records, require_worker, multiple=len(jobs) > 1)
@@ -192,6 +212,21 @@ class Client:
             )
         self._queue(records)
         return [JobHandle(self, record) for record in records]
+
+    def _check_batch_owner(
+        self, batch_id: str | None, tenant: str, owners: dict[str, str | None], where: str
+    ) -> None:
+        """JobRejected when ``batch_id`` already holds jobs that are not ``tenant``'s: a tenant
+        adds to its own batches only. ``owners`` remembers the answer per batch."""
+        assert batch_id is not None
+        if batch_id not in owners:
+            first = next(iter(self.jobs.batch(batch_id)), None)
+            record = self.jobs.get(first) if first is not None else None
+            owners[batch_id] = tenant if record is None else record.tenant
+        if owners[batch_id] != tenant:
+            raise JobRejected(
+                f"batch_id {batch_id!r} is taken", field=f"{where}batch_id", allowed="a new id, or none"
+            )
 
     def _check_unused(self, job: GenerationJob, where: str) -> None:
         """JobRejected when a job id given by the submitter already has images in the store
@@ -250,7 +285,11 @@ class Client:
         job = parse_job(again)
         resolved = self.resolver.resolve(job)
         record = JobRecord(
-            job=resolved.job, queue=resolved.model.queue, warnings=resolved.warnings, retry_of=job_id
+            job=resolved.job,
+            queue=resolved.model.queue,
+            warnings=resolved.warnings,
+            retry_of=job_id,
+            tenant=old.tenant,
         )
         self._queue([record])
         return JobHandle(self, record)
@@ -266,7 +305,17 @@ class Client:
         self._send(grouped_by_stack(records))
 
     def _check_room(self, records: list[JobRecord]) -> None:
-        """QueueFull when a model's queue would pass ``max_queued_per_model``."""
+        """QueueFull when a model's queue would pass ``max_queued_per_model``, or a tenant's
+        waiting jobs ``max_queued_per_tenant``."""
+        tenants = Counter(record.tenant for record in records if record.tenant is not None)
+        tenant_cap = self.settings.max_queued_per_tenant
+        for tenant, count in tenants.items():
+            waiting = self.jobs.count_of_tenant(tenant, JobStatus.queued)
+            if waiting + count > tenant_cap:
+                raise QueueFull(
+                    f"tenant {tenant!r} has {waiting} waiting jobs; {count} more would pass its cap of "
+                    f"{tenant_cap} (LORAFLEET_MAX_QUEUED_PER_TENANT): submit again when they have run"
+                )
         cap = self.settings.max_queued_per_model
         adding = Counter(record.queue for record in records)
         waiting = queue_depths(self.redis, list(adding))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from lorafleet.common.jobs import JobStatus
-from lorafleet.producer.api.state import State
+from lorafleet.producer.api.state import State, Tenant, visible
 from lorafleet.producer.api.views import BatchView, job_view
 
 router = APIRouter()
@@ -14,8 +14,8 @@ router = APIRouter()
 @router.get(
     "/v1/batches/{batch_id}", response_model=BatchView, responses={404: {"description": "no such batch"}}
 )
-def batch(state: State, batch_id: str):
-    records = state.client.batch(batch_id)
+def batch(state: State, tenant: Tenant, batch_id: str):
+    records = [r for r in state.client.batch(batch_id) if visible(r.tenant, tenant)]
     if not records:
         raise HTTPException(404, f"no batch {batch_id!r}")
     counts = {s.value: 0 for s in JobStatus}

@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from lorafleet.common import __version__
+from lorafleet.common.jobs import JobStatus
 from lorafleet.common.metrics import images_per_minute
 from lorafleet.common.workers import QueueView, WorkerView, queue_views
-from lorafleet.producer.api.state import ApiState, State
+from lorafleet.producer.api.state import ApiState, State, Tenant
 from lorafleet.producer.api.views import Summary
 from lorafleet.producer.prometheus import CONTENT_TYPE, exposition
 
@@ -36,12 +37,17 @@ def queues(state: State):
 
 
 @router.get("/v1/summary", response_model=Summary)
-def summary(state: State):
-    """Counts by status, queues, workers and images per minute over the last hour."""
+def summary(state: State, tenant: Tenant):
+    """Counts by status (a tenant's own jobs, for a tenant), queues, workers and images per
+    minute over the last hour."""
     fleet = state.workers.all()
     series = images_per_minute(state.client.redis)
+    jobs = state.client.jobs
+    counts = (
+        jobs.count_by_status() if tenant is None else {s: jobs.count_of_tenant(tenant, s) for s in JobStatus}
+    )
     return Summary(
-        counts={s.value: n for s, n in state.client.jobs.count_by_status().items()},
+        counts={s.value: n for s, n in counts.items()},
         queues=_queues(state, fleet),
         workers=fleet,
         throughput=[{"minute": m, "images": n} for m, n in series],

@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
 from lorafleet.common.storage import LocalStorage
-from lorafleet.producer.api.state import ApiState, State
+from lorafleet.producer.api.state import ApiState, State, Tenant, visible
 from lorafleet.producer.api.views import JobPage, JobView, Submission, Submitted, job_view, problems
 
 MAX_PAGE = 500
@@ -32,9 +32,10 @@ _SUBMIT_BODY = {
 }
 
 
-def _record_or_404(state: ApiState, job_id: str) -> JobRecord:
+def _record_or_404(state: ApiState, job_id: str, tenant: str | None) -> JobRecord:
+    """The record, if the caller may see it; another tenant's job is as absent as a missing one."""
     record = state.client.jobs.get(job_id)
-    if record is None:
+    if record is None or not visible(record.tenant, tenant):
         raise HTTPException(
             404, f"no job {job_id!r} (records are kept {state.settings.record_retention} s after they end)"
         )
@@ -51,6 +52,7 @@ def _record_or_404(state: ApiState, job_id: str) -> JobRecord:
 async def submit(
     request: Request,
     state: State,
+    tenant: Tenant,
     batch_id: str | None = Query(None, pattern=ID_PATTERN.pattern),
     require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
 ):
@@ -64,7 +66,7 @@ async def submit(
         return problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
     # The client talks to Redis synchronously: keep it off the event loop.
     handles = await run_in_threadpool(
-        state.client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker
+        state.client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker, tenant=tenant
     )
     return Submission(
         batch_id=handles[0].batch_id,
@@ -78,6 +80,7 @@ async def submit(
 @router.get("/v1/jobs", response_model=JobPage)
 def list_jobs(
     state: State,
+    tenant: Tenant,
     status: JobStatus | None = None,
     batch: str | None = None,
     model: str | None = None,
@@ -86,14 +89,14 @@ def list_jobs(
 ):
     """Jobs, newest first, matching every filter given."""
     records, total = state.client.jobs.page(
-        status=status, batch=batch, model=model, offset=offset, limit=limit
+        status=status, batch=batch, model=model, tenant=tenant, offset=offset, limit=limit
     )
     return JobPage(jobs=[job_view(r) for r in records], total=total, offset=offset, limit=limit)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "no such job"}})
-def get_job(state: State, job_id: str):
-    return job_view(_record_or_404(state, job_id))
+def get_job(state: State, tenant: Tenant, job_id: str):
+    return job_view(_record_or_404(state, job_id, tenant))
 
 
 @router.delete(
@@ -101,9 +104,9 @@ def get_job(state: State, job_id: str):
     response_model=JobView,
     responses={404: {"description": "no such job"}, 409: {"description": "the record is damaged"}},
 )
-def cancel_job(state: State, job_id: str):
+def cancel_job(state: State, tenant: Tenant, job_id: str):
     """Cancel: a queued job never runs; a running one stops at its next step."""
-    if _record_or_404(state, job_id).damaged:
+    if _record_or_404(state, job_id, tenant).damaged:
         raise HTTPException(409, f"job {job_id}'s record is damaged; nothing can change it")
     return job_view(state.client.cancel(job_id))
 
@@ -114,9 +117,9 @@ def cancel_job(state: State, job_id: str):
     response_model=JobView,
     responses={404: {"description": "no such job"}, 409: {"description": "the job has not failed"}},
 )
-def retry_job(state: State, job_id: str):
+def retry_job(state: State, tenant: Tenant, job_id: str):
     """Queue a failed or cancelled job again, as a new job in the same batch."""
-    record = _record_or_404(state, job_id)
+    record = _record_or_404(state, job_id, tenant)
     if record.status not in (JobStatus.failed, JobStatus.cancelled):
         raise HTTPException(
             409, f"job {job_id} is {record.status.value}; only failed or cancelled jobs are retried"
@@ -129,9 +132,9 @@ def retry_job(state: State, job_id: str):
     response_class=FileResponse,
     responses={404: {"description": "no such image"}, 307: {"description": "a presigned S3 URL"}},
 )
-def image(state: State, job_id: str, index: int):
+def image(state: State, tenant: Tenant, job_id: str, index: int):
     """The PNG: served from a local store, or a redirect to a presigned S3 URL."""
-    record = _record_or_404(state, job_id)
+    record = _record_or_404(state, job_id, tenant)
     if not 0 <= index < len(record.images):
         raise HTTPException(404, f"job {job_id} has {len(record.images)} images")
     key = record.images[index].key

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from lorafleet.producer.auth import COOKIE, COOKIE_SECONDS, close_session, open_session, token_ok
+from lorafleet.producer.auth import COOKIE, COOKIE_SECONDS, ApiToken, close_session, find_token, open_session
 
 FOLDER = Path(__file__).parent.parent / "dashboard"  # producer/dashboard: HTML shells, scripts, styles
 STATIC = FOLDER / "static"
@@ -29,7 +29,7 @@ PAGES = {
 LOGOUT = '<form method="post" action="/logout"><button class="link">log out</button></form>'
 
 
-def render_pages(tokens: list[str]) -> dict[str, str]:
+def render_pages(tokens: list[ApiToken]) -> dict[str, str]:
     """The dashboard's pages, put together once: the shared layout around each page's body."""
     layout = (FOLDER / "layout.html").read_text()
     pages = {}
@@ -40,7 +40,7 @@ def render_pages(tokens: list[str]) -> dict[str, str]:
     return pages
 
 
-def dashboard(tokens: list[str], client) -> APIRouter:
+def dashboard(tokens: list[ApiToken], client) -> APIRouter:
     """The pages, the login form and log out, for a fleet with these tokens (none: open)."""
     router = APIRouter(include_in_schema=False)
     pages = render_pages(tokens)
@@ -68,7 +68,7 @@ def dashboard(tokens: list[str], client) -> APIRouter:
         target = (form.get("next") or ["/"])[0]
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
-        if tokens and not token_ok(token, tokens):
+        if tokens and find_token(token, tokens) is None:
             return HTMLResponse(
                 (FOLDER / "login.html")
                 .read_text()

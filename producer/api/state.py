@@ -35,3 +35,18 @@ async def get_state(request: Request) -> ApiState:
 
 State = Annotated[ApiState, Depends(get_state)]
 """A route parameter's type that gives the route the app's ``ApiState``."""
+
+
+async def get_tenant(request: Request) -> str | None:
+    # set by the token middleware; absent when the API runs without tokens
+    return getattr(request.state, "tenant", None)
+
+
+Tenant = Annotated[str | None, Depends(get_tenant)]
+"""A route parameter's type that gives the caller's tenant: None for an operator (a bare or
+admin token, or no tokens at all), who sees every job; else the tenant, who sees its own."""
+
+
+def visible(record_tenant: str | None, tenant: str | None) -> bool:
+    """Whether a caller of ``tenant`` may see a job of ``record_tenant``."""
+    return tenant is None or record_tenant == tenant
