@@ -146,6 +146,106 @@ class MotoServer:
         self.process = None
 
 
+MASTER = "lorafleet-main"
+
+
+class SentinelProcess:
+    """``redis-server CONF --sentinel`` watching the primary on ``primary_port``."""
+
+    def __init__(self, folder, primary_port: int) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.primary_port = primary_port
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> SentinelProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        conf = self.folder / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\n"
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.primary_port} 2\n"
+            f"sentinel down-after-milliseconds {MASTER} 1000\n"
+            f"sentinel failover-timeout {MASTER} 5000\n"
+        )
+        self.process = subprocess.Popen(
+            [debian_redis_server(), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+class SentinelRedis:
+    """A primary, a replica and three sentinels on loopback: Redis that fails over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.primary = RedisProcess(folder / "primary", extra=["--protected-mode", "no"])
+        self.replica: RedisProcess | None = None
+        self.sentinels: list[SentinelProcess] = []
+        self.folder = folder
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://{','.join(f'127.0.0.1:{s.port}' for s in self.sentinels)}/{MASTER}/0"
+
+    def start(self) -> SentinelRedis:
+        self.primary.start()
+        self.replica = RedisProcess(
+            self.folder / "replica",
+            extra=["--replicaof", "127.0.0.1", str(self.primary.port), "--protected-mode", "no"],
+        ).start()
+        self.sentinels = [
+            SentinelProcess(self.folder / f"sentinel-{i}", self.primary.port).start() for i in range(3)
+        ]
+        wait_until(
+            lambda: self.replica.client().info("replication")["master_link_status"] == "up", timeout=30
+        )
+        wait_until(self._master_known, timeout=30, what="the sentinels to know the primary")
+        return self
+
+    def _master_known(self) -> bool:
+        from lorafleet.common.broker import Broker
+
+        try:
+            return bool(Broker(self.url).client().ping())
+        except Exception:  # noqa: BLE001  (no master known yet)
+            return False
+
+    def crash_primary(self, caught_up: bool = False) -> None:
+        """kill -9 the primary; with ``caught_up``, only once the replica holds every write it
+        took (writes paused meanwhile), so the failover loses nothing Redis acknowledged."""
+        if caught_up:
+            primary = self.primary.client()
+            primary.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            offset = primary.info("replication")["master_repl_offset"]
+            wait_until(
+                lambda: self.replica.client().info("replication")["slave_repl_offset"] >= offset,
+                timeout=10,
+                what="the replica to catch up",
+            )
+        self.primary.process.kill()
+        self.primary.process.wait()
+        wait_until(self._promoted, timeout=60, what="failover")
+
+    def _promoted(self) -> bool:
+        try:
+            return self.replica.client().info("replication")["role"] == "master"
+        except redis.RedisError:  # a sentinel closes the replica's connections as it promotes it
+            return False
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        if self.replica:
+            self.replica.stop()
+        self.primary.stop()
+
+
 def s3_env(endpoint: str) -> dict[str, str]:
     """Dummy credentials, as the standard AWS environment variables."""
     return {

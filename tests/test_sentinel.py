@@ -3,7 +3,6 @@ in sentinel mode), real workers; the primary is killed while jobs are queued and
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -14,56 +13,9 @@ from lorafleet.common.jobs import JobStatus
 from lorafleet.common.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, copy_home
-from tests.helpers import (
-    RedisProcess,
-    WorkerProcess,
-    debian_redis_server,
-    free_port,
-    lorafleet_env,
-    wait_until,
-)
+from tests.helpers import SentinelRedis, WorkerProcess, lorafleet_env, wait_until
 
 pytestmark = pytest.mark.slow
-
-MASTER = "lorafleet-main"
-
-
-class SentinelProcess:
-    """``redis-server CONF --sentinel`` watching the primary on ``primary_port``."""
-
-    def __init__(self, folder, primary_port: int) -> None:
-        self.port = free_port()
-        self.folder = folder
-        self.primary_port = primary_port
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> SentinelProcess:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        conf = self.folder / "sentinel.conf"
-        conf.write_text(
-            f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\n"
-            f"sentinel monitor {MASTER} 127.0.0.1 {self.primary_port} 2\n"
-            f"sentinel down-after-milliseconds {MASTER} 1000\n"
-            f"sentinel failover-timeout {MASTER} 5000\n"
-        )
-        self.process = subprocess.Popen(
-            [debian_redis_server(), str(conf), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def _reachable(url: str) -> bool:
-    try:
-        return bool(Broker(url).client().ping())
-    except Exception:  # noqa: BLE001  (no master known yet)
-        return False
 
 
 def test_a_malformed_sentinel_url_is_refused_saying_what_is_wrong():
@@ -79,18 +31,12 @@ def test_a_malformed_sentinel_url_is_refused_saying_what_is_wrong():
 
 
 def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
-    primary = RedisProcess(tmp_path / "primary", extra=["--protected-mode", "no"]).start()
-    replica = RedisProcess(
-        tmp_path / "replica", extra=["--replicaof", "127.0.0.1", str(primary.port), "--protected-mode", "no"]
-    ).start()
-    sentinels = [SentinelProcess(tmp_path / f"sentinel-{i}", primary.port).start() for i in range(3)]
-    url = f"sentinel://{','.join(f'127.0.0.1:{s.port}' for s in sentinels)}/{MASTER}/0"
+    redis = SentinelRedis(tmp_path / "redis").start()
+    url = redis.url
     home = copy_home(template_home, tmp_path / "home")
     env = lorafleet_env(home, url, LORAFLEET_WORKER_LOST_AFTER="20")
     workers = []
     try:
-        wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up", timeout=30)
-        wait_until(lambda: _reachable(url), timeout=30, what="the sentinels to know the primary")
         workers = [
             WorkerProcess(env, TINY, tmp_path / f"w{i}.log", name=f"w{i}@sentinel").start() for i in range(2)
         ]
@@ -104,13 +50,7 @@ def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
                 what="a job running",
             )
             time.sleep(1)  # let the replica take in the last writes (replication is asynchronous)
-            primary.process.kill()  # no shutdown: the primary is gone as in a crash
-            primary.process.wait()
-            wait_until(
-                lambda: replica.client().info("replication")["role"] == "master",
-                timeout=60,
-                what="the failover",
-            )
+            redis.crash_primary()  # no shutdown: the primary is gone as in a crash
             records = client.wait([h.job_id for h in handles], timeout=300)
         assert [r.status for r in records] == [JobStatus.succeeded] * 6, [r.error for r in records]
         logs = "".join(w.log.read_text() for w in workers)
@@ -119,7 +59,4 @@ def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
     finally:
         for worker in workers:
             worker.kill()
-        for sentinel in sentinels:
-            sentinel.stop()
-        replica.stop()
-        primary.stop()
+        redis.stop()

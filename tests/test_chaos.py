@@ -1,0 +1,171 @@
+"""A chaos run with real processes: 300 jobs over two models and two workers while a worker is
+killed and restarted, the Redis primary fails over (Sentinel) and the object store is down for
+20 s. At the end every job has ended exactly once (succeeded, or failed saying why), every
+image of a succeeded job is in the store once, and no job ran on two workers at the same time."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from lorafleet.common.jobs import JobStatus
+from lorafleet.common.settings import Settings
+from lorafleet.producer import Client
+from tests.conftest import TINY, TINY_SD2, copy_home
+from tests.helpers import SentinelRedis, TcpProxy, WorkerProcess, lorafleet_env, s3_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+JOBS = 300
+BUCKET = "chaos"
+STORE_OUTAGE = 20.0
+_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?lorafleet\.worker\.runner: .*?job (\w+)[ :](.*)$"
+)
+_ENDS = ("succeeded", "failed", "queued again", "cancelled while running")
+
+
+def _runs(logs: list[Path], killed_at: dict[Path, float]) -> dict[str, list[tuple[float, float, str]]]:
+    """Every run of every job, from the workers' logs: (start, end, log name). A run ends at
+    its outcome's line, at its worker's death (``killed_at``), or never (still open: inf)."""
+    runs: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for log in logs:
+        open_runs: dict[str, float] = {}
+        for line in log.read_text(errors="replace").splitlines():
+            if (match := _LINE.match(line)) is None:
+                continue
+            at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            job_id, rest = match[2], match[3]
+            if rest.startswith("started (attempt"):
+                open_runs[job_id] = at
+            elif job_id in open_runs and (
+                any(rest.lstrip(" :").startswith(end) for end in _ENDS) or "this run stops" in line
+            ):
+                runs[job_id].append((open_runs.pop(job_id), at, log.name))
+        for job_id, start in open_runs.items():
+            runs[job_id].append((start, killed_at.get(log, float("inf")), log.name))
+    return runs
+
+
+def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outage(
+    template_home, tmp_path, s3_credentials
+):
+    sentinel_redis = SentinelRedis(tmp_path / "redis").start()
+    moto = s3_credentials
+    store = TcpProxy(moto.port).up()
+    boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    home = copy_home(template_home, tmp_path / "home")
+    env = lorafleet_env(
+        home,
+        sentinel_redis.url,
+        f"s3://{BUCKET}/out",
+        LORAFLEET_WORKER_LOST_AFTER="10",
+        OMP_NUM_THREADS="1",  # two workers on this machine's cores: one thread each, or they thrash
+        **s3_env(store.endpoint),
+    )
+    models = f"{TINY},{TINY_SD2}"
+    logs = [tmp_path / "a1.log", tmp_path / "b.log", tmp_path / "a2.log"]
+    killed_at: dict[Path, float] = {}
+    workers = [
+        WorkerProcess(env, models, logs[0], name="a@chaos"),
+        WorkerProcess(env, models, logs[1], name="b@chaos"),
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        settings = Settings(
+            home=home,
+            broker_url=sentinel_redis.url,
+            storage_url=f"s3://{BUCKET}/out",
+            s3_endpoint_url=store.endpoint,
+        )
+        with Client(settings) as client:
+            handles = client.submit_many(
+                [
+                    {"model": (TINY, TINY_SD2)[i % 2], "prompt": f"chaos {i}", "seed": i, "steps": 8}
+                    for i in range(JOBS)
+                ]
+            )
+            ids = [h.job_id for h in handles]
+
+            def ended() -> int:
+                try:
+                    counts = client.jobs.count_by_status()
+                except redis.RedisError:  # the test's own reads, mid-failover: look again
+                    return -1
+                return sum(counts[s] for s in JobStatus if s.final)
+
+            # 1. kill -9 a worker mid-job, and start it again (a new instance, the same name)
+            wait_until(lambda: ended() >= 30, timeout=300, interval=0.2, what="30 jobs done")
+            wait_until(
+                lambda: any(r.worker == "a@chaos" for r in client.jobs.page(status=JobStatus.running)[0]),
+                timeout=60,
+                what="worker a running a job",
+            )
+            workers[0].kill()
+            killed_at[logs[0]] = time.time()
+            workers.append(WorkerProcess(env, models, logs[2], name="a@chaos").start())
+
+            # 2. the Redis primary crashes and a sentinel promotes the replica
+            wait_until(lambda: ended() >= 100, timeout=300, interval=0.2, what="100 jobs done")
+            sentinel_redis.crash_primary(caught_up=True)
+
+            # 3. the object store is unreachable for 20 s
+            wait_until(lambda: ended() >= 170, timeout=300, interval=0.2, what="170 jobs done")
+            store.down()
+            time.sleep(STORE_OUTAGE)
+            store.up()
+
+            records = client.wait(ids, timeout=600)
+    finally:
+        for worker in workers:
+            worker.kill()
+        sentinel_redis.stop()
+
+    try:
+        by_id = {r.job_id: r for r in records}
+        assert len(by_id) == JOBS and all(
+            r.status in (JobStatus.succeeded, JobStatus.failed) for r in records
+        )
+        failed = [r for r in records if r.status is JobStatus.failed]
+        assert all(r.error for r in failed), "a failed job says why"
+        assert len(failed) <= JOBS // 10, [r.error for r in failed[:5]]
+
+        text = "".join(log.read_text(errors="replace") for log in logs)
+        for job_id in ids:  # ended exactly once: one final line in all the logs together
+            outcomes = sum(text.count(f"runner: job {job_id} {end}") for end in ("succeeded:", "failed:"))
+            assert outcomes == 1, (job_id, outcomes)
+
+        # every image of a succeeded job is in the store once, under its own key; nothing else is
+        listed = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1")
+        keys = [
+            item["Key"]
+            for page in listed.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="out/images/")
+            for item in page.get("Contents", [])
+        ]
+        assert len(keys) == len(set(keys))
+        expected = {
+            f"out/{image.key}" for r in records if r.status is JobStatus.succeeded for image in r.images
+        }
+        assert len(expected) == sum(r.job.num_images for r in records if r.status is JobStatus.succeeded)
+        assert expected <= set(keys), sorted(expected - set(keys))[:5]
+        stray = set(keys) - expected  # only images of a job that failed after storing some
+        assert all(key.split("/")[-2] in {r.job_id for r in failed} for key in stray), sorted(stray)[:5]
+
+        # no job ran on two workers at once
+        runs = _runs(logs, killed_at)
+        assert set(runs) >= set(ids)
+        for job_id, spans in runs.items():
+            spans.sort()
+            for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+                assert end <= start, f"job {job_id} ran on {first} and {second} at once"
+        assert any(len(spans) > 1 for spans in runs.values()), "the killed worker's job ran again"
+    finally:
+        store.down()
