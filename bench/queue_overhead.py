@@ -71,8 +71,15 @@ def serve(kind: str, settings: Settings) -> None:
                 self.stats.done += 1
                 return JobStatus.succeeded
 
+        from lorafleet.common.loras.catalog import LoraCatalog
+        from lorafleet.worker.lora_files import LoraFiles
+        from lorafleet.worker.loras import LoraStore
+        from lorafleet.worker.pipelines import PipelineCache
+
         store = JobStore(redis, retention=settings.record_retention)
-        runner = NoWorkRunner(settings, store, open_storage(settings), None, None, worker_name="bench@noop")
+        pipelines = PipelineCache(settings)  # never asked for a pipeline here
+        loras = LoraStore(LoraFiles(LoraCatalog(settings.lora_dir), None, None), pipelines.device, 0)
+        runner = NoWorkRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="bench@noop")
         register_tasks(app, runner)
     app.worker_main(worker_argv("bench@noop", [keys.queue(MODEL)], "WARNING"))
 
@@ -137,7 +144,8 @@ def main() -> None:
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, Settings(home=Path(args.home)))
+        # one job per task, prefetch 1: the queue's own cost, no batching of waiting jobs
+        serve(args.serve, Settings(home=Path(args.home), max_batch=1))
         return
     with tempfile.TemporaryDirectory(prefix="lorafleet-queue-") as home:
         settings = Settings(home=Path(home))

@@ -349,6 +349,11 @@ class Timings(BaseModel):
     restore: float | None = None
     upload: float | None = None
     total: float | None = None
+    batch_size: int | None = None
+    """Rows of the largest sampling call this job's images ran in (its own images, other
+    jobs', or copies: a batching worker never makes a one-row call). Companions never change
+    a job's pixels; a one-row call (LORAFLEET_MAX_BATCH=1) may differ from a batch in the
+    last bit of a few pixels (docs/benchmarks.md)."""
 
 
 PHASES = ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total")

@@ -156,6 +156,18 @@ class Settings(BaseSettings):
     max_jobs_per_submit: int = Field(
         default=10_000, ge=1, description="Most jobs one submission (a batch, a file, an API call) may hold."
     )
+    max_batch: int = Field(
+        default=0,
+        ge=0,
+        description="Most images a worker samples in one pipeline call (a job's own images and those of "
+        "compatible jobs waiting behind it); 1 turns batching off; 0 derives it from the device's free "
+        "memory and the image size.",
+    )
+    background_uploads: bool = Field(
+        default=True,
+        description="Encode and upload a finished job's images in a background stage while the next "
+        "images sample (the job still ends only once they are stored).",
+    )
     max_queued_per_tenant: int = Field(
         default=10_000,
         ge=1,

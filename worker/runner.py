@@ -14,14 +14,16 @@ worker takes the next one.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import redis
 import torch
@@ -38,12 +40,13 @@ from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key
 from lorafleet.common.vaes import VaeInfo
 from lorafleet.common.workers import WorkerRegistry
+from lorafleet.worker.batching import BatchSizes, Member, Slot, batch_key, chunks
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.lora_files import DiskCache, fetch_object
 from lorafleet.worker.loras import LoraStore
 from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
-from lorafleet.worker.sampling import image_seed, sample
+from lorafleet.worker.sampling import conditioning, image_seed, sample, seeds_its_own_noise
 from lorafleet.worker.vaes import VaeCache
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ logger = logging.getLogger(__name__)
 RUN_AGAIN_DELAY = 5.0
 """Seconds before a job that met a transient failure runs again; doubled for each run."""
 RUN_AGAIN_MAX_DELAY = 120.0
+PROGRESS_SECONDS = 0.25
+"""Least time between two progress writes of one job (the last step is always written)."""
+STORE_THREADS = 2
+"""Threads that encode and upload finished jobs' images while the next call samples."""
 REDIS_OUTAGE_TRIES = 12
 """Tries of a job's final record write through a Redis outage (backoff 1, 2, 4 ... 30 s: about
 3.5 minutes) before the message goes back to its queue."""
@@ -71,6 +78,25 @@ class WorkerStats:
     current_step: int = 0
     current_total: int = 0
     switch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+
+
+class _StoreContext(NamedTuple):
+    """What every image of a group carries in its parameters besides its job's own values."""
+
+    infos: list
+    model_hash: str | None
+    vae: VaeInfo | None
+    embeddings: list
+
+
+def _result(future: Future) -> JobStatus | None:
+    return future.result()
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -120,7 +146,15 @@ class JobRunner:
         self.instance = uuid.uuid4().hex
         """This process's id in its heartbeat and in the records of the jobs it runs."""
         self.workers = WorkerRegistry(store.redis)
-        self._run_id: str | None = None
+        self._runs: dict[str, str] = {}
+        """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
+        self._last_progress: dict[str, float] = {}
+        self.batch_sizes = BatchSizes(settings.max_batch, pipelines.device)
+        self._store_stage = (
+            ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="lorafleet-store")
+            if settings.background_uploads
+            else None
+        )
         self._redis_away = False
         self.served: frozenset[str] | None = None
         """Model keys this worker serves (its queues'); None: any (tests, benchmarks)."""
@@ -173,15 +207,16 @@ class JobRunner:
 
         record = self.store.update(job_id, change)
         if record is not None and record.run_id == run_id:
-            self._run_id = run_id
+            self._runs[job_id] = run_id
         return (before[-1] if before else None), record
 
     def _owned(self, record: JobRecord) -> None:
         """Superseded unless this run still owns the record (the fencing check of every
         write a run makes, inside the same compare-and-set)."""
-        if self._run_id is not None and record.run_id != self._run_id:
+        run_id = self._runs.get(record.job_id)
+        if run_id is not None and record.run_id != run_id:
             raise Superseded(
-                f"run {self._run_id[:8]} of this worker no longer owns the job (now "
+                f"run {run_id[:8]} of this worker no longer owns the job (now "
                 f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
                 job_id=record.job_id,
             )
@@ -204,13 +239,21 @@ class JobRunner:
             record_finished(self.store.redis, record)
         return record
 
-    def _progress(self, job_id: str, step: int) -> None:
+    def _progress(self, job_id: str, step: int, *, last: bool = False) -> None:
+        """Write the job's progress (at most every PROGRESS_SECONDS, and at ``last``); raise
+        JobCancelled if it was cancelled meanwhile."""
+
         def change(record: JobRecord) -> JobRecord:
             self._owned(record)
             record.progress.step = step
             return record
 
-        self.stats.current_step = step
+        if job_id == self.stats.current_job:
+            self.stats.current_step = step
+        now = time.monotonic()
+        if not last and now - self._last_progress.get(job_id, 0.0) < PROGRESS_SECONDS:
+            return
+        self._last_progress[job_id] = now
         try:
             record = self.store.update(job_id, change)
         except redis.RedisError as exc:  # Redis away: sampling goes on, progress waits for it
@@ -242,134 +285,304 @@ class JobRunner:
             raise exc.__cause__ or exc from None
 
     # ------------------------------------------------------------------ the job
-    def run(self, job_id: str) -> JobStatus | None:
-        """Run one job to its end; returns its final status (None if it was not ours to run,
-        or another run took it over while this one ran)."""
-        self._run_id = None
-        before, record = self._start(job_id)
-        if record is None:
-            logger.warning("job %s has no record (expired or never queued); dropped", job_id)
-            return None
-        if before is not None and before.final:
-            logger.info("job %s is already %s; skipped", job_id, before.value)
-            return record.status
-        if record.status is JobStatus.running and record.run_id != self._run_id:
-            logger.info(
-                "job %s is running on %s (alive): this second delivery is dropped", job_id, record.worker
-            )
-            return None
-        if record.status is not JobStatus.running:
-            record_finished(self.store.redis, record)
-            logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
-            return record.status
-        logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
-        self.stats.current_job, self.stats.current_step = job_id, 0
-        self.stats.current_total = record.progress.total
+    def run(self, job_id: str, companions: Sequence[str] = ()) -> JobStatus | None:
+        """Run one job to its end, and with it those of ``companions`` (ids of jobs whose
+        messages this worker holds) that can share its sampling calls; returns the job's
+        final status (None if it was not ours to run, or another run took it over)."""
+        self._runs = {}
         try:
-            return self.execute(record)
+            record, status = self._take(job_id)
+            if record is None:
+                return status
+            self.stats.current_job, self.stats.current_step = job_id, 0
+            self.stats.current_total = record.progress.total
+            group = [record, *self._companions(record, companions)]
+            if len(group) == 1:
+                return self.execute(record)
+            return self._execute_group(group)[job_id]
         except Superseded as exc:
             logger.warning("%s; this run stops without writing it", exc)
             return None
         finally:
             self.stats.current_job = None
-            self._run_id = None
+            self._runs = {}
+            self._last_progress = {}
             self.disk.release()  # the job's cached files: other workers may evict them now
 
-    def execute(self, record: JobRecord) -> JobStatus:
+    def _take(self, job_id: str) -> tuple[JobRecord | None, JobStatus | None]:
+        """Start the job: (its running record, None), or (None, what ``run`` returns) when it
+        is not this worker's to run."""
+        before, record = self._start(job_id)
+        if record is None:
+            logger.warning("job %s has no record (expired or never queued); dropped", job_id)
+            return None, None
+        if before is not None and before.final:
+            logger.info("job %s is already %s; skipped", job_id, before.value)
+            return None, record.status
+        if record.status is JobStatus.running and record.run_id != self._runs.get(job_id):
+            logger.info(
+                "job %s is running on %s (alive): this second delivery is dropped", job_id, record.worker
+            )
+            return None, None
+        if record.status is not JobStatus.running:
+            record_finished(self.store.redis, record)
+            logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
+            return None, record.status
+        logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
+        return record, None
+
+    def _companions(self, lead: JobRecord, candidates: Sequence[str]) -> list[JobRecord]:
+        """Start the candidates that can share the lead's calls: queued, with its batch key,
+        while their images fit in the batch size."""
+        job = lead.job
+        if not candidates or seeds_its_own_noise(job.sampler):
+            return []
+        assert job.width is not None and job.height is not None
+        room = self.batch_sizes.get(job.model, job.width, job.height) - job.num_images
+        key = batch_key(job)
+        taken = []
+        waiting = [r for r in self.store.get_many([c for c in candidates if c != lead.job_id]) if r]
+        for record in sorted(waiting, key=lambda r: r.submitted_at):  # oldest first
+            if room <= 0:
+                break
+            if record.status is not JobStatus.queued or batch_key(record.job) != key:
+                continue
+            if record.job.num_images > room:
+                continue
+            started, _ = self._take(record.job_id)
+            if started is not None:
+                taken.append(started)
+                room -= started.job.num_images
+        if taken:
+            logger.info("job %s samples with %d waiting jobs of the same batch key", lead.job_id, len(taken))
+        return taken
+
+    def execute(self, record: JobRecord) -> JobStatus | None:
         """Everything between taking a running job and its final record: pipeline, LoRAs,
         sampling, storage. A subclass may replace it to measure the queue alone
         (bench/queue_overhead.py); it must end the record with ``finish``."""
-        job_id, job = record.job_id, record.job
-        timings = record.timings
-        warnings = list(record.warnings)
+        return self._execute_group([record])[record.job_id]
+
+    def _execute_group(self, records: list[JobRecord]) -> dict[str, JobStatus | None]:
+        """Run jobs of one batch key together: one pipeline, one LoRA stack, shared sampling
+        calls; each job is stored and ended on its own (its final status, by job id)."""
         started = time.perf_counter()
+        members = [Member(record) for record in records]
+        job = records[0].job
+        statuses: dict[str, JobStatus | None] = {}
+        stored: list[tuple[Member, Future | None]] = []
         if self.served is not None and job.model not in self.served:
-            return self._fail(
-                job_id,
+            message = (
                 f"worker {self.worker_name} serves {', '.join(sorted(self.served))}, not {job.model!r}: "
-                "the job reached a queue that is not its model's",
-                timings,
-                warnings,
+                "the job reached a queue that is not its model's"
             )
+            return {m.job_id: self._fail(m.job_id, message, m.record.timings, m.warnings) for m in members}
+
+        def store_when_done(member: Member, context: _StoreContext) -> None:
+            if self._store_stage is None:
+                stored.append((member, None))
+                statuses[member.job_id] = self._store(member, context, started)
+            else:
+                stored.append((member, self._store_stage.submit(self._store, member, context, started)))
+
         try:
             model = self.models.get(job.model)
-            hot, timings.pipeline_load = self.pipelines.get(model)
+            hot, load = self.pipelines.get(model)
+            for member in members:
+                member.record.timings.pipeline_load = load
             with self.pipelines.using(hot):
                 try:
-                    refs = self._generate(record, hot, timings, warnings)
+                    self._sample_group(members, hot, store_when_done)
                 except BaseException:
                     self._restore(hot)
                     raise
         except Superseded:
             raise
-        except JobCancelled:
-            self.stats.cancelled += 1
-            self.finish(
-                job_id,
-                JobStatus.cancelled,
-                error="cancelled while running",
-                timings=timings,
-                warnings=warnings,
-            )
-            logger.info("job %s cancelled while running", job_id)
-            return JobStatus.cancelled
         except TransientError as exc:
-            return self._again_or_fail(record, exc.message, timings, warnings)
+            self._end_unsampled(members, statuses, exc.message, transient=True)
         except (InvalidInput, JobFailed) as exc:
-            return self._fail(job_id, exc.message, timings, warnings)
+            self._end_unsampled(members, statuses, exc.message)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 message = (
-                    f"out of memory on {self.pipelines.device} for {job.num_images} image(s) of "
-                    f"{job.width}x{job.height}: {_allocator_message(exc)} — "
-                    "ask for fewer or smaller images, or run fewer models per worker"
+                    f"out of memory on {self.pipelines.device} for one {job.width}x{job.height} image "
+                    f"(batches were halved down to 1): {_allocator_message(exc)} — ask for smaller images, "
+                    "or run fewer models per worker"
                 )
             else:
-                logger.exception("job %s: unexpected error", job_id)
+                logger.exception("job %s: unexpected error", records[0].job_id)
                 message = f"internal error: {type(exc).__name__}: {exc}"
-            return self._fail(job_id, message, timings, warnings)
-        timings.total = time.perf_counter() - started
-        self.finish(
-            job_id,
-            JobStatus.succeeded,
-            images=refs,
-            timings=timings,
-            warnings=warnings,
-            progress=Progress(step=record.progress.total, total=record.progress.total),
-        )
-        self.stats.done += 1
-        logger.info("job %s succeeded: %d images in %.2f s", job_id, len(refs), timings.total)
-        return JobStatus.succeeded
+            self._end_unsampled(members, statuses, message)
+        finally:
+            for member, future in stored:  # every job ends (record, then ack) after its uploads
+                if future is not None:
+                    statuses[member.job_id] = _result(future)
+        for member in members:
+            if member.cancelled:
+                statuses.setdefault(member.job_id, JobStatus.cancelled)
+        return statuses
 
-    def _generate(
-        self, record: JobRecord, hot: HotPipeline, timings: Timings, warnings: list[str]
-    ) -> list[ImageRef]:
-        """Stack, patch, sample, restore, store: the images of one job on a pinned pipeline."""
-        job_id, job = record.job_id, record.job
+    def _end_unsampled(
+        self, members: list[Member], statuses: dict, message: str, transient: bool = False
+    ) -> None:
+        """Fail (or, ``transient``, queue again) every member whose images were not all
+        sampled; the others are being stored and end by themselves."""
+        for member in members:
+            if member.job_id in statuses or member.cancelled or member.complete:
+                continue
+            try:
+                if transient:
+                    status = self._again_or_fail(member.record, message, member.timings, member.warnings)
+                else:
+                    status = self._fail(member.job_id, message, member.timings, member.warnings)
+            except Superseded as exc:
+                logger.warning("%s; this run stops without writing it", exc)
+                status = None
+            statuses[member.job_id] = status
+
+    def _sample_group(self, members: list[Member], hot: HotPipeline, when_done: Callable) -> None:
+        """Stack, patch, sample in chunks (halved on out of memory), restore; each member is
+        handed to ``when_done`` as soon as its last image is sampled."""
+        job = members[0].job
+        assert job.width is not None and job.height is not None and job.steps is not None
         stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
-        timings.lora_load = stack.seconds
-        timings.lora_hits, timings.lora_misses = stack.hits, stack.misses
         self.stats.lora_hits += stack.hits
         self.stats.lora_misses += stack.misses
-        warnings.extend(stack.warnings)
         patch = hot.patcher.apply(stack.entries)
-        timings.lora_apply = patch.apply
+        for member in members:
+            t = member.timings
+            t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
+                stack.seconds,
+                stack.hits,
+                stack.misses,
+                patch.apply,
+            )
+            member.warnings.extend(stack.warnings)
         tick = time.perf_counter()
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
+        context = _StoreContext(stack.infos, hot.model_hash, vae, embeddings)
+        size = self.batch_sizes.get(hot.model.key, job.width, job.height)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
-            images = sample(hot.pipe, hot.scheduler_config, job, lambda step: self._progress(job_id, step))
-        timings.sampling = time.perf_counter() - tick
+            for member in members:
+                member.conditioning = conditioning(hot.pipe, member.job)
+            one_per_call = seeds_its_own_noise(job.sampler)
+            plan = chunks(members, size, one_per_call)
+            while plan:
+                chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
+                if not chunk:
+                    continue
+                try:
+                    # batching: never a one-row call (its last bits differ from a batch's)
+                    self._sample_chunk(hot, job, chunk, min_rows=1 if one_per_call or size < 2 else 2)
+                except Exception as exc:
+                    if not _is_out_of_memory(exc) or len(chunk) == 1:
+                        raise
+                    size = self.batch_sizes.halve(hot.model.key, job.width, job.height, len(chunk))
+                    logger.warning(
+                        "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
+                        len(chunk),
+                        size,
+                        hot.model.key,
+                        job.width,
+                        job.height,
+                    )
+                    _free_memory(self.pipelines.device)
+                    plan = chunks(members, size, one_per_call)
+                    continue
+                for member in {slot.member for slot in chunk}:
+                    if member.complete and not member.cancelled:
+                        member.timings.sampling = time.perf_counter() - tick
+                        when_done(member, context)
         restored = hot.patcher.restore()
-        timings.restore = patch.restore + restored.restore
-        self.stats.switch_seconds.append(patch.apply + timings.restore)
+        self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
+        for member in members:
+            member.timings.restore = patch.restore + restored.restore
+
+    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
+        """One pipeline call for the chunk's images; progress and cancellation per job."""
+        counts: dict[Member, int] = {}
+        for slot in chunk:
+            counts[slot.member] = counts.get(slot.member, 0) + 1
+        steps = job.steps
+
+        def on_step(step: int) -> None:
+            live = 0
+            for member, count in counts.items():
+                if member.cancelled:
+                    continue
+                try:
+                    done = member.sampled * steps + step * count
+                    self._progress(member.job_id, done, last=step == steps)
+                    live += 1
+                except JobCancelled:
+                    self._cancelled(member)
+                except Superseded as exc:
+                    logger.warning("%s; this run stops without writing it", exc)
+                    member.cancelled = True
+            if not live:
+                raise JobCancelled("every job of the call was cancelled")
+
+        try:
+            images = sample(
+                hot.pipe,
+                hot.scheduler_config,
+                job,
+                [slot.member.conditioning for slot in chunk],
+                [image_seed(slot.member.job, slot.index) for slot in chunk],
+                on_step,
+                min_rows,
+            )
+        except JobCancelled:
+            return
+        rows = max(len(chunk), min_rows)
+        for slot, image in zip(chunk, images):
+            slot.member.images[slot.index] = image
+            slot.member.largest_chunk = max(slot.member.largest_chunk, rows)
+
+    def _cancelled(self, member: Member) -> None:
+        """A job cancelled while it samples leaves its call; its companions go on."""
+        member.cancelled = True
+        self.stats.cancelled += 1
+        self.finish(
+            member.job_id,
+            JobStatus.cancelled,
+            error="cancelled while running",
+            timings=member.timings,
+            warnings=member.warnings,
+        )
+        logger.info("job %s cancelled while running", member.job_id)
+
+    def _store(self, member: Member, context: _StoreContext, started: float) -> JobStatus | None:
+        """Encode and upload a job's images, then end its record (in the store stage)."""
+        job, timings = member.job, member.timings
         tick = time.perf_counter()
-        refs = [
-            self._store_image(job, index, image, stack.infos, hot.model_hash, vae, embeddings)
-            for index, image in enumerate(images)
-        ]
-        timings.upload = time.perf_counter() - tick
-        return refs
+        try:
+            refs = [
+                self._store_image(job, index, member.images[index], *context)
+                for index in range(job.num_images)
+            ]
+            timings.upload = time.perf_counter() - tick
+            timings.total = time.perf_counter() - started
+            timings.batch_size = member.largest_chunk
+            self.finish(
+                member.job_id,
+                JobStatus.succeeded,
+                images=refs,
+                timings=timings,
+                warnings=member.warnings,
+                progress=Progress(step=member.record.progress.total, total=member.record.progress.total),
+            )
+        except Superseded as exc:
+            logger.warning("%s; this run stops without writing it", exc)
+            return None
+        except TransientError as exc:
+            return self._again_or_fail(member.record, exc.message, timings, member.warnings)
+        except (InvalidInput, JobFailed) as exc:
+            return self._fail(member.job_id, exc.message, timings, member.warnings)
+        self.stats.done += 1
+        logger.info("job %s succeeded: %d images in %.2f s", member.job_id, len(refs), timings.total)
+        return JobStatus.succeeded
 
     def _local(self, info: EmbeddingInfo | VaeInfo) -> EmbeddingInfo | VaeInfo:
         """An embedding or VAE with a file on this worker: fetched from the store when it is

@@ -11,6 +11,7 @@ from PIL import Image
 from lorafleet.common.jobs import JobStatus
 from lorafleet.worker.prompt_encoding import CHUNK_TOKENS, _text_encoders
 from tests.conftest import TINY, TINY_SD2, TINY_XL
+from tests.worker.conftest import make_runner
 from tests.worker.test_runner import client, pixels, run  # noqa: F401  (client is a fixture)
 
 BASE = "a lighthouse at night"
@@ -32,23 +33,28 @@ def test_a_weight_of_one_changes_nothing_and_a_higher_weight_changes_the_image(c
     assert image(client, runner, model=model, prompt="a [lighthouse] at night") != plain
 
 
-def test_a_plain_prompt_gives_the_pixels_of_diffusers_own_encoding(client, runner):  # noqa: F811
-    """The text path is untouched: the same pixels as calling the pipeline with the text."""
-    record = run(client, runner, prompt=BASE, negative_prompt="dark sketch", sampler="euler", steps=3)
-    hot, _ = runner.pipelines.get(runner.models.get(TINY))
+def test_a_plain_prompt_gives_the_pixels_of_diffusers_own_encoding(client, settings):  # noqa: F811
+    """The text path is untouched: the same pixels as calling the pipeline with the text, in
+    a one-row call (batching off) and in a batch (a batching worker never makes one-row calls)."""
     from diffusers import EulerDiscreteScheduler
 
-    hot.pipe.scheduler = EulerDiscreteScheduler.from_config(hot.scheduler_config)
-    direct = hot.pipe(
-        prompt=BASE,
-        negative_prompt="dark sketch",
-        num_inference_steps=3,
-        guidance_scale=record.job.cfg_scale,
-        width=64,
-        height=64,
-        generator=torch.Generator("cpu").manual_seed(record.job.seed),
-    ).images[0]
-    assert pixels(record, runner) == direct.convert("RGB").tobytes()
+    for max_batch, rows in ((1, 1), (0, 2)):
+        runner = make_runner(settings.model_copy(update={"max_batch": max_batch}))
+        record = run(client, runner, prompt=BASE, negative_prompt="dark sketch", sampler="euler", steps=3)
+        assert record.timings.batch_size == rows
+        hot, _ = runner.pipelines.get(runner.models.get(TINY))
+        hot.pipe.scheduler = EulerDiscreteScheduler.from_config(hot.scheduler_config)
+        direct = hot.pipe(
+            prompt=BASE,
+            negative_prompt="dark sketch",
+            num_inference_steps=3,
+            guidance_scale=record.job.cfg_scale,
+            width=64,
+            height=64,
+            num_images_per_prompt=rows,
+            generator=[torch.Generator("cpu").manual_seed(record.job.seed) for _ in range(rows)],
+        ).images[0]
+        assert pixels(record, runner) == direct.convert("RGB").tobytes()
 
 
 def test_escaped_brackets_are_the_characters_themselves(client, runner):  # noqa: F811

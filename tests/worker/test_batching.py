@@ -1,0 +1,131 @@
+"""Batched sampling through the runner (no Celery): a job's images in one call, compatible
+waiting jobs sampled with it, each job stored and ended on its own."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorafleet.common.jobs import JobStatus
+from lorafleet.producer import Client
+from lorafleet.worker.batching import batch_key
+from tests.conftest import TINY
+from tests.worker.conftest import make_runner
+
+JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 1234, "steps": 6}
+STACK = [{"name": "watercolor", "weight": 0.8}]
+
+
+@pytest.fixture
+def client(settings):
+    with Client(settings) as c:
+        yield c
+
+
+def _array(runner, record, index: int) -> np.ndarray:
+    data = runner.storage.get(record.images[index].key)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_a_jobs_images_share_one_call_and_each_keeps_its_own_seed(client, settings):
+    runner = make_runner(settings.model_copy(update={"max_batch": 4}))
+    batched = client.submit(JOB | {"num_images": 4, "loras": STACK})
+    runner.run(batched.job_id)
+    record = client.get(batched.job_id)
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.timings.batch_size == 4 and [i.seed for i in record.images] == [1234, 1235, 1236, 1237]
+    alone = client.submit(JOB | {"seed": 1236, "loras": STACK})
+    runner.run(alone.job_id)
+    single = client.get(alone.job_id)
+    assert single.timings.batch_size == 2  # never a one-row call: it is paired with a copy
+    # image 2 of the batch is the one-image job with seed 1236, pixel for pixel
+    assert np.array_equal(_array(runner, record, 2), _array(runner, single, 0))
+    assert np.abs(_array(runner, record, 1) - _array(runner, single, 0)).max() > 20  # another seed
+
+
+def test_compatible_waiting_jobs_are_sampled_with_the_running_one(client, settings):
+    runner = make_runner(settings.model_copy(update={"max_batch": 8}))
+    lead = client.submit(JOB | {"loras": STACK})
+    same = [client.submit(JOB | {"seed": s, "prompt": f"a harbour {s}", "loras": STACK}) for s in (1, 2)]
+    other_stack = client.submit(JOB | {"loras": [{"name": "watercolor", "weight": 0.5}]})
+    other_steps = client.submit(JOB | {"steps": 5, "loras": STACK})
+    waiting = [h.job_id for h in (*same, other_stack, other_steps)]
+    assert runner.run(lead.job_id, companions=waiting) is JobStatus.succeeded
+    for handle in (lead, *same):
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.succeeded and record.timings.batch_size == 3, record
+        assert record.attempts == 1 and record.progress.step == record.progress.total == 6
+    assert client.get(other_stack.job_id).status is JobStatus.queued  # another LoRA weight
+    assert client.get(other_steps.job_id).status is JobStatus.queued  # another step count
+    # the companions' own messages come later: their records are final, so they are skipped
+    assert runner.run(same[0].job_id) is JobStatus.succeeded
+    assert client.get(same[0].job_id).attempts == 1
+    # the weights were restored: the next job alone gives the lead's pixels
+    again = client.submit(JOB | {"loras": STACK})
+    runner.run(again.job_id)
+    first, second = client.get(lead.job_id), client.get(again.job_id)
+    assert np.array_equal(_array(runner, first, 0), _array(runner, second, 0))
+
+
+def test_a_job_cancelled_mid_batch_leaves_it_and_its_companions_finish(client, settings):
+    runner = make_runner(settings.model_copy(update={"max_batch": 8}))
+    slow = JOB | {"steps": 80, "width": 128, "height": 128}
+    lead = client.submit(slow)
+    doomed = client.submit(slow | {"seed": 7})
+    kept = client.submit(slow | {"seed": 8})
+
+    def cancel_once_sampling() -> None:
+        while client.get(doomed.job_id).progress.step < 5:
+            threading.Event().wait(0.05)
+        client.cancel(doomed.job_id)
+
+    canceller = threading.Thread(target=cancel_once_sampling, daemon=True)
+    canceller.start()
+    runner.run(lead.job_id, companions=[doomed.job_id, kept.job_id])
+    canceller.join(timeout=30)
+    cancelled = client.get(doomed.job_id)
+    assert cancelled.status is JobStatus.cancelled and cancelled.images == []
+    for handle in (lead, kept):
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.succeeded and len(record.images) == 1, record.error
+    assert not runner.storage.exists(f"images/{cancelled.job.batch_id}/{doomed.job_id}/0.png")
+
+
+def test_one_jobs_failed_upload_fails_that_job_only(client, settings):
+    strict = settings.model_copy(update={"max_batch": 8, "upload_attempts": 1, "job_attempts": 1})
+    runner = make_runner(strict)
+    lead = client.submit(JOB)
+    broken = client.submit(JOB | {"seed": 5})
+    record = client.get(broken.job_id)
+    # a file where the job's folder must go: its uploads fail, its companions' do not
+    blocker = runner.storage.root / "images" / record.job.batch_id / broken.job_id
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    runner.run(lead.job_id, companions=[broken.job_id])
+    failed = client.get(broken.job_id)
+    assert failed.status is JobStatus.failed and "upload" in failed.error
+    assert client.get(lead.job_id).status is JobStatus.succeeded
+
+
+def test_with_max_batch_1_every_image_has_its_own_call(client, settings):
+    runner = make_runner(settings.model_copy(update={"max_batch": 1}))
+    lead = client.submit(JOB | {"num_images": 3})
+    companion = client.submit(JOB)
+    runner.run(lead.job_id, companions=[companion.job_id])
+    assert client.get(lead.job_id).timings.batch_size == 1
+    assert client.get(companion.job_id).status is JobStatus.queued  # no room beside a full batch
+
+
+def test_the_batch_key_holds_what_shapes_the_call_and_not_the_prompt_or_seed(client):
+    from lorafleet.common.jobs import parse_job
+
+    base = parse_job(JOB | {"width": 64, "height": 64})
+    assert batch_key(base) == batch_key(
+        parse_job(JOB | {"width": 64, "height": 64, "seed": 9, "prompt": "x"})
+    )
+    for change in ({"steps": 7}, {"cfg_scale": 3}, {"sampler": "lcm"}, {"width": 128}, {"loras": STACK}):
+        assert batch_key(parse_job(JOB | {"width": 64, "height": 64} | change)) != batch_key(base), change
