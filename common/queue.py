@@ -36,10 +36,6 @@ def queue_depths(client, queues: list[str]) -> dict[str, dict[int, int]]:
     return {queue: {step: next(counts) for step in keys.PRIORITY_STEPS} for queue in queues}
 
 
-DEFAULT_PREFETCH = 8
-"""Messages a worker holds ahead with the default (memory-derived) batch size."""
-
-
 def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
     """Celery's whole configuration, derived from lorafleet's settings in one place."""
     return {
@@ -73,9 +69,9 @@ def celery_config(settings: Settings, broker: Broker) -> dict[str, Any]:
         # A job is acknowledged only after its images are stored and its record is final.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # A worker holds up to max_batch messages (solo pool: the multiplier is the count), so
-        # that compatible jobs waiting behind the running one share its sampling calls.
-        "worker_prefetch_multiplier": settings.max_batch or DEFAULT_PREFETCH,
+        # One message at a time: the rest wait in Redis for any worker (a worker takes the
+        # compatible ones along itself, worker/waiting.py).
+        "worker_prefetch_multiplier": 1,
         "task_default_priority": PRIORITY_VALUE[Priority.normal],
         # Events for Flower and the dashboard.
         "worker_send_task_events": True,

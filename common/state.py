@@ -140,6 +140,14 @@ class JobStore:
         if ids:
             self.redis.zrem(keys.UNSENT, *ids)
 
+    def mark_unsent(self, job_ids: Iterable[str]) -> None:
+        """List queued jobs as having no message (a worker took theirs to sample them along
+        and queued them again): upkeep sends their messages (common/handback.py)."""
+        now = utcnow().timestamp()
+        ids = list(job_ids)
+        if ids:
+            self.redis.zadd(keys.UNSENT, {job_id: now for job_id in ids})
+
     def unsent(self, older_than: float) -> list[str]:
         """Ids of jobs written more than ``older_than`` seconds ago whose messages were never sent."""
         cutoff = utcnow().timestamp() - older_than

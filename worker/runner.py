@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple, TypeVar
@@ -48,6 +48,7 @@ from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
 from lorafleet.worker.sampling import conditioning, image_seed, sample, seeds_its_own_noise
 from lorafleet.worker.vaes import VaeCache
+from lorafleet.worker.waiting import WaitingJobs
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,9 @@ class JobRunner:
         """This process's id in its heartbeat and in the records of the jobs it runs."""
         self.workers = WorkerRegistry(store.redis)
         self._runs: dict[str, str] = {}
+        self.waiting = WaitingJobs(store.redis)
+        self._taken: set[str] = set()
+        """Jobs whose messages this run took from the queue: queued again, they need a new one."""
         """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
         self._last_progress: dict[str, float] = {}
         self.batch_sizes = BatchSizes(settings.max_batch, pipelines.device)
@@ -285,10 +289,10 @@ class JobRunner:
             raise exc.__cause__ or exc from None
 
     # ------------------------------------------------------------------ the job
-    def run(self, job_id: str, companions: Sequence[str] = ()) -> JobStatus | None:
-        """Run one job to its end, and with it those of ``companions`` (ids of jobs whose
-        messages this worker holds) that can share its sampling calls; returns the job's
-        final status (None if it was not ours to run, or another run took it over)."""
+    def run(self, job_id: str) -> JobStatus | None:
+        """Run one job to its end, and with it the jobs waiting in its queue that can share its
+        sampling calls (worker/waiting.py); returns the job's final status (None if it was not
+        ours to run, or another run took it over)."""
         self._runs = {}
         try:
             record, status = self._take(job_id)
@@ -296,7 +300,7 @@ class JobRunner:
                 return status
             self.stats.current_job, self.stats.current_step = job_id, 0
             self.stats.current_total = record.progress.total
-            group = [record, *self._companions(record, companions)]
+            group = [record, *self._companions(record)]
             if len(group) == 1:
                 return self.execute(record)
             return self._execute_group(group)[job_id]
@@ -306,6 +310,7 @@ class JobRunner:
         finally:
             self.stats.current_job = None
             self._runs = {}
+            self._taken = set()
             self._last_progress = {}
             self.disk.release()  # the job's cached files: other workers may evict them now
 
@@ -331,25 +336,28 @@ class JobRunner:
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
         return record, None
 
-    def _companions(self, lead: JobRecord, candidates: Sequence[str]) -> list[JobRecord]:
-        """Start the candidates that can share the lead's calls: queued, with its batch key,
-        while their images fit in the batch size."""
+    def _companions(self, lead: JobRecord) -> list[JobRecord]:
+        """Take and start the jobs waiting in the lead's queue that can share its calls:
+        queued, with its batch key, while their images fit in the batch size."""
         job = lead.job
-        if not candidates or seeds_its_own_noise(job.sampler):
-            return []
         assert job.width is not None and job.height is not None
         room = self.batch_sizes.get(job.model, job.width, job.height) - job.num_images
+        if room <= 0 or seeds_its_own_noise(job.sampler):
+            return []
         key = batch_key(job)
+        waiting = [w for w in self.waiting.peek(lead.queue) if w.job_id != lead.job_id]
+        records = dict(zip([w.job_id for w in waiting], self.store.get_many([w.job_id for w in waiting])))
         taken = []
-        waiting = [r for r in self.store.get_many([c for c in candidates if c != lead.job_id]) if r]
-        for record in sorted(waiting, key=lambda r: r.submitted_at):  # oldest first
+        for candidate in waiting:
+            record = records.get(candidate.job_id)
             if room <= 0:
                 break
-            if record.status is not JobStatus.queued or batch_key(record.job) != key:
+            if record is None or record.status is not JobStatus.queued or batch_key(record.job) != key:
                 continue
-            if record.job.num_images > room:
+            if record.job.num_images > room or not self.waiting.take(candidate):
                 continue
-            started, _ = self._take(record.job_id)
+            self._taken.add(candidate.job_id)
+            started, _ = self._take(candidate.job_id)
             if started is not None:
                 taken.append(started)
                 room -= started.job.num_images
@@ -631,6 +639,8 @@ class JobRunner:
             record_finished(self.store.redis, after)
             logger.info("job %s cancelled while running", record.job_id)
             return JobStatus.cancelled
+        if record.job_id in self._taken:  # its message was taken from the queue: upkeep sends one
+            self.store.mark_unsent([record.job_id])
         logger.warning("job %s: %s; queued again in %.0f s", record.job_id, note, self.requeue_delay)
         return JobStatus.queued
 

@@ -50,7 +50,9 @@ def parse_devices(text: str) -> list[str]:
         kind, _, index = device.partition(":")
         if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
             raise BadArgument(
-                f"{device!r} is not a device", field="--devices", allowed="all, or a list of cpu, cuda, cuda:N"
+                f"{device!r} is not a device",
+                field="--devices",
+                allowed="all, or a list of cpu, cuda, cuda:N",
             )
     if not devices:
         raise BadArgument("no device named", field="--devices", allowed="all, or a list of cpu, cuda, cuda:N")

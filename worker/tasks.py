@@ -8,11 +8,9 @@ the new message before the old one is acknowledged); if that publish fails, or R
 mid-job, the message is rejected back to its queue instead of acknowledged, so the job is
 never lost and its record never stranded.
 
-A worker holds up to ``max_batch`` messages ahead (Celery's prefetch); the task hands the
-runner the ids of the jobs waiting in them, and the runner samples the compatible ones
-together with its own. Their messages stay held until their own tasks run, which find their
-records ended and are acknowledged then: each message is acknowledged only after its job's
-images are stored and its record is final.
+The runner may take compatible jobs waiting in the queue along with the task's own
+(worker/waiting.py): their messages are removed from Redis, and their records, running under
+this worker, are what keeps them from being lost.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import redis
 from celery import Celery
 from celery.exceptions import Reject
-from celery.worker import state as worker_state
 
 from lorafleet.common.jobs import JobStatus
 from lorafleet.common.queue import TASK_GENERATE
@@ -38,7 +35,7 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
     )
     def generate(task, job_id: str) -> str | None:
         try:
-            status = runner.run(job_id, companions=_waiting(job_id))
+            status = runner.run(job_id)
         except redis.RedisError as exc:
             # The record could not be written (the broker went away mid-job): give the message
             # back rather than acknowledge it; the next run's start takes the record over.
@@ -49,9 +46,3 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
             except Reject as exc:  # the new message could not be published: keep the old one
                 raise Reject(exc.reason, requeue=True) from exc
         return status.value if status else None
-
-
-def _waiting(job_id: str) -> list[str]:
-    """Ids of the jobs whose messages this worker holds besides ``job_id``'s (the task id is
-    the job id)."""
-    return [r.id for r in list(worker_state.reserved_requests) if r.name == TASK_GENERATE and r.id != job_id]

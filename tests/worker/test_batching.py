@@ -53,15 +53,15 @@ def test_compatible_waiting_jobs_are_sampled_with_the_running_one(client, settin
     same = [client.submit(JOB | {"seed": s, "prompt": f"a harbour {s}", "loras": STACK}) for s in (1, 2)]
     other_stack = client.submit(JOB | {"loras": [{"name": "watercolor", "weight": 0.5}]})
     other_steps = client.submit(JOB | {"steps": 5, "loras": STACK})
-    waiting = [h.job_id for h in (*same, other_stack, other_steps)]
-    assert runner.run(lead.job_id, companions=waiting) is JobStatus.succeeded
+    assert runner.run(lead.job_id) is JobStatus.succeeded
     for handle in (lead, *same):
         record = client.get(handle.job_id)
         assert record.status is JobStatus.succeeded and record.timings.batch_size == 3, record
         assert record.attempts == 1 and record.progress.step == record.progress.total == 6
     assert client.get(other_stack.job_id).status is JobStatus.queued  # another LoRA weight
     assert client.get(other_steps.job_id).status is JobStatus.queued  # another step count
-    # the companions' own messages come later: their records are final, so they are skipped
+    # their messages were taken from the queue; a late duplicate finds the record final
+    assert client.redis.llen(client.get(lead.job_id).queue + "\x06\x163") == 3  # lead's + 2 others
     assert runner.run(same[0].job_id) is JobStatus.succeeded
     assert client.get(same[0].job_id).attempts == 1
     # the weights were restored: the next job alone gives the lead's pixels
@@ -85,7 +85,7 @@ def test_a_job_cancelled_mid_batch_leaves_it_and_its_companions_finish(client, s
 
     canceller = threading.Thread(target=cancel_once_sampling, daemon=True)
     canceller.start()
-    runner.run(lead.job_id, companions=[doomed.job_id, kept.job_id])
+    runner.run(lead.job_id)
     canceller.join(timeout=30)
     cancelled = client.get(doomed.job_id)
     assert cancelled.status is JobStatus.cancelled and cancelled.images == []
@@ -105,7 +105,7 @@ def test_one_jobs_failed_upload_fails_that_job_only(client, settings):
     blocker = runner.storage.root / "images" / record.job.batch_id / broken.job_id
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a folder")
-    runner.run(lead.job_id, companions=[broken.job_id])
+    runner.run(lead.job_id)
     failed = client.get(broken.job_id)
     assert failed.status is JobStatus.failed and "upload" in failed.error
     assert client.get(lead.job_id).status is JobStatus.succeeded
@@ -115,7 +115,7 @@ def test_with_max_batch_1_every_image_has_its_own_call(client, settings):
     runner = make_runner(settings.model_copy(update={"max_batch": 1}))
     lead = client.submit(JOB | {"num_images": 3})
     companion = client.submit(JOB)
-    runner.run(lead.job_id, companions=[companion.job_id])
+    runner.run(lead.job_id)
     assert client.get(lead.job_id).timings.batch_size == 1
     assert client.get(companion.job_id).status is JobStatus.queued  # no room beside a full batch
 
@@ -129,3 +129,19 @@ def test_the_batch_key_holds_what_shapes_the_call_and_not_the_prompt_or_seed(cli
     )
     for change in ({"steps": 7}, {"cfg_scale": 3}, {"sampler": "lcm"}, {"width": 128}, {"loras": STACK}):
         assert batch_key(parse_job(JOB | {"width": 64, "height": 64} | change)) != batch_key(base), change
+
+
+def test_a_taken_companion_queued_again_gets_a_new_message_from_upkeep(client, settings, tmp_path):
+    from lorafleet.common import keys
+    from tests.worker.test_runner import blocked_store
+
+    runner = make_runner(settings.model_copy(update={"max_batch": 8, "upload_attempts": 1}))
+    runner.storage = blocked_store(tmp_path)  # every upload fails as in a store outage
+    lead = client.submit(JOB)
+    companion = client.submit(JOB | {"seed": 5})
+    client.jobs.sent([lead.job_id, companion.job_id])
+    assert runner.run(lead.job_id) is JobStatus.queued  # the task sends the lead's again
+    again = client.get(companion.job_id)
+    assert again.status is JobStatus.queued and again.attempts == 1
+    unsent = {i.decode() for i in client.redis.zrange(keys.UNSENT, 0, -1)}
+    assert unsent == {companion.job_id}  # its message was taken: upkeep sends a new one
