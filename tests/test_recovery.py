@@ -111,6 +111,30 @@ def test_a_worker_killed_mid_job_has_its_job_rerun_once_by_another(fleet):
     assert survivor.log.read_text().count(f"job {handle.job_id} started") == 1
 
 
+def test_a_worker_killed_mid_batch_loses_none_of_the_jobs_it_took_along(fleet):
+    client = fleet["client"]
+    first = fleet["start_worker"]("batcher@recovery", LORAFLEET_WORKER_LOST_AFTER="8")
+    slow = {"model": TINY, "prompt": "a batch that survives", "steps": 40, "width": 160, "height": 160}
+    handles = client.submit_many([slow | {"seed": s} for s in range(4)])
+    ids = [h.job_id for h in handles]
+    wait_until(
+        lambda: (
+            sum(r.status is JobStatus.running and r.progress.step >= 2 for r in client.jobs.get_many(ids))
+            == 4
+        ),
+        timeout=90,
+        what="the four jobs sampling in one batch",
+    )
+    first.kill()  # three of the four messages were taken from the queue: only records hold them
+    fleet["start_worker"]("second@recovery", LORAFLEET_WORKER_LOST_AFTER="8")
+    records = client.wait(ids, timeout=300)
+    assert [r.status for r in records] == [JobStatus.succeeded] * 4, [r.error for r in records]
+    assert all(r.attempts == 2 and r.worker == "second@recovery" for r in records)
+    assert stored_keys(fleet["s3"]) == sorted(
+        f"fleet/{r.job.output_prefix}/{r.job.batch_id}/{r.job_id}/0.png" for r in records
+    )
+
+
 def test_uploads_ride_out_a_20_second_object_store_outage(fleet):
     client = fleet["client"]
     worker = fleet["start_worker"]("patient@recovery")
