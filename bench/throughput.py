@@ -7,7 +7,7 @@ and half standard (20 steps, CFG 7), timed from the first submit to the last ima
 - diffusers: the script a user would write, per job: load_lora_weights for each LoRA,
   set_adapters, fuse_lora, generate, unfuse_lora, unload_lora_weights, save the PNG;
 - lorafleet unbatched: one worker process with LORAFLEET_MAX_BATCH=1 and
-  LORAFLEET_BACKGROUND_UPLOADS=false, jobs submitted as one batch through the SDK;
+  LORAFLEET_BACKGROUND_STAGES=false, jobs submitted as one batch through the SDK;
 - lorafleet as shipped: the same worker with the default settings (batched calls, waiting
   compatible jobs sampled together, PNGs encoded and stored in a background stage).
 
@@ -188,7 +188,7 @@ def main() -> None:
         if not args.skip_diffusers:
             seconds, phases = run_diffusers(home, work, args.device)
             results["diffusers script"] = {"seconds": seconds, "phases": phases}
-        unbatched = {"LORAFLEET_MAX_BATCH": "1", "LORAFLEET_BACKGROUND_UPLOADS": "false"}
+        unbatched = {"LORAFLEET_MAX_BATCH": "1", "LORAFLEET_BACKGROUND_STAGES": "false"}
         seconds, phases, batch = run_lorafleet(home, work, args.device, unbatched)
         results["lorafleet unbatched"] = {"seconds": seconds, "phases": phases, "batch": batch}
         seconds, phases, batch = run_lorafleet(home, work, args.device, {})

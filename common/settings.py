@@ -163,10 +163,11 @@ class Settings(BaseSettings):
         "compatible jobs waiting behind it); 1 turns batching off; 0 derives it from the device's free "
         "memory and the image size.",
     )
-    background_uploads: bool = Field(
+    background_stages: bool = Field(
         default=True,
-        description="Encode and upload a finished job's images in a background stage while the next "
-        "images sample (the job still ends only once they are stored).",
+        description="Work a worker does beside sampling: a finished job's images are encoded and uploaded "
+        "while the next images sample (the job still ends only once they are stored), and the LoRAs of "
+        "the next jobs waiting in its queue are fetched and parsed meanwhile.",
     )
     max_queued_per_tenant: int = Field(
         default=10_000,

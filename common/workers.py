@@ -78,6 +78,9 @@ class WorkerBeat(BaseModel):
     lora_misses: int = 0
     lora_hit_rate: float | None = None
     switch_p50: float | None = None
+    max_batch: int = 1
+    """Images per sampling call at the size of its last job (LORAFLEET_MAX_BATCH, or derived
+    from the free device memory; halved where it ran out of memory)."""
     started_at: float
     last_seen: float
 

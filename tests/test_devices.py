@@ -68,7 +68,7 @@ def test_two_cpu_workers_are_started_restarted_and_drained(home, redis_url, tmp_
             assert [r.status for r in records] == [JobStatus.succeeded] * 6
 
             slow = client.submit(
-                {"model": TINY, "prompt": "drained", "steps": 300, "width": 128, "height": 128}
+                {"model": TINY, "prompt": "drained", "steps": 150, "width": 192, "height": 192}
             )
             wait_until(lambda: client.get(slow.job_id).progress.step >= 2, timeout=120, what="a running job")
             supervisor.send_signal(signal.SIGTERM)  # drain: the running job finishes first

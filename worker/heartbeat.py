@@ -97,6 +97,7 @@ class Heartbeat:
             lora_misses=stats.lora_misses,
             lora_hit_rate=stats.lora_hits / lookups if lookups else None,
             switch_p50=statistics.median(switches) if switches else None,
+            max_batch=self.runner.batch_limit(),
             started_at=self.started_at,
             last_seen=time.time(),
         )

@@ -10,6 +10,7 @@ keyed by (model, sha256), never evicting the LoRAs of the job being prepared.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class LoraStore:
         )
         self._names: dict[str, str] = {}  # sha256 -> the name it was last loaded by
         self._stack_pins: list[tuple[str, str]] = []  # the last stack's keys
+        self._lock = threading.RLock()  # a job's stack and the next jobs' prefetch take turns
 
     def cached(self) -> list[tuple[str, str]]:
         """(model key, sha256) of every parsed LoRA, least recently used first."""
@@ -67,6 +69,29 @@ class LoraStore:
         The job's own LoRAs are pinned until the next job's stack is loaded: the budget
         never evicts what the running job uses.
         """
+        with self._lock:
+            return self._stack(model_key, patcher, specs)
+
+    def prepare(self, model_key: str, patcher: WeightPatcher, specs: list[LoraSpec]) -> int:
+        """Make a waiting job's LoRAs ready ahead of it (fetched, parsed, on the device,
+        unpinned in the cache), while another job samples; returns how many were parsed."""
+        with self._lock:
+            parsed = 0
+            needed = {spec.sha256 for spec in specs if spec.sha256}
+            for spec in specs:
+                if spec.sha256 and (model_key, spec.sha256) in self._parsed:
+                    continue
+                info = self._file(spec, needed)
+                if (model_key, info.sha256) in self._parsed:
+                    continue
+                self._parsed.put((model_key, info.sha256), self._parse(info, patcher))
+                self._names[info.sha256] = info.name
+                parsed += 1
+                logger.info("LoRA %s (%s) made ready for a waiting job", info.name, info.short_hash)
+            self._parsed.make_room()
+            return parsed
+
+    def _stack(self, model_key: str, patcher: WeightPatcher, specs: list[LoraSpec]) -> LoadedStack:
         loaded = LoadedStack()
         start = time.perf_counter()
         for key in self._stack_pins:

@@ -24,6 +24,7 @@ the exception leaves.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -78,6 +79,10 @@ class WeightPatcher:
         self.index = ModuleIndex(components)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._pristine: dict[str, torch.Tensor] = {}
+        # A LoRA parsed ahead for a waiting job (DoRA) may ask for a pristine weight while
+        # apply writes the live one: the first touch's copy is taken under this lock, and
+        # apply takes it before it writes, so a copy is always of the pristine weight.
+        self._pristine_lock = threading.Lock()
         self._applied: dict[str, Contribution] = {}
         self._touched: set[str] = set()  # may differ from W₀: applied, or a write under way
         self._workspaces: dict[torch.device, torch.Tensor] = {}
@@ -104,11 +109,12 @@ class WeightPatcher:
         return self._original(target.key)
 
     def _original(self, key: str) -> torch.Tensor:
-        copy = self._pristine.get(key)
-        if copy is None:
-            copy = self.parameter(key).detach().clone()
-            self._pristine[key] = copy
-        return copy
+        with self._pristine_lock:
+            copy = self._pristine.get(key)
+            if copy is None:
+                copy = self.parameter(key).detach().clone()
+                self._pristine[key] = copy
+            return copy
 
     @staticmethod
     def plan(stack: list[StackEntry]) -> dict[str, list[tuple[Delta, float]]]:

@@ -57,6 +57,10 @@ RUN_AGAIN_DELAY = 5.0
 RUN_AGAIN_MAX_DELAY = 120.0
 PROGRESS_SECONDS = 0.25
 """Least time between two progress writes of one job (the last step is always written)."""
+PREFETCH_LOOKAHEAD = 16
+"""Waiting messages of the queue looked at for LoRAs to make ready while a job samples."""
+PREFETCH_STACKS = 2
+"""Distinct LoRA stacks of waiting jobs made ready ahead, at most, per sampling group."""
 STORE_THREADS = 2
 """Threads that encode and upload finished jobs' images while the next call samples."""
 REDIS_OUTAGE_TRIES = 12
@@ -154,9 +158,15 @@ class JobRunner:
         """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
         self._last_progress: dict[str, float] = {}
         self.batch_sizes = BatchSizes(settings.max_batch, pipelines.device)
+        self._last_shape = ("", 512, 512)
         self._store_stage = (
             ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="lorafleet-store")
-            if settings.background_uploads
+            if settings.background_stages
+            else None
+        )
+        self._prefetch_stage = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-prefetch")
+            if settings.background_stages
             else None
         )
         self._redis_away = False
@@ -336,11 +346,16 @@ class JobRunner:
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
         return record, None
 
+    def batch_limit(self) -> int:
+        """Images per call for the model and size of the last job (512x512 before any)."""
+        return self.batch_sizes.get(*self._last_shape)
+
     def _companions(self, lead: JobRecord) -> list[JobRecord]:
         """Take and start the jobs waiting in the lead's queue that can share its calls:
         queued, with its batch key, while their images fit in the batch size."""
         job = lead.job
         assert job.width is not None and job.height is not None
+        self._last_shape = (job.model, job.width, job.height)
         room = self.batch_sizes.get(job.model, job.width, job.height) - job.num_images
         if room <= 0 or seeds_its_own_noise(job.sampler):
             return []
@@ -457,6 +472,7 @@ class JobRunner:
         self.stats.lora_hits += stack.hits
         self.stats.lora_misses += stack.misses
         patch = hot.patcher.apply(stack.entries)
+        self._prefetch(hot, members)
         for member in members:
             t = member.timings
             t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
@@ -470,7 +486,7 @@ class JobRunner:
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
         context = _StoreContext(stack.infos, hot.model_hash, vae, embeddings)
-        size = self.batch_sizes.get(hot.model.key, job.width, job.height)
+        size = self.batch_sizes.get(job.model, job.width, job.height)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             for member in members:
                 member.conditioning = conditioning(hot.pipe, member.job)
@@ -480,13 +496,15 @@ class JobRunner:
                 chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
                 if not chunk:
                     continue
+                # batching: never a one-row call (its last bits differ from a batch's)
+                min_rows = 1 if one_per_call or size < 2 else 2
                 try:
-                    # batching: never a one-row call (its last bits differ from a batch's)
-                    self._sample_chunk(hot, job, chunk, min_rows=1 if one_per_call or size < 2 else 2)
+                    self._sample_chunk(hot, job, chunk, min_rows)
                 except Exception as exc:
-                    if not _is_out_of_memory(exc) or len(chunk) == 1:
+                    rows = max(len(chunk), min_rows)
+                    if not _is_out_of_memory(exc) or rows == 1:
                         raise
-                    size = self.batch_sizes.halve(hot.model.key, job.width, job.height, len(chunk))
+                    size = self.batch_sizes.halve(job.model, job.width, job.height, rows)
                     logger.warning(
                         "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
                         len(chunk),
@@ -498,7 +516,7 @@ class JobRunner:
                     _free_memory(self.pipelines.device)
                     plan = chunks(members, size, one_per_call)
                     continue
-                for member in {slot.member for slot in chunk}:
+                for member in dict.fromkeys(slot.member for slot in chunk):
                     if member.complete and not member.cancelled:
                         member.timings.sampling = time.perf_counter() - tick
                         when_done(member, context)
@@ -506,6 +524,32 @@ class JobRunner:
         self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
         for member in members:
             member.timings.restore = patch.restore + restored.restore
+
+    def _prefetch(self, hot: HotPipeline, members: list[Member]) -> None:
+        """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
+        if self._prefetch_stage is None:
+            return
+        own = batch_key(members[0].job)[1]
+        try:
+            ids = [w.job_id for w in self.waiting.peek(members[0].record.queue, PREFETCH_LOOKAHEAD)]
+            records = self.store.get_many(ids)
+        except redis.RedisError:
+            return
+        stacks: dict[tuple, list] = {}
+        for record in records:
+            if record is None or record.status is not JobStatus.queued or not record.job.loras:
+                continue
+            key = batch_key(record.job)[1]
+            if key != own and len(stacks) < PREFETCH_STACKS:
+                stacks.setdefault(key, record.job.loras)
+        for specs in stacks.values():
+            self._prefetch_stage.submit(self._prepare, hot, specs)
+
+    def _prepare(self, hot: HotPipeline, specs: list) -> None:
+        try:
+            self.loras.prepare(hot.model.key, hot.patcher, specs)
+        except Exception as exc:  # the job itself meets it again and fails saying why
+            logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
 
     def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
         """One pipeline call for the chunk's images; progress and cancellation per job."""

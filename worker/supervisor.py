@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +58,10 @@ def parse_devices(text: str) -> list[str]:
     if not devices:
         raise BadArgument("no device named", field="--devices", allowed="all, or a list of cpu, cuda, cuda:N")
     return devices
+
+
+def default_base_name() -> str:
+    return f"lorafleet-{os.getpid()}@{socket.gethostname()}"
 
 
 def child_name(base: str, index: int) -> str:

@@ -24,16 +24,31 @@ def worker(
     ],
     name: Annotated[str | None, typer.Option(help="Worker node name (default lorafleet-PID@HOST).")] = None,
     preload: Annotated[bool, typer.Option(help="Load the models' pipelines before taking jobs.")] = False,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            help="One worker process per device, supervised: all (every GPU), or a list such as "
+            "cuda:0,cuda:1 or cpu,cpu. Each is named NAME-<i>@HOST.",
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run a worker: one job at a time, pipelines kept hot, on cuda when present, else cpu."""
-    service = worker_side("service")
     _configure_logging(loglevel)
 
     def action():
         served = [m.strip() for m in models.split(",") if m.strip()]
         if not served:
             raise BadArgument("no model named", field="--models", allowed="NAME[,NAME...]")
+        if devices is not None:
+            supervisor = worker_side("supervisor")
+            extra = ["--loglevel", loglevel] + (["--preload"] if preload else [])
+            base = name or supervisor.default_base_name()
+            raise typer.Exit(
+                supervisor.Supervisor(supervisor.parse_devices(devices), models, base, extra).run()
+            )
+        service = worker_side("service")
         instance = service.Worker(Settings(), served, name=name)
         if preload:
             instance.preload()

@@ -145,3 +145,24 @@ def test_a_taken_companion_queued_again_gets_a_new_message_from_upkeep(client, s
     assert again.status is JobStatus.queued and again.attempts == 1
     unsent = {i.decode() for i in client.redis.zrange(keys.UNSENT, 0, -1)}
     assert unsent == {companion.job_id}  # its message was taken: upkeep sends a new one
+
+
+def test_the_next_waiting_jobs_loras_are_made_ready_while_a_job_samples(client, settings):
+    runner = make_runner(settings)
+    first = client.submit(JOB | {"loras": STACK})
+    nxt = client.submit(JOB | {"loras": [{"name": "ink-sketch", "weight": 0.7}]})
+    runner.run(first.job_id)
+    runner._prefetch_stage.submit(lambda: None).result()  # the prefetch stage is done
+    assert any(key[1] == client.get(nxt.job_id).job.loras[0].sha256 for key in runner.loras.cached())
+    runner.run(nxt.job_id)
+    timings = client.get(nxt.job_id).timings
+    assert (timings.lora_hits, timings.lora_misses) == (1, 0)  # only the weight write was left
+
+
+def test_without_background_stages_nothing_is_made_ready_ahead(client, settings):
+    runner = make_runner(settings.model_copy(update={"background_stages": False}))
+    first = client.submit(JOB | {"loras": STACK})
+    nxt = client.submit(JOB | {"loras": [{"name": "ink-sketch", "weight": 0.7}]})
+    runner.run(first.job_id)
+    runner.run(nxt.job_id)
+    assert client.get(nxt.job_id).timings.lora_misses == 1
