@@ -13,6 +13,11 @@ cancelled instead). The worker that takes the message starts a new run with a ne
 ``run_id``; the lost run, if it was only slow and comes back, fails its next fenced write
 and stops without touching the record (worker/runner.py).
 
+A worker also hands back its own abandoned runs: a running record under its own process
+that it no longer runs (Redis failed mid-job and the task gave its message back, or jobs it
+had taken from the queue along with one, worker/waiting.py). Its heartbeat says it is alive,
+so nobody else would.
+
 Semantics: a job is never lost (the message is sent before the record moves, by exactly
 one process), and never runs twice at once (a delivery that finds the job running under a
 live worker is dropped). A message Celery restores after the visibility timeout is such a
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import redis
 from celery import Celery
@@ -37,8 +43,12 @@ logger = logging.getLogger(__name__)
 
 HANDBACK_SECONDS = 10.0
 """How often live workers and the API look for jobs of lost workers."""
-HANDBACK_HOLD_SECONDS = 300
-"""How long the one process handing a run back holds it (the others leave it alone)."""
+HANDBACK_HOLD_SECONDS = 60
+"""How long the one process handing a run back holds it (the others leave it alone); a hand
+back cut short (Redis failing over) is tried again after it."""
+ABANDONED_AFTER = 10.0
+"""Seconds a running record of this worker process must have been started before the worker
+takes it for abandoned when it does not run it (a run just starting registers at once)."""
 UNSENT_AFTER = 60.0
 """Seconds after which a record whose message was never sent (its producer died between the
 two writes) has its message sent by upkeep."""
@@ -50,12 +60,21 @@ class Upkeep:
     """One process's share of upkeep: ``run`` every HANDBACK_SECONDS (the index trim runs
     every TRIM_SECONDS of those)."""
 
-    def __init__(self, store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        workers: WorkerRegistry,
+        app: Celery,
+        lost_after: float,
+        own: Callable[[], tuple[str, set[str]]] | None = None,
+    ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
+        self.own = own
+        """A worker's: (its instance, the jobs it runs now), to hand back its abandoned runs."""
         self._last_trim = float("-inf")
 
     def run(self) -> None:
-        hand_back_lost_jobs(self.store, self.workers, self.app, self.lost_after)
+        hand_back_lost_jobs(self.store, self.workers, self.app, self.lost_after, self.own)
         send_unsent(self.store, self.app, UNSENT_AFTER)
         if time.monotonic() - self._last_trim >= TRIM_SECONDS:
             self._last_trim = time.monotonic()
@@ -81,15 +100,28 @@ def send_unsent(store: JobStore, app: Celery, after: float) -> list[str]:
 
 
 def hand_back_lost_jobs(
-    store: JobStore, workers: WorkerRegistry, app: Celery, lost_after: float
+    store: JobStore,
+    workers: WorkerRegistry,
+    app: Celery,
+    lost_after: float,
+    own: Callable[[], tuple[str, set[str]]] | None = None,
 ) -> list[str]:
-    """Hand back the running jobs whose worker is lost; returns their ids."""
+    """Hand back the running jobs whose worker is lost, and (``own``) this worker's abandoned
+    runs; returns their ids."""
     ids = [i.decode() for i in store.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
+    instance, running = own() if own is not None else (None, set())
     handed = []
     for record in store.get_many(ids):
         if record is None or record.damaged or record.status is not JobStatus.running:
             continue
-        if workers.owner_alive(record.worker, record.worker_instance, lost_after):
+        abandoned = (
+            instance is not None
+            and record.worker_instance == instance
+            and record.job_id not in running
+            and record.started_at is not None
+            and (utcnow() - record.started_at).total_seconds() > ABANDONED_AFTER
+        )
+        if not abandoned and workers.owner_alive(record.worker, record.worker_instance, lost_after):
             continue
         run = record.run_id or "-"
         if not store.redis.set(keys.handback(record.job_id, run), "1", nx=True, ex=HANDBACK_HOLD_SECONDS):
@@ -97,22 +129,32 @@ def hand_back_lost_jobs(
         try:
             send_job(app, record)
         except Exception as exc:  # kombu and redis raise many kinds: all mean "not sent"
-            store.redis.delete(keys.handback(record.job_id, run))
-            logger.warning(
-                "job %s: its lost worker's run could not be handed back yet: %s", record.job_id, exc
-            )
+            _let_go(store, record.job_id, run)
+            logger.warning("job %s: its run could not be handed back yet: %s", record.job_id, exc)
             continue
-        if _requeue(store, record, lost_after):
+        note = (
+            f"its run {record.attempts} on {record.worker} was abandoned (Redis failed mid-job); "
+            "the job was handed back to the queue"
+            if abandoned
+            else f"worker {record.worker} was lost (no heartbeat for {lost_after:g} s) during run "
+            f"{record.attempts}; the job was handed back to the queue"
+        )
+        if _requeue(store, record, note):
             handed.append(record.job_id)
+        else:
+            _let_go(store, record.job_id, run)  # tried again on the next pass
     return handed
 
 
-def _requeue(store: JobStore, seen: JobRecord, lost_after: float) -> bool:
+def _let_go(store: JobStore, job_id: str, run: str) -> None:
+    try:
+        store.redis.delete(keys.handback(job_id, run))
+    except redis.RedisError:
+        pass  # Redis is away: the hold expires by itself
+
+
+def _requeue(store: JobStore, seen: JobRecord, note: str) -> bool:
     moved: list[JobStatus] = []
-    note = (
-        f"worker {seen.worker} was lost (no heartbeat for {lost_after:g} s) during run {seen.attempts}; "
-        "the job was handed back to the queue"
-    )
 
     def change(current: JobRecord) -> JobRecord | None:
         if current.status is not JobStatus.running or current.run_id != seen.run_id:

@@ -47,3 +47,49 @@ def test_expired_records_leave_every_index(settings):
             assert client.redis.zscore(index, gone.job_id) is None, index
             assert client.redis.zscore(index, kept.job_id) is not None, index
         assert 0 < client.redis.ttl(keys.batch(gone.batch_id)) <= 2 * 60 + 24 * 3600
+
+
+def test_a_worker_hands_back_its_own_run_that_redis_cut_short(settings):
+    """Redis failed mid-job, so the task gave its message back to a Redis that lost it: the
+    record stays running under this live worker, which no other process would hand back."""
+    from datetime import timedelta
+
+    from lorafleet.common.handback import hand_back_lost_jobs
+    from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+
+    with Client(settings) as client:
+        handle = client.submit({"model": TINY, "prompt": "cut short"})
+        runner = make_runner(settings)
+        before, started = runner._start(handle.job_id)
+        assert started.status is JobStatus.running
+        client.redis.delete(*keys.priority_lists(started.queue))  # its message is gone
+        workers = WorkerRegistry(client.redis)
+        now = time.time()
+        workers.beat(  # the worker is alive: nobody else hands its jobs back
+            WorkerBeat(
+                name="test-worker",
+                instance=runner.instance,
+                host="h",
+                pid=1,
+                version="0",
+                device="cpu",
+                started_at=now,
+                last_seen=now,
+            )
+        )
+        own = lambda: (runner.instance, set())  # noqa: E731  (it runs nothing now)
+        # a run just started is the worker's own business, not abandoned
+        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, own) == []
+
+        def long_ago(record):
+            record.started_at -= timedelta(seconds=60)
+            return record
+
+        client.jobs.update(handle.job_id, long_ago)
+        busy = lambda: (runner.instance, {handle.job_id})  # noqa: E731
+        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, busy) == []  # it runs it
+        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, own) == [handle.job_id]
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.queued and "abandoned" in record.warnings[-1]
+        assert [m["headers"]["id"] for m in queued_messages(client)] == [handle.job_id]
+        assert make_runner(settings).run(handle.job_id) is JobStatus.succeeded

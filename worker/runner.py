@@ -346,6 +346,10 @@ class JobRunner:
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
         return record, None
 
+    def running_ids(self) -> set[str]:
+        """The jobs this process runs now (read by its heartbeat thread's upkeep)."""
+        return set(self._runs.copy())  # a copy is one step: safe beside the job thread
+
     def batch_limit(self) -> int:
         """Images per call for the model and size of the last job (512x512 before any)."""
         return self.batch_sizes.get(*self._last_shape)

@@ -74,7 +74,11 @@ class Worker:
             self.pipelines,
             self.loras,
             upkeep=Upkeep(
-                self.store, WorkerRegistry(self.store.redis), self.app, settings.worker_lost_after
+                self.store,
+                WorkerRegistry(self.store.redis),
+                self.app,
+                settings.worker_lost_after,
+                own=lambda: (self.runner.instance, self.runner.running_ids()),
             ).run,
             alive_file=alive_file(settings.home, self.name),
         )
