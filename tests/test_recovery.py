@@ -113,10 +113,10 @@ def test_a_worker_killed_mid_job_has_its_job_rerun_once_by_another(fleet):
 
 def test_a_worker_killed_mid_batch_loses_none_of_the_jobs_it_took_along(fleet):
     client = fleet["client"]
-    first = fleet["start_worker"]("batcher@recovery", LORAFLEET_WORKER_LOST_AFTER="8")
     slow = {"model": TINY, "prompt": "a batch that survives", "steps": 40, "width": 160, "height": 160}
-    handles = client.submit_many([slow | {"seed": s} for s in range(4)])
+    handles = client.submit_many([slow | {"seed": s} for s in range(4)])  # all waiting when it starts
     ids = [h.job_id for h in handles]
+    first = fleet["start_worker"]("batcher@recovery", LORAFLEET_WORKER_LOST_AFTER="8")
     wait_until(
         lambda: (
             sum(r.status is JobStatus.running and r.progress.step >= 2 for r in client.jobs.get_many(ids))
