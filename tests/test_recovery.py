@@ -170,6 +170,25 @@ def test_an_object_store_that_stays_down_fails_the_job_after_job_attempts_runs(f
     assert log.count(f"job {handle.job_id} started") == 2
 
 
+def test_a_batch_that_does_not_fit_is_halved_and_the_size_that_fit_is_kept(fleet):
+    client = fleet["client"]
+    worker = fleet["start_worker"]("halving@recovery", LORAFLEET_MAX_BATCH="8")
+    warm = {"model": TINY, "prompt": "warm", "steps": 2}
+    assert client.submit(warm).wait(timeout=60).status is JobStatus.succeeded
+    # Room for a few 512x512 images per call but not eight (8 take ~870 MB of address space
+    # on this model, 4 ~470 MB): the allocations fail for real, as on a full GPU.
+    worker.limit_memory(headroom_mb=640)
+    big = {"model": TINY, "prompt": "eight at once", "width": 512, "height": 512, "num_images": 8, "steps": 2}
+    first = client.submit(big).wait(timeout=300)
+    assert first.status is JobStatus.succeeded, first.error
+    assert 2 <= first.timings.batch_size < 8 and len(first.images) == 8
+    log = worker.log.read_text()
+    assert log.count("out of memory at 8 images per call") == 1
+    second = client.submit(big | {"seed": 99}).wait(timeout=300)
+    assert second.status is JobStatus.succeeded and second.timings.batch_size == first.timings.batch_size
+    assert worker.log.read_text().count("out of memory at") == log.count("out of memory at")  # kept
+
+
 def test_a_job_that_runs_out_of_memory_fails_clearly_and_the_worker_keeps_serving(fleet):
     client = fleet["client"]
     worker = fleet["start_worker"]("small@recovery")
