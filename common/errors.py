@@ -23,6 +23,8 @@
     ├── JobFailed                  the job ran and cannot finish: out of memory, corrupt object,
     │   │                            the store refused access
     │   └── ObjectMissing          an object the job needs is not in the store
+    ├── DuplicateRequest           an idempotency key already used with another request, or
+    │                                whose first request is still being handled (HTTP 409)
     ├── JobCancelled               the job was cancelled while it ran
     └── Superseded                 this run no longer owns the job (its worker was taken for
                                      lost and the job handed to another run): it stops
@@ -129,6 +131,10 @@ class JobFailed(LorafleetError):
 
 class ObjectMissing(JobFailed):
     """An object is not in the store (only a real absence: never a refusal or a network error)."""
+
+
+class DuplicateRequest(LorafleetError):
+    """An idempotency key met again with another request, or while its first is in progress."""
 
 
 class JobCancelled(LorafleetError):

@@ -26,6 +26,9 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   meta} (`lorafleet embeddings import`)
     lorafleet:vaes                        hash    VAE name -> the same (`lorafleet vaes import`)
     lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
+    lorafleet:idempotency:<scope>:<sha256>  string  a submit's idempotency key (its sha256), per tenant
+                                                  (scope "-": operators): JSON {fingerprint, state,
+                                                  job_ids}; expires LORAFLEET_IDEMPOTENCY_SECONDS
     lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
                                                   opened it; expires after 30 days, deleted at log out
     lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
@@ -104,6 +107,11 @@ def handback(job_id: str, run_id: str) -> str:
 def tenant_jobs(tenant: str) -> str:
     """The index of one tenant's job ids (``LORAFLEET_API_TOKENS`` names the tenants)."""
     return f"{PREFIX}tenant:{tenant}"
+
+
+def idempotency(scope: str, digest: str) -> str:
+    """A submit's idempotency key, by the sha256 of the key, within a tenant's scope."""
+    return f"{PREFIX}idempotency:{scope}:{digest}"
 
 
 def session(digest: str) -> str:

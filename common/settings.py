@@ -169,6 +169,12 @@ class Settings(BaseSettings):
         "while the next images sample (the job still ends only once they are stored), and the LoRAs of "
         "the next jobs waiting in its queue are fetched and parsed meanwhile.",
     )
+    idempotency_seconds: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="How long a submit's idempotency key (HTTP Idempotency-Key, idempotency_key= in the SDK) "
+        "is remembered: a retry with the same key and body within it gets the first submit's jobs.",
+    )
     max_queued_per_tenant: int = Field(
         default=10_000,
         ge=1,

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import JobRejected, QueueFull, TransientError
+from lorafleet.common.errors import InvalidInput, JobRejected, QueueFull, TransientError
 from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
@@ -37,6 +37,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key, open_storage
 from lorafleet.common.workers import WorkerRegistry
+from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
 from lorafleet.producer.png_jobs import PngJob, PngReader
 from lorafleet.producer.resolver import JobResolver, new_id
@@ -47,6 +48,11 @@ POLL_SECONDS = 0.2
 """How often wait() reads the records."""
 
 JobInput = GenerationJob | dict[str, Any]
+
+
+def _plain(job: JobInput) -> Any:
+    """A job as plain JSON data, for a request's fingerprint."""
+    return job.model_dump(mode="json", exclude_unset=True) if isinstance(job, GenerationJob) else job
 
 
 def _redis_full(exc: BaseException) -> bool:
@@ -72,6 +78,8 @@ class JobHandle:
         self.queue = record.queue
         self.job = record.job
         self.warnings = list(record.warnings)
+        self.replayed = False
+        """True when an idempotent submit answered with this job from an earlier request."""
 
     def record(self) -> JobRecord:
         return self._client.get(self.job_id)
@@ -158,6 +166,7 @@ class Client:
         batch_id: str | None = None,
         require_worker: bool = False,
         tenant: str | None = None,
+        idempotency_key: str | None = None,
     ) -> list[JobHandle]:
         """Queue several jobs as one batch: all of them, or none if any is refused.
 
@@ -166,8 +175,39 @@ class Client:
         sent grouped by LoRA stack, so a worker switches stacks as rarely as it can.
         ``tenant``: the jobs are that tenant's (the API passes the caller's), counted against
         ``max_queued_per_tenant``; a batch of another tenant's is refused.
+        ``idempotency_key``: a retry of the same request with the same key gets the jobs of
+        the first (``replayed``), never new ones; another request with it is a
+        DuplicateRequest (producer/idempotency.py).
         """
         jobs = list(jobs)
+        if idempotency_key is None:
+            return self._submit_many(jobs, batch_id, require_worker, tenant)
+        keys_ = IdempotencyKeys(self.redis, self.settings.idempotency_seconds)
+        request = {
+            "jobs": [_plain(job) for job in jobs],
+            "batch_id": batch_id,
+            "require_worker": require_worker,
+        }
+        digest = fingerprint(request)
+        earlier = keys_.claim(idempotency_key, tenant, digest)
+        if earlier is not None:
+            handles = [
+                JobHandle(self, record) for record in self.jobs.get_many(earlier) if record is not None
+            ]
+            for handle in handles:
+                handle.replayed = True
+            return handles
+        try:
+            handles = self._submit_many(jobs, batch_id, require_worker, tenant)
+        except (InvalidInput, QueueFull):
+            keys_.release(idempotency_key, tenant)  # nothing was queued: the key is free again
+            raise
+        keys_.done(idempotency_key, tenant, digest, [h.job_id for h in handles])
+        return handles
+
+    def _submit_many(
+        self, jobs: list[JobInput], batch_id: str | None, require_worker: bool, tenant: str | None
+    ) -> list[JobHandle]:
         if not jobs:
             return []
         if len(jobs) > self.settings.max_jobs_per_submit:

@@ -1,6 +1,7 @@
 """The HTTP API (FastAPI): the same jobs, errors and records as the SDK, over JSON.
 
-    POST   /v1/jobs                    one job or a list (one batch); 422 names each bad field
+    POST   /v1/jobs                    one job or a list (one batch); 422 names each bad field;
+                                       Idempotency-Key: a retry gets the first jobs (200)
     GET    /v1/jobs                    filters status, batch, model; paging offset, limit
     GET    /v1/jobs/{id}               the record, its image URLs, a CLI line that resubmits it
     DELETE /v1/jobs/{id}               cancel
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import ConfigError, InvalidInput, QueueFull, TransientError
+from lorafleet.common.errors import ConfigError, DuplicateRequest, InvalidInput, QueueFull, TransientError
 from lorafleet.common.handback import HANDBACK_SECONDS, Upkeep
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
@@ -107,6 +108,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(InvalidInput)
     async def rejected(request: Request, exc: InvalidInput) -> JSONResponse:
         return problems(exc)
+
+    @app.exception_handler(DuplicateRequest)
+    async def duplicate(request: Request, exc: DuplicateRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(QueueFull)
     async def full(request: Request, exc: QueueFull) -> JSONResponse:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 
@@ -47,12 +47,22 @@ def _record_or_404(state: ApiState, job_id: str, tenant: str | None) -> JobRecor
     status_code=201,
     response_model=Submission,
     openapi_extra=_SUBMIT_BODY,
-    responses={422: {"description": "a field was refused; each problem names its field"}},
+    responses={
+        200: {"description": "the same Idempotency-Key and body again: the jobs the first request queued"},
+        409: {
+            "description": "the Idempotency-Key was used with another body, or its first request is in progress"
+        },
+        422: {"description": "a field was refused; each problem names its field"},
+    },
 )
 async def submit(
     request: Request,
+    response: Response,
     state: State,
     tenant: Tenant,
+    idempotency_key: str | None = Header(
+        None, description="Retry-safe submits: the same key and body return the first request's jobs"
+    ),
     batch_id: str | None = Query(None, pattern=ID_PATTERN.pattern),
     require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
 ):
@@ -66,8 +76,15 @@ async def submit(
         return problems(JobRejected("an empty list", field="body", allowed="a job or a list of jobs"))
     # The client talks to Redis synchronously: keep it off the event loop.
     handles = await run_in_threadpool(
-        state.client.submit_many, jobs, batch_id=batch_id, require_worker=require_worker, tenant=tenant
+        state.client.submit_many,
+        jobs,
+        batch_id=batch_id,
+        require_worker=require_worker,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
     )
+    if handles and handles[0].replayed:
+        response.status_code = 200
     return Submission(
         batch_id=handles[0].batch_id,
         jobs=[
