@@ -37,6 +37,7 @@ from lorafleet.common import keys
 from lorafleet.common.jobs import JobRecord, JobStatus, Progress, utcnow
 from lorafleet.common.queue import send_job
 from lorafleet.common.state import JobStore
+from lorafleet.common.webhooks import WebhookSender
 from lorafleet.common.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -67,15 +68,19 @@ class Upkeep:
         app: Celery,
         lost_after: float,
         own: Callable[[], tuple[str, set[str]]] | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
         self.own = own
+        self.webhooks = webhooks
         """A worker's: (its instance, the jobs it runs now), to hand back its abandoned runs."""
         self._last_trim = float("-inf")
 
     def run(self) -> None:
         hand_back_lost_jobs(self.store, self.workers, self.app, self.lost_after, self.own)
         send_unsent(self.store, self.app, UNSENT_AFTER)
+        if self.webhooks is not None:
+            self.webhooks.deliver_due()
         if time.monotonic() - self._last_trim >= TRIM_SECONDS:
             self._last_trim = time.monotonic()
             dropped = self.store.trim_indexes(self.store.retention)

@@ -195,6 +195,8 @@ class GenerationJob(BaseModel):
         Annotated[str, StringConstraints(min_length=1, max_length=64)],
         Annotated[str, StringConstraints(max_length=256)],
     ] = {}
+    webhook_url: Annotated[str, StringConstraints(max_length=2000, pattern=r"^https?://")] | None = None
+    """POSTed a signed event when the job ends (common/webhooks.py)."""
 
     @field_validator("sampler", mode="before")
     @classmethod

@@ -29,6 +29,10 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:idempotency:<scope>:<sha256>  string  a submit's idempotency key (its sha256), per tenant
                                                   (scope "-": operators): JSON {fingerprint, state,
                                                   job_ids}; expires LORAFLEET_IDEMPOTENCY_SECONDS
+    lorafleet:webhook:<event_id>          string  a webhook event: JSON {id, url, payload, created, state,
+                                                  attempts: [{at, status, error}]}; kept a week
+    lorafleet:webhooks:due                zset    event ids waiting for a delivery, scored by when
+                                                  (a delivery in progress: the end of its lease)
     lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
                                                   opened it; expires after 30 days, deleted at log out
     lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
@@ -112,6 +116,13 @@ def tenant_jobs(tenant: str) -> str:
 def idempotency(scope: str, digest: str) -> str:
     """A submit's idempotency key, by the sha256 of the key, within a tenant's scope."""
     return f"{PREFIX}idempotency:{scope}:{digest}"
+
+
+WEBHOOKS_DUE = PREFIX + "webhooks:due"
+
+
+def webhook_event(event_id: str) -> str:
+    return f"{PREFIX}webhook:{event_id}"
 
 
 def session(digest: str) -> str:

@@ -13,11 +13,13 @@ import redis
 
 from lorafleet.common import keys
 from lorafleet.common.jobs import PHASES, JobRecord
+from lorafleet.common.webhooks import job_ended
 
 
 def record_finished(client: redis.Redis, record: JobRecord, now: float | None = None) -> None:
-    """Count a job that has just ended."""
+    """Count a job that has just ended, and queue its webhook event if it names one."""
     now = time.time() if now is None else now
+    job_ended(client, record)
     pipe = client.pipeline(transaction=False)
     pipe.hincrby(keys.STATS_FINISHED, record.status.value, 1)
     for phase in PHASES:

@@ -175,6 +175,19 @@ class Settings(BaseSettings):
         description="How long a submit's idempotency key (HTTP Idempotency-Key, idempotency_key= in the SDK) "
         "is remembered: a retry with the same key and body within it gets the first submit's jobs.",
     )
+    webhook_secret: str | None = Field(
+        default=None,
+        description="The secret that signs webhook events (Standard Webhooks: whsec_ and base64, e.g. "
+        "whsec_$(openssl rand -base64 32)); unset, jobs that name a webhook_url are refused.",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhook_url name hosts on loopback, private or link-local addresses (a fleet whose "
+        "submitters are all trusted, or tests).",
+    )
+    webhook_max_seconds: int = Field(
+        default=24 * 3600, ge=60, description="How long a webhook event is retried before it is given up."
+    )
     max_queued_per_tenant: int = Field(
         default=10_000,
         ge=1,

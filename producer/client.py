@@ -36,6 +36,7 @@ from lorafleet.common.queue import make_celery, queue_depths, send_job
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import Storage, image_key, open_storage
+from lorafleet.common.webhooks import check_url, job_ended
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
@@ -227,6 +228,8 @@ class Client:
                     if job.batch_id is None:
                         job.batch_id = batch
                     resolved = self.resolver.resolve(job, where=where)
+                    if job.webhook_url is not None:
+                        self._check_webhook(job.webhook_url, where)
                     if tenant is not None:
                         self._check_batch_owner(resolved.job.batch_id, tenant, owners, where)
                     if job.job_id is not None:
@@ -252,6 +255,15 @@ class Client:
             )
         self._queue(records)
         return [JobHandle(self, record) for record in records]
+
+    def _check_webhook(self, url: str, where: str) -> None:
+        if self.settings.webhook_secret is None:
+            raise JobRejected(
+                "this fleet sends no webhooks: LORAFLEET_WEBHOOK_SECRET is not set",
+                field=f"{where}webhook_url",
+                allowed="no webhook_url, or ask the operator to set LORAFLEET_WEBHOOK_SECRET",
+            )
+        check_url(url, self.settings.webhook_allow_private, field=f"{where}webhook_url")
 
     def _check_batch_owner(
         self, batch_id: str | None, tenant: str, owners: dict[str, str | None], where: str
@@ -485,6 +497,8 @@ class Client:
 
         record = self.jobs.update(job_id, change)
         assert record is not None
+        if record.status is JobStatus.cancelled:
+            job_ended(self.redis, record)  # its webhook now, not when a worker meets its message
         logger.info("cancel of job %s: now %s", job_id, record.status.value)
         return record
 

@@ -19,17 +19,16 @@ Nothing is left behind when a fetch fails; the error names the source and what h
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from lorafleet.common.addresses import is_public_address, resolve
 from lorafleet.common.errors import BadArgument, TransientError
 from lorafleet.common.loras.files import MAX_LORA_BYTES, SAFETENSORS_SUFFIX, sha256_file
 
@@ -47,19 +46,6 @@ UrlCheck = Callable[[str], "str | None"]
 """Called with every URL a download requests (each redirect too) before any connection;
 raises to refuse it, or returns the one address to connect to (None: resolve as usual)."""
 MAX_REDIRECTS = 10
-_EMBEDDING_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("2002::/16"))
-
-
-def is_public_address(text: str) -> bool:
-    """Whether an address is on the public internet (not loopback, private, link-local,
-    reserved, nor an IPv6 form that carries an IPv4 address: mapped, NAT64, 6to4)."""
-    address = ipaddress.ip_address(text.split("%")[0])
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return is_public_address(str(address.ipv4_mapped))
-        if any(address in network for network in _EMBEDDING_IPV4):
-            return False
-    return address.is_global
 
 
 def public_hosts_only(allowed: set[str]) -> UrlCheck:
@@ -74,9 +60,7 @@ def public_hosts_only(allowed: set[str]) -> UrlCheck:
         if host in allowed:
             return None
         try:
-            addresses = sorted(
-                {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-            )
+            addresses = resolve(host)
         except (OSError, UnicodeError) as exc:
             raise BadArgument(f"{url}: cannot resolve {host!r} ({exc})", field="source") from None
         private = [a for a in addresses if not is_public_address(a)]

@@ -23,6 +23,7 @@ from lorafleet.common.queue import make_celery, worker_argv
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import JobStore
 from lorafleet.common.storage import open_storage
+from lorafleet.common.webhooks import webhook_sender
 from lorafleet.common.workers import WorkerRegistry, alive_file
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.lora_files import DiskCache, LoraFiles
@@ -79,6 +80,7 @@ class Worker:
                 self.app,
                 settings.worker_lost_after,
                 own=lambda: (self.runner.instance, self.runner.running_ids()),
+                webhooks=webhook_sender(settings, self.store.redis),
             ).run,
             alive_file=alive_file(settings.home, self.name),
         )

@@ -6,6 +6,7 @@
     GET    /v1/jobs/{id}               the record, its image URLs, a CLI line that resubmits it
     DELETE /v1/jobs/{id}               cancel
     POST   /v1/jobs/{id}/retry         a failed or cancelled job, as a new job
+    GET    /v1/jobs/{id}/webhook       the job's webhook event and its delivery attempts
     GET    /v1/jobs/{id}/images/{i}    the PNG (a local file through the app, S3 by redirect)
     GET    /v1/batches/{id}            counts by status, the jobs, the image URLs
     POST   /v1/loras                   import a LoRA from a download link or a hub repo
@@ -37,6 +38,7 @@ from lorafleet.common.handback import HANDBACK_SECONDS, Upkeep
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
+from lorafleet.common.webhooks import webhook_sender
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.api import batches, fleet, jobs, loras, pages
 from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
@@ -53,7 +55,13 @@ logger = logging.getLogger(__name__)
 def _upkeep_while(stop: threading.Event, state: ApiState) -> None:
     """The API's share of upkeep (common/handback.py), until ``stop``."""
     client = state.client
-    upkeep = Upkeep(client.jobs, state.workers, client.celery, state.settings.worker_lost_after)
+    upkeep = Upkeep(
+        client.jobs,
+        state.workers,
+        client.celery,
+        state.settings.worker_lost_after,
+        webhooks=webhook_sender(state.settings, client.redis),
+    )
     while not stop.wait(HANDBACK_SECONDS):
         try:
             upkeep.run()

@@ -11,6 +11,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
 from lorafleet.common.storage import LocalStorage
+from lorafleet.common.webhooks import read_event
 from lorafleet.producer.api.state import ApiState, State, Tenant, visible
 from lorafleet.producer.api.views import JobPage, JobView, Submission, Submitted, job_view, problems
 
@@ -142,6 +143,17 @@ def retry_job(state: State, tenant: Tenant, job_id: str):
             409, f"job {job_id} is {record.status.value}; only failed or cancelled jobs are retried"
         )
     return job_view(state.client.get(state.client.retry(job_id).job_id))
+
+
+@router.get("/v1/jobs/{job_id}/webhook", responses={404: {"description": "no such job, or no webhook"}})
+def webhook(state: State, tenant: Tenant, job_id: str) -> dict:
+    """The job's webhook event: its state (pending, delivered, given up) and every attempt."""
+    record = _record_or_404(state, job_id, tenant)
+    event = read_event(state.client.redis, job_id)
+    if event is None:
+        detail = "names no webhook_url" if not record.job.webhook_url else "has not ended: no event yet"
+        raise HTTPException(404, f"job {job_id} {detail}")
+    return {k: event[k] for k in ("id", "url", "state", "attempts", "created")}
 
 
 @router.get(

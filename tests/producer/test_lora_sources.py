@@ -237,7 +237,7 @@ def test_a_checked_download_connects_to_the_checked_address_not_a_second_lookup(
 
 
 def test_addresses_that_embed_private_ipv4_are_not_public():
-    from lorafleet.producer.lora_sources import is_public_address
+    from lorafleet.common.addresses import is_public_address
 
     for address in (
         "127.0.0.1",

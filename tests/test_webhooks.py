@@ -1,0 +1,166 @@
+"""Webhooks with real processes: a receiver on loopback that fails the first deliveries and
+checks every signature (Standard Webhooks); the outbox in Redis outlives the worker that
+queued the event; a submitter cannot point a webhook into the fleet's network."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from fastapi.testclient import TestClient
+from standardwebhooks import Webhook
+
+from lorafleet.common.settings import Settings
+from lorafleet.common.webhooks import read_event, webhook_sender
+from lorafleet.producer import Client
+from lorafleet.producer.api import create_app
+from tests.conftest import TINY
+from tests.helpers import WorkerProcess, free_port, lorafleet_env, wait_until
+from tests.worker.conftest import make_runner
+
+SECRET = "whsec_" + base64.b64encode(b"a test secret of thirty-two bytes").decode()
+JOB = {"model": TINY, "prompt": "a lighthouse", "seed": 3, "steps": 2}
+
+
+class Receiver:
+    """An HTTP receiver on loopback: answers 500 to the first ``fail`` deliveries, then 204;
+    keeps every delivery with whether its signature verified."""
+
+    def __init__(self, fail: int = 0, port: int | None = None) -> None:
+        self.fail = fail
+        self.deliveries: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                try:
+                    Webhook(SECRET).verify(body, dict(self.headers))
+                    verified = True
+                except Exception:  # noqa: BLE001
+                    verified = False
+                receiver.deliveries.append(
+                    {"id": self.headers["webhook-id"], "verified": verified, "body": json.loads(body)}
+                )
+                self.send_response(500 if len(receiver.deliveries) <= receiver.fail else 204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/lorafleet"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hooked(settings):
+    return settings.model_copy(update={"webhook_secret": SECRET, "webhook_allow_private": True})
+
+
+def test_an_ended_job_is_posted_signed_and_retried_with_the_same_event_id(hooked):
+    receiver = Receiver(fail=2)
+    try:
+        with Client(hooked) as client:
+            handle = client.submit(JOB | {"webhook_url": receiver.url, "tags": {"run": "7"}})
+            make_runner(hooked).run(handle.job_id)
+            sender = webhook_sender(hooked, client.redis)
+            for _ in range(3):  # each pass finds it due (time moved past its back-off)
+                sender.deliver_due(now=time.time() + 10**6)
+            event = read_event(client.redis, handle.job_id)
+        assert [d["verified"] for d in receiver.deliveries] == [True, True, True]
+        assert len({d["id"] for d in receiver.deliveries}) == 1  # one event, delivered at least once
+        body = receiver.deliveries[-1]["body"]
+        assert body["type"] == "job.succeeded" and body["data"]["job_id"] == handle.job_id
+        assert body["data"]["tags"] == {"run": "7"} and body["data"]["images"][0]["uri"]
+        assert event["state"] == "delivered"
+        assert [a["status"] for a in event["attempts"]] == [500, 500, 204]
+        with TestClient(create_app(hooked)) as api:
+            shown = api.get(f"/v1/jobs/{handle.job_id}/webhook").json()
+        assert shown["state"] == "delivered" and len(shown["attempts"]) == 3
+    finally:
+        receiver.close()
+
+
+def test_a_cancelled_job_sends_its_event_once(hooked):
+    receiver = Receiver()
+    try:
+        with Client(hooked) as client:
+            handle = client.submit(JOB | {"webhook_url": receiver.url})
+            client.cancel(handle.job_id)
+            make_runner(hooked).run(handle.job_id)  # the worker meets the message later: no second event
+            sender = webhook_sender(hooked, client.redis)
+            sender.deliver_due(now=time.time() + 10**6)
+            sender.deliver_due(now=time.time() + 10**6)
+        assert [d["body"]["type"] for d in receiver.deliveries] == ["job.cancelled"]
+    finally:
+        receiver.close()
+
+
+@pytest.mark.parametrize(
+    "url, update, message",
+    [
+        ("http://127.0.0.1:9/x", {"webhook_allow_private": False}, "not a public address"),
+        ("http://10.1.2.3/x", {"webhook_allow_private": False}, "not a public address"),
+        ("http://[::ffff:127.0.0.1]/x", {"webhook_allow_private": False}, "not a public address"),
+        ("ftp://example.com/x", {}, "webhook_url"),
+        ("http://example.com/x", {"webhook_secret": None}, "LORAFLEET_WEBHOOK_SECRET is not set"),
+    ],
+)
+def test_a_webhook_into_the_fleets_network_or_without_a_secret_is_refused(hooked, url, update, message):
+    with TestClient(create_app(hooked.model_copy(update=update))) as api:
+        response = api.post(
+            "/v1/jobs", json=JOB | {"webhook_url": url}, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text
+        problem = response.json()["detail"][0]
+        assert problem["field"] == "webhook_url" and message in json.dumps(response.json())
+        assert api.get("/v1/jobs").json()["total"] == 0
+
+
+@pytest.mark.slow
+def test_a_pending_event_outlives_its_worker_and_is_delivered_by_the_next(template_home, redis_url, tmp_path):
+    from tests.conftest import copy_home
+
+    home = copy_home(template_home, tmp_path / "home")
+    env = lorafleet_env(
+        home, redis_url, LORAFLEET_WEBHOOK_SECRET=SECRET, LORAFLEET_WEBHOOK_ALLOW_PRIVATE="true"
+    )
+    port = free_port()  # nobody listens there yet: the first attempts are refused
+    settings = Settings(home=home, broker_url=redis_url, webhook_secret=SECRET, webhook_allow_private=True)
+    first = WorkerProcess(env, TINY, tmp_path / "first.log", name="first@hooks").start()
+    second = WorkerProcess(env, TINY, tmp_path / "second.log", name="second@hooks")
+    receiver = None
+    try:
+        with Client(settings) as client:
+            handle = client.submit(JOB | {"webhook_url": f"http://127.0.0.1:{port}/hook"})
+            assert handle.wait(timeout=120).status.value == "succeeded"
+            wait_until(
+                lambda: (e := read_event(client.redis, handle.job_id)) and e["attempts"],
+                timeout=60,
+                what="a first, refused delivery",
+            )
+            first.kill()  # the worker that queued and tried it is gone
+            receiver = Receiver(port=port)
+            second.start()
+            wait_until(lambda: receiver.deliveries, timeout=120, what="the delivery by the next worker")
+            event = read_event(client.redis, handle.job_id)
+        assert receiver.deliveries[0]["verified"] and receiver.deliveries[0]["id"] == event["id"]
+        assert event["state"] == "delivered" and event["attempts"][0]["status"] is None
+        assert "ConnectError" in event["attempts"][0]["error"]
+    finally:
+        first.kill()
+        second.kill()
+        if receiver is not None:
+            receiver.close()
