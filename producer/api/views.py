@@ -105,4 +105,6 @@ def resubmit_command(job: GenerationJob) -> str:
         args += ["--priority", job.priority.value]
     for key, value in job.tags.items():
         args += ["--tag", f"{key}={value}"]
+    if job.webhook_url:
+        args += ["--webhook", job.webhook_url]
     return shlex.join(args)

@@ -186,6 +186,9 @@ def submit(
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
     tag: Annotated[list[str], typer.Option("--tag", help="KEY=VALUE, repeatable, kept on the record.")] = [],  # noqa: B006
+    webhook: Annotated[
+        str | None, typer.Option("--webhook", help="An http(s) URL POSTed a signed event when the job ends.")
+    ] = None,
     batch_id: BatchId = None,
     require_worker: RequireWorker = False,
     wait: Wait = False,
@@ -234,6 +237,8 @@ def submit(
             "priority": priority.value,
             "tags": _parse_tags(tag),
         }
+        if webhook is not None:
+            job["webhook_url"] = webhook
         base_seed = job.get("seed")
         if base_seed is None and count > 1:
             base_seed = secrets.randbelow(2**32)  # one draw, so the count's seeds are consecutive
