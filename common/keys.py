@@ -16,6 +16,9 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:unsent                      zset    job ids whose record is written but whose message is not
                                                   sent yet, scored by submit time (a producer that died
                                                   between the two leaves them; upkeep sends them)
+    lorafleet:events                      stream  one entry per record change: {job_id, batch_id, status,
+                                                  step, total, tenant}; about EVENTS_KEPT entries
+                                                  (GET /v1/events, Client.watch, Client.wait)
     lorafleet:scratch:<uuid>              zset    a listing's intersection of indexes, deleted in
                                                   the same transaction that builds it
     lorafleet:registry:models             hash    model name -> JSON {source, family, native_size,
@@ -119,6 +122,9 @@ def idempotency(scope: str, digest: str) -> str:
 
 
 WEBHOOKS_DUE = PREFIX + "webhooks:due"
+EVENTS = PREFIX + "events"
+EVENTS_KEPT = 100_000
+"""Entries the event stream keeps (trimmed approximately as it grows)."""
 
 
 def webhook_event(event_id: str) -> str:

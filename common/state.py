@@ -124,10 +124,24 @@ class JobStore:
                             pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: score})
                             pipe.sadd(keys.TENANTS_WITH_JOBS, record.tenant)
                         pipe.zadd(keys.UNSENT, {record.job_id: score})
+                        self._announce(pipe, record)
                     pipe.execute()
                     return
                 except redis.WatchError:
                     continue
+
+    @staticmethod
+    def _announce(client, record: JobRecord) -> None:
+        """Add the record's change to the event stream (keys.EVENTS)."""
+        fields = {
+            "job_id": record.job_id,
+            "batch_id": record.job.batch_id or "",
+            "status": record.status.value,
+            "step": record.progress.step,
+            "total": record.progress.total,
+            "tenant": record.tenant or "",
+        }
+        client.xadd(keys.EVENTS, fields, maxlen=keys.EVENTS_KEPT, approximate=True)
 
     @staticmethod
     def _exist(pipe: redis.client.Pipeline, names: list[str]) -> list[bool]:
@@ -237,6 +251,7 @@ class JobStore:
                 ],
             )
             if written:
+                self._announce(self.redis, after)
                 return after
 
     # ------------------------------------------------------------------ list

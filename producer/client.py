@@ -20,14 +20,15 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import InvalidInput, JobRejected, QueueFull, TransientError
+from lorafleet.common.errors import BadArgument, InvalidInput, JobRejected, QueueFull, TransientError
+from lorafleet.common.events import BLOCK_SECONDS, JobEvent, read_events, tail
 from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
@@ -441,6 +442,7 @@ class Client:
         """
         ids = list(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = self._tail()  # before the first read: no change between them is missed
         first = self._read(ids)
         while first is None:
             if deadline is not None and time.monotonic() >= deadline:
@@ -468,7 +470,57 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 left = sum(not r.status.final for r in records)
                 raise TimeoutError(f"{left} of {len(ids)} jobs still unfinished after {timeout:g} s")
+            cursor = self._until_change(cursor, {r.job_id for r in records if not r.status.final})
+
+    def _tail(self) -> str | None:
+        try:
+            return tail(self.redis)
+        except redis.RedisError:
+            return None
+
+    def _until_change(self, cursor: str | None, pending: set[str]) -> str | None:
+        """Wait for an event of a pending job (at most BLOCK_SECONDS); the new cursor."""
+        if cursor is None:
             time.sleep(POLL_SECONDS)
+            return self._tail()
+        try:
+            deadline = time.monotonic() + BLOCK_SECONDS
+            while time.monotonic() < deadline:
+                events = read_events(self.redis, cursor, block=max(0.01, deadline - time.monotonic()))
+                if events:
+                    cursor = events[-1].id
+                    if any(e.job_id in pending for e in events):
+                        break
+        except redis.RedisError:
+            time.sleep(POLL_SECONDS)
+        return cursor
+
+    def watch(
+        self,
+        *,
+        batch_id: str | None = None,
+        job_ids: Sequence[str] | None = None,
+        after: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[JobEvent]:
+        """The events of a batch's jobs or of ``job_ids`` as they happen (queued, running,
+        progress, the end), until every one of them has ended; from ``after`` (an event id) on,
+        else from now. Raises TimeoutError if ``timeout`` seconds pass first."""
+        if (batch_id is None) == (job_ids is None):
+            raise BadArgument("watch a batch or jobs", field="batch_id", allowed="batch_id= or job_ids=")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = after or tail(self.redis)
+        watched = list(job_ids) if job_ids is not None else self.jobs.batch(batch_id or "")
+        open_ = {r.job_id for r in self.jobs.get_many(watched) if r is not None and not r.status.final}
+        while open_:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{len(open_)} watched jobs still unfinished after {timeout:g} s")
+            for event in read_events(self.redis, cursor):
+                cursor = event.id
+                if event.job_id in open_ or (batch_id is not None and event.batch_id == batch_id):
+                    yield event
+                    if event.status in ("succeeded", "failed", "cancelled"):
+                        open_.discard(event.job_id)
 
     def _read(self, ids: list[str]) -> list[JobRecord | None] | None:
         """The records, or None while Redis is away or failing over (waits read on)."""

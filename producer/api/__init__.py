@@ -9,13 +9,14 @@
     GET    /v1/jobs/{id}/webhook       the job's webhook event and its delivery attempts
     GET    /v1/jobs/{id}/images/{i}    the PNG (a local file through the app, S3 by redirect)
     GET    /v1/batches/{id}            counts by status, the jobs, the image URLs
+    GET    /v1/events                  job changes as server-sent events (batch=, job=; Last-Event-ID)
     POST   /v1/loras                   import a LoRA from a download link or a hub repo
     GET    /v1/workers, /v1/queues     heartbeats; per-model queue depth and who serves it
     GET    /v1/summary                 what the dashboard's overview shows, in one call
     GET    /metrics                    Prometheus text format
     GET    /healthz                    Redis reachable (no token needed)
 
-One router per resource: ``jobs``, ``batches``, ``loras``, ``fleet``, and ``pages`` for the dashboard,
+One router per resource: ``jobs``, ``batches``, ``events``, ``loras``, ``fleet``, and ``pages`` for the dashboard,
 whose pages read the same endpoints. ``views`` holds the response models, ``state`` what
 the routes share. ``create_app`` here builds the app and is the only thing that does.
 """
@@ -40,7 +41,7 @@ from lorafleet.common.settings import Settings
 from lorafleet.common.storage import open_storage
 from lorafleet.common.webhooks import webhook_sender
 from lorafleet.common.workers import WorkerRegistry
-from lorafleet.producer.api import batches, fleet, jobs, loras, pages
+from lorafleet.producer.api import batches, events, fleet, jobs, loras, pages
 from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
 from lorafleet.producer.api.state import ApiState
 from lorafleet.producer.api.views import problems
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    app.include_router(events.router)
     app.include_router(loras.router)
     app.include_router(fleet.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")

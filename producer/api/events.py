@@ -1,0 +1,54 @@
+"""/v1/events: job changes as server-sent events (sse-starlette), from the Redis event stream.
+
+Each event is ``event: job``, ``id:`` the stream entry's id and ``data:`` JSON {job_id,
+batch_id, status, step, total}. Filters: ``batch`` and ``job`` (repeatable). A client that
+reconnects with ``Last-Event-ID`` (browsers' EventSource does it by itself) reads on from
+there, so nothing in between is lost while the stream keeps it (common/events.py). A tenant
+sees its own jobs' events only.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette.sse import EventSourceResponse
+
+from lorafleet.common.events import read_events, tail
+from lorafleet.producer.api.state import State, Tenant, visible
+
+router = APIRouter()
+
+PING_SECONDS = 15
+"""A comment line this often keeps proxies from closing a quiet stream."""
+
+
+@router.get("/v1/events", response_class=EventSourceResponse)
+async def events(
+    request: Request,
+    state: State,
+    tenant: Tenant,
+    batch: str | None = None,
+    job: list[str] = Query(default=[]),  # noqa: B008
+    last_event_id: str | None = Header(None, description="Read on after this event (a reconnect)"),
+):
+    """Job events as they happen, for every job or for one batch or some jobs."""
+    redis = state.client.redis
+    cursor = last_event_id or await run_in_threadpool(tail, redis)
+    wanted = set(job)
+
+    async def stream():
+        nonlocal cursor
+        while not await request.is_disconnected():
+            for event in await run_in_threadpool(read_events, redis, cursor):
+                cursor = event.id
+                if batch is not None and event.batch_id != batch:
+                    continue
+                if wanted and event.job_id not in wanted:
+                    continue
+                if not visible(event.tenant, tenant):
+                    continue
+                yield {"event": "job", "id": event.id, "data": json.dumps(event.data())}
+
+    return EventSourceResponse(stream(), ping=PING_SECONDS)
