@@ -1,6 +1,7 @@
 """/v1/events: job changes as server-sent events (sse-starlette), from the Redis event stream.
 
-Each event is ``event: job``, ``id:`` the stream entry's id and ``data:`` JSON {job_id,
+The first event is ``event: ready`` with the position the stream starts after; each one
+after it is ``event: job``, ``id:`` the stream entry's id and ``data:`` JSON {job_id,
 batch_id, status, step, total}. Filters: ``batch`` and ``job`` (repeatable). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource does it by itself) reads on from
 there, so nothing in between is lost while the stream keeps it (common/events.py). A tenant
@@ -31,7 +32,9 @@ async def events(
     tenant: Tenant,
     batch: str | None = None,
     job: list[str] = Query(default=[]),  # noqa: B008
-    last_event_id: str | None = Header(None, description="Read on after this event (a reconnect)"),
+    last_event_id: str | None = Header(
+        None, pattern=r"^\d{1,20}-\d{1,20}$", description="Read on after this event id (a reconnect)"
+    ),
 ):
     """Job events as they happen, for every job or for one batch or some jobs."""
     redis = state.client.redis
@@ -40,6 +43,8 @@ async def events(
 
     async def stream():
         nonlocal cursor
+        # first, where the stream starts: a client that drops before any job event resumes here
+        yield {"event": "ready", "id": cursor, "data": json.dumps({"after": cursor})}
         while not await request.is_disconnected():
             for event in await run_in_threadpool(read_events, redis, cursor):
                 cursor = event.id

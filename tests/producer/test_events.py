@@ -91,12 +91,21 @@ def test_the_api_streams_events_and_a_reconnect_resumes_after_the_last_one(
                     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
                     event: dict = {}
                     for line in r.iter_lines():
-                        if line.startswith("id: "):
+                        if line.startswith("event: "):
+                            event["type"] = line[7:]
+                        elif line.startswith("id: "):
                             event["id"] = line[4:]
                         elif line.startswith("data: "):
                             event["data"] = json.loads(line[6:])
                         elif line == "" and "data" in event:
-                            received.append(event)
+                            if event["type"] == "job":
+                                received.append(event)
+                            else:
+                                assert event == {
+                                    "type": "ready",
+                                    "id": headers["Last-Event-ID"],
+                                    "data": {"after": headers["Last-Event-ID"]},
+                                }
                             event = {}
                             if until(received):
                                 return
