@@ -44,6 +44,7 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:stats:phases                hash    "<phase>:sum" / "<phase>:count" -> seconds / jobs
     lorafleet:stats:lora                  hash    hits / misses of the workers' LoRA caches
     lorafleet:stats:images:<minute>       string  images stored in that epoch minute; 2 h TTL
+    lorafleet:stats:model-images:<model>:<minute>  string  the same per base model; 2 h TTL
 
     lorafleet.model.<model_key>           list    Celery messages of priority step 0 (high)
     lorafleet.model.<model_key>\\x06\\x16<n> list    the same queue's step n = 3 (normal), 6 (low), 9
@@ -138,6 +139,11 @@ def session(digest: str) -> str:
 
 def scratch(token: str) -> str:
     return f"{PREFIX}scratch:{token}"
+
+
+def model_images_in_minute(model: str, minute: int) -> str:
+    """Images stored for base model ``model`` in epoch minute ``minute`` (estimates of a start)."""
+    return f"{PREFIX}stats:model-images:{model}:{minute}"
 
 
 def images_in_minute(minute: int) -> str:

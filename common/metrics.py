@@ -32,9 +32,12 @@ def record_finished(client: redis.Redis, record: JobRecord, now: float | None = 
     if record.timings.lora_misses:
         pipe.hincrby(keys.STATS_LORA, "misses", record.timings.lora_misses)
     if record.images:
-        key = keys.images_in_minute(int(now // 60))
-        pipe.incrby(key, len(record.images))
-        pipe.expire(key, keys.STATS_IMAGES_TTL)
+        for key in (
+            keys.images_in_minute(int(now // 60)),
+            keys.model_images_in_minute(record.job.model, int(now // 60)),
+        ):
+            pipe.incrby(key, len(record.images))
+            pipe.expire(key, keys.STATS_IMAGES_TTL)
     pipe.execute()
 
 

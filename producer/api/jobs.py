@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
+from lorafleet.common.positions import standing
 from lorafleet.common.storage import LocalStorage
 from lorafleet.common.webhooks import read_event
 from lorafleet.producer.api.state import ApiState, State, Tenant, visible
@@ -114,7 +115,9 @@ def list_jobs(
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses={404: {"description": "no such job"}})
 def get_job(state: State, tenant: Tenant, job_id: str):
-    return job_view(_record_or_404(state, job_id, tenant))
+    """The record; a queued job also shows its position in its queue and an estimated start."""
+    record = _record_or_404(state, job_id, tenant)
+    return job_view(record, standing(state.client.redis, record) if not record.damaged else None)
 
 
 @router.delete(

@@ -13,6 +13,7 @@ from pydantic import BaseModel, create_model
 
 from lorafleet.common.errors import InvalidInput
 from lorafleet.common.jobs import GenerationJob, JobRecord
+from lorafleet.common.positions import Standing
 from lorafleet.common.prompts import PromptSyntax, format_number
 from lorafleet.common.workers import QueueView, WorkerView
 
@@ -26,6 +27,8 @@ JobView = create_model(
     **{name: (field.annotation, field) for name, field in JobRecord.model_fields.items()},
     image_urls=(list[str], ...),
     cli=(str, ...),
+    position=(int | None, None),
+    eta_seconds=(float | None, None),
 )
 
 
@@ -63,10 +66,13 @@ class Summary(BaseModel):
     images_last_hour: int
 
 
-def job_view(record: JobRecord) -> JobView:
+def job_view(record: JobRecord, standing: Standing | None = None) -> JobView:
+    """The record as the API shows it; ``standing``: a queued job's position and estimate
+    (read for one job at a time, not for listings)."""
     urls = [f"/v1/jobs/{record.job_id}/images/{i}" for i in range(len(record.images))]
     cli = "" if record.damaged else resubmit_command(record.job)
-    return JobView(**record.model_dump(), job_id=record.job_id, image_urls=urls, cli=cli)
+    where = {} if standing is None else {"position": standing.position, "eta_seconds": standing.eta_seconds}
+    return JobView(**record.model_dump(), job_id=record.job_id, image_urls=urls, cli=cli, **where)
 
 
 def problems(exc: InvalidInput) -> JSONResponse:

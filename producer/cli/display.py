@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lorafleet.common.jobs import PHASES, JobRecord, JobStatus
+from lorafleet.common.positions import Standing
 from lorafleet.producer.cli.terminal import safe
 
 STATUS_STYLE = {
@@ -94,8 +95,16 @@ def outputs_lines(records: Sequence[JobRecord]) -> list[str]:
     return lines
 
 
-def record_table(record: JobRecord) -> Table:
-    """Everything about one job, as key/value rows."""
+def standing_text(where: Standing) -> str:
+    """``3 ahead, starts in ~40 s`` for a queued job."""
+    ahead = f"{where.position}{'' if where.exact else '+'} ahead"
+    if where.eta_seconds is None:
+        return f"{ahead} (no recent throughput for an estimate)"
+    return f"{ahead}, done in ~{where.eta_seconds:.0f} s"
+
+
+def record_table(record: JobRecord, where: Standing | None = None) -> Table:
+    """Everything about one job, as key/value rows (``where``: a queued job's standing)."""
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -109,6 +118,7 @@ def record_table(record: JobRecord) -> Table:
         ("batch", job.batch_id or ""),
         ("status", status_text(record.status)),
         ("progress", f"{record.progress.step}/{record.progress.total}"),
+        *([("position", standing_text(where))] if where is not None else []),
         ("model", safe(job.model)),
         ("loras", lora_stack(record)),
         ("prompt", safe(job.prompt)),

@@ -13,6 +13,7 @@ import typer
 from lorafleet.common import samplers
 from lorafleet.common.errors import BadArgument, JobRejected
 from lorafleet.common.jobs import JobRecord, JobStatus, Priority
+from lorafleet.common.positions import standing
 from lorafleet.common.prompts import PromptSyntax
 from lorafleet.common.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
@@ -296,7 +297,7 @@ def status(
         if as_json:
             print_json([r.to_json() for r in records])
         elif len(records) == 1:
-            console.print(record_table(records[0]))
+            console.print(record_table(records[0], standing(client.redis, records[0])))
         else:
             print_report(console, records)
 

@@ -1,4 +1,4 @@
-// A batch: its counts and a contact sheet of every image, polled until it is done.
+// A batch: its counts and a contact sheet of every image, refreshed as its jobs change.
 "use strict";
 
 const batchId = decodeURIComponent(location.pathname.split("/").pop());
@@ -25,4 +25,4 @@ async function refresh() {
     sheet.dataset.signature = JSON.stringify(batch.images) + JSON.stringify(batch.counts);
   }
 }
-poll(refresh);
+live(refresh, `batch=${encodeURIComponent(batchId)}`);

@@ -1,7 +1,8 @@
 // Shared by every page: fetching the API, building elements safely, small formatters.
 "use strict";
 
-const POLL_MS = 1500;
+const DEBOUNCE_MS = 250;
+const FALLBACK_MS = 15000;
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
@@ -71,15 +72,26 @@ function actionButtons(record, after) {
   return buttons;
 }
 
-function poll(refresh) {
-  const tick = async () => {
+// Live pages: refresh at once, then whenever /v1/events says a job of the page changed (a
+// burst of events is one refresh), and every FALLBACK_MS for what has no events (workers).
+function live(refresh, query) {
+  let queued = false;
+  const run = async () => {
     try {
       await refresh();
       document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     } catch (error) {
       document.getElementById("updated").textContent = "⚠ " + error.message;
     }
-    setTimeout(tick, POLL_MS);
   };
-  tick();
+  const soon = () => {
+    if (queued) return;
+    queued = true;
+    setTimeout(() => { queued = false; run(); }, DEBOUNCE_MS);
+  };
+  run();
+  const events = new EventSource("/v1/events" + (query ? `?${query}` : ""));
+  events.addEventListener("job", soon);
+  events.addEventListener("open", soon);  // after a reconnect, catch up
+  setInterval(run, FALLBACK_MS);
 }

@@ -17,7 +17,9 @@ async function refresh() {
   document.getElementById("actions").replaceChildren(...actionButtons(r, made => {
     if (made && made.job_id) location.href = `/jobs/${made.job_id}`; else refresh();
   }));
-  document.getElementById("progress").replaceChildren(r.status === "running" ? progressBar(r) : "");
+  const waiting = r.status === "queued" && r.position !== null && r.position !== undefined
+    ? `${r.position} ahead` + (r.eta_seconds !== null ? ` · done in ~${Math.round(r.eta_seconds)} s` : "") : "";
+  document.getElementById("progress").replaceChildren(r.status === "running" ? progressBar(r) : waiting);
   const images = document.getElementById("images");
   if (images.childElementCount !== r.image_urls.length) {
     images.replaceChildren(...r.image_urls.map((url, i) => el("figure", {},
@@ -55,4 +57,4 @@ document.getElementById("copy").addEventListener("click", async () => {
   catch { const range = document.createRange(); range.selectNodeContents(document.getElementById("cli"));
           getSelection().removeAllRanges(); getSelection().addRange(range); }
 });
-poll(refresh);
+live(refresh, `job=${encodeURIComponent(jobId)}`);

@@ -1,4 +1,4 @@
-// The overview: counts, queues, throughput, workers and the jobs table, polled.
+// The overview: counts, queues, throughput, workers and the jobs table, kept live.
 "use strict";
 
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
@@ -94,4 +94,4 @@ filters.addEventListener("change", () => { offset = 0; refresh(); });
 filters.addEventListener("submit", event => { event.preventDefault(); offset = 0; refresh(); });
 document.getElementById("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); refresh(); });
 document.getElementById("next").addEventListener("click", () => { offset += PAGE; refresh(); });
-poll(refresh);
+live(refresh, "");
