@@ -34,6 +34,8 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   job_ids}; expires LORAFLEET_IDEMPOTENCY_SECONDS
     lorafleet:webhook:<event_id>          string  a webhook event: JSON {id, url, payload, created, state,
                                                   attempts: [{at, status, error}]}; kept a week
+    lorafleet:batch-webhook:<batch_id>    hash    a batch's webhook: {url, total}; lorafleet:batch-ended:<batch_id>
+                                                  (set) the ids of its jobs that ended
     lorafleet:webhooks:due                zset    event ids waiting for a delivery, scored by when
                                                   (a delivery in progress: the end of its lease)
     lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
@@ -123,6 +125,18 @@ def idempotency(scope: str, digest: str) -> str:
 
 
 WEBHOOKS_DUE = PREFIX + "webhooks:due"
+
+
+def batch_webhook(batch_id: str) -> str:
+    """A batch's webhook: hash {url, total} (jobs the batch was given)."""
+    return f"{PREFIX}batch-webhook:{batch_id}"
+
+
+def batch_ended(batch_id: str) -> str:
+    """Ids of a webhooked batch's jobs that have ended (a set: each counted once)."""
+    return f"{PREFIX}batch-ended:{batch_id}"
+
+
 EVENTS = PREFIX + "events"
 EVENTS_KEPT = 100_000
 """Entries the event stream keeps (trimmed approximately as it grows)."""

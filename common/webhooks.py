@@ -1,4 +1,5 @@
-"""Webhooks: a job that names ``webhook_url`` is POSTed an event when it ends.
+"""Webhooks: a job that names ``webhook_url`` is POSTed an event when it ends, and a batch
+submitted with ``batch_webhook_url`` one ``batch.ended`` event when its last job has ended.
 
 The event follows the Standard Webhooks specification: a JSON body ``{"type":
 "job.succeeded" | "job.failed" | "job.cancelled", "timestamp", "data": {...the record's
@@ -108,24 +109,96 @@ def job_event(record: JobRecord) -> dict[str, Any]:
 
 
 def job_ended(client: redis.Redis, record: JobRecord) -> bool:
-    """Queue the webhook event of a job that has just ended (once; False if it has no
-    webhook or its event is already queued)."""
-    url = record.job.webhook_url
-    if not url or not record.status.final:
+    """Queue the webhook event of a job that has just ended, and its batch's once the batch's
+    last job has (each once; False if no job event was queued)."""
+    if not record.status.final:
         return False
+    if record.job.batch_id and client.exists(keys.batch_webhook(record.job.batch_id)):
+        _batch_job_ended(client, record.job.batch_id, record.job_id)
+    url = record.job.webhook_url
+    return bool(url) and _queue(client, event_id(record.job_id), url, job_event(record))
+
+
+def _queue(client: redis.Redis, id_: str, url: str, payload: dict[str, Any]) -> bool:
     event = {
-        "id": event_id(record.job_id),
+        "id": id_,
         "url": url,
-        "payload": job_event(record),
+        "payload": payload,
         "created": time.time(),
         "state": "pending",
         "attempts": [],
     }
-    name = keys.webhook_event(event["id"])
-    if not client.set(name, json.dumps(event), nx=True, ex=KEEP_SECONDS):
-        return False
-    client.zadd(keys.WEBHOOKS_DUE, {event["id"]: time.time()})
+    if not client.set(keys.webhook_event(id_), json.dumps(event), nx=True, ex=KEEP_SECONDS):
+        return False  # already queued: the several places that see a job end queue it once
+    client.zadd(keys.WEBHOOKS_DUE, {id_: time.time()})
     return True
+
+
+def batch_event_id(batch_id: str) -> str:
+    return f"msg_batch_{batch_id}"
+
+
+def watch_batch(client: redis.Redis, batch_id: str, url: str, jobs: int, keep: int) -> None:
+    """Send ``url`` an event when the ``jobs`` more jobs of the batch have all ended."""
+    name = keys.batch_webhook(batch_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(name, "url", url)
+    pipe.hincrby(name, "total", jobs)
+    pipe.expire(name, keep)
+    pipe.execute()
+
+
+def add_to_watched_batch(client: redis.Redis, batch_id: str, jobs: int = 1) -> None:
+    """A job added to a batch later (a retry): the batch's event waits for it too."""
+    if client.exists(keys.batch_webhook(batch_id)):
+        client.hincrby(keys.batch_webhook(batch_id), "total", jobs)
+
+
+def _batch_job_ended(client: redis.Redis, batch_id: str, job_id: str) -> None:
+    ended = keys.batch_ended(batch_id)
+    if not client.sadd(ended, job_id):
+        return  # this job's end was counted already
+    client.expire(ended, KEEP_SECONDS)
+    hook = {
+        k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+        for k, v in client.hgetall(keys.batch_webhook(batch_id)).items()
+    }
+    if not hook or client.scard(ended) < int(hook.get("total", 0)):
+        return
+    ids = [i.decode() if isinstance(i, bytes) else i for i in client.zrange(keys.batch(batch_id), 0, -1)]
+    records = [r for r in (_record(client, i) for i in ids) if r is not None]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    payload = {
+        "type": "batch.ended",
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "data": {
+            "batch_id": batch_id,
+            "counts": counts,
+            "jobs": [
+                {
+                    "job_id": r.job_id,
+                    "status": r.status.value,
+                    "error": r.error,
+                    "images": [i.uri for i in r.images],
+                    "tags": r.job.tags,
+                }
+                for r in records
+            ],
+        },
+    }
+    _queue(client, batch_event_id(batch_id), hook["url"], payload)
+
+
+def _record(client: redis.Redis, job_id: str) -> JobRecord | None:
+    raw = client.get(keys.job(job_id))
+    if raw is None:
+        return None
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def read_event(client: redis.Redis, job_id: str) -> dict[str, Any] | None:

@@ -35,9 +35,9 @@ from lorafleet.common.loras.registry import LoraRegistry
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.queue import make_celery, queue_depths, send_job
 from lorafleet.common.settings import Settings
-from lorafleet.common.state import JobStore
+from lorafleet.common.state import BATCH_INDEX_SLACK, JobStore
 from lorafleet.common.storage import Storage, image_key, open_storage
-from lorafleet.common.webhooks import check_url, job_ended
+from lorafleet.common.webhooks import add_to_watched_batch, check_url, job_ended, watch_batch
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
@@ -169,6 +169,7 @@ class Client:
         require_worker: bool = False,
         tenant: str | None = None,
         idempotency_key: str | None = None,
+        batch_webhook_url: str | None = None,
     ) -> list[JobHandle]:
         """Queue several jobs as one batch: all of them, or none if any is refused.
 
@@ -180,15 +181,17 @@ class Client:
         ``idempotency_key``: a retry of the same request with the same key gets the jobs of
         the first (``replayed``), never new ones; another request with it is a
         DuplicateRequest (producer/idempotency.py).
+        ``batch_webhook_url``: POSTed one signed event when every job of the batch has ended.
         """
         jobs = list(jobs)
         if idempotency_key is None:
-            return self._submit_many(jobs, batch_id, require_worker, tenant)
+            return self._submit_many(jobs, batch_id, require_worker, tenant, batch_webhook_url)
         keys_ = IdempotencyKeys(self.redis, self.settings.idempotency_seconds)
         request = {
             "jobs": [_plain(job) for job in jobs],
             "batch_id": batch_id,
             "require_worker": require_worker,
+            "batch_webhook_url": batch_webhook_url,
         }
         digest = fingerprint(request)
         earlier = keys_.claim(idempotency_key, tenant, digest)
@@ -200,7 +203,7 @@ class Client:
                 handle.replayed = True
             return handles
         try:
-            handles = self._submit_many(jobs, batch_id, require_worker, tenant)
+            handles = self._submit_many(jobs, batch_id, require_worker, tenant, batch_webhook_url)
         except (InvalidInput, QueueFull):
             keys_.release(idempotency_key, tenant)  # nothing was queued: the key is free again
             raise
@@ -208,7 +211,12 @@ class Client:
         return handles
 
     def _submit_many(
-        self, jobs: list[JobInput], batch_id: str | None, require_worker: bool, tenant: str | None
+        self,
+        jobs: list[JobInput],
+        batch_id: str | None,
+        require_worker: bool,
+        tenant: str | None,
+        batch_webhook_url: str | None = None,
     ) -> list[JobHandle]:
         if not jobs:
             return []
@@ -254,17 +262,28 @@ class Client:
                 field=problems[0][0],
                 problems=problems,
             )
-        self._queue(records)
+        if batch_webhook_url is not None:
+            self._check_webhook(batch_webhook_url, "", field="batch_webhook_url")
+        watched = Counter(r.job.batch_id for r in records) if batch_webhook_url else Counter()
+        keep = 2 * self.settings.record_retention + BATCH_INDEX_SLACK
+        for batch, count in watched.items():  # before any of its jobs can end
+            watch_batch(self.redis, batch, batch_webhook_url, count, keep)
+        try:
+            self._queue(records)
+        except BaseException:
+            for batch, count in watched.items():
+                add_to_watched_batch(self.redis, batch, -count)
+            raise
         return [JobHandle(self, record) for record in records]
 
-    def _check_webhook(self, url: str, where: str) -> None:
+    def _check_webhook(self, url: str, where: str, field: str = "webhook_url") -> None:
         if self.settings.webhook_secret is None:
             raise JobRejected(
                 "this fleet sends no webhooks: LORAFLEET_WEBHOOK_SECRET is not set",
-                field=f"{where}webhook_url",
-                allowed="no webhook_url, or ask the operator to set LORAFLEET_WEBHOOK_SECRET",
+                field=f"{where}{field}",
+                allowed=f"no {field}, or ask the operator to set LORAFLEET_WEBHOOK_SECRET",
             )
-        check_url(url, self.settings.webhook_allow_private, field=f"{where}webhook_url")
+        check_url(url, self.settings.webhook_allow_private, field=f"{where}{field}")
 
     def _check_batch_owner(
         self, batch_id: str | None, tenant: str, owners: dict[str, str | None], where: str
@@ -344,6 +363,7 @@ class Client:
             retry_of=job_id,
             tenant=old.tenant,
         )
+        add_to_watched_batch(self.redis, record.job.batch_id or "")  # its batch's event waits for it
         self._queue([record])
         return JobHandle(self, record)
 

@@ -164,3 +164,45 @@ def test_a_pending_event_outlives_its_worker_and_is_delivered_by_the_next(templa
         second.kill()
         if receiver is not None:
             receiver.close()
+
+
+def test_a_batch_webhook_is_sent_once_when_its_last_job_ends(hooked):
+    receiver = Receiver()
+    try:
+        with Client(hooked) as client:
+            handles = client.submit_many(
+                [JOB, JOB | {"seed": 4}, JOB | {"seed": 5}], batch_webhook_url=receiver.url
+            )
+            batch = handles[0].batch_id
+            runner = make_runner(hooked.model_copy(update={"max_batch": 1}))
+            sender = webhook_sender(hooked, client.redis)
+            runner.run(handles[0].job_id)
+            client.cancel(handles[1].job_id)
+            sender.deliver_due(now=time.time() + 10**6)
+            assert receiver.deliveries == []  # one job is still queued
+            runner.run(handles[1].job_id)  # meets the cancelled record: counted once, not twice
+            sender.deliver_due(now=time.time() + 10**6)
+            assert receiver.deliveries == []
+            runner.run(handles[2].job_id)
+            sender.deliver_due(now=time.time() + 10**6)
+            sender.deliver_due(now=time.time() + 10**6)
+        assert len(receiver.deliveries) == 1 and receiver.deliveries[0]["verified"]
+        body = receiver.deliveries[0]["body"]
+        assert body["type"] == "batch.ended" and body["data"]["batch_id"] == batch
+        assert body["data"]["counts"] == {"succeeded": 2, "cancelled": 1}
+        assert sorted(j["job_id"] for j in body["data"]["jobs"]) == sorted(h.job_id for h in handles)
+    finally:
+        receiver.close()
+
+
+def test_a_batch_webhook_into_the_fleets_network_is_refused_and_queues_nothing(hooked):
+    closed = hooked.model_copy(update={"webhook_allow_private": False})
+    with TestClient(create_app(closed)) as api:
+        response = api.post(
+            "/v1/jobs",
+            json=[JOB],
+            params={"batch_webhook_url": "http://127.0.0.1:9/x"},
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 422 and response.json()["detail"][0]["field"] == "batch_webhook_url"
+        assert api.get("/v1/jobs").json()["total"] == 0

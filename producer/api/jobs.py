@@ -67,6 +67,9 @@ async def submit(
     ),
     batch_id: str | None = Query(None, pattern=ID_PATTERN.pattern),
     require_worker: bool = Query(False, description="refuse the jobs when no live worker serves their model"),
+    batch_webhook_url: str | None = Query(
+        None, max_length=2000, description="POSTed one signed event when every job of the batch has ended"
+    ),
 ):
     """Queue one job, or a list of jobs as one batch (all of them, or none)."""
     try:
@@ -84,6 +87,7 @@ async def submit(
         require_worker=require_worker,
         tenant=tenant,
         idempotency_key=idempotency_key,
+        batch_webhook_url=batch_webhook_url,
     )
     if handles and handles[0].replayed:
         response.status_code = 200

@@ -84,11 +84,19 @@ Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables
 
 
 def _queue(
-    jobs: list, batch_id: str | None, require_worker: bool, wait: bool, timeout: float | None, as_json: bool
+    jobs: list,
+    batch_id: str | None,
+    require_worker: bool,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+    batch_webhook: str | None = None,
 ) -> None:
     """Submit ``jobs`` as one batch, say what was queued, and wait for them when asked."""
     client = _client()
-    handles = client.submit_many(jobs, batch_id=batch_id, require_worker=require_worker)
+    handles = client.submit_many(
+        jobs, batch_id=batch_id, require_worker=require_worker, batch_webhook_url=batch_webhook
+    )
     _report_submitted(handles, as_json, wait)
     if wait:
         _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
@@ -190,6 +198,12 @@ def submit(
     webhook: Annotated[
         str | None, typer.Option("--webhook", help="An http(s) URL POSTed a signed event when the job ends.")
     ] = None,
+    batch_webhook: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-webhook", help="An http(s) URL POSTed one signed event when all the jobs have ended."
+        ),
+    ] = None,
     batch_id: BatchId = None,
     require_worker: RequireWorker = False,
     wait: Wait = False,
@@ -247,7 +261,7 @@ def submit(
             job if base_seed is None else job | {"seed": (base_seed + n * images) % 2**32}
             for n in range(count)
         ]
-        _queue(jobs, batch_id, require_worker, wait, timeout, as_json)
+        _queue(jobs, batch_id, require_worker, wait, timeout, as_json, batch_webhook)
 
     run(action)
 
