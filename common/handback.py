@@ -34,6 +34,7 @@ import redis
 from celery import Celery
 
 from lorafleet.common import keys
+from lorafleet.common.grids import GridBuilder
 from lorafleet.common.jobs import JobRecord, JobStatus, Progress, utcnow
 from lorafleet.common.queue import send_job
 from lorafleet.common.state import JobStore
@@ -69,10 +70,12 @@ class Upkeep:
         lost_after: float,
         own: Callable[[], tuple[str, set[str]]] | None = None,
         webhooks: WebhookSender | None = None,
+        grids: GridBuilder | None = None,
     ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
         self.own = own
         self.webhooks = webhooks
+        self.grids = grids
         """A worker's: (its instance, the jobs it runs now), to hand back its abandoned runs."""
         self._last_trim = float("-inf")
 
@@ -81,6 +84,8 @@ class Upkeep:
         send_unsent(self.store, self.app, UNSENT_AFTER)
         if self.webhooks is not None:
             self.webhooks.deliver_due()
+        if self.grids is not None:
+            self.grids.build_due()
         if time.monotonic() - self._last_trim >= TRIM_SECONDS:
             self._last_trim = time.monotonic()
             dropped = self.store.trim_indexes(self.store.retention)

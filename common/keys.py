@@ -36,6 +36,8 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   attempts: [{at, status, error}]}; kept a week
     lorafleet:batch-webhook:<batch_id>    hash    a batch's webhook: {url, total}; lorafleet:batch-ended:<batch_id>
                                                   (set) the ids of its jobs that ended
+    lorafleet:sweep:<batch_id>            string  a sweep's layout (common/sweeps.py); sweep-ended:<batch_id>
+                                                  (set) its ended jobs; grids:due (zset) sweeps to draw
     lorafleet:webhooks:due                zset    event ids waiting for a delivery, scored by when
                                                   (a delivery in progress: the end of its lease)
     lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
@@ -125,6 +127,16 @@ def idempotency(scope: str, digest: str) -> str:
 
 
 WEBHOOKS_DUE = PREFIX + "webhooks:due"
+GRIDS_DUE = PREFIX + "grids:due"
+
+
+def sweep(batch_id: str) -> str:
+    """A sweep's layout: JSON {axes: [{axis, labels}], prefix, grids: [keys]}."""
+    return f"{PREFIX}sweep:{batch_id}"
+
+
+def sweep_ended(batch_id: str) -> str:
+    return f"{PREFIX}sweep-ended:{batch_id}"
 
 
 def batch_webhook(batch_id: str) -> str:

@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from lorafleet.common import keys
+from lorafleet.common import keys, sweeps
 from lorafleet.common.jobs import PHASES, JobRecord
 from lorafleet.common.webhooks import job_ended
 
@@ -20,6 +20,7 @@ def record_finished(client: redis.Redis, record: JobRecord, now: float | None = 
     """Count a job that has just ended, and queue its webhook event if it names one."""
     now = time.time() if now is None else now
     job_ended(client, record)
+    sweeps.job_ended(client, record.job.batch_id, record.job_id)
     pipe = client.pipeline(transaction=False)
     pipe.hincrby(keys.STATS_FINISHED, record.status.value, 1)
     for phase in PHASES:

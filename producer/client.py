@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
+from lorafleet.common import keys, sweeps
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, InvalidInput, JobRejected, QueueFull, TransientError
 from lorafleet.common.events import BLOCK_SECONDS, JobEvent, read_events, tail
@@ -37,6 +39,7 @@ from lorafleet.common.queue import make_celery, queue_depths, send_job
 from lorafleet.common.settings import Settings
 from lorafleet.common.state import BATCH_INDEX_SLACK, JobStore
 from lorafleet.common.storage import Storage, image_key, open_storage
+from lorafleet.common.sweeps import SweepSpec, expand, save_layout
 from lorafleet.common.webhooks import add_to_watched_batch, check_url, job_ended, watch_batch
 from lorafleet.common.workers import WorkerRegistry
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
@@ -275,6 +278,43 @@ class Client:
                 add_to_watched_batch(self.redis, batch, -count)
             raise
         return [JobHandle(self, record) for record in records]
+
+    def sweep(
+        self,
+        spec: SweepSpec | dict[str, Any],
+        *,
+        batch_id: str | None = None,
+        require_worker: bool = False,
+        tenant: str | None = None,
+        idempotency_key: str | None = None,
+        batch_webhook_url: str | None = None,
+    ) -> list[JobHandle]:
+        """Expand a sweep (common/sweeps.py) into one batch and queue it: every job or none.
+        When its last job ends, upkeep draws its labelled grid beside the images."""
+        try:
+            spec = spec if isinstance(spec, SweepSpec) else SweepSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise JobRejected(
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+                field="sweep." + ".".join(map(str, exc.errors()[0]["loc"])),
+            ) from None
+        jobs, layout = expand(spec, self.settings.max_jobs_per_submit)
+        batch = batch_id or new_id()
+        keep = 2 * self.settings.record_retention + BATCH_INDEX_SLACK
+        save_layout(self.redis, batch, layout, spec.base.get("output_prefix", "images"), keep)
+        try:
+            return self.submit_many(
+                jobs,
+                batch_id=batch,
+                require_worker=require_worker,
+                tenant=tenant,
+                idempotency_key=idempotency_key,
+                batch_webhook_url=batch_webhook_url,
+            )
+        except BaseException:
+            if not self.jobs.batch(batch):
+                self.redis.delete(keys.sweep(batch))  # nothing was queued: no layout either
+            raise
 
     def _check_webhook(self, url: str, where: str, field: str = "webhook_url") -> None:
         if self.settings.webhook_secret is None:
@@ -571,6 +611,7 @@ class Client:
         assert record is not None
         if record.status is JobStatus.cancelled:
             job_ended(self.redis, record)  # its webhook now, not when a worker meets its message
+            sweeps.job_ended(self.redis, record.job.batch_id, record.job_id)
         logger.info("cancel of job %s: now %s", job_id, record.status.value)
         return record
 

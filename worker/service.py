@@ -15,6 +15,7 @@ from celery.signals import worker_ready
 
 from lorafleet.common.broker import resolve_broker
 from lorafleet.common.errors import BadArgument, ModelError
+from lorafleet.common.grids import GridBuilder
 from lorafleet.common.handback import Upkeep
 from lorafleet.common.loras.catalog import LoraCatalog
 from lorafleet.common.loras.registry import LoraRegistry
@@ -81,6 +82,7 @@ class Worker:
                 settings.worker_lost_after,
                 own=lambda: (self.runner.instance, self.runner.running_ids()),
                 webhooks=webhook_sender(settings, self.store.redis),
+                grids=GridBuilder(self.store.redis, storage),
             ).run,
             alive_file=alive_file(settings.home, self.name),
         )

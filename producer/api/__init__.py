@@ -8,7 +8,9 @@
     POST   /v1/jobs/{id}/retry         a failed or cancelled job, as a new job
     GET    /v1/jobs/{id}/webhook       the job's webhook event and its delivery attempts
     GET    /v1/jobs/{id}/images/{i}    the PNG (a local file through the app, S3 by redirect)
-    GET    /v1/batches/{id}            counts by status, the jobs, the image URLs
+    GET    /v1/batches/{id}            counts by status, the jobs, the image URLs; a sweep's axes and grids
+    GET    /v1/batches/{id}/grids/{z}  a sweep's grid page
+    POST   /v1/sweeps                  a base job and axes, expanded into one batch
     GET    /v1/events                  job changes as server-sent events (batch=, job=; Last-Event-ID)
     POST   /v1/loras                   import a LoRA from a download link or a hub repo
     GET    /v1/workers, /v1/queues     heartbeats; per-model queue depth and who serves it
@@ -35,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
 from lorafleet.common.errors import ConfigError, DuplicateRequest, InvalidInput, QueueFull, TransientError
+from lorafleet.common.grids import GridBuilder
 from lorafleet.common.handback import HANDBACK_SECONDS, Upkeep
 from lorafleet.common.models import ModelRegistry
 from lorafleet.common.settings import Settings
@@ -62,6 +65,7 @@ def _upkeep_while(stop: threading.Event, state: ApiState) -> None:
         client.celery,
         state.settings.worker_lost_after,
         webhooks=webhook_sender(state.settings, client.redis),
+        grids=GridBuilder(client.redis, state.storage),
     )
     while not stop.wait(HANDBACK_SECONDS):
         try:
@@ -134,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(jobs.router)
     app.include_router(batches.router)
+    batches.add_sweep_schema(app)
     app.include_router(events.router)
     app.include_router(loras.router)
     app.include_router(fleet.router)

@@ -56,6 +56,10 @@ class BatchView(BaseModel):
     counts: dict[str, int]
     jobs: list[JobView]
     images: list[str]
+    sweep: list[dict] | None = None
+    """A sweep's axes: [{axis, labels}] for X, Y, Z (its jobs carry sweep.x/.y/.z tags)."""
+    grids: list[str] = []
+    """URLs of a sweep's grid pages, once its last job has ended."""
 
 
 class Summary(BaseModel):

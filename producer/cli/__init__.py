@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import typer
 
-from lorafleet.producer.cli import catalog, embedded_redis, fleet, jobs, worker
+from lorafleet.producer.cli import catalog, embedded_redis, fleet, jobs, sweeps, worker
 
 app = typer.Typer(
     name="lorafleet",
@@ -41,6 +41,8 @@ app.command()(jobs.submit)
 app.command("submit-file")(jobs.submit_file)
 app.command()(jobs.status)
 app.command("wait")(jobs.wait_command)
+app.command()(sweeps.sweep)
+app.command()(sweeps.fetch)
 app.command()(jobs.cancel)
 app.command()(worker.worker)
 app.command("make-tiny-model")(worker.make_tiny_model)

@@ -1,0 +1,131 @@
+"""`lorafleet sweep SPEC` (a base job and axes, one batch, a grid when it ends) and
+`lorafleet fetch BATCH --out DIR` (every image and grid of a batch, and a manifest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lorafleet.common.errors import BadArgument
+from lorafleet.common.storage import open_storage
+from lorafleet.common.sweeps import read_layout
+from lorafleet.producer.cli.jobs import (
+    BatchId,
+    Json,
+    RequireWorker,
+    Timeout,
+    Wait,
+    _client,
+    _report_submitted,
+    _wait_and_report,
+)
+from lorafleet.producer.cli.terminal import console, run, safe
+
+
+def _read_spec(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BadArgument(f"cannot read {path}: {exc.strerror or exc}", field="SPEC") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise their own kinds
+        raise BadArgument(
+            f"{path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}", field="SPEC"
+        ) from None
+    if not isinstance(data, dict):
+        raise BadArgument(f"{path} holds no sweep", field="SPEC", allowed="a mapping: base, x, y?, z?")
+    return data
+
+
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="The sweep: a .yaml or .json file with base, x, y, z.")],
+    batch_id: BatchId = None,
+    require_worker: RequireWorker = False,
+    wait: Wait = False,
+    timeout: Timeout = None,
+    as_json: Json = False,
+) -> None:
+    """Queue a sweep (a base job and up to three axes) as one batch; its grid is drawn when it ends."""
+
+    def action():
+        client = _client()
+        handles = client.sweep(_read_spec(spec), batch_id=batch_id, require_worker=require_worker)
+        _report_submitted(handles, as_json, wait)
+        if wait:
+            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+
+    run(action)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(
+    batch_id: Annotated[str, typer.Argument(help="The batch (or sweep) to download.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the images, grids and manifest into.")],
+) -> None:
+    """Download every image and grid of a batch (skipping files already there with the right
+    hash) and write manifest.jsonl: one line per image with its job, axis values, parameters,
+    sha256 and path."""
+
+    def action():
+        client = _client()
+        records = client.batch(batch_id)
+        if not records:
+            raise BadArgument(f"no batch {batch_id!r}", field="BATCH_ID")
+        storage = open_storage(client.settings)
+        out.mkdir(parents=True, exist_ok=True)
+        fetched = skipped = 0
+        lines = []
+        for record in records:
+            for index, image in enumerate(record.images):
+                path = out / record.job_id / f"{index}.png"
+                if path.is_file() and _sha256(path) == image.sha256:
+                    skipped += 1
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(storage.get(image.key))
+                    fetched += 1
+                axes = {
+                    k: v
+                    for k, v in record.job.tags.items()
+                    if k.startswith("sweep.") and not k.endswith(".index")
+                }
+                lines.append(
+                    {
+                        "job_id": record.job_id,
+                        "index": index,
+                        "axes": axes,
+                        "parameters": record.job.model_dump(mode="json"),
+                        "seed": image.seed,
+                        "sha256": image.sha256,
+                        "path": str(path.relative_to(out)),
+                    }
+                )
+        layout = read_layout(client.redis, batch_id)
+        for key in layout["grids"] if layout else []:
+            (out / Path(key).name).write_bytes(storage.get(key))
+            fetched += 1
+        (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        console.print(
+            f"{fetched} files fetched, {skipped} already there, manifest of {len(lines)} images: "
+            f"{safe(str(out / 'manifest.jsonl'))}",
+            markup=False,
+        )
+
+    run(action)
