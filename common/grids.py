@@ -23,7 +23,9 @@ LABEL_HEIGHT = 24
 LABEL_WIDTH = 160
 """Room for the row labels at the left and the column labels on top, in pixels."""
 CELL_MAX = 512
-"""A cell is the image scaled down to at most this many pixels a side."""
+"""A cell is the image scaled down to at most this many pixels a side..."""
+CELL_MIN = 128
+"""...or up (nearest neighbour) to at least this many, so that small images stay legible."""
 
 
 def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str], title: str) -> Image.Image:
@@ -32,22 +34,23 @@ def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str
     ys = layout[1]["labels"] if len(layout) > 1 else [""]
     sample = next((c for c in cells.values() if isinstance(c, Image.Image)), None)
     width, height = sample.size if sample is not None else (128, 128)
-    scale = min(1.0, CELL_MAX / max(width, height))
+    scale = min(CELL_MAX / max(width, height), max(1.0, CELL_MIN / max(width, height)))
     cw, ch = int(width * scale), int(height * scale)
     page = Image.new("RGB", (LABEL_WIDTH + cw * len(xs), LABEL_HEIGHT * 2 + ch * len(ys)), "white")
     draw = ImageDraw.Draw(page)
-    draw.text((4, 4), title, fill="black")
+    names = f"X: {layout[0]['axis']}" + (f", Y: {layout[1]['axis']}" if len(layout) > 1 else "")
+    draw.text((4, 4), f"{title} · {names}", fill="black")
     for i, label in enumerate(xs):
-        draw.text((LABEL_WIDTH + i * cw + 4, LABEL_HEIGHT + 4), f"{layout[0]['axis']}: {label}", fill="black")
+        draw.text((LABEL_WIDTH + i * cw + 4, LABEL_HEIGHT + 4), label, fill="black")
     for j, label in enumerate(ys):
         top = LABEL_HEIGHT * 2 + j * ch
         if label:
-            draw.text((4, top + ch // 2), f"{layout[1]['axis']}: {label}", fill="black")
+            draw.text((4, top + ch // 2), label, fill="black")
         for i in range(len(xs)):
             left = LABEL_WIDTH + i * cw
             cell = cells.get((i, j), "missing")
             if isinstance(cell, Image.Image):
-                page.paste(cell.convert("RGB").resize((cw, ch)), (left, top))
+                page.paste(cell.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (left, top))
             else:
                 draw.rectangle((left, top, left + cw - 1, top + ch - 1), fill="#bbbbbb", outline="white")
                 draw.text((left + 6, top + ch // 2), cell, fill="black")

@@ -183,6 +183,29 @@ def test_dashboard_follows_jobs_live_and_acts_on_them(fleet):
         page.goto(fleet["base"] + f"/batches/{made['batch_id']}")
         page.wait_for_function("() => document.querySelectorAll('#sheet img').length >= 6")
         page.screenshot(path=str(SHOTS / "batch.png"), full_page=True)
+
+        # a sweep: its page lays the jobs out by axes, follows them live, and shows the grid
+        sweep = """async body => {
+            const r = await fetch('/v1/sweeps', {method: 'POST', headers: {'content-type': 'application/json'},
+                                                 body: JSON.stringify(body)});
+            return [r.status, await r.json()];
+        }"""
+        status, swept = page.evaluate(
+            sweep,
+            {
+                "base": {"model": TINY, "prompt": "a lighthouse", "seed": 5, "steps": 2},
+                "x": {"name": "lora:watercolor", "values": [0.3, 0.9]},
+                "y": {"name": "seed", "count": 2},
+            },
+        )
+        assert status == 201, swept
+        page.goto(fleet["base"] + f"/batches/{swept['batch_id']}")
+        page.wait_for_selector("#axes table.axes th:has-text('0.9')")
+        assert page.locator("#axes table.axes tbody tr").count() == 2  # one row per seed
+        page.wait_for_selector("#grids img.grid", timeout=120_000)  # drawn when the last job ends
+        page.wait_for_function("() => document.querySelector('#grids img.grid').naturalWidth > 0")
+        assert page.locator("#axes td[data-status='succeeded']").count() == 4
+        page.screenshot(path=str(SHOTS / "sweep.png"), full_page=True)
     finally:
         browser.close()
         playwright.stop()

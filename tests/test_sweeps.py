@@ -92,8 +92,8 @@ def test_a_failed_or_cancelled_cell_is_drawn_as_such(settings):
         grid = Image.open(
             io.BytesIO(open_storage(settings).get(read_layout(client.redis, batch)["grids"][0]))
         )
-    assert grid.size == (LABEL_WIDTH + 2 * 64, 2 * LABEL_HEIGHT + 64)
-    cancelled_cell = grid.getpixel((LABEL_WIDTH + 64 + 2, 2 * LABEL_HEIGHT + 2))
+    assert grid.size == (LABEL_WIDTH + 2 * 128, 2 * LABEL_HEIGHT + 128)  # 64-pixel images drawn at 128
+    cancelled_cell = grid.getpixel((LABEL_WIDTH + 128 + 2, 2 * LABEL_HEIGHT + 2))
     assert cancelled_cell == (0xBB, 0xBB, 0xBB)  # the grey tile of a cell without an image
 
 
@@ -123,8 +123,8 @@ def test_a_sweep_end_to_end_with_its_grid_and_fetch(template_home, redis_url, tm
             page = api.get(view["grids"][1])
             assert page.status_code == 200
             assert Image.open(io.BytesIO(page.content)).size == (
-                LABEL_WIDTH + 3 * 64,
-                2 * LABEL_HEIGHT + 4 * 64,
+                LABEL_WIDTH + 3 * 128,
+                2 * LABEL_HEIGHT + 4 * 128,
             )
 
         out = tmp_path / "fetched"

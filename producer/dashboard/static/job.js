@@ -27,6 +27,7 @@ async function refresh() {
       el("figcaption", {}, `seed ${r.images[i].seed} · ${r.images[i].width}×${r.images[i].height} · ${r.images[i].uri}`))));
   }
   document.getElementById("cli").textContent = r.cli;
+  if (job.webhook_url && ["succeeded", "failed", "cancelled"].includes(r.status)) showWebhook();
   rows("parameters", [
     ["model", job.model], ["prompt", job.prompt], ["negative", job.negative_prompt || "–"],
     ["LoRAs", loraStack(job)], ["sampler", job.sampler], ["steps", job.steps], ["CFG", job.cfg_scale],
@@ -57,4 +58,12 @@ document.getElementById("copy").addEventListener("click", async () => {
   catch { const range = document.createRange(); range.selectNodeContents(document.getElementById("cli"));
           getSelection().removeAllRanges(); getSelection().addRange(range); }
 });
+// The job's webhook event: its state and every delivery attempt.
+async function showWebhook() {
+  let event;
+  try { event = await api(`/v1/jobs/${encodeURIComponent(jobId)}/webhook`); } catch { return; }
+  const attempts = event.attempts.map(a => `${new Date(a.at * 1000).toLocaleTimeString()} ${a.status ?? "–"} ${a.error ?? "ok"}`);
+  rows("webhook", [["url", event.url], ["state", event.state], ["attempts", attempts.join(" · ") || "none yet"]]);
+}
+
 live(refresh, `job=${encodeURIComponent(jobId)}`);
