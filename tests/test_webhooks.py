@@ -206,3 +206,63 @@ def test_a_batch_webhook_into_the_fleets_network_is_refused_and_queues_nothing(h
         )
         assert response.status_code == 422 and response.json()["detail"][0]["field"] == "batch_webhook_url"
         assert api.get("/v1/jobs").json()["total"] == 0
+
+
+@pytest.mark.slow
+def test_the_api_restarted_while_an_event_is_pending_delivers_it(template_home, redis_url, tmp_path):
+    import subprocess
+
+    import httpx
+
+    from tests.conftest import copy_home
+    from tests.helpers import BIN
+
+    home = copy_home(template_home, tmp_path / "home")
+    env = lorafleet_env(
+        home, redis_url, LORAFLEET_WEBHOOK_SECRET=SECRET, LORAFLEET_WEBHOOK_ALLOW_PRIVATE="true"
+    )
+    settings = Settings(home=home, broker_url=redis_url, webhook_secret=SECRET, webhook_allow_private=True)
+    port = free_port()  # the receiver is down at first
+    with Client(settings) as client:
+        handle = client.submit(JOB | {"webhook_url": f"http://127.0.0.1:{port}/hook"})
+        make_runner(settings).run(handle.job_id)  # ended: its event waits in the outbox
+
+        def serve():
+            api_port = free_port()
+            process = subprocess.Popen(
+                [str(BIN / "lorafleet"), "serve", "--port", str(api_port)],
+                env=env,
+                stdout=open(tmp_path / f"serve-{api_port}.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
+
+            def up() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{api_port}/healthz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(up, timeout=60, what="lorafleet serve")
+            return process
+
+        first = serve()
+        try:
+            wait_until(
+                lambda: read_event(client.redis, handle.job_id)["attempts"], timeout=60, what="an attempt"
+            )
+        finally:
+            first.kill()  # the API goes away with the event still pending
+            first.wait()
+        assert read_event(client.redis, handle.job_id)["state"] == "pending"
+        receiver = Receiver(port=port)
+        second = serve()
+        try:
+            wait_until(lambda: receiver.deliveries, timeout=90, what="the delivery by the restarted API")
+        finally:
+            second.terminate()
+            second.wait(30)
+            receiver.close()
+        assert (
+            receiver.deliveries[0]["verified"]
+            and read_event(client.redis, handle.job_id)["state"] == "delivered"
+        )
