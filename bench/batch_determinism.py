@@ -52,7 +52,9 @@ def main() -> None:
     cond = {j.prompt: conditioning(hot.pipe, j) for j in [target, *others]}
 
     def run(seeds: list[int], prompts: list[str]) -> list[np.ndarray]:
-        images = sample(hot.pipe, hot.scheduler_config, target, [cond[p] for p in prompts], seeds, lambda s: None)
+        images = sample(
+            hot.pipe, hot.scheduler_config, target, [cond[p] for p in prompts], seeds, lambda s: None
+        )
         return [np.asarray(i, dtype=np.int16) for i in images]
 
     rows = []
@@ -67,16 +69,36 @@ def main() -> None:
                     prompts = [others[(k + variant) % 3].prompt for k in range(size)]
                     seeds[position], prompts[position] = seed, target.prompt
                     outputs.append(run(seeds, prompts)[position])
-                worst = max(worst, int(np.abs(outputs[0] - alone).max()), int(np.abs(outputs[1] - alone).max()))
+                worst = max(
+                    worst, int(np.abs(outputs[0] - alone).max()), int(np.abs(outputs[1] - alone).max())
+                )
                 same = same and bool(np.array_equal(outputs[0], outputs[1]))
-            rows.append({"seed": seed, "batch": size, "max_diff_vs_alone": worst, "companions_irrelevant": same})
+            rows.append(
+                {"seed": seed, "batch": size, "max_diff_vs_alone": worst, "companions_irrelevant": same}
+            )
     print(f"{'seed':>5} {'batch':>5} {'max |diff| vs alone':>20} {'same pixels, other companions':>30}")
     for row in rows:
-        print(f"{row['seed']:>5} {row['batch']:>5} {row['max_diff_vs_alone']:>20} {str(row['companions_irrelevant']):>30}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(json.dumps({"bench": "batch_determinism", "machine": platform.machine(), "device": str(device),
-                      "torch": torch.__version__, "commit": commit, "size": args.size, "steps": args.steps,
-                      "sampler": args.sampler, "rows": rows}))
+        print(
+            f"{row['seed']:>5} {row['batch']:>5} {row['max_diff_vs_alone']:>20} {str(row['companions_irrelevant']):>30}"
+        )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        json.dumps(
+            {
+                "bench": "batch_determinism",
+                "machine": platform.machine(),
+                "device": str(device),
+                "torch": torch.__version__,
+                "commit": commit,
+                "size": args.size,
+                "steps": args.steps,
+                "sampler": args.sampler,
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def serve(kind: str, settings: Settings) -> None:
         store = JobStore(redis, retention=settings.record_retention)
         pipelines = PipelineCache(settings)  # never asked for a pipeline here
         loras = LoraStore(LoraFiles(LoraCatalog(settings.lora_dir), None, None), pipelines.device, 0)
-        runner = NoWorkRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="bench@noop")
+        runner = NoWorkRunner(
+            settings, store, open_storage(settings), pipelines, loras, worker_name="bench@noop"
+        )
         register_tasks(app, runner)
     app.worker_main(worker_argv("bench@noop", [keys.queue(MODEL)], "WARNING"))
 

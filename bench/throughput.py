@@ -143,7 +143,15 @@ def run_lorafleet(
     log = home / f"worker-{len(list(home.glob('worker-*.log')))}.log"
     with open(log, "wb") as handle:
         worker = subprocess.Popen(
-            [str(BIN / "lorafleet"), "worker", "--models", "bench-model", "--preload", "--name", "bench@throughput"],
+            [
+                str(BIN / "lorafleet"),
+                "worker",
+                "--models",
+                "bench-model",
+                "--preload",
+                "--name",
+                "bench@throughput",
+            ],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -208,7 +216,9 @@ def main() -> None:
     for name, result in results.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in result["phases"].items())
         print(f"  {name}: {parts}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     summary = {
         "bench": "throughput",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",

@@ -14,7 +14,7 @@ from lorafleet.common.jobs import ID_PATTERN, JobStatus
 from lorafleet.common.storage import LocalStorage
 from lorafleet.common.sweeps import SweepSpec, read_layout
 from lorafleet.producer.api.state import ApiState, State, Tenant, visible
-from lorafleet.producer.api.views import BatchView, Submission, Submitted, job_view, problems
+from lorafleet.producer.api.views import BatchView, Submission, job_view, problems, submission
 
 router = APIRouter()
 
@@ -113,15 +113,7 @@ async def sweep(
         idempotency_key=idempotency_key,
         batch_webhook_url=batch_webhook_url,
     )
-    if handles and handles[0].replayed:
-        response.status_code = 200
-    return Submission(
-        batch_id=handles[0].batch_id,
-        jobs=[
-            Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings)
-            for h in handles
-        ],
-    )
+    return submission(handles, response)
 
 
 def add_sweep_schema(app) -> None:

@@ -14,7 +14,7 @@ from lorafleet.common.positions import standing
 from lorafleet.common.storage import LocalStorage
 from lorafleet.common.webhooks import read_event
 from lorafleet.producer.api.state import ApiState, State, Tenant, visible
-from lorafleet.producer.api.views import JobPage, JobView, Submission, Submitted, job_view, problems
+from lorafleet.producer.api.views import JobPage, JobView, Submission, job_view, problems, submission
 
 MAX_PAGE = 500
 """Largest page of jobs one request may ask for."""
@@ -89,15 +89,7 @@ async def submit(
         idempotency_key=idempotency_key,
         batch_webhook_url=batch_webhook_url,
     )
-    if handles and handles[0].replayed:
-        response.status_code = 200
-    return Submission(
-        batch_id=handles[0].batch_id,
-        jobs=[
-            Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings)
-            for h in handles
-        ],
-    )
+    return submission(handles, response)
 
 
 @router.get("/v1/jobs", response_model=JobPage)

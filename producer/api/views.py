@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 
+from fastapi import Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, create_model
 
@@ -77,6 +78,20 @@ def job_view(record: JobRecord, standing: Standing | None = None) -> JobView:
     cli = "" if record.damaged else resubmit_command(record.job)
     where = {} if standing is None else {"position": standing.position, "eta_seconds": standing.eta_seconds}
     return JobView(**record.model_dump(), job_id=record.job_id, image_urls=urls, cli=cli, **where)
+
+
+def submission(handles: list, response: Response) -> Submission:
+    """What a submit answers: the batch and its jobs; 200 instead of 201 when an idempotent
+    retry got the first request's jobs."""
+    if handles and handles[0].replayed:
+        response.status_code = 200
+    return Submission(
+        batch_id=handles[0].batch_id,
+        jobs=[
+            Submitted(job_id=h.job_id, batch_id=h.batch_id, queue=h.queue, warnings=h.warnings)
+            for h in handles
+        ],
+    )
 
 
 def problems(exc: InvalidInput) -> JSONResponse:

@@ -97,6 +97,11 @@ def _queue(
     handles = client.submit_many(
         jobs, batch_id=batch_id, require_worker=require_worker, batch_webhook_url=batch_webhook
     )
+    follow(client, handles, wait, timeout, as_json)
+
+
+def follow(client, handles, wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Say what was queued, and wait for it when asked."""
     _report_submitted(handles, as_json, wait)
     if wait:
         _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)

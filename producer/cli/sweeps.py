@@ -20,8 +20,7 @@ from lorafleet.producer.cli.jobs import (
     Timeout,
     Wait,
     _client,
-    _report_submitted,
-    _wait_and_report,
+    follow,
 )
 from lorafleet.producer.cli.terminal import console, run, safe
 
@@ -60,9 +59,7 @@ def sweep(
     def action():
         client = _client()
         handles = client.sweep(_read_spec(spec), batch_id=batch_id, require_worker=require_worker)
-        _report_submitted(handles, as_json, wait)
-        if wait:
-            _wait_and_report(client, [h.job_id for h in handles], timeout, as_json)
+        follow(client, handles, wait, timeout, as_json)
 
     run(action)
 

@@ -63,7 +63,7 @@ def test_a_refused_request_leaves_its_key_free_for_the_corrected_one(api):
 
 def test_a_key_whose_first_request_is_still_in_progress_is_a_409(api, settings):
     with Client(settings) as client:
-        request = {"jobs": [JOB], "batch_id": None, "require_worker": False}
+        request = {"jobs": [JOB], "batch_id": None, "require_worker": False, "batch_webhook_url": None}
         assert IdempotencyKeys(client.redis, 60).claim("slow-1", None, fingerprint(request)) is None
     response = api.post("/v1/jobs", json=JOB, headers=JSON_CALL | {"Idempotency-Key": "slow-1"})
     assert response.status_code == 409 and "still being handled" in response.json()["detail"]
