@@ -100,7 +100,8 @@ def test_a_job_that_outlives_the_visibility_timeout_never_runs_on_two_workers(fl
     client, start_worker, home = fleet
     settings = {"LORAFLEET_VISIBILITY_TIMEOUT": "10"}
     first, second = start_worker("one@failover", **settings), start_worker("two@failover", **settings)
-    handle = client.submit(LONG_JOB | {"seed": 3, "steps": 80})
+    # 150 steps: well past the 10 s timeout on this machine, even with both images in one call
+    handle = client.submit(LONG_JOB | {"seed": 3, "steps": 150})
     running = sampling(client, handle)
     record = handle.wait(timeout=300)
     assert record.status is JobStatus.succeeded, record.error

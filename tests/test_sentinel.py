@@ -53,9 +53,13 @@ def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
             redis.crash_primary()  # no shutdown: the primary is gone as in a crash
             records = client.wait([h.job_id for h in handles], timeout=300)
         assert [r.status for r in records] == [JobStatus.succeeded] * 6, [r.error for r in records]
-        logs = "".join(w.log.read_text() for w in workers)
-        for handle in handles:
-            assert logs.count(f"job {handle.job_id} succeeded") == 1, handle.job_id
+
+        def logs() -> str:
+            return "".join(w.log.read_text() for w in workers)
+
+        for handle in handles:  # its log line follows its final record by a moment
+            wait_until(lambda h=handle: f"job {h.job_id} succeeded" in logs(), timeout=30, what=handle.job_id)
+            assert logs().count(f"job {handle.job_id} succeeded") == 1, handle.job_id
     finally:
         for worker in workers:
             worker.kill()

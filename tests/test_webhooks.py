@@ -155,6 +155,9 @@ def test_a_pending_event_outlives_its_worker_and_is_delivered_by_the_next(templa
             receiver = Receiver(port=port)
             second.start()
             wait_until(lambda: receiver.deliveries, timeout=120, what="the delivery by the next worker")
+            wait_until(  # the outbox records the answer just after the receiver has it
+                lambda: read_event(client.redis, handle.job_id)["state"] == "delivered", timeout=30
+            )
             event = read_event(client.redis, handle.job_id)
         assert receiver.deliveries[0]["verified"] and receiver.deliveries[0]["id"] == event["id"]
         assert event["state"] == "delivered" and event["attempts"][0]["status"] is None
@@ -258,6 +261,7 @@ def test_the_api_restarted_while_an_event_is_pending_delivers_it(template_home, 
         second = serve()
         try:
             wait_until(lambda: receiver.deliveries, timeout=90, what="the delivery by the restarted API")
+            wait_until(lambda: read_event(client.redis, handle.job_id)["state"] == "delivered", timeout=30)
         finally:
             second.terminate()
             second.wait(30)

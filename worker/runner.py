@@ -250,7 +250,11 @@ class JobRunner:
             f"the record of job {job_id}", lambda: self.store.update(job_id, change)
         )
         if record is not None:
-            record_finished(self.store.redis, record)
+            # its stats, webhook and sweep: through an outage too (the ended record is written;
+            # a Redis error here would give the message back and the job would end unlogged)
+            self._through_outage(
+                f"the end of job {job_id}", lambda: record_finished(self.store.redis, record)
+            )
         return record
 
     def _progress(self, job_id: str, step: int, *, last: bool = False) -> None:
