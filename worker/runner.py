@@ -377,10 +377,17 @@ class JobRunner:
                 break
             if record is None or record.status is not JobStatus.queued or batch_key(record.job) != key:
                 continue
-            if record.job.num_images > room or not self.waiting.take(candidate):
+            if record.job.num_images > room:
+                continue
+            # Listed unsent first: if this worker or Redis fails between taking the message and
+            # starting the record, upkeep sends the still-queued job a new message.
+            self.store.mark_unsent([candidate.job_id])
+            if not self.waiting.take(candidate):
+                self.store.sent([candidate.job_id])  # another worker has it
                 continue
             self._taken.add(candidate.job_id)
             started, _ = self._take(candidate.job_id)
+            self.store.sent([candidate.job_id])  # started (or ended): its record holds it now
             if started is not None:
                 taken.append(started)
                 room -= started.job.num_images

@@ -5,7 +5,9 @@ any worker can take them). When a job starts, the runner looks at the next messa
 job's queue, oldest first and highest priority first (Celery's Redis lists, named in
 ``common/keys.py``), and takes those whose jobs can share its sampling calls: it removes the
 message (LREM: if another worker took it first, nothing is removed and the job is left) and
-starts the job's record under its own run. From then on the record is the job's only claim:
+starts the job's record under its own run. The job is listed unsent before its message is
+taken and unlisted once its record has started, so a worker (or Redis) failing in between
+leaves a queued record that upkeep sends a new message. From then on the record is the claim:
 if the worker dies, upkeep hands the running record back to the queue with a new message
 (common/handback.py); if the job meets a transient failure, its record is queued again and
 listed as unsent, and upkeep sends its message.

@@ -166,3 +166,26 @@ def test_without_background_stages_nothing_is_made_ready_ahead(client, settings)
     runner.run(first.job_id)
     runner.run(nxt.job_id)
     assert client.get(nxt.job_id).timings.lora_misses == 1
+
+
+def test_a_job_taken_along_but_never_started_gets_a_new_message(client, settings, monkeypatch):
+    import redis
+
+    from lorafleet.common.handback import send_unsent
+
+    runner = make_runner(settings.model_copy(update={"max_batch": 8}))
+    lead = client.submit(JOB)
+    other = client.submit(JOB | {"seed": 5})
+    client.jobs.sent([lead.job_id, other.job_id])
+    started, _ = runner._take(lead.job_id)
+
+    def redis_fails(job_id):  # Redis fails over between taking the message and starting the record
+        raise redis.ConnectionError("the primary went away")
+
+    monkeypatch.setattr(runner, "_take", redis_fails)
+    with pytest.raises(redis.ConnectionError):
+        runner._companions(started)
+    assert other.job_id not in {w.job_id for w in runner.waiting.peek(started.queue)}  # its message is gone
+    assert client.get(other.job_id).status is JobStatus.queued
+    assert send_unsent(client.jobs, client.celery, after=0) == [other.job_id]  # upkeep sends a new one
+    assert other.job_id in {w.job_id for w in runner.waiting.peek(started.queue)}
