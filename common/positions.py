@@ -9,7 +9,6 @@ stored for that model over the last RATE_MINUTES; none without recent throughput
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import redis
 
 from lorafleet.common import keys
 from lorafleet.common.jobs import JobRecord, JobStatus
-from lorafleet.common.queue import PRIORITY_VALUE
+from lorafleet.common.queue import PRIORITY_VALUE, message_job
 
 SCAN_LIMIT = 10_000
 """Messages of its own list read at most to find a job; past it the position is a floor."""
@@ -59,7 +58,7 @@ def standing(client: redis.Redis, record: JobRecord) -> Standing | None:
         if not chunk:
             break
         for raw in reversed(chunk):
-            if _job_id(raw) == record.job_id:
+            if (message_job(raw) or ("",))[0] == record.job_id:
                 found = True
                 break
             scanned += 1
@@ -69,10 +68,3 @@ def standing(client: redis.Redis, record: JobRecord) -> Standing | None:
     rate = model_rate(client, record.job.model)
     eta = None if rate is None else (position + 1) * record.job.num_images / rate
     return Standing(position=position, exact=found, eta_seconds=eta)
-
-
-def _job_id(raw: bytes) -> str | None:
-    try:
-        return (json.loads(raw).get("headers") or {}).get("id")
-    except (ValueError, AttributeError):
-        return None

@@ -11,6 +11,7 @@ Semantics of priorities: Celery's Redis transport keeps one list per priority st
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from celery import Celery
@@ -107,6 +108,19 @@ def send_job(app: Celery, record: JobRecord, producer=None) -> None:
         priority=PRIORITY_VALUE[record.job.priority],
         producer=producer,
     )
+
+
+def message_job(raw: bytes) -> tuple[str, bool] | None:
+    """(job id, whether it waits out a delay) of a raw ``lorafleet.generate`` message in a
+    queue's Redis list, from the two headers ``send_job`` and Celery's retry set; None for
+    anything else."""
+    try:
+        headers = json.loads(raw).get("headers") or {}
+    except (ValueError, AttributeError):
+        return None
+    if headers.get("task") != TASK_GENERATE or not isinstance(headers.get("id"), str):
+        return None
+    return headers["id"], headers.get("eta") is not None
 
 
 def make_celery(settings: Settings, broker: Broker) -> Celery:

@@ -18,14 +18,13 @@ headers lorafleet itself sets when it sends (``common/queue.send_job``).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import redis
 
 from lorafleet.common import keys
-from lorafleet.common.queue import TASK_GENERATE
+from lorafleet.common.queue import message_job
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +56,11 @@ class WaitingJobs:
         found = []
         for key, raws in zip(lists, pipe.execute()):
             for raw in reversed(raws):
-                job_id = _job_id(raw)
-                if job_id is not None:
-                    found.append(Waiting(job_id, key, raw))
+                parsed = message_job(raw)
+                if parsed is not None and not parsed[1]:  # a job queued again waits out its delay
+                    found.append(Waiting(parsed[0], key, raw))
         return found
 
     def take(self, waiting: Waiting) -> bool:
         """Remove the message from its list; False if another worker took it first."""
         return bool(self.redis.lrem(waiting.list_key, 1, waiting.raw))
-
-
-def _job_id(raw: bytes) -> str | None:
-    try:
-        headers = json.loads(raw).get("headers") or {}
-    except (ValueError, AttributeError):
-        return None
-    if headers.get("task") != TASK_GENERATE or not isinstance(headers.get("id"), str):
-        return None
-    if headers.get("eta") is not None:  # a job queued again after a failure waits out its delay
-        return None
-    return headers["id"]

@@ -7,13 +7,13 @@ import json
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse
 
 from lorafleet.common.errors import JobRejected
 from lorafleet.common.jobs import ID_PATTERN, JobStatus
-from lorafleet.common.storage import LocalStorage
 from lorafleet.common.sweeps import SweepSpec, read_layout
-from lorafleet.producer.api.state import ApiState, State, Tenant, visible
+from lorafleet.producer.api.jobs import stored_png
+from lorafleet.producer.api.state import State, Tenant, visible
 from lorafleet.producer.api.views import BatchView, Submission, job_view, problems, submission
 
 router = APIRouter()
@@ -57,17 +57,7 @@ def grid(state: State, tenant: Tenant, batch_id: str, page: int):
         raise HTTPException(
             404, f"sweep {batch_id} has {len(sweep['grids'])} grid pages (drawn when it ends)"
         )
-    return _stored_png(state, sweep["grids"][page])
-
-
-def _stored_png(state: ApiState, key: str):
-    storage = state.storage
-    if isinstance(storage, LocalStorage):
-        path = storage.root / key
-        if not path.is_file():
-            raise HTTPException(404, f"{key} is no longer in {storage.root}")
-        return FileResponse(path, media_type="image/png")
-    return RedirectResponse(storage.presigned_url(key), status_code=307)
+    return stored_png(state, sweep["grids"][page])
 
 
 @router.post(

@@ -165,11 +165,15 @@ def image(state: State, tenant: Tenant, job_id: str, index: int):
     record = _record_or_404(state, job_id, tenant)
     if not 0 <= index < len(record.images):
         raise HTTPException(404, f"job {job_id} has {len(record.images)} images")
-    key = record.images[index].key
+    return stored_png(state, record.images[index].key)
+
+
+def stored_png(state: ApiState, key: str):
+    """A stored PNG: the file from a local store, or a redirect to a presigned S3 URL."""
     storage = state.storage
     if isinstance(storage, LocalStorage):
         path = storage.root / key
         if not path.is_file():
-            raise HTTPException(404, f"image {key} is no longer in {storage.root}")
+            raise HTTPException(404, f"{key} is no longer in {storage.root}")
         return FileResponse(path, media_type="image/png")
     return RedirectResponse(storage.presigned_url(key), status_code=307)
