@@ -30,8 +30,8 @@ import time
 from collections import deque
 from pathlib import Path
 
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.pipelines import PipelineCache
 from lorafleet.worker.tiny import make_tiny_model
 

@@ -29,11 +29,11 @@ def main() -> None:
     parser.add_argument("--sampler", default="euler_a")
     args = parser.parse_args()
 
-    from lorafleet.common.jobs import parse_job
-    from lorafleet.common.models import ModelRegistry
-    from lorafleet.common.settings import Settings
+    from lorafleet.common.catalog.models import ModelRegistry
+    from lorafleet.common.schema.jobs import parse_job
+    from lorafleet.common.schema.settings import Settings
     from lorafleet.worker.pipelines import load_pipeline
-    from lorafleet.worker.sampling import conditioning, sample
+    from lorafleet.worker.run.sampling import conditioning, sample
     from lorafleet.worker.tiny import make_tiny_model
 
     home = Path(tempfile.mkdtemp(prefix="lorafleet-determinism-"))

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.checkpoint_format import write_single_file
 from lorafleet.worker.pipelines import PipelineCache
 from lorafleet.worker.tiny import make_sd15_shaped_model

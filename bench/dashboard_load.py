@@ -30,10 +30,19 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from lorafleet.common.jobs import GenerationJob, ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
-from lorafleet.common.metrics import record_finished
-from lorafleet.common.settings import Settings
-from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.fleet.metrics import record_finished
+from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.schema.jobs import (
+    GenerationJob,
+    ImageRef,
+    JobRecord,
+    JobStatus,
+    Progress,
+    Timings,
+    utcnow,
+)
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.api import create_app
 from lorafleet.producer.client import Client
 
@@ -218,7 +227,7 @@ def main() -> None:
                 rows = [time_requests(http, path, args.repeats) for path in paths]
             server.should_exit = True
         finally:
-            client.settings.embedded_redis().stop()
+            embedded_redis(client.settings).stop()
     print(f"\n{args.records} records, {args.repeats} requests each over HTTP (target < {TARGET_MS:.0f} ms)\n")
     print(f"{'request':<60} {'median ms':>10} {'p95 ms':>8} {'KiB':>7}  ok")
     for row in rows:

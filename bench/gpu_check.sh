@@ -71,7 +71,7 @@ export LORAFLEET_HOME="$HOME_DIR" LORAFLEET_DEVICE="$DEVICE"
         --images 2 --wait --json
     echo "exit $?"
     kill -TERM $worker; wait $worker
-    "$PYTHON" -c "from lorafleet.common.settings import Settings; Settings().embedded_redis().stop()"
+    "$PYTHON" -c "from lorafleet.common.schema.settings import Settings; from lorafleet.common.infra.embedded import embedded_redis; embedded_redis(Settings()).stop()"
 } >"$LOGS/job.log" 2>&1
 
 echo

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafleet.worker.lora_formats import parse_lora
-from lorafleet.worker.patcher import StackEntry, WeightPatcher, concatenate_low_rank
+from lorafleet.worker.lora.formats import parse_lora
+from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher, concatenate_low_rank
 
 SD15 = dict(sample_size=64, cross_attention_dim=768)
 SDXL = dict(

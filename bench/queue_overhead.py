@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafleet.common import keys
-from lorafleet.common.queue import make_celery, worker_argv
-from lorafleet.common.settings import Settings
+from lorafleet.common.fleet.queue import make_celery, worker_argv
+from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.settings import Settings
 
 MODEL = "acme/noop-model"  # a hub id: resolved without a download, never loaded here
 COUNTER = "bench:bare:done"
@@ -38,16 +39,16 @@ BATCH = 500
 
 
 def app_for(settings: Settings):
-    from lorafleet.common.broker import resolve_broker
+    from lorafleet.common.infra.broker import resolve_broker
 
     return make_celery(settings, resolve_broker(settings))
 
 
 def serve(kind: str, settings: Settings) -> None:
     """The worker process: bare Celery, or lorafleet's runner with the GPU work left out."""
-    from lorafleet.common.broker import resolve_broker
-    from lorafleet.common.jobs import JobRecord, JobStatus, Progress
-    from lorafleet.common.state import JobStore
+    from lorafleet.common.fleet.store import JobStore
+    from lorafleet.common.infra.broker import resolve_broker
+    from lorafleet.common.schema.jobs import JobRecord, JobStatus, Progress
 
     app = app_for(settings)
     redis = resolve_broker(settings).client()
@@ -58,8 +59,8 @@ def serve(kind: str, settings: Settings) -> None:
             redis.incr(COUNTER)
 
     else:
-        from lorafleet.common.storage import open_storage
-        from lorafleet.worker.runner import JobRunner
+        from lorafleet.common.infra.storage import open_storage
+        from lorafleet.worker.run.runner import JobRunner
         from lorafleet.worker.tasks import register_tasks
 
         class NoWorkRunner(JobRunner):
@@ -71,9 +72,9 @@ def serve(kind: str, settings: Settings) -> None:
                 self.stats.done += 1
                 return JobStatus.succeeded
 
-        from lorafleet.common.loras.catalog import LoraCatalog
-        from lorafleet.worker.lora_files import LoraFiles
-        from lorafleet.worker.loras import LoraStore
+        from lorafleet.common.catalog.loras import LoraCatalog
+        from lorafleet.worker.lora.files import LoraFiles
+        from lorafleet.worker.lora.store import LoraStore
         from lorafleet.worker.pipelines import PipelineCache
 
         store = JobStore(redis, retention=settings.record_retention)
@@ -93,7 +94,7 @@ def start_worker(kind: str, home: str) -> subprocess.Popen:
 
 def run_bare(settings: Settings, jobs: int) -> float:
     app = app_for(settings)
-    from lorafleet.common.broker import resolve_broker
+    from lorafleet.common.infra.broker import resolve_broker
 
     redis = resolve_broker(settings).client()
     redis.delete(COUNTER)
@@ -155,7 +156,7 @@ def main() -> None:
             bare = measure("bare", Path(home), args.jobs)
             fleet = measure("lorafleet", Path(home), args.jobs)
         finally:
-            settings.embedded_redis().stop()
+            embedded_redis(settings).stop()
     ratio = fleet / bare
     print(f"\n{args.jobs} jobs through one worker, the embedded Redis (unix socket), solo pool, prefetch 1\n")
     print(f"{'path':<44} {'ms/job':>8} {'jobs/s':>8}")

@@ -134,8 +134,8 @@ def run_lorafleet(
 ) -> tuple[float, dict[str, float], int]:
     """One worker process with ``env_extra``; the jobs submitted as one batch; seconds from
     the submit to the last job ended, summed phase timings, largest batch size seen."""
-    from lorafleet.common.jobs import JobStatus
-    from lorafleet.common.settings import Settings
+    from lorafleet.common.schema.jobs import JobStatus
+    from lorafleet.common.schema.settings import Settings
     from lorafleet.producer import Client
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
@@ -186,7 +186,8 @@ def main() -> None:
     parser.add_argument("--skip-diffusers", action="store_true")
     args = parser.parse_args()
 
-    from lorafleet.common.settings import Settings
+    from lorafleet.common.infra.embedded import embedded_redis
+    from lorafleet.common.schema.settings import Settings
 
     home = make_home(args.shape)
     work = jobs(args.seeds, args.size)
@@ -202,7 +203,7 @@ def main() -> None:
         seconds, phases, batch = run_lorafleet(home, work, args.device, {})
         results["lorafleet as shipped"] = {"seconds": seconds, "phases": phases, "batch": batch}
     finally:
-        Settings(home=home).embedded_redis().stop()
+        embedded_redis(Settings(home=home)).stop()
 
     shipped = images / results["lorafleet as shipped"]["seconds"]
     print(f"\n{images} jobs ({args.shape} UNet, {args.size}x{args.size}, {args.device}), one image each\n")

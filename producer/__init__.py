@@ -3,7 +3,7 @@
 The public SDK is re-exported here; ``tests/producer/test_public_api.py`` pins it.
 """
 
-from lorafleet.common.errors import (
+from lorafleet.common.schema.errors import (
     ConfigError,
     JobCancelled,
     JobFailed,
@@ -11,8 +11,8 @@ from lorafleet.common.errors import (
     LorafleetError,
     TransientError,
 )
-from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, LoraSpec, Priority, Sampler
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, LoraSpec, Priority, Sampler
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.client import Client, JobHandle
 
 __all__ = [

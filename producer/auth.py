@@ -25,9 +25,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
-from lorafleet.common import keys
-from lorafleet.common.errors import ConfigError
-from lorafleet.common.jobs import ADMIN_TENANT, TENANT_PATTERN
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import ConfigError
+from lorafleet.common.schema.jobs import ADMIN_TENANT, TENANT_PATTERN
 
 COOKIE = "lorafleet_session"
 COOKIE_SECONDS = 30 * 24 * 3600

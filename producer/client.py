@@ -27,21 +27,22 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from lorafleet.common import keys, sweeps
-from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import BadArgument, InvalidInput, JobRejected, QueueFull, TransientError
-from lorafleet.common.events import BLOCK_SECONDS, JobEvent, read_events, tail
-from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.registry import LoraRegistry
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.queue import make_celery, queue_depths, send_job
-from lorafleet.common.settings import Settings
-from lorafleet.common.state import BATCH_INDEX_SLACK, JobStore
-from lorafleet.common.storage import Storage, image_key, open_storage
-from lorafleet.common.sweeps import SweepSpec, expand, save_layout
-from lorafleet.common.webhooks import add_to_watched_batch, check_url, job_ended, watch_batch
-from lorafleet.common.workers import WorkerRegistry
+from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.events import BLOCK_SECONDS, JobEvent, read_events, tail
+from lorafleet.common.fleet.queue import make_celery, queue_depths, send_job
+from lorafleet.common.fleet.store import BATCH_INDEX_SLACK, JobStore
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.infra.broker import resolve_broker
+from lorafleet.common.infra.storage import Storage, image_key, open_storage
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import BadArgument, InvalidInput, JobRejected, QueueFull, TransientError
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
+from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services import sweeps
+from lorafleet.common.services.sweeps import SweepSpec, expand, save_layout
+from lorafleet.common.services.webhooks import add_to_watched_batch, check_url, job_ended, watch_batch
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
 from lorafleet.producer.png_jobs import PngJob, PngReader
@@ -289,7 +290,7 @@ class Client:
         idempotency_key: str | None = None,
         batch_webhook_url: str | None = None,
     ) -> list[JobHandle]:
-        """Expand a sweep (common/sweeps.py) into one batch and queue it: every job or none.
+        """Expand a sweep (common/services/sweeps.py) into one batch and queue it: every job or none.
         When its last job ends, upkeep draws its labelled grid beside the images."""
         try:
             spec = spec if isinstance(spec, SweepSpec) else SweepSpec.model_validate(spec)

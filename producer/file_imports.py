@@ -13,13 +13,13 @@ from pathlib import Path
 
 import redis
 
-from lorafleet.common.embeddings import describe_embedding
-from lorafleet.common.errors import FileRefused
-from lorafleet.common.loras.files import SAFETENSORS_SUFFIX, sha256_file
-from lorafleet.common.settings import Settings
-from lorafleet.common.shared_files import Kind, SharedFile, SharedFiles
-from lorafleet.common.storage import copy_atomic, open_storage
-from lorafleet.common.vaes import check_vae_file
+from lorafleet.common.catalog.embeddings import describe_embedding
+from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, sha256_file
+from lorafleet.common.catalog.shared_files import Kind, SharedFile, SharedFiles
+from lorafleet.common.catalog.vaes import check_vae_file
+from lorafleet.common.infra.storage import copy_atomic, open_storage
+from lorafleet.common.schema.errors import FileRefused
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.lora_imports import target_name
 
 

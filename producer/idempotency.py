@@ -24,8 +24,8 @@ from typing import Any
 
 import redis
 
-from lorafleet.common import keys
-from lorafleet.common.errors import BadArgument, DuplicateRequest
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import BadArgument, DuplicateRequest
 
 KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 """An idempotency key: 1-255 printable ASCII characters, no spaces."""

@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 
 import redis
 
-from lorafleet.common.errors import BadArgument, FileRefused
-from lorafleet.common.jobs import check_lora_name
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import SAFETENSORS_SUFFIX, LoraInfo, describe_file
-from lorafleet.common.loras.registry import LoraRegistry, object_key
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import copy_atomic, open_storage
+from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, LoraInfo, describe_file
+from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.infra.storage import copy_atomic, open_storage
+from lorafleet.common.schema.errors import BadArgument, FileRefused
+from lorafleet.common.schema.jobs import check_lora_name
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.lora_sources import Progress, UrlCheck, fetch
 
 MAX_NAME = 200

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from lorafleet.common.addresses import is_public_address, resolve
-from lorafleet.common.errors import BadArgument, TransientError
-from lorafleet.common.loras.files import MAX_LORA_BYTES, SAFETENSORS_SUFFIX, sha256_file
+from lorafleet.common.catalog.lora_files import MAX_LORA_BYTES, SAFETENSORS_SUFFIX, sha256_file
+from lorafleet.common.infra.net import is_public_address, resolve
+from lorafleet.common.schema.errors import BadArgument, TransientError
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The file name diffusers' save_lora_weights writes (and hub LCM-LoRA repos hold)."""

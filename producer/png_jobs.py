@@ -1,6 +1,6 @@
 """A job from an image's generation parameters: regenerate a PNG, or start from one.
 
-The image's parameters (common/infotext.py) give prompt, negative prompt, sampler, steps,
+The image's parameters (common/schema/infotext.py) give prompt, negative prompt, sampler, steps,
 CFG, seed, size, clip skip, model, VAE and LoRAs. Names are matched against what is
 installed here; a LoRA, model or VAE named differently here is found by the hash the image
 carries (A1111's hashes: a model's and a VAE's first 10 hex digits of the file's sha256, a
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafleet.common.checkpoints import short_hash
-from lorafleet.common.errors import JobRejected, LoraError, ModelError, VaeError
-from lorafleet.common.family import Family
-from lorafleet.common.infotext import Infotext, read_png
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import LoraInfo, sha256_file
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.prompts import lora_tag, split_lora_tags
+from lorafleet.common.catalog.checkpoints import short_hash
+from lorafleet.common.catalog.lora_files import LoraInfo, sha256_file
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.errors import JobRejected, LoraError, ModelError, VaeError
+from lorafleet.common.schema.family import Family
+from lorafleet.common.schema.infotext import Infotext, read_png
+from lorafleet.common.schema.prompts import lora_tag, split_lora_tags
 
 _TAG = re.compile(r"<(?:lora|lyco):[^>]*>", re.IGNORECASE)
 _DIGEST = re.compile(r"^[0-9a-f]{10,64}$")

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from lorafleet.common.jobs import PHASES, JobStatus
-from lorafleet.common.metrics import images_per_minute, totals
-from lorafleet.common.workers import QueueView, WorkerView
+from lorafleet.common.fleet.metrics import images_per_minute, totals
+from lorafleet.common.fleet.workers import QueueView, WorkerView
+from lorafleet.common.schema.jobs import PHASES, JobStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The media type of the text exposition format."""

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from lorafleet.common import guidance
-from lorafleet.common.embeddings import EmbeddingCatalog
-from lorafleet.common.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
-from lorafleet.common.jobs import (
+from lorafleet.common.catalog.embeddings import EmbeddingCatalog
+from lorafleet.common.catalog.lora_files import LoraInfo
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import HUB_ID, ModelRef, ModelRegistry
+from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.schema import guidance
+from lorafleet.common.schema.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
+from lorafleet.common.schema.jobs import (
     MAX_EMBEDDINGS,
     MAX_LORAS,
     MAX_SEED,
@@ -28,11 +32,7 @@ from lorafleet.common.jobs import (
     LoraSpec,
     describe_validation_error,
 )
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import LoraInfo
-from lorafleet.common.models import HUB_ID, ModelRef, ModelRegistry
-from lorafleet.common.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
-from lorafleet.common.shared_files import SharedFiles
+from lorafleet.common.schema.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
 
 FALLBACK_SIZE = 512
 """Width and height when neither the job nor the model's config gives one (hub ids)."""

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lorafleet.common.settings import Settings
+from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from lorafleet.producer.cli.display import WaitDisplay, print_report
 
@@ -120,7 +121,7 @@ def main() -> None:
     os.environ["LORAFLEET_HOME"] = str(HOME)
     prepare()
     settings = Settings(home=HOME)
-    embedded = settings.embedded_redis()
+    embedded = embedded_redis(settings)
     redis_was_running = embedded.ping()
     console.rule("embedded Redis and one worker")
     console.print(

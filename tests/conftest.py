@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.settings import Settings
 from tests.helpers import MotoServer, RedisProcess
 
 TINY = "tiny-sd15"

@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from lorafleet.common.embedded import redis_server_binary
+from lorafleet.common.infra.embedded import redis_server_binary
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -209,7 +209,7 @@ class SentinelRedis:
         return self
 
     def _master_known(self) -> bool:
-        from lorafleet.common.broker import Broker
+        from lorafleet.common.infra.broker import Broker
 
         try:
             return bool(Broker(self.url).client().ping())

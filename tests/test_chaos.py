@@ -15,8 +15,8 @@ import boto3
 import pytest
 import redis
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_SD2, copy_home
 from tests.helpers import SentinelRedis, TcpProxy, WorkerProcess, lorafleet_env, s3_env, wait_until

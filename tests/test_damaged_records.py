@@ -8,8 +8,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
-from lorafleet.common.jobs import MAX_PROMPT_CHARS, JobStatus
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.jobs import MAX_PROMPT_CHARS, JobStatus
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY

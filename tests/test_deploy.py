@@ -28,8 +28,8 @@ import pytest
 import typer.main
 import yaml
 
-from lorafleet.common import keys
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli import app
 from tests.helpers import REPO
 

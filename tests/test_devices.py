@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
-from lorafleet.common.workers import WorkerRegistry
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from lorafleet.worker.supervisor import child_name, parse_devices
 from tests.conftest import TINY
@@ -86,7 +86,7 @@ def test_two_cpu_workers_are_started_restarted_and_drained(home, redis_url, tmp_
 def test_devices_are_checked_and_children_named():
     assert parse_devices("cpu, cuda:1,cuda") == ["cpu", "cuda:1", "cuda"]
     assert child_name("gpu-box@host-a", 3) == "gpu-box-3@host-a"
-    from lorafleet.common.errors import BadArgument
+    from lorafleet.common.schema.errors import BadArgument
 
     for bad in ("tpu", "cuda:x", "cpu:0", ""):
         with pytest.raises(BadArgument) as caught:

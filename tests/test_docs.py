@@ -6,7 +6,7 @@ import re
 
 import typer.main
 
-from lorafleet.common.settings import RENAMED, Settings
+from lorafleet.common.schema.settings import RENAMED, Settings
 from lorafleet.producer.cli import app
 from tests.helpers import REPO
 
@@ -44,7 +44,7 @@ def test_readme_gives_the_two_commands():
 
 
 def test_every_job_field_is_in_the_jobs_table():
-    from lorafleet.common.jobs import GenerationJob
+    from lorafleet.common.schema.jobs import GenerationJob
 
     table = README.split("### Jobs", 1)[1].split("\n\n", 2)[1]
     documented = set(re.findall(r"^\| `([a-z_]+)`", table, re.MULTILINE)) | set(

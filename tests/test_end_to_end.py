@@ -15,7 +15,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from lorafleet.common import keys
+from lorafleet.common.schema import keys
 from tests.conftest import TINY, TINY_XL, copy_home
 from tests.helpers import RedisProcess, WorkerProcess, lorafleet_env, run_cli, s3_env, wait_until
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, copy_home
 from tests.helpers import RedisProcess, WorkerProcess, lorafleet_env, wait_until

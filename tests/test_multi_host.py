@@ -14,8 +14,8 @@ import uuid
 import boto3
 import pytest
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
 from tests.helpers import (

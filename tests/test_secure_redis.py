@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, copy_home
 from tests.helpers import WorkerProcess, debian_redis_server, free_port, lorafleet_env, run_cli, wait_until

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from lorafleet.common.broker import Broker
-from lorafleet.common.errors import ConfigError
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
+from lorafleet.common.infra.broker import Broker
+from lorafleet.common.schema.errors import ConfigError
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, copy_home
 from tests.helpers import SentinelRedis, WorkerProcess, lorafleet_env, wait_until

@@ -9,8 +9,8 @@ import io
 import torch
 from PIL import Image
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from tests.conftest import TINY, copy_home
 from tests.helpers import lorafleet_env, run_cli

@@ -15,7 +15,7 @@ import boto3
 import pytest
 from PIL import Image
 
-from lorafleet.common.loras.files import sha256_file
+from lorafleet.common.catalog.lora_files import sha256_file
 from tests.conftest import TINY, copy_home
 from tests.helpers import MotoServer, RedisProcess, WorkerProcess, lorafleet_env, run_cli, s3_env
 

@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lorafleet.common.grids import LABEL_HEIGHT, LABEL_WIDTH, GridBuilder
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import open_storage
-from lorafleet.common.sweeps import SweepSpec, expand, read_layout
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.grids import LABEL_HEIGHT, LABEL_WIDTH, GridBuilder
+from lorafleet.common.services.sweeps import SweepSpec, expand, read_layout
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, copy_home

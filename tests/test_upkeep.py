@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from lorafleet.common import keys
-from lorafleet.common.handback import send_unsent
-from lorafleet.common.jobs import GenerationJob, JobRecord, JobStatus
+from lorafleet.common.fleet.upkeep import send_unsent
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus
 from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.producer.test_client import queued_messages
@@ -54,8 +54,8 @@ def test_a_worker_hands_back_its_own_run_that_redis_cut_short(settings):
     record stays running under this live worker, which no other process would hand back."""
     from datetime import timedelta
 
-    from lorafleet.common.handback import hand_back_lost_jobs
-    from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+    from lorafleet.common.fleet.upkeep import hand_back_lost_jobs
+    from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
 
     with Client(settings) as client:
         handle = client.submit({"model": TINY, "prompt": "cut short"})

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
-from lorafleet.common.settings import Settings
-from lorafleet.common.webhooks import read_event, webhook_sender
+from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.webhooks import read_event, webhook_sender
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY

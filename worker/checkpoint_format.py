@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.worker.module_index import ldm_block_prefixes, ldm_name
+from lorafleet.worker.lora.module_index import ldm_block_prefixes, ldm_name
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -13,8 +13,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from lorafleet.common.embeddings import SDXL_KEYS, EmbeddingInfo
-from lorafleet.common.errors import JobFailed
+from lorafleet.common.catalog.embeddings import SDXL_KEYS, EmbeddingInfo
+from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.pipelines import HotPipeline
 
 logger = logging.getLogger(__name__)

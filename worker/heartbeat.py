@@ -1,5 +1,5 @@
 """The worker's heartbeat: a thread that tells Redis what this worker is doing, every 2 s,
-and every HANDBACK_SECONDS does this worker's share of upkeep (common/handback.py: lost
+and every HANDBACK_SECONDS does this worker's share of upkeep (common/fleet/upkeep.py: lost
 workers' jobs back to the queue, unsent messages, index trimming). Nothing stops the thread but ``stop``: an unexpected error is logged
 and the next beat comes on time."""
 
@@ -18,11 +18,11 @@ import redis
 import torch
 
 from lorafleet.common import __version__
-from lorafleet.common.handback import HANDBACK_SECONDS
-from lorafleet.common.workers import HEARTBEAT_SECONDS, WorkerBeat, WorkerRegistry
-from lorafleet.worker.loras import LoraStore
+from lorafleet.common.fleet.upkeep import HANDBACK_SECONDS
+from lorafleet.common.fleet.workers import HEARTBEAT_SECONDS, WorkerBeat, WorkerRegistry
+from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
-from lorafleet.worker.runner import JobRunner
+from lorafleet.worker.run.runner import JobRunner
 
 logger = logging.getLogger(__name__)
 

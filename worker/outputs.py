@@ -10,7 +10,7 @@ ComfyUI nodes and PNG-info readers parse:
     Version: lorafleet 0.1.0
 
 (the last line is one line in the file). A LoRA whose text-encoder weight differs is tagged
-``<lora:NAME:TE:UNET>``, A1111's order. common/infotext.py reads it back.
+``<lora:NAME:TE:UNET>``, A1111's order. common/schema/infotext.py reads it back.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import hashlib
 import io
 
 from lorafleet.common import __version__
-from lorafleet.common.embeddings import EmbeddingInfo
-from lorafleet.common.infotext import quote
-from lorafleet.common.jobs import GenerationJob
-from lorafleet.common.loras.files import LoraInfo
-from lorafleet.common.prompts import PromptSyntax, format_number, lora_tag
-from lorafleet.common.samplers import a1111_fields
-from lorafleet.common.vaes import VaeInfo
+from lorafleet.common.catalog.embeddings import EmbeddingInfo
+from lorafleet.common.catalog.lora_files import LoraInfo
+from lorafleet.common.catalog.vaes import VaeInfo
+from lorafleet.common.schema.infotext import quote
+from lorafleet.common.schema.jobs import GenerationJob
+from lorafleet.common.schema.prompts import PromptSyntax, format_number, lora_tag
+from lorafleet.common.schema.samplers import a1111_fields
 
 
 def parameters_text(

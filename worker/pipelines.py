@@ -24,15 +24,15 @@ import torch
 import transformers
 from diffusers import DiffusionPipeline
 
-from lorafleet.common.checkpoints import short_hash
-from lorafleet.common.errors import FileRefused, JobFailed
-from lorafleet.common.family import Family
-from lorafleet.common.loras.files import read_safetensors_header
-from lorafleet.common.models import ModelRef
-from lorafleet.common.settings import Settings
+from lorafleet.common.catalog.checkpoints import short_hash
+from lorafleet.common.catalog.lora_files import read_safetensors_header
+from lorafleet.common.catalog.models import ModelRef
+from lorafleet.common.schema.errors import FileRefused, JobFailed
+from lorafleet.common.schema.family import Family
+from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.lora.module_index import COMPONENTS
+from lorafleet.worker.lora.patcher import WeightPatcher
 from lorafleet.worker.lru import LRUCache
-from lorafleet.worker.module_index import COMPONENTS
-from lorafleet.worker.patcher import WeightPatcher
 
 logger = logging.getLogger(__name__)
 

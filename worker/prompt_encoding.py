@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import GenerationJob
-from lorafleet.common.prompts import Fragment, PromptSyntax, is_plain, parse_attention
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import GenerationJob
+from lorafleet.common.schema.prompts import Fragment, PromptSyntax, is_plain, parse_attention
 
 CHUNK_TOKENS = 75
 """Prompt tokens per chunk (77 with the start and end markers)."""

@@ -13,24 +13,24 @@ import socket
 
 from celery.signals import worker_ready
 
-from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import BadArgument, ModelError
-from lorafleet.common.grids import GridBuilder
-from lorafleet.common.handback import Upkeep
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.registry import LoraRegistry
-from lorafleet.common.models import ModelRef, ModelRegistry
-from lorafleet.common.queue import make_celery, worker_argv
-from lorafleet.common.settings import Settings
-from lorafleet.common.state import JobStore
-from lorafleet.common.storage import open_storage
-from lorafleet.common.webhooks import webhook_sender
-from lorafleet.common.workers import WorkerRegistry, alive_file
+from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRef, ModelRegistry
+from lorafleet.common.fleet.queue import make_celery, worker_argv
+from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.fleet.upkeep import Upkeep
+from lorafleet.common.fleet.workers import WorkerRegistry, alive_file
+from lorafleet.common.infra.broker import resolve_broker
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.errors import BadArgument, ModelError
+from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.grids import GridBuilder
+from lorafleet.common.services.webhooks import webhook_sender
 from lorafleet.worker.heartbeat import Heartbeat
-from lorafleet.worker.lora_files import DiskCache, LoraFiles
-from lorafleet.worker.loras import LoraStore
+from lorafleet.worker.lora.files import DiskCache, LoraFiles
+from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
-from lorafleet.worker.runner import JobRunner
+from lorafleet.worker.run.runner import JobRunner
 from lorafleet.worker.tasks import register_tasks
 
 logger = logging.getLogger(__name__)

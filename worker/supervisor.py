@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafleet.common.errors import BadArgument
+from lorafleet.common.schema.errors import BadArgument
 
 logger = logging.getLogger(__name__)
 

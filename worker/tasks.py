@@ -9,7 +9,7 @@ mid-job, the message is rejected back to its queue instead of acknowledged, so t
 never lost and its record never stranded.
 
 The runner may take compatible jobs waiting in the queue along with the task's own
-(worker/waiting.py): their messages are removed from Redis, and their records, running under
+(worker/run/companions.py): their messages are removed from Redis, and their records, running under
 this worker, are what keeps them from being lost.
 """
 
@@ -19,9 +19,9 @@ import redis
 from celery import Celery
 from celery.exceptions import Reject
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.queue import TASK_GENERATE
-from lorafleet.worker.runner import JobRunner
+from lorafleet.common.fleet.queue import TASK_GENERATE
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.worker.run.runner import JobRunner
 
 
 def register_tasks(app: Celery, runner: JobRunner) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.common.family import Family
-from lorafleet.common.models import describe_folder
-from lorafleet.worker.module_index import file_module_names
+from lorafleet.common.catalog.models import describe_folder
+from lorafleet.common.schema.family import Family
+from lorafleet.worker.lora.module_index import file_module_names
 from lorafleet.worker.pipelines import empty_components
 
 TINY_SIZE = 64

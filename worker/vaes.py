@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.common.errors import JobFailed
-from lorafleet.common.vaes import VaeInfo
+from lorafleet.common.catalog.vaes import VaeInfo
+from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lru import LRUCache
 from lorafleet.worker.pipelines import HotPipeline
 

@@ -36,14 +36,20 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
-from lorafleet.common.errors import ConfigError, DuplicateRequest, InvalidInput, QueueFull, TransientError
-from lorafleet.common.grids import GridBuilder
-from lorafleet.common.handback import HANDBACK_SECONDS, Upkeep
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import open_storage
-from lorafleet.common.webhooks import webhook_sender
-from lorafleet.common.workers import WorkerRegistry
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.upkeep import HANDBACK_SECONDS, Upkeep
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.errors import (
+    ConfigError,
+    DuplicateRequest,
+    InvalidInput,
+    QueueFull,
+    TransientError,
+)
+from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.grids import GridBuilder
+from lorafleet.common.services.webhooks import webhook_sender
 from lorafleet.producer.api import batches, events, fleet, jobs, loras, pages
 from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
 from lorafleet.producer.api.state import ApiState
@@ -57,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 
 def _upkeep_while(stop: threading.Event, state: ApiState) -> None:
-    """The API's share of upkeep (common/handback.py), until ``stop``."""
+    """The API's share of upkeep (common/fleet/upkeep.py), until ``stop``."""
     client = state.client
     upkeep = Upkeep(
         client.jobs,

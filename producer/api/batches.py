@@ -9,9 +9,9 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import ID_PATTERN, JobStatus
-from lorafleet.common.sweeps import SweepSpec, read_layout
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import ID_PATTERN, JobStatus
+from lorafleet.common.services.sweeps import SweepSpec, read_layout
 from lorafleet.producer.api.jobs import stored_png
 from lorafleet.producer.api.state import State, Tenant, visible
 from lorafleet.producer.api.views import BatchView, Submission, job_view, problems, submission

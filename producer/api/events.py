@@ -4,7 +4,7 @@ The first event is ``event: ready`` with the position the stream starts after; e
 after it is ``event: job``, ``id:`` the stream entry's id and ``data:`` JSON {job_id,
 batch_id, status, step, total}. Filters: ``batch`` and ``job`` (repeatable). A client that
 reconnects with ``Last-Event-ID`` (browsers' EventSource does it by itself) reads on from
-there, so nothing in between is lost while the stream keeps it (common/events.py). A tenant
+there, so nothing in between is lost while the stream keeps it (common/fleet/events.py). A tenant
 sees its own jobs' events only.
 """
 
@@ -16,7 +16,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from lorafleet.common.events import read_events, tail
+from lorafleet.common.fleet.events import read_events, tail
 from lorafleet.producer.api.state import State, Tenant, visible
 
 router = APIRouter()

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from lorafleet.common import __version__
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.metrics import images_per_minute
-from lorafleet.common.workers import QueueView, WorkerView, queue_views
+from lorafleet.common.fleet.metrics import images_per_minute
+from lorafleet.common.fleet.workers import QueueView, WorkerView, queue_views
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer.api.state import ApiState, State, Tenant
 from lorafleet.producer.api.views import Summary
 from lorafleet.producer.prometheus import CONTENT_TYPE, exposition

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import ID_PATTERN, JobRecord, JobStatus
-from lorafleet.common.positions import standing
-from lorafleet.common.storage import LocalStorage
-from lorafleet.common.webhooks import read_event
+from lorafleet.common.fleet.positions import standing
+from lorafleet.common.infra.storage import LocalStorage
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import ID_PATTERN, JobRecord, JobStatus
+from lorafleet.common.services.webhooks import read_event
 from lorafleet.producer.api.state import ApiState, State, Tenant, visible
 from lorafleet.producer.api.views import JobPage, JobView, Submission, job_view, problems, submission
 

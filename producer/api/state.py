@@ -10,10 +10,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import LocalStorage, S3Storage
-from lorafleet.common.workers import WorkerRegistry
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.infra.storage import LocalStorage, S3Storage
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.client import Client
 
 

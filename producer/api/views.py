@@ -12,11 +12,11 @@ from fastapi import Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, create_model
 
-from lorafleet.common.errors import InvalidInput
-from lorafleet.common.jobs import GenerationJob, JobRecord
-from lorafleet.common.positions import Standing
-from lorafleet.common.prompts import PromptSyntax, format_number
-from lorafleet.common.workers import QueueView, WorkerView
+from lorafleet.common.fleet.positions import Standing
+from lorafleet.common.fleet.workers import QueueView, WorkerView
+from lorafleet.common.schema.errors import InvalidInput
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord
+from lorafleet.common.schema.prompts import PromptSyntax, format_number
 
 # A record as the API shows it: its id first, the record's own fields, then the image
 # URLs and a CLI line that resubmits it. Built field by field rather than by subclassing,

@@ -10,15 +10,16 @@ import redis
 import typer
 from rich.table import Table
 
-from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import BadArgument, InvalidInput, ModelError
-from lorafleet.common.family import Family
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import LoraInfo, describe_file, read_safetensors_header
-from lorafleet.common.loras.registry import LoraRegistry
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import open_storage
+from lorafleet.common.catalog.lora_files import LoraInfo, describe_file, read_safetensors_header
+from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.infra.broker import resolve_broker
+from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.errors import BadArgument, InvalidInput, ModelError
+from lorafleet.common.schema.family import Family
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.display import DownloadProgress
 from lorafleet.producer.cli.terminal import console, print_json, run, safe
 from lorafleet.producer.cli.worker_side import worker_side
@@ -368,7 +369,7 @@ def _fleet_redis(settings: Settings) -> redis.Redis | None:
     A lone machine with no broker configured and its embedded Redis stopped has nothing
     shared: its workers read the autoimport folder and the models folder.
     """
-    if not settings.broker_url and not settings.embedded_redis().ping():
+    if not settings.broker_url and not embedded_redis(settings).ping():
         return None
     return resolve_broker(settings).client()
 

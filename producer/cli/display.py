@@ -17,8 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from lorafleet.common.jobs import PHASES, JobRecord, JobStatus
-from lorafleet.common.positions import Standing
+from lorafleet.common.fleet.positions import Standing
+from lorafleet.common.schema.jobs import PHASES, JobRecord, JobStatus
 from lorafleet.producer.cli.terminal import safe
 
 STATUS_STYLE = {

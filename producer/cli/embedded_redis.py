@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from lorafleet.common.settings import Settings
+from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.terminal import console, run
 
 redis_app = typer.Typer(
@@ -16,20 +17,20 @@ redis_app = typer.Typer(
 def redis_start() -> None:
     """Start the embedded Redis (or find it running) and print its URL."""
     settings = Settings()
-    run(lambda: console.print(settings.embedded_redis().ensure_running(), markup=False, highlight=False))
+    run(lambda: console.print(embedded_redis(settings).ensure_running(), markup=False, highlight=False))
 
 
 @redis_app.command("stop")
 def redis_stop() -> None:
     """Stop the embedded Redis; its append-only file keeps every queued job."""
-    stopped = Settings().embedded_redis().stop()
+    stopped = embedded_redis(Settings()).stop()
     console.print("stopped" if stopped else "not running")
 
 
 @redis_app.command("status")
 def redis_status() -> None:
     """Say whether the embedded Redis runs, and where."""
-    embedded = Settings().embedded_redis()
+    embedded = embedded_redis(Settings())
     if embedded.ping():
         console.print(f"running at {embedded.url}", markup=False, highlight=False)
     else:

@@ -14,11 +14,11 @@ import typer
 from rich.table import Table
 
 from lorafleet.common import __version__
-from lorafleet.common.broker import resolve_broker
-from lorafleet.common.errors import LorafleetError
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.common.workers import STALE_AFTER, WorkerRegistry, locally_alive, queue_views
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.workers import STALE_AFTER, WorkerRegistry, locally_alive, queue_views
+from lorafleet.common.infra.broker import resolve_broker
+from lorafleet.common.schema.errors import LorafleetError
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
 workers_app = typer.Typer(help="Workers and their heartbeats.", no_args_is_help=True)

@@ -10,12 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafleet.common import samplers
-from lorafleet.common.errors import BadArgument, JobRejected
-from lorafleet.common.jobs import JobRecord, JobStatus, Priority
-from lorafleet.common.positions import standing
-from lorafleet.common.prompts import PromptSyntax
-from lorafleet.common.settings import Settings
+from lorafleet.common.fleet.positions import standing
+from lorafleet.common.schema import samplers
+from lorafleet.common.schema.errors import BadArgument, JobRejected
+from lorafleet.common.schema.jobs import JobRecord, JobStatus, Priority
+from lorafleet.common.schema.prompts import PromptSyntax
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 

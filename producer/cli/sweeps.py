@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.common.errors import BadArgument
-from lorafleet.common.storage import open_storage
-from lorafleet.common.sweeps import read_layout
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.errors import BadArgument
+from lorafleet.common.services.sweeps import read_layout
 from lorafleet.producer.cli.jobs import (
     BatchId,
     Json,

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lorafleet.common.errors import ConfigError, InvalidInput, LorafleetError, TransientError
+from lorafleet.common.schema.errors import ConfigError, InvalidInput, LorafleetError, TransientError
 
 console = Console()
 errors = Console(stderr=True)

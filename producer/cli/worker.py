@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from lorafleet.common.errors import BadArgument
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.errors import BadArgument
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.terminal import EXIT_REJECTED, console, fail, run
 from lorafleet.producer.cli.worker_side import worker_side
 

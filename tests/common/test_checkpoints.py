@@ -8,10 +8,10 @@ import struct
 
 import pytest
 
-from lorafleet.common.checkpoints import describe_checkpoint
-from lorafleet.common.errors import BadArgument, FileRefused, JobRejected, ModelError
-from lorafleet.common.family import Family
-from lorafleet.common.models import ModelRegistry
+from lorafleet.common.catalog.checkpoints import describe_checkpoint
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.errors import BadArgument, FileRefused, JobRejected, ModelError
+from lorafleet.common.schema.family import Family
 from lorafleet.producer import Client
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from lorafleet.common.broker import resolve_broker
-from lorafleet.common.embedded import EmbeddedRedis
-from lorafleet.common.settings import Settings
+from lorafleet.common.infra.broker import resolve_broker
+from lorafleet.common.infra.embedded import EmbeddedRedis
+from lorafleet.common.schema.settings import Settings
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_a_second_process_finds_and_reuses_the_running_server(embedded):
     embedded.ensure_running()
     pid = _server_pid(embedded)
     code = (
-        "from pathlib import Path; from lorafleet.common.embedded import EmbeddedRedis; "
+        "from pathlib import Path; from lorafleet.common.infra.embedded import EmbeddedRedis; "
         f"print(EmbeddedRedis(Path({str(embedded.folder)!r})).ensure_running())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -53,7 +53,7 @@ def test_a_second_process_finds_and_reuses_the_running_server(embedded):
 
 def test_processes_starting_at_once_share_one_server(embedded):
     code = (
-        "from pathlib import Path; from lorafleet.common.embedded import EmbeddedRedis; import redis; "
+        "from pathlib import Path; from lorafleet.common.infra.embedded import EmbeddedRedis; import redis; "
         f"e = EmbeddedRedis(Path({str(embedded.folder)!r})); e.ensure_running(); "
         "print(redis.Redis.from_url(e.url).info('server')['process_id'])"
     )
@@ -97,8 +97,8 @@ def test_the_short_socket_lives_in_a_folder_only_this_user_can_reach(tmp_path):
     import os
     import stat
 
-    from lorafleet.common.embedded import private_socket_folder
-    from lorafleet.common.errors import ConfigError
+    from lorafleet.common.infra.embedded import private_socket_folder
+    from lorafleet.common.schema.errors import ConfigError
 
     folder = private_socket_folder(tmp_path)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()

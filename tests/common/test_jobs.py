@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import (
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import (
     MAX_LORAS,
     MAX_PROMPT_CHARS,
     GenerationJob,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorafleet.common import keys
+from lorafleet.common.schema import keys
 
 
 def test_queue_names_are_one_per_model_key():

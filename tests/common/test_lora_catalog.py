@@ -9,10 +9,10 @@ import struct
 
 import pytest
 
-from lorafleet.common.errors import FileRefused, LoraError
-from lorafleet.common.family import Family
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import describe_file, read_safetensors_header
+from lorafleet.common.catalog.lora_files import describe_file, read_safetensors_header
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.schema.errors import FileRefused, LoraError
+from lorafleet.common.schema.family import Family
 
 
 def write_raw(path, header: dict, data: bytes = b"") -> None:
@@ -113,7 +113,7 @@ def test_path_like_names_never_leave_the_folder(home):
 
 
 def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
-    from lorafleet.common.loras.files import MAX_LORA_BYTES
+    from lorafleet.common.catalog.lora_files import MAX_LORA_BYTES
 
     huge = tmp_path / "huge.safetensors"
     with open(huge, "wb") as f:  # sparse: no disk is used

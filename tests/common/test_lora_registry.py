@@ -8,12 +8,12 @@ import json
 import pytest
 import redis
 
-from lorafleet.common import keys
-from lorafleet.common.errors import LoraError
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import describe_file
-from lorafleet.common.loras.registry import LoraRegistry, object_key
-from lorafleet.common.storage import LocalStorage
+from lorafleet.common.catalog.lora_files import describe_file
+from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.infra.storage import LocalStorage
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import LoraError
 
 
 @pytest.fixture

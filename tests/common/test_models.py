@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from lorafleet.common.errors import JobRejected, ModelError
-from lorafleet.common.family import Family
-from lorafleet.common.models import ModelRegistry
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.errors import JobRejected, ModelError
+from lorafleet.common.schema.family import Family
 from lorafleet.producer import Client
 
 

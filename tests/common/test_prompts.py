@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lorafleet.common import samplers
-from lorafleet.common.prompts import (
+from lorafleet.common.schema import samplers
+from lorafleet.common.schema.prompts import (
     BREAK,
     Fragment,
     format_number,
@@ -16,7 +16,7 @@ from lorafleet.common.prompts import (
     parse_attention,
     split_lora_tags,
 )
-from lorafleet.common.samplers import Sampler
+from lorafleet.common.schema.samplers import Sampler
 
 
 def weights(prompt: str) -> list[tuple[str, float]]:
@@ -143,7 +143,7 @@ def test_other_extra_network_tags_are_taken_out_as_a1111_does():
 
 @pytest.mark.parametrize("name", ["a:b", "a>b", "a<b"])
 def test_lora_names_that_a_tag_cannot_spell_are_refused(name):
-    from lorafleet.common.jobs import check_lora_name
+    from lorafleet.common.schema.jobs import check_lora_name
 
     with pytest.raises(ValueError, match="':', '<' or '>'"):
         check_lora_name(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema.settings import Settings
 
 
 def test_the_old_name_of_the_lora_device_cache_is_read_with_a_deprecation_warning(monkeypatch, tmp_path):

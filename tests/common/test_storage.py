@@ -8,9 +8,9 @@ import urllib.request
 import boto3
 import pytest
 
-from lorafleet.common.errors import ConfigError, JobFailed, ObjectMissing, TransientError
-from lorafleet.common.settings import Settings
-from lorafleet.common.storage import LocalStorage, S3Storage, check_key, image_key, open_storage
+from lorafleet.common.infra.storage import LocalStorage, S3Storage, check_key, image_key, open_storage
+from lorafleet.common.schema.errors import ConfigError, JobFailed, ObjectMissing, TransientError
+from lorafleet.common.schema.settings import Settings
 from tests.helpers import free_port
 
 

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import JobStatus, parse_job
-from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import JobStatus, parse_job
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, TINY_XL
 

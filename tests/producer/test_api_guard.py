@@ -7,7 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
+from lorafleet.common.schema import keys
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.schema.errors import JobRejected
 from lorafleet.producer.client import Client
 from tests.helpers import lorafleet_env, run_cli
 
@@ -111,7 +111,7 @@ def test_models_add_registers_a_name_every_machine_resolves(settings, home, redi
 def test_models_add_takes_a_checkpoint_with_its_config_and_refuses_a_refiner(
     settings, home, redis_url, tmp_path
 ):
-    from lorafleet.common.models import ModelRegistry
+    from lorafleet.common.catalog.models import ModelRegistry
     from lorafleet.worker.checkpoint_format import write_single_file
     from tests.common.test_checkpoints import shapes_of, write_header_only
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from lorafleet.common import keys
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
 
@@ -269,7 +269,7 @@ def test_an_allowed_hub_id_is_queued_under_its_own_queue(settings):
 
 
 def test_a_job_id_whose_images_outlived_its_record_is_refused(client, settings):
-    from lorafleet.common.storage import image_key, open_storage
+    from lorafleet.common.infra.storage import image_key, open_storage
 
     job = JOB | {"job_id": "reused-id", "batch_id": "batch-1"}
     open_storage(settings).put(image_key("images", "batch-1", "reused-id", 0), b"\x89PNG old", "image/png")

@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from lorafleet.common.events import tail
+from lorafleet.common.fleet.events import tail
 from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.helpers import BIN, free_port, lorafleet_env, wait_until
@@ -51,7 +51,7 @@ def test_watch_yields_a_batchs_changes_until_every_job_has_ended(settings):
 
 
 def test_watch_refuses_to_watch_nothing(settings):
-    from lorafleet.common.errors import BadArgument
+    from lorafleet.common.schema.errors import BadArgument
 
     with Client(settings) as client, pytest.raises(BadArgument):
         next(client.watch())

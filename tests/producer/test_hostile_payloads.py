@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from lorafleet.common import keys
-from lorafleet.common.errors import JobRejected
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import JobRejected
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.helpers import lorafleet_env, run_cli

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
-from lorafleet.common.errors import DuplicateRequest
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import DuplicateRequest
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
-from lorafleet.common.errors import JobRejected, QueueFull
-from lorafleet.common.settings import Settings
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import JobRejected, QueueFull
+from lorafleet.common.schema.settings import Settings
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY

@@ -173,7 +173,7 @@ def test_a_diffusers_folder_is_imported_by_its_weights_file(home, tmp_path):
 
 
 def test_the_sdk_imports_a_download_for_the_fleet(settings, site):
-    from lorafleet.common.loras.registry import LoraRegistry
+    from lorafleet.common.catalog.lora_registry import LoraRegistry
     from lorafleet.producer import Client
 
     body = lora_bytes(settings.home)
@@ -237,7 +237,7 @@ def test_a_checked_download_connects_to_the_checked_address_not_a_second_lookup(
 
 
 def test_addresses_that_embed_private_ipv4_are_not_public():
-    from lorafleet.common.addresses import is_public_address
+    from lorafleet.common.infra.net import is_public_address
 
     for address in (
         "127.0.0.1",
@@ -254,8 +254,8 @@ def test_addresses_that_embed_private_ipv4_are_not_public():
 
 
 def test_a_store_that_fails_leaves_neither_a_file_nor_a_name(settings, site, tmp_path):
-    from lorafleet.common.errors import TransientError
-    from lorafleet.common.loras.registry import LoraRegistry
+    from lorafleet.common.catalog.lora_registry import LoraRegistry
+    from lorafleet.common.schema.errors import TransientError
     from lorafleet.producer import Client
 
     site.file("/files/late.safetensors", lora_bytes(settings.home))

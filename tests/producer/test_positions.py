@@ -7,8 +7,8 @@ import time
 
 from fastapi.testclient import TestClient
 
-from lorafleet.common import keys
-from lorafleet.common.positions import standing
+from lorafleet.common.fleet.positions import standing
+from lorafleet.common.schema import keys
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY

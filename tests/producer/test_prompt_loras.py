@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.common.errors import JobRejected
+from lorafleet.common.schema.errors import JobRejected
 from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.producer.test_client import queued_messages

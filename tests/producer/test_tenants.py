@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from lorafleet.common.errors import ConfigError
+from lorafleet.common.schema.errors import ConfigError
 from lorafleet.producer.api import create_app
 from lorafleet.producer.auth import parse_tokens
 from tests.conftest import TINY

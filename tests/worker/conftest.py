@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.common.state import JobStore
-from lorafleet.common.storage import open_storage
-from lorafleet.worker.lora_files import LoraFiles
-from lorafleet.worker.loras import LoraStore
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.lora.files import LoraFiles
+from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache, load_pipeline
-from lorafleet.worker.runner import JobRunner
+from lorafleet.worker.run.runner import JobRunner
 from tests.conftest import TINY
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorafleet.common.jobs import JobStatus
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
-from lorafleet.worker.batching import batch_key
+from lorafleet.worker.run.batching import batch_key
 from tests.conftest import TINY
 from tests.worker.conftest import make_runner
 
@@ -121,7 +121,7 @@ def test_with_max_batch_1_every_image_has_its_own_call(client, settings):
 
 
 def test_the_batch_key_holds_what_shapes_the_call_and_not_the_prompt_or_seed(client):
-    from lorafleet.common.jobs import parse_job
+    from lorafleet.common.schema.jobs import parse_job
 
     base = parse_job(JOB | {"width": 64, "height": 64})
     assert batch_key(base) == batch_key(
@@ -132,7 +132,7 @@ def test_the_batch_key_holds_what_shapes_the_call_and_not_the_prompt_or_seed(cli
 
 
 def test_a_taken_companion_queued_again_gets_a_new_message_from_upkeep(client, settings, tmp_path):
-    from lorafleet.common import keys
+    from lorafleet.common.schema import keys
     from tests.worker.test_runner import blocked_store
 
     runner = make_runner(settings.model_copy(update={"max_batch": 8, "upload_attempts": 1}))
@@ -171,7 +171,7 @@ def test_without_background_stages_nothing_is_made_ready_ahead(client, settings)
 def test_a_job_taken_along_but_never_started_gets_a_new_message(client, settings, monkeypatch):
     import redis
 
-    from lorafleet.common.handback import send_unsent
+    from lorafleet.common.fleet.upkeep import send_unsent
 
     runner = make_runner(settings.model_copy(update={"max_batch": 8}))
     lead = client.submit(JOB)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lorafleet.common.jobs import LoraSpec
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.models import ModelRegistry
-from lorafleet.worker.lora_files import LoraFiles
-from lorafleet.worker.loras import LoraStore
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.jobs import LoraSpec
+from lorafleet.worker.lora.files import LoraFiles
+from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache, pipeline_bytes
 from tests.conftest import TINY, TINY_XL
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lorafleet.common.family import Family
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.models import ModelRegistry
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.family import Family
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from lorafleet.worker.checkpoint_format import write_single_file
 from lorafleet.worker.pipelines import PipelineCache, converted_folder, load_pipeline

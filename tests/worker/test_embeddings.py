@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lorafleet.common.errors import JobRejected
-from lorafleet.common.jobs import JobStatus
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
 from tests.worker.conftest import make_runner

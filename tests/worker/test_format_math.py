@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafleet.common.loras.files import describe_file
-from lorafleet.common.models import ModelRegistry
-from lorafleet.common.settings import Settings
-from lorafleet.worker.lora_formats import parse_lora
-from lorafleet.worker.patcher import StackEntry
+from lorafleet.common.catalog.lora_files import describe_file
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.lora.formats import parse_lora
+from lorafleet.worker.lora.patcher import StackEntry
 from lorafleet.worker.pipelines import load_pipeline
 from tests.conftest import TINY_XL
 from tests.worker.conftest import assert_same, snapshot
@@ -350,7 +350,7 @@ def _ldm_names_by_diffusers(unet) -> dict[str, str]:
     """diffusers name -> LDM name, using diffusers' own single-file converter as the oracle."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from lorafleet.worker.module_index import ldm_block_prefixes, ldm_name
+    from lorafleet.worker.lora.module_index import ldm_block_prefixes, ldm_name
 
     prefixes = ldm_block_prefixes(dict(unet.config))
     ours = {}

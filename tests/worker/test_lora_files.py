@@ -9,12 +9,12 @@ import time
 import pytest
 import redis
 
-from lorafleet.common.errors import JobFailed
-from lorafleet.common.loras.catalog import LoraCatalog
-from lorafleet.common.loras.files import describe_file
-from lorafleet.common.loras.registry import LoraRegistry, object_key
-from lorafleet.common.storage import LocalStorage
-from lorafleet.worker.lora_files import DiskCache, LoraFiles
+from lorafleet.common.catalog.lora_files import describe_file
+from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.infra.storage import LocalStorage
+from lorafleet.common.schema.errors import JobFailed
+from lorafleet.worker.lora.files import DiskCache, LoraFiles
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_half_written_files_of_dead_workers_are_swept_and_fresh_ones_kept(tmp_pa
     import os
     import time
 
-    from lorafleet.worker.lora_files import DiskCache
+    from lorafleet.worker.lora.files import DiskCache
 
     folder = tmp_path / "cache"
     folder.mkdir()
@@ -129,7 +129,7 @@ def test_room_is_made_before_a_file_is_written_so_the_budget_is_never_passed(tmp
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from lorafleet.worker.lora_files import DiskCache
+from lorafleet.worker.lora.files import DiskCache
 cache = DiskCache(Path(sys.argv[1]), 10**9)
 assert cache.get(sys.argv[2]) is not None
 print("holding", flush=True)
@@ -174,7 +174,7 @@ def test_a_fetch_streams_the_object_and_never_holds_it_whole_in_memory(fleet, tm
     import hashlib
     import tracemalloc
 
-    from lorafleet.worker.lora_files import fetch_object
+    from lorafleet.worker.lora.files import fetch_object
 
     _, _, store = fleet
     data = os.urandom(24 * 1024 * 1024)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.worker.lora_formats import LoraFormatError, parse_lora
+from lorafleet.worker.lora.formats import LoraFormatError, parse_lora
 
 
 def state_of(folder, name):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafleet.worker.lora_deltas import Delta
-from lorafleet.worker.lora_formats import ParsedLora, parse_lora
-from lorafleet.worker.patcher import StackEntry, WeightPatcher
+from lorafleet.worker.lora.deltas import Delta
+from lorafleet.worker.lora.formats import ParsedLora, parse_lora
+from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher
 from tests.worker.conftest import assert_same, snapshot
 
 

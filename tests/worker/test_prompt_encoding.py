@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorafleet.common.jobs import JobStatus
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.worker.prompt_encoding import CHUNK_TOKENS, _text_encoders
 from tests.conftest import TINY, TINY_SD2, TINY_XL
 from tests.worker.conftest import make_runner
@@ -96,7 +96,7 @@ def test_clip_skip_two_uses_an_earlier_layer(client, runner, model):  # noqa: F8
 
 def test_clip_skip_takes_the_layer_a1111_takes(runner):
     """SD 1.x: clip skip 2 is the final layer norm of the second-to-last hidden state."""
-    from lorafleet.common.jobs import GenerationJob
+    from lorafleet.common.schema.jobs import GenerationJob
     from lorafleet.worker.prompt_encoding import prompt_arguments
 
     pipe = runner.pipelines.get(runner.models.get(TINY))[0].pipe
@@ -111,7 +111,7 @@ def test_clip_skip_takes_the_layer_a1111_takes(runner):
 
 def test_sdxl_clip_skip_follows_diffusers(runner):
     """SDXL: lorafleet's clip skip c is diffusers' clip_skip c - 1 (the same pixels)."""
-    from lorafleet.common.jobs import GenerationJob
+    from lorafleet.common.schema.jobs import GenerationJob
     from lorafleet.worker.prompt_encoding import prompt_arguments
 
     pipe = runner.pipelines.get(runner.models.get(TINY_XL))[0].pipe
@@ -182,7 +182,7 @@ def test_compel_clip_skip_takes_the_same_layer(client, runner):  # noqa: F811
     ],
 )
 def test_chunks_are_cut_where_a1111_cuts_them(runner, prompt, sizes):
-    from lorafleet.common.prompts import parse_attention
+    from lorafleet.common.schema.prompts import parse_attention
 
     pipe = runner.pipelines.get(runner.models.get(TINY))[0].pipe
     encoder = _text_encoders(pipe)[0]

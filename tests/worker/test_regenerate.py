@@ -11,10 +11,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from typer.testing import CliRunner
 
-from lorafleet.common.errors import BadArgument, JobRejected
-from lorafleet.common.infotext import parse_parameters
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.loras.files import sha256_file
+from lorafleet.common.catalog.lora_files import sha256_file
+from lorafleet.common.schema.errors import BadArgument, JobRejected
+from lorafleet.common.schema.infotext import parse_parameters
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer.cli import app
 from lorafleet.worker.checkpoint_format import write_single_file
 from tests.conftest import TINY, TINY_XL
@@ -116,7 +116,7 @@ def test_an_a1111_png_is_read_with_loras_and_model_matched_by_hash(client, setti
 
 
 def test_the_ignored_fields_are_named(settings, tmp_path):
-    from lorafleet.common.infotext import read_png
+    from lorafleet.common.schema.infotext import read_png
 
     path = a1111_png(
         tmp_path / "x.png",

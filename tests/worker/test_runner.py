@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.samplers import Sampler, a1111_fields
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.samplers import Sampler, a1111_fields
 from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.worker.conftest import assert_same, snapshot
@@ -44,7 +44,7 @@ def write_changed_copy(home, name: str, change) -> None:
 
 def blocked_store(tmp_path):
     """A local store whose root is a file: every upload fails as a store outage does."""
-    from lorafleet.common.storage import LocalStorage
+    from lorafleet.common.infra.storage import LocalStorage
 
     blocked = tmp_path / "store-is-a-file"
     blocked.write_text("no folder can be made under a file")
@@ -297,7 +297,7 @@ def test_a_store_that_stays_down_fails_the_job_after_job_attempts_runs(client, r
 
 
 def test_a_job_cancelled_while_its_upload_waits_ends_cancelled_not_queued_again(client, runner, tmp_path):
-    from lorafleet.common.storage import LocalStorage
+    from lorafleet.common.infra.storage import LocalStorage
     from tests.helpers import wait_until
 
     good = runner.storage

@@ -11,9 +11,9 @@ import redis
 import torch
 from PIL import Image
 
-from lorafleet.common.errors import BadArgument, JobRejected
-from lorafleet.common.jobs import JobStatus
-from lorafleet.common.models import ModelRegistry
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.schema.errors import BadArgument, JobRejected
+from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from lorafleet.worker.checkpoint_format import VAE_PREFIX, vae_to_original
 from tests.conftest import TINY

@@ -1,0 +1,323 @@
+"""Job records in Redis: the one source of job state.
+
+The record of a job is ``keys.job(id)``; indexes by submit time list every job, and the jobs
+of each status, batch and model (``keys`` lists the schema). The producer creates a record
+(queued); the worker moves it (running, progress, succeeded or failed); a cancel sets
+``cancel_requested`` or, while queued, ends it cancelled. Every change is a server-side
+compare-and-set (a Lua script that writes the new record only if the stored one is still
+the one the change was computed from, and moves the status index in the same step), so a
+cancel never overwrites progress or the other way round. Index entries of expired records
+are dropped when a listing meets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+
+import redis
+from pydantic import ValidationError
+
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.jobs import JobRecord, JobStatus, describe_validation_error, utcnow
+
+logger = logging.getLogger(__name__)
+
+Change = Callable[[JobRecord], "JobRecord | None"]
+
+
+_COMPARE_AND_SET = """
+-- KEYS: the record, its status index before, its status index after
+-- ARGV: the record as read, the new record, the job id, its score, seconds to keep it (0: for good)
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+if KEYS[2] ~= KEYS[3] then
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+
+BATCH_INDEX_SLACK = 24 * 3600
+"""Seconds a batch's index is kept beyond twice the record retention, from its last submit."""
+
+
+def _score(record: JobRecord) -> float:
+    return record.submitted_at.timestamp()
+
+
+def _stored_form(record: JobRecord) -> str:
+    """The record as stored, checked to read back: a record the readers could not parse is
+    never written (JobRejected names the field)."""
+    text = record.model_dump_json()
+    try:
+        JobRecord.model_validate_json(text)
+    except ValidationError as exc:
+        problems = describe_validation_error(exc)
+        raise JobRejected(
+            "; ".join(f"{field}: {message}" for field, message in problems), field=problems[0][0]
+        ) from None
+    return text
+
+
+def _parsed(job_id: str, raw: bytes | None) -> JobRecord | None:
+    """The stored record, or a damaged one's stand-in (``JobRecord.damaged_record``)."""
+    if raw is None:
+        return None
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        logger.error("job %s: stored record is damaged (%s: %s)", job_id, where, first["msg"])
+        return JobRecord.damaged_record(job_id, raw, f"{where}: {first['msg']}")
+
+
+class JobStore:
+    """Reads and changes job records; safe to share between threads of one process."""
+
+    def __init__(self, client: redis.Redis, *, retention: int) -> None:
+        self.redis = client
+        self.retention = retention
+        self._compare_and_set = client.register_script(_COMPARE_AND_SET)
+
+    # ------------------------------------------------------------------ create
+    def create_many(self, records: Iterable[JobRecord]) -> None:
+        """Write new records (status queued) and index them; refuses an id already taken."""
+        records = list(records)
+        stored = {r.job_id: _stored_form(r) for r in records}
+        record_keys = [keys.job(r.job_id) for r in records]
+        if len(set(record_keys)) != len(record_keys):
+            raise JobRejected("the same job_id appears twice in one submission", field="job_id")
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(*record_keys)
+                    # One round trip for the usual case (fresh ids); per key only if one is taken.
+                    taken = (
+                        [r.job_id for r, n in zip(records, self._exist(pipe, record_keys)) if n]
+                        if pipe.exists(*record_keys)
+                        else []
+                    )
+                    if taken:
+                        raise JobRejected(
+                            f"job_id {taken[0]!r} is already taken",
+                            field="job_id",
+                            allowed="a new id, or none (the producer makes one)",
+                        )
+                    pipe.multi()
+                    for record in records:
+                        score = _score(record)
+                        pipe.set(keys.job(record.job_id), stored[record.job_id])
+                        pipe.zadd(keys.ALL_JOBS, {record.job_id: score})
+                        pipe.zadd(keys.status(record.status.value), {record.job_id: score})
+                        pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: score})
+                        # a batch's index outlives its records' retention (they expire one by one)
+                        pipe.expire(keys.batch(record.job.batch_id), 2 * self.retention + BATCH_INDEX_SLACK)
+                        pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: score})
+                        pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
+                        if record.tenant is not None:
+                            pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: score})
+                            pipe.sadd(keys.TENANTS_WITH_JOBS, record.tenant)
+                        pipe.zadd(keys.UNSENT, {record.job_id: score})
+                        self._announce(pipe, record)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+    @staticmethod
+    def _announce(client, record: JobRecord) -> None:
+        """Add the record's change to the event stream (keys.EVENTS)."""
+        fields = {
+            "job_id": record.job_id,
+            "batch_id": record.job.batch_id or "",
+            "status": record.status.value,
+            "step": record.progress.step,
+            "total": record.progress.total,
+            "tenant": record.tenant or "",
+        }
+        client.xadd(keys.EVENTS, fields, maxlen=keys.EVENTS_KEPT, approximate=True)
+
+    @staticmethod
+    def _exist(pipe: redis.client.Pipeline, names: list[str]) -> list[bool]:
+        # In WATCH mode a pipeline runs commands at once; one EXISTS per key tells which.
+        return [bool(pipe.exists(key)) for key in names]
+
+    def sent(self, job_ids: Iterable[str]) -> None:
+        """Mark jobs whose messages are sent (``create_many`` lists them as unsent)."""
+        ids = list(job_ids)
+        if ids:
+            self.redis.zrem(keys.UNSENT, *ids)
+
+    def mark_unsent(self, job_ids: Iterable[str]) -> None:
+        """List queued jobs as having no message (a worker took theirs to sample them along
+        and queued them again): upkeep sends their messages (common/fleet/upkeep.py)."""
+        now = utcnow().timestamp()
+        ids = list(job_ids)
+        if ids:
+            self.redis.zadd(keys.UNSENT, {job_id: now for job_id in ids})
+
+    def unsent(self, older_than: float) -> list[str]:
+        """Ids of jobs written more than ``older_than`` seconds ago whose messages were never sent."""
+        cutoff = utcnow().timestamp() - older_than
+        return [i.decode() for i in self.redis.zrangebyscore(keys.UNSENT, "-inf", cutoff)]
+
+    def trim_indexes(self, older_than: float, batch: int = 500) -> int:
+        """Drop from every index the ids of records submitted more than ``older_than`` seconds
+        ago that have expired; returns how many. (Listings drop the ones they meet too.)"""
+        cutoff = utcnow().timestamp() - older_than
+        ids = [
+            i.decode() for i in self.redis.zrangebyscore(keys.ALL_JOBS, "-inf", cutoff, start=0, num=batch)
+        ]
+        if not ids:
+            return 0
+        exists = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            exists.exists(keys.job(job_id))
+        gone = [job_id for job_id, present in zip(ids, exists.execute()) if not present]
+        if gone:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in [keys.ALL_JOBS, keys.UNSENT] + [keys.status(s.value) for s in JobStatus]:
+                pipe.zrem(key, *gone)
+            for model in self.models():
+                pipe.zrem(keys.model_jobs(model), *gone)
+            for tenant in self.redis.smembers(keys.TENANTS_WITH_JOBS):
+                pipe.zrem(keys.tenant_jobs(tenant.decode()), *gone)
+            pipe.execute()
+        return len(gone)
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        """Remove records that never reached the queue (the broker refused the send)."""
+        records = [r for r in self.get_many(list(job_ids)) if r is not None]
+        pipe = self.redis.pipeline(transaction=True)
+        for record in records:
+            pipe.delete(keys.job(record.job_id))
+            pipe.zrem(keys.ALL_JOBS, record.job_id)
+            pipe.zrem(keys.status(record.status.value), record.job_id)
+            pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
+            pipe.zrem(keys.model_jobs(record.job.model), record.job_id)
+            pipe.zrem(keys.UNSENT, record.job_id)
+            if record.tenant is not None:
+                pipe.zrem(keys.tenant_jobs(record.tenant), record.job_id)
+        pipe.execute()
+
+    # ------------------------------------------------------------------ read
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record (a damaged one's stand-in if it does not read back), or None."""
+        return _parsed(job_id, self.redis.get(keys.job(job_id)))
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        raws = self.redis.mget([keys.job(i) for i in job_ids])
+        return [_parsed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
+
+    def batch(self, batch_id: str) -> list[str]:
+        """Job ids of a batch, in submit order."""
+        return [i.decode() for i in self.redis.zrange(keys.batch(batch_id), 0, -1)]
+
+    # ------------------------------------------------------------------ change
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        """Apply ``change`` to the record atomically; it returns the new record, or None
+        to leave it as it is. Returns what is stored afterwards (None if no record).
+
+        Optimistic: read, change, then write only if the record is still what was read (a
+        server-side compare-and-set, two round trips); on a race, read again and retry. A
+        damaged record is not changed: its stand-in is returned.
+        """
+        key = keys.job(job_id)
+        while True:
+            raw = self.redis.get(key)
+            before = _parsed(job_id, raw)
+            if before is None or before.damaged:
+                return before
+            status_before = before.status
+            after = change(before)  # may change ``before`` in place: it is a fresh copy
+            if after is None:
+                return before
+            written = self._compare_and_set(
+                keys=[key, keys.status(status_before.value), keys.status(after.status.value)],
+                args=[
+                    raw,
+                    _stored_form(after),
+                    job_id,
+                    _score(after),
+                    self.retention if after.status.final else 0,
+                ],
+            )
+            if written:
+                self._announce(self.redis, after)
+                return after
+
+    # ------------------------------------------------------------------ list
+    def count_of_tenant(self, tenant: str, status: JobStatus) -> int:
+        """How many of ``tenant``'s jobs are in ``status`` (intersected on the server)."""
+        scratch = keys.scratch(uuid.uuid4().hex)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zinterstore(scratch, [keys.tenant_jobs(tenant), keys.status(status.value)])
+        pipe.delete(scratch)
+        return pipe.execute()[0]
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for status in JobStatus:
+            pipe.zcard(keys.status(status.value))
+        return dict(zip(JobStatus, pipe.execute()))
+
+    def models(self) -> list[str]:
+        """Model keys that jobs were submitted for."""
+        return sorted(m.decode() for m in self.redis.smembers(keys.MODELS_WITH_JOBS))
+
+    def page(
+        self,
+        *,
+        status: JobStatus | None = None,
+        batch: str | None = None,
+        model: str | None = None,
+        tenant: str | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[JobRecord], int]:
+        """Records matching every filter given, newest first, and how many match in all.
+        ``tenant``: only that tenant's jobs (None: everyone's).
+
+        Records that have expired are dropped from the indexes as the listing meets them.
+        """
+        indexes = [keys.ALL_JOBS]
+        if status is not None:
+            indexes.append(keys.status(status.value))
+        if batch is not None:
+            indexes.append(keys.batch(batch))
+        if model is not None:
+            indexes.append(keys.model_jobs(model))
+        if tenant is not None:
+            indexes.append(keys.tenant_jobs(tenant))
+        filters = indexes[1:] or indexes
+        pipe = self.redis.pipeline(transaction=True)
+        if len(filters) == 1:
+            pipe.zcard(filters[0])
+            pipe.zrevrange(filters[0], offset, offset + limit - 1)
+        else:
+            # Intersect on the server into a scratch key: only one page crosses the wire.
+            scratch = keys.scratch(uuid.uuid4().hex)
+            pipe.zinterstore(scratch, filters, aggregate="MAX")
+            pipe.zcard(scratch)
+            pipe.zrevrange(scratch, offset, offset + limit - 1)
+            pipe.delete(scratch)
+        replies = pipe.execute()
+        total, ids = (replies[0], replies[1]) if len(filters) == 1 else (replies[1], replies[2])
+        ids = [i.decode() for i in ids]
+        records = self.get_many(ids)
+        expired = [i for i, r in zip(ids, records) if r is None]
+        if expired:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in indexes + [keys.status(s.value) for s in JobStatus]:
+                pipe.zrem(key, *expired)
+            pipe.execute()
+            total -= len(expired)
+        return [r for r in records if r is not None], total

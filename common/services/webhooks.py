@@ -1,0 +1,301 @@
+"""Webhooks: a job that names ``webhook_url`` is POSTed an event when it ends, and a batch
+submitted with ``batch_webhook_url`` one ``batch.ended`` event when its last job has ended.
+
+The event follows the Standard Webhooks specification: a JSON body ``{"type":
+"job.succeeded" | "job.failed" | "job.cancelled", "timestamp", "data": {...the record's
+summary and image URIs}}`` with the ``webhook-id``, ``webhook-timestamp`` and
+``webhook-signature`` headers, signed (HMAC-SHA256) by the ``standardwebhooks`` package with
+LORAFLEET_WEBHOOK_SECRET (``whsec_`` and base64, as the specification writes secrets).
+
+Delivery is at least once, from a durable outbox in Redis (``keys.webhook_event``,
+``keys.WEBHOOKS_DUE``): when a job ends its event is written once (its id is the job's, so the
+several places that see a job end never queue two), and every process that does upkeep (live
+workers, the API) delivers the events that are due. A process takes an event for a lease of
+LEASE_SECONDS, so one delivery runs at a time, and one that dies mid-delivery leaves it to
+the next. A failed attempt (connection error, timeout, a status other than 2xx) is recorded
+with its time, status and error, and tried again after 10 s, 20 s, 40 s ... up to an hour
+apart, until LORAFLEET_WEBHOOK_MAX_SECONDS after the event (a day by default); then it is
+given up and says so. Restarting the API or every worker loses nothing: the outbox is in Redis.
+
+``webhook_url`` must be http(s); a host on a loopback, private, link-local or otherwise
+non-public address is refused at submit, and again at every delivery (its name may resolve
+elsewhere by then), unless LORAFLEET_WEBHOOK_ALLOW_PRIVATE is set: a submitter cannot make
+the fleet call into its own network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+
+from lorafleet.common.infra.net import is_public_address, resolve
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import ConfigError, JobRejected
+from lorafleet.common.schema.jobs import JobRecord
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 60
+"""How long a process holds an event it is delivering."""
+FIRST_RETRY_SECONDS = 10.0
+MAX_RETRY_SECONDS = 3600.0
+TIMEOUT_SECONDS = 10.0
+"""Seconds a receiver has to answer one delivery."""
+BATCH = 20
+"""Events one upkeep pass delivers at most."""
+KEEP_SECONDS = 7 * 24 * 3600
+"""How long an event and its attempts stay readable after it was delivered or given up."""
+
+_CLAIM = """
+local taken = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  table.insert(taken, id)
+end
+return taken
+"""
+
+
+def check_url(url: str, allow_private: bool, field: str = "webhook_url") -> None:
+    """JobRejected unless ``url`` is an http(s) URL to a public host (or private ones are allowed)."""
+    parts = urlsplit(url)
+    allowed = "an http(s) URL of a public host (or set LORAFLEET_WEBHOOK_ALLOW_PRIVATE)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JobRejected(f"{url[:80]!r} is not an http(s) URL", field=field, allowed=allowed)
+    if allow_private:
+        return
+    try:
+        addresses = resolve(parts.hostname)
+    except (OSError, UnicodeError) as exc:
+        raise JobRejected(
+            f"cannot resolve {parts.hostname!r} ({exc})", field=field, allowed=allowed
+        ) from None
+    private = [a for a in addresses if not is_public_address(a)]
+    if private or not addresses:
+        raise JobRejected(
+            f"{parts.hostname} resolves to {(private or ['nothing'])[0]}, not a public address",
+            field=field,
+            allowed=allowed,
+        )
+
+
+def event_id(job_id: str) -> str:
+    return f"msg_{job_id}"
+
+
+def job_event(record: JobRecord) -> dict[str, Any]:
+    """The event a job's end sends: its type, when, and the record's summary."""
+    return {
+        "type": f"job.{record.status.value}",
+        "timestamp": (record.finished_at or datetime.now(timezone.utc)).isoformat(),
+        "data": {
+            "job_id": record.job_id,
+            "batch_id": record.job.batch_id,
+            "status": record.status.value,
+            "error": record.error,
+            "model": record.job.model,
+            "seed": record.job.seed,
+            "tags": record.job.tags,
+            "images": [{"uri": i.uri, "sha256": i.sha256, "seed": i.seed} for i in record.images],
+            "seconds": record.timings.total,
+        },
+    }
+
+
+def job_ended(client: redis.Redis, record: JobRecord) -> bool:
+    """Queue the webhook event of a job that has just ended, and its batch's once the batch's
+    last job has (each once; False if no job event was queued)."""
+    if not record.status.final:
+        return False
+    if record.job.batch_id and client.exists(keys.batch_webhook(record.job.batch_id)):
+        _batch_job_ended(client, record.job.batch_id, record.job_id)
+    url = record.job.webhook_url
+    return bool(url) and _queue(client, event_id(record.job_id), url, job_event(record))
+
+
+def _queue(client: redis.Redis, id_: str, url: str, payload: dict[str, Any]) -> bool:
+    event = {
+        "id": id_,
+        "url": url,
+        "payload": payload,
+        "created": time.time(),
+        "state": "pending",
+        "attempts": [],
+    }
+    if not client.set(keys.webhook_event(id_), json.dumps(event), nx=True, ex=KEEP_SECONDS):
+        return False  # already queued: the several places that see a job end queue it once
+    client.zadd(keys.WEBHOOKS_DUE, {id_: time.time()})
+    return True
+
+
+def batch_event_id(batch_id: str) -> str:
+    return f"msg_batch_{batch_id}"
+
+
+def watch_batch(client: redis.Redis, batch_id: str, url: str, jobs: int, keep: int) -> None:
+    """Send ``url`` an event when the ``jobs`` more jobs of the batch have all ended."""
+    name = keys.batch_webhook(batch_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(name, "url", url)
+    pipe.hincrby(name, "total", jobs)
+    pipe.expire(name, keep)
+    pipe.execute()
+
+
+def add_to_watched_batch(client: redis.Redis, batch_id: str, jobs: int = 1) -> None:
+    """A job added to a batch later (a retry): the batch's event waits for it too."""
+    if client.exists(keys.batch_webhook(batch_id)):
+        client.hincrby(keys.batch_webhook(batch_id), "total", jobs)
+
+
+def _batch_job_ended(client: redis.Redis, batch_id: str, job_id: str) -> None:
+    ended = keys.batch_ended(batch_id)
+    if not client.sadd(ended, job_id):
+        return  # this job's end was counted already
+    client.expire(ended, KEEP_SECONDS)
+    hook = {
+        k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+        for k, v in client.hgetall(keys.batch_webhook(batch_id)).items()
+    }
+    if not hook or client.scard(ended) < int(hook.get("total", 0)):
+        return
+    ids = [i.decode() if isinstance(i, bytes) else i for i in client.zrange(keys.batch(batch_id), 0, -1)]
+    records = [r for r in (_record(client, i) for i in ids) if r is not None]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    payload = {
+        "type": "batch.ended",
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "data": {
+            "batch_id": batch_id,
+            "counts": counts,
+            "jobs": [
+                {
+                    "job_id": r.job_id,
+                    "status": r.status.value,
+                    "error": r.error,
+                    "images": [i.uri for i in r.images],
+                    "tags": r.job.tags,
+                }
+                for r in records
+            ],
+        },
+    }
+    _queue(client, batch_event_id(batch_id), hook["url"], payload)
+
+
+def _record(client: redis.Redis, job_id: str) -> JobRecord | None:
+    raw = client.get(keys.job(job_id))
+    if raw is None:
+        return None
+    try:
+        return JobRecord.model_validate_json(raw)
+    except ValueError:
+        return None
+
+
+def read_event(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
+    raw = client.get(keys.webhook_event(event_id(job_id)))
+    return json.loads(raw) if raw else None
+
+
+class WebhookSender:
+    """Delivers due events from the outbox; one per upkeep process."""
+
+    def __init__(
+        self, client: redis.Redis, secret: str | None, allow_private: bool, max_seconds: float
+    ) -> None:
+        self.redis = client
+        self.secret = secret
+        self.allow_private = allow_private
+        self.max_seconds = max_seconds
+        self._claim = client.register_script(_CLAIM)
+
+    def deliver_due(self, now: float | None = None) -> int:
+        """Deliver the events that are due; returns how many were delivered."""
+        now = time.time() if now is None else now
+        if self.secret is None:
+            return 0
+        taken = self._claim(keys=[keys.WEBHOOKS_DUE], args=[now, now + LEASE_SECONDS, BATCH])
+        delivered = 0
+        for raw_id in taken:
+            delivered += self._deliver(raw_id.decode() if isinstance(raw_id, bytes) else raw_id)
+        return delivered
+
+    def _deliver(self, event_id_: str) -> bool:
+        name = keys.webhook_event(event_id_)
+        raw = self.redis.get(name)
+        if raw is None:
+            self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
+            return False
+        event = json.loads(raw)
+        status, error = self._post(event)
+        event["attempts"].append({"at": time.time(), "status": status, "error": error})
+        ok = status is not None and 200 <= status < 300
+        if ok:
+            event["state"] = "delivered"
+            self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
+            logger.info(
+                "webhook %s delivered to %s (attempt %d)", event_id_, event["url"], len(event["attempts"])
+            )
+        elif time.time() - event["created"] >= self.max_seconds:
+            event["state"] = "given up"
+            self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
+            logger.warning(
+                "webhook %s given up after %d attempts: %s", event_id_, len(event["attempts"]), error
+            )
+        else:
+            delay = min(FIRST_RETRY_SECONDS * 2 ** (len(event["attempts"]) - 1), MAX_RETRY_SECONDS)
+            self.redis.zadd(keys.WEBHOOKS_DUE, {event_id_: time.time() + delay})
+            logger.info(
+                "webhook %s attempt %d failed (%s); again in %.0f s",
+                event_id_,
+                len(event["attempts"]),
+                error,
+                delay,
+            )
+        self.redis.set(name, json.dumps(event), ex=KEEP_SECONDS)
+        return ok
+
+    def _post(self, event: dict[str, Any]) -> tuple[int | None, str | None]:
+        """(HTTP status, error) of one signed POST of the event."""
+        import httpx
+        from standardwebhooks import Webhook
+
+        try:
+            check_url(event["url"], self.allow_private)
+        except JobRejected as exc:
+            return None, exc.message
+        body = json.dumps(event["payload"])
+        sent_at = datetime.now(timezone.utc)
+        try:
+            signature = Webhook(self.secret).sign(event["id"], sent_at, body)
+        except Exception as exc:  # a secret that is not base64
+            raise ConfigError(f"LORAFLEET_WEBHOOK_SECRET cannot sign: {exc}") from None
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": event["id"],
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": signature,
+        }
+        try:
+            response = httpx.post(event["url"], content=body, headers=headers, timeout=TIMEOUT_SECONDS)
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        if 200 <= response.status_code < 300:
+            return response.status_code, None
+        return response.status_code, f"HTTP {response.status_code}"
+
+
+def webhook_sender(settings, client: redis.Redis) -> WebhookSender:
+    """The sender an upkeep process uses, from LORAFLEET_WEBHOOK_* settings."""
+    return WebhookSender(
+        client, settings.webhook_secret, settings.webhook_allow_private, settings.webhook_max_seconds
+    )

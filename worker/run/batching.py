@@ -1,0 +1,161 @@
+"""Which images share a sampling call, and how many fit in one.
+
+A worker samples several images per UNet call: a job's own images, and the images of the
+compatible jobs waiting behind it in its queue (Celery hands a worker up to ``max_batch``
+messages ahead; ``JobRunner.run`` takes the compatible ones along). Jobs are compatible when
+everything that shapes the call is the same (``batch_key``): model, LoRA stack and weights,
+sampler, steps, CFG, size, VAE and embeddings. Prompts and seeds may differ: each image has
+its own embeddings and its own generator.
+
+The images of a group are cut into chunks of at most the batch size: ``LORAFLEET_MAX_BATCH``,
+or (0, the default) one derived from the device's free memory and the image size
+(``default_max_batch``). A chunk that runs out of memory is tried again at half the size,
+and the size that fit is remembered per model and image size (``BatchSizes``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, Timings
+
+BYTES_PER_PIXEL = 3 * 1024
+"""Device memory one image of a batch takes per output pixel while it samples (activations,
+latents, VAE decode; fp16, SD 1.5 to SDXL, measured loosely): 512x512 is about 0.8 GB."""
+MEMORY_SHARE = 0.6
+"""Share of the free memory the default batch size may plan to use."""
+MAX_DEFAULT_BATCH = 16
+"""The default batch size never goes beyond this, however much memory is free."""
+CPU_DEFAULT_BATCH = 8
+"""The default's ceiling on a CPU, where a bigger batch buys little but takes memory."""
+
+
+def batch_key(job: GenerationJob) -> tuple:
+    """Everything that must be equal for two jobs to share a sampling call."""
+    stack = tuple((s.name, s.sha256, s.weight, s.text_encoder_weight) for s in job.loras)
+    return (
+        job.model,
+        stack,
+        job.sampler,
+        job.steps,
+        job.cfg_scale,
+        job.width,
+        job.height,
+        job.vae,
+        tuple(job.embeddings),
+    )
+
+
+def default_max_batch(device: torch.device, width: int, height: int) -> int:
+    """Images per call that fit in MEMORY_SHARE of the device's free memory at this size."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        ceiling = MAX_DEFAULT_BATCH
+    else:
+        free = _available_memory()
+        ceiling = CPU_DEFAULT_BATCH
+    fits = int(free * MEMORY_SHARE) // (width * height * BYTES_PER_PIXEL)
+    return max(1, min(ceiling, fits))
+
+
+def _available_memory() -> int:
+    """Bytes the kernel says are available (MemAvailable: free plus reclaimable cache)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class BatchSizes:
+    """The batch size for a model and image size: the setting, or the default, or the size
+    an out-of-memory error last halved it to."""
+
+    def __init__(self, setting: int, device: torch.device) -> None:
+        self.setting = setting
+        self.device = device
+        self._fits: dict[tuple[str, int, int], int] = {}
+
+    def get(self, model: str, width: int, height: int) -> int:
+        remembered = self._fits.get((model, width, height))
+        if remembered is not None:
+            return remembered
+        return self.setting or default_max_batch(self.device, width, height)
+
+    def halve(self, model: str, width: int, height: int, size: int) -> int:
+        """After an out-of-memory error at ``size``: the size to try next (0: none left)."""
+        smaller = size // 2
+        if smaller >= 1:
+            self._fits[(model, width, height)] = smaller
+        return smaller
+
+
+@dataclass(eq=False)
+class Member:
+    """One job of a group and its images' share of the sampling."""
+
+    record: JobRecord
+    conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: dict[int, object] = field(default_factory=dict)
+    """Image index -> PIL image, as its chunk finishes."""
+    cancelled: bool = False
+    """Cancelled (or taken over by another run) while it sampled: its images are dropped."""
+    largest_chunk: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.warnings = list(self.record.warnings)
+
+    @property
+    def timings(self) -> Timings:
+        return self.record.timings
+
+    @property
+    def sampled(self) -> int:
+        return len(self.images)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.images) == self.job.num_images
+
+    @property
+    def job(self) -> GenerationJob:
+        return self.record.job
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @property
+    def signature(self) -> tuple:
+        """The embeddings' shapes: only members with equal ones can be stacked in one call."""
+        return tuple((name, tuple(t.shape[1:])) for name, t in sorted(self.conditioning.items()))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Image ``index`` of a member, in a chunk."""
+
+    member: Member
+    index: int
+
+
+def chunks(members: list[Member], size: int, one_per_call: bool) -> list[list[Slot]]:
+    """The images still to sample, cut into chunks of at most ``size`` images of members with
+    equal embedding shapes (one image per chunk when ``one_per_call``); cancelled members
+    and images already sampled are left out."""
+    by_signature: dict[tuple, list[Slot]] = {}
+    for member in members:
+        if member.cancelled:
+            continue
+        by_signature.setdefault(member.signature, []).extend(
+            Slot(member, i) for i in range(member.job.num_images) if i not in member.images
+        )
+    step = 1 if one_per_call else max(1, size)
+    return [slots[i : i + step] for slots in by_signature.values() for i in range(0, len(slots), step)]

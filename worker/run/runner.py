@@ -1,0 +1,739 @@
+"""One job, end to end, on a worker: the logic behind the Celery task.
+
+    record queued/running -> running (attempt n)
+    hot pipeline -> LoRA stack -> patch -> sample (progress, cancel) -> restore
+    PNGs with parameters -> storage (retried with backoff) -> record succeeded
+
+Every way out ends the record: succeeded, failed with a message a person can act on, or
+cancelled, except one: a TransientError (the store or the broker unavailable after the
+tries where it happened) puts the job back to queued, and the task sends it again after
+``requeue_delay`` seconds, until it has run ``job_attempts`` times; then it fails. Weights
+are restored from the pristine copies after every job, whatever happened, before the
+worker takes the next one.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple, TypeVar
+
+import redis
+import torch
+
+from lorafleet.common.catalog.embeddings import EmbeddingCatalog, EmbeddingInfo
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.catalog.vaes import VaeInfo
+from lorafleet.common.fleet.metrics import record_finished
+from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.infra.retry import with_retries
+from lorafleet.common.infra.storage import Storage, image_key
+from lorafleet.common.schema.errors import InvalidInput, JobCancelled, JobFailed, Superseded, TransientError
+from lorafleet.common.schema.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
+from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.embeddings import applied
+from lorafleet.worker.lora.files import DiskCache, fetch_object
+from lorafleet.worker.lora.store import LoraStore
+from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
+from lorafleet.worker.pipelines import HotPipeline, PipelineCache
+from lorafleet.worker.run.batching import BatchSizes, Member, Slot, batch_key, chunks
+from lorafleet.worker.run.companions import WaitingJobs
+from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
+from lorafleet.worker.vaes import VaeCache
+
+logger = logging.getLogger(__name__)
+
+RUN_AGAIN_DELAY = 5.0
+"""Seconds before a job that met a transient failure runs again; doubled for each run."""
+RUN_AGAIN_MAX_DELAY = 120.0
+PROGRESS_SECONDS = 0.25
+"""Least time between two progress writes of one job (the last step is always written)."""
+PREFETCH_LOOKAHEAD = 16
+"""Waiting messages of the queue looked at for LoRAs to make ready while a job samples."""
+PREFETCH_STACKS = 2
+"""Distinct LoRA stacks of waiting jobs made ready ahead, at most, per sampling group."""
+STORE_THREADS = 2
+"""Threads that encode and upload finished jobs' images while the next call samples."""
+REDIS_OUTAGE_TRIES = 12
+"""Tries of a job's final record write through a Redis outage (backoff 1, 2, 4 ... 30 s: about
+3.5 minutes) before the message goes back to its queue."""
+
+T = TypeVar("T")
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker reports about itself."""
+
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    lora_hits: int = 0
+    lora_misses: int = 0
+    current_job: str | None = None
+    current_step: int = 0
+    current_total: int = 0
+    switch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+
+
+class _StoreContext(NamedTuple):
+    """What every image of a group carries in its parameters besides its job's own values."""
+
+    infos: list
+    model_hash: str | None
+    vae: VaeInfo | None
+    embeddings: list
+
+
+def _result(future: Future) -> JobStatus | None:
+    return future.result()
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
+
+
+def _allocator_message(exc: BaseException) -> str:
+    """The useful part of an allocator's complaint (torch's CPU one wraps it in noise)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if match := re.search(r"tried to allocate (\d+) bytes", text):
+        return f"could not allocate {int(match.group(1)) / 2**20:.0f} MiB more"
+    return text
+
+
+class JobRunner:
+    """Runs jobs on this worker's hot pipelines."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        pipelines: PipelineCache,
+        loras: LoraStore,
+        *,
+        worker_name: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self.pipelines = pipelines
+        self.loras = loras
+        self.vaes = VaeCache(pipelines.device, pipelines.dtype)
+        self.embeddings = EmbeddingCatalog(settings.embedding_dir, SharedFiles(store.redis, "embedding"))
+        # Registered embeddings and VAEs are fetched into the LoRA files' disk cache (by sha256).
+        self.disk = loras.files.cache or DiskCache(
+            settings.lora_disk_cache_folder, settings.lora_disk_cache_mb * 1024 * 1024
+        )
+        self.models = ModelRegistry(settings, store.redis)
+        self.worker_name = worker_name
+        self.instance = uuid.uuid4().hex
+        """This process's id in its heartbeat and in the records of the jobs it runs."""
+        self.workers = WorkerRegistry(store.redis)
+        self._runs: dict[str, str] = {}
+        self.waiting = WaitingJobs(store.redis)
+        self._taken: set[str] = set()
+        """Jobs whose messages this run took from the queue: queued again, they need a new one."""
+        """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
+        self._last_progress: dict[str, float] = {}
+        self.batch_sizes = BatchSizes(settings.max_batch, pipelines.device)
+        self._last_shape = ("", 512, 512)
+        self._store_stage = (
+            ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="lorafleet-store")
+            if settings.background_stages
+            else None
+        )
+        self._prefetch_stage = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafleet-prefetch")
+            if settings.background_stages
+            else None
+        )
+        self._redis_away = False
+        self.served: frozenset[str] | None = None
+        """Model keys this worker serves (its queues'); None: any (tests, benchmarks)."""
+        self.stats = WorkerStats()
+        self.requeue_delay = RUN_AGAIN_DELAY
+        """Seconds the task waits before sending a job that was queued again."""
+
+    # ------------------------------------------------------------------ record moves
+    def _start(self, job_id: str) -> tuple[JobStatus | None, JobRecord | None]:
+        """Take the job in one transaction: (its status before, the record after).
+
+        A job already ended is left alone; one cancelled while queued ends cancelled; one
+        that started ``job_attempts`` times without finishing ends failed; any other starts here.
+        """
+        before: list[JobStatus] = []
+        run_id = uuid.uuid4().hex
+
+        def change(record: JobRecord) -> JobRecord | None:
+            before.append(record.status)
+            if record.status.final:
+                return None
+            if record.status is JobStatus.running and self.workers.owner_alive(
+                record.worker, record.worker_instance, self.settings.worker_lost_after
+            ):
+                return None  # a second delivery while its worker runs it: dropped
+            if record.cancel_requested:
+                record.status, record.finished_at = JobStatus.cancelled, utcnow()
+                record.error = "cancelled before it ran"
+                return record
+            if record.attempts >= self.settings.job_attempts:
+                record.status, record.finished_at = JobStatus.failed, utcnow()
+                record.error = (
+                    f"started {record.attempts} times without finishing (the worker running it was lost: "
+                    "killed or out of memory); not retried again"
+                )
+                return record
+            if record.status is JobStatus.running:  # its worker was lost; this run takes it over
+                record.warnings = [
+                    *record.warnings,
+                    f"worker {record.worker} was lost (no heartbeat for {self.settings.worker_lost_after} s) "
+                    f"during run {record.attempts}; run {record.attempts + 1} on {self.worker_name} took the job over",
+                ]
+            record.status = JobStatus.running
+            record.attempts += 1
+            record.started_at = utcnow()
+            record.worker, record.worker_instance, record.run_id = self.worker_name, self.instance, run_id
+            record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
+            record.timings = Timings(queue_wait=(record.started_at - record.submitted_at).total_seconds())
+            return record
+
+        record = self.store.update(job_id, change)
+        if record is not None and record.run_id == run_id:
+            self._runs[job_id] = run_id
+        return (before[-1] if before else None), record
+
+    def _owned(self, record: JobRecord) -> None:
+        """Superseded unless this run still owns the record (the fencing check of every
+        write a run makes, inside the same compare-and-set)."""
+        run_id = self._runs.get(record.job_id)
+        if run_id is not None and record.run_id != run_id:
+            raise Superseded(
+                f"run {run_id[:8]} of this worker no longer owns the job (now "
+                f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
+                job_id=record.job_id,
+            )
+
+    def finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
+        """End the record in ``status`` (setting ``fields``) and count it in the fleet's stats."""
+
+        def change(record: JobRecord) -> JobRecord:
+            self._owned(record)
+            record.status = status
+            record.finished_at = utcnow()
+            for name, value in fields.items():
+                setattr(record, name, value)
+            return record
+
+        record = self._through_outage(
+            f"the record of job {job_id}", lambda: self.store.update(job_id, change)
+        )
+        if record is not None:
+            # its stats, webhook and sweep: through an outage too (the ended record is written;
+            # a Redis error here would give the message back and the job would end unlogged)
+            self._through_outage(
+                f"the end of job {job_id}", lambda: record_finished(self.store.redis, record)
+            )
+        return record
+
+    def _progress(self, job_id: str, step: int, *, last: bool = False) -> None:
+        """Write the job's progress (at most every PROGRESS_SECONDS, and at ``last``); raise
+        JobCancelled if it was cancelled meanwhile."""
+
+        def change(record: JobRecord) -> JobRecord:
+            self._owned(record)
+            record.progress.step = step
+            return record
+
+        if job_id == self.stats.current_job:
+            self.stats.current_step = step
+        now = time.monotonic()
+        if not last and now - self._last_progress.get(job_id, 0.0) < PROGRESS_SECONDS:
+            return
+        self._last_progress[job_id] = now
+        try:
+            record = self.store.update(job_id, change)
+        except redis.RedisError as exc:  # Redis away: sampling goes on, progress waits for it
+            if not self._redis_away:
+                logger.warning(
+                    "job %s: progress not written (Redis unavailable: %s); sampling goes on", job_id, exc
+                )
+            self._redis_away = True
+            return
+        if self._redis_away:
+            logger.info("job %s: Redis is back; progress written again", job_id)
+            self._redis_away = False
+        if record is None or record.cancel_requested or record.status is JobStatus.cancelled:
+            raise JobCancelled("cancelled while running", job_id=job_id)
+
+    def _through_outage(self, what: str, write: Callable[[], T]) -> T:
+        """``write()``, waited through a Redis outage of up to a few minutes (the images are
+        stored; only the record is left to write), then the RedisError itself."""
+
+        def attempt() -> T:
+            try:
+                return write()
+            except redis.RedisError as exc:
+                raise TransientError(f"Redis unavailable: {exc}") from exc
+
+        try:
+            return with_retries(what, attempt, REDIS_OUTAGE_TRIES)
+        except TransientError as exc:
+            raise exc.__cause__ or exc from None
+
+    # ------------------------------------------------------------------ the job
+    def run(self, job_id: str) -> JobStatus | None:
+        """Run one job to its end, and with it the jobs waiting in its queue that can share its
+        sampling calls (worker/run/companions.py); returns the job's final status (None if it was not
+        ours to run, or another run took it over)."""
+        self._runs = {}
+        try:
+            record, status = self._take(job_id)
+            if record is None:
+                return status
+            self.stats.current_job, self.stats.current_step = job_id, 0
+            self.stats.current_total = record.progress.total
+            group = [record, *self._companions(record)]
+            if len(group) == 1:
+                return self.execute(record)
+            return self._execute_group(group)[job_id]
+        except Superseded as exc:
+            logger.warning("%s; this run stops without writing it", exc)
+            return None
+        finally:
+            self.stats.current_job = None
+            self._runs = {}
+            self._taken = set()
+            self._last_progress = {}
+            self.disk.release()  # the job's cached files: other workers may evict them now
+
+    def _take(self, job_id: str) -> tuple[JobRecord | None, JobStatus | None]:
+        """Start the job: (its running record, None), or (None, what ``run`` returns) when it
+        is not this worker's to run."""
+        before, record = self._start(job_id)
+        if record is None:
+            logger.warning("job %s has no record (expired or never queued); dropped", job_id)
+            return None, None
+        if before is not None and before.final:
+            logger.info("job %s is already %s; skipped", job_id, before.value)
+            return None, record.status
+        if record.status is JobStatus.running and record.run_id != self._runs.get(job_id):
+            logger.info(
+                "job %s is running on %s (alive): this second delivery is dropped", job_id, record.worker
+            )
+            return None, None
+        if record.status is not JobStatus.running:
+            record_finished(self.store.redis, record)
+            logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
+            return None, record.status
+        logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
+        return record, None
+
+    def running_ids(self) -> set[str]:
+        """The jobs this process runs now (read by its heartbeat thread's upkeep)."""
+        return set(self._runs.copy())  # a copy is one step: safe beside the job thread
+
+    def batch_limit(self) -> int:
+        """Images per call for the model and size of the last job (512x512 before any)."""
+        return self.batch_sizes.get(*self._last_shape)
+
+    def _companions(self, lead: JobRecord) -> list[JobRecord]:
+        """Take and start the jobs waiting in the lead's queue that can share its calls:
+        queued, with its batch key, while their images fit in the batch size."""
+        job = lead.job
+        assert job.width is not None and job.height is not None
+        self._last_shape = (job.model, job.width, job.height)
+        room = self.batch_sizes.get(job.model, job.width, job.height) - job.num_images
+        if room <= 0 or seeds_its_own_noise(job.sampler):
+            return []
+        key = batch_key(job)
+        waiting = [w for w in self.waiting.peek(lead.queue) if w.job_id != lead.job_id]
+        records = dict(zip([w.job_id for w in waiting], self.store.get_many([w.job_id for w in waiting])))
+        taken = []
+        for candidate in waiting:
+            record = records.get(candidate.job_id)
+            if room <= 0:
+                break
+            if record is None or record.status is not JobStatus.queued or batch_key(record.job) != key:
+                continue
+            if record.job.num_images > room:
+                continue
+            # Listed unsent first: if this worker or Redis fails between taking the message and
+            # starting the record, upkeep sends the still-queued job a new message.
+            self.store.mark_unsent([candidate.job_id])
+            if not self.waiting.take(candidate):
+                self.store.sent([candidate.job_id])  # another worker has it
+                continue
+            self._taken.add(candidate.job_id)
+            started, _ = self._take(candidate.job_id)
+            self.store.sent([candidate.job_id])  # started (or ended): its record holds it now
+            if started is not None:
+                taken.append(started)
+                room -= started.job.num_images
+        if taken:
+            logger.info("job %s samples with %d waiting jobs of the same batch key", lead.job_id, len(taken))
+        return taken
+
+    def execute(self, record: JobRecord) -> JobStatus | None:
+        """Everything between taking a running job and its final record: pipeline, LoRAs,
+        sampling, storage. A subclass may replace it to measure the queue alone
+        (bench/queue_overhead.py); it must end the record with ``finish``."""
+        return self._execute_group([record])[record.job_id]
+
+    def _execute_group(self, records: list[JobRecord]) -> dict[str, JobStatus | None]:
+        """Run jobs of one batch key together: one pipeline, one LoRA stack, shared sampling
+        calls; each job is stored and ended on its own (its final status, by job id)."""
+        started = time.perf_counter()
+        members = [Member(record) for record in records]
+        job = records[0].job
+        statuses: dict[str, JobStatus | None] = {}
+        stored: list[tuple[Member, Future | None]] = []
+        if self.served is not None and job.model not in self.served:
+            message = (
+                f"worker {self.worker_name} serves {', '.join(sorted(self.served))}, not {job.model!r}: "
+                "the job reached a queue that is not its model's"
+            )
+            return {m.job_id: self._fail(m.job_id, message, m.record.timings, m.warnings) for m in members}
+
+        def store_when_done(member: Member, context: _StoreContext) -> None:
+            if self._store_stage is None:
+                stored.append((member, None))
+                statuses[member.job_id] = self._store(member, context, started)
+            else:
+                stored.append((member, self._store_stage.submit(self._store, member, context, started)))
+
+        try:
+            model = self.models.get(job.model)
+            hot, load = self.pipelines.get(model)
+            for member in members:
+                member.record.timings.pipeline_load = load
+            with self.pipelines.using(hot):
+                try:
+                    self._sample_group(members, hot, store_when_done)
+                except BaseException:
+                    self._restore(hot)
+                    raise
+        except Superseded:
+            raise
+        except TransientError as exc:
+            self._end_unsampled(members, statuses, exc.message, transient=True)
+        except (InvalidInput, JobFailed) as exc:
+            self._end_unsampled(members, statuses, exc.message)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                message = (
+                    f"out of memory on {self.pipelines.device} for one {job.width}x{job.height} image "
+                    f"(batches were halved down to 1): {_allocator_message(exc)} — ask for smaller images, "
+                    "or run fewer models per worker"
+                )
+            else:
+                logger.exception("job %s: unexpected error", records[0].job_id)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            self._end_unsampled(members, statuses, message)
+        finally:
+            for member, future in stored:  # every job ends (record, then ack) after its uploads
+                if future is not None:
+                    statuses[member.job_id] = _result(future)
+        for member in members:
+            if member.cancelled:
+                statuses.setdefault(member.job_id, JobStatus.cancelled)
+        return statuses
+
+    def _end_unsampled(
+        self, members: list[Member], statuses: dict, message: str, transient: bool = False
+    ) -> None:
+        """Fail (or, ``transient``, queue again) every member whose images were not all
+        sampled; the others are being stored and end by themselves."""
+        for member in members:
+            if member.job_id in statuses or member.cancelled or member.complete:
+                continue
+            try:
+                if transient:
+                    status = self._again_or_fail(member.record, message, member.timings, member.warnings)
+                else:
+                    status = self._fail(member.job_id, message, member.timings, member.warnings)
+            except Superseded as exc:
+                logger.warning("%s; this run stops without writing it", exc)
+                status = None
+            statuses[member.job_id] = status
+
+    def _sample_group(self, members: list[Member], hot: HotPipeline, when_done: Callable) -> None:
+        """Stack, patch, sample in chunks (halved on out of memory), restore; each member is
+        handed to ``when_done`` as soon as its last image is sampled."""
+        job = members[0].job
+        assert job.width is not None and job.height is not None and job.steps is not None
+        stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
+        self.stats.lora_hits += stack.hits
+        self.stats.lora_misses += stack.misses
+        patch = hot.patcher.apply(stack.entries)
+        self._prefetch(hot, members)
+        for member in members:
+            t = member.timings
+            t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
+                stack.seconds,
+                stack.hits,
+                stack.misses,
+                patch.apply,
+            )
+            member.warnings.extend(stack.warnings)
+        tick = time.perf_counter()
+        vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
+        embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
+        context = _StoreContext(stack.infos, hot.model_hash, vae, embeddings)
+        size = self.batch_sizes.get(job.model, job.width, job.height)
+        with self.vaes.swapped(hot, vae), applied(hot, embeddings):
+            for member in members:
+                member.conditioning = conditioning(hot.pipe, member.job)
+            one_per_call = seeds_its_own_noise(job.sampler)
+            plan = chunks(members, size, one_per_call)
+            while plan:
+                chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
+                if not chunk:
+                    continue
+                # batching: never a one-row call (its last bits differ from a batch's)
+                min_rows = 1 if one_per_call or size < 2 else 2
+                try:
+                    self._sample_chunk(hot, job, chunk, min_rows)
+                except Exception as exc:
+                    rows = max(len(chunk), min_rows)
+                    if not _is_out_of_memory(exc) or rows == 1:
+                        raise
+                    size = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                    logger.warning(
+                        "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
+                        len(chunk),
+                        size,
+                        hot.model.key,
+                        job.width,
+                        job.height,
+                    )
+                    _free_memory(self.pipelines.device)
+                    plan = chunks(members, size, one_per_call)
+                    continue
+                for member in dict.fromkeys(slot.member for slot in chunk):
+                    if member.complete and not member.cancelled:
+                        member.timings.sampling = time.perf_counter() - tick
+                        when_done(member, context)
+        restored = hot.patcher.restore()
+        self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
+        for member in members:
+            member.timings.restore = patch.restore + restored.restore
+
+    def _prefetch(self, hot: HotPipeline, members: list[Member]) -> None:
+        """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
+        if self._prefetch_stage is None:
+            return
+        own = batch_key(members[0].job)[1]
+        try:
+            ids = [w.job_id for w in self.waiting.peek(members[0].record.queue, PREFETCH_LOOKAHEAD)]
+            records = self.store.get_many(ids)
+        except redis.RedisError:
+            return
+        stacks: dict[tuple, list] = {}
+        for record in records:
+            if record is None or record.status is not JobStatus.queued or not record.job.loras:
+                continue
+            key = batch_key(record.job)[1]
+            if key != own and len(stacks) < PREFETCH_STACKS:
+                stacks.setdefault(key, record.job.loras)
+        for specs in stacks.values():
+            self._prefetch_stage.submit(self._prepare, hot, specs)
+
+    def _prepare(self, hot: HotPipeline, specs: list) -> None:
+        try:
+            self.loras.prepare(hot.model.key, hot.patcher, specs)
+        except Exception as exc:  # the job itself meets it again and fails saying why
+            logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
+
+    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
+        """One pipeline call for the chunk's images; progress and cancellation per job."""
+        counts: dict[Member, int] = {}
+        for slot in chunk:
+            counts[slot.member] = counts.get(slot.member, 0) + 1
+        steps = job.steps
+
+        def on_step(step: int) -> None:
+            live = 0
+            for member, count in counts.items():
+                if member.cancelled:
+                    continue
+                try:
+                    done = member.sampled * steps + step * count
+                    self._progress(member.job_id, done, last=step == steps)
+                    live += 1
+                except JobCancelled:
+                    self._cancelled(member)
+                except Superseded as exc:
+                    logger.warning("%s; this run stops without writing it", exc)
+                    member.cancelled = True
+            if not live:
+                raise JobCancelled("every job of the call was cancelled")
+
+        try:
+            images = sample(
+                hot.pipe,
+                hot.scheduler_config,
+                job,
+                [slot.member.conditioning for slot in chunk],
+                [image_seed(slot.member.job, slot.index) for slot in chunk],
+                on_step,
+                min_rows,
+            )
+        except JobCancelled:
+            return
+        rows = max(len(chunk), min_rows)
+        for slot, image in zip(chunk, images):
+            slot.member.images[slot.index] = image
+            slot.member.largest_chunk = max(slot.member.largest_chunk, rows)
+
+    def _cancelled(self, member: Member) -> None:
+        """A job cancelled while it samples leaves its call; its companions go on."""
+        member.cancelled = True
+        self.stats.cancelled += 1
+        self.finish(
+            member.job_id,
+            JobStatus.cancelled,
+            error="cancelled while running",
+            timings=member.timings,
+            warnings=member.warnings,
+        )
+        logger.info("job %s cancelled while running", member.job_id)
+
+    def _store(self, member: Member, context: _StoreContext, started: float) -> JobStatus | None:
+        """Encode and upload a job's images, then end its record (in the store stage)."""
+        job, timings = member.job, member.timings
+        tick = time.perf_counter()
+        try:
+            refs = [
+                self._store_image(job, index, member.images[index], *context)
+                for index in range(job.num_images)
+            ]
+            timings.upload = time.perf_counter() - tick
+            timings.total = time.perf_counter() - started
+            timings.batch_size = member.largest_chunk
+            self.finish(
+                member.job_id,
+                JobStatus.succeeded,
+                images=refs,
+                timings=timings,
+                warnings=member.warnings,
+                progress=Progress(step=member.record.progress.total, total=member.record.progress.total),
+            )
+        except Superseded as exc:
+            logger.warning("%s; this run stops without writing it", exc)
+            return None
+        except TransientError as exc:
+            return self._again_or_fail(member.record, exc.message, timings, member.warnings)
+        except (InvalidInput, JobFailed) as exc:
+            return self._fail(member.job_id, exc.message, timings, member.warnings)
+        self.stats.done += 1
+        logger.info("job %s succeeded: %d images in %.2f s", member.job_id, len(refs), timings.total)
+        return JobStatus.succeeded
+
+    def _local(self, info: EmbeddingInfo | VaeInfo) -> EmbeddingInfo | VaeInfo:
+        """An embedding or VAE with a file on this worker: fetched from the store when it is
+        known only from the shared registry (checked by sha256, kept in the disk cache)."""
+        if info.path is not None or info.object_key is None:
+            return info
+        path = fetch_object(self.storage, self.disk, repr(info.name), info.object_key, info.sha256)
+        return replace(info, path=path)
+
+    def _restore(self, hot: HotPipeline) -> None:
+        hot.patcher.restore()
+        if self.pipelines.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _again_or_fail(
+        self, record: JobRecord, message: str, timings: Timings, warnings: list[str]
+    ) -> JobStatus:
+        """A transient failure: queue the job again (the task sends it after a delay), or fail
+        it once it has run ``job_attempts`` times."""
+        attempts = record.attempts
+        if attempts >= self.settings.job_attempts:
+            return self._fail(record.job_id, f"{message} (after {attempts} runs)", timings, warnings)
+        self.requeue_delay = min(RUN_AGAIN_DELAY * 2 ** (attempts - 1), RUN_AGAIN_MAX_DELAY)
+        note = f"run {attempts} of at most {self.settings.job_attempts} met a transient failure: {message}"
+
+        def change(current: JobRecord) -> JobRecord | None:
+            self._owned(current)
+            if current.status is not JobStatus.running:
+                return None
+            if current.cancel_requested:  # it ran, and was cancelled meanwhile: it ends so
+                current.status, current.finished_at = JobStatus.cancelled, utcnow()
+                current.error = f"cancelled while running (the run had met a transient failure: {message})"
+                current.timings, current.warnings = timings, warnings
+                return current
+            current.status = JobStatus.queued
+            current.progress = Progress(step=0, total=current.progress.total)
+            current.timings = timings
+            current.warnings = [*warnings, f"{note}; it runs again in {self.requeue_delay:g} s"]
+            return current
+
+        after = self._through_outage(
+            f"the record of job {record.job_id}", lambda: self.store.update(record.job_id, change)
+        )
+        if after is not None and after.status is JobStatus.cancelled:
+            self.stats.cancelled += 1
+            record_finished(self.store.redis, after)
+            logger.info("job %s cancelled while running", record.job_id)
+            return JobStatus.cancelled
+        if record.job_id in self._taken:  # its message was taken from the queue: upkeep sends one
+            self.store.mark_unsent([record.job_id])
+        logger.warning("job %s: %s; queued again in %.0f s", record.job_id, note, self.requeue_delay)
+        return JobStatus.queued
+
+    def _fail(self, job_id: str, message: str, timings: Timings, warnings: list[str]) -> JobStatus:
+        self.stats.failed += 1
+        self.finish(job_id, JobStatus.failed, error=message, timings=timings, warnings=warnings)
+        logger.info("job %s failed: %s", job_id, message)
+        return JobStatus.failed
+
+    # ------------------------------------------------------------------ images
+    def _store_image(
+        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None, embeddings: list
+    ) -> ImageRef:
+        seed = image_seed(job, index)
+        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings))
+        key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
+        uri = self._upload(key, data)
+        logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)
+        return ImageRef(
+            uri=uri,
+            key=key,
+            size=len(data),
+            sha256=sha256_bytes(data),
+            width=image.width,
+            height=image.height,
+            seed=seed,
+        )
+
+    def _upload(self, key: str, data: bytes) -> str:
+        """Store one PNG, riding out a store outage for ``upload_attempts`` tries."""
+        attempts = self.settings.upload_attempts
+        try:
+            return with_retries(
+                f"upload of {key}", lambda: self.storage.put(key, data, "image/png"), attempts
+            )
+        except TransientError as exc:
+            raise TransientError(f"upload of {key} failed {attempts} times, last: {exc.message}") from exc

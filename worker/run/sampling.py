@@ -1,0 +1,136 @@
+"""Schedulers and the sampling call.
+
+Each call gets a fresh scheduler built from the pipeline's own scheduler config, so one
+job's sampler never leaks into the next. Image i of a job uses seed (seed + i) mod 2³²,
+drawn from its own CPU generator: a job's image i is the same picture as image 0 of a
+one-image job with that seed, and the same on every device type. A call samples a batch of
+images (worker/run/batching.py says which), each with its own prompts' embeddings, encoded per
+job (``conditioning``) as worker/prompt_encoding.py reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lorafleet.common.schema.jobs import GenerationJob, Sampler
+from lorafleet.worker.prompt_encoding import prompt_arguments
+
+SEED_MODULUS = 2**32
+
+_TRAILING = {"timestep_spacing": "trailing"}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+
+SCHEDULERS: dict[Sampler, tuple[str, dict]] = {
+    Sampler.lcm: ("LCMScheduler", {}),
+    Sampler.lcm_trailing: ("LCMScheduler", _TRAILING),
+    Sampler.euler: ("EulerDiscreteScheduler", {}),
+    Sampler.euler_trailing: ("EulerDiscreteScheduler", _TRAILING),
+    Sampler.euler_a: ("EulerAncestralDiscreteScheduler", {}),
+    Sampler.dpmpp_2m: ("DPMSolverMultistepScheduler", _DPMPP_2M),
+    Sampler.dpmpp_2m_karras: ("DPMSolverMultistepScheduler", _DPMPP_2M | {"use_karras_sigmas": True}),
+    Sampler.dpmpp_2m_sde_karras: (
+        "DPMSolverMultistepScheduler",
+        _DPMPP_2M | {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    Sampler.dpmpp_sde_karras: ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    Sampler.unipc: ("UniPCMultistepScheduler", {}),
+    Sampler.tcd: ("TCDScheduler", {}),
+    Sampler.ddim: ("DDIMScheduler", {}),
+}
+"""diffusers scheduler class and options per sampler."""
+
+_SEEDED_NOISE = {"DPMSolverSDEScheduler"}
+"""Schedulers that draw their own noise (a Brownian tree) from a seed in their config,
+not from the pipeline's generator: built per image with the image's seed."""
+
+
+def make_scheduler(sampler: Sampler, base_config: dict, seed: int | None = None):
+    import diffusers
+
+    class_name, options = SCHEDULERS[sampler]
+    if class_name in _SEEDED_NOISE:
+        options = options | {"noise_sampler_seed": seed}
+    return getattr(diffusers, class_name).from_config(base_config, **options)
+
+
+def image_seed(job: GenerationJob, index: int) -> int:
+    assert job.seed is not None
+    return (job.seed + index) % SEED_MODULUS
+
+
+def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
+    """The job's prompts as embeddings for one image (batch dimension 1), encoded for this job
+    alone, so that they never depend on which jobs share its sampling calls.
+
+    Semantics: where ``prompt_arguments`` gives text, diffusers' own ``encode_prompt`` encodes
+    it exactly as the pipeline would (negative ``None`` kept: SDXL zeroes it); else its
+    embeddings as they are.
+    """
+    arguments = prompt_arguments(pipe, job)
+    if "prompt_embeds" in arguments:
+        return {k: v for k, v in arguments.items() if v is not None}
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(
+            prompt=arguments["prompt"],
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=arguments["negative_prompt"],
+        )
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    if len(encoded) == 4:  # SDXL: the pooled embeddings too
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    return dict(zip(names, encoded))
+
+
+def seeds_its_own_noise(sampler: Sampler) -> bool:
+    """Whether the sampler draws noise from a seed in its own config (one image per call)."""
+    return SCHEDULERS[sampler][0] in _SEEDED_NOISE
+
+
+def sample(
+    pipe,
+    scheduler_config: dict,
+    job: GenerationJob,
+    conditionings: list[dict[str, torch.Tensor]],
+    seeds: list[int],
+    on_step: Callable[[int], None],
+    min_rows: int = 1,
+) -> list:
+    """One call of the pipeline for a batch of images (PIL): image i from ``conditionings[i]``
+    and its own CPU generator seeded ``seeds[i]``; ``job`` gives what the images share
+    (sampler, steps, CFG, size). ``on_step(done)`` after every step; it may raise
+    (JobCancelled) to stop the call.
+
+    Semantics: image i's starting noise and every noise draw the sampler makes for it come
+    from its own generator, so they are what a one-image call with that seed draws. A call of
+    fewer than ``min_rows`` images is filled up with copies of its first image, whose results
+    are dropped: the arithmetic of a one-row call can differ in its last bits from that of a
+    batch (docs/benchmarks.md), so a worker that batches never makes one.
+    """
+    assert job.steps is not None and len(conditionings) == len(seeds) >= 1
+    if seeds_its_own_noise(job.sampler) and len(seeds) > 1:
+        raise ValueError(f"{job.sampler.value} seeds its scheduler itself: one image per call")
+
+    def step_end(pipeline, step: int, timestep, kwargs):
+        on_step(step + 1)
+        return kwargs
+
+    wanted = len(seeds)
+    if wanted < min_rows:
+        conditionings = conditionings + [conditionings[0]] * (min_rows - wanted)
+        seeds = seeds + [seeds[0]] * (min_rows - wanted)
+    pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+    batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
+    result = pipe(
+        **batch,
+        num_inference_steps=job.steps,
+        guidance_scale=job.cfg_scale,
+        width=job.width,
+        height=job.height,
+        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        callback_on_step_end=step_end,
+    )
+    return list(result.images)[:wanted]
