@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lorafleet.common.catalog.lora_registry import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
@@ -56,9 +56,9 @@ POLL_SECONDS = 0.2
 JobInput = GenerationJob | dict[str, Any]
 
 
-def _plain(job: JobInput) -> Any:
-    """A job as plain JSON data, for a request's fingerprint."""
-    return job.model_dump(mode="json", exclude_unset=True) if isinstance(job, GenerationJob) else job
+def _plain(given: JobInput | SweepSpec) -> Any:
+    """A job or sweep as plain JSON data, for a request's fingerprint."""
+    return given.model_dump(mode="json", exclude_unset=True) if isinstance(given, BaseModel) else given
 
 
 def _redis_full(exc: BaseException) -> bool:
@@ -188,15 +188,32 @@ class Client:
         ``batch_webhook_url``: POSTed one signed event when every job of the batch has ended.
         """
         jobs = list(jobs)
-        if idempotency_key is None:
-            return self._submit_many(jobs, batch_id, require_worker, tenant, batch_webhook_url)
-        keys_ = IdempotencyKeys(self.redis, self.settings.idempotency_seconds)
         request = {
             "jobs": [_plain(job) for job in jobs],
             "batch_id": batch_id,
             "require_worker": require_worker,
             "batch_webhook_url": batch_webhook_url,
         }
+        return self._once(
+            idempotency_key,
+            tenant,
+            request,
+            lambda: self._submit_many(jobs, batch_id, require_worker, tenant, batch_webhook_url),
+        )
+
+    def _once(
+        self,
+        idempotency_key: str | None,
+        tenant: str | None,
+        request: dict[str, Any],
+        submit: Callable[[], list[JobHandle]],
+    ) -> list[JobHandle]:
+        """``submit()``, or with an ``idempotency_key`` the jobs of the key's first request when
+        this one is the same: ``request`` as the caller sent it, before any id is made up for it
+        (producer/idempotency.py)."""
+        if idempotency_key is None:
+            return submit()
+        keys_ = IdempotencyKeys(self.redis, self.settings.idempotency_seconds)
         digest = fingerprint(request)
         earlier = keys_.claim(idempotency_key, tenant, digest)
         if earlier is not None:
@@ -207,7 +224,7 @@ class Client:
                 handle.replayed = True
             return handles
         try:
-            handles = self._submit_many(jobs, batch_id, require_worker, tenant, batch_webhook_url)
+            handles = submit()
         except (InvalidInput, QueueFull):
             keys_.release(idempotency_key, tenant)  # nothing was queued: the key is free again
             raise
@@ -291,7 +308,30 @@ class Client:
         batch_webhook_url: str | None = None,
     ) -> list[JobHandle]:
         """Expand a sweep (common/services/sweeps.py) into one batch and queue it: every job or none.
-        When its last job ends, upkeep draws its labelled grid beside the images."""
+        When its last job ends, upkeep draws its labelled grid beside the images.
+        ``idempotency_key``: as for submit_many; the request is the sweep as given, so a retry
+        without a ``batch_id`` is the same request although each try would make up its own."""
+        request = {
+            "sweep": _plain(spec),
+            "batch_id": batch_id,
+            "require_worker": require_worker,
+            "batch_webhook_url": batch_webhook_url,
+        }
+        return self._once(
+            idempotency_key,
+            tenant,
+            request,
+            lambda: self._sweep(spec, batch_id, require_worker, tenant, batch_webhook_url),
+        )
+
+    def _sweep(
+        self,
+        spec: SweepSpec | dict[str, Any],
+        batch_id: str | None,
+        require_worker: bool,
+        tenant: str | None,
+        batch_webhook_url: str | None,
+    ) -> list[JobHandle]:
         try:
             spec = spec if isinstance(spec, SweepSpec) else SweepSpec.model_validate(spec)
         except ValidationError as exc:
@@ -304,14 +344,7 @@ class Client:
         keep = 2 * self.settings.record_retention + BATCH_INDEX_SLACK
         save_layout(self.redis, batch, layout, spec.base.get("output_prefix", "images"), keep)
         try:
-            return self.submit_many(
-                jobs,
-                batch_id=batch,
-                require_worker=require_worker,
-                tenant=tenant,
-                idempotency_key=idempotency_key,
-                batch_webhook_url=batch_webhook_url,
-            )
+            return self._submit_many(jobs, batch, require_worker, tenant, batch_webhook_url)
         except BaseException:
             if not self.jobs.batch(batch):
                 self.redis.delete(keys.sweep(batch))  # nothing was queued: no layout either

@@ -1,9 +1,11 @@
 """Idempotent submits: a retried request gets the jobs its first try created, never a second batch.
 
-A submit may carry an idempotency key (HTTP ``Idempotency-Key``; ``idempotency_key=`` in the
-SDK). Before it queues anything, the submit claims the key in Redis (SET NX on
+A submit or sweep may carry an idempotency key (HTTP ``Idempotency-Key``; ``idempotency_key=``
+in the SDK). Before it queues anything, the submit claims the key in Redis (SET NX on
 ``keys.idempotency``, per tenant) with the request's fingerprint: the sha256 of its canonical
-JSON (the jobs as given, ``batch_id``, ``require_worker``). Then:
+JSON (the jobs or sweep as given, ``batch_id``, ``require_worker``, ``batch_webhook_url``), taken
+as the client sent it, before a batch id is made up for it, so a retry without a ``batch_id`` is
+the same request. Then:
 
 - the first request queues its jobs and stores their ids under the key, kept
   LORAFLEET_IDEMPOTENCY_SECONDS; a refused one releases the key (nothing was created);
@@ -71,7 +73,7 @@ class IdempotencyKeys:
             stored = json.loads(raw)
             if stored["fingerprint"] != request_fingerprint:
                 raise DuplicateRequest(
-                    "this Idempotency-Key was used with another request (other jobs, batch_id or "
+                    "this Idempotency-Key was used with another request (other jobs or sweep, batch_id or "
                     "require_worker): use a new key for a new request"
                 )
             if stored["state"] != "done":

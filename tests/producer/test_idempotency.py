@@ -84,3 +84,19 @@ def test_keys_belong_to_their_tenant(settings):
         # the same key is no conflict across tenants: each created its own job
         assert api.get("/v1/jobs", headers={"Authorization": "Bearer t1"}).json()["total"] == 1
         assert api.get("/v1/jobs", headers={"Authorization": "Bearer t2"}).json()["total"] == 1
+
+
+def test_a_retried_sweep_without_a_batch_id_gets_the_first_answer(api, settings):
+    """The batch id a sweep makes up is not part of the request: the retry is the same request."""
+    spec = {"base": JOB, "x": {"name": "seed", "values": [1, 2]}}
+    headers = JSON_CALL | {"Idempotency-Key": "sweep-1"}
+    created = api.post("/v1/sweeps", json=spec, headers=headers)
+    assert created.status_code == 201
+    retried = api.post("/v1/sweeps", json=spec, headers=headers)
+    assert retried.status_code == 200 and retried.json() == created.json()
+    assert api.get("/v1/jobs").json()["total"] == 2
+    with Client(settings) as client:  # the retry saved no layout of its own
+        layouts = list(client.redis.scan_iter(keys.sweep("*")))
+        assert layouts == [keys.sweep(created.json()["batch_id"]).encode()]
+    other = api.post("/v1/sweeps", json=spec | {"x": {"name": "seed", "values": [3]}}, headers=headers)
+    assert other.status_code == 409 and "another request" in other.json()["detail"]
