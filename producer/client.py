@@ -31,6 +31,7 @@ from lorafleet.common.catalog.lora_registry import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.fleet.events import BLOCK_SECONDS, JobEvent, read_events, tail
+from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import make_celery, queue_depths, send_job
 from lorafleet.common.fleet.store import BATCH_INDEX_SLACK, JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry
@@ -38,11 +39,11 @@ from lorafleet.common.infra.broker import resolve_broker
 from lorafleet.common.infra.storage import Storage, image_key, open_storage
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import BadArgument, InvalidInput, JobRejected, QueueFull, TransientError
-from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, parse_job, utcnow
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, parse_job
 from lorafleet.common.schema.settings import Settings
-from lorafleet.common.services import sweeps
+from lorafleet.common.services.batches import watch_batch
 from lorafleet.common.services.sweeps import SweepSpec, expand, save_layout
-from lorafleet.common.services.webhooks import add_to_watched_batch, check_url, job_ended, watch_batch
+from lorafleet.common.services.webhooks import check_url
 from lorafleet.producer.idempotency import IdempotencyKeys, fingerprint
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
 from lorafleet.producer.png_jobs import PngJob, PngReader
@@ -123,6 +124,7 @@ class Client:
         self.redis = self.broker.client()
         self.broker.check(self.redis)
         self.jobs = JobStore(self.redis, retention=self.settings.record_retention)
+        self.lifecycle = Lifecycle(self.jobs)
         self.celery = make_celery(self.settings, self.broker)
         self._storage: Storage | None = None  # opened when a submitter names a job id
         self.resolver = JobResolver(
@@ -285,16 +287,13 @@ class Client:
             )
         if batch_webhook_url is not None:
             self._check_webhook(batch_webhook_url, "", field="batch_webhook_url")
-        watched = Counter(r.job.batch_id for r in records) if batch_webhook_url else Counter()
-        keep = 2 * self.settings.record_retention + BATCH_INDEX_SLACK
-        for batch, count in watched.items():  # before any of its jobs can end
-            watch_batch(self.redis, batch, batch_webhook_url, count, keep)
-        try:
-            self._queue(records)
-        except BaseException:
-            for batch, count in watched.items():
-                add_to_watched_batch(self.redis, batch, -count)
-            raise
+        if batch_webhook_url is not None:
+            keep = 2 * self.settings.record_retention + BATCH_INDEX_SLACK
+            for batch in {
+                r.job.batch_id for r in records if r.job.batch_id
+            }:  # before any of its jobs can end
+                watch_batch(self.redis, batch, batch_webhook_url, keep)
+        self._queue(records)
         return [JobHandle(self, record) for record in records]
 
     def sweep(
@@ -437,7 +436,6 @@ class Client:
             retry_of=job_id,
             tenant=old.tenant,
         )
-        add_to_watched_batch(self.redis, record.job.batch_id or "")  # its batch's event waits for it
         self._queue([record])
         return JobHandle(self, record)
 
@@ -630,22 +628,8 @@ class Client:
         if self.get(job_id).damaged:
             raise JobRejected(f"job {job_id}'s record is damaged; nothing can change it", field="job_id")
 
-        def change(record: JobRecord) -> JobRecord | None:
-            if record.status is JobStatus.queued:
-                record.status = JobStatus.cancelled
-                record.finished_at = utcnow()
-                record.error = "cancelled before it ran"
-                return record
-            if record.status is JobStatus.running and not record.cancel_requested:
-                record.cancel_requested = True
-                return record
-            return None
-
-        record = self.jobs.update(job_id, change)
+        record = self.lifecycle.cancel(job_id)  # a queued job's end: its webhook and counts now
         assert record is not None
-        if record.status is JobStatus.cancelled:
-            job_ended(self.redis, record)  # its webhook now, not when a worker meets its message
-            sweeps.job_ended(self.redis, record.job.batch_id, record.job_id)
         logger.info("cancel of job %s: now %s", job_id, record.status.value)
         return record
 

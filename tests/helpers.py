@@ -420,3 +420,17 @@ class TcpProxy:
                     end.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def beat_aged(registry, beat) -> None:
+    """Write ``beat`` as Redis would hold it ``time.time() - beat.last_seen`` seconds after it
+    came in (liveness is read from the TTL of ``keys.worker_alive``, on Redis's clock)."""
+    from lorafleet.common.fleet.workers import FORGET_AFTER
+    from lorafleet.common.schema import keys as _keys
+
+    registry.beat(beat)
+    age = time.time() - beat.last_seen
+    if age >= FORGET_AFTER:
+        registry.redis.delete(_keys.worker_alive(beat.name))
+    elif age > 0:
+        registry.redis.pexpire(_keys.worker_alive(beat.name), int((FORGET_AFTER - age) * 1000))

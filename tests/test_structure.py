@@ -113,12 +113,12 @@ def _string_constants(path: Path) -> list[tuple[int, str]]:
 def test_every_redis_key_is_built_in_the_keys_module():
     offenders = []
     for name, path in MODULES.items():
-        if name == "lorafleet.common.keys":
+        if name == "lorafleet.common.schema.keys":
             continue
         for line, text in _string_constants(path):
             if "lorafleet:" in text or text.startswith("lorafleet.model."):
                 offenders.append(f"{path.relative_to(REPO)}:{line}: {text!r}")
-    assert not offenders, "Redis keys built outside common/keys.py:\n" + "\n".join(offenders)
+    assert not offenders, "Redis keys built outside common/schema/keys.py:\n" + "\n".join(offenders)
 
 
 def test_every_package_is_in_the_distribution():
@@ -127,3 +127,29 @@ def test_every_package_is_in_the_distribution():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
     assert packages == listed, "pyproject.toml's packages and the folders with an __init__.py differ"
+
+
+LAYERS = ("schema", "infra", "catalog", "fleet", "services")
+"""lorafleet.common's layers, lowest first: a module imports only its own layer and those below."""
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    if parts[:2] != ["lorafleet", "common"] or len(parts) < 3 or parts[2] not in LAYERS:
+        return None
+    return LAYERS.index(parts[2])
+
+
+def test_common_is_in_layers_and_each_imports_only_its_own_and_lower_ones():
+    graph = _graph()
+    flat = [n for n in graph if n.startswith("lorafleet.common.") and _layer(n) is None]
+    assert not flat, f"modules of lorafleet.common outside its layers {LAYERS}: {flat}"
+    wrong = [
+        f"{name} -> {other}"
+        for name, imported in graph.items()
+        if (mine := _layer(name)) is not None
+        for other in imported
+        if (theirs := _layer(other)) is not None and theirs > mine
+    ]
+    assert not wrong, "imports up the layers: " + "; ".join(sorted(wrong))
+

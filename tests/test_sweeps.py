@@ -14,7 +14,8 @@ from PIL import Image
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.schema.settings import Settings
-from lorafleet.common.services.grids import LABEL_HEIGHT, LABEL_WIDTH, GridBuilder
+from lorafleet.common.services.batches import BatchEnds
+from lorafleet.common.services.grids import LABEL_HEIGHT, LABEL_WIDTH
 from lorafleet.common.services.sweeps import SweepSpec, expand, read_layout
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
@@ -88,7 +89,7 @@ def test_a_failed_or_cancelled_cell_is_drawn_as_such(settings):
         make_runner(settings.model_copy(update={"max_batch": 1})).run(handles[0].job_id)
         client.cancel(handles[1].job_id)
         batch = handles[0].batch_id
-        assert GridBuilder(client.redis, open_storage(settings)).build_due() == [batch]
+        assert BatchEnds(client.jobs, open_storage(settings)).handle_due() == [batch]
         grid = Image.open(
             io.BytesIO(open_storage(settings).get(read_layout(client.redis, batch)["grids"][0]))
         )

@@ -79,16 +79,16 @@ def test_a_worker_hands_back_its_own_run_that_redis_cut_short(settings):
         )
         own = lambda: (runner.instance, set())  # noqa: E731  (it runs nothing now)
         # a run just started is the worker's own business, not abandoned
-        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, own) == []
+        assert hand_back_lost_jobs(client.lifecycle, workers, client.celery, 3600, own) == []
 
         def long_ago(record):
             record.started_at -= timedelta(seconds=60)
             return record
 
-        client.jobs.update(handle.job_id, long_ago)
+        client.lifecycle.change(handle.job_id, long_ago)
         busy = lambda: (runner.instance, {handle.job_id})  # noqa: E731
-        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, busy) == []  # it runs it
-        assert hand_back_lost_jobs(client.jobs, workers, client.celery, 3600, own) == [handle.job_id]
+        assert hand_back_lost_jobs(client.lifecycle, workers, client.celery, 3600, busy) == []  # it runs it
+        assert hand_back_lost_jobs(client.lifecycle, workers, client.celery, 3600, own) == [handle.job_id]
         record = client.get(handle.job_id)
         assert record.status is JobStatus.queued and "abandoned" in record.warnings[-1]
         assert [m["headers"]["id"] for m in queued_messages(client)] == [handle.job_id]

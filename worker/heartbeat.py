@@ -1,7 +1,7 @@
 """The worker's heartbeat: a thread that tells Redis what this worker is doing, every 2 s,
-and every HANDBACK_SECONDS does this worker's share of upkeep (common/fleet/upkeep.py: lost
-workers' jobs back to the queue, unsent messages, index trimming). Nothing stops the thread but ``stop``: an unexpected error is logged
-and the next beat comes on time."""
+and does nothing else (upkeep and the services loop have threads of their own,
+common/services/loop.py), so nothing slow can delay a beat. Nothing stops the thread but
+``stop``: an unexpected error is logged and the next beat comes on time."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
 import torch
 
 from lorafleet.common import __version__
-from lorafleet.common.fleet.upkeep import HANDBACK_SECONDS
 from lorafleet.common.fleet.workers import HEARTBEAT_SECONDS, WorkerBeat, WorkerRegistry
 from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache
@@ -52,7 +50,6 @@ class Heartbeat:
         pipelines: PipelineCache,
         loras: LoraStore,
         interval: float = HEARTBEAT_SECONDS,
-        upkeep: Callable[[], object] | None = None,
         alive_file: Path | None = None,
     ) -> None:
         self.registry = registry
@@ -63,7 +60,6 @@ class Heartbeat:
         self.pipelines = pipelines
         self.loras = loras
         self.interval = interval
-        self.upkeep = upkeep
         self.alive_file = alive_file
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -109,16 +105,12 @@ class Heartbeat:
             logger.warning("heartbeat not written: %s", exc)
 
     def _loop(self) -> None:
-        last_upkeep = 0.0
         while not self._stop.is_set():
             try:
                 self._touch()
                 self.beat()
-                if self.upkeep is not None and time.monotonic() - last_upkeep >= HANDBACK_SECONDS:
-                    last_upkeep = time.monotonic()
-                    self.upkeep()
-            except (redis.RedisError, OSError) as exc:
-                logger.warning("upkeep: %s", exc)
+            except OSError as exc:
+                logger.warning("alive file not touched: %s", exc)
             except Exception:  # the thread must outlive anything: a dead heartbeat looks like a dead worker
                 logger.exception("heartbeat: unexpected error; beating on")
             self._stop.wait(self.interval)

@@ -18,14 +18,12 @@ from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRef, ModelRegistry
 from lorafleet.common.fleet.queue import make_celery, worker_argv
 from lorafleet.common.fleet.store import JobStore
-from lorafleet.common.fleet.upkeep import Upkeep
 from lorafleet.common.fleet.workers import WorkerRegistry, alive_file
 from lorafleet.common.infra.broker import resolve_broker
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.errors import BadArgument, ModelError
 from lorafleet.common.schema.settings import Settings
-from lorafleet.common.services.grids import GridBuilder
-from lorafleet.common.services.webhooks import webhook_sender
+from lorafleet.common.services.loop import Background
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.lora.files import DiskCache, LoraFiles
 from lorafleet.worker.lora.store import LoraStore
@@ -75,16 +73,14 @@ class Worker:
             self.runner,
             self.pipelines,
             self.loras,
-            upkeep=Upkeep(
-                self.store,
-                WorkerRegistry(self.store.redis),
-                self.app,
-                settings.worker_lost_after,
-                own=lambda: (self.runner.instance, self.runner.running_ids()),
-                webhooks=webhook_sender(settings, self.store.redis),
-                grids=GridBuilder(self.store.redis, storage),
-            ).run,
             alive_file=alive_file(settings.home, self.name),
+        )
+        self.background = Background(
+            settings,
+            self.store,
+            self.app,
+            storage,
+            own=lambda: (self.runner.instance, self.runner.running_ids()),
         )
         worker_ready.connect(self._on_ready, weak=False)
 
@@ -98,6 +94,7 @@ class Worker:
     def _on_ready(self, **_: object) -> None:
         """Beat only once Celery consumes the queues: a live heartbeat means jobs are taken."""
         self.heartbeat.start()
+        self.background.start()
 
     @property
     def queues(self) -> list[str]:
@@ -120,6 +117,7 @@ class Worker:
         try:
             self._consume(loglevel)
         finally:
+            self.background.stop()
             self.heartbeat.stop()
 
     def _consume(self, loglevel: str) -> None:

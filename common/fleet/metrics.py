@@ -1,7 +1,8 @@
-"""Fleet-wide counters in Redis, written by workers as jobs end, read by the API.
+"""Fleet-wide counters in Redis, read by the API.
 
-The counters (``keys.STATS_*``) are INCRBY / HINCRBYFLOAT, so any number of workers add to
-them at once: jobs finished by status, seconds per phase (sum and count), LoRA cache hits
+The counters (``keys.STATS_*``) are written in the atomic step that ends a job
+(fleet/lifecycle.py, ``end_effects``), as INCRBY / HINCRBYFLOAT, so any number of workers add
+to them at once: jobs finished by status, seconds per phase (sum and count), LoRA cache hits
 and misses, and images stored per minute (kept two hours).
 """
 
@@ -12,35 +13,6 @@ import time
 import redis
 
 from lorafleet.common.schema import keys
-from lorafleet.common.schema.jobs import PHASES, JobRecord
-from lorafleet.common.services import sweeps
-from lorafleet.common.services.webhooks import job_ended
-
-
-def record_finished(client: redis.Redis, record: JobRecord, now: float | None = None) -> None:
-    """Count a job that has just ended, and queue its webhook event if it names one."""
-    now = time.time() if now is None else now
-    job_ended(client, record)
-    sweeps.job_ended(client, record.job.batch_id, record.job_id)
-    pipe = client.pipeline(transaction=False)
-    pipe.hincrby(keys.STATS_FINISHED, record.status.value, 1)
-    for phase in PHASES:
-        value = getattr(record.timings, phase)
-        if value is not None:
-            pipe.hincrbyfloat(keys.STATS_PHASES, f"{phase}:sum", value)
-            pipe.hincrby(keys.STATS_PHASES, f"{phase}:count", 1)
-    if record.timings.lora_hits:
-        pipe.hincrby(keys.STATS_LORA, "hits", record.timings.lora_hits)
-    if record.timings.lora_misses:
-        pipe.hincrby(keys.STATS_LORA, "misses", record.timings.lora_misses)
-    if record.images:
-        for key in (
-            keys.images_in_minute(int(now // 60)),
-            keys.model_images_in_minute(record.job.model, int(now // 60)),
-        ):
-            pipe.incrby(key, len(record.images))
-            pipe.expire(key, keys.STATS_IMAGES_TTL)
-    pipe.execute()
 
 
 def images_per_minute(

@@ -2,12 +2,9 @@
 
 The record of a job is ``keys.job(id)``; indexes by submit time list every job, and the jobs
 of each status, batch and model (``keys`` lists the schema). The producer creates a record
-(queued); the worker moves it (running, progress, succeeded or failed); a cancel sets
-``cancel_requested`` or, while queued, ends it cancelled. Every change is a server-side
-compare-and-set (a Lua script that writes the new record only if the stored one is still
-the one the change was computed from, and moves the status index in the same step), so a
-cancel never overwrites progress or the other way round. Index entries of expired records
-are dropped when a listing meets them.
+(queued) here; every later change goes through ``fleet.lifecycle`` (one atomic step per
+transition, with its effects). Index entries of expired records are dropped when a listing
+meets them, and by upkeep.
 """
 
 from __future__ import annotations
@@ -28,29 +25,15 @@ logger = logging.getLogger(__name__)
 Change = Callable[[JobRecord], "JobRecord | None"]
 
 
-_COMPARE_AND_SET = """
--- KEYS: the record, its status index before, its status index after
--- ARGV: the record as read, the new record, the job id, its score, seconds to keep it (0: for good)
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-if KEYS[2] ~= KEYS[3] then
-    redis.call('ZREM', KEYS[2], ARGV[3])
-    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-end
-if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
-return 1
-"""
-
-
 BATCH_INDEX_SLACK = 24 * 3600
 """Seconds a batch's index is kept beyond twice the record retention, from its last submit."""
 
 
-def _score(record: JobRecord) -> float:
+def score(record: JobRecord) -> float:
     return record.submitted_at.timestamp()
 
 
-def _stored_form(record: JobRecord) -> str:
+def stored_form(record: JobRecord) -> str:
     """The record as stored, checked to read back: a record the readers could not parse is
     never written (JobRejected names the field)."""
     text = record.model_dump_json()
@@ -64,7 +47,7 @@ def _stored_form(record: JobRecord) -> str:
     return text
 
 
-def _parsed(job_id: str, raw: bytes | None) -> JobRecord | None:
+def parsed(job_id: str, raw: bytes | None) -> JobRecord | None:
     """The stored record, or a damaged one's stand-in (``JobRecord.damaged_record``)."""
     if raw is None:
         return None
@@ -83,13 +66,12 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, retention: int) -> None:
         self.redis = client
         self.retention = retention
-        self._compare_and_set = client.register_script(_COMPARE_AND_SET)
 
     # ------------------------------------------------------------------ create
     def create_many(self, records: Iterable[JobRecord]) -> None:
         """Write new records (status queued) and index them; refuses an id already taken."""
         records = list(records)
-        stored = {r.job_id: _stored_form(r) for r in records}
+        stored = {r.job_id: stored_form(r) for r in records}
         record_keys = [keys.job(r.job_id) for r in records]
         if len(set(record_keys)) != len(record_keys):
             raise JobRejected("the same job_id appears twice in one submission", field="job_id")
@@ -111,19 +93,26 @@ class JobStore:
                         )
                     pipe.multi()
                     for record in records:
-                        score = _score(record)
+                        at = score(record)
                         pipe.set(keys.job(record.job_id), stored[record.job_id])
-                        pipe.zadd(keys.ALL_JOBS, {record.job_id: score})
-                        pipe.zadd(keys.status(record.status.value), {record.job_id: score})
-                        pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: score})
-                        # a batch's index outlives its records' retention (they expire one by one)
-                        pipe.expire(keys.batch(record.job.batch_id), 2 * self.retention + BATCH_INDEX_SLACK)
-                        pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: score})
+                        pipe.zadd(keys.ALL_JOBS, {record.job_id: at})
+                        pipe.zadd(keys.status(record.status.value), {record.job_id: at})
+                        if record.job.batch_id:
+                            # a batch's index and end tracker outlive its records' retention
+                            # (they expire one by one); fleet/lifecycle.py counts the ends
+                            for name in (
+                                keys.batch(record.job.batch_id),
+                                keys.batch_end(record.job.batch_id),
+                            ):
+                                pipe.expire(name, 2 * self.retention + BATCH_INDEX_SLACK)
+                            pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: at})
+                            pipe.hincrby(keys.batch_end(record.job.batch_id), "total", 1)
+                        pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: at})
                         pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
                         if record.tenant is not None:
-                            pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: score})
+                            pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: at})
                             pipe.sadd(keys.TENANTS_WITH_JOBS, record.tenant)
-                        pipe.zadd(keys.UNSENT, {record.job_id: score})
+                        pipe.zadd(keys.UNSENT, {record.job_id: at})
                         self._announce(pipe, record)
                     pipe.execute()
                     return
@@ -209,50 +198,17 @@ class JobStore:
     # ------------------------------------------------------------------ read
     def get(self, job_id: str) -> JobRecord | None:
         """The record (a damaged one's stand-in if it does not read back), or None."""
-        return _parsed(job_id, self.redis.get(keys.job(job_id)))
+        return parsed(job_id, self.redis.get(keys.job(job_id)))
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         if not job_ids:
             return []
         raws = self.redis.mget([keys.job(i) for i in job_ids])
-        return [_parsed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
+        return [parsed(job_id, raw) for job_id, raw in zip(job_ids, raws)]
 
     def batch(self, batch_id: str) -> list[str]:
         """Job ids of a batch, in submit order."""
         return [i.decode() for i in self.redis.zrange(keys.batch(batch_id), 0, -1)]
-
-    # ------------------------------------------------------------------ change
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
-        """Apply ``change`` to the record atomically; it returns the new record, or None
-        to leave it as it is. Returns what is stored afterwards (None if no record).
-
-        Optimistic: read, change, then write only if the record is still what was read (a
-        server-side compare-and-set, two round trips); on a race, read again and retry. A
-        damaged record is not changed: its stand-in is returned.
-        """
-        key = keys.job(job_id)
-        while True:
-            raw = self.redis.get(key)
-            before = _parsed(job_id, raw)
-            if before is None or before.damaged:
-                return before
-            status_before = before.status
-            after = change(before)  # may change ``before`` in place: it is a fresh copy
-            if after is None:
-                return before
-            written = self._compare_and_set(
-                keys=[key, keys.status(status_before.value), keys.status(after.status.value)],
-                args=[
-                    raw,
-                    _stored_form(after),
-                    job_id,
-                    _score(after),
-                    self.retention if after.status.final else 0,
-                ],
-            )
-            if written:
-                self._announce(self.redis, after)
-                return after
 
     # ------------------------------------------------------------------ list
     def count_of_tenant(self, tenant: str, status: JobStatus) -> int:

@@ -1,50 +1,57 @@
-"""Upkeep that any live worker or the API does: hand a lost worker's jobs back to the queue
-(once, within about a minute), send the messages a dead producer never sent, and drop the
-index entries of expired records.
+"""Upkeep: hand a lost worker's jobs back to the queue (once, within about a minute), send
+the messages a dead producer never sent, and drop the index entries of expired records.
+
+Every live worker and API process runs an ``Upkeep`` thread, but one process at a time does
+the work: each pass first takes (or renews) the lease ``keys.UPKEEP_LEASE`` for
+LEASE_SECONDS, as rq's maintenance lock does; a process that dies leaves the lease to
+expire and another takes it over. The thread is its own: a slow pass never delays a
+heartbeat (worker/heartbeat.py only beats), and the services that hang off a job's end
+(webhook deliveries, batch ends, grids) run in yet another thread (services/loop.py).
 
 A running job's record names its worker process (``worker``, ``worker_instance``) and its
 run (``run_id``, the fencing token). When that process has not beaten for
-``worker_lost_after`` seconds it is taken for lost, whatever Celery's visibility timeout:
-every HANDBACK_SECONDS, each live worker's heartbeat thread and the API look at the
-running jobs, and for each one whose worker is lost, the first to take
-``keys.handback(job, run)`` sends the job's message again and moves the record back to
-queued (a compare-and-set on the same ``run_id``; a cancel asked meanwhile ends it
-cancelled instead). The worker that takes the message starts a new run with a new
-``run_id``; the lost run, if it was only slow and comes back, fails its next fenced write
-and stops without touching the record (worker/run/runner.py).
+``worker_lost_after`` seconds (judged on Redis's clock, fleet/workers.py) it is taken for
+lost, whatever Celery's visibility timeout: the upkeep pass sends the job's message again,
+then moves the record back to queued through ``fleet.lifecycle`` (a transition fenced on the
+same ``run_id``; a cancel asked meanwhile ends it cancelled, with every effect of its end).
+The worker that takes the message starts a new run with a new ``run_id``; the lost run, if
+it was only slow and comes back, fails its next fenced write and stops without touching
+the record (worker/run/runner.py).
 
-A worker also hands back its own abandoned runs: a running record under its own process
-that it no longer runs (Redis failed mid-job and the task gave its message back, or jobs it
-had taken from the queue along with one, worker/run/companions.py). Its heartbeat says it is alive,
-so nobody else would.
+A worker also hands back its own abandoned runs (``own``): a running record under its own
+process that it no longer runs (Redis failed mid-job and the task gave its message back, or
+jobs it had taken from the queue along with one, worker/run/companions.py). Its heartbeat
+says it is alive, so nobody else would; it does that every pass, lease or not.
 
 Semantics: a job is never lost (the message is sent before the record moves, by exactly
-one process), and never runs twice at once (a delivery that finds the job running under a
-live worker is dropped). A message Celery restores after the visibility timeout is such a
-delivery, or finds the job ended.
+one process: ``keys.handback`` is taken first), and never runs twice at once (a delivery
+that finds the job running under a live worker is dropped).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import redis
 from celery import Celery
 
+from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import send_job
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.schema import keys
-from lorafleet.common.schema.jobs import JobRecord, JobStatus, Progress, utcnow
-from lorafleet.common.services.grids import GridBuilder
-from lorafleet.common.services.webhooks import WebhookSender
+from lorafleet.common.schema.jobs import JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
 
 HANDBACK_SECONDS = 10.0
-"""How often live workers and the API look for jobs of lost workers."""
+"""How often each process's upkeep thread wakes (and the lease holder does the work)."""
+LEASE_SECONDS = 60.0
+"""How long an upkeep lease lasts unless its holder renews it (every pass)."""
 HANDBACK_HOLD_SECONDS = 60
 """How long the one process handing a run back holds it (the others leave it alone); a hand
 back cut short (Redis failing over) is tried again after it."""
@@ -57,10 +64,50 @@ two writes) has its message sent by upkeep."""
 TRIM_SECONDS = 600.0
 """How often upkeep drops the index entries of expired records."""
 
+_CLAIM = """
+local taken = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  table.insert(taken, id)
+end
+return taken
+"""
+
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+def claim_due(client: redis.Redis, due: str, now: float, lease: float, limit: int) -> list[str]:
+    """Take up to ``limit`` members of zset ``due`` scored ``now`` or earlier, re-scored
+    ``now + lease``: whoever took one holds it that long (then it is due again)."""
+    taken = client.register_script(_CLAIM)(keys=[due], args=[now, now + lease, limit])
+    return [t.decode() if isinstance(t, bytes) else t for t in taken]
+
+
+class Lease:
+    """A named lease in Redis that one process holds at a time (``take`` also renews it)."""
+
+    def __init__(self, client: redis.Redis, name: str, seconds: float) -> None:
+        self.redis, self.name, self.seconds = client, name, seconds
+        self.holder = uuid.uuid4().hex
+        self._take = client.register_script(_LEASE)
+
+    def take(self) -> bool:
+        """True if this process holds the lease now, for ``seconds`` more."""
+        return bool(self._take(keys=[self.name], args=[self.holder, int(self.seconds * 1000)]))
+
+    def release(self) -> None:
+        if self.redis.get(self.name) == self.holder.encode():
+            self.redis.delete(self.name)
+
 
 class Upkeep:
-    """One process's share of upkeep: ``run`` every HANDBACK_SECONDS (the index trim runs
-    every TRIM_SECONDS of those)."""
+    """One process's part in upkeep: ``run`` every HANDBACK_SECONDS does the fleet's upkeep
+    while this process holds the lease, and its own abandoned runs always."""
 
     def __init__(
         self,
@@ -69,28 +116,58 @@ class Upkeep:
         app: Celery,
         lost_after: float,
         own: Callable[[], tuple[str, set[str]]] | None = None,
-        webhooks: WebhookSender | None = None,
-        grids: GridBuilder | None = None,
     ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
+        self.lifecycle = Lifecycle(store)
         self.own = own
-        self.webhooks = webhooks
-        self.grids = grids
         """A worker's: (its instance, the jobs it runs now), to hand back its abandoned runs."""
+        self.lease = Lease(store.redis, keys.UPKEEP_LEASE, LEASE_SECONDS)
         self._last_trim = float("-inf")
 
-    def run(self) -> None:
-        hand_back_lost_jobs(self.store, self.workers, self.app, self.lost_after, self.own)
+    def run(self) -> bool:
+        """One pass; True if this process held the lease and did the fleet's upkeep."""
+        if not self.lease.take():
+            if self.own is not None:
+                hand_back_lost_jobs(
+                    self.lifecycle, self.workers, self.app, self.lost_after, self.own, only_own=True
+                )
+            return False
+        hand_back_lost_jobs(self.lifecycle, self.workers, self.app, self.lost_after, self.own)
         send_unsent(self.store, self.app, UNSENT_AFTER)
-        if self.webhooks is not None:
-            self.webhooks.deliver_due()
-        if self.grids is not None:
-            self.grids.build_due()
         if time.monotonic() - self._last_trim >= TRIM_SECONDS:
             self._last_trim = time.monotonic()
             dropped = self.store.trim_indexes(self.store.retention)
             if dropped:
                 logger.info("dropped %d expired records from the indexes", dropped)
+        return True
+
+
+class Periodic:
+    """A daemon thread that calls ``work`` every ``interval`` seconds until ``stop``; an
+    error is logged and the next call comes on time (Redis away, a broker hiccup)."""
+
+    def __init__(self, name: str, work: Callable[[], object], interval: float) -> None:
+        self.work, self.interval = work, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.work()
+            except (redis.RedisError, OSError) as exc:
+                logger.warning("%s: %s", self._thread.name, exc)
+            except Exception:  # the thread must outlive anything
+                logger.exception("%s: unexpected error; going on", self._thread.name)
+
+    def start(self) -> Periodic:
+        self._thread.start()
+        return self
+
+    def stop(self, wait: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
 
 def send_unsent(store: JobStore, app: Celery, after: float) -> list[str]:
@@ -110,14 +187,16 @@ def send_unsent(store: JobStore, app: Celery, after: float) -> list[str]:
 
 
 def hand_back_lost_jobs(
-    store: JobStore,
+    lifecycle: Lifecycle,
     workers: WorkerRegistry,
     app: Celery,
     lost_after: float,
     own: Callable[[], tuple[str, set[str]]] | None = None,
+    only_own: bool = False,
 ) -> list[str]:
     """Hand back the running jobs whose worker is lost, and (``own``) this worker's abandoned
-    runs; returns their ids."""
+    runs (``only_own``: those alone); returns their ids."""
+    store = lifecycle.store
     ids = [i.decode() for i in store.redis.zrange(keys.status(JobStatus.running.value), 0, -1)]
     instance, running = own() if own is not None else (None, set())
     handed = []
@@ -131,7 +210,9 @@ def hand_back_lost_jobs(
             and record.started_at is not None
             and (utcnow() - record.started_at).total_seconds() > ABANDONED_AFTER
         )
-        if not abandoned and workers.owner_alive(record.worker, record.worker_instance, lost_after):
+        if not abandoned and (
+            only_own or workers.owner_alive(record.worker, record.worker_instance, lost_after)
+        ):
             continue
         run = record.run_id or "-"
         if not store.redis.set(keys.handback(record.job_id, run), "1", nx=True, ex=HANDBACK_HOLD_SECONDS):
@@ -149,10 +230,16 @@ def hand_back_lost_jobs(
             else f"worker {record.worker} was lost (no heartbeat for {lost_after:g} s) during run "
             f"{record.attempts}; the job was handed back to the queue"
         )
-        if _requeue(store, record, note):
-            handed.append(record.job_id)
-        else:
+        try:
+            moved = lifecycle.hand_back(record, note)
+        except redis.RedisError as exc:
+            logger.warning("job %s: record not moved back to queued: %s", record.job_id, exc)
+            moved = None
+        if moved is None:
             _let_go(store, record.job_id, run)  # tried again on the next pass
+            continue
+        logger.warning("job %s: %s", record.job_id, note)
+        handed.append(record.job_id)
     return handed
 
 
@@ -161,29 +248,3 @@ def _let_go(store: JobStore, job_id: str, run: str) -> None:
         store.redis.delete(keys.handback(job_id, run))
     except redis.RedisError:
         pass  # Redis is away: the hold expires by itself
-
-
-def _requeue(store: JobStore, seen: JobRecord, note: str) -> bool:
-    moved: list[JobStatus] = []
-
-    def change(current: JobRecord) -> JobRecord | None:
-        if current.status is not JobStatus.running or current.run_id != seen.run_id:
-            return None  # it ended, or another run took it over meanwhile
-        if current.cancel_requested:
-            current.status, current.finished_at = JobStatus.cancelled, utcnow()
-            current.error = "cancelled while running (its worker was lost)"
-        else:
-            current.status = JobStatus.queued
-            current.progress = Progress(step=0, total=current.progress.total)
-        current.warnings = [*current.warnings, note]
-        moved.append(current.status)
-        return current
-
-    try:
-        store.update(seen.job_id, change)
-    except redis.RedisError as exc:
-        logger.warning("job %s: record not moved back to queued: %s", seen.job_id, exc)
-        return False
-    if moved:
-        logger.warning("job %s: %s", seen.job_id, note)
-    return bool(moved)

@@ -1,8 +1,11 @@
 """Worker heartbeats in Redis: who is serving what, right now.
 
 Every worker writes a WorkerBeat every HEARTBEAT_SECONDS into one Redis hash
-(``keys.WORKERS``, field = worker name). Readers judge a worker by the age of its last
-beat: ``alive`` under STALE_AFTER, ``stale`` under GONE_AFTER, then ``gone``; a worker
+(``keys.WORKERS``, field = worker name) and, in the same round trip, sets
+``keys.worker_alive(name)`` to its instance, to expire FORGET_AFTER seconds later. Readers
+judge a worker by the age of its last beat, read from that key's TTL: Redis's own clock,
+so clocks that differ between machines never make a live worker look lost or a dead one
+alive. ``alive`` under STALE_AFTER, ``stale`` under GONE_AFTER, then ``gone``; a worker
 unseen for FORGET_AFTER is dropped from the hash. A worker that stops cleanly removes
 itself at once.
 """
@@ -107,18 +110,43 @@ class WorkerRegistry:
         self.redis = client
 
     def beat(self, beat: WorkerBeat) -> None:
-        self.redis.hset(keys.WORKERS, beat.name, beat.model_dump_json())
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.WORKERS, beat.name, beat.model_dump_json())
+        pipe.set(keys.worker_alive(beat.name), beat.instance, ex=int(FORGET_AFTER))
+        pipe.execute()
 
     def remove(self, name: str) -> None:
-        self.redis.hdel(keys.WORKERS, name)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(keys.WORKERS, name)
+        pipe.delete(keys.worker_alive(name))
+        pipe.execute()
 
-    def all(self, now: float | None = None) -> list[WorkerView]:
+    def _ages(self, names: list[str]) -> dict[str, tuple[str | None, float]]:
+        """Name -> (the instance that last beat, seconds since), on Redis's clock; an expired
+        or missing beat is FORGET_AFTER old."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.get(keys.worker_alive(name))
+            pipe.pttl(keys.worker_alive(name))
+        replies = pipe.execute()
+        ages = {}
+        for name, instance, ttl in zip(names, replies[::2], replies[1::2]):
+            if instance is None or ttl is None or ttl < 0:
+                ages[name] = (None, FORGET_AFTER)
+            else:
+                ages[name] = (instance.decode(), max(0.0, FORGET_AFTER - ttl / 1000))
+        return ages
+
+    def all(self) -> list[WorkerView]:
         """Every known worker, alive first, then by name; forgotten ones are dropped."""
-        now = time.time() if now is None else now
+        beats = {
+            (n.decode() if isinstance(n, bytes) else n): WorkerBeat.model_validate_json(raw)
+            for n, raw in self.redis.hgetall(keys.WORKERS).items()
+        }
+        ages = self._ages(list(beats))
         views, forgotten = [], []
-        for name, raw in self.redis.hgetall(keys.WORKERS).items():
-            beat = WorkerBeat.model_validate_json(raw)
-            age = max(0.0, now - beat.last_seen)
+        for name, beat in beats.items():
+            age = ages[name][1]
             if age >= FORGET_AFTER:
                 forgotten.append(name)
                 continue
@@ -130,15 +158,14 @@ class WorkerRegistry:
 
     def owner_alive(self, name: str | None, instance: str | None, within: float) -> bool:
         """Whether worker process ``instance`` called ``name`` beat in the last ``within`` s."""
-        raw = self.redis.hget(keys.WORKERS, name) if name else None
-        if raw is None:
+        if not name:
             return False
-        beat = WorkerBeat.model_validate_json(raw)
-        return beat.instance == instance and time.time() - beat.last_seen < within
+        beat_instance, age = self._ages([name])[name]
+        return beat_instance == instance and age < within
 
-    def live_models(self, now: float | None = None) -> set[str]:
+    def live_models(self) -> set[str]:
         """Model keys that at least one live worker serves."""
-        return {model for w in self.all(now) if w.liveness == "alive" for model in w.models}
+        return {model for w in self.all() if w.liveness == "alive" for model in w.models}
 
 
 class QueueView(BaseModel):

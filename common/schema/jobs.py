@@ -374,6 +374,20 @@ class ImageRef(BaseModel):
     seed: int
 
 
+class Run(BaseModel):
+    """One run of a job on a worker process, as the record keeps it (fleet/lifecycle.py)."""
+
+    run_id: str
+    """Its fencing token: only this run writes the record while it is the current one."""
+    worker: str
+    instance: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    outcome: str | None = None
+    """How it ended: succeeded, failed, cancelled, queued again, handed back, or lost (another
+    run took the job over after its worker stopped beating); None while it runs."""
+
+
 class JobRecord(BaseModel):
     """What became of a job: the one source of truth, kept in Redis."""
 
@@ -392,6 +406,8 @@ class JobRecord(BaseModel):
     run_id: str | None = None
     """The fencing token of the current run: only the run holding it writes the record."""
     attempts: int = 0
+    runs: list[Run] = []
+    """Every run of the job, oldest first: one at a time, each closed before the next starts."""
     images: list[ImageRef] = []
     warnings: list[str] = []
     error: str | None = None

@@ -34,16 +34,25 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   job_ids}; expires LORAFLEET_IDEMPOTENCY_SECONDS
     lorafleet:webhook:<event_id>          string  a webhook event: JSON {id, url, payload, created, state,
                                                   attempts: [{at, status, error}]}; kept a week
-    lorafleet:batch-webhook:<batch_id>    hash    a batch's webhook: {url, total}; lorafleet:batch-ended:<batch_id>
-                                                  (set) the ids of its jobs that ended
-    lorafleet:sweep:<batch_id>            string  a sweep's layout (common/services/sweeps.py); sweep-ended:<batch_id>
-                                                  (set) its ended jobs; grids:due (zset) sweeps to draw
+    lorafleet:batch-end:<batch_id>        hash    the batch-end tracker: {total: jobs submitted into the
+                                                  batch, ended: those that ended}, both counted in the
+                                                  atomic step that creates or ends a record
+    lorafleet:batches:ended               zset    batches whose every job has ended, waiting for their
+                                                  consumers (batch webhook, sweep grid), scored by when
+                                                  (a batch being handled: the end of its lease)
+    lorafleet:batch-webhook:<batch_id>    hash    a batch's webhook: {url}
+    lorafleet:sweep:<batch_id>            string  a sweep's layout (common/services/sweeps.py)
     lorafleet:webhooks:due                zset    event ids waiting for a delivery, scored by when
                                                   (a delivery in progress: the end of its lease)
     lorafleet:session:<sha256 of its id>  string  a dashboard session: the sha256 of the token that
                                                   opened it; expires after 30 days, deleted at log out
     lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
                                                   a lost worker's run back to the queue
+    lorafleet:upkeep:lease                string  the process that runs upkeep now (hand-back, unsent
+                                                  messages, index trimming); expires unless renewed
+    lorafleet:alive:<worker name>         string  the worker process's instance, set at every beat to
+                                                  expire after FORGET_AFTER: its age is read from its
+                                                  TTL, on Redis's clock, never a machine's
     lorafleet:stats:finished              hash    final status -> jobs that ended so
     lorafleet:stats:phases                hash    "<phase>:sum" / "<phase>:count" -> seconds / jobs
     lorafleet:stats:lora                  hash    hits / misses of the workers' LoRA caches
@@ -57,7 +66,9 @@ Celery's Redis transport also keeps its own bookkeeping, which lorafleet never w
 ``unacked`` and ``unacked_index`` (messages taken but not yet acknowledged, restored to
 their queue after the visibility timeout) and ``_kombu.binding.<queue>``.
 
-Records are changed by a server-side compare-and-set (``state.JobStore.update``); the
+Records change only through ``fleet.lifecycle``: one server-side script per transition
+writes the record, moves its status index, adds its event and, when the job ends, every
+effect of its end (counters, webhook event, batch-end count) in the same atomic step; the
 counters are INCRBY/HINCRBYFLOAT, so any number of workers add to them at once.
 """
 
@@ -127,7 +138,18 @@ def idempotency(scope: str, digest: str) -> str:
 
 
 WEBHOOKS_DUE = PREFIX + "webhooks:due"
-GRIDS_DUE = PREFIX + "grids:due"
+BATCHES_ENDED = PREFIX + "batches:ended"
+UPKEEP_LEASE = PREFIX + "upkeep:lease"
+
+
+def batch_end(batch_id: str) -> str:
+    """A batch's end tracker: hash {total, ended}."""
+    return f"{PREFIX}batch-end:{batch_id}"
+
+
+def worker_alive(name: str) -> str:
+    """Worker ``name``'s liveness: its instance, expiring FORGET_AFTER after its last beat."""
+    return f"{PREFIX}alive:{name}"
 
 
 def sweep(batch_id: str) -> str:
@@ -135,18 +157,9 @@ def sweep(batch_id: str) -> str:
     return f"{PREFIX}sweep:{batch_id}"
 
 
-def sweep_ended(batch_id: str) -> str:
-    return f"{PREFIX}sweep-ended:{batch_id}"
-
-
 def batch_webhook(batch_id: str) -> str:
-    """A batch's webhook: hash {url, total} (jobs the batch was given)."""
+    """A batch's webhook: hash {url}."""
     return f"{PREFIX}batch-webhook:{batch_id}"
-
-
-def batch_ended(batch_id: str) -> str:
-    """Ids of a webhooked batch's jobs that have ended (a set: each counted once)."""
-    return f"{PREFIX}batch-ended:{batch_id}"
 
 
 EVENTS = PREFIX + "events"

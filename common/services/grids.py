@@ -1,8 +1,9 @@
 """A sweep's labelled grid: X values as columns, Y as rows, one page per Z value (A1111's X/Y/Z
 plot), each cell the image of that combination (its first image), a failed or cancelled cell
 drawn as a grey tile that says so. Drawn with PIL from the stored images, stored beside them
-(``<prefix>/<batch_id>/grid-<z>.png``) by whichever upkeep process takes the batch from
-``keys.GRIDS_DUE``; the sweep's layout then lists the grids' keys."""
+(``<prefix>/<batch_id>/grid-<z>.png``) when the batch's last job has ended (services/batches.py
+takes it from the batch-end tracker); the sweep's layout then lists the grids' keys. A page
+holds at most PAGE_MAX_PIXELS: the cells of a large sweep are drawn smaller."""
 
 from __future__ import annotations
 
@@ -25,7 +26,23 @@ LABEL_WIDTH = 160
 CELL_MAX = 512
 """A cell is the image scaled down to at most this many pixels a side..."""
 CELL_MIN = 128
-"""...or up (nearest neighbour) to at least this many, so that small images stay legible."""
+"""...or up (nearest neighbour) to at least this many, so that small images stay legible..."""
+PAGE_MAX_PIXELS = 64 * 2**20
+"""...unless the page would pass this many pixels (about 8192 x 8192, 192 MiB as RGB while it is
+drawn): then every cell is scaled down until it fits, whatever CELL_MIN says."""
+CELL_FLOOR = 8
+"""The least side a cell is drawn at (a sweep's job cap keeps pages within the cap at it)."""
+
+
+def cell_size(width: int, height: int, columns: int, rows: int) -> tuple[int, int]:
+    """The size each cell of a ``columns`` x ``rows`` page is drawn at, for images of
+    ``width`` x ``height``: CELL_MIN..CELL_MAX a side, and the page within PAGE_MAX_PIXELS."""
+    scale = min(CELL_MAX / max(width, height), max(1.0, CELL_MIN / max(width, height)))
+    room = PAGE_MAX_PIXELS - LABEL_HEIGHT * 2 * (LABEL_WIDTH + width * scale * columns)
+    fit = (max(room, 0) / (columns * rows * width * height)) ** 0.5
+    if (width * scale * columns + LABEL_WIDTH) * (height * scale * rows + LABEL_HEIGHT * 2) > PAGE_MAX_PIXELS:
+        scale = min(scale, fit)
+    return max(CELL_FLOOR, int(width * scale)), max(CELL_FLOOR, int(height * scale))
 
 
 def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str], title: str) -> Image.Image:
@@ -34,8 +51,7 @@ def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str
     ys = layout[1]["labels"] if len(layout) > 1 else [""]
     sample = next((c for c in cells.values() if isinstance(c, Image.Image)), None)
     width, height = sample.size if sample is not None else (128, 128)
-    scale = min(CELL_MAX / max(width, height), max(1.0, CELL_MIN / max(width, height)))
-    cw, ch = int(width * scale), int(height * scale)
+    cw, ch = cell_size(width, height, len(xs), len(ys))
     page = Image.new("RGB", (LABEL_WIDTH + cw * len(xs), LABEL_HEIGHT * 2 + ch * len(ys)), "white")
     draw = ImageDraw.Draw(page)
     names = f"X: {layout[0]['axis']}" + (f", Y: {layout[1]['axis']}" if len(layout) > 1 else "")
@@ -58,26 +74,11 @@ def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str
 
 
 class GridBuilder:
-    """Draws the grids that are due; one per upkeep process."""
+    """Draws a sweep's grid pages and stores them."""
 
     def __init__(self, client: redis.Redis, storage: Storage) -> None:
         self.redis = client
         self.storage = storage
-
-    def build_due(self) -> list[str]:
-        """Build every due grid (each batch by one process); the batches done."""
-        done = []
-        for raw in self.redis.zrange(keys.GRIDS_DUE, 0, 10):
-            batch_id = raw.decode() if isinstance(raw, bytes) else raw
-            if not self.redis.zrem(keys.GRIDS_DUE, batch_id):
-                continue  # another process took it
-            try:
-                self.build(batch_id)
-                done.append(batch_id)
-            except Exception as exc:  # the store away: try again on a later pass
-                logger.warning("grid of sweep %s not built yet: %s", batch_id, exc)
-                self.redis.zadd(keys.GRIDS_DUE, {batch_id: 0})
-        return done
 
     def build(self, batch_id: str) -> list[str]:
         """Draw and store the batch's grid pages; returns their keys."""

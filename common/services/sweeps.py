@@ -14,8 +14,9 @@ Each axis varies one thing::
 ``expand`` makes every combination a job (validated by the same resolver as any submit, all
 or none), tagged ``sweep.x`` / ``sweep.y`` / ``sweep.z`` with its labels. The sweep's layout is
 kept in Redis (``keys.sweep``) for its grid and for ``lorafleet fetch``; when the batch's last
-job has ended, upkeep draws the labelled grid (``worker``-free: PIL) and stores it beside the
-images (``<prefix>/<batch_id>/grid-<z>.png``, one page per Z value).
+job has ended, the services loop draws the labelled grid (services/batches.py, grids.py;
+``worker``-free: PIL) and stores it beside the images (``<prefix>/<batch_id>/grid-<z>.png``,
+one page per Z value).
 """
 
 from __future__ import annotations
@@ -135,20 +136,3 @@ def save_layout(client: redis.Redis, batch_id: str, layout: list[dict], prefix: 
 def read_layout(client: redis.Redis, batch_id: str) -> dict | None:
     raw = client.get(keys.sweep(batch_id))
     return json.loads(raw) if raw else None
-
-
-def job_ended(client: redis.Redis, batch_id: str | None, job_id: str) -> bool:
-    """Count a sweep's job that has ended (once); when every cell's job has, its grid is due.
-    True when this job made the grid due."""
-    if not batch_id:
-        return False
-    raw = client.get(keys.sweep(batch_id))
-    if raw is None or not client.sadd(keys.sweep_ended(batch_id), job_id):
-        return False
-    client.expire(keys.sweep_ended(batch_id), client.ttl(keys.sweep(batch_id)) or 3600)
-    cells = 1
-    for axis in json.loads(raw)["axes"]:
-        cells *= len(axis["labels"])
-    if client.scard(keys.sweep_ended(batch_id)) < cells:
-        return False
-    return bool(client.zadd(keys.GRIDS_DUE, {batch_id: 0}, nx=True))

@@ -8,9 +8,10 @@ summary and image URIs}}`` with the ``webhook-id``, ``webhook-timestamp`` and
 LORAFLEET_WEBHOOK_SECRET (``whsec_`` and base64, as the specification writes secrets).
 
 Delivery is at least once, from a durable outbox in Redis (``keys.webhook_event``,
-``keys.WEBHOOKS_DUE``): when a job ends its event is written once (its id is the job's, so the
-several places that see a job end never queue two), and every process that does upkeep (live
-workers, the API) delivers the events that are due. A process takes an event for a lease of
+``keys.WEBHOOKS_DUE``): a job's event is written in the atomic step that ends the job
+(fleet/lifecycle.py), a batch's by services/batches.py, each once (the event id is the job's
+or the batch's), and every process that runs the services loop (live workers, the API)
+delivers the events that are due. A process takes an event for a lease of
 LEASE_SECONDS, so one delivery runs at a time, and one that dies mid-delivery leaves it to
 the next. A failed attempt (connection error, timeout, a status other than 2xx) is recorded
 with its time, status and error, and tried again after 10 s, 20 s, 40 s ... up to an hour
@@ -34,10 +35,11 @@ from urllib.parse import urlsplit
 
 import redis
 
+from lorafleet.common.fleet.lifecycle import WEBHOOK_KEEP_SECONDS, event_id, outbox_entry
+from lorafleet.common.fleet.upkeep import claim_due
 from lorafleet.common.infra.net import is_public_address, resolve
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import ConfigError, JobRejected
-from lorafleet.common.schema.jobs import JobRecord
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +51,13 @@ TIMEOUT_SECONDS = 10.0
 """Seconds a receiver has to answer one delivery."""
 BATCH = 20
 """Events one upkeep pass delivers at most."""
-KEEP_SECONDS = 7 * 24 * 3600
+KEEP_SECONDS = WEBHOOK_KEEP_SECONDS
 """How long an event and its attempts stay readable after it was delivered or given up."""
 
-_CLAIM = """
-local taken = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
-  redis.call('ZADD', KEYS[1], ARGV[2], id)
-  table.insert(taken, id)
-end
-return taken
+_QUEUE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
 """
 
 
@@ -85,120 +84,14 @@ def check_url(url: str, allow_private: bool, field: str = "webhook_url") -> None
         )
 
 
-def event_id(job_id: str) -> str:
-    return f"msg_{job_id}"
-
-
-def job_event(record: JobRecord) -> dict[str, Any]:
-    """The event a job's end sends: its type, when, and the record's summary."""
-    return {
-        "type": f"job.{record.status.value}",
-        "timestamp": (record.finished_at or datetime.now(timezone.utc)).isoformat(),
-        "data": {
-            "job_id": record.job_id,
-            "batch_id": record.job.batch_id,
-            "status": record.status.value,
-            "error": record.error,
-            "model": record.job.model,
-            "seed": record.job.seed,
-            "tags": record.job.tags,
-            "images": [{"uri": i.uri, "sha256": i.sha256, "seed": i.seed} for i in record.images],
-            "seconds": record.timings.total,
-        },
-    }
-
-
-def job_ended(client: redis.Redis, record: JobRecord) -> bool:
-    """Queue the webhook event of a job that has just ended, and its batch's once the batch's
-    last job has (each once; False if no job event was queued)."""
-    if not record.status.final:
-        return False
-    if record.job.batch_id and client.exists(keys.batch_webhook(record.job.batch_id)):
-        _batch_job_ended(client, record.job.batch_id, record.job_id)
-    url = record.job.webhook_url
-    return bool(url) and _queue(client, event_id(record.job_id), url, job_event(record))
-
-
-def _queue(client: redis.Redis, id_: str, url: str, payload: dict[str, Any]) -> bool:
-    event = {
-        "id": id_,
-        "url": url,
-        "payload": payload,
-        "created": time.time(),
-        "state": "pending",
-        "attempts": [],
-    }
-    if not client.set(keys.webhook_event(id_), json.dumps(event), nx=True, ex=KEEP_SECONDS):
-        return False  # already queued: the several places that see a job end queue it once
-    client.zadd(keys.WEBHOOKS_DUE, {id_: time.time()})
-    return True
-
-
-def batch_event_id(batch_id: str) -> str:
-    return f"msg_batch_{batch_id}"
-
-
-def watch_batch(client: redis.Redis, batch_id: str, url: str, jobs: int, keep: int) -> None:
-    """Send ``url`` an event when the ``jobs`` more jobs of the batch have all ended."""
-    name = keys.batch_webhook(batch_id)
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(name, "url", url)
-    pipe.hincrby(name, "total", jobs)
-    pipe.expire(name, keep)
-    pipe.execute()
-
-
-def add_to_watched_batch(client: redis.Redis, batch_id: str, jobs: int = 1) -> None:
-    """A job added to a batch later (a retry): the batch's event waits for it too."""
-    if client.exists(keys.batch_webhook(batch_id)):
-        client.hincrby(keys.batch_webhook(batch_id), "total", jobs)
-
-
-def _batch_job_ended(client: redis.Redis, batch_id: str, job_id: str) -> None:
-    ended = keys.batch_ended(batch_id)
-    if not client.sadd(ended, job_id):
-        return  # this job's end was counted already
-    client.expire(ended, KEEP_SECONDS)
-    hook = {
-        k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
-        for k, v in client.hgetall(keys.batch_webhook(batch_id)).items()
-    }
-    if not hook or client.scard(ended) < int(hook.get("total", 0)):
-        return
-    ids = [i.decode() if isinstance(i, bytes) else i for i in client.zrange(keys.batch(batch_id), 0, -1)]
-    records = [r for r in (_record(client, i) for i in ids) if r is not None]
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.status.value] = counts.get(r.status.value, 0) + 1
-    payload = {
-        "type": "batch.ended",
-        "timestamp": datetime.now(timezone.utc).isoformat(),
-        "data": {
-            "batch_id": batch_id,
-            "counts": counts,
-            "jobs": [
-                {
-                    "job_id": r.job_id,
-                    "status": r.status.value,
-                    "error": r.error,
-                    "images": [i.uri for i in r.images],
-                    "tags": r.job.tags,
-                }
-                for r in records
-            ],
-        },
-    }
-    _queue(client, batch_event_id(batch_id), hook["url"], payload)
-
-
-def _record(client: redis.Redis, job_id: str) -> JobRecord | None:
-    raw = client.get(keys.job(job_id))
-    if raw is None:
-        return None
-    try:
-        return JobRecord.model_validate_json(raw)
-    except ValueError:
-        return None
+def queue_event(client: redis.Redis, id_: str, url: str, payload: dict[str, Any]) -> bool:
+    """Put an event in the outbox unless one with its id is there already (True if queued)."""
+    now = time.time()
+    entry = outbox_entry(id_, url, payload, now)
+    queued = client.register_script(_QUEUE)(
+        keys=[keys.webhook_event(id_), keys.WEBHOOKS_DUE], args=[entry, KEEP_SECONDS, now, id_]
+    )
+    return bool(queued)
 
 
 def read_event(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
@@ -216,14 +109,13 @@ class WebhookSender:
         self.secret = secret
         self.allow_private = allow_private
         self.max_seconds = max_seconds
-        self._claim = client.register_script(_CLAIM)
 
     def deliver_due(self, now: float | None = None) -> int:
         """Deliver the events that are due; returns how many were delivered."""
         now = time.time() if now is None else now
         if self.secret is None:
             return 0
-        taken = self._claim(keys=[keys.WEBHOOKS_DUE], args=[now, now + LEASE_SECONDS, BATCH])
+        taken = claim_due(self.redis, keys.WEBHOOKS_DUE, now, LEASE_SECONDS, BATCH)
         delivered = 0
         for raw_id in taken:
             delivered += self._deliver(raw_id.decode() if isinstance(raw_id, bytes) else raw_id)

@@ -26,7 +26,6 @@ the routes share. ``create_app`` here builds the app and is the only thing that 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,7 +36,6 @@ from fastapi.staticfiles import StaticFiles
 
 from lorafleet.common import __version__
 from lorafleet.common.catalog.models import ModelRegistry
-from lorafleet.common.fleet.upkeep import HANDBACK_SECONDS, Upkeep
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.errors import (
@@ -48,8 +46,7 @@ from lorafleet.common.schema.errors import (
     TransientError,
 )
 from lorafleet.common.schema.settings import Settings
-from lorafleet.common.services.grids import GridBuilder
-from lorafleet.common.services.webhooks import webhook_sender
+from lorafleet.common.services.loop import Background
 from lorafleet.producer.api import batches, events, fleet, jobs, loras, pages
 from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
 from lorafleet.producer.api.state import ApiState
@@ -60,24 +57,6 @@ from lorafleet.producer.client import Client
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
-
-
-def _upkeep_while(stop: threading.Event, state: ApiState) -> None:
-    """The API's share of upkeep (common/fleet/upkeep.py), until ``stop``."""
-    client = state.client
-    upkeep = Upkeep(
-        client.jobs,
-        state.workers,
-        client.celery,
-        state.settings.worker_lost_after,
-        webhooks=webhook_sender(state.settings, client.redis),
-        grids=GridBuilder(client.redis, state.storage),
-    )
-    while not stop.wait(HANDBACK_SECONDS):
-        try:
-            upkeep.run()
-        except Exception as exc:  # Redis away, a broker hiccup: the next pass tries again
-            logger.warning("upkeep: %s", exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -94,15 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=_upkeep_while, args=(stop, state), name="lorafleet-upkeep", daemon=True
-        )
-        thread.start()
+        # the API's part in upkeep and the services loop (common/services/loop.py)
+        background = Background(settings, client.jobs, client.celery, state.storage).start()
         try:
             yield
         finally:
-            stop.set()
+            background.stop()
 
     app = FastAPI(
         lifespan=lifespan,

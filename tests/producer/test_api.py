@@ -15,6 +15,7 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobStatus, parse_job
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY, TINY_XL
+from tests.helpers import beat_aged
 
 JOB = {"model": TINY, "prompt": "a lighthouse", "seed": 3}
 
@@ -122,10 +123,10 @@ def test_queues_summary_and_metrics(api, settings):
     registry = WorkerRegistry(api.app.state.client.redis)
     now = time.time()
     beat = dict(host="h", pid=1, version="x", device="cpu", models=[TINY], started_at=now)
-    registry.beat(WorkerBeat(name="alive-1", last_seen=now, **beat))
-    registry.beat(WorkerBeat(name="stale-1", last_seen=now - 30, **beat))
-    registry.beat(WorkerBeat(name="gone-1", last_seen=now - 600, **beat))
-    registry.beat(WorkerBeat(name="forgotten", last_seen=now - 7200, **beat))
+    beat_aged(registry, WorkerBeat(name="alive-1", last_seen=now, **beat))
+    beat_aged(registry, WorkerBeat(name="stale-1", last_seen=now - 30, **beat))
+    beat_aged(registry, WorkerBeat(name="gone-1", last_seen=now - 600, **beat))
+    beat_aged(registry, WorkerBeat(name="forgotten", last_seen=now - 7200, **beat))
     queues = {q["model"]: q for q in api.get("/v1/queues").json()}
     assert queues[TINY]["depth"] == 3 and queues[TINY]["by_priority"] == {"0": 1, "3": 1, "6": 1, "9": 0}
     assert queues[TINY]["workers"] == ["alive-1"] and queues[TINY]["stale_workers"] == ["stale-1"]
@@ -270,13 +271,13 @@ def test_openapi_docs_are_served_and_describe_the_job_body(api):
 
 def test_records_in_redis_are_the_source_the_api_reads(api, settings):
     job_id = submit(api, JOB)["jobs"][0]["job_id"]
-    store = api.app.state.client.jobs
+    lifecycle = api.app.state.client.lifecycle
 
     def fail(record):
         record.status, record.error = JobStatus.failed, "out of memory on cuda:0"
         return record
 
-    store.update(job_id, fail)
+    lifecycle.change(job_id, fail)
     record = api.get(f"/v1/jobs/{job_id}").json()
     assert (record["status"], record["error"]) == ("failed", "out of memory on cuda:0")
 

@@ -12,7 +12,7 @@ import pytest
 from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.producer.client import Client
-from tests.helpers import lorafleet_env, run_cli
+from tests.helpers import beat_aged, lorafleet_env, run_cli
 
 TINY = "tiny-sd15"
 
@@ -39,11 +39,11 @@ def test_workers_check_passes_only_for_an_alive_heartbeat(settings, home, redis_
     missing = run_cli(["workers", "check"], env)
     assert missing.returncode == 1 and "no heartbeat at all" in missing.stderr
 
-    registry.beat(beat("w1@here", socket.gethostname(), age=1))
+    beat_aged(registry, beat("w1@here", socket.gethostname(), age=1))
     assert run_cli(["workers", "check"], env).returncode == 0
     assert run_cli(["workers", "check", "--name", "w1@here"], env).returncode == 0
 
-    registry.beat(beat("w2@there", "there", age=30))
+    beat_aged(registry, beat("w2@there", "there", age=30))
     stale = run_cli(["workers", "check", "--host", "there"], env)
     assert stale.returncode == 1 and re.search(r"last beat 3[0-9] s ago", stale.stderr)
 
@@ -56,7 +56,7 @@ def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings,
     with Client(settings) as client:
         for priority in ("high", "low", "low"):
             client.submit({"model": TINY, "prompt": "waiting", "priority": priority})
-        WorkerRegistry(client.redis).beat(beat("w1@here", "here", age=1))
+        beat_aged(WorkerRegistry(client.redis), beat("w1@here", "here", age=1))
     rows = {row["model"]: row for row in json.loads(run_cli(["queues", "--json"], env).stdout)}
     assert (
         rows[TINY]["depth"] == 3

@@ -13,6 +13,7 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_XL
+from tests.helpers import beat_aged
 
 JOB = {"model": TINY, "prompt": "a lighthouse"}
 MODELS = "tiny-sd15, tiny-sd2, tiny-sdxl"
@@ -191,7 +192,8 @@ def test_several_unregistered_lcm_loras_warn_which_was_used(client, home):
 
 def beat(client, model: str, age: float = 1.0) -> None:
     now = time.time()
-    WorkerRegistry(client.redis).beat(
+    beat_aged(
+        WorkerRegistry(client.redis),
         WorkerBeat(
             name=f"w@{model}",
             host="h",
@@ -202,7 +204,7 @@ def beat(client, model: str, age: float = 1.0) -> None:
             queues=[keys.queue(model)],
             started_at=now - 60,
             last_seen=now - age,
-        )
+        ),
     )
 
 

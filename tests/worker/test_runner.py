@@ -206,7 +206,7 @@ def test_a_job_whose_workers_were_lost_too_often_ends_failed_saying_so(client, r
         record.status, record.attempts = JobStatus.running, runner.settings.job_attempts
         return record
 
-    client.jobs.update(handle.job_id, lost)
+    client.lifecycle.change(handle.job_id, lost)
     assert runner.run(handle.job_id) is JobStatus.failed
     record = client.get(handle.job_id)
     assert record.error.startswith(

@@ -32,13 +32,13 @@ from lorafleet.common.catalog.embeddings import EmbeddingCatalog, EmbeddingInfo
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.catalog.vaes import VaeInfo
-from lorafleet.common.fleet.metrics import record_finished
+from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.retry import with_retries
 from lorafleet.common.infra.storage import Storage, image_key
 from lorafleet.common.schema.errors import InvalidInput, JobCancelled, JobFailed, Superseded, TransientError
-from lorafleet.common.schema.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings, utcnow
+from lorafleet.common.schema.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings
 from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.lora.files import DiskCache, fetch_object
@@ -151,6 +151,7 @@ class JobRunner:
         self.instance = uuid.uuid4().hex
         """This process's id in its heartbeat and in the records of the jobs it runs."""
         self.workers = WorkerRegistry(store.redis)
+        self.lifecycle = Lifecycle(store)
         self._runs: dict[str, str] = {}
         self.waiting = WaitingJobs(store.redis)
         self._taken: set[str] = set()
@@ -178,94 +179,33 @@ class JobRunner:
 
     # ------------------------------------------------------------------ record moves
     def _start(self, job_id: str) -> tuple[JobStatus | None, JobRecord | None]:
-        """Take the job in one transaction: (its status before, the record after).
-
-        A job already ended is left alone; one cancelled while queued ends cancelled; one
-        that started ``job_attempts`` times without finishing ends failed; any other starts here.
-        """
-        before: list[JobStatus] = []
-        run_id = uuid.uuid4().hex
-
-        def change(record: JobRecord) -> JobRecord | None:
-            before.append(record.status)
-            if record.status.final:
-                return None
-            if record.status is JobStatus.running and self.workers.owner_alive(
-                record.worker, record.worker_instance, self.settings.worker_lost_after
-            ):
-                return None  # a second delivery while its worker runs it: dropped
-            if record.cancel_requested:
-                record.status, record.finished_at = JobStatus.cancelled, utcnow()
-                record.error = "cancelled before it ran"
-                return record
-            if record.attempts >= self.settings.job_attempts:
-                record.status, record.finished_at = JobStatus.failed, utcnow()
-                record.error = (
-                    f"started {record.attempts} times without finishing (the worker running it was lost: "
-                    "killed or out of memory); not retried again"
-                )
-                return record
-            if record.status is JobStatus.running:  # its worker was lost; this run takes it over
-                record.warnings = [
-                    *record.warnings,
-                    f"worker {record.worker} was lost (no heartbeat for {self.settings.worker_lost_after} s) "
-                    f"during run {record.attempts}; run {record.attempts + 1} on {self.worker_name} took the job over",
-                ]
-            record.status = JobStatus.running
-            record.attempts += 1
-            record.started_at = utcnow()
-            record.worker, record.worker_instance, record.run_id = self.worker_name, self.instance, run_id
-            record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
-            record.timings = Timings(queue_wait=(record.started_at - record.submitted_at).total_seconds())
-            return record
-
-        record = self.store.update(job_id, change)
+        """Take the job for a run of this worker (fleet/lifecycle.py ``start``): (its status
+        before, the record after)."""
+        before, record, run_id = self.lifecycle.start(
+            job_id,
+            worker=self.worker_name,
+            instance=self.instance,
+            attempts_allowed=self.settings.job_attempts,
+            owner_alive=lambda r: self.workers.owner_alive(
+                r.worker, r.worker_instance, self.settings.worker_lost_after
+            ),
+            lost_after=self.settings.worker_lost_after,
+        )
         if record is not None and record.run_id == run_id:
             self._runs[job_id] = run_id
-        return (before[-1] if before else None), record
-
-    def _owned(self, record: JobRecord) -> None:
-        """Superseded unless this run still owns the record (the fencing check of every
-        write a run makes, inside the same compare-and-set)."""
-        run_id = self._runs.get(record.job_id)
-        if run_id is not None and record.run_id != run_id:
-            raise Superseded(
-                f"run {run_id[:8]} of this worker no longer owns the job (now "
-                f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
-                job_id=record.job_id,
-            )
+        return before, record
 
     def finish(self, job_id: str, status: JobStatus, **fields) -> JobRecord | None:
-        """End the record in ``status`` (setting ``fields``) and count it in the fleet's stats."""
-
-        def change(record: JobRecord) -> JobRecord:
-            self._owned(record)
-            record.status = status
-            record.finished_at = utcnow()
-            for name, value in fields.items():
-                setattr(record, name, value)
-            return record
-
-        record = self._through_outage(
-            f"the record of job {job_id}", lambda: self.store.update(job_id, change)
+        """End the record in ``status`` (setting ``fields``): its end's effects (stats, webhook,
+        batch count) are written in the same step, through a Redis outage too."""
+        run_id = self._runs.get(job_id)
+        return self._through_outage(
+            f"the record of job {job_id}", lambda: self.lifecycle.end(job_id, status, run_id, **fields)
         )
-        if record is not None:
-            # its stats, webhook and sweep: through an outage too (the ended record is written;
-            # a Redis error here would give the message back and the job would end unlogged)
-            self._through_outage(
-                f"the end of job {job_id}", lambda: record_finished(self.store.redis, record)
-            )
-        return record
 
     def _progress(self, job_id: str, step: int, *, last: bool = False) -> None:
         """Write the job's progress (at most every PROGRESS_SECONDS, and at ``last``); raise
         JobCancelled if it was cancelled meanwhile."""
-
-        def change(record: JobRecord) -> JobRecord:
-            self._owned(record)
-            record.progress.step = step
-            return record
-
         if job_id == self.stats.current_job:
             self.stats.current_step = step
         now = time.monotonic()
@@ -273,7 +213,7 @@ class JobRunner:
             return
         self._last_progress[job_id] = now
         try:
-            record = self.store.update(job_id, change)
+            record = self.lifecycle.progress(job_id, self._runs.get(job_id), step)
         except redis.RedisError as exc:  # Redis away: sampling goes on, progress waits for it
             if not self._redis_away:
                 logger.warning(
@@ -344,7 +284,6 @@ class JobRunner:
             )
             return None, None
         if record.status is not JobStatus.running:
-            record_finished(self.store.redis, record)
             logger.info("job %s ended %s before it ran: %s", job_id, record.status.value, record.error)
             return None, record.status
         logger.info("job %s started (attempt %d) on %s", job_id, record.attempts, self.worker_name)
@@ -675,27 +614,19 @@ class JobRunner:
         self.requeue_delay = min(RUN_AGAIN_DELAY * 2 ** (attempts - 1), RUN_AGAIN_MAX_DELAY)
         note = f"run {attempts} of at most {self.settings.job_attempts} met a transient failure: {message}"
 
-        def change(current: JobRecord) -> JobRecord | None:
-            self._owned(current)
-            if current.status is not JobStatus.running:
-                return None
-            if current.cancel_requested:  # it ran, and was cancelled meanwhile: it ends so
-                current.status, current.finished_at = JobStatus.cancelled, utcnow()
-                current.error = f"cancelled while running (the run had met a transient failure: {message})"
-                current.timings, current.warnings = timings, warnings
-                return current
-            current.status = JobStatus.queued
-            current.progress = Progress(step=0, total=current.progress.total)
-            current.timings = timings
-            current.warnings = [*warnings, f"{note}; it runs again in {self.requeue_delay:g} s"]
-            return current
-
         after = self._through_outage(
-            f"the record of job {record.job_id}", lambda: self.store.update(record.job_id, change)
+            f"the record of job {record.job_id}",
+            lambda: self.lifecycle.requeue(
+                record.job_id,
+                self._runs.get(record.job_id),
+                f"{note}; it runs again in {self.requeue_delay:g} s",
+                message,
+                timings,
+                warnings,
+            ),
         )
         if after is not None and after.status is JobStatus.cancelled:
             self.stats.cancelled += 1
-            record_finished(self.store.redis, after)
             logger.info("job %s cancelled while running", record.job_id)
             return JobStatus.cancelled
         if record.job_id in self._taken:  # its message was taken from the queue: upkeep sends one

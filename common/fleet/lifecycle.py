@@ -1,0 +1,426 @@
+"""A job's lifecycle: every change of a job record, each one atomic step with all its effects.
+
+::
+
+    queued ──start──► running ──end──► succeeded | failed | cancelled
+      │  ▲               │ ▲ │
+      │  └──requeue──────┘ │ └─start (another run takes over a lost worker's job)
+      │  └──hand_back──────┘
+      └──cancel / start (cancelled or out of attempts)──► cancelled | failed
+
+``MOVES`` is the table of legal moves; a change that would make any other move is refused
+(``IllegalMove``), and a record that has ended never changes again. The producer, the API,
+the worker and upkeep change records only through this module.
+
+Semantics: each transition is one server-side script (``_TRANSITION``) that writes the new
+record only if the stored one is still the one the change was computed from (so the run's
+fencing token, ``run_id``, and ``cancel_requested`` are checked in the same atomic step),
+moves the status index, adds the change to the event stream and, when the job ends, writes
+every effect of its end: the fleet's counters, the job's webhook event in the outbox, and
+its batch's end count (``keys.batch_end``; the batch is put on ``keys.BATCHES_ENDED`` when
+its last job ends, for services/batches.py). A job ends in exactly one transition (a final
+record never moves again), so its end's effects are written once, whoever ends it and
+however often a caller retries through a Redis outage.
+
+Round trips: a process remembers the record it last wrote for each job it changes and
+tries the change against it first; the script answers a stale guess with the stored record,
+so a progress write or a run's end is one round trip unless someone else changed the record
+(a cancel), then two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from lorafleet.common.fleet.store import JobStore, parsed, score, stored_form
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import LorafleetError, Superseded
+from lorafleet.common.schema.jobs import PHASES, JobRecord, JobStatus, Progress, Run, Timings, utcnow
+
+logger = logging.getLogger(__name__)
+
+Change = Callable[[JobRecord], "JobRecord | None"]
+
+_S = JobStatus
+MOVES: dict[JobStatus, frozenset[JobStatus]] = {
+    _S.queued: frozenset({_S.running, _S.cancelled, _S.failed}),
+    _S.running: frozenset({_S.running, _S.queued, _S.succeeded, _S.failed, _S.cancelled}),
+    _S.succeeded: frozenset(),
+    _S.failed: frozenset(),
+    _S.cancelled: frozenset(),
+}
+"""Status -> the statuses a record in it may move to (running -> running: progress, or a new
+run taking over a lost worker's job)."""
+
+WEBHOOK_KEEP_SECONDS = 7 * 24 * 3600
+"""How long a webhook event and its attempts stay readable (services/webhooks.py delivers)."""
+REMEMBERED = 4096
+"""Records this process remembers having written (its guesses for the next change)."""
+
+_TRANSITION = """
+-- KEYS: the record, its status index before, its status index after, the event stream
+-- ARGV: the record as guessed, the new record, job id, score, seconds to keep it (0: for good),
+--       the event's fields (JSON), events kept, the end's effects (JSON, or '' unless it ends)
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then return {0, current} end
+redis.call('SET', KEYS[1], ARGV[2])
+if KEYS[2] ~= KEYS[3] then
+    redis.call('ZREM', KEYS[2], ARGV[3])
+    redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+local event = {}
+for name, value in pairs(cjson.decode(ARGV[6])) do
+    table.insert(event, name)
+    table.insert(event, tostring(value))
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
+if ARGV[8] == '' then return {1} end
+local e = cjson.decode(ARGV[8])
+for _, h in ipairs(e.hincr) do redis.call(h[1], h[2], h[3], h[4]) end
+for _, c in ipairs(e.incr) do
+    redis.call('INCRBY', c[1], c[2])
+    redis.call('EXPIRE', c[1], c[3])
+end
+if e.outbox then
+    local o = e.outbox
+    if redis.call('SET', o.key, o.entry, 'NX', 'EX', o.keep) then
+        redis.call('ZADD', o.due, o.at, o.id)
+    end
+end
+if e.batch and redis.call('EXISTS', e.batch.key) == 1 then
+    local ended = redis.call('HINCRBY', e.batch.key, 'ended', 1)
+    local total = tonumber(redis.call('HGET', e.batch.key, 'total') or '0')
+    if ended >= total then redis.call('ZADD', e.batch.due, 'NX', e.batch.at, e.batch.id) end
+end
+return {1}
+"""
+
+
+class IllegalMove(LorafleetError):
+    """A change that the table of legal moves does not allow (a bug in its caller)."""
+
+
+# ---------------------------------------------------------------------- the end's effects
+def event_id(job_id: str) -> str:
+    """The webhook event id of a job's end (Standard Webhooks' ``webhook-id``)."""
+    return f"msg_{job_id}"
+
+
+def job_event(record: JobRecord) -> dict[str, Any]:
+    """The webhook event a job's end sends: its type, when, and the record's summary."""
+    return {
+        "type": f"job.{record.status.value}",
+        "timestamp": (record.finished_at or datetime.now(timezone.utc)).isoformat(),
+        "data": {
+            "job_id": record.job_id,
+            "batch_id": record.job.batch_id,
+            "status": record.status.value,
+            "error": record.error,
+            "model": record.job.model,
+            "seed": record.job.seed,
+            "tags": record.job.tags,
+            "images": [{"uri": i.uri, "sha256": i.sha256, "seed": i.seed} for i in record.images],
+            "seconds": record.timings.total,
+        },
+    }
+
+
+def outbox_entry(id_: str, url: str, payload: dict[str, Any], now: float) -> str:
+    """A webhook event as the outbox keeps it (services/webhooks.py delivers and updates it)."""
+    entry = {"id": id_, "url": url, "payload": payload, "created": now, "state": "pending", "attempts": []}
+    return json.dumps(entry)
+
+
+def end_effects(record: JobRecord, now: float) -> dict[str, Any]:
+    """What a job's end writes beside its record (``_TRANSITION`` runs it)."""
+    hincr: list[list[Any]] = [["HINCRBY", keys.STATS_FINISHED, record.status.value, 1]]
+    for phase in PHASES:
+        value = getattr(record.timings, phase)
+        if value is not None:
+            hincr.append(["HINCRBYFLOAT", keys.STATS_PHASES, f"{phase}:sum", repr(float(value))])
+            hincr.append(["HINCRBY", keys.STATS_PHASES, f"{phase}:count", 1])
+    for name in ("hits", "misses"):
+        if count := getattr(record.timings, f"lora_{name}"):
+            hincr.append(["HINCRBY", keys.STATS_LORA, name, count])
+    minute = int(now // 60)
+    incr = [
+        [key, len(record.images), keys.STATS_IMAGES_TTL]
+        for key in (keys.images_in_minute(minute), keys.model_images_in_minute(record.job.model, minute))
+        if record.images
+    ]
+    effects: dict[str, Any] = {"hincr": hincr, "incr": incr}
+    if record.job.webhook_url:
+        id_ = event_id(record.job_id)
+        effects["outbox"] = {
+            "key": keys.webhook_event(id_),
+            "entry": outbox_entry(id_, record.job.webhook_url, job_event(record), now),
+            "keep": WEBHOOK_KEEP_SECONDS,
+            "due": keys.WEBHOOKS_DUE,
+            "id": id_,
+            "at": now,
+        }
+    if record.job.batch_id:
+        effects["batch"] = {
+            "key": keys.batch_end(record.job.batch_id),
+            "due": keys.BATCHES_ENDED,
+            "id": record.job.batch_id,
+            "at": now,
+        }
+    return effects
+
+
+def _event_fields(record: JobRecord) -> str:
+    return json.dumps(
+        {
+            "job_id": record.job_id,
+            "batch_id": record.job.batch_id or "",
+            "status": record.status.value,
+            "step": record.progress.step,
+            "total": record.progress.total,
+            "tenant": record.tenant or "",
+        }
+    )
+
+
+def _close_run(record: JobRecord, outcome: str) -> None:
+    """Close the record's current run (``record.run_id``) with ``outcome``, now."""
+    for run in reversed(record.runs):
+        if run.run_id == record.run_id and run.ended_at is None:
+            run.ended_at, run.outcome = utcnow(), outcome
+            return
+
+
+class Lifecycle:
+    """The transitions of job records in one Redis; safe to share between threads."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.redis = store.redis
+        self._transition = self.redis.register_script(_TRANSITION)
+        self._written: dict[str, bytes] = {}
+        """Job id -> the record this process last wrote (its guess for the next change)."""
+
+    # ------------------------------------------------------------------ the one way to change
+    def change(self, job_id: str, change: Change) -> JobRecord | None:
+        """Apply ``change`` atomically: it returns the new record, or None to leave the record
+        as it is. Returns what is stored afterwards (None if there is no record; a damaged
+        record's stand-in, unchanged). IllegalMove if the change breaks ``MOVES``."""
+        key = keys.job(job_id)
+        raw = self._written.get(job_id)
+        if raw is None:
+            raw = self.redis.get(key)
+        while True:
+            before = parsed(job_id, raw)
+            if before is None or before.damaged:
+                self._written.pop(job_id, None)
+                return before
+            status_before = before.status
+            after = change(before)  # may change ``before`` in place: it is a fresh copy
+            if after is None:
+                return before
+            if after.status not in MOVES[status_before]:
+                raise IllegalMove(
+                    f"job {job_id}: {status_before.value} -> {after.status.value} is not a legal move",
+                    job_id=job_id,
+                )
+            new = stored_form(after)
+            ends = after.status.final and not status_before.final
+            reply = self._transition(
+                keys=[key, keys.status(status_before.value), keys.status(after.status.value), keys.EVENTS],
+                args=[
+                    raw,
+                    new,
+                    job_id,
+                    score(after),
+                    self.store.retention if after.status.final else 0,
+                    _event_fields(after),
+                    keys.EVENTS_KEPT,
+                    json.dumps(end_effects(after, time.time())) if ends else "",
+                ],
+            )
+            if reply[0] == 1:
+                self._remember(job_id, None if after.status.final else new.encode())
+                return after
+            raw = reply[1] or None  # someone else changed it: try again on what is stored
+
+    def _remember(self, job_id: str, raw: bytes | None) -> None:
+        if raw is None:
+            self._written.pop(job_id, None)
+            return
+        if len(self._written) >= REMEMBERED:
+            self._written.pop(next(iter(self._written)))
+        self._written[job_id] = raw
+
+    # ------------------------------------------------------------------ transitions
+    def start(
+        self,
+        job_id: str,
+        *,
+        worker: str,
+        instance: str,
+        attempts_allowed: int,
+        owner_alive: Callable[[JobRecord], bool],
+        lost_after: float,
+    ) -> tuple[JobStatus | None, JobRecord | None, str]:
+        """Take the job for a new run: (its status before, the record after, the run's id).
+
+        A job already ended is left alone, and so is one running under a live worker (a second
+        delivery); one cancelled while queued ends cancelled; one that started
+        ``attempts_allowed`` times without finishing ends failed; any other starts here (a
+        running one whose worker is lost is taken over: that run is closed as lost).
+        """
+        before: list[JobStatus] = []
+        run_id = uuid.uuid4().hex
+
+        def change(record: JobRecord) -> JobRecord | None:
+            before.append(record.status)
+            if record.status.final:
+                return None
+            if record.status is JobStatus.running and owner_alive(record):
+                return None
+            if record.cancel_requested:
+                _close_run(record, "cancelled")
+                record.status, record.finished_at = JobStatus.cancelled, utcnow()
+                record.error = "cancelled before it ran"
+                return record
+            if record.attempts >= attempts_allowed:
+                _close_run(record, "lost")
+                record.status, record.finished_at = JobStatus.failed, utcnow()
+                record.error = (
+                    f"started {record.attempts} times without finishing (the worker running it was lost: "
+                    "killed or out of memory); not retried again"
+                )
+                return record
+            if record.status is JobStatus.running:
+                _close_run(record, "lost")
+                record.warnings = [
+                    *record.warnings,
+                    f"worker {record.worker} was lost (no heartbeat for {lost_after:g} s) during run "
+                    f"{record.attempts}; run {record.attempts + 1} on {worker} took the job over",
+                ]
+            now = utcnow()
+            record.status = JobStatus.running
+            record.attempts += 1
+            record.started_at = now
+            record.worker, record.worker_instance, record.run_id = worker, instance, run_id
+            record.runs = [*record.runs, Run(run_id=run_id, worker=worker, instance=instance, started_at=now)]
+            record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
+            record.timings = Timings(queue_wait=(now - record.submitted_at).total_seconds())
+            return record
+
+        record = self.change(job_id, change)
+        return (before[-1] if before else None), record, run_id
+
+    def progress(self, job_id: str, run_id: str | None, step: int) -> JobRecord | None:
+        """Write the run's progress; Superseded if another run owns the job now."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            _fence(record, run_id)
+            if record.status is not JobStatus.running:
+                return None
+            record.progress.step = step
+            return record
+
+        return self.change(job_id, change)
+
+    def end(
+        self, job_id: str, status: JobStatus, run_id: str | None = None, **fields: Any
+    ) -> JobRecord | None:
+        """End the run's job in ``status``, setting ``fields``; Superseded if another run owns
+        it. A job that has ended already is left as it is (returned)."""
+        assert status.final, status
+
+        def change(record: JobRecord) -> JobRecord | None:
+            _fence(record, run_id)
+            if record.status.final:
+                return None
+            _close_run(record, status.value)
+            record.status = status
+            record.finished_at = utcnow()
+            for name, value in fields.items():
+                setattr(record, name, value)
+            return record
+
+        return self.change(job_id, change)
+
+    def requeue(
+        self, job_id: str, run_id: str | None, note: str, message: str, timings: Timings, warnings: list[str]
+    ) -> JobRecord | None:
+        """A run met a transient failure: the job goes back to queued (``note`` added to its
+        warnings), or ends cancelled if a cancel was asked meanwhile."""
+
+        def change(current: JobRecord) -> JobRecord | None:
+            _fence(current, run_id)
+            if current.status is not JobStatus.running:
+                return None
+            current.timings = timings
+            if current.cancel_requested:
+                _close_run(current, "cancelled")
+                current.status, current.finished_at = JobStatus.cancelled, utcnow()
+                current.error = f"cancelled while running (the run had met a transient failure: {message})"
+                current.warnings = warnings
+                return current
+            _close_run(current, "queued again")
+            current.status = JobStatus.queued
+            current.progress = Progress(step=0, total=current.progress.total)
+            current.warnings = [*warnings, note]
+            return current
+
+        return self.change(job_id, change)
+
+    def hand_back(self, seen: JobRecord, note: str) -> JobRecord | None:
+        """The run ``seen`` of a lost (or abandoned) worker: the job goes back to queued, or
+        ends cancelled if a cancel was asked. None if the record moved on meanwhile."""
+        moved: list[JobRecord] = []
+
+        def change(current: JobRecord) -> JobRecord | None:
+            if current.status is not JobStatus.running or current.run_id != seen.run_id:
+                return None  # it ended, or another run took it over meanwhile
+            if current.cancel_requested:
+                _close_run(current, "cancelled")
+                current.status, current.finished_at = JobStatus.cancelled, utcnow()
+                current.error = "cancelled while running (its worker was lost)"
+            else:
+                _close_run(current, "handed back")
+                current.status = JobStatus.queued
+                current.progress = Progress(step=0, total=current.progress.total)
+            current.warnings = [*current.warnings, note]
+            moved.append(current)
+            return current
+
+        self.change(seen.job_id, change)
+        return moved[0] if moved else None
+
+    def cancel(self, job_id: str) -> JobRecord | None:
+        """A queued job ends cancelled now; a running one is asked to stop (its run ends it)."""
+
+        def change(record: JobRecord) -> JobRecord | None:
+            if record.status is JobStatus.queued:
+                record.status = JobStatus.cancelled
+                record.finished_at = utcnow()
+                record.error = "cancelled before it ran"
+                return record
+            if record.status is JobStatus.running and not record.cancel_requested:
+                record.cancel_requested = True
+                return record
+            return None
+
+        return self.change(job_id, change)
+
+
+def _fence(record: JobRecord, run_id: str | None) -> None:
+    """Superseded unless run ``run_id`` (None: no run, the caller is not a worker) still owns
+    the record; checked inside the transition's atomic step."""
+    if run_id is not None and record.run_id != run_id:
+        raise Superseded(
+            f"run {run_id[:8]} of this worker no longer owns the job (now "
+            f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
+            job_id=record.job_id,
+        )

@@ -1,0 +1,106 @@
+"""The end of a batch: what happens once, when every job of a batch has ended.
+
+fleet/lifecycle.py counts each job's end in its batch's tracker (``keys.batch_end``: the
+jobs submitted into the batch, and those that ended) in the same atomic step that ends the
+job, and puts the batch on ``keys.BATCHES_ENDED`` when the two meet. ``BatchEnds`` takes
+batches from there, each for a lease of LEASE_SECONDS (one process handles a batch at a
+time; one that dies mid-way leaves it to the next when the lease runs out), and hands it to
+its two consumers: the batch webhook (one ``batch.ended`` event, when the batch was
+submitted with ``batch_webhook_url``) and the sweep grid (when the batch is a sweep). Both
+can run twice without harm: the event is queued once by its id, the grid drawn again over
+the same keys. A batch that gets more jobs after it ended (a retry) ends again: its grid is
+drawn again, its event is not sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+
+from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.fleet.upkeep import claim_due
+from lorafleet.common.infra.storage import Storage
+from lorafleet.common.schema import keys
+from lorafleet.common.services.grids import GridBuilder
+from lorafleet.common.services.webhooks import queue_event
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 120.0
+"""How long a process holds an ended batch it is handling (drawing a large grid takes a while)."""
+BATCH = 10
+"""Ended batches one pass takes at most."""
+
+
+def batch_event_id(batch_id: str) -> str:
+    return f"msg_batch_{batch_id}"
+
+
+def watch_batch(client: redis.Redis, batch_id: str, url: str, keep: int) -> None:
+    """Send ``url`` a ``batch.ended`` event when the batch's last job has ended."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.batch_webhook(batch_id), "url", url)
+    pipe.expire(keys.batch_webhook(batch_id), keep)
+    pipe.execute()
+
+
+def batch_event(store: JobStore, batch_id: str) -> dict[str, Any]:
+    """The ``batch.ended`` event: counts by status and every job's images."""
+    records = [r for r in store.get_many(store.batch(batch_id)) if r is not None and not r.damaged]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status.value] = counts.get(r.status.value, 0) + 1
+    return {
+        "type": "batch.ended",
+        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "data": {
+            "batch_id": batch_id,
+            "counts": counts,
+            "jobs": [
+                {
+                    "job_id": r.job_id,
+                    "status": r.status.value,
+                    "error": r.error,
+                    "images": [i.uri for i in r.images],
+                    "tags": r.job.tags,
+                }
+                for r in records
+            ],
+        },
+    }
+
+
+class BatchEnds:
+    """Hands ended batches to their consumers."""
+
+    def __init__(self, store: JobStore, storage: Storage) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.grids = GridBuilder(store.redis, storage)
+
+    def handle_due(self, now: float | None = None) -> list[str]:
+        """Handle the batches that have ended; returns those done."""
+        now = time.time() if now is None else now
+        done = []
+        for batch_id in claim_due(self.redis, keys.BATCHES_ENDED, now, LEASE_SECONDS, BATCH):
+            try:
+                self.handle(batch_id)
+            except Exception as exc:  # the store away, Redis failing over: the lease runs out, then again
+                logger.warning("end of batch %s not handled yet: %s", batch_id, exc)
+                continue
+            self.redis.zrem(keys.BATCHES_ENDED, batch_id)
+            done.append(batch_id)
+        return done
+
+    def handle(self, batch_id: str) -> None:
+        url = self.redis.hget(keys.batch_webhook(batch_id), "url")
+        if url is not None:
+            url = url.decode() if isinstance(url, bytes) else url
+            if queue_event(self.redis, batch_event_id(batch_id), url, batch_event(self.store, batch_id)):
+                logger.info("batch %s ended: its webhook event is queued", batch_id)
+        if self.redis.exists(keys.sweep(batch_id)):
+            self.grids.build(batch_id)
