@@ -22,6 +22,7 @@ import secrets
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
@@ -113,12 +114,14 @@ def session_token(client, session_id: str | None, tokens: list[ApiToken]) -> Api
     return found
 
 
-def caller(request: Request, tokens: list[ApiToken], client) -> ApiToken | None:
-    """The token a request carries (bearer header, else the session cookie), or None."""
+async def caller(request: Request, tokens: list[ApiToken], client) -> ApiToken | None:
+    """The token a request carries (bearer header, else the session cookie), or None. The
+    session is read from Redis in the threadpool: a slow Redis holds up this request only,
+    never the event loop that serves every other."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         return find_token(header[7:].strip(), tokens)
-    return session_token(client, request.cookies.get(COOKIE), tokens)
+    return await run_in_threadpool(session_token, client, request.cookies.get(COOKIE), tokens)
 
 
 def _is_page(path: str) -> bool:
@@ -138,7 +141,7 @@ class TokenMiddleware(BaseHTTPMiddleware):
         request.state.tenant = None
         if not self.tokens or path in OPEN_PATHS:
             return await call_next(request)
-        found = caller(request, self.tokens, self.client)
+        found = await caller(request, self.tokens, self.client)
         if found is not None:
             request.state.tenant = found.tenant
             return await call_next(request)

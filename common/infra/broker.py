@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
+import redis.asyncio
 
 from lorafleet.common.infra.embedded import embedded_redis
 from lorafleet.common.schema.errors import ConfigError, TransientError
@@ -104,14 +105,26 @@ class Broker:
     def client(self, **options) -> redis.Redis:
         """A redis-py client that never hangs on a stalled Redis (CLIENT_OPTIONS); for a
         Sentinel URL, the current master's, found again after a failover."""
+        from redis.sentinel import Sentinel
+
+        return self._connect(redis.Redis, Sentinel, options)
+
+    def async_client(self, **options) -> redis.asyncio.Redis:
+        """``client()``'s asyncio twin (the same options and Sentinel handling), for waiting on
+        Redis in an event loop without holding a thread: the API's event streams."""
+        from redis.asyncio.sentinel import Sentinel
+
+        return self._connect(redis.asyncio.Redis, Sentinel, options)
+
+    def _connect(self, kind: type, sentinel_kind: type, options: dict):
+        """A client of ``kind`` (redis-py's Redis, blocking or asyncio), through ``sentinel_kind``
+        (its Sentinel) for a Sentinel URL."""
         defaults = dict(CLIENT_OPTIONS)
         if urlsplit(self.url).scheme == "unix":
             defaults.pop("socket_keepalive")  # a TCP option
         sentinel = self.sentinel
         if sentinel is not None:
-            from redis.sentinel import Sentinel
-
-            watchers = Sentinel(
+            watchers = sentinel_kind(
                 list(sentinel.sentinels),
                 sentinel_kwargs={
                     "password": sentinel.password,
@@ -122,7 +135,7 @@ class Broker:
             return watchers.master_for(
                 sentinel.master, db=sentinel.db, password=sentinel.password, **(defaults | options)
             )
-        return redis.Redis.from_url(self.url, **(defaults | options))
+        return kind.from_url(self.url, **(defaults | options))
 
     def check(self, client: redis.Redis) -> None:
         """Ping once, turning a refusal into an error that says what to fix (password hidden)."""

@@ -6,23 +6,57 @@ batch_id, status, step, total}. Filters: ``batch`` and ``job`` (repeatable). A c
 reconnects with ``Last-Event-ID`` (browsers' EventSource does it by itself) reads on from
 there, so nothing in between is lost while the stream keeps it (common/fleet/events.py). A tenant
 sees its own jobs' events only.
+
+An open stream holds no thread: it waits for entries on its own asyncio Redis connection, so
+any number of streams leave the threadpool to the API's other routes.
 """
 
 from __future__ import annotations
 
 import json
 
+import anyio
+import redis.asyncio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from lorafleet.common.fleet.events import read_events, tail
+from lorafleet.common.fleet.events import BLOCK_SECONDS, JobEvent, tail
+from lorafleet.common.schema import keys
 from lorafleet.producer.api.state import State, Tenant, visible
 
 router = APIRouter()
 
 PING_SECONDS = 15
 """A comment line this often keeps proxies from closing a quiet stream."""
+READ_COUNT = 1000
+"""The most entries one read takes (as common/fleet/events.read_events)."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _read_events(client: redis.asyncio.Redis, after: str) -> list[JobEvent]:
+    """common/fleet/events.read_events on an asyncio client: the entries after ``after``,
+    waiting up to BLOCK_SECONDS for the first one in the event loop rather than in a thread."""
+    replies = await client.xread({keys.EVENTS: after}, block=int(BLOCK_SECONDS * 1000), count=READ_COUNT)
+    events = []
+    for _, entries in replies or []:
+        for entry_id, fields in entries:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            events.append(
+                JobEvent(
+                    id=_text(entry_id),
+                    job_id=f["job_id"],
+                    batch_id=f["batch_id"],
+                    status=f["status"],
+                    step=int(f["step"]),
+                    total=int(f["total"]),
+                    tenant=f["tenant"] or None,
+                )
+            )
+    return events
 
 
 @router.get("/v1/events", response_class=EventSourceResponse)
@@ -37,23 +71,27 @@ async def events(
     ),
 ):
     """Job events as they happen, for every job or for one batch or some jobs."""
-    redis = state.client.redis
-    cursor = last_event_id or await run_in_threadpool(tail, redis)
+    cursor = last_event_id or await run_in_threadpool(tail, state.client.redis)
     wanted = set(job)
 
     async def stream():
         nonlocal cursor
-        # first, where the stream starts: a client that drops before any job event resumes here
-        yield {"event": "ready", "id": cursor, "data": json.dumps({"after": cursor})}
-        while not await request.is_disconnected():
-            for event in await run_in_threadpool(read_events, redis, cursor):
-                cursor = event.id
-                if batch is not None and event.batch_id != batch:
-                    continue
-                if wanted and event.job_id not in wanted:
-                    continue
-                if not visible(event.tenant, tenant):
-                    continue
-                yield {"event": "job", "id": event.id, "data": json.dumps(event.data())}
+        reader = state.client.broker.async_client()
+        try:
+            # first, where the stream starts: a client that drops before any job event resumes here
+            yield {"event": "ready", "id": cursor, "data": json.dumps({"after": cursor})}
+            while not await request.is_disconnected():
+                for event in await _read_events(reader, cursor):
+                    cursor = event.id
+                    if batch is not None and event.batch_id != batch:
+                        continue
+                    if wanted and event.job_id not in wanted:
+                        continue
+                    if not visible(event.tenant, tenant):
+                        continue
+                    yield {"event": "job", "id": event.id, "data": json.dumps(event.data())}
+        finally:
+            with anyio.CancelScope(shield=True):  # a client that left cancels the stream
+                await reader.aclose()
 
     return EventSourceResponse(stream(), ping=PING_SECONDS)

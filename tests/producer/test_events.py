@@ -1,22 +1,35 @@
 """Live events: every record change in a Redis stream, read by Client.watch and streamed by
-`lorafleet serve` as server-sent events that a reconnecting client resumes with Last-Event-ID."""
+`lorafleet serve` as server-sent events that a reconnecting client resumes with Last-Event-ID;
+open streams hold no thread of the API's threadpool, so the rest of the API answers beside them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 
+import anyio.to_thread
 import httpx
 import pytest
+import uvicorn
 
-from lorafleet.common.fleet.events import tail
+from lorafleet.common.fleet.events import BLOCK_SECONDS, tail
 from lorafleet.producer import Client
+from lorafleet.producer.api import create_app
+from lorafleet.producer.auth import COOKIE, open_session
 from tests.conftest import TINY
 from tests.helpers import BIN, free_port, lorafleet_env, wait_until
 from tests.worker.conftest import make_runner
 
 JOB = {"model": TINY, "prompt": "a lighthouse", "seed": 3, "steps": 3}
+STREAMS = 48
+"""More event streams than the API's threadpool has threads (anyio's default limiter: 40)."""
+ANSWER_SECONDS = 10.0
+"""A bound on an answer beside open streams generous enough for a loaded test machine."""
 
 
 def _order(event_id: str) -> tuple[int, int]:
@@ -132,3 +145,105 @@ def test_the_api_streams_events_and_a_reconnect_resumes_after_the_last_one(
     finally:
         serve.terminate()
         serve.wait(30)
+
+
+@contextmanager
+def _serving(settings) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """The app on a real uvicorn in a thread of this process: its URL, and its event loop (to
+    read the threadpool's limiter where the app's routes borrow from it)."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve()
+
+    # asyncio.run: at the end, what the app left running (sse-starlette's watcher) is cancelled
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, timeout=60, what="uvicorn")
+        yield f"http://127.0.0.1:{port}", loops[0]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+async def _threads_borrowed(loop: asyncio.AbstractEventLoop) -> int:
+    """How many threads of the server's threadpool are in use right now."""
+
+    async def borrowed() -> int:
+        return anyio.to_thread.current_default_thread_limiter().borrowed_tokens
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(borrowed(), loop))
+
+
+async def _next_event(lines) -> str:
+    """The type of the next event on an open stream (``event: TYPE``)."""
+    async for line in lines:
+        if line.startswith("event: "):
+            return line[7:]
+    raise AssertionError("the stream ended")
+
+
+def test_open_event_streams_hold_no_threadpool_thread_and_the_api_answers_beside_them(settings):
+    with _serving(settings) as (base, loop), Client(settings) as client:
+
+        async def main() -> None:
+            limits = httpx.Limits(max_connections=STREAMS + 8)
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+                async with AsyncExitStack() as streams:
+                    readers = []
+                    for _ in range(STREAMS):
+                        response = await streams.enter_async_context(http.stream("GET", "/v1/events"))
+                        assert response.status_code == 200
+                        readers.append(response.aiter_lines())
+                        assert await _next_event(readers[-1]) == "ready"
+                    # every stream is waiting for events; watch a full read's wait and more
+                    borrowed = []
+                    for _ in range(int(2 * BLOCK_SECONDS / 0.25)):
+                        borrowed.append(await _threads_borrowed(loop))
+                        await asyncio.sleep(0.25)
+                    assert max(borrowed) == 0, f"open event streams held threadpool threads: {borrowed}"
+                    started = time.monotonic()
+                    summary = await http.get("/v1/summary")
+                    assert summary.status_code == 200
+                    assert time.monotonic() - started < ANSWER_SECONDS
+                    # and the streams still carry events: every one of them sees the next job
+                    await asyncio.to_thread(client.submit, JOB)
+                    types = await asyncio.gather(*(_next_event(lines) for lines in readers))
+                    assert types == ["job"] * STREAMS
+
+        asyncio.run(main())
+
+
+def test_a_session_looked_up_in_a_stalled_redis_holds_up_no_other_request(settings):
+    """The token middleware reads a cookie's session from Redis in the threadpool: while that
+    read waits, the event loop answers other requests."""
+    pause_ms = 3000
+    with _serving(settings.model_copy(update={"api_tokens": "t1"})) as (base, _), Client(settings) as client:
+        session = open_session(client.redis, "t1")
+        pauser = client.broker.client()
+        pauser.ping()  # connected before the pause
+        answers: dict[str, float] = {}
+
+        def with_cookie() -> None:
+            response = httpx.get(f"{base}/v1/workers", cookies={COOKIE: session}, timeout=60)
+            assert response.status_code == 200
+            answers["cookie"] = time.monotonic()
+
+        paused_at = time.monotonic()
+        pauser.client_pause(pause_ms)  # every Redis client waits, the session lookup too
+        waiting = threading.Thread(target=with_cookie)
+        waiting.start()
+        time.sleep(0.5)  # the cookie's request is in the middleware now, waiting for Redis
+        bearer = httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer t1"}, timeout=60)
+        answers["bearer"] = time.monotonic()
+        waiting.join(60)
+    assert bearer.status_code == 200
+    assert answers["bearer"] - paused_at < pause_ms / 1000, "the event loop waited for Redis"
+    assert answers["cookie"] - paused_at >= pause_ms / 1000 - 0.1  # it did wait for the pause
