@@ -1,0 +1,131 @@
+"""A job's end happens once, in one place (common/fleet/lifecycle.py), on a real Redis: every
+way a job ends writes its counters, webhook event and batch count in the same atomic step,
+and running that step again changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafleet.common.fleet.lifecycle import IllegalMove, Lifecycle, event_id
+from lorafleet.common.fleet.metrics import totals
+from lorafleet.common.fleet.upkeep import hand_back_lost_jobs
+from lorafleet.common.fleet.workers import WorkerRegistry
+from lorafleet.common.infra.storage import open_storage
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.services.batches import BatchEnds, batch_event_id
+from lorafleet.common.services.sweeps import read_layout
+from lorafleet.producer import Client
+from tests.conftest import TINY
+from tests.test_webhooks import SECRET
+
+JOB = {"model": TINY, "prompt": "a lighthouse", "seed": 3, "steps": 2}
+HOOK = "http://127.0.0.1:9/hooks"  # never called here: the outbox is what is checked
+
+
+@pytest.fixture
+def client(settings):
+    hooked = settings.model_copy(update={"webhook_secret": SECRET, "webhook_allow_private": True})
+    with Client(hooked) as client:
+        yield client
+
+
+def _start(lifecycle: Lifecycle, job_id: str, instance: str = "instance-1"):
+    _, record, run_id = lifecycle.start(
+        job_id,
+        worker="w@test",
+        instance=instance,
+        attempts_allowed=3,
+        owner_alive=lambda r: False,
+        lost_after=10,
+    )
+    assert record is not None and record.run_id == run_id
+    return run_id
+
+
+def _finished(client) -> dict[str, float]:
+    return totals(client.redis)["finished"]
+
+
+def test_a_jobs_end_writes_its_effects_once_however_often_it_is_ended_again(client):
+    handle = client.submit(JOB | {"webhook_url": HOOK})
+    lifecycle = Lifecycle(client.jobs)
+    run_id = _start(lifecycle, handle.job_id)
+    ended = lifecycle.end(handle.job_id, JobStatus.succeeded, run_id)
+    assert ended.status is JobStatus.succeeded
+    # a retry through an outage, from this process or another that never saw the reply
+    for again in (lifecycle, Lifecycle(client.jobs)):
+        assert again.end(handle.job_id, JobStatus.failed, run_id, error="x").status is JobStatus.succeeded
+    assert _finished(client) == {"succeeded": 1.0}
+    assert client.redis.zrange(keys.WEBHOOKS_DUE, 0, -1) == [event_id(handle.job_id).encode()]
+    assert client.redis.hgetall(keys.batch_end(handle.batch_id)) == {b"total": b"1", b"ended": b"1"}
+    assert client.redis.zscore(keys.BATCHES_ENDED, handle.batch_id) is not None
+
+
+def test_a_move_the_table_does_not_allow_is_refused_and_changes_nothing(client):
+    handle = client.submit(JOB)
+    lifecycle = Lifecycle(client.jobs)
+    client.cancel(handle.job_id)
+
+    def revive(record):
+        record.status = JobStatus.running
+        return record
+
+    with pytest.raises(IllegalMove, match="cancelled -> running is not a legal move"):
+        lifecycle.change(handle.job_id, revive)
+    assert client.get(handle.job_id).status is JobStatus.cancelled
+
+
+def test_a_job_cancelled_while_queued_is_counted_and_its_webhook_queued(client):
+    handle = client.submit(JOB | {"webhook_url": HOOK})
+    assert client.cancel(handle.job_id).status is JobStatus.cancelled
+    assert _finished(client) == {"cancelled": 1.0}
+    event = json.loads(client.redis.get(keys.webhook_event(event_id(handle.job_id))))
+    assert event["payload"]["type"] == "job.cancelled" and event["state"] == "pending"
+
+
+def test_a_job_cancelled_while_its_worker_was_lost_ends_with_every_effect_of_an_end(client, settings):
+    """The issue's case: a two-job sweep with a batch webhook; one job succeeds, the other's
+    worker freezes, the job is cancelled, the worker is lost. Both ends are counted, the job's
+    event and the batch's are queued, and the grid is drawn."""
+    handles = client.sweep(
+        {"base": JOB | {"webhook_url": HOOK}, "x": {"name": "seed", "values": [1, 2]}},
+        batch_webhook_url=HOOK,
+    )
+    done, frozen = handles
+    lifecycle = Lifecycle(client.jobs)
+    lifecycle.end(done.job_id, JobStatus.failed, _start(lifecycle, done.job_id), error="out of memory")
+    _start(lifecycle, frozen.job_id, instance="frozen")
+    assert client.cancel(frozen.job_id).cancel_requested
+    handed = hand_back_lost_jobs(lifecycle, WorkerRegistry(client.redis), client.celery, 10)
+    assert handed == [frozen.job_id]
+    record = client.get(frozen.job_id)
+    assert (
+        record.status is JobStatus.cancelled
+        and record.error == "cancelled while running (its worker was lost)"
+    )
+    assert _finished(client) == {"failed": 1.0, "cancelled": 1.0}
+    assert client.redis.exists(keys.webhook_event(event_id(frozen.job_id)))
+    assert BatchEnds(client.jobs, open_storage(settings)).handle_due() == [done.batch_id]
+    batch_event = json.loads(client.redis.get(keys.webhook_event(batch_event_id(done.batch_id))))
+    assert batch_event["payload"]["data"]["counts"] == {"failed": 1, "cancelled": 1}
+    assert len(read_layout(client.redis, done.batch_id)["grids"]) == 1
+
+
+def test_every_run_is_kept_on_the_record_one_after_another(client):
+    handle = client.submit(JOB)
+    lifecycle = Lifecycle(client.jobs)
+    first = _start(lifecycle, handle.job_id, instance="a")
+    (lost,) = hand_back_lost_jobs(lifecycle, WorkerRegistry(client.redis), client.celery, 10)
+    assert lost == handle.job_id
+    second = _start(lifecycle, handle.job_id, instance="b")
+    lifecycle.progress(handle.job_id, second, 1)
+    lifecycle.end(handle.job_id, JobStatus.succeeded, second)
+    runs = client.get(handle.job_id).runs
+    assert [(r.run_id, r.instance, r.outcome) for r in runs] == [
+        (first, "a", "handed back"),
+        (second, "b", "succeeded"),
+    ]
+    assert runs[0].ended_at <= runs[1].started_at <= runs[1].ended_at
