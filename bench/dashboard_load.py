@@ -1,8 +1,9 @@
 """The dashboard and the API under 10,000 job records: is a page of jobs and the summary fast?
 
 A fresh embedded Redis (the real redis-server) in a temporary home is filled the way a busy
-fleet leaves it: --queued jobs submitted through the SDK (really queued, on four model
-queues with mixed priorities) and the rest written as finished records with timings and
+fleet leaves it: four hub models registered by name (as `lorafleet models add` does; nothing
+is downloaded, no worker runs), --queued jobs submitted through the SDK (really queued, on
+the four model queues with mixed priorities) and the rest written as finished records with timings and
 images, as workers leave them, with their metrics counted; twelve worker heartbeats. Then
 `lorafleet serve`'s app runs under uvicorn on a loopback port and each request the
 dashboard makes is timed over HTTP, as a browser would see it (median and 95th percentile
@@ -12,6 +13,7 @@ Prints a table and one JSON line. Never part of the test run.
 
     .venv/bin/python bench/dashboard_load.py                  # 10,000 records
     .venv/bin/python bench/dashboard_load.py --records 50000
+    .venv/bin/python bench/dashboard_load.py --records 200 --queued 50 --repeats 2   # a smoke run
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from lorafleet.common.fleet.metrics import record_finished
+from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.fleet.lifecycle import end_effects
 from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
 from lorafleet.common.infra.embedded import embedded_redis
+from lorafleet.common.schema import keys
+from lorafleet.common.schema.family import Family
 from lorafleet.common.schema.jobs import (
     GenerationJob,
     ImageRef,
@@ -46,7 +51,8 @@ from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.api import create_app
 from lorafleet.producer.client import Client
 
-MODELS = ["acme/sd15-base", "acme/sd15-anime", "acme/sdxl-base", "acme/sdxl-photo"]
+MODELS = ["sd15-base", "sd15-anime", "sdxl-base", "sdxl-photo"]
+"""Registered names of hub models (acme/<name>), each of the family its name begins with."""
 TARGET_MS = 200.0
 FINAL = [JobStatus.succeeded] * 8 + [JobStatus.failed, JobStatus.cancelled]
 
@@ -106,7 +112,7 @@ def finished_record(i: int, rng: random.Random) -> JobRecord:
     return JobRecord(
         job=job,
         status=status,
-        queue=f"lorafleet.model.{model}",
+        queue=keys.queue(model),
         progress=Progress(step=4, total=4),
         submitted_at=submitted,
         started_at=submitted,
@@ -121,6 +127,9 @@ def finished_record(i: int, rng: random.Random) -> JobRecord:
 
 def fill(client: Client, records: int, queued: int, rng: random.Random) -> None:
     started = time.perf_counter()
+    models = ModelRegistry(client.settings, client.redis)
+    for name in MODELS:
+        models.register(name, f"acme/{name}", family=Family(name.split("-")[0]))
     jobs = [
         {
             "model": MODELS[i % len(MODELS)],
@@ -135,8 +144,15 @@ def fill(client: Client, records: int, queued: int, rng: random.Random) -> None:
     done = [finished_record(i, rng) for i in range(records - queued)]
     for chunk in range(0, len(done), 1000):
         client.jobs.create_many(done[chunk : chunk + 1000])
-    for record in done:
-        record_finished(client.redis, record)
+    counters = client.redis.pipeline(transaction=False)
+    for record in done:  # the counters their ends would have written (fleet/lifecycle.py)
+        effects = end_effects(record, time.time())
+        for command, *args in effects["hincr"]:
+            counters.execute_command(command, *args)
+        for key, amount, ttl in effects["incr"]:
+            counters.incrby(key, amount)
+            counters.expire(key, ttl)
+    counters.execute()
     registry = WorkerRegistry(client.redis)
     now = time.time()
     for n in range(12):
@@ -151,7 +167,7 @@ def fill(client: Client, records: int, queued: int, rng: random.Random) -> None:
                 device_memory_used=9 << 30,
                 device_memory_total=80 << 30,
                 models=[model],
-                queues=[f"lorafleet.model.{model}"],
+                queues=[keys.queue(model)],
                 hot_pipelines=[model],
                 cached_loras=["watercolor", "lcm-lora"],
                 jobs_done=700,

@@ -9,6 +9,9 @@ acks_late, task events on: lorafleet's Celery configuration) and the same Redis:
   transaction, final record, metrics) but replaces pipeline, LoRA and sampling work with
   nothing and stores no image.
 
+The jobs name a tiny pipeline folder built offline in the bench's temporary home (as a user's
+``models/<name>`` would be); it is resolved at submit, never loaded. Nothing is downloaded.
+
 Each run's time goes from the first send to the last job ended. Prints both, per job and per
 second, their ratio (target: lorafleet within 1.5x of bare Celery) and lorafleet's jobs per
 second through one worker (target: at least 300 on the 2-core development machine), then one
@@ -16,6 +19,7 @@ JSON line. Never part of the test run.
 
     .venv/bin/python bench/queue_overhead.py            # 2,000 jobs each
     .venv/bin/python bench/queue_overhead.py --jobs 5000
+    .venv/bin/python bench/queue_overhead.py --jobs 20      # a smoke run (tests/test_benches.py)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from lorafleet.common.infra.embedded import embedded_redis
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.settings import Settings
 
-MODEL = "acme/noop-model"  # a hub id: resolved without a download, never loaded here
+MODEL = "noop-model"  # a tiny pipeline folder under the home's models/: resolved, never loaded
 COUNTER = "bench:bare:done"
 BATCH = 500
 
@@ -152,6 +156,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="lorafleet-queue-") as home:
         settings = Settings(home=Path(home))
+        from lorafleet.worker.tiny import make_tiny_model  # torch: here, not in the bare worker
+
+        make_tiny_model(settings.models_dir / MODEL)
         try:
             bare = measure("bare", Path(home), args.jobs)
             fleet = measure("lorafleet", Path(home), args.jobs)
