@@ -5,7 +5,8 @@ position, with two different sets of companions (other seeds, other prompts). Pr
 batch size, the largest pixel difference (0-255) from the image sampled alone, and whether
 the same batch size with other companions gave the very same pixels.
 
-    python bench/batch_determinism.py [--model tiny-sd15] [--size 64] [--steps 6]
+    python bench/batch_determinism.py [--size 64] [--steps 6] [--seeds 3] [--device cpu]
+    python bench/batch_determinism.py --steps 1 --seeds 1      # a smoke run
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sampler", default="euler_a")
+    parser.add_argument("--seeds", type=int, default=3, help="how many target seeds (11, 12, ...)")
     args = parser.parse_args()
 
     from lorafleet.common.catalog.models import ModelRegistry
@@ -58,7 +60,7 @@ def main() -> None:
         return [np.asarray(i, dtype=np.int16) for i in images]
 
     rows = []
-    for seed in (11, 12, 13):
+    for seed in range(11, 11 + args.seeds):
         alone = run([seed], [target.prompt])[0]
         for size in (2, 4, 8):
             worst, same = 0, True

@@ -1,6 +1,7 @@
 """LoRA stack switching: lorafleet's patcher against the memory-copy limit and diffusers.
 
-An SD1.5-shaped UNet (the real config, random weights; --family sdxl for SDXL's) and three
+An SD1.5-shaped UNet (the real config, random weights; --family sdxl for SDXL's; --shape tiny
+for the tests' tiny UNet of that family, a smoke run whose figures mean nothing) and three
 kohya-format LoRA files: two "style" LoRAs of rank 32 over attention, feed-forward and proj
 layers, and one LCM-LoRA-shaped file of rank 64 that also covers the ResNet convolutions.
 Stacks: S1 = style A @ 0.8 + LCM @ 0.35, S2 = style B @ 0.6 + LCM @ 0.35.
@@ -20,6 +21,7 @@ Prints a table and one JSON line. Never part of the test run.
 
     .venv/bin/python bench/lora_switch.py                       # SD1.5 shape, fp32, CPU
     .venv/bin/python bench/lora_switch.py --device cuda --dtype float16 --family sdxl
+    .venv/bin/python bench/lora_switch.py --shape tiny --repeats 1 --changes 20   # a smoke run
 """
 
 from __future__ import annotations
@@ -93,11 +95,19 @@ def resident_bytes(device: torch.device) -> int:
     return 0
 
 
-def build_unet(family: str, device: torch.device, dtype: torch.dtype):
+def build_unet(family: str, shape: str, device: torch.device, dtype: torch.dtype):
+    """The family's UNet in its real shapes, or the tiny one of lorafleet.worker.tiny."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SDXL if family == "sdxl" else SD15))
+    if shape == "tiny":
+        from lorafleet.worker.tiny import make_tiny_model
+
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = make_tiny_model(Path(scratch) / "tiny", family=family)
+            unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    else:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**(SDXL if family == "sdxl" else SD15))
     return unet.to(device=device, dtype=dtype).eval()
 
 
@@ -341,6 +351,9 @@ def commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument(
+        "--shape", choices=("real", "tiny"), default="real", help="the family's real UNet, or a tiny one"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     parser.add_argument("--repeats", type=int, default=5)
@@ -352,8 +365,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
 
-    print(f"building a {args.family} UNet ({dtype}, {device}) and LoRA files ...", flush=True)
-    unet = build_unet(args.family, device, dtype)
+    print(f"building a {args.shape} {args.family} UNet ({dtype}, {device}) and LoRA files ...", flush=True)
+    unet = build_unet(args.family, args.shape, device, dtype)
     with tempfile.TemporaryDirectory() as scratch:
         files = {
             "style_a": Path(scratch) / "style_a.safetensors",
@@ -407,7 +420,7 @@ def main() -> None:
         ]
     print()
     print(
-        f"{args.family} UNet, {dtype}, {device}: {ours['touched_params']} touched parameters, "
+        f"{args.shape} {args.family} UNet, {dtype}, {device}: {ours['touched_params']} touched parameters, "
         f"{ours['touched_bytes'] / 1e9:.2f} GB; LoRA layers {layers}"
     )
     print(f"{'':40} {'ms':>10} {'x copy':>8} {'exact':>6}")
@@ -437,6 +450,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
         "family": args.family,
+        "shape": args.shape,
         "dtype": str(dtype).replace("torch.", ""),
         "lorafleet": ours,
         "diffusers": theirs,
