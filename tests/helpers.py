@@ -220,17 +220,21 @@ class SentinelRedis:
         """kill -9 the primary; with ``caught_up``, only once the replica holds every write it
         took (writes paused meanwhile), so the failover loses nothing Redis acknowledged."""
         if caught_up:
-            primary = self.primary.client()
-            primary.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-            offset = primary.info("replication")["master_repl_offset"]
-            wait_until(
-                lambda: self.replica.client().info("replication")["slave_repl_offset"] >= offset,
-                timeout=10,
-                what="the replica to catch up",
-            )
+            self.primary.client().execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
+            self.wait_for_replica()
         self.primary.process.kill()
         self.primary.process.wait()
         wait_until(self._promoted, timeout=60, what="failover")
+
+    def wait_for_replica(self) -> None:
+        """Wait until the replica holds every write the primary had taken when called
+        (replication is asynchronous; writes made meanwhile may still be in flight)."""
+        offset = self.primary.client().info("replication")["master_repl_offset"]
+        wait_until(
+            lambda: self.replica.client().info("replication")["slave_repl_offset"] >= offset,
+            timeout=10,
+            what="the replica to catch up",
+        )
 
     def _promoted(self) -> bool:
         try:

@@ -35,7 +35,7 @@ def test_a_redis_outage_pauses_progress_and_the_job_ends_once_when_it_returns(te
             check = run_cli(["workers", "check", "--name", "patient@outage"], env)
             assert check.returncode == 0 and "Redis unreachable" in check.stdout, check.stdout + check.stderr
             stalled = client.get(handle.job_id).progress.step
-            time.sleep(3)
+            time.sleep(3)  # the outage itself: Redis stays away a while, the job sampling on
             assert client.get(handle.job_id).status is JobStatus.running
             proxy.up()
             record = handle.wait(timeout=300)

@@ -3,8 +3,6 @@ in sentinel mode), real workers; the primary is killed while jobs are queued and
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from lorafleet.common.infra.broker import Broker
@@ -49,7 +47,7 @@ def test_jobs_survive_the_primary_failing_over(template_home, tmp_path):
                 timeout=60,
                 what="a job running",
             )
-            time.sleep(1)  # let the replica take in the last writes (replication is asynchronous)
+            redis.wait_for_replica()  # it holds the writes so far (replication is asynchronous)
             redis.crash_primary()  # no shutdown: the primary is gone as in a crash
             records = client.wait([h.job_id for h in handles], timeout=300)
         assert [r.status for r in records] == [JobStatus.succeeded] * 6, [r.error for r in records]
