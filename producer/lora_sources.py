@@ -29,7 +29,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from lorafleet.common.catalog.lora_files import MAX_LORA_BYTES, SAFETENSORS_SUFFIX, sha256_file
-from lorafleet.common.infra.net import is_public_address, resolve
+from lorafleet.common.infra.net import checked_address, send_pinned
 from lorafleet.common.schema.errors import BadArgument, TransientError
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -56,22 +56,14 @@ def public_hosts_only(allowed: set[str]) -> UrlCheck:
     second time (DNS rebinding) changes nothing."""
 
     def check(url: str) -> str | None:
-        host = urlsplit(url).hostname or ""
-        if host in allowed:
+        if (urlsplit(url).hostname or "") in allowed:
             return None
-        try:
-            addresses = resolve(host)
-        except (OSError, UnicodeError) as exc:
-            raise BadArgument(f"{url}: cannot resolve {host!r} ({exc})", field="source") from None
-        private = [a for a in addresses if not is_public_address(a)]
-        if private or not addresses:
-            raise BadArgument(
-                f"{url}: {host} resolves to {(private or ['nothing'])[0]}, not a public address; "
-                "the API downloads only from public hosts",
-                field="source",
-                allowed="a public http(s) URL, a hub repo, or a host listed in LORAFLEET_API_IMPORT_HOSTS",
-            )
-        return addresses[0]
+        return checked_address(
+            url,
+            error=BadArgument,
+            field="source",
+            allowed="a public http(s) URL, a hub repo, or a host listed in LORAFLEET_API_IMPORT_HOSTS",
+        )
 
     return check
 
@@ -181,23 +173,13 @@ def _open(http, url: str, check: UrlCheck | None):
     import httpx
 
     for _ in range(MAX_REDIRECTS + 1):
-        target = httpx.URL(url)
         address = check(url) if check is not None else None
-        if address is None:
-            request = http.build_request("GET", target)
-        else:
-            request = http.build_request(
-                "GET",
-                target.copy_with(host=address),
-                headers={"Host": target.netloc.decode("ascii")},
-                extensions={"sni_hostname": target.host},
-            )
-        response = http.send(request, stream=True)
+        response = send_pinned(http, "GET", url, address, stream=True)
         if not response.is_redirect:
             return response
         location = response.headers.get("location", "")
         response.close()
-        url = str(target.join(location))
+        url = str(httpx.URL(url).join(location))
     raise BadArgument(f"{url}: more than {MAX_REDIRECTS} redirects", field=FIELD)
 
 

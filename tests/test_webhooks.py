@@ -14,8 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
+from lorafleet.common.infra import net
 from lorafleet.common.schema.settings import Settings
-from lorafleet.common.services.webhooks import read_event, webhook_sender
+from lorafleet.common.services.webhooks import queue_event, read_event, webhook_sender
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
 from tests.conftest import TINY
@@ -30,7 +31,7 @@ class Receiver:
     """An HTTP receiver on loopback: answers 500 to the first ``fail`` deliveries, then 204;
     keeps every delivery with whether its signature verified."""
 
-    def __init__(self, fail: int = 0, port: int | None = None) -> None:
+    def __init__(self, fail: int = 0, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.fail = fail
         self.deliveries: list[dict] = []
         receiver = self
@@ -44,7 +45,12 @@ class Receiver:
                 except Exception:  # noqa: BLE001
                     verified = False
                 receiver.deliveries.append(
-                    {"id": self.headers["webhook-id"], "verified": verified, "body": json.loads(body)}
+                    {
+                        "id": self.headers["webhook-id"],
+                        "verified": verified,
+                        "body": json.loads(body),
+                        "host": self.headers["host"],
+                    }
                 )
                 self.send_response(500 if len(receiver.deliveries) <= receiver.fail else 204)
                 self.end_headers()
@@ -52,7 +58,7 @@ class Receiver:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port or free_port()), Handler)
+        self.server = ThreadingHTTPServer((host, port or free_port()), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
@@ -127,6 +133,38 @@ def test_a_webhook_into_the_fleets_network_or_without_a_secret_is_refused(hooked
         problem = response.json()["detail"][0]
         assert problem["field"] == "webhook_url" and message in json.dumps(response.json())
         assert api.get("/v1/jobs").json()["total"] == 0
+
+
+def test_a_delivery_connects_to_the_address_checked_not_to_a_second_lookup(hooked, monkeypatch):
+    """DNS rebinding: the delivery goes to the address its check resolved, never to what the
+    name resolves to when httpx would look it up again; the name stays in the Host header.
+    Here lorafleet's lookup answers 127.0.0.2 for "localhost", the system's 127.0.0.1."""
+    port = free_port()
+    system = Receiver(port=port)  # where a second lookup of "localhost" leads
+    checked = Receiver(port=port, host="127.0.0.2")  # Linux routes all of 127/8 to loopback
+    looked_up = []
+
+    def lookup(host: str) -> list[str]:
+        looked_up.append(host)
+        return ["127.0.0.2"]
+
+    monkeypatch.setattr(net, "resolve", lookup)
+    try:
+        with Client(hooked) as client:
+            queue_event(
+                client.redis, "msg_pinned", f"http://localhost:{port}/hook", {"type": "job.succeeded"}
+            )
+            assert webhook_sender(hooked, client.redis).deliver_due(now=time.time() + 1) == 1
+            event = read_event(client.redis, "pinned")  # the event of job "pinned"
+        assert system.deliveries == []
+        assert looked_up == ["localhost"]  # looked up once, though private addresses are allowed
+        assert [(d["id"], d["host"], d["verified"]) for d in checked.deliveries] == [
+            ("msg_pinned", f"localhost:{port}", True)
+        ]
+        assert event["state"] == "delivered" and [a["status"] for a in event["attempts"]] == [204]
+    finally:
+        system.close()
+        checked.close()
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ import redis
 
 from lorafleet.common.fleet.lifecycle import WEBHOOK_KEEP_SECONDS, event_id, outbox_entry
 from lorafleet.common.fleet.upkeep import claim_due
-from lorafleet.common.infra.net import is_public_address, resolve
+from lorafleet.common.infra.net import checked_address, send_pinned
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import ConfigError, JobRejected
 
@@ -61,27 +61,17 @@ return 1
 """
 
 
-def check_url(url: str, allow_private: bool, field: str = "webhook_url") -> None:
-    """JobRejected unless ``url`` is an http(s) URL to a public host (or private ones are allowed)."""
+def check_url(url: str, allow_private: bool, field: str = "webhook_url") -> str | None:
+    """JobRejected unless ``url`` is an http(s) URL to a public host (or private ones are
+    allowed); returns the public address checked, the one to deliver to (None when private
+    hosts are allowed: then nothing is looked up here)."""
     parts = urlsplit(url)
     allowed = "an http(s) URL of a public host (or set LORAFLEET_WEBHOOK_ALLOW_PRIVATE)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise JobRejected(f"{url[:80]!r} is not an http(s) URL", field=field, allowed=allowed)
     if allow_private:
-        return
-    try:
-        addresses = resolve(parts.hostname)
-    except (OSError, UnicodeError) as exc:
-        raise JobRejected(
-            f"cannot resolve {parts.hostname!r} ({exc})", field=field, allowed=allowed
-        ) from None
-    private = [a for a in addresses if not is_public_address(a)]
-    if private or not addresses:
-        raise JobRejected(
-            f"{parts.hostname} resolves to {(private or ['nothing'])[0]}, not a public address",
-            field=field,
-            allowed=allowed,
-        )
+        return None
+    return checked_address(url, error=JobRejected, field=field, allowed=allowed)
 
 
 def queue_event(client: redis.Redis, id_: str, url: str, payload: dict[str, Any]) -> bool:
@@ -161,8 +151,11 @@ class WebhookSender:
         import httpx
         from standardwebhooks import Webhook
 
-        try:
-            check_url(event["url"], self.allow_private)
+        url = event["url"]
+        try:  # looked up once, here, and connected to: the name may resolve elsewhere by now
+            address = check_url(url, self.allow_private) or checked_address(
+                url, error=JobRejected, field="webhook_url", allow_private=True
+            )
         except JobRejected as exc:
             return None, exc.message
         body = json.dumps(event["payload"])
@@ -178,7 +171,8 @@ class WebhookSender:
             "webhook-signature": signature,
         }
         try:
-            response = httpx.post(event["url"], content=body, headers=headers, timeout=TIMEOUT_SECONDS)
+            with httpx.Client(timeout=TIMEOUT_SECONDS) as http:
+                response = send_pinned(http, "POST", url, address, content=body, headers=headers)
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"
         if 200 <= response.status_code < 300:
