@@ -15,7 +15,9 @@ from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
 from lorafleet.common.infra import net
+from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.batches import BatchEnds
 from lorafleet.common.services.webhooks import queue_event, read_event, webhook_sender
 from lorafleet.producer import Client
 from lorafleet.producer.api import create_app
@@ -217,15 +219,20 @@ def test_a_batch_webhook_is_sent_once_when_its_last_job_ends(hooked):
             batch = handles[0].batch_id
             runner = make_runner(hooked.model_copy(update={"max_batch": 1}))
             sender = webhook_sender(hooked, client.redis)
+            ends = BatchEnds(client.jobs, open_storage(hooked))
             runner.run(handles[0].job_id)
             client.cancel(handles[1].job_id)
+            ends.handle_due()
             sender.deliver_due(now=time.time() + 10**6)
             assert receiver.deliveries == []  # one job is still queued
             runner.run(handles[1].job_id)  # meets the cancelled record: counted once, not twice
+            ends.handle_due()
             sender.deliver_due(now=time.time() + 10**6)
             assert receiver.deliveries == []
             runner.run(handles[2].job_id)
+            ends.handle_due()
             sender.deliver_due(now=time.time() + 10**6)
+            ends.handle_due()
             sender.deliver_due(now=time.time() + 10**6)
         assert len(receiver.deliveries) == 1 and receiver.deliveries[0]["verified"]
         body = receiver.deliveries[0]["body"]

@@ -14,40 +14,37 @@ worker takes the next one.
 
 from __future__ import annotations
 
-import gc
 import logging
-import re
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 import torch
 
-from lorafleet.common.catalog.embeddings import EmbeddingCatalog, EmbeddingInfo
+from lorafleet.common.catalog.embeddings import EmbeddingCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
-from lorafleet.common.catalog.vaes import VaeInfo
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.retry import with_retries
-from lorafleet.common.infra.storage import Storage, image_key
+from lorafleet.common.infra.storage import Storage
 from lorafleet.common.schema.errors import InvalidInput, JobCancelled, JobFailed, Superseded, TransientError
-from lorafleet.common.schema.jobs import ImageRef, JobRecord, JobStatus, Progress, Timings
+from lorafleet.common.schema.jobs import JobRecord, JobStatus, Timings
 from lorafleet.common.schema.settings import Settings
-from lorafleet.worker.embeddings import applied
-from lorafleet.worker.lora.files import DiskCache, fetch_object
+from lorafleet.worker.lora.files import DiskCache
 from lorafleet.worker.lora.store import LoraStore
-from lorafleet.worker.outputs import encode_png, parameters_text, sha256_bytes
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
-from lorafleet.worker.run.batching import BatchSizes, Member, Slot, batch_key, chunks
+from lorafleet.worker.run.batching import BatchSizes, Member, batch_key
 from lorafleet.worker.run.companions import WaitingJobs
-from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
+from lorafleet.worker.run.group import GroupSampling, allocator_message, is_out_of_memory
+from lorafleet.worker.run.sampling import seeds_its_own_noise
+from lorafleet.worker.run.store_stage import STORE_THREADS, StoreContext, StoreStage
 from lorafleet.worker.vaes import VaeCache
 
 logger = logging.getLogger(__name__)
@@ -57,12 +54,6 @@ RUN_AGAIN_DELAY = 5.0
 RUN_AGAIN_MAX_DELAY = 120.0
 PROGRESS_SECONDS = 0.25
 """Least time between two progress writes of one job (the last step is always written)."""
-PREFETCH_LOOKAHEAD = 16
-"""Waiting messages of the queue looked at for LoRAs to make ready while a job samples."""
-PREFETCH_STACKS = 2
-"""Distinct LoRA stacks of waiting jobs made ready ahead, at most, per sampling group."""
-STORE_THREADS = 2
-"""Threads that encode and upload finished jobs' images while the next call samples."""
 REDIS_OUTAGE_TRIES = 12
 """Tries of a job's final record write through a Redis outage (backoff 1, 2, 4 ... 30 s: about
 3.5 minutes) before the message goes back to its queue."""
@@ -85,44 +76,11 @@ class WorkerStats:
     switch_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=100))
 
 
-class _StoreContext(NamedTuple):
-    """What every image of a group carries in its parameters besides its job's own values."""
-
-    infos: list
-    model_hash: str | None
-    vae: VaeInfo | None
-    embeddings: list
-
-
 def _result(future: Future) -> JobStatus | None:
     return future.result()
 
 
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
-    )
-
-
-def _allocator_message(exc: BaseException) -> str:
-    """The useful part of an allocator's complaint (torch's CPU one wraps it in noise)."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if match := re.search(r"tried to allocate (\d+) bytes", text):
-        return f"could not allocate {int(match.group(1)) / 2**20:.0f} MiB more"
-    return text
-
-
-class JobRunner:
+class JobRunner(GroupSampling, StoreStage):
     """Runs jobs on this worker's hot pipelines."""
 
     def __init__(
@@ -355,7 +313,7 @@ class JobRunner:
             )
             return {m.job_id: self._fail(m.job_id, message, m.record.timings, m.warnings) for m in members}
 
-        def store_when_done(member: Member, context: _StoreContext) -> None:
+        def store_when_done(member: Member, context: StoreContext) -> None:
             if self._store_stage is None:
                 stored.append((member, None))
                 statuses[member.job_id] = self._store(member, context, started)
@@ -380,10 +338,10 @@ class JobRunner:
         except (InvalidInput, JobFailed) as exc:
             self._end_unsampled(members, statuses, exc.message)
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 message = (
                     f"out of memory on {self.pipelines.device} for one {job.width}x{job.height} image "
-                    f"(batches were halved down to 1): {_allocator_message(exc)} — ask for smaller images, "
+                    f"(batches were halved down to 1): {allocator_message(exc)} — ask for smaller images, "
                     "or run fewer models per worker"
                 )
             else:
@@ -416,187 +374,6 @@ class JobRunner:
                 logger.warning("%s; this run stops without writing it", exc)
                 status = None
             statuses[member.job_id] = status
-
-    def _sample_group(self, members: list[Member], hot: HotPipeline, when_done: Callable) -> None:
-        """Stack, patch, sample in chunks (halved on out of memory), restore; each member is
-        handed to ``when_done`` as soon as its last image is sampled."""
-        job = members[0].job
-        assert job.width is not None and job.height is not None and job.steps is not None
-        stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
-        self.stats.lora_hits += stack.hits
-        self.stats.lora_misses += stack.misses
-        patch = hot.patcher.apply(stack.entries)
-        self._prefetch(hot, members)
-        for member in members:
-            t = member.timings
-            t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
-                stack.seconds,
-                stack.hits,
-                stack.misses,
-                patch.apply,
-            )
-            member.warnings.extend(stack.warnings)
-        tick = time.perf_counter()
-        vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
-        embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
-        context = _StoreContext(stack.infos, hot.model_hash, vae, embeddings)
-        size = self.batch_sizes.get(job.model, job.width, job.height)
-        with self.vaes.swapped(hot, vae), applied(hot, embeddings):
-            for member in members:
-                member.conditioning = conditioning(hot.pipe, member.job)
-            one_per_call = seeds_its_own_noise(job.sampler)
-            plan = chunks(members, size, one_per_call)
-            while plan:
-                chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
-                if not chunk:
-                    continue
-                # batching: never a one-row call (its last bits differ from a batch's)
-                min_rows = 1 if one_per_call or size < 2 else 2
-                try:
-                    self._sample_chunk(hot, job, chunk, min_rows)
-                except Exception as exc:
-                    rows = max(len(chunk), min_rows)
-                    if not _is_out_of_memory(exc) or rows == 1:
-                        raise
-                    size = self.batch_sizes.halve(job.model, job.width, job.height, rows)
-                    logger.warning(
-                        "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
-                        len(chunk),
-                        size,
-                        hot.model.key,
-                        job.width,
-                        job.height,
-                    )
-                    _free_memory(self.pipelines.device)
-                    plan = chunks(members, size, one_per_call)
-                    continue
-                for member in dict.fromkeys(slot.member for slot in chunk):
-                    if member.complete and not member.cancelled:
-                        member.timings.sampling = time.perf_counter() - tick
-                        when_done(member, context)
-        restored = hot.patcher.restore()
-        self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
-        for member in members:
-            member.timings.restore = patch.restore + restored.restore
-
-    def _prefetch(self, hot: HotPipeline, members: list[Member]) -> None:
-        """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
-        if self._prefetch_stage is None:
-            return
-        own = batch_key(members[0].job)[1]
-        try:
-            ids = [w.job_id for w in self.waiting.peek(members[0].record.queue, PREFETCH_LOOKAHEAD)]
-            records = self.store.get_many(ids)
-        except redis.RedisError:
-            return
-        stacks: dict[tuple, list] = {}
-        for record in records:
-            if record is None or record.status is not JobStatus.queued or not record.job.loras:
-                continue
-            key = batch_key(record.job)[1]
-            if key != own and len(stacks) < PREFETCH_STACKS:
-                stacks.setdefault(key, record.job.loras)
-        for specs in stacks.values():
-            self._prefetch_stage.submit(self._prepare, hot, specs)
-
-    def _prepare(self, hot: HotPipeline, specs: list) -> None:
-        try:
-            self.loras.prepare(hot.model.key, hot.patcher, specs)
-        except Exception as exc:  # the job itself meets it again and fails saying why
-            logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
-
-    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
-        """One pipeline call for the chunk's images; progress and cancellation per job."""
-        counts: dict[Member, int] = {}
-        for slot in chunk:
-            counts[slot.member] = counts.get(slot.member, 0) + 1
-        steps = job.steps
-
-        def on_step(step: int) -> None:
-            live = 0
-            for member, count in counts.items():
-                if member.cancelled:
-                    continue
-                try:
-                    done = member.sampled * steps + step * count
-                    self._progress(member.job_id, done, last=step == steps)
-                    live += 1
-                except JobCancelled:
-                    self._cancelled(member)
-                except Superseded as exc:
-                    logger.warning("%s; this run stops without writing it", exc)
-                    member.cancelled = True
-            if not live:
-                raise JobCancelled("every job of the call was cancelled")
-
-        try:
-            images = sample(
-                hot.pipe,
-                hot.scheduler_config,
-                job,
-                [slot.member.conditioning for slot in chunk],
-                [image_seed(slot.member.job, slot.index) for slot in chunk],
-                on_step,
-                min_rows,
-            )
-        except JobCancelled:
-            return
-        rows = max(len(chunk), min_rows)
-        for slot, image in zip(chunk, images):
-            slot.member.images[slot.index] = image
-            slot.member.largest_chunk = max(slot.member.largest_chunk, rows)
-
-    def _cancelled(self, member: Member) -> None:
-        """A job cancelled while it samples leaves its call; its companions go on."""
-        member.cancelled = True
-        self.stats.cancelled += 1
-        self.finish(
-            member.job_id,
-            JobStatus.cancelled,
-            error="cancelled while running",
-            timings=member.timings,
-            warnings=member.warnings,
-        )
-        logger.info("job %s cancelled while running", member.job_id)
-
-    def _store(self, member: Member, context: _StoreContext, started: float) -> JobStatus | None:
-        """Encode and upload a job's images, then end its record (in the store stage)."""
-        job, timings = member.job, member.timings
-        tick = time.perf_counter()
-        try:
-            refs = [
-                self._store_image(job, index, member.images[index], *context)
-                for index in range(job.num_images)
-            ]
-            timings.upload = time.perf_counter() - tick
-            timings.total = time.perf_counter() - started
-            timings.batch_size = member.largest_chunk
-            self.finish(
-                member.job_id,
-                JobStatus.succeeded,
-                images=refs,
-                timings=timings,
-                warnings=member.warnings,
-                progress=Progress(step=member.record.progress.total, total=member.record.progress.total),
-            )
-        except Superseded as exc:
-            logger.warning("%s; this run stops without writing it", exc)
-            return None
-        except TransientError as exc:
-            return self._again_or_fail(member.record, exc.message, timings, member.warnings)
-        except (InvalidInput, JobFailed) as exc:
-            return self._fail(member.job_id, exc.message, timings, member.warnings)
-        self.stats.done += 1
-        logger.info("job %s succeeded: %d images in %.2f s", member.job_id, len(refs), timings.total)
-        return JobStatus.succeeded
-
-    def _local(self, info: EmbeddingInfo | VaeInfo) -> EmbeddingInfo | VaeInfo:
-        """An embedding or VAE with a file on this worker: fetched from the store when it is
-        known only from the shared registry (checked by sha256, kept in the disk cache)."""
-        if info.path is not None or info.object_key is None:
-            return info
-        path = fetch_object(self.storage, self.disk, repr(info.name), info.object_key, info.sha256)
-        return replace(info, path=path)
 
     def _restore(self, hot: HotPipeline) -> None:
         hot.patcher.restore()
@@ -641,30 +418,3 @@ class JobRunner:
         return JobStatus.failed
 
     # ------------------------------------------------------------------ images
-    def _store_image(
-        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None, embeddings: list
-    ) -> ImageRef:
-        seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings))
-        key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
-        uri = self._upload(key, data)
-        logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)
-        return ImageRef(
-            uri=uri,
-            key=key,
-            size=len(data),
-            sha256=sha256_bytes(data),
-            width=image.width,
-            height=image.height,
-            seed=seed,
-        )
-
-    def _upload(self, key: str, data: bytes) -> str:
-        """Store one PNG, riding out a store outage for ``upload_attempts`` tries."""
-        attempts = self.settings.upload_attempts
-        try:
-            return with_retries(
-                f"upload of {key}", lambda: self.storage.put(key, data, "image/png"), attempts
-            )
-        except TransientError as exc:
-            raise TransientError(f"upload of {key} failed {attempts} times, last: {exc.message}") from exc

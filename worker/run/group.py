@@ -1,0 +1,203 @@
+"""Group sampling, the half of JobRunner that samples: a group of jobs that share a batch
+key gets one pipeline, one LoRA stack (patched, then restored from the pristine copies) and
+sampling calls of up to the batch size, halved when the device runs out of memory; each job
+is handed to the store stage as soon as its last image is sampled. Progress and cancellation
+are per job: a cancelled job leaves its call, its companions go on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+from collections.abc import Callable
+
+import redis
+import torch
+
+from lorafleet.common.schema.errors import JobCancelled, Superseded
+from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.worker.embeddings import applied
+from lorafleet.worker.pipelines import HotPipeline
+from lorafleet.worker.run.batching import Member, Slot, batch_key, chunks
+from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
+from lorafleet.worker.run.store_stage import StoreContext
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_LOOKAHEAD = 16
+"""Waiting messages of the queue looked at for LoRAs to make ready while a job samples."""
+PREFETCH_STACKS = 2
+"""Distinct LoRA stacks of waiting jobs made ready ahead, at most, per sampling group."""
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
+
+
+def allocator_message(exc: BaseException) -> str:
+    """The useful part of an allocator's complaint (torch's CPU one wraps it in noise)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if match := re.search(r"tried to allocate (\d+) bytes", text):
+        return f"could not allocate {int(match.group(1)) / 2**20:.0f} MiB more"
+    return text
+
+
+class GroupSampling:
+    """Mixed into JobRunner (worker/run/runner.py): its sampling half. Uses the runner's
+    pipelines, LoRA store, caches, batch sizes, stats and record moves."""
+
+    def _sample_group(self, members: list[Member], hot: HotPipeline, when_done: Callable) -> None:
+        """Stack, patch, sample in chunks (halved on out of memory), restore; each member is
+        handed to ``when_done`` as soon as its last image is sampled."""
+        job = members[0].job
+        assert job.width is not None and job.height is not None and job.steps is not None
+        stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
+        self.stats.lora_hits += stack.hits
+        self.stats.lora_misses += stack.misses
+        patch = hot.patcher.apply(stack.entries)
+        self._prefetch(hot, members)
+        for member in members:
+            t = member.timings
+            t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
+                stack.seconds,
+                stack.hits,
+                stack.misses,
+                patch.apply,
+            )
+            member.warnings.extend(stack.warnings)
+        tick = time.perf_counter()
+        vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
+        embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
+        context = StoreContext(stack.infos, hot.model_hash, vae, embeddings)
+        size = self.batch_sizes.get(job.model, job.width, job.height)
+        with self.vaes.swapped(hot, vae), applied(hot, embeddings):
+            for member in members:
+                member.conditioning = conditioning(hot.pipe, member.job)
+            one_per_call = seeds_its_own_noise(job.sampler)
+            plan = chunks(members, size, one_per_call)
+            while plan:
+                chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
+                if not chunk:
+                    continue
+                # batching: never a one-row call (its last bits differ from a batch's)
+                min_rows = 1 if one_per_call or size < 2 else 2
+                try:
+                    self._sample_chunk(hot, job, chunk, min_rows)
+                except Exception as exc:
+                    rows = max(len(chunk), min_rows)
+                    if not is_out_of_memory(exc) or rows == 1:
+                        raise
+                    size = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                    logger.warning(
+                        "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
+                        len(chunk),
+                        size,
+                        hot.model.key,
+                        job.width,
+                        job.height,
+                    )
+                    free_memory(self.pipelines.device)
+                    plan = chunks(members, size, one_per_call)
+                    continue
+                for member in dict.fromkeys(slot.member for slot in chunk):
+                    if member.complete and not member.cancelled:
+                        member.timings.sampling = time.perf_counter() - tick
+                        when_done(member, context)
+        restored = hot.patcher.restore()
+        self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
+        for member in members:
+            member.timings.restore = patch.restore + restored.restore
+
+    def _prefetch(self, hot: HotPipeline, members: list[Member]) -> None:
+        """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
+        if self._prefetch_stage is None:
+            return
+        own = batch_key(members[0].job)[1]
+        try:
+            ids = [w.job_id for w in self.waiting.peek(members[0].record.queue, PREFETCH_LOOKAHEAD)]
+            records = self.store.get_many(ids)
+        except redis.RedisError:
+            return
+        stacks: dict[tuple, list] = {}
+        for record in records:
+            if record is None or record.status is not JobStatus.queued or not record.job.loras:
+                continue
+            key = batch_key(record.job)[1]
+            if key != own and len(stacks) < PREFETCH_STACKS:
+                stacks.setdefault(key, record.job.loras)
+        for specs in stacks.values():
+            self._prefetch_stage.submit(self._prepare, hot, specs)
+
+    def _prepare(self, hot: HotPipeline, specs: list) -> None:
+        try:
+            self.loras.prepare(hot.model.key, hot.patcher, specs)
+        except Exception as exc:  # the job itself meets it again and fails saying why
+            logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
+
+    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
+        """One pipeline call for the chunk's images; progress and cancellation per job."""
+        counts: dict[Member, int] = {}
+        for slot in chunk:
+            counts[slot.member] = counts.get(slot.member, 0) + 1
+        steps = job.steps
+
+        def on_step(step: int) -> None:
+            live = 0
+            for member, count in counts.items():
+                if member.cancelled:
+                    continue
+                try:
+                    done = member.sampled * steps + step * count
+                    self._progress(member.job_id, done, last=step == steps)
+                    live += 1
+                except JobCancelled:
+                    self._cancelled(member)
+                except Superseded as exc:
+                    logger.warning("%s; this run stops without writing it", exc)
+                    member.cancelled = True
+            if not live:
+                raise JobCancelled("every job of the call was cancelled")
+
+        try:
+            images = sample(
+                hot.pipe,
+                hot.scheduler_config,
+                job,
+                [slot.member.conditioning for slot in chunk],
+                [image_seed(slot.member.job, slot.index) for slot in chunk],
+                on_step,
+                min_rows,
+            )
+        except JobCancelled:
+            return
+        rows = max(len(chunk), min_rows)
+        for slot, image in zip(chunk, images):
+            slot.member.images[slot.index] = image
+            slot.member.largest_chunk = max(slot.member.largest_chunk, rows)
+
+    def _cancelled(self, member: Member) -> None:
+        """A job cancelled while it samples leaves its call; its companions go on."""
+        member.cancelled = True
+        self.stats.cancelled += 1
+        self.finish(
+            member.job_id,
+            JobStatus.cancelled,
+            error="cancelled while running",
+            timings=member.timings,
+            warnings=member.warnings,
+        )
+        logger.info("job %s cancelled while running", member.job_id)
