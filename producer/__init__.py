@@ -13,7 +13,8 @@ from lorafleet.common.schema.errors import (
 )
 from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, LoraSpec, Priority, Sampler
 from lorafleet.common.schema.settings import Settings
-from lorafleet.producer.client import Client, JobHandle
+from lorafleet.producer.client import Client
+from lorafleet.producer.submit import JobHandle
 
 __all__ = [
     "Client",

@@ -153,3 +153,11 @@ def test_common_is_in_layers_and_each_imports_only_its_own_and_lower_ones():
     ]
     assert not wrong, "imports up the layers: " + "; ".join(sorted(wrong))
 
+
+def test_no_module_is_past_500_lines():
+    long = {
+        str(path.relative_to(REPO)): n
+        for path in sorted(REPO.glob("*/**/*.py"))
+        if ".venv" not in path.parts and (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these (a module is read in one sitting): {long}"
