@@ -129,3 +129,27 @@ def test_every_run_is_kept_on_the_record_one_after_another(client):
         (second, "b", "succeeded"),
     ]
     assert runs[0].ended_at <= runs[1].started_at <= runs[1].ended_at
+
+
+def test_a_process_never_takes_its_own_last_write_for_the_stored_record(client):
+    """Found by the chaos run: a worker started a job, Redis failed over, upkeep handed the
+    job back; the worker's next delivery of it must see the queued record, not the running
+    one it had written itself (and drop the job as 'running on a live worker')."""
+    handle = client.submit(JOB)
+    worker = Lifecycle(client.jobs)
+    first = _start(worker, handle.job_id, instance="mine")
+    record = client.get(handle.job_id)
+    assert Lifecycle(client.jobs).hand_back(record, "abandoned") is not None  # upkeep's own instance
+    _, started, second = worker.start(
+        handle.job_id,
+        worker="w@test",
+        instance="mine",
+        attempts_allowed=3,
+        owner_alive=lambda r: r.worker_instance == "mine",  # the worker is alive: its own run would be left
+        lost_after=10,
+    )
+    assert started.status is JobStatus.running and started.run_id == second != first
+    assert [r.outcome for r in client.get(handle.job_id).runs] == ["handed back", None]
+    # and every other change that would leave a record alone checks what is stored first
+    client.cancel(handle.job_id)
+    assert worker.progress(handle.job_id, second, 1).cancel_requested

@@ -25,7 +25,8 @@ however often a caller retries through a Redis outage.
 Round trips: a process remembers the record it last wrote for each job it changes and
 tries the change against it first; the script answers a stale guess with the stored record,
 so a progress write or a run's end is one round trip unless someone else changed the record
-(a cancel), then two.
+(a cancel), then two. A guess is never taken for the stored record: a change that finds
+nothing to write on a guess reads what is stored and decides again.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ class Lifecycle:
         record's stand-in, unchanged). IllegalMove if the change breaks ``MOVES``."""
         key = keys.job(job_id)
         raw = self._written.get(job_id)
-        if raw is None:
+        guessed = raw is not None  # what this process wrote last: maybe changed since
+        if not guessed:
             raw = self.redis.get(key)
         while True:
             before = parsed(job_id, raw)
@@ -224,6 +226,9 @@ class Lifecycle:
             status_before = before.status
             after = change(before)  # may change ``before`` in place: it is a fresh copy
             if after is None:
+                if guessed:  # nothing to write says nothing of a guess: read what is stored
+                    guessed, raw = False, self.redis.get(key)
+                    continue
                 return before
             if after.status not in MOVES[status_before]:
                 raise IllegalMove(
@@ -248,7 +253,7 @@ class Lifecycle:
             if reply[0] == 1:
                 self._remember(job_id, None if after.status.final else new.encode())
                 return after
-            raw = reply[1] or None  # someone else changed it: try again on what is stored
+            guessed, raw = False, reply[1] or None  # someone else changed it: again on what is stored
 
     def _remember(self, job_id: str, raw: bytes | None) -> None:
         if raw is None:
