@@ -14,6 +14,7 @@ from lorafleet.common.fleet.upkeep import hand_back_lost_jobs
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema import keys
+from lorafleet.common.schema.errors import Superseded
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.services.batches import BatchEnds, batch_event_id
 from lorafleet.common.services.sweeps import read_layout
@@ -57,7 +58,7 @@ def test_a_jobs_end_writes_its_effects_once_however_often_it_is_ended_again(clie
     assert ended.status is JobStatus.succeeded
     # a retry through an outage, from this process or another that never saw the reply
     for again in (lifecycle, Lifecycle(client.jobs)):
-        assert again.end(handle.job_id, JobStatus.failed, run_id, error="x").status is JobStatus.succeeded
+        assert again.end(handle.job_id, JobStatus.succeeded, run_id, error="x").error is None
     assert _finished(client) == {"succeeded": 1.0}
     assert client.redis.zrange(keys.WEBHOOKS_DUE, 0, -1) == [event_id(handle.job_id).encode()]
     assert client.redis.hgetall(keys.batch_end(handle.batch_id)) == {b"total": b"1", b"ended": b"1"}
@@ -153,3 +154,21 @@ def test_a_process_never_takes_its_own_last_write_for_the_stored_record(client):
     # and every other change that would leave a record alone checks what is stored first
     client.cancel(handle.job_id)
     assert worker.progress(handle.job_id, second, 1).cancel_requested
+
+
+def test_a_run_handed_back_owns_its_job_no_more(client):
+    """A worker taken for lost whose run comes back (it was only slow): its writes stop at the
+    fence, whatever it tries, and the job stays queued for its next run."""
+    handle = client.submit(JOB)
+    lifecycle = Lifecycle(client.jobs)
+    run_id = _start(lifecycle, handle.job_id)
+    assert Lifecycle(client.jobs).hand_back(client.get(handle.job_id), "lost") is not None
+    for write in (
+        lambda: lifecycle.progress(handle.job_id, run_id, 1),
+        lambda: lifecycle.end(handle.job_id, JobStatus.succeeded, run_id),
+        lambda: lifecycle.requeue(handle.job_id, run_id, "again", "x", client.get(handle.job_id).timings, []),
+    ):
+        with pytest.raises(Superseded, match="no longer owns the job"):
+            write()
+    assert client.get(handle.job_id).status is JobStatus.queued
+    assert _finished(client) == {}

@@ -329,7 +329,7 @@ class Lifecycle:
         def change(record: JobRecord) -> JobRecord | None:
             _fence(record, run_id)
             if record.status is not JobStatus.running:
-                return None
+                return None  # no run writes it (run_id None): nothing to count
             record.progress.step = step
             return record
 
@@ -343,9 +343,9 @@ class Lifecycle:
         assert status.final, status
 
         def change(record: JobRecord) -> JobRecord | None:
+            if record.status.final and (run_id is None or (record.run_id, record.status) == (run_id, status)):
+                return None  # ended already (by this run: a retry whose first reply was lost)
             _fence(record, run_id)
-            if record.status.final:
-                return None
             _close_run(record, status.value)
             record.status = status
             record.finished_at = utcnow()
@@ -422,8 +422,8 @@ class Lifecycle:
 
 def _fence(record: JobRecord, run_id: str | None) -> None:
     """Superseded unless run ``run_id`` (None: no run, the caller is not a worker) still owns
-    the record; checked inside the transition's atomic step."""
-    if run_id is not None and record.run_id != run_id:
+    the record: it is running, under this run. Checked inside the transition's atomic step."""
+    if run_id is not None and (record.run_id != run_id or record.status is not JobStatus.running):
         raise Superseded(
             f"run {run_id[:8]} of this worker no longer owns the job (now "
             f"{record.status.value}, run {str(record.run_id)[:8]} on {record.worker})",
