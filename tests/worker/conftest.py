@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.lora.files import LoraFiles
@@ -48,7 +52,23 @@ def make_runner(settings) -> JobRunner:
     loras = LoraStore(
         LoraFiles(LoraCatalog(settings.lora_dir), None, None), pipelines.device, 256 * 1024 * 1024
     )
-    return JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")
+    runner = JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")
+    # one beat, as a live worker's: an API's upkeep in the same test (its lifespan runs one)
+    # would hand the jobs of a silent worker back to the queue
+    now = time.time()
+    WorkerRegistry(store.redis).beat(
+        WorkerBeat(
+            name=runner.worker_name,
+            instance=runner.instance,
+            host="test",
+            pid=os.getpid(),
+            version="test",
+            device="cpu",
+            started_at=now,
+            last_seen=now,
+        )
+    )
+    return runner
 
 
 @pytest.fixture
