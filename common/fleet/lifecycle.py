@@ -39,6 +39,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from lorafleet.common.fleet import events
 from lorafleet.common.fleet.store import JobStore, parsed, score, stored_form
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import LorafleetError, Superseded
@@ -177,19 +178,6 @@ def end_effects(record: JobRecord, now: float) -> dict[str, Any]:
     return effects
 
 
-def _event_fields(record: JobRecord) -> str:
-    return json.dumps(
-        {
-            "job_id": record.job_id,
-            "batch_id": record.job.batch_id or "",
-            "status": record.status.value,
-            "step": record.progress.step,
-            "total": record.progress.total,
-            "tenant": record.tenant or "",
-        }
-    )
-
-
 def _close_run(record: JobRecord, outcome: str) -> None:
     """Close the record's current run (``record.run_id``) with ``outcome``, now."""
     for run in reversed(record.runs):
@@ -245,7 +233,7 @@ class Lifecycle:
                     job_id,
                     score(after),
                     self.store.retention if after.status.final else 0,
-                    _event_fields(after),
+                    json.dumps(events.fields(after)),
                     keys.EVENTS_KEPT,
                     json.dumps(end_effects(after, time.time())) if ends else "",
                 ],

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import redis
 from pydantic import ValidationError
 
+from lorafleet.common.fleet import events
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobRecord, JobStatus, describe_validation_error, utcnow
@@ -121,16 +122,8 @@ class JobStore:
 
     @staticmethod
     def _announce(client, record: JobRecord) -> None:
-        """Add the record's change to the event stream (keys.EVENTS)."""
-        fields = {
-            "job_id": record.job_id,
-            "batch_id": record.job.batch_id or "",
-            "status": record.status.value,
-            "step": record.progress.step,
-            "total": record.progress.total,
-            "tenant": record.tenant or "",
-        }
-        client.xadd(keys.EVENTS, fields, maxlen=keys.EVENTS_KEPT, approximate=True)
+        """Add the record's creation to the event stream (keys.EVENTS)."""
+        client.xadd(keys.EVENTS, events.fields(record), maxlen=keys.EVENTS_KEPT, approximate=True)
 
     @staticmethod
     def _exist(pipe: redis.client.Pipeline, names: list[str]) -> list[bool]:

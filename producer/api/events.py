@@ -21,7 +21,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette.sse import EventSourceResponse
 
-from lorafleet.common.fleet.events import BLOCK_SECONDS, JobEvent, tail
+from lorafleet.common.fleet.events import BLOCK_SECONDS, READ_COUNT, JobEvent, parse, tail
 from lorafleet.common.schema import keys
 from lorafleet.producer.api.state import State, Tenant, visible
 
@@ -29,34 +29,12 @@ router = APIRouter()
 
 PING_SECONDS = 15
 """A comment line this often keeps proxies from closing a quiet stream."""
-READ_COUNT = 1000
-"""The most entries one read takes (as common/fleet/events.read_events)."""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def _read_events(client: redis.asyncio.Redis, after: str) -> list[JobEvent]:
     """common/fleet/events.read_events on an asyncio client: the entries after ``after``,
     waiting up to BLOCK_SECONDS for the first one in the event loop rather than in a thread."""
-    replies = await client.xread({keys.EVENTS: after}, block=int(BLOCK_SECONDS * 1000), count=READ_COUNT)
-    events = []
-    for _, entries in replies or []:
-        for entry_id, fields in entries:
-            f = {_text(k): _text(v) for k, v in fields.items()}
-            events.append(
-                JobEvent(
-                    id=_text(entry_id),
-                    job_id=f["job_id"],
-                    batch_id=f["batch_id"],
-                    status=f["status"],
-                    step=int(f["step"]),
-                    total=int(f["total"]),
-                    tenant=f["tenant"] or None,
-                )
-            )
-    return events
+    return parse(await client.xread({keys.EVENTS: after}, block=int(BLOCK_SECONDS * 1000), count=READ_COUNT))
 
 
 @router.get("/v1/events", response_class=EventSourceResponse)
