@@ -17,7 +17,9 @@ from lorafleet.producer import Client
 from tests.conftest import TINY
 from tests.worker.conftest import assert_same, snapshot
 
-JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 1234}
+JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 1234, "steps": 4}
+"""A job as the worker tests run it: 4 steps (not the default 25) show every behaviour tested
+here on the tiny model at a sixth of the sampling; a test that needs a long run asks for one."""
 
 
 @pytest.fixture
