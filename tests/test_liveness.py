@@ -6,6 +6,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
+import pytest
+
 from lorafleet.common.fleet.workers import FORGET_AFTER, STALE_AFTER, WorkerBeat, WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema import keys
@@ -76,6 +78,7 @@ class _SlowReceiver:
         return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/{n}"
 
 
+@pytest.mark.slow  # twenty real receivers, each answering after ANSWER_AFTER seconds: 20 s of waiting
 def test_twenty_slow_webhook_receivers_never_delay_a_heartbeat(settings):
     hooked = settings.model_copy(
         update={"webhook_secret": SECRET, "webhook_allow_private": True, "worker_lost_after": STALE_AFTER}
