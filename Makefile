@@ -1,11 +1,11 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`; `make test-fast` for the edit loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the project's dependencies change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test lint clean system-deps
+.PHONY: install demo test test-fast lint clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# The whole suite, slow end-to-end tests included (CI runs this); the 25 slowest tests listed.
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
+
+# The edit-test loop: everything but the tests marked slow (real worker processes, servers,
+# failovers, the benches' smoke runs). Not a substitute for `make test`.
+test-fast: $(STAMP) system-deps
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
 # The project's own ruff configuration (pyproject.toml): lint and format, checked, never rewritten.
 lint: $(STAMP)
