@@ -26,7 +26,8 @@ test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest --durations=25
 
 # The edit-test loop: everything but the tests marked slow (real worker processes, servers,
-# failovers, the benches' smoke runs). Not a substitute for `make test`.
+# failovers, the benches' smoke runs). Not a substitute for `make test`. Torch on one thread:
+# on cores shared with other work, a thread per core made the tiny models' tests ~4x slower.
 test-fast: $(STAMP) system-deps
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
 
