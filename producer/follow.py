@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
 """How often wait() reads the records while Redis is away (else the event stream wakes it)."""
+RESYNC_SECONDS = 10.0
+"""wait() reads the records of the jobs it has news of; every pending one at least this often."""
 
 
 class Following:
@@ -65,23 +67,34 @@ class Following:
             if record is None:
                 self.get(job_id)  # raises, saying how long records are kept
             latest[job_id] = record  # type: ignore[assignment]
+        changed: set[str] | None = set()  # what to read next: the jobs with events (None: all)
+        resync = time.monotonic() + RESYNC_SECONDS
+        told = False  # on_update has had the records once
         while True:
-            # Ended records do not change: only the pending ones are read again.
+            # Ended records do not change: only pending ones with news are read again, and
+            # every pending one now and then (a stream trimmed or unreadable meanwhile).
             pending = [i for i in dict.fromkeys(ids) if not latest[i].status.final]
-            found = self._read(pending) or [latest[i] for i in pending]
-            for job_id, record in zip(pending, found):
+            if changed is None or time.monotonic() >= resync:
+                reading, resync = pending, time.monotonic() + RESYNC_SECONDS
+            else:
+                reading = [i for i in pending if i in changed]
+            found = self._read(reading) if reading else []
+            if found is None:
+                found, resync = [latest[i] for i in reading], 0.0  # Redis away: all, once back
+            for job_id, record in zip(reading, found):
                 if record is None:
                     raise JobRejected(f"job {job_id!r} disappeared (its record expired)", field="job_id")
                 latest[job_id] = record
             records = [latest[i] for i in ids]
-            if on_update:
+            if on_update and (reading or not told):
                 on_update(records)
+                told = True
             if all(r.status.final for r in records):
                 return records
             if deadline is not None and time.monotonic() >= deadline:
                 left = sum(not r.status.final for r in records)
                 raise TimeoutError(f"{left} of {len(ids)} jobs still unfinished after {timeout:g} s")
-            cursor = self._until_change(cursor, {r.job_id for r in records if not r.status.final})
+            cursor, changed = self._until_change(cursor, {r.job_id for r in records if not r.status.final})
 
     def _tail(self) -> str | None:
         try:
@@ -89,22 +102,26 @@ class Following:
         except redis.RedisError:
             return None
 
-    def _until_change(self, cursor: str | None, pending: set[str]) -> str | None:
-        """Wait for an event of a pending job (at most BLOCK_SECONDS); the new cursor."""
+    def _until_change(self, cursor: str | None, pending: set[str]) -> tuple[str | None, set[str] | None]:
+        """Wait for events of pending jobs (at most BLOCK_SECONDS): the new cursor, and the
+        pending jobs the events were about (None: unknown, the stream could not be read)."""
         if cursor is None:
             time.sleep(POLL_SECONDS)
-            return self._tail()
+            return self._tail(), None
+        changed: set[str] = set()
         try:
             deadline = time.monotonic() + BLOCK_SECONDS
             while time.monotonic() < deadline:
                 events = read_events(self.redis, cursor, block=max(0.01, deadline - time.monotonic()))
                 if events:
                     cursor = events[-1].id
-                    if any(e.job_id in pending for e in events):
+                    changed |= {e.job_id for e in events if e.job_id in pending}
+                    if changed:
                         break
         except redis.RedisError:
             time.sleep(POLL_SECONDS)
-        return cursor
+            return cursor, None
+        return cursor, changed
 
     def watch(
         self,

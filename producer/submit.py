@@ -191,7 +191,7 @@ class Submitting:
         batch = batch_id or new_id()
         records, problems = [], []
         owners: dict[str, str | None] = {}
-        with self.resolver.embeddings.names_read_once():
+        with self.resolver.embeddings.names_read_once(), self.resolver.models.looked_up_once():
             for index, raw in enumerate(jobs):
                 where = f"jobs[{index}]." if len(jobs) > 1 else ""
                 try:

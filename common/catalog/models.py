@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -215,6 +218,17 @@ class ModelRegistry:
         self.vaes = VaeCatalog(settings.vae_dir, SharedFiles(client, "vae") if client is not None else None)
         self.embeddings_folder = settings.embedding_dir
         self.redis = client
+        self._batch = threading.local()
+
+    @contextmanager
+    def looked_up_once(self) -> Iterator[None]:
+        """Within the block, ``get`` describes each model once (this thread): a batch of jobs
+        for one model costs one look at its folder or registry entry, not one per job."""
+        self._batch.found = {}
+        try:
+            yield
+        finally:
+            self._batch.found = None
 
     def local_names(self) -> list[str]:
         """Pipeline folders under models/ and checkpoint files under autoimport/main/."""
@@ -344,6 +358,14 @@ class ModelRegistry:
 
     def get(self, ref: str) -> ModelRef:
         """The model ``ref`` names; ModelError says what would have been accepted."""
+        found = getattr(self._batch, "found", None)
+        if found is None:
+            return self._get(ref)
+        if ref not in found:
+            found[ref] = self._get(ref)
+        return found[ref]
+
+    def _get(self, ref: str) -> ModelRef:
         if NAME.match(ref) and is_pipeline_folder(self.folder / ref):
             return describe_folder(ref, self.folder / ref)
         dropped = self._checkpoint_in_folder(ref)
