@@ -279,3 +279,18 @@ def test_a_job_id_whose_images_outlived_its_record_is_refused(client, settings):
         client.submit(job)
     assert caught.value.field == "job_id" and queued_messages(client) == []
     assert client.submit(JOB | {"job_id": "fresh-id", "batch_id": "batch-1"}).job_id == "fresh-id"
+
+
+def test_wait_ends_even_when_an_end_left_no_event(client, monkeypatch):
+    """wait() reads the records it has events of, and every pending one now and then: a
+    record whose event was lost (a failover drops the last writes of the stream too) still
+    ends the wait."""
+    import lorafleet.producer.follow as follow
+
+    monkeypatch.setattr(follow, "RESYNC_SECONDS", 0.5)
+    handle = client.submit(JOB)
+    record = client.get(handle.job_id)
+    record.status = JobStatus.cancelled
+    client.redis.set(keys.job(handle.job_id), record.model_dump_json())  # no event for it
+    (ended,) = client.wait([handle.job_id], timeout=30)  # TimeoutError if it never read it again
+    assert ended.status is JobStatus.cancelled
