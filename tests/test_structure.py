@@ -164,3 +164,19 @@ def test_no_module_is_past_500_lines():
         if ".venv" not in path.parts and (n := len(path.read_text().splitlines())) > 500
     }
     assert not long, f"split these (a module is read in one sitting): {long}"
+
+
+def test_every_worker_module_the_cli_asks_for_exists():
+    """The CLI reaches the worker side by module name (cli/worker_side.py): a moved module
+    must not leave a name that imports nothing."""
+    asked = set()
+    for path in (REPO / "producer" / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "worker_side"
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                asked.add(f"lorafleet.worker.{node.args[0].value}")
+    assert asked and not asked - set(MODULES), sorted(asked - set(MODULES))
+

@@ -222,7 +222,7 @@ def _find(settings: Settings, file_or_name: str) -> LoraInfo:
     if info.path is not None:
         return info
     # Registered only: fetch it into this machine's disk cache, as a worker would.
-    lora_files = worker_side("lora_files")
+    lora_files = worker_side("lora.files")
     cache = lora_files.DiskCache(settings.lora_disk_cache_folder, settings.lora_disk_cache_mb * 1024 * 1024)
     return lora_files.LoraFiles(catalog, open_storage(settings), cache).get(file_or_name)
 
@@ -285,8 +285,8 @@ def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any
             allowed="a registered model or a diffusers folder",
         )
     pipelines = worker_side("pipelines")
-    lora_formats = worker_side("lora_formats")
-    module_index = worker_side("module_index")
+    lora_formats = worker_side("lora.formats")
+    module_index = worker_side("lora.module_index")
 
     index = module_index.ModuleIndex(pipelines.empty_components(model.path, model.family))
     report = lora_formats.match_keys(list(read_safetensors_header(info.path).tensors), index)

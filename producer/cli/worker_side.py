@@ -18,6 +18,8 @@ def worker_side(module: str) -> ModuleType:
     try:
         return importlib.import_module(f"lorafleet.worker.{module}")
     except ImportError as exc:
+        if (exc.name or "").startswith("lorafleet."):
+            raise  # lorafleet's own module is missing: a bug here, not a missing install
         fail(
             f"this command runs on the worker side, which needs torch and diffusers ({exc}); "
             "install it with: pip install 'lorafleet[worker]'",
