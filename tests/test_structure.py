@@ -179,4 +179,3 @@ def test_every_worker_module_the_cli_asks_for_exists():
             ):
                 asked.add(f"lorafleet.worker.{node.args[0].value}")
     assert asked and not asked - set(MODULES), sorted(asked - set(MODULES))
-
