@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import lorafleet_env, run_cli
 
 
+@pytest.mark.slow
 def test_loras_list_shows_every_file_and_refuses_corrupt_ones(home):
     (home / "autoimport" / "lora" / "broken.safetensors").write_bytes(b"\xff" * 40)
     result = run_cli(["loras", "list", "--json"], lorafleet_env(home, None))
@@ -16,6 +19,7 @@ def test_loras_list_shows_every_file_and_refuses_corrupt_ones(home):
     assert "does not fit the file" in rows["broken"]["refused"]
 
 
+@pytest.mark.slow
 def test_inspect_a_name_against_a_model_reports_matched_and_unmatched_keys(home):
     env = lorafleet_env(home, None)
     result = run_cli(["loras", "inspect", "watercolor", "--model", "tiny-sd15", "--json"], env)
@@ -26,6 +30,7 @@ def test_inspect_a_name_against_a_model_reports_matched_and_unmatched_keys(home)
     assert data["match"]["unmatched"] == [] and data["match"]["family_mismatch"] is None
 
 
+@pytest.mark.slow
 def test_inspect_against_the_wrong_family_says_so(home):
     env = lorafleet_env(home, None)
     result = run_cli(
@@ -37,6 +42,7 @@ def test_inspect_against_the_wrong_family_says_so(home):
     assert "unmatched keys" in text
 
 
+@pytest.mark.slow
 def test_inspect_refuses_pickles_with_the_reason(home, tmp_path):
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"\x80\x04")
@@ -44,6 +50,7 @@ def test_inspect_refuses_pickles_with_the_reason(home, tmp_path):
     assert result.returncode == 2 and "arbitrary code" in result.stderr
 
 
+@pytest.mark.slow
 def test_import_copies_a_checked_file_usable_by_name(home, tmp_path):
     env = lorafleet_env(home, None)
     source = tmp_path / "My Style v2.safetensors"
@@ -79,6 +86,7 @@ def test_import_copies_a_checked_file_usable_by_name(home, tmp_path):
     assert forced.returncode == 0
 
 
+@pytest.mark.slow
 def test_import_refuses_bad_files_and_names(home, tmp_path):
     env = lorafleet_env(home, None)
     bad = tmp_path / "bad.safetensors"
@@ -91,6 +99,7 @@ def test_import_refuses_bad_files_and_names(home, tmp_path):
     assert not (home / "autoimport" / "escape.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_models_list_names_families_and_queues(home):
     result = run_cli(["models", "list"], lorafleet_env(home, None))
     assert (

@@ -32,6 +32,7 @@ def beat(name: str, host: str, age: float, models=(TINY,)) -> WorkerBeat:
     )
 
 
+@pytest.mark.slow
 def test_workers_check_passes_only_for_an_alive_heartbeat(settings, home, redis_url):
     env = lorafleet_env(home, redis_url)
     registry = WorkerRegistry(Client(settings).redis)
@@ -51,6 +52,7 @@ def test_workers_check_passes_only_for_an_alive_heartbeat(settings, home, redis_
     assert listed["w1@here"]["liveness"] == "alive" and listed["w2@there"]["liveness"] == "stale"
 
 
+@pytest.mark.slow
 def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings, home, redis_url):
     env = lorafleet_env(home, redis_url)
     with Client(settings) as client:
@@ -68,6 +70,7 @@ def test_queues_counts_waiting_jobs_by_priority_and_names_live_workers(settings,
     assert "tiny-sdxl" in table and "none" in table
 
 
+@pytest.mark.slow
 def test_submit_warns_when_no_worker_serves_the_model_and_require_worker_refuses(settings, home, redis_url):
     env = lorafleet_env(home, redis_url)
     warned = run_cli(["submit", "--model", TINY, "--prompt", "x"], env)
@@ -81,6 +84,7 @@ def test_submit_warns_when_no_worker_serves_the_model_and_require_worker_refuses
     assert rows[TINY]["depth"] == 1  # the warned job only
 
 
+@pytest.mark.slow
 def test_models_add_registers_a_name_every_machine_resolves(settings, home, redis_url, tmp_path):
     import shutil
 
@@ -108,6 +112,7 @@ def test_models_add_registers_a_name_every_machine_resolves(settings, home, redi
     assert run_cli(["models", "remove", "hubby"], env).returncode == 1
 
 
+@pytest.mark.slow
 def test_models_add_takes_a_checkpoint_with_its_config_and_refuses_a_refiner(
     settings, home, redis_url, tmp_path
 ):

@@ -135,6 +135,7 @@ def test_http_api_answers_201_for_valid_payloads_and_422_naming_the_field_for_br
         check()
 
 
+@pytest.mark.slow
 def test_cli_submit_file_refuses_broken_lines_naming_the_field(settings, home, redis_url, tmp_path):
     env = lorafleet_env(home, redis_url)
     redis = Client(settings).redis

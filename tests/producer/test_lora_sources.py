@@ -92,6 +92,7 @@ def leftovers(home) -> list[str]:
     return sorted(p.name for p in downloads.iterdir()) if downloads.is_dir() else []
 
 
+@pytest.mark.slow
 def test_a_download_link_that_redirects_is_imported_under_its_content_disposition_name(home, site):
     body = lora_bytes(home)
     site.routes["/api/download/models/1234"] = (302, {"Location": "/files/abc"}, b"")
@@ -107,6 +108,7 @@ def test_a_download_link_that_redirects_is_imported_under_its_content_dispositio
     assert leftovers(home) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "route, words",
     [
@@ -128,6 +130,7 @@ def test_a_bad_download_is_refused_saying_what_happened_and_leaves_nothing(home,
     assert leftovers(home) == []
 
 
+@pytest.mark.slow
 def test_a_hash_that_does_not_match_is_refused(home, site):
     site.file("/f.safetensors", lora_bytes(home))
     result = run_cli(
@@ -137,6 +140,7 @@ def test_a_hash_that_does_not_match_is_refused(home, site):
     assert not (home / "autoimport" / "lora" / "f.safetensors").exists() and leftovers(home) == []
 
 
+@pytest.mark.slow
 def test_a_hub_repo_with_diffusers_weights_is_imported_like_the_guides_lcm_loras(home, site, tmp_path):
     body = lora_bytes(home)
     site.hub_repo(
@@ -161,6 +165,7 @@ def test_a_hub_repo_with_diffusers_weights_is_imported_like_the_guides_lcm_loras
     assert result.returncode in (2, 3) and "someone/missing" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_is_imported_by_its_weights_file(home, tmp_path):
     folder = tmp_path / "my-lcm-lora"
     folder.mkdir()
@@ -270,6 +275,7 @@ def test_a_store_that_fails_leaves_neither_a_file_nor_a_name(settings, site, tmp
     assert leftovers(settings.home) == []
 
 
+@pytest.mark.slow
 def test_hub_sources_are_capped_checked_and_leave_no_cache(settings, site, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
@@ -299,6 +305,7 @@ def test_hub_sources_are_capped_checked_and_leave_no_cache(settings, site, tmp_p
             assert answer.status_code == 422, (source, answer.text)
 
 
+@pytest.mark.slow
 def test_a_name_too_long_for_a_file_is_refused(home, site):
     site.file(
         "/f",
