@@ -246,7 +246,7 @@ class Submitting:
         batch_webhook_url: str | None = None,
     ) -> list[JobHandle]:
         """Expand a sweep (common/services/sweeps.py) into one batch and queue it: every job or none.
-        When its last job ends, upkeep draws its labelled grid beside the images.
+        When its last job ends, the services loop draws its labelled grid beside the images.
         ``idempotency_key``: as for submit_many; the request is the sweep as given, so a retry
         without a ``batch_id`` is the same request although each try would make up its own."""
         request = {

@@ -62,7 +62,8 @@ def test_a_jobs_end_writes_its_effects_once_however_often_it_is_ended_again(clie
     assert _finished(client) == {"succeeded": 1.0}
     assert client.redis.zrange(keys.WEBHOOKS_DUE, 0, -1) == [event_id(handle.job_id).encode()]
     assert client.redis.hgetall(keys.batch_end(handle.batch_id)) == {b"total": b"1", b"ended": b"1"}
-    assert client.redis.zscore(keys.BATCHES_ENDED, handle.batch_id) is not None
+    # counted, but nothing waits for its end: no batch webhook, no sweep
+    assert client.redis.zscore(keys.BATCHES_ENDED, handle.batch_id) is None
 
 
 def test_a_move_the_table_does_not_allow_is_refused_and_changes_nothing(client):
@@ -172,3 +173,48 @@ def test_a_run_handed_back_owns_its_job_no_more(client):
             write()
     assert client.get(handle.job_id).status is JobStatus.queued
     assert _finished(client) == {}
+
+
+def test_a_batchs_index_and_end_tracker_expire_and_count_only_jobs_that_were_queued(client):
+    handles = client.submit_many([JOB, JOB | {"seed": 4}])
+    batch = handles[0].batch_id
+    for name in (keys.batch(batch), keys.batch_end(batch)):
+        assert client.redis.ttl(name) > client.settings.record_retention, name
+    client.jobs.delete([handles[1].job_id])  # as when the broker refused its message
+    assert client.redis.hget(keys.batch_end(batch), "total") == b"1"
+    lifecycle = Lifecycle(client.jobs)
+    lifecycle.end(handles[0].job_id, JobStatus.succeeded, _start(lifecycle, handles[0].job_id))
+    assert client.redis.hget(keys.batch_end(batch), "ended") == b"1"
+
+
+def test_a_job_handed_back_is_listed_unsent_until_a_run_starts_it(client):
+    """Should the hand-back's message be dropped before the record is queued (the worker
+    beat again meanwhile), upkeep still finds the queued job and sends it a message."""
+    handle = client.submit(JOB)
+    client.jobs.sent([handle.job_id])
+    lifecycle = Lifecycle(client.jobs)
+    _start(lifecycle, handle.job_id)
+    hand_back_lost_jobs(lifecycle, WorkerRegistry(client.redis), client.celery, 10)
+    assert client.redis.zscore(keys.UNSENT, handle.job_id) is not None
+    _start(lifecycle, handle.job_id, instance="next")  # out of queued: its record holds it now
+    assert client.redis.zscore(keys.UNSENT, handle.job_id) is None
+
+
+def test_a_batch_that_ends_again_while_its_end_is_handled_is_handled_again(client, settings):
+    handles = client.sweep({"base": JOB, "x": {"name": "seed", "values": [1]}})
+    lifecycle = Lifecycle(client.jobs)
+    first = handles[0]
+    lifecycle.end(first.job_id, JobStatus.failed, _start(lifecycle, first.job_id), error="x")
+    ends = BatchEnds(client.jobs, open_storage(settings))
+    retried = []
+
+    def handle(batch_id):  # a retry of the cell submitted and ended while the grid is drawn
+        if not retried:
+            retried.append(client.retry(first.job_id))
+            job = retried[0].job_id
+            lifecycle.end(job, JobStatus.failed, _start(lifecycle, job), error="y")
+        BatchEnds.handle(ends, batch_id)
+
+    ends.handle = handle
+    assert ends.handle_due() == [first.batch_id]
+    assert client.redis.zscore(keys.BATCHES_ENDED, first.batch_id) is not None  # due again

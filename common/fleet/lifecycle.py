@@ -17,8 +17,8 @@ record only if the stored one is still the one the change was computed from (so 
 fencing token, ``run_id``, and ``cancel_requested`` are checked in the same atomic step),
 moves the status index, adds the change to the event stream and, when the job ends, writes
 every effect of its end: the fleet's counters, the job's webhook event in the outbox, and
-its batch's end count (``keys.batch_end``; the batch is put on ``keys.BATCHES_ENDED`` when
-its last job ends, for services/batches.py). A job ends in exactly one transition (a final
+its batch's end count (``keys.batch_end``; a batch with a consumer, a batch webhook or a
+sweep's grid, is put on ``keys.BATCHES_ENDED`` when its last job ends, for services/batches.py). A job ends in exactly one transition (a final
 record never moves again), so its end's effects are written once, whoever ends it and
 however often a caller retries through a Redis outage.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -66,7 +67,8 @@ REMEMBERED = 4096
 """Records this process remembers having written (its guesses for the next change)."""
 
 _TRANSITION = """
--- KEYS: the record, its status index before, its status index after, the event stream
+-- KEYS: the record, its status index before, its status index after, the event stream, the
+--       queued index, the unsent list
 -- ARGV: the record as guessed, the new record, job id, score, seconds to keep it (0: for good),
 --       the event's fields (JSON), events kept, the end's effects (JSON, or '' unless it ends)
 local current = redis.call('GET', KEYS[1])
@@ -75,6 +77,8 @@ redis.call('SET', KEYS[1], ARGV[2])
 if KEYS[2] ~= KEYS[3] then
     redis.call('ZREM', KEYS[2], ARGV[3])
     redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+    -- out of queued: whatever message it had or lacked, its record holds it now
+    if KEYS[2] == KEYS[5] then redis.call('ZREM', KEYS[6], ARGV[3]) end
 end
 if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 local event = {}
@@ -99,7 +103,11 @@ end
 if e.batch and redis.call('EXISTS', e.batch.key) == 1 then
     local ended = redis.call('HINCRBY', e.batch.key, 'ended', 1)
     local total = tonumber(redis.call('HGET', e.batch.key, 'total') or '0')
-    if ended >= total then redis.call('ZADD', e.batch.due, 'NX', e.batch.at, e.batch.id) end
+    -- due for its consumers, if it has any (a batch webhook, a sweep's grid); due again if
+    -- it ends again while one is handling it (services/batches.py keeps it then)
+    if ended >= total and redis.call('EXISTS', unpack(e.batch.consumers)) > 0 then
+        redis.call('ZADD', e.batch.due, e.batch.at, e.batch.id)
+    end
 end
 return {1}
 """
@@ -171,6 +179,7 @@ def end_effects(record: JobRecord, now: float) -> dict[str, Any]:
     if record.job.batch_id:
         effects["batch"] = {
             "key": keys.batch_end(record.job.batch_id),
+            "consumers": [keys.batch_webhook(record.job.batch_id), keys.sweep(record.job.batch_id)],
             "due": keys.BATCHES_ENDED,
             "id": record.job.batch_id,
             "at": now,
@@ -195,6 +204,7 @@ class Lifecycle:
         self._transition = self.redis.register_script(_TRANSITION)
         self._written: dict[str, bytes] = {}
         """Job id -> the record this process last wrote (its guess for the next change)."""
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the one way to change
     def change(self, job_id: str, change: Change) -> JobRecord | None:
@@ -226,7 +236,14 @@ class Lifecycle:
             new = stored_form(after)
             ends = after.status.final and not status_before.final
             reply = self._transition(
-                keys=[key, keys.status(status_before.value), keys.status(after.status.value), keys.EVENTS],
+                keys=[
+                    key,
+                    keys.status(status_before.value),
+                    keys.status(after.status.value),
+                    keys.EVENTS,
+                    keys.status(JobStatus.queued.value),
+                    keys.UNSENT,
+                ],
                 args=[
                     raw,
                     new,
@@ -244,12 +261,13 @@ class Lifecycle:
             guessed, raw = False, reply[1] or None  # someone else changed it: again on what is stored
 
     def _remember(self, job_id: str, raw: bytes | None) -> None:
-        if raw is None:
-            self._written.pop(job_id, None)
-            return
-        if len(self._written) >= REMEMBERED:
-            self._written.pop(next(iter(self._written)))
-        self._written[job_id] = raw
+        with self._lock:  # the store stage's threads and the API's end jobs beside each other
+            if raw is None:
+                self._written.pop(job_id, None)
+                return
+            if len(self._written) >= REMEMBERED:
+                self._written.pop(next(iter(self._written)), None)
+            self._written[job_id] = raw
 
     # ------------------------------------------------------------------ transitions
     def start(
@@ -388,8 +406,8 @@ class Lifecycle:
             moved.append(current)
             return current
 
-        self.change(seen.job_id, change)
-        return moved[0] if moved else None
+        stored = self.change(seen.job_id, change)
+        return stored if moved and stored is moved[-1] else None  # what was written, if anything
 
     def cancel(self, job_id: str) -> JobRecord | None:
         """A queued job ends cancelled now; a running one is asked to stop (its run ends it)."""

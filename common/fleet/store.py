@@ -99,15 +99,16 @@ class JobStore:
                         pipe.zadd(keys.ALL_JOBS, {record.job_id: at})
                         pipe.zadd(keys.status(record.status.value), {record.job_id: at})
                         if record.job.batch_id:
-                            # a batch's index and end tracker outlive its records' retention
-                            # (they expire one by one); fleet/lifecycle.py counts the ends
+                            pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: at})
+                            pipe.hincrby(keys.batch_end(record.job.batch_id), "total", 1)
+                            # a batch's index and end tracker (fleet/lifecycle.py counts the ends)
+                            # outlive its records' retention (they expire one by one); set once
+                            # they exist: EXPIRE of a key not yet there does nothing
                             for name in (
                                 keys.batch(record.job.batch_id),
                                 keys.batch_end(record.job.batch_id),
                             ):
                                 pipe.expire(name, 2 * self.retention + BATCH_INDEX_SLACK)
-                            pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: at})
-                            pipe.hincrby(keys.batch_end(record.job.batch_id), "total", 1)
                         pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: at})
                         pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
                         if record.tenant is not None:
@@ -181,7 +182,9 @@ class JobStore:
             pipe.delete(keys.job(record.job_id))
             pipe.zrem(keys.ALL_JOBS, record.job_id)
             pipe.zrem(keys.status(record.status.value), record.job_id)
-            pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
+            if record.job.batch_id:
+                pipe.zrem(keys.batch(record.job.batch_id), record.job_id)
+                pipe.hincrby(keys.batch_end(record.job.batch_id), "total", -1)  # never to end
             pipe.zrem(keys.model_jobs(record.job.model), record.job_id)
             pipe.zrem(keys.UNSENT, record.job_id)
             if record.tenant is not None:

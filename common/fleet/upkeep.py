@@ -218,6 +218,9 @@ def hand_back_lost_jobs(
         if not store.redis.set(keys.handback(record.job_id, run), "1", nx=True, ex=HANDBACK_HOLD_SECONDS):
             continue  # another process hands this run back
         try:
+            # listed unsent first: should its next delivery be dropped before the record is
+            # queued (its worker beat again meanwhile), upkeep sends the queued job a new one
+            store.mark_unsent([record.job_id])
             send_job(app, record)
         except Exception as exc:  # kombu and redis raise many kinds: all mean "not sent"
             _let_go(store, record.job_id, run)

@@ -36,6 +36,13 @@ BATCH = 10
 """Ended batches one pass takes at most."""
 
 
+_DONE = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') == tonumber(ARGV[2]) then
+    redis.call('ZREM', KEYS[1], ARGV[1])
+end
+"""
+
+
 def batch_event_id(batch_id: str) -> str:
     return f"msg_batch_{batch_id}"
 
@@ -86,13 +93,15 @@ class BatchEnds:
         """Handle the batches that have ended; returns those done."""
         now = time.time() if now is None else now
         done = []
+        claimed = now + LEASE_SECONDS
         for batch_id in claim_due(self.redis, keys.BATCHES_ENDED, now, LEASE_SECONDS, BATCH):
             try:
                 self.handle(batch_id)
             except Exception as exc:  # the store away, Redis failing over: the lease runs out, then again
                 logger.warning("end of batch %s not handled yet: %s", batch_id, exc)
                 continue
-            self.redis.zrem(keys.BATCHES_ENDED, batch_id)
+            # done, unless it ended again meanwhile (a retry's end re-scored it: handle it again)
+            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(claimed)])
             done.append(batch_id)
         return done
 

@@ -248,7 +248,7 @@ class JobRunner(GroupSampling, StoreStage):
         return record, None
 
     def running_ids(self) -> set[str]:
-        """The jobs this process runs now (read by its heartbeat thread's upkeep)."""
+        """The jobs this process runs now (read by its upkeep thread, for its abandoned runs)."""
         return set(self._runs.copy())  # a copy is one step: safe beside the job thread
 
     def batch_limit(self) -> int:
@@ -349,9 +349,18 @@ class JobRunner(GroupSampling, StoreStage):
                 message = f"internal error: {type(exc).__name__}: {exc}"
             self._end_unsampled(members, statuses, message)
         finally:
-            for member, future in stored:  # every job ends (record, then ack) after its uploads
-                if future is not None:
+            # every job ends (record, then ack) after its uploads: wait for each one, whatever
+            # another raised, before this run's fencing tokens are let go (``run``)
+            failures = []
+            for member, future in stored:
+                if future is None:
+                    continue
+                try:
                     statuses[member.job_id] = _result(future)
+                except BaseException as exc:  # noqa: BLE001  (raised once all have ended)
+                    failures.append(exc)
+            if failures:
+                raise failures[0]
         for member in members:
             if member.cancelled:
                 statuses.setdefault(member.job_id, JobStatus.cancelled)

@@ -60,16 +60,24 @@ class StoreStage:
                 warnings=member.warnings,
                 progress=Progress(step=member.record.progress.total, total=member.record.progress.total),
             )
+            self.stats.done += 1
         except Superseded as exc:
             logger.warning("%s; this run stops without writing it", exc)
             return None
         except TransientError as exc:
-            return self._again_or_fail(member.record, exc.message, timings, member.warnings)
+            message, again = exc.message, True
         except (InvalidInput, JobFailed) as exc:
-            return self._fail(member.job_id, exc.message, timings, member.warnings)
-        self.stats.done += 1
-        logger.info("job %s succeeded: %d images in %.2f s", member.job_id, len(refs), timings.total)
-        return JobStatus.succeeded
+            message, again = exc.message, False
+        else:
+            logger.info("job %s succeeded: %d images in %.2f s", member.job_id, len(refs), timings.total)
+            return JobStatus.succeeded
+        try:  # its images not all stored: the job runs again or fails, if this run still owns it
+            if again:
+                return self._again_or_fail(member.record, message, timings, member.warnings)
+            return self._fail(member.job_id, message, timings, member.warnings)
+        except Superseded as exc:
+            logger.warning("%s; this run stops without writing it", exc)
+            return None
 
     def _local(self, info: EmbeddingInfo | VaeInfo) -> EmbeddingInfo | VaeInfo:
         """An embedding or VAE with a file on this worker: fetched from the store when it is
