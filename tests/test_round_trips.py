@@ -47,16 +47,10 @@ def test_a_jobs_transitions_take_one_round_trip_each_and_its_start_two(settings)
         _counting(store.redis)
         lifecycle = Lifecycle(store)
         lifecycle.cancel(client.submit({"model": TINY, "prompt": "warm"}).job_id)  # the script loaded
-        (_, record, run_id), start = _trips(
-            lambda: lifecycle.start(
-                handle.job_id,
-                worker="w",
-                instance="i",
-                attempts_allowed=3,
-                owner_alive=lambda r: False,
-                lost_after=10,
-            )
+        start_kwargs = dict(
+            worker="w", instance="i", attempts_allowed=3, owner_alive=lambda r: False, lost_after=10
         )
+        (_, record, run_id), start = _trips(lambda: lifecycle.start(handle.job_id, **start_kwargs))
         assert record.status is JobStatus.running
         assert start == 2  # read the record, then the transition (a fresh process knows nothing of it)
         for step in range(1, STEPS + 1):
@@ -66,14 +60,7 @@ def test_a_jobs_transitions_take_one_round_trip_each_and_its_start_two(settings)
         assert ended.status is JobStatus.succeeded and end == 1  # with every effect of its end
         # a cancel in between costs the next write one more round trip, never a lost cancel
         second = client.submit({"model": TINY, "prompt": "counted", "steps": STEPS})
-        _, _, run_id = lifecycle.start(
-            second.job_id,
-            worker="w",
-            instance="i",
-            attempts_allowed=3,
-            owner_alive=lambda r: False,
-            lost_after=10,
-        )
+        _, _, run_id = lifecycle.start(second.job_id, **start_kwargs)
         client.cancel(second.job_id)
         after, progress = _trips(lambda: lifecycle.progress(second.job_id, run_id, 1))
         assert after.cancel_requested and progress == 2
