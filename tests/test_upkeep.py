@@ -93,3 +93,36 @@ def test_a_worker_hands_back_its_own_run_that_redis_cut_short(settings):
         assert record.status is JobStatus.queued and "abandoned" in record.warnings[-1]
         assert [m["headers"]["id"] for m in queued_messages(client)] == [handle.job_id]
         assert make_runner(settings).run(handle.job_id) is JobStatus.succeeded
+
+
+def test_a_job_whose_start_met_a_redis_failure_gets_a_message_again(settings):
+    """Found by a fresh-clone run: the primary crashed while a worker started a job; its
+    start failed, and so did giving the message back (no master yet), so the queued record
+    had no message until the visibility timeout (an hour). The task now remembers the job,
+    and upkeep lists it unsent once Redis is back; a minute later it is sent again."""
+    import redis
+    from celery.exceptions import Reject
+
+    from lorafleet.common.fleet.lifecycle import Lifecycle
+    from lorafleet.common.fleet.store import JobStore
+    from lorafleet.common.fleet.upkeep import Upkeep
+    from lorafleet.common.fleet.workers import WorkerRegistry
+    from lorafleet.worker.tasks import register_tasks
+    from tests.helpers import free_port
+
+    with Client(settings) as client:
+        handle = client.submit({"model": TINY, "prompt": "orphaned"})
+        client.redis.delete(*keys.priority_lists(handle.record().queue))  # its message is lost
+        runner = make_runner(settings)
+        away = redis.Redis(port=free_port(), socket_connect_timeout=1)  # Redis, as the worker sees it
+        runner.lifecycle = Lifecycle(JobStore(away, retention=settings.record_retention))
+        register_tasks(client.celery, runner)
+        try:
+            client.celery.tasks["lorafleet.generate"](handle.job_id)
+        except Reject:
+            pass
+        assert runner.orphans == {handle.job_id}
+        Upkeep(client.jobs, WorkerRegistry(client.redis), client.celery, 30, orphans=runner.orphans).run()
+        assert not runner.orphans and client.redis.zscore(keys.UNSENT, handle.job_id) is not None
+        assert send_unsent(client.jobs, client.celery, 0) == [handle.job_id]
+        assert len(queued_messages(client)) == 1

@@ -81,6 +81,7 @@ class Worker:
             self.app,
             storage,
             own=lambda: (self.runner.instance, self.runner.running_ids()),
+            orphans=self.runner.orphans,
         )
         worker_ready.connect(self._on_ready, weak=False)
 

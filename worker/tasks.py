@@ -38,7 +38,10 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
             status = runner.run(job_id)
         except redis.RedisError as exc:
             # The record could not be written (the broker went away mid-job): give the message
-            # back rather than acknowledge it; the next run's start takes the record over.
+            # back rather than acknowledge it; the next run's start takes the record over. The
+            # giving back fails too when Redis is away, so the job is also remembered: upkeep
+            # lists it unsent once Redis is back, and a queued job gets a message again.
+            runner.orphans.add(job_id)
             raise Reject(f"job {job_id}: Redis failed mid-job ({exc})", requeue=True) from exc
         if status is JobStatus.queued:
             try:

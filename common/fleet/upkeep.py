@@ -116,8 +116,11 @@ class Upkeep:
         app: Celery,
         lost_after: float,
         own: Callable[[], tuple[str, set[str]]] | None = None,
+        orphans: set[str] | None = None,
     ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
+        self.orphans = orphans
+        """A worker's: jobs whose messages a Redis failure may have lost; listed unsent here."""
         self.lifecycle = Lifecycle(store)
         self.own = own
         """A worker's: (its instance, the jobs it runs now), to hand back its abandoned runs."""
@@ -126,6 +129,10 @@ class Upkeep:
 
     def run(self) -> bool:
         """One pass; True if this process held the lease and did the fleet's upkeep."""
+        if self.orphans:
+            ids = list(self.orphans)
+            self.store.mark_unsent(ids)  # sent again by upkeep if still queued a while from now
+            self.orphans.difference_update(ids)
         if not self.lease.take():
             if self.own is not None:
                 hand_back_lost_jobs(

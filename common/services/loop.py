@@ -54,8 +54,11 @@ class Background:
         app: Celery,
         storage: Storage,
         own: Callable[[], tuple[str, set[str]]] | None = None,
+        orphans: set[str] | None = None,
     ) -> None:
-        self.upkeep = Upkeep(store, WorkerRegistry(store.redis), app, settings.worker_lost_after, own=own)
+        self.upkeep = Upkeep(
+            store, WorkerRegistry(store.redis), app, settings.worker_lost_after, own=own, orphans=orphans
+        )
         self._upkeep = Periodic("lorafleet-upkeep", self.upkeep.run, HANDBACK_SECONDS)
         self.services = ServicesLoop(settings, store, storage)
 

@@ -112,6 +112,9 @@ class JobRunner(GroupSampling, StoreStage):
         self.lifecycle = Lifecycle(store)
         self._runs: dict[str, str] = {}
         self.waiting = WaitingJobs(store.redis)
+        self.orphans: set[str] = set()
+        """Jobs whose messages may be lost with a Redis failure mid-job (worker/tasks.py):
+        upkeep lists them unsent once Redis is back (common/fleet/upkeep.py)."""
         self._taken: set[str] = set()
         """Jobs whose messages this run took from the queue: queued again, they need a new one."""
         """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
