@@ -138,8 +138,9 @@ class JobStore:
             self.redis.zrem(keys.UNSENT, *ids)
 
     def mark_unsent(self, job_ids: Iterable[str]) -> None:
-        """List queued jobs as having no message (a worker took theirs to sample them along
-        and queued them again): upkeep sends their messages (common/fleet/upkeep.py)."""
+        """List jobs whose message may be gone (a worker took it to sample them along, a
+        hand-back's may be dropped, a Redis failure lost it): upkeep sends one to each that is
+        still queued a while later (common/fleet/upkeep.py); a move out of queued unlists it."""
         now = utcnow().timestamp()
         ids = list(job_ids)
         if ids:
