@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.fleet.lifecycle import Lifecycle

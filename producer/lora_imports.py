@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import redis
 
 from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, LoraInfo, describe_file
-from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.shared_files import LoraRegistry, object_key
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.infra.storage import copy_atomic, open_storage
 from lorafleet.common.schema.errors import BadArgument, FileRefused
@@ -82,7 +82,7 @@ def import_lora(
         before = registry.snapshot(target) if registry is not None else None
         if registry is not None:
             storage = open_storage(settings)
-            result.newly_stored = registry.publish(replace(info, name=target), storage)
+            result.newly_stored = registry.publish_lora(replace(info, name=target), storage)
             result.stored_as, result.store = object_key(info.sha256), storage.describe()
         if not already:
             try:

@@ -13,7 +13,7 @@ import socket
 
 from celery.signals import worker_ready
 
-from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRef, ModelRegistry
 from lorafleet.common.fleet.queue import make_celery, worker_argv

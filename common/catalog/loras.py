@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.common.catalog.lora_files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX, LoraInfo, describe_file
-from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.schema.errors import FileRefused, LoraError
 from lorafleet.common.schema.family import Family
 from lorafleet.common.schema.jobs import check_lora_name
@@ -71,7 +71,7 @@ class LoraCatalog:
                 raise LoraError(f"LoRA {name!r} is refused: {exc.message}") from None
             except OSError as exc:
                 raise LoraError(f"LoRA {name!r} cannot be read: {exc.strerror or exc}") from None
-        registered = self.registry.lookup(name) if self.registry and _plain(name) else None
+        registered = self.registry.lookup_lora(name) if self.registry and _plain(name) else None
         if registered is not None:
             return registered
         raise self._unknown(name)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from lorafleet.common.catalog.lora_files import LoraInfo, describe_file, read_safetensors_header
-from lorafleet.common.catalog.lora_registry import LoraRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.infra.broker import resolve_broker

@@ -178,7 +178,7 @@ def test_a_diffusers_folder_is_imported_by_its_weights_file(home, tmp_path):
 
 
 def test_the_sdk_imports_a_download_for_the_fleet(settings, site):
-    from lorafleet.common.catalog.lora_registry import LoraRegistry
+    from lorafleet.common.catalog.shared_files import LoraRegistry
     from lorafleet.producer import Client
 
     body = lora_bytes(settings.home)
@@ -186,7 +186,7 @@ def test_the_sdk_imports_a_download_for_the_fleet(settings, site):
     with Client(settings) as client:
         result = client.import_lora(f"{site.url}/files/anime.safetensors")
         assert result.info.name == "anime" and result.stored_as == f"loras/{result.info.sha256}.safetensors"
-        assert LoraRegistry(client.redis).lookup("anime").sha256 == hashlib.sha256(body).hexdigest()
+        assert LoraRegistry(client.redis).lookup_lora("anime").sha256 == hashlib.sha256(body).hexdigest()
         handle = client.submit({"model": "tiny-sd15", "prompt": "x", "loras": [{"name": "anime"}]})
         assert handle.job.loras[0].sha256 == result.info.sha256
 
@@ -259,7 +259,7 @@ def test_addresses_that_embed_private_ipv4_are_not_public():
 
 
 def test_a_store_that_fails_leaves_neither_a_file_nor_a_name(settings, site, tmp_path):
-    from lorafleet.common.catalog.lora_registry import LoraRegistry
+    from lorafleet.common.catalog.shared_files import LoraRegistry
     from lorafleet.common.schema.errors import TransientError
     from lorafleet.producer import Client
 
@@ -271,7 +271,7 @@ def test_a_store_that_fails_leaves_neither_a_file_nor_a_name(settings, site, tmp
         client.import_lora(f"{site.url}/files/late.safetensors")
     assert not (settings.lora_dir / "late.safetensors").exists()
     with Client(settings) as client:
-        assert LoraRegistry(client.redis).lookup("late") is None
+        assert LoraRegistry(client.redis).lookup_lora("late") is None
     assert leftovers(settings.home) == []
 
 

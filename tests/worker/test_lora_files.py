@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from lorafleet.common.catalog.lora_files import describe_file
-from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.shared_files import LoraRegistry, object_key
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.infra.storage import LocalStorage
 from lorafleet.common.schema.errors import JobFailed
@@ -23,7 +23,7 @@ def fleet(redis_url, home, tmp_path):
     infos = [describe_file(p) for p in sorted((home / "autoimport" / "lora").glob("*.safetensors"))]
     registry = LoraRegistry(redis.Redis.from_url(redis_url))
     for info in infos:
-        registry.publish(info, store)
+        registry.publish_lora(info, store)
     budget = sum(sorted(i.size for i in infos)[-2:])  # room for the two largest files
     empty = tmp_path / "no-local-files"
     empty.mkdir()

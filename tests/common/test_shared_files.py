@@ -1,5 +1,6 @@
-"""The shared LoRA registry against a real Redis and a store: content-addressed objects,
-descriptions that come back whole, and names that resolve through the catalog."""
+"""The shared-files registry against a real Redis and a store: one registry for LoRAs,
+embeddings and VAEs, content-addressed objects, descriptions that come back whole, and
+names that resolve through the catalog."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import redis
 
 from lorafleet.common.catalog.lora_files import describe_file
-from lorafleet.common.catalog.lora_registry import LoraRegistry, object_key
+from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles, object_key
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.infra.storage import LocalStorage
 from lorafleet.common.schema import keys
@@ -22,7 +23,7 @@ def shared(redis_url, home, tmp_path):
     infos = [describe_file(p) for p in sorted((home / "autoimport" / "lora").glob("*.safetensors"))]
     registry = LoraRegistry(redis.Redis.from_url(redis_url))
     for info in infos:
-        registry.publish(info, store)
+        registry.publish_lora(info, store)
     return registry, infos, store
 
 
@@ -30,7 +31,7 @@ def test_publish_stores_by_hash_and_lookup_gives_the_description_back(shared):
     registry, infos, store = shared
     assert registry.names() == sorted(i.name for i in infos)
     for info in infos:
-        found = registry.lookup(info.name)
+        found = registry.lookup_lora(info.name)
         assert (
             found.sha256 == info.sha256
             and found.family is info.family
@@ -38,7 +39,7 @@ def test_publish_stores_by_hash_and_lookup_gives_the_description_back(shared):
         )
         assert found.path is None and found.object_key == object_key(info.sha256)
         assert store.exists(object_key(info.sha256))
-    assert registry.lookup("nothing") is None
+    assert registry.lookup_lora("nothing") is None
 
 
 def test_entries_keep_the_layout_older_versions_read_and_newer_fields_are_tolerated(shared):
@@ -46,7 +47,7 @@ def test_entries_keep_the_layout_older_versions_read_and_newer_fields_are_tolera
     entry = json.loads(registry.redis.hget(keys.REGISTERED_LORAS, infos[0].name))
     assert entry["path"] == object_key(infos[0].sha256) and "object_key" not in entry  # as 0.1 wrote them
     registry.redis.hset(keys.REGISTERED_LORAS, infos[0].name, json.dumps(entry | {"from_the_future": 1}))
-    assert registry.lookup(infos[0].name).object_key == object_key(infos[0].sha256)
+    assert registry.lookup_lora(infos[0].name).object_key == object_key(infos[0].sha256)
 
 
 def test_the_catalog_prefers_the_folder_then_the_registry_and_one_error_says_neither(shared, tmp_path):
@@ -58,3 +59,20 @@ def test_the_catalog_prefers_the_folder_then_the_registry_and_one_error_says_nei
     with pytest.raises(LoraError, match="unknown LoRA 'nothing'") as caught:
         catalog.get("nothing")
     assert "lorafleet loras import" in str(caught.value)
+
+
+def test_every_kind_shares_one_registry_each_in_its_own_hash_and_folder(shared, tmp_path):
+    registry, infos, store = shared
+    vaes = SharedFiles(registry.redis, "vae")
+    path = infos[0].path
+    vaes.publish("same-bytes", path, infos[0].sha256, {}, store)
+    # the same bytes as a LoRA and as a VAE: two objects, two names, neither hides the other
+    assert vaes.object_key(infos[0].sha256) != registry.object_key(infos[0].sha256)
+    assert store.exists(vaes.object_key(infos[0].sha256))
+    assert vaes.names() == ["same-bytes"] and "same-bytes" not in registry.names()
+    before = registry.snapshot(infos[0].name)
+    assert registry.remove(infos[0].name) and registry.lookup_lora(infos[0].name) is None
+    registry.restore(infos[0].name, before)
+    assert registry.lookup_lora(infos[0].name).sha256 == infos[0].sha256
+    vaes.restore("same-bytes", None)
+    assert vaes.lookup("same-bytes") is None
