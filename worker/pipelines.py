@@ -70,7 +70,7 @@ class HotPipeline:
     @property
     def nbytes(self) -> int:
         total = 0
-        for name in ("unet", "vae", *COMPONENTS[1:]):
+        for name in ("vae", *COMPONENTS):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 total += sum(p.nbytes for p in module.parameters())
@@ -323,18 +323,25 @@ class PipelineCache:
 
 
 def empty_components(folder: Path, family: Family | None) -> dict[str, torch.nn.Module]:
-    """A pipeline folder's UNet and text encoders on the meta device: shapes, no weights."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """A pipeline folder's denoiser and text encoders on the meta device: shapes, no weights.
 
+    Each component's class is the one model_index.json names (diffusers' or transformers'),
+    built from its config under accelerate's ``init_empty_weights``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    index = json.loads((folder / "model_index.json").read_text())
+    components: dict[str, torch.nn.Module] = {}
     with init_empty_weights():
-        components = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet"))),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder"))),
-        }
-        if family is Family.sdxl and (folder / "text_encoder_2").is_dir():
-            components["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(str(folder / "text_encoder_2"))
-            )
+        for name in COMPONENTS:
+            library, class_name = (index.get(name) or [None, None])[:2]
+            if not class_name or not (folder / name).is_dir():
+                continue
+            if library == "diffusers":
+                model_class = getattr(diffusers, class_name)
+                components[name] = model_class.from_config(model_class.load_config(str(folder / name)))
+            else:
+                config = AutoConfig.from_pretrained(str(folder / name))
+                components[name] = getattr(transformers, class_name)(config)
     return components

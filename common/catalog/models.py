@@ -54,6 +54,8 @@ class ModelRef:
     """The VAE its jobs decode with when they name none (a name in autoimport/vae)."""
     text_widths: dict[str, int] | None = None
     """Width of each text encoder's token vectors (``text_encoder``, ``text_encoder_2``)."""
+    guidance_embeds: bool | None = None
+    """Whether the denoiser reads a distilled guidance value (FLUX.1 dev and Krea; not schnell)."""
 
     @property
     def queue(self) -> str:
@@ -80,6 +82,7 @@ class ModelRef:
             "config": self.config,
             "vae": self.vae,
             "text_widths": self.text_widths,
+            "guidance_embeds": self.guidance_embeds,
         }
 
 
@@ -117,15 +120,36 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
     if isinstance(unet.get("sample_size"), int) and isinstance(vae.get("block_out_channels"), list):
         native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     prediction = scheduler.get("prediction_type")
+    family = pipeline_family(str(index.get("_class_name", "")), cross, text_encoder.get("hidden_act"))
+    guidance_embeds = None
+    if family is not None and family.is_flow:
+        transformer = _config(folder / "transformer" / "config.json")
+        native = _flow_native_size(vae)
+        guidance_embeds = bool(transformer.get("guidance_embeds", False))
     return ModelRef(
         key=key,
         path=folder,
-        family=pipeline_family(str(index.get("_class_name", "")), cross, text_encoder.get("hidden_act")),
+        family=family,
         native_size=native,
         cross_attention_dim=cross,
         prediction_type=prediction if isinstance(prediction, str) else None,
         text_widths=widths or None,
+        guidance_embeds=guidance_embeds,
     )
+
+
+FLOW_LATENT_SIZE = 128
+"""The latent size the flow pipelines sample when given no size (``default_sample_size``)."""
+
+
+def _flow_native_size(vae: dict) -> int | None:
+    """What a flow-matching pipeline draws by default: its latent size times the VAE's
+    downscale (2 per block after the first; Qwen-Image's VAE: 2 per temporal downsample)."""
+    if isinstance(vae.get("temperal_downsample"), list):
+        return FLOW_LATENT_SIZE * 2 ** len(vae["temperal_downsample"])
+    if isinstance(vae.get("block_out_channels"), list):
+        return FLOW_LATENT_SIZE * 2 ** (len(vae["block_out_channels"]) - 1)
+    return None
 
 
 def is_pipeline_folder(folder: Path) -> bool:
@@ -184,6 +208,7 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "prediction_type": entry.get("prediction_type"),
         "config": entry.get("config"),
         "text_widths": entry.get("text_widths"),
+        "guidance_embeds": entry.get("guidance_embeds"),
     }
     vae = entry.get("vae")
     return replace(_source_ref(name, source, known, configs), vae=vae)

@@ -219,3 +219,15 @@ def make_dora(inner: Delta, magnitude: torch.Tensor, original: torch.Tensor) -> 
         per_row = False
     c = m.flatten() / norm.clamp_min(_NORM_FLOOR)
     return DoraDelta(target=inner.target, inner=inner, c=c, per_row=per_row)
+
+
+def take_rows(delta: Delta, target: Target, rows: torch.Tensor) -> Delta:
+    """The delta of ``target``, made of ``rows`` of ``delta``'s (a layer diffusers splits:
+    worker/lora/original_names.py). Low-rank deltas stay low-rank (the up factor's rows;
+    the down factor is shared); DoRA keeps its scale per row; others become full deltas."""
+    if isinstance(delta, LowRankDelta):
+        return LowRankDelta(target, delta.up[rows].contiguous(), delta.down, delta.scale)
+    if isinstance(delta, DoraDelta):
+        c = delta.c[rows] if delta.per_row else delta.c
+        return DoraDelta(target=target, inner=take_rows(delta.inner, target, rows), c=c, per_row=delta.per_row)
+    return FullDelta(target, delta.dense()[rows].contiguous())

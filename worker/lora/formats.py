@@ -6,7 +6,8 @@ the pipeline's ModuleIndex (any naming convention: kohya, diffusers/PEFT, LDM/SG
 and builds the delta its roles describe (lora_deltas has the math):
 
     lora_down/lora_up[/lora_mid][/alpha]    kohya LoRA and LoCon (Tucker with a mid)
-    lora_A/lora_B                           PEFT / diffusers (alpha from the file's metadata)
+    lora_A/lora_B[.default]                 PEFT / diffusers (alpha from the file's metadata)
+    processor.{qkv,proj}_lora{1,2}.down/up  XLabs' FLUX.1 LoRAs (1: image stream, 2: text)
     lora.down/lora.up, *_lora.down/up       diffusers' older attention-processor names
     hada_w1_a/b, hada_w2_a/b[, hada_t1/t2]  LyCORIS LoHa
     lokr_w1[_a/_b], lokr_w2[_a/_b][, t2]    LyCORIS LoKr
@@ -15,7 +16,9 @@ and builds the delta its roles describe (lora_deltas has the math):
 
 Every tensor is checked before anything is returned: shapes must fit the target layer and
 values must be finite, so a bad file is refused before a weight is touched. Keys that
-match no layer are returned in ``unmatched`` for the caller to report.
+match no layer are returned in ``unmatched`` for the caller to report. A layer that the
+family's original code fuses and diffusers splits (FLUX's ``img_attn.qkv``) gets its delta
+built whole, then its rows dealt out to diffusers' modules (``deltas.take_rows``).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ from lorafleet.worker.lora.deltas import (
     LowRankDelta,
     TuckerDelta,
     make_dora,
+    take_rows,
 )
-from lorafleet.worker.lora.module_index import TEXT_ENCODERS, ModuleIndex, Target
+from lorafleet.worker.lora.module_index import DENOISERS, TEXT_ENCODERS, Fused, ModuleIndex, Target
 
 _ROLES = {
     ".lora_down.weight": "down",
@@ -47,6 +51,8 @@ _ROLES = {
     ".lora_mid.weight": "mid",
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
+    ".lora_A.default.weight": "down",
+    ".lora_B.default.weight": "up",
     ".lora.down.weight": "down",
     ".lora.up.weight": "up",
     "_lora.down.weight": "down",
@@ -62,6 +68,7 @@ _ROLES = {
 }
 _SUFFIXES = sorted(_ROLES, key=len, reverse=True)
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+_XLABS = re.compile(r"^(?:.*\.)?(double_blocks\.\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$")
 
 Original = Callable[[Target], torch.Tensor]
 """Gives the pristine weight of a target (DoRA needs it)."""
@@ -86,6 +93,9 @@ class ParsedLora:
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(layer name as the file writes it, role) or None for a name of no known role."""
+    if match := _XLABS.match(key):
+        block, layer, stream, role = match.groups()
+        return f"{block}.{'img' if stream == '1' else 'txt'}_attn.{layer}", role
     for suffix in _SUFFIXES:
         if key.endswith(suffix):
             module = key[: -len(suffix)]
@@ -109,7 +119,10 @@ def match_keys(keys: list[str], index: ModuleIndex) -> MatchReport:
     for key in keys:
         split = split_key(key)
         target = index.lookup(split[0]) if split else None
-        if target is None:
+        fused = index.lookup_fused(split[0]) if split and target is None else None
+        if fused is not None:
+            matched[fused.target.component].add(fused.target.module)
+        elif target is None:
             unmatched.append(key)
         else:
             matched[target.component].add(target.module)
@@ -126,7 +139,7 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, tuple[float | None, dict
     except ValueError:
         return {}
     alphas = {}
-    for component in ("unet", *TEXT_ENCODERS):
+    for component in (*DENOISERS, *TEXT_ENCODERS):
         alpha = config.get(f"{component}.lora_alpha")
         pattern = config.get(f"{component}.alpha_pattern") or {}
         if alpha is not None or pattern:
@@ -273,6 +286,10 @@ def parse_lora(
     alphas = _peft_alphas(metadata or {})
     deltas: list[Delta] = []
     for module, parts in groups.items():
+        fused = index.lookup_fused(module) if index.lookup(module) is None else None
+        if fused is not None:
+            deltas.extend(_fused_deltas(fused, index, module, parts, alphas, original))
+            continue
         bias = parts.pop("diff_b", None)
         target = index.lookup(module)
         if target is None:
@@ -304,6 +321,48 @@ def parse_lora(
             f"no key of this {format_name} file matches a layer of the model (first keys: {sample})"
         )
     return ParsedLora(format=format_name, deltas=deltas, unmatched=sorted(unmatched))
+
+
+def _fused_deltas(
+    fused: Fused,
+    index: ModuleIndex,
+    module: str,
+    parts: dict[str, torch.Tensor],
+    alphas: dict,
+    original: Original | None,
+) -> list[Delta]:
+    """A fused layer's delta, built whole against the original's shape, dealt out by rows."""
+    deltas: list[Delta] = []
+    bias = parts.pop("diff_b", None)
+    if bias is not None:
+        fused_bias = index.lookup_fused(module, "bias")
+        if fused_bias is None or bias.numel() != fused_bias.target.shape[0]:
+            raise LoraFormatError(f"{module}: diff_b does not fit the layer's bias")
+        whole = bias.float().reshape(-1, 1)
+        deltas += [FullDelta(target, whole[rows].contiguous()) for target, rows in fused_bias.pieces]
+    if not set(parts) - {"alpha"}:
+        return deltas
+    delta = _LayerParser(fused.target, module, parts, _peft_alpha(alphas, fused.target)).build()
+    magnitude = parts.get("magnitude")
+    if magnitude is not None:
+        if original is None:
+            raise LoraFormatError(f"{module}: a DoRA layer needs the model's weights to load")
+        weight = torch.empty(fused.target.shape, device=magnitude.device)
+        for target, rows in fused.pieces:
+            weight[rows.to(weight.device)] = original(target).to(weight.device).float().reshape(len(rows), -1)
+        try:
+            delta = make_dora(delta, magnitude, weight)
+        except ValueError as exc:
+            raise LoraFormatError(f"{module}: {exc}") from None
+    for target, rows in fused.pieces:
+        deltas.append(take_rows(delta, target, rows.to(_device(delta))))
+    return deltas
+
+
+def _device(delta: Delta) -> torch.device:
+    inner = getattr(delta, "inner", None) or delta
+    tensors = [t for t in vars(inner).values() if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _peft_alpha(alphas: dict[str, tuple[float | None, dict[str, float]]], target: Target) -> float | None:

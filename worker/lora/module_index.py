@@ -1,11 +1,14 @@
 """Every parameter a LoRA can change, reachable by each name that LoRA files use for it.
 
-Files name layers four ways: kohya flattens diffusers module paths with ``_``
+Files name layers five ways: kohya flattens diffusers module paths with ``_``
 (``lora_unet_down_blocks_0_attentions_0_proj_in``); diffusers and PEFT keep the dots
 (``unet.down_blocks.0.attentions.0.proj_in``); kohya's SDXL trainer and other LDM-based
 tools use the original Stable Diffusion block names (``lora_unet_input_blocks_4_1_...``,
 ``middle_block``, ``output_blocks``); and text-encoder paths come with or without CLIP's
-``text_model.`` level. The index registers every one of them for every parameter.
+``text_model.`` level; FLUX-style transformers are named by their original code
+(``double_blocks.0.img_attn.qkv``), some of whose layers diffusers splits in several
+(worker/lora/original_names.py): those are ``Fused`` layers. The index registers every one
+of these names for every parameter.
 
 The LDM names are derived from the UNet's own config (blocks, layers per block, which
 blocks have attention), so SD1.5, SD2 and SDXL UNets all get the right mapping.
@@ -17,17 +20,22 @@ from dataclasses import dataclass
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""Pipeline components a LoRA may adapt."""
+from lorafleet.worker.lora.original_names import original_names
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+"""Pipeline components a LoRA may adapt (a pipeline has a UNet or a transformer)."""
+DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 FLAT_PREFIXES = {
     "unet": ("lora_unet_",),
+    "transformer": ("lora_unet_", "lora_transformer_"),  # kohya, OneTrainer
     "text_encoder": ("lora_te_", "lora_te1_"),
-    "text_encoder_2": ("lora_te2_",),
+    "text_encoder_2": ("lora_te2_", "lora_te3_"),  # kohya's FLUX.1 trainer calls T5 te3
 }
 DOTTED_PREFIXES = {
     "unet": ("unet.", "base_model.model.", "diffusion_model."),
+    "transformer": ("transformer.", "diffusion_model.", "model.diffusion_model.", "base_model.model.", ""),
     "text_encoder": ("text_encoder.", "te1.", "base_model.model."),
     "text_encoder_2": ("text_encoder_2.", "te2."),
 }
@@ -59,6 +67,16 @@ class Target:
     @property
     def is_text_encoder(self) -> bool:
         return self.component in TEXT_ENCODERS
+
+
+@dataclass(frozen=True)
+class Fused:
+    """An original layer that diffusers splits: a delta is built for ``target`` (the
+    original's shape) and its rows dealt out to ``pieces`` (each a target and the rows of
+    the original, in order, that make it)."""
+
+    target: Target
+    pieces: tuple[tuple[Target, torch.Tensor], ...]
 
 
 def file_module_names(component: str, module: str) -> list[str]:
@@ -139,6 +157,8 @@ class ModuleIndex:
     def __init__(self, components: dict[str, torch.nn.Module]) -> None:
         self.targets: dict[str, Target] = {}
         self._by_name: dict[str, str] = {}  # module name as a file writes it -> module key
+        self._fused: dict[str, str] = {}  # module name as a file writes it -> original layer
+        self._fused_layers: dict[str, list] = {}  # original layer -> its pieces
         for component, model in components.items():
             ldm = ldm_block_prefixes(dict(getattr(model, "config", {}) or {})) if component == "unet" else {}
             for name, module in model.named_modules():
@@ -158,17 +178,52 @@ class ModuleIndex:
                     original = ldm_name(name, ldm)
                     if original:
                         aliases.append(original)
-                module_key = f"{component}:{name}"
-                for alias in aliases:
-                    for prefix in FLAT_PREFIXES[component]:
-                        self._by_name.setdefault(prefix + alias.replace(".", "_"), module_key)
-                    for prefix in DOTTED_PREFIXES[component]:
-                        self._by_name.setdefault(prefix + alias, module_key)
+                self._register(component, aliases, f"{component}:{name}", self._by_name)
+            if component == "transformer":
+                self._register_original(model)
+
+    def _register(self, component: str, aliases: list[str], value: str, into: dict[str, str]) -> None:
+        for alias in aliases:
+            for prefix in FLAT_PREFIXES[component]:
+                into.setdefault(prefix + alias.replace(".", "_"), value)
+            for prefix in DOTTED_PREFIXES[component]:
+                if prefix or component == "transformer":  # bare names: original ones (XLabs)
+                    into.setdefault(prefix + alias, value)
+
+    def _register_original(self, transformer: torch.nn.Module) -> None:
+        """The transformer's original layer names: renames as aliases, splits as Fused."""
+        for original, pieces in original_names(transformer).items():
+            if len(pieces) == 1 and pieces[0].whole:
+                self._register("transformer", [original], f"transformer:{pieces[0].module}", self._by_name)
+                continue
+            rows = sum(b - a for piece in pieces for a, b in piece.rows) if len(pieces) > 1 else None
+            first = self.targets[f"transformer:{pieces[0].module}.weight"]
+            shape = (rows or first.shape[0], *first.shape[1:])
+            self._fused_layers[original] = [Target("transformer", original, "weight", shape), pieces]
+            self._register("transformer", [original], original, self._fused)
 
     def lookup(self, module_name: str, param: str = "weight") -> Target | None:
         """The parameter ``param`` of the module a file calls ``module_name``."""
         module_key = self._by_name.get(module_name)
         return self.targets.get(f"{module_key}.{param}") if module_key else None
+
+    def lookup_fused(self, module_name: str, param: str = "weight") -> Fused | None:
+        """The original layer a file calls ``module_name`` when diffusers splits it."""
+        original = self._fused.get(module_name)
+        if original is None:
+            return None
+        whole, pieces = self._fused_layers[original]
+        targets = []
+        for piece in pieces:
+            target = self.targets.get(f"transformer:{piece.module}.{param}")
+            if target is None:
+                return None
+            targets.append((target, piece.index()))
+        shape = whole.shape if param == "weight" else (whole.shape[0],)
+        return Fused(Target("transformer", original, param, shape), tuple(targets))
+
+    def has_name(self, module_name: str) -> bool:
+        return module_name in self._by_name or module_name in self._fused
 
     def parameter(self, components: dict[str, torch.nn.Module], target: Target) -> torch.nn.Parameter:
         module = components[target.component].get_submodule(target.module)
