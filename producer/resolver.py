@@ -33,6 +33,7 @@ from lorafleet.common.schema.jobs import (
     describe_validation_error,
 )
 from lorafleet.common.schema.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
+from lorafleet.producer.family_rules import apply_family_rules
 
 FALLBACK_SIZE = 512
 """Width and height when neither the job nor the model's config gives one (hub ids)."""
@@ -82,6 +83,7 @@ class JobResolver:
             raise JobRejected.of(exc, f"{where}model") from None
         warnings = list(job.advice())
         origins = self._take_prompt_loras(job, where, warnings)
+        apply_family_rules(job, model, where, warnings)
         infos = [self._lora(spec, origin, model, where=where) for spec, origin in zip(job.loras, origins)]
         infos = self._merge_repeats(job, infos, origins)
         if job.lcm and not any(self._is_lcm(info) for info in infos):
@@ -224,6 +226,13 @@ class JobResolver:
     def _embeddings(self, job: GenerationJob, model: ModelRef, where: str) -> list[str]:
         """The embeddings the job names or its prompts use, each checked against the model."""
         names = sorted(set(job.embeddings) | set(self.embeddings.mentioned(job.prompt, job.negative_prompt)))
+        if names and model.family is not None and model.family.is_flow:
+            raise JobRejected(
+                f"model {model.key!r} is {model.family.traits.label}, whose text encoder reads no "
+                f"textual-inversion embeddings (the prompts use {', '.join(names)})",
+                field=f"{where}embeddings",
+                allowed="embeddings only on SD 1.5, SD 2.x and SDXL models",
+            )
         if len(names) > MAX_EMBEDDINGS:
             raise JobRejected(
                 f"the prompts use {len(names)} embeddings",

@@ -49,6 +49,7 @@ def parameters_text(
         ("Steps", str(job.steps)),
         *a1111_fields(job.sampler),
         ("CFG scale", format_number(job.cfg_scale)),
+        *([("Distilled CFG Scale", format_number(job.guidance))] if job.guidance is not None else []),
         ("Seed", str(seed)),
         ("Size", f"{job.width}x{job.height}"),
         *([("Model hash", model_hash)] if model_hash else []),

@@ -42,6 +42,7 @@ USED_FIELDS = {
     "Sampler",
     "Schedule type",
     "CFG scale",
+    "Distilled CFG Scale",
     "Seed",
     "Size",
     "Model",
@@ -149,6 +150,7 @@ class Infotext:
         for key, name, kind in (
             ("Steps", "steps", int),
             ("CFG scale", "cfg_scale", float),
+            ("Distilled CFG Scale", "guidance", float),
             ("Seed", "seed", int),
             ("Clip skip", "clip_skip", int),
         ):

@@ -38,6 +38,8 @@ SIZE_MULTIPLE = 8
 MAX_STEPS = 150
 """Most sampling steps a job may ask for."""
 MAX_CFG = 30.0
+MAX_GUIDANCE = 30.0
+"""The largest distilled guidance a job may ask for (Forge's "Distilled CFG Scale" slider)."""
 """Largest classifier-free guidance scale."""
 MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -4.0, 4.0
 """Range of a LoRA's weight (and of its separate text-encoder weight)."""
@@ -170,7 +172,26 @@ class GenerationJob(BaseModel):
     ] = Sampler.euler_a
     lcm: bool = False
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
-    cfg_scale: Annotated[float, Field(ge=0.0, le=MAX_CFG, allow_inf_nan=False)] | None = None
+    cfg_scale: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=MAX_CFG,
+            allow_inf_nan=False,
+            description="Classifier-free guidance against the negative prompt, with one meaning on every "
+            "family: neg + cfg * (pos - neg), so 1 is off. Default by family and sampler (README).",
+        ),
+    ] | None = None
+    guidance: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=MAX_GUIDANCE,
+            allow_inf_nan=False,
+            description="Distilled guidance of models that read one (FLUX.1 dev and Krea: Forge's "
+            '"Distilled CFG Scale", default 3.5); refused on models without a guidance embedding.',
+        ),
+    ] | None = None
     width: int | None = None
     height: int | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
@@ -266,6 +287,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 RANGES = {
     "steps": f"a whole number from 1 to {MAX_STEPS}",
     "cfg_scale": f"a number from 0 to {MAX_CFG:g}",
+    "guidance": f"a number from 0 to {MAX_GUIDANCE:g}",
     "seed": f"a whole number from 0 to {MAX_SEED}",
     "num_images": f"a whole number from 1 to {MAX_IMAGES}",
     "weight": f"a number from {MIN_LORA_WEIGHT:g} to {MAX_LORA_WEIGHT:g}",

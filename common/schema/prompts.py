@@ -228,3 +228,10 @@ def check_weights(prompt: str) -> None:
     for fragment in parse_attention(prompt):
         if not math.isfinite(fragment.weight):
             raise ValueError(f"the weight of {fragment.text!r} is not a finite number")
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt's words without A1111's syntax: weights and brackets dropped, escapes
+    unescaped, BREAK a space. What a T5 or LLM encoder reads (Forge does the same)."""
+    text = "".join(" " if fragment.is_break else fragment.text for fragment in parse_attention(prompt))
+    return re.sub(r"\s{2,}", " ", text).strip() if text != prompt else text

@@ -69,6 +69,7 @@ ALIASES: dict[str, Sampler] = {
     **{_alias(*names): sampler for sampler, names in A1111_NAMES.items()},
     "dpm++ 2m": Sampler.dpmpp_2m,
     "dpm++ 2m normal": Sampler.dpmpp_2m,
+    "euler simple": Sampler.euler,  # Forge's FLUX images: the flow families' own schedule
     **{sampler.value: sampler for sampler in Sampler},
 }
 """Every name a job's ``sampler`` accepts, lower-cased, to the sampler it means."""

@@ -4,7 +4,7 @@ A worker samples several images per UNet call: a job's own images, and the image
 compatible jobs waiting behind it in its queue (Celery hands a worker up to ``max_batch``
 messages ahead; ``JobRunner.run`` takes the compatible ones along). Jobs are compatible when
 everything that shapes the call is the same (``batch_key``): model, LoRA stack and weights,
-sampler, steps, CFG, size, VAE and embeddings. Prompts and seeds may differ: each image has
+sampler, steps, CFG, distilled guidance, size, VAE and embeddings. Prompts and seeds may differ: each image has
 its own embeddings and its own generator.
 
 The images of a group are cut into chunks of at most the batch size: ``LORAFLEET_MAX_BATCH``,
@@ -42,6 +42,7 @@ def batch_key(job: GenerationJob) -> tuple:
         job.sampler,
         job.steps,
         job.cfg_scale,
+        job.guidance,
         job.width,
         job.height,
         job.vae,

@@ -21,6 +21,7 @@ from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.pipelines import HotPipeline
 from lorafleet.worker.run.batching import Member, Slot, batch_key, chunks
+from lorafleet.worker.run import flow
 from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
 from lorafleet.worker.run.store_stage import StoreContext
 
@@ -87,6 +88,8 @@ class GroupSampling:
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             for member in members:
                 member.conditioning = conditioning(hot.pipe, member.job)
+                if flow.is_flow(hot.pipe):
+                    member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
             one_per_call = seeds_its_own_noise(job.sampler)
             plan = chunks(members, size, one_per_call)
             while plan:

@@ -16,6 +16,7 @@ import torch
 
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
+from lorafleet.worker.run import flow
 
 SEED_MODULUS = 2**32
 
@@ -68,6 +69,8 @@ def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
     it exactly as the pipeline would (negative ``None`` kept: SDXL zeroes it); else its
     embeddings as they are.
     """
+    if flow.is_flow(pipe):
+        return flow.conditioning(pipe, job)
     arguments = prompt_arguments(pipe, job)
     if "prompt_embeds" in arguments:
         return {k: v for k, v in arguments.items() if v is not None}
@@ -122,12 +125,17 @@ def sample(
     if wanted < min_rows:
         conditionings = conditionings + [conditionings[0]] * (min_rows - wanted)
         seeds = seeds + [seeds[0]] * (min_rows - wanted)
-    pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+    if flow.is_flow(pipe):
+        pipe.scheduler = flow.make_scheduler(scheduler_config)
+        family_arguments = flow.call_arguments(pipe, job)
+    else:
+        pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+        family_arguments = {"guidance_scale": job.cfg_scale}
     batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
     result = pipe(
         **batch,
+        **family_arguments,
         num_inference_steps=job.steps,
-        guidance_scale=job.cfg_scale,
         width=job.width,
         height=job.height,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
