@@ -1,15 +1,15 @@
 """Offline tiny pipelines and demo LoRAs, for tests and the demo. Nothing is downloaded.
 
-``make_tiny_model`` writes a real diffusers pipeline folder (SD1.5- or SDXL-shaped, random
-weights, a self-made CLIP tokenizer) that ``from_pretrained`` loads offline; a 64x64
-image takes a fraction of a second on a CPU. ``make_demo_loras`` writes LoRA files for any
-such folder (tiny or real) in the formats people bring: kohya LoRA and LoCon, diffusers/
-PEFT, and one shaped like an LCM-LoRA. Both are deterministic for a given seed.
+``make_tiny_model`` writes a real diffusers pipeline folder (SD1.5-, SD2- or SDXL-shaped here,
+the flow-matching families in ``tiny_flow``; random weights, self-made tokenizers from
+``tiny_text``) that ``from_pretrained`` loads offline; a 64x64 image takes a fraction of a
+second on a CPU. ``make_demo_loras`` writes LoRA files for any such folder (tiny or real) in
+the formats people bring: kohya LoRA and LoCon, diffusers/PEFT, and one shaped like an
+LCM-LoRA. Both are deterministic for a given seed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -21,84 +21,14 @@ from lorafleet.common.catalog.models import describe_folder
 from lorafleet.common.schema.family import Family
 from lorafleet.worker.lora.module_index import file_module_names
 from lorafleet.worker.pipelines import empty_components
+from lorafleet.worker.tiny_flow import FLOW_FAMILIES, make_tiny_flow_model
+from lorafleet.worker.tiny_text import clip_text_encoder, write_clip_tokenizer
 
 TINY_SIZE = 64
 """Native image size of the tiny models (UNet sample size 8, VAE downscale 8)."""
 
-_WORDS = (
-    "a an the of in on at with and photo portrait painting style city night day cat dog "
-    "lighthouse sea forest mountain robot castle flower red blue green gold light dark "
-    "watercolor ink sketch oil neon sunset snow river bridge girl boy man woman old new"
-).split()
-_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _write_tokenizer(folder: Path) -> int:
-    """A CLIP BPE tokenizer whose merges spell a small word list; returns its vocab size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?-'")
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab.setdefault(s, len(vocab))
-        vocab.setdefault(s + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in _WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            merged = pair[0] + pair[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged, *pieces[2:]]
-    for token in _SPECIAL:
-        vocab[token] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": 77,
-                "bos_token": _SPECIAL[0],
-                "eos_token": _SPECIAL[1],
-                "pad_token": _SPECIAL[1],
-                "unk_token": _SPECIAL[1],
-            }
-        )
-    )
-    return len(vocab)
-
-
-def _text_encoder(
-    vocab_size: int,
-    tokenizer_dir: Path,
-    *,
-    projection: bool = False,
-    width: int = 32,
-    activation: str = "quick_gelu",
-):
-    """A tiny CLIP text encoder: OpenAI's CLIP uses quick_gelu, OpenCLIP (SD 2.x, SDXL's
-    second encoder) plain gelu; the widths differ as in the real models, so a single-file
-    loader can tell the encoders apart."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act=activation,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-    return model, tokenizer
+TINY_FAMILIES = ("sd15", "sd2", "sdxl", *FLOW_FAMILIES)
+"""What ``make_tiny_model`` builds (``flux1`` is FLUX.1 dev-shaped, ``flux1-schnell`` schnell-shaped)."""
 
 
 def _vae(scaling_factor: float):
@@ -119,7 +49,7 @@ def _vae(scaling_factor: float):
 
 
 def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
-    """Write a tiny pipeline of ``family`` (sd15, sd2 or sdxl) into ``folder``; return it.
+    """Write a tiny pipeline of ``family`` (one of ``TINY_FAMILIES``) into ``folder``; return it.
 
     The tiny SD 2.x has an OpenCLIP-like text encoder (gelu, 48 wide) and predicts v, as
     the 768 px SD 2.x models do; the tiny SDXL's second encoder is 48 wide beside the
@@ -133,18 +63,20 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
         UNet2DConditionModel,
     )
 
-    if family not in ("sd15", "sd2", "sdxl"):
-        raise ValueError(f"family must be sd15, sd2 or sdxl, got {family!r}")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}")
+    if family in FLOW_FAMILIES:
+        return make_tiny_flow_model(folder, family, seed)
     folder = Path(folder)
     torch.manual_seed(seed)
     schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)
-        vocab_size = _write_tokenizer(scratch_dir / "tok")
+        vocab_size = write_clip_tokenizer(scratch_dir / "tok")
         if family in ("sd15", "sd2"):
             width = 32 if family == "sd15" else 48
             activation = "quick_gelu" if family == "sd15" else "gelu"
-            text_encoder, tokenizer = _text_encoder(
+            text_encoder, tokenizer = clip_text_encoder(
                 vocab_size, scratch_dir / "tok", width=width, activation=activation
             )
             prediction = "epsilon" if family == "sd15" else "v_prediction"
@@ -171,8 +103,8 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
                 requires_safety_checker=False,
             )
         else:
-            text_encoder, tokenizer = _text_encoder(vocab_size, scratch_dir / "tok")
-            text_encoder_2, tokenizer_2 = _text_encoder(
+            text_encoder, tokenizer = clip_text_encoder(vocab_size, scratch_dir / "tok")
+            text_encoder_2, tokenizer_2 = clip_text_encoder(
                 vocab_size, scratch_dir / "tok", projection=True, width=48, activation="gelu"
             )
             unet = UNet2DConditionModel(
@@ -215,7 +147,7 @@ def make_sd15_shaped_model(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        vocab_size = _write_tokenizer(Path(scratch) / "tok")
+        vocab_size = write_clip_tokenizer(Path(scratch) / "tok")
         tokenizer = CLIPTokenizer.from_pretrained(str(Path(scratch) / "tok"))
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
@@ -351,6 +283,10 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
     model = describe_folder(model_dir.name, model_dir)
     family = model.family or Family.sd15
     components = empty_components(model_dir, family)
+    if family.is_flow:
+        from lorafleet.worker.demo_flow_loras import make_flow_demo_loras
+
+        return make_flow_demo_loras(components, family, out_dir, seed, strength)
     te_prefix = "lora_te1_" if family is Family.sdxl else "lora_te_"
     version = "sdxl_base_v1-0" if family is Family.sdxl else "sd_v1"
     out_dir.mkdir(parents=True, exist_ok=True)

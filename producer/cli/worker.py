@@ -17,6 +17,10 @@ from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.terminal import EXIT_REJECTED, console, fail, run
 from lorafleet.producer.cli.worker_side import worker_side
 
+TINY_FAMILIES = ("sd15", "sd2", "sdxl", "flux1", "flux1-schnell", "zimage", "qwenimage", "flux2")
+"""Families ``make-tiny-model`` writes (lorafleet.worker.tiny's, named here: the producer never
+imports the worker side until a command runs)."""
+
 
 def worker(
     models: Annotated[
@@ -59,13 +63,18 @@ def worker(
 
 def make_tiny_model(
     folder: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
-    family: Annotated[str, typer.Option(help="sd15 or sdxl.")] = "sd15",
+    family: Annotated[
+        str,
+        typer.Option(
+            help="sd15, sd2, sdxl, flux1 (FLUX.1 dev), flux1-schnell, zimage, qwenimage or flux2 (FLUX.2 Klein)."
+        ),
+    ] = "sd15",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny offline diffusers pipeline (random weights) for tests and demos."""
+    if family not in TINY_FAMILIES:
+        fail(f"--family: got {family!r} (allowed: {', '.join(TINY_FAMILIES)})", EXIT_REJECTED)
     tiny = worker_side("tiny")
-    if family not in ("sd15", "sdxl"):
-        fail(f"--family: got {family!r} (allowed: sd15, sdxl)", EXIT_REJECTED)
     path = tiny.make_tiny_model(folder, family=family, seed=seed)
     console.print(f"wrote a tiny {family} pipeline to {path}", markup=False, highlight=False)
 
