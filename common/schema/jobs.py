@@ -252,6 +252,9 @@ class GenerationJob(BaseModel):
 
     @model_validator(mode="after")
     def _defaults_by_sampler(self) -> GenerationJob:
+        """Defaults by sampler; they stay out of ``model_fields_set``, which keeps saying what
+        the producer gave (a flow family's own defaults replace them at submit)."""
+        given = set(self.model_fields_set)
         if self.lcm and "sampler" not in self.model_fields_set:
             self.sampler = Sampler.lcm
         lcm = self.sampler.is_lcm
@@ -259,6 +262,7 @@ class GenerationJob(BaseModel):
             self.steps = guidance.LCM_STEPS if lcm else DEFAULT_STEPS
         if self.cfg_scale is None:
             self.cfg_scale = guidance.LCM_CFG if lcm else DEFAULT_CFG
+        object.__setattr__(self, "__pydantic_fields_set__", given)
         return self
 
     def advice(self) -> list[str]:

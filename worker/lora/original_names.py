@@ -120,8 +120,108 @@ def flux1_norms(transformer: torch.nn.Module) -> dict[str, str]:
     return norms
 
 
-ORIGINAL_NAMES = {"FluxTransformer2DModel": flux1_names}
-"""Per diffusers transformer class, the function that maps its original layer names."""
+def _blocks(transformer: torch.nn.Module, name: str) -> int:
+    blocks = getattr(transformer, name, None)
+    return len(blocks) if blocks is not None else 0
+
+
+def zimage_names(transformer: torch.nn.Module) -> OriginalNames:
+    """Z-Image's original layer names (Tongyi's code; ComfyUI, musubi-tuner) for a diffusers
+    ``ZImageTransformer2DModel``: a fused ``attention.qkv``, ``attention.out``,
+    ``final_layer`` and ``x_embedder`` for the 2x2 patch; every other name is diffusers'."""
+    names: OriginalNames = {}
+    for stack in ("layers", "noise_refiner", "context_refiner"):
+        for n in range(_blocks(transformer, stack)):
+            a = f"{stack}.{n}.attention"
+            names[f"{a}.qkv"] = _split(transformer, [f"{a}.to_q", f"{a}.to_k", f"{a}.to_v"])
+            names[f"{a}.out"] = _rename(transformer, f"{a}.to_out.0")
+    for diffusers_name, original in (
+        ("all_final_layer.2-1.linear", "final_layer.linear"),
+        ("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1"),
+        ("all_x_embedder.2-1", "x_embedder"),
+    ):
+        try:
+            names[original] = _rename(transformer, diffusers_name)
+        except AttributeError:
+            continue  # another patch size: its layers keep diffusers' names
+    return names
+
+
+def flux2_names(transformer: torch.nn.Module) -> OriginalNames:
+    """BFL's FLUX.2 layer names for a diffusers ``Flux2Transformer2DModel`` (Klein): double
+    blocks as FLUX.1's with shared modulations; a single block's ``linear1`` is diffusers'
+    ``to_qkv_mlp_proj`` as it is."""
+    names: OriginalNames = {
+        "img_in": _rename(transformer, "x_embedder"),
+        "txt_in": _rename(transformer, "context_embedder"),
+        "time_in.in_layer": _rename(transformer, "time_guidance_embed.timestep_embedder.linear_1"),
+        "time_in.out_layer": _rename(transformer, "time_guidance_embed.timestep_embedder.linear_2"),
+        "double_stream_modulation_img.lin": _rename(transformer, "double_stream_modulation_img.linear"),
+        "double_stream_modulation_txt.lin": _rename(transformer, "double_stream_modulation_txt.linear"),
+        "single_stream_modulation.lin": _rename(transformer, "single_stream_modulation.linear"),
+        "final_layer.linear": _rename(transformer, "proj_out"),
+    }
+    if transformer.config.get("guidance_embeds"):
+        names["guidance_in.in_layer"] = _rename(transformer, "time_guidance_embed.guidance_embedder.linear_1")
+        names["guidance_in.out_layer"] = _rename(transformer, "time_guidance_embed.guidance_embedder.linear_2")
+    half = _linear_rows(transformer, "norm_out.linear") // 2
+    names["final_layer.adaLN_modulation.1"] = [Piece("norm_out.linear", ((half, 2 * half), (0, half)))]
+    for n in range(transformer.config.num_layers):
+        d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
+        names |= {
+            f"{d}.img_attn.qkv": _split(transformer, [f"{b}.attn.to_{x}" for x in "qkv"]),
+            f"{d}.txt_attn.qkv": _split(transformer, [f"{b}.attn.add_{x}_proj" for x in "qkv"]),
+            f"{d}.img_attn.proj": _rename(transformer, f"{b}.attn.to_out.0"),
+            f"{d}.txt_attn.proj": _rename(transformer, f"{b}.attn.to_add_out"),
+            f"{d}.img_mlp.0": _rename(transformer, f"{b}.ff.linear_in"),
+            f"{d}.img_mlp.2": _rename(transformer, f"{b}.ff.linear_out"),
+            f"{d}.txt_mlp.0": _rename(transformer, f"{b}.ff_context.linear_in"),
+            f"{d}.txt_mlp.2": _rename(transformer, f"{b}.ff_context.linear_out"),
+        }
+    for n in range(transformer.config.num_single_layers):
+        s, b = f"single_blocks.{n}", f"single_transformer_blocks.{n}"
+        names |= {
+            f"{s}.linear1": _rename(transformer, f"{b}.attn.to_qkv_mlp_proj"),
+            f"{s}.linear2": _rename(transformer, f"{b}.attn.to_out"),
+        }
+    return names
+
+
+ORIGINAL_NAMES = {
+    "FluxTransformer2DModel": flux1_names,
+    "ZImageTransformer2DModel": zimage_names,
+    "Flux2Transformer2DModel": flux2_names,
+}
+"""Per diffusers transformer class, the function that maps its original layer names
+(Qwen-Image's original names are diffusers' own)."""
+
+
+def zimage_norms(transformer: torch.nn.Module) -> dict[str, str]:
+    """Z-Image's original parameter names of its q/k RMSNorm scales -> diffusers'."""
+    norms = {}
+    for stack in ("layers", "noise_refiner", "context_refiner"):
+        for n in range(_blocks(transformer, stack)):
+            a = f"{stack}.{n}.attention"
+            norms |= {f"{a}.q_norm.weight": f"{a}.norm_q.weight", f"{a}.k_norm.weight": f"{a}.norm_k.weight"}
+    return norms
+
+
+def flux2_norms(transformer: torch.nn.Module) -> dict[str, str]:
+    """BFL's FLUX.2 parameter names of its RMSNorm scales -> diffusers' (as FLUX.1's)."""
+    return flux1_norms(transformer)
+
+
+ORIGINAL_NORMS = {
+    "FluxTransformer2DModel": flux1_norms,
+    "ZImageTransformer2DModel": zimage_norms,
+    "Flux2Transformer2DModel": flux2_norms,
+}
+"""Per diffusers transformer class, its norm scales' original names (checkpoints only)."""
+
+
+def original_norms(transformer: torch.nn.Module) -> dict[str, str]:
+    build = ORIGINAL_NORMS.get(type(transformer).__name__)
+    return build(transformer) if build is not None else {}
 
 
 def original_names(transformer: torch.nn.Module) -> OriginalNames:

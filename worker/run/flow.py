@@ -1,34 +1,100 @@
-"""Prompts and sampling calls of the flow-matching families (FLUX.1; the others join here).
+"""Prompts and sampling calls of the flow-matching families: FLUX.1, Z-Image, Qwen-Image,
+FLUX.2 Klein.
 
 Semantics:
 - Prompts: the encoders of these families (T5, LLMs) read words, not A1111's syntax: the
   prompt's plain text (``prompts.plain_text``) is encoded with the pipeline's own
-  ``encode_prompt``, one job at a time, padded to the family's fixed token window, so a job's
-  embeddings never depend on its batch companions. A prompt longer than the window is cut by
-  the tokenizer, and the job's record says how many tokens were dropped.
-- ``cfg_scale`` c: guided = neg + c * (pos - neg), so c <= 1 is off and the negative prompt
-  is encoded only above 1 (FluxPipeline's ``true_cfg_scale``).
-- ``guidance`` g: FLUX.1's distilled guidance embedding (``guidance_scale``).
+  ``encode_prompt``, one job at a time, so a job's embeddings never depend on its batch
+  companions (FLUX.1 and Klein pad to their fixed window; Z-Image and Qwen-Image give one
+  vector per token, and only prompts of equal length share a call: batching.chunks). A
+  prompt longer than the window is cut, and the job's record says how many of the prompt's
+  own tokens were dropped.
+- ``cfg_scale`` c, on every family: guided = neg + c * (pos - neg), so c <= 1 is off and
+  the negative prompt is encoded only above 1. It is FluxPipeline's and QwenImagePipeline's
+  ``true_cfg_scale`` and Flux2KleinPipeline's ``guidance_scale`` as it is, and
+  ZImagePipeline's ``guidance_scale`` as c - 1 (Z-Image computes pos + g * (pos - neg)).
+  Qwen-Image rescales the guided prediction to the norm of the positive one, as its
+  pipeline does.
+- ``guidance`` g: FLUX.1's distilled guidance embedding (FluxPipeline's ``guidance_scale``).
 - The scheduler is the pipeline's own (flow-match Euler with its shift or dynamic shifting),
   built fresh for every call from the config the model came with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from lorafleet.common.schema.jobs import GenerationJob
 from lorafleet.common.schema.prompts import plain_text
 
-FLUX_TOKENS = 512
-"""T5 tokens FLUX.1 reads (FluxPipeline's ``max_sequence_length``)."""
+TOKENS = 512
+"""Text tokens every flow family reads (the pipelines' ``max_sequence_length``)."""
 
-FLOW_PIPELINES = {"FluxPipeline"}
-"""The pipeline classes sampled here."""
+
+def _flux1(pipe, text: str) -> dict[str, torch.Tensor]:
+    embeds, pooled, _ = pipe.encode_prompt(
+        prompt=text, prompt_2=None, device=pipe._execution_device, max_sequence_length=TOKENS
+    )
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _zimage(pipe, text: str) -> dict[str, torch.Tensor]:
+    embeds, _ = pipe.encode_prompt(
+        prompt=text, device=pipe._execution_device, do_classifier_free_guidance=False, max_sequence_length=TOKENS
+    )
+    return {"prompt_embeds": embeds[0].unsqueeze(0)}  # one vector per token: (1, tokens, width)
+
+
+def _qwenimage(pipe, text: str) -> dict[str, torch.Tensor]:
+    embeds, mask = pipe.encode_prompt(prompt=text, device=pipe._execution_device, max_sequence_length=TOKENS)
+    if mask is None:  # diffusers leaves out a mask of all ones
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+
+def _flux2(pipe, text: str) -> dict[str, torch.Tensor]:
+    embeds, _ = pipe.encode_prompt(prompt=text, device=pipe._execution_device, max_sequence_length=TOKENS)
+    return {"prompt_embeds": embeds}
+
+
+@dataclass(frozen=True)
+class FlowCall:
+    """How one family's pipeline takes a job's prompts and guidance."""
+
+    label: str
+    encode: Callable[[object, str], dict[str, torch.Tensor]]
+    guidance: Callable[[GenerationJob], dict]
+    tokenizer: str
+    """The pipeline attribute whose tokenizer counts the prompt's tokens."""
+    as_lists: bool = False
+    """The pipeline takes embeddings as a list of (tokens, width) tensors (Z-Image)."""
+
+
+def _flux1_guidance(job: GenerationJob) -> dict:
+    extra = {"guidance_scale": job.guidance} if job.guidance is not None else {}
+    return {"true_cfg_scale": job.cfg_scale} | extra
+
+
+CALLS = {
+    "FluxPipeline": FlowCall("FLUX.1", _flux1, _flux1_guidance, "tokenizer_2"),
+    "ZImagePipeline": FlowCall(
+        "Z-Image", _zimage, lambda job: {"guidance_scale": max(job.cfg_scale - 1, 0.0)}, "tokenizer", as_lists=True
+    ),
+    "QwenImagePipeline": FlowCall("Qwen-Image", _qwenimage, lambda job: {"true_cfg_scale": job.cfg_scale}, "tokenizer"),
+    "Flux2KleinPipeline": FlowCall("FLUX.2 Klein", _flux2, lambda job: {"guidance_scale": job.cfg_scale}, "tokenizer"),
+}
+"""Per pipeline class, how it is called."""
 
 
 def is_flow(pipe) -> bool:
-    return type(pipe).__name__ in FLOW_PIPELINES
+    return type(pipe).__name__ in CALLS
+
+
+def _call(pipe) -> FlowCall:
+    return CALLS[type(pipe).__name__]
 
 
 def uses_negative(job: GenerationJob) -> bool:
@@ -38,41 +104,37 @@ def uses_negative(job: GenerationJob) -> bool:
 
 def prompt_warnings(pipe, job: GenerationJob) -> list[str]:
     """What the family's encoder will not read of the job's prompts (tokens past its window)."""
+    call = _call(pipe)
+    tokenizer = getattr(pipe, call.tokenizer)
     notes = []
     prompts = [("prompt", job.prompt)] + ([("negative_prompt", job.negative_prompt)] if uses_negative(job) else [])
     for field, text in prompts:
-        count = len(pipe.tokenizer_2(plain_text(text), truncation=False).input_ids)
-        if count > FLUX_TOKENS:
+        count = len(tokenizer(plain_text(text), truncation=False).input_ids)
+        if count > TOKENS:
             notes.append(
-                f"{field}: {count} T5 tokens, {count - FLUX_TOKENS} past the {FLUX_TOKENS} FLUX.1 reads were dropped"
+                f"{field}: {count} tokens, {count - TOKENS} past the {TOKENS} {call.label} reads were dropped"
             )
     return notes
 
 
 def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
-    """The job's prompt (and negative, when guided) as FluxPipeline's embeddings, batch 1."""
+    """The job's prompt (and negative, when guided) as the pipeline's embeddings, batch 1."""
+    call = _call(pipe)
     out: dict[str, torch.Tensor] = {}
     texts = {"": job.prompt} | ({"negative_": job.negative_prompt} if uses_negative(job) else {})
     with torch.no_grad():
         for prefix, text in texts.items():
-            embeds, pooled, _ = pipe.encode_prompt(
-                prompt=plain_text(text),
-                prompt_2=None,
-                device=pipe._execution_device,
-                num_images_per_prompt=1,
-                max_sequence_length=FLUX_TOKENS,
-            )
-            out[f"{prefix}prompt_embeds"] = embeds
-            out[f"{prefix}pooled_prompt_embeds"] = pooled
+            out |= {f"{prefix}{name}": value for name, value in call.encode(pipe, plain_text(text)).items()}
     return out
 
 
-def call_arguments(pipe, job: GenerationJob) -> dict:
-    """What the call passes besides embeddings, size, steps and generators."""
-    arguments: dict = {"max_sequence_length": FLUX_TOKENS, "true_cfg_scale": job.cfg_scale}
-    if job.guidance is not None:
-        arguments["guidance_scale"] = job.guidance
-    return arguments
+def call_arguments(pipe, job: GenerationJob, batch: dict[str, torch.Tensor]) -> dict:
+    """The call's arguments besides size, steps, generators and the callback: the batch's
+    embeddings as the pipeline takes them, guidance and the token window."""
+    call = _call(pipe)
+    if call.as_lists:
+        batch = {name: list(value.unbind(0)) for name, value in batch.items()}
+    return batch | call.guidance(job) | {"max_sequence_length": TOKENS}
 
 
 def make_scheduler(scheduler_config: dict):

@@ -125,16 +125,15 @@ def sample(
     if wanted < min_rows:
         conditionings = conditionings + [conditionings[0]] * (min_rows - wanted)
         seeds = seeds + [seeds[0]] * (min_rows - wanted)
+    batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
     if flow.is_flow(pipe):
         pipe.scheduler = flow.make_scheduler(scheduler_config)
-        family_arguments = flow.call_arguments(pipe, job)
+        arguments = flow.call_arguments(pipe, job, batch)
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
-        family_arguments = {"guidance_scale": job.cfg_scale}
-    batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
+        arguments = batch | {"guidance_scale": job.cfg_scale}
     result = pipe(
-        **batch,
-        **family_arguments,
+        **arguments,
         num_inference_steps=job.steps,
         width=job.width,
         height=job.height,

@@ -1,0 +1,90 @@
+"""What a job may ask of a flow-matching family at submit, and the family's defaults: each
+refusal names the field and what is allowed, and nothing refused reaches the queue."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.producer import Client
+from lorafleet.worker.tiny import make_tiny_model
+from tests.conftest import TINY
+from tests.producer.test_client import queued_messages
+
+DEV, SCHNELL = "tiny-flux1", "tiny-flux1-schnell"
+
+
+@pytest.fixture(scope="module")
+def flux_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux-models")
+    make_tiny_model(root / DEV, family="flux1")
+    make_tiny_model(root / SCHNELL, family="flux1-schnell")
+    return root
+
+
+@pytest.fixture
+def client(settings, flux_models):
+    import shutil
+
+    for name in (DEV, SCHNELL):
+        shutil.copytree(flux_models / name, settings.home / "models" / name)
+    with Client(settings) as c:
+        yield c
+
+
+def refused(client, **fields) -> JobRejected:
+    with pytest.raises(JobRejected) as caught:
+        client.submit({"model": DEV, "prompt": "a lighthouse"} | fields)
+    assert queued_messages(client) == []
+    return caught.value
+
+
+def test_a_flux_dev_job_gets_the_reference_pipelines_defaults(client):
+    job = client.get(client.submit({"model": DEV, "prompt": "a lighthouse"}).job_id).job
+    assert (job.sampler.value, job.steps, job.cfg_scale, job.guidance) == ("euler", 28, 1.0, 3.5)
+    given = client.get(client.submit({"model": DEV, "prompt": "x", "steps": 4, "cfg_scale": 3.0, "guidance": 2.5}).job_id).job
+    assert (job.width, given.steps, given.cfg_scale, given.guidance) == (job.height, 4, 3.0, 2.5)
+
+
+def test_schnell_has_no_guidance_by_default_and_refuses_one(client):
+    job = client.get(client.submit({"model": SCHNELL, "prompt": "a lighthouse"}).job_id).job
+    assert job.guidance is None
+    error = refused(client, model=SCHNELL, guidance=3.5)
+    assert error.field == "guidance" and "schnell" in error.reason
+
+
+def test_guidance_on_an_sd_model_is_refused_naming_the_family(client):
+    with pytest.raises(JobRejected) as caught:
+        client.submit({"model": TINY, "prompt": "a lighthouse", "guidance": 3.5})
+    assert caught.value.field == "guidance" and "SD 1.5" in caught.value.reason
+    assert "cfg_scale is this model's guidance" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"sampler": "dpmpp_2m_karras"}, "sampler", "flow-match Euler"),
+        ({"lcm": True}, "lcm", "no LCM-LoRA"),
+        ({"clip_skip": 2}, "clip_skip", "FLUX.1"),
+        ({"prompt_syntax": "compel"}, "prompt_syntax", "CLIP"),
+        ({"embeddings": ["easynegative"]}, "embeddings", "textual-inversion"),
+    ],
+)
+def test_what_flux_does_not_have_is_refused_naming_the_field_and_the_family(client, fields, field, words):
+    error = refused(client, **fields)
+    assert error.field == field and words in error.reason and "FLUX.1" in error.reason
+
+
+def test_a1111_weights_on_t5_are_dropped_with_a_warning(client):
+    handle = client.submit({"model": DEV, "prompt": "a (lighthouse:1.3) BREAK at night"})
+    record = client.get(handle.job_id)
+    assert record.job.prompt == "a (lighthouse:1.3) BREAK at night"  # kept as given; the worker reads the words
+    assert any("T5" in w and "plain words" in w for w in record.warnings)
+
+
+def test_the_api_documents_guidance(settings):
+    from lorafleet.producer.api import create_app
+
+    schema = create_app(settings).openapi()
+    fields = schema["components"]["schemas"]["GenerationJob"]["properties"]
+    assert "Distilled CFG Scale" in str(fields["guidance"]) and "neg + cfg" in str(fields["cfg_scale"])
