@@ -77,11 +77,7 @@ class HotPipeline:
         return total + self.patcher.pristine_bytes
 
 
-PIPELINE_CLASS = {
-    Family.sd15: "StableDiffusionPipeline",
-    Family.sd2: "StableDiffusionPipeline",
-    Family.sdxl: "StableDiffusionXLPipeline",
-}
+PIPELINE_CLASS = {family: family.traits.pipeline for family in Family}
 """The diffusers pipeline a single-file checkpoint of each family becomes."""
 
 
@@ -121,6 +117,8 @@ def _load_checkpoint(model: ModelRef, dtype: torch.dtype, converted_root: Path |
     class_name = _pipeline_class(model)
     if not class_name or model.path is None:
         raise JobFailed(f"model {model.key!r}: {model.source} is a checkpoint of unknown family")
+    if model.family is not None and model.family.is_flow:
+        return _load_flow_checkpoint(model, class_name, dtype)
     converted = converted_folder(model, dtype, converted_root) if converted_root else None
     if converted is not None and (converted / "lorafleet.json").is_file():
         try:
@@ -156,6 +154,28 @@ def _load_checkpoint(model: ModelRef, dtype: torch.dtype, converted_root: Path |
     if converted is not None:
         _save_converted(pipe, converted, {"source": str(model.path), "model_hash": model_hash})
     return pipe, model_hash
+
+
+def _load_flow_checkpoint(model: ModelRef, class_name: str, dtype: torch.dtype):
+    """A transformer-only checkpoint of a flow family, the rest of the pipeline from its base
+    (``model.config``). Not kept converted: the conversion is a renaming and a split by rows."""
+    from lorafleet.worker.flow_checkpoints import load_flow_checkpoint
+
+    assert model.path is not None
+    if not model.config:
+        raise JobFailed(
+            f"model {model.key!r}: the checkpoint {model.path.name} holds the transformer only and names no "
+            "base for its text encoders and VAE (models add --base, or LORAFLEET_CHECKPOINT_CONFIGS)"
+        )
+    local = Path(str(model.config)).is_absolute()
+    try:
+        pipe = load_flow_checkpoint(model.path, model.config, class_name, dtype, local)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobFailed(
+            f"model {model.key!r}: the checkpoint {model.path.name} could not be loaded on the base "
+            f"{model.config} ({type(exc).__name__}: {exc}); check that the base is a {model.family} folder"
+        ) from exc
+    return pipe, short_hash(model.path)
 
 
 def _save_converted(pipe, folder: Path, note: dict) -> None:

@@ -1,0 +1,121 @@
+"""Transformer-only checkpoints of the flow families, in their original code's names and in
+fp8, loaded on a base folder: the same pixels as the folder they were written from (fp8: as
+the folder with fp8-cast weights); bad files refused naming the file; LoRAs on fp8 weights
+merged the same way every time and restored bit-exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
+from lorafleet.common.schema.errors import JobFailed
+from lorafleet.common.schema.jobs import GenerationJob
+from lorafleet.worker.flow_checkpoints import FP8, load_flow_checkpoint, transformer_to_original
+from lorafleet.worker.lora.formats import parse_lora
+from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher
+from lorafleet.worker.run.sampling import conditioning, sample
+from lorafleet.worker.tiny import make_tiny_model
+
+FAMILIES = {"flux1": "FluxPipeline", "zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline", "flux2": "Flux2KleinPipeline"}
+PREFIX = {"flux1": "model.diffusion_model.", "zimage": "", "qwenimage": "model.diffusion_model.", "flux2": "diffusion_model."}
+"""How the downloads name them: ComfyUI's repackaged files, BFL's, Tongyi's."""
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow-checkpoints")
+    return {family: make_tiny_model(root / family, family=family) for family in FAMILIES}
+
+
+def load(folder):
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixels(pipe, **fields) -> np.ndarray:
+    job = GenerationJob(
+        **({"model": "m", "prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 5, "cfg_scale": 2.0, "negative_prompt": "fog"} | fields)
+    )
+    c = conditioning(pipe, job)
+    return np.asarray(sample(pipe, dict(pipe.scheduler.config), job, [c, c], [5, 5], lambda s: None, 2)[0])
+
+
+def write(folder, path, family, *, fp8: bool = False):
+    state = transformer_to_original(load(folder).transformer, PREFIX[family])
+    if fp8:  # as fp8 downloads are: the linear layers' weights in e4m3fn, the rest kept wide
+        state = {k: v.to(FP8) if v.dim() == 2 and k.endswith(".weight") else v for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_transformer_only_file_on_its_base_gives_the_folders_pixels(folders, tmp_path, family):
+    folder = folders[family]
+    path = write(folder, tmp_path / f"{family}.safetensors", family)
+    assert any(k.startswith(PREFIX[family] + ("double_blocks" if "flux" in family else "")) for k in _keys(path))
+    loaded = load_flow_checkpoint(path, str(folder), FAMILIES[family], torch.float32, local=True)
+    assert np.array_equal(pixels(loaded), pixels(load(folder)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_fp8_file_samples_as_the_folder_with_fp8_cast_weights(folders, tmp_path, family):
+    folder = folders[family]
+    path = write(folder, tmp_path / f"{family}-fp8.safetensors", family, fp8=True)
+    loaded = load_flow_checkpoint(path, str(folder), FAMILIES[family], torch.float32, local=True)
+    stored = [m.weight.dtype for m in loaded.transformer.modules() if isinstance(m, torch.nn.Linear)]
+    assert FP8 in stored  # kept fp8 in memory, computed wider layer by layer
+    reference = load(folder)
+    with torch.no_grad():
+        for module in reference.transformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(module.weight.to(FP8).float())
+    assert np.array_equal(pixels(loaded), pixels(reference))
+
+
+def test_a_lora_on_fp8_weights_gives_the_same_pixels_every_time_and_restores_bit_exactly(folders, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorafleet.worker.tiny import make_demo_loras
+
+    folder = folders["flux1"]
+    path = write(folder, tmp_path / "flux-fp8.safetensors", "flux1", fp8=True)
+    pipe = load_flow_checkpoint(path, str(folder), "FluxPipeline", torch.float32, local=True)
+    patcher = WeightPatcher({"transformer": pipe.transformer, "text_encoder": pipe.text_encoder})
+    loras = make_demo_loras(folder, tmp_path / "loras")
+    lora = parse_lora(load_file(str(loras[0])), patcher.index, "kohya", original=patcher.original)
+    pristine = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    plain = pixels(pipe)
+    patcher.apply([StackEntry(lora, 0.8, 0.8)])
+    first = pixels(pipe)
+    patched = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    assert all(patched[k].dtype == pristine[k].dtype for k in pristine)  # rounded back to fp8
+    patcher.restore()
+    assert all(torch.equal(pristine[k].float(), v.float()) for k, v in pipe.transformer.state_dict().items())
+    assert np.array_equal(pixels(pipe), plain)
+    patcher.apply([StackEntry(lora, 0.8, 0.8)])
+    assert np.array_equal(pixels(pipe), first) and not np.array_equal(first, plain)
+    patcher.restore()
+
+
+def test_a_file_of_another_model_or_cut_short_is_refused_naming_it(folders, tmp_path):
+    folder = folders["flux1"]
+    state = transformer_to_original(load(folder).transformer)
+    truncated = dict(list(state.items())[: len(state) // 2])
+    save_file({k: v.contiguous() for k, v in truncated.items()}, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(JobFailed, match=r"cut\.safetensors: \d+ of the transformer's tensors are missing"):
+        load_flow_checkpoint(tmp_path / "cut.safetensors", str(folder), "FluxPipeline", torch.float32, local=True)
+    other = transformer_to_original(load(folders["qwenimage"]).transformer)
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "qwen.safetensors"))
+    with pytest.raises(JobFailed, match=r"qwen\.safetensors: tensor .* is not part of a FluxTransformer2DModel"):
+        load_flow_checkpoint(tmp_path / "qwen.safetensors", str(folder), "FluxPipeline", torch.float32, local=True)
+
+
+def _keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
