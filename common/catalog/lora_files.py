@@ -7,7 +7,8 @@ LoRA at submit without loading a tensor:
 - pickled formats (.ckpt, .pt, .bin, .pth) are refused: loading them runs arbitrary code;
 - a header that is not valid safetensors (size, JSON, dtypes, offsets) is refused;
 - the base family comes from the file's metadata, its key names or its tensor shapes, in
-  that order.
+  that order; for the flow-matching families (FLUX.1, FLUX.2, Qwen-Image, Z-Image) the
+  names and shapes must agree with the metadata (catalog/family_keys.py).
 
 Every refusal is a FileRefused naming the file.
 """
@@ -22,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafleet.common.catalog.family_keys import LoraBase, flow_base
 from lorafleet.common.schema.errors import FileRefused
 from lorafleet.common.schema.family import FAMILY_BY_CROSS_ATTENTION, Family
 
@@ -52,7 +54,9 @@ _CROSS_ATTENTION_INPUT = re.compile(
     r"attn2[._](?:to_[kv]|processor[._]to_[kv]_lora)[._](?:lora_down[._]weight|lora_A[._]weight|down[._]weight"
     r"|lora[._]down[._]weight|hada_w1_b)$"
 )
-_DOWN_FACTOR = re.compile(r"(lora_down|lora_A|lora[._]down)\.weight$")
+_DOWN_FACTOR = re.compile(r"(lora_down|lora_A(\.[^.]+)?|lora[._]down|_lora\d\.down)\.weight$")
+_BFL_BLOCK = re.compile(r"^(?:model\.)?(?:diffusion_model\.)?(?:double|single)_blocks\.\d+\.")
+"""Black Forest Labs' own FLUX block names, as ComfyUI and ai-toolkit write LoRAs on them."""
 _TRIGGER_KEYS = ("lorafleet.trigger_words", "modelspec.trigger_phrase", "trigger_words", "ss_trigger_words")
 
 
@@ -139,14 +143,32 @@ def refuse_pickled(path: Path) -> None:
 
 
 def detect_format(header: SafetensorsHeader) -> str:
-    """The LoRA format, by its key names (and, for LoCon, its 3x3 factors)."""
-    joined = "\n".join(header.tensors)
+    """The LoRA format, by its key names (and, for LoCon, its 3x3 factors).
+
+    Kinds: ``kohya-lora`` / ``kohya-locon`` (``lora_down``/``lora_up``), ``peft``
+    (``lora_A``/``lora_B`` on diffusers names), ``bfl-lora`` (``lora_A``/``lora_B`` on BFL's
+    FLUX block names), ``comfy-lora`` (``lora_A``/``lora_B`` under ``diffusion_model.`` on
+    other original names), ``onetrainer`` (``lora_transformer_``), ``xlabs``,
+    ``lycoris-loha``, ``lycoris-lokr``, ``diffusers-old``, ``full-diff``, ``unknown``; a
+    ``+dora`` suffix when the file carries DoRA magnitudes.
+    """
+    keys = list(header.tensors)
+    joined = "\n".join(keys)
     if ".hada_w1_a" in joined:
         kind = "lycoris-loha"
     elif ".lokr_w1" in joined:
         kind = "lycoris-lokr"
+    elif any(_BFL_BLOCK.match(k) and ".processor." in k for k in keys):
+        kind = "xlabs"
     elif ".lora_A." in joined or ".lora_B." in joined:
-        kind = "peft"
+        if any(_BFL_BLOCK.match(k) for k in keys):
+            kind = "bfl-lora"
+        elif any(k.startswith("diffusion_model.") for k in keys):
+            kind = "comfy-lora"
+        else:
+            kind = "peft"
+    elif ".lora_down." in joined and any(k.startswith("lora_transformer_") for k in keys):
+        kind = "onetrainer"
     elif ".lora_down." in joined:
         conv = any(
             k.endswith(".lora_down.weight") and len(t.shape) == 4 and t.shape[2:] != (1, 1)
@@ -166,15 +188,39 @@ def detect_format(header: SafetensorsHeader) -> str:
 
 def detect_family(header: SafetensorsHeader) -> Family | None:
     """The family from metadata, key names, then shapes; None if nothing tells."""
+    return _base(header).family
+
+
+def detect_variant(header: SafetensorsHeader) -> str | None:
+    """The variant of the family the file was made for, where one tells: ``klein-4b``,
+    ``klein-9b`` or ``dev`` for FLUX.2 (LoRAs do not cross them), ``edit`` for Qwen-Image Edit."""
+    return _base(header).variant
+
+
+def transformer_width(header: SafetensorsHeader) -> int | None:
+    """The hidden size of the flow transformer the file's factors were made for (3072 for
+    FLUX.1, Qwen-Image and FLUX.2 Klein 4B, 4096 for Klein 9B, 3840 for Z-Image); None for
+    SD files or when the shapes do not give one width."""
+    return _base(header).width
+
+
+def _base(header: SafetensorsHeader) -> LoraBase:
     meta = header.metadata
     version = (meta.get("ss_base_model_version") or "").lower()
     arch = (meta.get("modelspec.architecture") or "").lower()
     if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return Family.sdxl
+        return LoraBase(Family.sdxl)
     if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2"):
-        return Family.sd2
+        return LoraBase(Family.sd2)
     if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return Family.sd15
+        return LoraBase(Family.sd15)
+    flow = flow_base(meta, {k: t.shape for k, t in header.tensors.items()})
+    if flow is not None:  # checked before lora_te1_: kohya's FLUX.1 LoRAs carry CLIP keys too
+        return flow
+    return LoraBase(_sd_family(header))
+
+
+def _sd_family(header: SafetensorsHeader) -> Family | None:
     keys = list(header.tensors)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.", "te2.")) for k in keys):
         return Family.sdxl
@@ -243,6 +289,11 @@ class LoraInfo:
     tensor_count: int
     trigger_words: list[str] = field(default_factory=list)
     cross_attention_width: int | None = None
+    variant: str | None = None
+    """The family's variant where the file tells (FLUX.2: ``klein-4b``, ``klein-9b``, ``dev``;
+    Qwen-Image Edit: ``edit``)."""
+    transformer_width: int | None = None
+    """Hidden size of the flow transformer the factors fit (None for SD files)."""
     is_lcm: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     object_key: str | None = None
@@ -268,17 +319,20 @@ def describe_file(path: Path, name: str | None = None) -> LoraInfo:
         )
     name = name or path.stem
     lcm_meta = header.metadata.get("lorafleet.lcm", "").lower() == "true"
+    base = _base(header)
     return LoraInfo(
         name=name,
         path=path,
         size=path.stat().st_size,
         sha256=sha256_file(path),
         format=detect_format(header),
-        family=detect_family(header),
+        family=base.family,
         rank=_rank(header),
         tensor_count=len(header.tensors),
         trigger_words=_trigger_words(header.metadata),
         cross_attention_width=cross_attention_width(header),
+        variant=base.variant,
+        transformer_width=base.width,
         is_lcm=lcm_meta or "lcm" in name.lower(),
         metadata=dict(header.metadata),
     )

@@ -179,7 +179,7 @@ def describe_checkpoint_file(
         raise ModelError(f"{path.name}: {exc.reason}", allowed=exc.allowed) from None
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-    config = config or settings_configs.get(info.family.value) or CANONICAL_CONFIGS[info.family]
+    config = config or settings_configs.get(info.family.value) or info.canonical_config
     native = NATIVE_SIZE[info.family]
     prediction = info.prediction_type
     folder = Path(config)
@@ -196,6 +196,7 @@ def describe_checkpoint_file(
         prediction_type=prediction,
         config=config,
         text_widths=info.text_widths or None,
+        guidance_embeds=info.guidance_embeds,
     )
 
 
