@@ -276,6 +276,15 @@ class JobResolver:
                 field=field,
                 allowed=f"a {model.family.value} LoRA",
             )
+        made, serving = info.transformer_width, model.transformer_width
+        if made and serving and made != serving:
+            variant = f" ({info.variant})" if info.variant else ""
+            raise JobRejected(
+                f"LoRA {info.name!r} was made for a {info.family.traits.label if info.family else ''} transformer "
+                f"{made} wide{variant} but model {model.key!r} is {serving} wide: LoRAs do not cross variants",
+                field=field,
+                allowed=f"a LoRA trained on a {serving}-wide base",
+            )
         width, expected = info.cross_attention_width, model.cross_attention_dim
         if width and expected and width != expected:
             raise JobRejected(

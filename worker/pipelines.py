@@ -30,7 +30,7 @@ from lorafleet.common.catalog.models import ModelRef
 from lorafleet.common.schema.errors import FileRefused, JobFailed
 from lorafleet.common.schema.family import Family
 from lorafleet.common.schema.settings import Settings
-from lorafleet.worker.lora.module_index import COMPONENTS
+from lorafleet.worker.lora.module_index import COMPONENTS, TEXT_ENCODERS
 from lorafleet.worker.lora.patcher import WeightPatcher
 from lorafleet.worker.lru import LRUCache
 
@@ -48,10 +48,12 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``auto`` is float16 on CUDA and float32 on the CPU."""
+def pick_dtype(setting: str, device: torch.device, family: Family | None = None) -> torch.dtype:
+    """``auto`` is float16 on CUDA (bfloat16 for the flow families) and float32 on the CPU."""
     if setting == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family is not None and family.is_flow else torch.float16
     return getattr(torch, setting)
 
 
@@ -69,11 +71,9 @@ class HotPipeline:
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for name in ("vae", *COMPONENTS):
-            module = getattr(self.pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                total += sum(p.nbytes for p in module.parameters())
+        """Every component's weights (text encoders and VAE included) and the pristine copies."""
+        modules = {id(m): m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)}
+        total = sum(p.nbytes for module in modules.values() for p in module.parameters())
         return total + self.patcher.pristine_bytes
 
 
@@ -214,9 +214,17 @@ def _alive(pid: int) -> bool:
 
 
 def load_pipeline(
-    model: ModelRef, device: torch.device, dtype: torch.dtype, converted_root: Path | None = None
+    model: ModelRef,
+    device: torch.device,
+    dtype: torch.dtype,
+    converted_root: Path | None = None,
+    *,
+    text_encoder_device: torch.device | None = None,
+    pristine_device: torch.device | None = None,
 ) -> HotPipeline:
-    """Load a pipeline (offline for local folders and checkpoints) and wrap it for jobs."""
+    """Load a pipeline (offline for local folders and checkpoints) and wrap it for jobs:
+    on ``device``, its text encoders on ``text_encoder_device`` when given, the pristine
+    copies of LoRA-touched weights on ``pristine_device`` when given."""
     start = time.perf_counter()
     model_hash = None
     if model.single_file:
@@ -232,6 +240,10 @@ def load_pipeline(
         except (OSError, ValueError, EnvironmentError) as exc:
             raise JobFailed(f"model {model.key!r} cannot be loaded from {model.source}: {exc}") from exc
     pipe.to(device)
+    if text_encoder_device is not None and text_encoder_device != device:
+        for name in TEXT_ENCODERS:
+            if isinstance(getattr(pipe, name, None), torch.nn.Module):
+                getattr(pipe, name).to(text_encoder_device)
     pipe.set_progress_bar_config(disable=True)
     components = {
         name: getattr(pipe, name)
@@ -241,7 +253,7 @@ def load_pipeline(
     hot = HotPipeline(
         model=model,
         pipe=pipe,
-        patcher=WeightPatcher(components),
+        patcher=WeightPatcher(components, pristine_device),
         scheduler_config=dict(pipe.scheduler.config),
         load_seconds=time.perf_counter() - start,
         model_hash=model_hash,
@@ -285,6 +297,9 @@ class PipelineCache:
     def __init__(self, settings: Settings, capacity: int | None = None) -> None:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
+        self._dtype_setting = settings.dtype
+        self.text_encoder_device = torch.device(settings.text_encoder_device) if settings.text_encoder_device else None
+        self.pristine_device = torch.device(settings.pristine_device) if settings.pristine_device else None
         self.converted_root = settings.converted_dir
         sweep_partial_copies(self.converted_root)
         budget = settings.pipeline_memory_mb * 1024 * 1024
@@ -316,8 +331,16 @@ class PipelineCache:
         hot = self._hot.get(model.key)
         if hot is not None:
             return hot, 0.0
-        self._hot.make_room(pipeline_bytes(model, self.dtype), incoming_items=1)
-        hot = load_pipeline(model, self.device, self.dtype, self.converted_root)
+        dtype = pick_dtype(self._dtype_setting, self.device, model.family)
+        self._hot.make_room(pipeline_bytes(model, dtype), incoming_items=1)
+        hot = load_pipeline(
+            model,
+            self.device,
+            dtype,
+            self.converted_root,
+            text_encoder_device=self.text_encoder_device,
+            pristine_device=self.pristine_device,
+        )
         self._hot.put(model.key, hot)
         self.loads += 1
         return hot, hot.load_seconds

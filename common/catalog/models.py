@@ -56,6 +56,8 @@ class ModelRef:
     """Width of each text encoder's token vectors (``text_encoder``, ``text_encoder_2``)."""
     guidance_embeds: bool | None = None
     """Whether the denoiser reads a distilled guidance value (FLUX.1 dev and Krea; not schnell)."""
+    transformer_width: int | None = None
+    """A flow family's transformer width (FLUX.2 Klein 4B: 3072, 9B: 4096): LoRAs do not cross it."""
 
     @property
     def queue(self) -> str:
@@ -83,6 +85,7 @@ class ModelRef:
             "vae": self.vae,
             "text_widths": self.text_widths,
             "guidance_embeds": self.guidance_embeds,
+            "transformer_width": self.transformer_width,
         }
 
 
@@ -121,11 +124,12 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     prediction = scheduler.get("prediction_type")
     family = pipeline_family(str(index.get("_class_name", "")), cross, text_encoder.get("hidden_act"))
-    guidance_embeds = None
+    guidance_embeds = width = None
     if family is not None and family.is_flow:
         transformer = _config(folder / "transformer" / "config.json")
         native = _flow_native_size(vae)
         guidance_embeds = bool(transformer.get("guidance_embeds", False))
+        width = _transformer_width(transformer)
     return ModelRef(
         key=key,
         path=folder,
@@ -135,7 +139,16 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         prediction_type=prediction if isinstance(prediction, str) else None,
         text_widths=widths or None,
         guidance_embeds=guidance_embeds,
+        transformer_width=width,
     )
+
+
+def _transformer_width(config: dict) -> int | None:
+    """Heads x head size (FLUX.1, FLUX.2, Qwen-Image), or Z-Image's ``dim``."""
+    heads, size = config.get("num_attention_heads"), config.get("attention_head_dim")
+    if isinstance(heads, int) and isinstance(size, int):
+        return heads * size
+    return config["dim"] if isinstance(config.get("dim"), int) else None
 
 
 FLOW_LATENT_SIZE = 128
@@ -197,6 +210,7 @@ def describe_checkpoint_file(
         config=config,
         text_widths=info.text_widths or None,
         guidance_embeds=info.guidance_embeds,
+        transformer_width=info.transformer_width,
     )
 
 
@@ -210,6 +224,7 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "config": entry.get("config"),
         "text_widths": entry.get("text_widths"),
         "guidance_embeds": entry.get("guidance_embeds"),
+        "transformer_width": entry.get("transformer_width"),
     }
     vae = entry.get("vae")
     return replace(_source_ref(name, source, known, configs), vae=vae)
@@ -290,9 +305,12 @@ class ModelRegistry:
         family: Family | None = None,
         config: str | None = None,
         vae: str | None = None,
+        base: str | None = None,
     ) -> ModelRef:
         """Register ``name`` for every machine: a folder or checkpoint file (as the workers
-        see it) or a hub id; ``config`` gives a checkpoint's component configs."""
+        see it) or a hub id; ``config`` gives a checkpoint's component configs; ``base`` (a
+        registered model, a folder or a hub id of the same family) gives a transformer-only
+        checkpoint its text encoders, tokenizers and VAE (for an SD checkpoint: its configs)."""
         if self.redis is None:
             raise ConfigError(
                 "registering a model needs a broker (LORAFLEET_BROKER_URL or the embedded Redis)"
@@ -300,6 +318,13 @@ class ModelRegistry:
         if not NAME.match(name):
             raise BadArgument(f"{name!r} is not a model name", field="NAME", allowed=NAME_ALLOWED)
         path = Path(source).expanduser()
+        base_family = None
+        if base is not None:
+            if config is not None:
+                raise BadArgument("--base and --config name the same thing", field="--base", allowed="one of them")
+            if not is_checkpoint_path(path):
+                raise BadArgument("only a single-file checkpoint takes --base", field="--base")
+            config, base_family = self._base(base)
         if config is not None and not (HUB_ID.match(config) or Path(config).is_absolute()):
             raise BadArgument(
                 f"{config!r} is neither an absolute folder path nor a hub id",
@@ -318,6 +343,12 @@ class ModelRegistry:
                 raise BadArgument(exc.reason, field="SOURCE", allowed=exc.allowed) from None
             if family is not None and family is not ref.family:
                 raise BadArgument(f"the file's tensors say {ref.family}, not {family}", field="--family")
+            if base_family is not None and base_family is not ref.family:
+                raise BadArgument(
+                    f"{base!r} is a {base_family.traits.label} model but {path.name} is {ref.family.traits.label}",
+                    field="--base",
+                    allowed=f"a {ref.family.traits.label} model: a registered name, a folder or a hub id",
+                )
         elif path.is_absolute():
             ref = ModelRef(key=name, path=path, family=family)  # a folder on the workers, not here
         elif HUB_ID.match(source):
@@ -336,6 +367,29 @@ class ModelRegistry:
         ref = replace(ref, vae=vae)
         self.redis.hset(keys.REGISTERED_MODELS, name, json.dumps(ref.entry()))
         return ref
+
+    def _base(self, base: str) -> tuple[str, Family | None]:
+        """Where a checkpoint's other components come from, and that base's family if known:
+        a registered or local model's folder or hub id, else the folder or hub id given."""
+        path = Path(base).expanduser()
+        if NAME.match(base) and (base in self.registered() or self.is_local_name(base)):
+            ref = self.get(base)
+            if ref.single_file:
+                raise BadArgument(
+                    f"{base!r} is itself a single-file checkpoint",
+                    field="--base",
+                    allowed="a model that is a diffusers folder or a hub id",
+                )
+            return ref.source, ref.family
+        if path.is_absolute() and is_pipeline_folder(path):
+            return str(path), describe_folder(base, path).family
+        if path.is_absolute() or HUB_ID.match(base):
+            return base, None  # a folder only the workers see, or a hub id: checked when loaded
+        raise BadArgument(
+            f"{base!r} is neither a registered model, a folder nor a hub id",
+            field="--base",
+            allowed="a registered model name, an absolute diffusers folder (as the workers see it), or owner/name",
+        )
 
     def unregister(self, name: str) -> bool:
         return bool(self.redis is not None and self.redis.hdel(keys.REGISTERED_MODELS, name))

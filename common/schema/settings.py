@@ -60,7 +60,19 @@ class Settings(BaseSettings):
         default="auto", description="Worker device: auto (cuda if present), cuda, cuda:N or cpu."
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="Worker weights dtype: auto is float16 on CUDA, float32 on CPU."
+        default="auto",
+        description="Worker weights dtype: auto is float16 on CUDA (bfloat16 for the flow-matching families, "
+        "whose activations overflow float16), float32 on CPU.",
+    )
+    text_encoder_device: str = Field(
+        default="",
+        description="Where text encoders live and run (cpu frees the card for the denoiser: FLUX.1's T5 is "
+        "9 GB); empty is the worker device. Prompts are encoded there and the embeddings moved over.",
+    )
+    pristine_device: str = Field(
+        default="",
+        description="Where the pristine copies of LoRA-touched weights are kept (cpu: host memory, pinned, for a "
+        "card too small to hold both; each switch then reads them across); empty is beside the weights.",
     )
     checkpoint_configs: dict[str, str] = Field(
         default_factory=dict,

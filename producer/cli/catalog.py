@@ -101,7 +101,7 @@ def models_add(
     ],
     family: Annotated[
         str | None,
-        typer.Option(help="sd15, sd2 or sdxl, when the folder is not readable here (or for a hub id)."),
+        typer.Option(help="sd15, sd2, sdxl, flux1, zimage, qwenimage or flux2, when the folder is not readable here (or for a hub id)."),
     ] = None,
     config: Annotated[
         str | None,
@@ -115,6 +115,15 @@ def models_add(
         str | None,
         typer.Option("--vae", help="A VAE in autoimport/vae that the model's jobs decode with by default."),
     ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="For a transformer-only checkpoint (FLUX.1, Z-Image, Qwen-Image, FLUX.2): the model of the same "
+            "family its text encoders, tokenizers and VAE come from: a registered name, a folder or a hub id "
+            "(default: LORAFLEET_CHECKPOINT_CONFIGS, else the family's repo).",
+        ),
+    ] = None,
 ) -> None:
     """Register a base model by name in Redis, so every producer and worker agrees on it."""
     settings = Settings()
@@ -127,7 +136,7 @@ def models_add(
                 f"got {family!r}", field="--family", allowed=", ".join(f.value for f in Family)
             ) from None
         ref = ModelRegistry(settings, resolve_broker(settings).client()).register(
-            name, source, chosen, config, vae
+            name, source, chosen, config, vae, base
         )
         console.print(
             f"registered {name}: {ref.source} ({ref.family.value if ref.family else 'family unknown'}), "

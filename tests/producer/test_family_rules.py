@@ -88,3 +88,26 @@ def test_the_api_documents_guidance(settings):
     schema = create_app(settings).openapi()
     fields = schema["components"]["schemas"]["GenerationJob"]["properties"]
     assert "Distilled CFG Scale" in str(fields["guidance"]) and "neg + cfg" in str(fields["cfg_scale"])
+
+
+def test_a_klein_9b_lora_on_a_klein_4b_model_is_refused_naming_both_widths(client, settings):
+    """LoRAs do not cross variants: the model's width (its transformer config) against the
+    LoRA's (its factor shapes). Only configs are needed at submit, so real sizes are cheap."""
+    import json
+
+    from tests.common.test_family_detection import K9, write_safetensors, wild
+
+    folder = settings.home / "models" / "klein-4b"
+    for sub, config in {
+        "transformer": {"_class_name": "Flux2Transformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128},
+        "vae": {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512]},
+    }.items():
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
+    write_safetensors(settings.home / "autoimport" / "lora" / "klein9.safetensors", wild("flux2-klein-9b-bfl"))
+    with pytest.raises(JobRejected) as caught:
+        client.submit({"model": "klein-4b", "prompt": "a lighthouse", "loras": [{"name": "klein9"}]})
+    assert caught.value.field == "loras[0].name"
+    assert f"{K9} wide (klein-9b)" in str(caught.value) and "is 3072 wide" in str(caught.value)
+    assert queued_messages(client) == []

@@ -119,3 +119,73 @@ def _keys(path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+@pytest.fixture
+def registered(settings, folders, tmp_path):
+    """The tiny FLUX.1 folder under models/ and its transformer as a file registered with --base."""
+    import shutil
+
+    import redis
+
+    from lorafleet.common.catalog.models import ModelRegistry
+
+    shutil.copytree(folders["flux1"], settings.home / "models" / "tiny-flux1")
+    path = write(folders["flux1"], tmp_path / "flux1-dev-tiny.safetensors", "flux1")
+    registry = ModelRegistry(settings, redis.Redis.from_url(settings.broker_url))
+    return registry, path
+
+
+def test_models_add_with_base_registers_a_transformer_only_file_that_runs_like_its_folder(registered, settings):
+    from lorafleet.producer import Client
+    from tests.worker.conftest import make_runner
+    from tests.worker.test_runner import pixels as stored_pixels
+
+    registry, path = registered
+    ref = registry.register("flux-file", str(path), base="tiny-flux1")
+    assert (ref.family.value, ref.config, ref.guidance_embeds) == ("flux1", str(settings.home / "models" / "tiny-flux1"), True)
+    assert ref.transformer_width == 32 and ref.single_file
+    runner = make_runner(settings)
+    job = {"prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 3, "cfg_scale": 2.0}
+    with Client(settings) as client:
+        records = []
+        for model in ("flux-file", "tiny-flux1"):
+            handle = client.submit(job | {"model": model})
+            runner.run(handle.job_id)
+            records.append(client.get(handle.job_id))
+    assert [r.status.value for r in records] == ["succeeded", "succeeded"], [r.error for r in records]
+    assert records[0].job.guidance == 3.5  # the file's guidance embedding, read from its tensors
+    assert stored_pixels(records[0], runner) == stored_pixels(records[1], runner)
+
+
+@pytest.mark.parametrize(
+    ("base", "words"),
+    [
+        ("/nowhere/relative/../x", None),
+        ("not a name!", "neither a registered model, a folder nor a hub id"),
+    ],
+)
+def test_a_base_that_names_nothing_usable_is_refused_naming_the_option(registered, base, words):
+    from lorafleet.common.schema.errors import BadArgument
+
+    registry, path = registered
+    if words is None:  # a folder only the workers see: taken as given, checked when loaded
+        assert registry.register("flux-file", str(path), base=base).config == base
+        return
+    with pytest.raises(BadArgument) as caught:
+        registry.register("flux-file", str(path), base=base)
+    assert caught.value.field == "--base" and words in caught.value.reason
+    assert "flux-file" not in registry.registered()
+
+
+def test_a_base_of_another_family_is_refused_and_nothing_is_registered(registered, folders, settings):
+    import shutil
+
+    from lorafleet.common.schema.errors import BadArgument
+
+    registry, path = registered
+    shutil.copytree(folders["qwenimage"], settings.home / "models" / "tiny-qwen")
+    with pytest.raises(BadArgument) as caught:
+        registry.register("flux-file", str(path), base="tiny-qwen")
+    assert caught.value.field == "--base" and "Qwen-Image" in caught.value.reason and "FLUX.1" in caught.value.reason
+    assert "flux-file" not in registry.registered()

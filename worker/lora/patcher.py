@@ -72,10 +72,16 @@ def concatenate_low_rank(parts: list[tuple[LowRankDelta, float]]) -> tuple[torch
 
 
 class WeightPatcher:
-    """Owns the adaptable weights of one pipeline and the pristine copies of those touched."""
+    """Owns the adaptable weights of one pipeline and the pristine copies of those touched.
 
-    def __init__(self, components: dict[str, torch.nn.Module]) -> None:
+    ``pristine_device`` keeps the copies elsewhere than the weights (``cpu``: host memory,
+    pinned when the weights are on CUDA, for a card too small to hold both); each write
+    then reads its copy across, and a restore copies it back, still bit-exact.
+    """
+
+    def __init__(self, components: dict[str, torch.nn.Module], pristine_device: torch.device | None = None) -> None:
         self.components = components
+        self.pristine_device = pristine_device
         self.index = ModuleIndex(components)
         self._params: dict[str, torch.nn.Parameter] = {}
         self._pristine: dict[str, torch.Tensor] = {}
@@ -112,7 +118,13 @@ class WeightPatcher:
         with self._pristine_lock:
             copy = self._pristine.get(key)
             if copy is None:
-                copy = self.parameter(key).detach().clone()
+                param = self.parameter(key).detach()
+                if self.pristine_device is None or self.pristine_device == param.device:
+                    copy = param.clone()
+                else:
+                    pin = param.device.type == "cuda" and self.pristine_device.type == "cpu"
+                    copy = torch.empty(param.shape, dtype=param.dtype, device=self.pristine_device, pin_memory=pin)
+                    copy.copy_(param)
                 self._pristine[key] = copy
             return copy
 
@@ -164,6 +176,7 @@ class WeightPatcher:
         self._touched.add(key)
         rows = param.shape[0]
         target = param.detach().view(rows, -1)
+        original = original.to(param.device, non_blocking=True)  # a no-op unless kept in host memory
         base = original.view(rows, -1)
         low_rank = [(d, s) for d, s in parts if isinstance(d, LowRankDelta)]
         others = [(d, s) for d, s in parts if not isinstance(d, LowRankDelta)]

@@ -34,29 +34,29 @@ TOKENS = 512
 """Text tokens every flow family reads (the pipelines' ``max_sequence_length``)."""
 
 
-def _flux1(pipe, text: str) -> dict[str, torch.Tensor]:
+def _flux1(pipe, text: str, device: torch.device) -> dict[str, torch.Tensor]:
     embeds, pooled, _ = pipe.encode_prompt(
-        prompt=text, prompt_2=None, device=pipe._execution_device, max_sequence_length=TOKENS
+        prompt=text, prompt_2=None, device=device, max_sequence_length=TOKENS
     )
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
-def _zimage(pipe, text: str) -> dict[str, torch.Tensor]:
+def _zimage(pipe, text: str, device: torch.device) -> dict[str, torch.Tensor]:
     embeds, _ = pipe.encode_prompt(
-        prompt=text, device=pipe._execution_device, do_classifier_free_guidance=False, max_sequence_length=TOKENS
+        prompt=text, device=device, do_classifier_free_guidance=False, max_sequence_length=TOKENS
     )
     return {"prompt_embeds": embeds[0].unsqueeze(0)}  # one vector per token: (1, tokens, width)
 
 
-def _qwenimage(pipe, text: str) -> dict[str, torch.Tensor]:
-    embeds, mask = pipe.encode_prompt(prompt=text, device=pipe._execution_device, max_sequence_length=TOKENS)
+def _qwenimage(pipe, text: str, device: torch.device) -> dict[str, torch.Tensor]:
+    embeds, mask = pipe.encode_prompt(prompt=text, device=device, max_sequence_length=TOKENS)
     if mask is None:  # diffusers leaves out a mask of all ones
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
-def _flux2(pipe, text: str) -> dict[str, torch.Tensor]:
-    embeds, _ = pipe.encode_prompt(prompt=text, device=pipe._execution_device, max_sequence_length=TOKENS)
+def _flux2(pipe, text: str, device: torch.device) -> dict[str, torch.Tensor]:
+    embeds, _ = pipe.encode_prompt(prompt=text, device=device, max_sequence_length=TOKENS)
     return {"prompt_embeds": embeds}
 
 
@@ -65,7 +65,7 @@ class FlowCall:
     """How one family's pipeline takes a job's prompts and guidance."""
 
     label: str
-    encode: Callable[[object, str], dict[str, torch.Tensor]]
+    encode: Callable[[object, str, torch.device], dict[str, torch.Tensor]]
     guidance: Callable[[GenerationJob], dict]
     tokenizer: str
     """The pipeline attribute whose tokenizer counts the prompt's tokens."""
@@ -117,14 +117,15 @@ def prompt_warnings(pipe, job: GenerationJob) -> list[str]:
     return notes
 
 
-def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
-    """The job's prompt (and negative, when guided) as the pipeline's embeddings, batch 1."""
+def conditioning(pipe, job: GenerationJob, device: torch.device) -> dict[str, torch.Tensor]:
+    """The job's prompt (and negative, when guided) as the pipeline's embeddings, batch 1,
+    encoded on ``device`` (where the text encoders are)."""
     call = _call(pipe)
     out: dict[str, torch.Tensor] = {}
     texts = {"": job.prompt} | ({"negative_": job.negative_prompt} if uses_negative(job) else {})
     with torch.no_grad():
         for prefix, text in texts.items():
-            out |= {f"{prefix}{name}": value for name, value in call.encode(pipe, plain_text(text)).items()}
+            out |= {f"{prefix}{name}": value for name, value in call.encode(pipe, plain_text(text), device).items()}
     return out
 
 

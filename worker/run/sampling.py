@@ -61,23 +61,36 @@ def image_seed(job: GenerationJob, index: int) -> int:
     return (job.seed + index) % SEED_MODULUS
 
 
+def text_device(pipe) -> torch.device:
+    """Where the pipeline's text encoders are (LORAFLEET_TEXT_ENCODER_DEVICE may keep them apart)."""
+    encoder = getattr(pipe, "text_encoder", None)
+    return encoder.device if isinstance(encoder, torch.nn.Module) else pipe._execution_device
+
+
+def denoiser_device(pipe) -> torch.device:
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    return denoiser.device if isinstance(denoiser, torch.nn.Module) else pipe._execution_device
+
+
 def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
     """The job's prompts as embeddings for one image (batch dimension 1), encoded for this job
-    alone, so that they never depend on which jobs share its sampling calls.
+    alone, so that they never depend on which jobs share its sampling calls; encoded where the
+    text encoders are, and moved to where the denoiser is.
 
     Semantics: where ``prompt_arguments`` gives text, diffusers' own ``encode_prompt`` encodes
     it exactly as the pipeline would (negative ``None`` kept: SDXL zeroes it); else its
-    embeddings as they are.
+    embeddings as they are. The flow families: worker/run/flow.py.
     """
+    target = denoiser_device(pipe)
     if flow.is_flow(pipe):
-        return flow.conditioning(pipe, job)
+        return {k: v.to(target) for k, v in flow.conditioning(pipe, job, text_device(pipe)).items()}
     arguments = prompt_arguments(pipe, job)
     if "prompt_embeds" in arguments:
-        return {k: v for k, v in arguments.items() if v is not None}
+        return {k: v.to(target) for k, v in arguments.items() if v is not None}
     with torch.no_grad():
         encoded = pipe.encode_prompt(
             prompt=arguments["prompt"],
-            device=pipe._execution_device,
+            device=text_device(pipe),
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=arguments["negative_prompt"],
@@ -85,7 +98,7 @@ def conditioning(pipe, job: GenerationJob) -> dict[str, torch.Tensor]:
     names = ["prompt_embeds", "negative_prompt_embeds"]
     if len(encoded) == 4:  # SDXL: the pooled embeddings too
         names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
-    return dict(zip(names, encoded))
+    return {name: value.to(target) for name, value in zip(names, encoded)}
 
 
 def seeds_its_own_noise(sampler: Sampler) -> bool:
