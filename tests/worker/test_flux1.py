@@ -291,3 +291,69 @@ def test_a_flux_job_runs_end_to_end_and_its_png_regenerates_pixel_for_pixel(flux
     again = client.submit(job)
     assert runner.run(again.job_id) is JobStatus.succeeded
     assert pixels(client.get(again.job_id), runner) == pixels(record, runner)
+
+
+def test_dora_on_a_fused_layer_equals_dora_on_the_original_weight(pipes):
+    """DoRA's norm is taken over the original (fused) layer's rows, then dealt out."""
+    ours, _, patcher = pipes
+    attn = ours.transformer.transformer_blocks[0].attn
+    fused = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach().double()
+    gen = torch.Generator().manual_seed(11)
+    down, up = torch.randn(4, fused.shape[1], generator=gen) * 0.05, torch.randn(fused.shape[0], 4, generator=gen) * 0.05
+    magnitude = fused.norm(dim=1) * (1 + 0.1 * torch.rand(fused.shape[0], generator=gen, dtype=torch.float64))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    state = {
+        f"{name}.lora_down.weight": down,
+        f"{name}.lora_up.weight": up,
+        f"{name}.alpha": torch.tensor(4.0),
+        f"{name}.dora_scale": magnitude.float(),
+    }
+    merged = fused + up.double() @ down.double()
+    directed = merged * (magnitude.float().double() / merged.norm(dim=1))[:, None]
+    expected = fused + 0.8 * (directed - fused)  # DoRA at strength s: W0 + s (c (W0 + dW) - W0)
+    parsed = parse_lora(state, patcher.index, "kohya", original=patcher.original)
+    try:
+        patcher.apply([StackEntry(parsed, 0.8, 0.8)])
+        got = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach().double()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    finally:
+        patcher.restore()
+
+
+def test_a_control_lora_that_widens_the_input_layer_is_refused_saying_why(pipes):
+    from lorafleet.worker.lora.formats import LoraFormatError
+
+    _, _, patcher = pipes
+    x_in = patcher.components["transformer"].x_embedder
+    state = {  # BFL Control LoRAs train img_in on twice the input channels (image + control)
+        "lora_unet_img_in.lora_down.weight": torch.zeros(4, 2 * x_in.in_features),
+        "lora_unet_img_in.lora_up.weight": torch.zeros(x_in.out_features, 4),
+    }
+    with pytest.raises(LoraFormatError, match=r"img_in: .*changes the layer's shape.*Control LoRA"):
+        parse_lora(state, patcher.index, "kohya")
+
+
+def test_a_prompt_past_t5s_512_tokens_is_cut_with_a_warning_saying_how_many(pipes):
+    from lorafleet.worker.run import flow
+
+    ours, _, _ = pipes
+    long = " ".join(["zqxj"] * 390)  # letters the tiny T5 has no word for: a token each
+    job = GenerationJob(**(JOB | {"prompt": long}), cfg_scale=1.0)
+    [note] = flow.prompt_warnings(ours, job)
+    count = len(ours.tokenizer_2(long, truncation=False).input_ids)
+    assert note.startswith(f"prompt: {count} tokens, {count - 512} past the 512 FLUX.1 reads")
+    assert flow.prompt_warnings(ours, GenerationJob(**JOB, cfg_scale=1.0)) == []
+
+
+def test_sd_parsers_reads_a_flux_png_with_its_distilled_guidance(flux_home, client, runner, tmp_path):  # noqa: F811
+    from sd_parsers import ParserManager
+
+    record = run(client, runner, **JOB | {"prompt": "a lighthouse <lora:flux1-peft:0.7>", "guidance": 2.5})
+    assert record.status is JobStatus.succeeded, record.error
+    png = tmp_path / "flux.png"
+    png.write_bytes(runner.storage.get(record.images[0].key))
+    theirs = ParserManager().parse(str(png))
+    [sampler] = theirs.samplers
+    assert sampler.name == "Euler" and sampler.model.name == FLUX
+    assert theirs.metadata["Distilled CFG Scale"] == "2.5" and theirs.metadata["Size"] == "64x64"
+    assert sampler.prompts[0].value == "a lighthouse <lora:flux1-peft:0.7>"

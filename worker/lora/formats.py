@@ -188,6 +188,12 @@ class _LayerParser:
             except RuntimeError as exc:
                 raise self.fail(f"factors do not combine: {exc}") from None
         if got != expected:
+            if got[0] == expected[0] and got[1] > expected[1]:
+                raise self.fail(
+                    f"factors give a {got} delta: the LoRA changes the layer's shape {self.target.shape} "
+                    "(a Control LoRA widens the input layer for a control image); lorafleet serves no "
+                    "shape-changing LoRA"
+                )
             raise self.fail(f"factors give a {got} delta; the layer's weight is {self.target.shape}")
         return delta
 
