@@ -35,6 +35,7 @@ def parameters_text(
     model_hash: str | None = None,
     vae: VaeInfo | None = None,
     embeddings: list[EmbeddingInfo] | None = None,
+    modules: tuple[str, ...] = (),
 ) -> str:
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
@@ -55,6 +56,7 @@ def parameters_text(
         *([("Model hash", model_hash)] if model_hash else []),
         ("Model", quote(job.model)),
         *([("VAE hash", vae.short_hash), ("VAE", quote(vae.file_name))] if vae else []),
+        *((f"Module {n}", quote(name)) for n, name in enumerate(modules, 1)),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
             [("Prompt syntax", job.prompt_syntax.value)]

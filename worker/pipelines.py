@@ -70,6 +70,13 @@ class HotPipeline:
     """A1111's short hash of a checkpoint file (None for folders and hub models)."""
 
     @property
+    def modules(self) -> tuple[str, ...]:
+        """What a transformer-only checkpoint runs with besides itself: its base, by name."""
+        if self.model.single_file and self.model.family is not None and self.model.family.is_flow and self.model.config:
+            return (Path(self.model.config).name if Path(self.model.config).is_absolute() else self.model.config,)
+        return ()
+
+    @property
     def nbytes(self) -> int:
         """Every component's weights (text encoders and VAE included) and the pristine copies."""
         modules = {id(m): m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)}

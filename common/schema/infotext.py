@@ -34,6 +34,9 @@ _SIZE = re.compile(r"^(\d+)\s*x\s*(\d+)$")
 MAX_PARAMETERS_CHARS = 64 * 1024
 """Longest parameters text read (A1111's are a few hundred characters; a hostile one could be
 megabytes)."""
+_MODULE = re.compile(r"^Module \d+$")
+"""Forge's ``Module N``: the separate VAE and text encoders a model ran with; the model's
+registration (its base) says the same, so they are read as known, not reproduced."""
 _MIN_FIELDS = 3
 """A last line with fewer ``Key: value`` pairs than this is prompt text, not fields."""
 
@@ -132,7 +135,7 @@ class Infotext:
     @property
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
-        return [key for key in self.fields if key not in USED_FIELDS] + self.unused
+        return [key for key in self.fields if key not in USED_FIELDS and not _MODULE.match(key)] + self.unused
 
     @property
     def by_lorafleet(self) -> bool:

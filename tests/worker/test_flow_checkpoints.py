@@ -156,6 +156,16 @@ def test_models_add_with_base_registers_a_transformer_only_file_that_runs_like_i
     assert [r.status.value for r in records] == ["succeeded", "succeeded"], [r.error for r in records]
     assert records[0].job.guidance == 3.5  # the file's guidance embedding, read from its tensors
     assert stored_pixels(records[0], runner) == stored_pixels(records[1], runner)
+    from io import BytesIO
+
+    from PIL import Image
+
+    from lorafleet.common.schema.infotext import parse_parameters
+
+    text = Image.open(BytesIO(runner.storage.get(records[0].images[0].key))).text["parameters"]
+    fields = parse_parameters(text).fields
+    assert fields["Module 1"] == "tiny-flux1" and len(fields["Model hash"]) == 10  # Forge's form
+    assert parse_parameters(text).ignored == []
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ class GroupSampling:
         tick = time.perf_counter()
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
-        context = StoreContext(stack.infos, hot.model_hash, vae, embeddings)
+        context = StoreContext(stack.infos, hot.model_hash, vae, embeddings, hot.modules)
         size = self.batch_sizes.get(job.model, job.width, job.height)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             for member in members:

@@ -34,6 +34,8 @@ class StoreContext(NamedTuple):
     model_hash: str | None
     vae: VaeInfo | None
     embeddings: list
+    modules: tuple[str, ...] = ()
+    """The base a transformer-only checkpoint runs on (Forge's ``Module 1: ...``)."""
 
 
 class StoreStage:
@@ -88,10 +90,18 @@ class StoreStage:
         return replace(info, path=path)
 
     def _store_image(
-        self, job, index: int, image, infos, model_hash: str | None, vae: VaeInfo | None, embeddings: list
+        self,
+        job,
+        index: int,
+        image,
+        infos,
+        model_hash: str | None,
+        vae: VaeInfo | None,
+        embeddings: list,
+        modules: tuple[str, ...] = (),
     ) -> ImageRef:
         seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings))
+        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings, modules))
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)
