@@ -329,7 +329,7 @@ def test_a_control_lora_that_widens_the_input_layer_is_refused_saying_why(pipes)
         "lora_unet_img_in.lora_down.weight": torch.zeros(4, 2 * x_in.in_features),
         "lora_unet_img_in.lora_up.weight": torch.zeros(x_in.out_features, 4),
     }
-    with pytest.raises(LoraFormatError, match=r"img_in: .*changes the layer's shape.*Control LoRA"):
+    with pytest.raises(LoraFormatError, match=r"img_in: factors give .*: the LoRA changes the layer.s shape \(a Control LoRA"):
         parse_lora(state, patcher.index, "kohya")
 
 

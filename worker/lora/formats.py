@@ -70,6 +70,9 @@ _SUFFIXES = sorted(_ROLES, key=len, reverse=True)
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 _XLABS = re.compile(r"^(?:.*\.)?(double_blocks\.\d+)\.processor\.(qkv|proj)_lora([12])\.(down|up)\.weight$")
 
+_INPUT_LAYERS = {"x_embedder", "img_in"}
+"""The transformers' input layers, which BFL's Control LoRAs widen (64 -> 128 channels)."""
+
 Original = Callable[[Target], torch.Tensor]
 """Gives the pristine weight of a target (DoRA needs it)."""
 
@@ -188,13 +191,13 @@ class _LayerParser:
             except RuntimeError as exc:
                 raise self.fail(f"factors do not combine: {exc}") from None
         if got != expected:
-            if got[0] == expected[0] and got[1] > expected[1]:
-                raise self.fail(
-                    f"factors give a {got} delta: the LoRA changes the layer's shape {self.target.shape} "
-                    "(a Control LoRA widens the input layer for a control image); lorafleet serves no "
-                    "shape-changing LoRA"
+            problem = f"factors give a {got} delta; the layer's weight is {self.target.shape}"
+            if self.target.module in _INPUT_LAYERS and got[0] == expected[0] and got[1] > expected[1]:
+                problem += (
+                    ": the LoRA changes the layer's shape (a Control LoRA widens the input layer for a "
+                    "control image); lorafleet serves no shape-changing LoRA"
                 )
-            raise self.fail(f"factors give a {got} delta; the layer's weight is {self.target.shape}")
+            raise self.fail(problem)
         return delta
 
     def build(self) -> Delta:
