@@ -13,6 +13,9 @@ Semantics:
 - Reading: each original layer's weight and bias is dealt out by rows to diffusers' modules
   (``Piece``), RMSNorm scales are renamed; a tensor that maps to nothing, or a diffusers
   parameter no tensor fills, refuses the file naming the first such name.
+- A file that carries the text encoders and VAE too (ComfyUI's all-in-one FLUX.1:
+  ``text_encoders.clip_l.``, ``text_encoders.t5xxl.``, ``vae.``) runs with its own; only
+  the tokenizers and configs come from the base then.
 - fp8 files stay fp8 in memory and are upcast per layer as each layer runs (diffusers'
   layerwise casting, ComfyUI's way): a LoRA is merged in float32 and rounded back to fp8
   once, to nearest, the same way every time, and restore copies the pristine fp8 tensor back.
@@ -22,16 +25,71 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import torch
 
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lora.original_names import original_names, original_norms
+
+logger = logging.getLogger(__name__)
 
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8 = torch.float8_e4m3fn
 UNUSED = {"norm_final.weight"}
 """Tensors of original checkpoints that diffusers' models have no place for (Z-Image's unused
 final norm), skipped as diffusers' own conversion skips them."""
+
+
+ALL_IN_ONE = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.t5xxl.transformer.",
+    "vae": "vae.",
+}
+"""ComfyUI's all-in-one FLUX.1 files: each component's prefix (the transformer's is
+``model.diffusion_model.``). CLIP and T5 keep transformers' names; the VAE has the original
+(LDM) names, converted with diffusers' own converter."""
+
+
+def split_all_in_one(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(the transformer's tensors, the other components' tensors by component) of a file; a
+    transformer-only file gives no other components."""
+    others = {
+        name: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        for name, prefix in ALL_IN_ONE.items()
+    }
+    others = {name: part for name, part in others.items() if part}
+    if not others:
+        return state, {}
+    transformer = {k: v for k, v in state.items() if k.startswith(ORIGINAL_PREFIXES[0])}
+    return transformer, others
+
+
+def load_components(pipe, parts: dict[str, dict], source: str, dtype: torch.dtype) -> None:
+    """The file's own text encoders and VAE into ``pipe`` (its base's are replaced, tensor
+    for tensor); JobFailed names a component whose tensors do not fit."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    for name, part in parts.items():
+        module = getattr(pipe, name, None)
+        if not isinstance(module, torch.nn.Module):
+            raise JobFailed(f"{source}: holds a {name} but the base's pipeline has none")
+        if name == "vae":
+            part = convert_ldm_vae_checkpoint({f"vae.{k}": v for k, v in part.items()}, dict(module.config))
+        wanted = module.state_dict()
+        if "shared.weight" in part and "encoder.embed_tokens.weight" in wanted:  # T5's tied embedding
+            part.setdefault("encoder.embed_tokens.weight", part["shared.weight"])
+        if set(part) != set(wanted):  # CLIP written with or without transformers' text_model. level
+            flipped = {(k[len("text_model.") :] if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in part.items()}
+            part = flipped if set(flipped) >= set(wanted) - set(part) else part
+        missing = sorted(set(wanted) - set(part))
+        if missing:
+            raise JobFailed(f"{source}: its {name} lacks {len(missing)} tensors (first: {missing[0]})")
+        try:
+            module.load_state_dict({k: part[k].to(dtype) for k in wanted}, strict=True)
+        except RuntimeError as exc:
+            raise JobFailed(f"{source}: its {name} does not fit the base's ({str(exc).splitlines()[0]})") from None
+        logger.info("%s: %s read from the file", source, name)
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -149,7 +207,7 @@ def load_flow_checkpoint(path: Path, base: str, class_name: str, dtype: torch.dt
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state, others = split_all_in_one(load_file(str(path)))
     transformer_class = getattr(diffusers, TRANSFORMER_CLASS[class_name])
     config = transformer_class.load_config(base, subfolder="transformer", local_files_only=local)
     with init_empty_weights():
@@ -158,6 +216,6 @@ def load_flow_checkpoint(path: Path, base: str, class_name: str, dtype: torch.dt
     converted = {k: v if v.dtype == FP8 else v.to(dtype) for k, v in converted.items()}
     transformer.load_state_dict(converted, assign=True, strict=True)
     upcast_per_layer(transformer, dtype)
-    return getattr(diffusers, class_name).from_pretrained(
-        base, transformer=transformer, dtype=dtype, local_files_only=local
-    )
+    pipe = getattr(diffusers, class_name).from_pretrained(base, transformer=transformer, dtype=dtype, local_files_only=local)
+    load_components(pipe, others, path.name, dtype)
+    return pipe

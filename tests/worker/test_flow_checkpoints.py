@@ -199,3 +199,42 @@ def test_a_base_of_another_family_is_refused_and_nothing_is_registered(registere
         registry.register("flux-file", str(path), base="tiny-qwen")
     assert caught.value.field == "--base" and "Qwen-Image" in caught.value.reason and "FLUX.1" in caught.value.reason
     assert "flux-file" not in registry.registered()
+
+
+def test_an_all_in_one_flux_file_runs_with_its_own_text_encoders_and_vae(folders, tmp_path):
+    """ComfyUI's all-in-one FLUX.1 file: the base gives only tokenizers and configs."""
+    from lorafleet.worker.checkpoint_format import clip_to_original, vae_to_original
+
+    folder = folders["flux1"]
+    source = load(folder)
+    with torch.no_grad():  # a different text encoder and VAE than the base's, so the file's must be used
+        for module in (source.text_encoder, source.text_encoder_2, source.vae):
+            for param in module.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    state = transformer_to_original(source.transformer, "model.diffusion_model.")
+    state |= clip_to_original(source.text_encoder.state_dict(), "text_encoders.clip_l.transformer.")
+    t5 = source.text_encoder_2.state_dict()
+    state |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}
+    vae = vae_to_original(source.vae.state_dict(), dict(source.vae.config))
+    state |= {"vae." + k.removeprefix("first_stage_model."): v for k, v in vae.items()}
+    path = tmp_path / "flux1-dev-all-in-one.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    loaded = load_flow_checkpoint(path, str(folder), "FluxPipeline", torch.float32, local=True)
+    assert np.array_equal(pixels(loaded), pixels(source))
+    assert not np.array_equal(pixels(loaded), pixels(load(folder)))
+
+
+def test_a_transformer_file_in_autoimport_runs_on_the_familys_base_from_settings(folders, settings, tmp_path):
+    from lorafleet.producer import Client
+    from tests.worker.conftest import make_runner
+
+    settings = settings.model_copy(update={"checkpoint_configs": {"flux1": str(folders["flux1"])}})
+    settings.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    write(folders["flux1"], settings.checkpoints_dir / "flux1-dev-fp8.safetensors", "flux1", fp8=True)
+    runner = make_runner(settings)
+    with Client(settings) as client:
+        handle = client.submit({"model": "flux1-dev-fp8", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2})
+        runner.run(handle.job_id)
+        record = client.get(handle.job_id)
+    assert record.status.value == "succeeded", record.error
+    assert (record.job.steps, record.job.guidance, record.job.sampler.value) == (2, 3.5, "euler")
