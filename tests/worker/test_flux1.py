@@ -357,3 +357,17 @@ def test_sd_parsers_reads_a_flux_png_with_its_distilled_guidance(flux_home, clie
     assert sampler.name == "Euler" and sampler.model.name == FLUX
     assert theirs.metadata["Distilled CFG Scale"] == "2.5" and theirs.metadata["Size"] == "64x64"
     assert sampler.prompts[0].value == "a lighthouse <lora:flux1-peft:0.7>"
+
+
+def test_the_hot_pipeline_counts_every_components_bytes(flux_folder):
+    from lorafleet.common.catalog.models import describe_folder
+    from lorafleet.worker.pipelines import load_pipeline, pipeline_bytes
+
+    folder, _ = flux_folder
+    model = describe_folder(FLUX, folder)
+    hot = load_pipeline(model, torch.device("cpu"), torch.float32, text_encoder_device=torch.device("cpu"))
+    parts = [hot.pipe.transformer, hot.pipe.text_encoder, hot.pipe.text_encoder_2, hot.pipe.vae]
+    weights = sum(p.nbytes for module in parts for p in module.parameters())
+    assert hot.nbytes == weights  # nothing patched yet: no pristine copies
+    assert pipeline_bytes(model, torch.float32) >= weights  # what the cache plans for before loading
+    assert (model.family.value, model.guidance_embeds, model.transformer_width) == ("flux1", True, 32)
