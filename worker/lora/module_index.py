@@ -29,7 +29,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 FLAT_PREFIXES = {
     "unet": ("lora_unet_",),
-    "transformer": ("lora_unet_", "lora_transformer_"),  # kohya, OneTrainer
+    "transformer": ("lora_unet_", "lora_transformer_", "lycoris_"),  # kohya, OneTrainer, SimpleTuner
     "text_encoder": ("lora_te_", "lora_te1_"),
     "text_encoder_2": ("lora_te2_", "lora_te3_"),  # kohya's FLUX.1 trainer calls T5 te3
 }
