@@ -177,19 +177,26 @@ def upcast_per_layer(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
 
     diffusers' ``enable_layerwise_casting`` stores every parameter of a layer in one dtype;
     files keep fp8 weights beside bf16 biases and norms, so each tensor keeps its own here.
-    Embedding layers are stored in ``compute_dtype`` (an exact upcast): the models cast their
-    inputs to those layers' weight dtype, which would round timesteps to fp8.
+    Only ``fp8_weights`` are left fp8 at load; everything else is already ``compute_dtype``.
     """
     count = 0
+    kept = fp8_weights(model)
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module.weight.dtype != FP8:
-            continue
-        if "embed" in name:
-            module.to(compute_dtype)
-            continue
-        module.forward = _upcast_forward(module, compute_dtype)
-        count += 1
+        if f"{name}.weight" in kept and module.weight.dtype == FP8:
+            module.forward = _upcast_forward(module, compute_dtype)
+            count += 1
     return count
+
+
+def fp8_weights(model: torch.nn.Module) -> set[str]:
+    """The parameters an fp8 file's tensor may stay fp8 for: the weights of Linear layers
+    outside the embedders (the models cast their inputs to an embedder's weight dtype, which
+    would round timesteps to fp8). Every other fp8 tensor is upcast at load (exact)."""
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "embed" not in name
+    }
 
 
 def _upcast_forward(module: torch.nn.Linear, compute_dtype: torch.dtype):
@@ -213,7 +220,8 @@ def load_flow_checkpoint(path: Path, base: str, class_name: str, dtype: torch.dt
     with init_empty_weights():
         transformer = transformer_class.from_config(config)
     converted = transformer_from_original(state, transformer, path.name)
-    converted = {k: v if v.dtype == FP8 else v.to(dtype) for k, v in converted.items()}
+    kept = fp8_weights(transformer)
+    converted = {k: v if v.dtype == FP8 and k in kept else v.to(dtype) for k, v in converted.items()}
     transformer.load_state_dict(converted, assign=True, strict=True)
     upcast_per_layer(transformer, dtype)
     pipe = getattr(diffusers, class_name).from_pretrained(base, transformer=transformer, dtype=dtype, local_files_only=local)

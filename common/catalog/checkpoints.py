@@ -175,6 +175,13 @@ def flow_checkpoint(
     its tensor names (original or diffusers'); None if the file holds none; FileRefused for
     what cannot run."""
     keys = header.tensors
+    if "scaled_fp8" in keys or any(k.endswith(".scale_weight") for k in keys):
+        raise FileRefused(
+            "a ComfyUI 'scaled fp8' checkpoint: its fp8 weights need a per-tensor scale that lorafleet "
+            "does not apply",
+            field=name,
+            allowed="a plain fp8 e4m3fn, bf16 or fp16 checkpoint of the same model",
+        )
     for p in _FLOW_PREFIXES:
         found = _finder(keys, p)
         guidance = found(*_GUIDANCE)

@@ -29,6 +29,7 @@ from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.catalog.vaes import VaeCatalog
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import BadArgument, ConfigError, FileRefused, ModelError, VaeError
+from lorafleet.common.catalog.flow_models import check_base, flow_native_size, transformer_width
 from lorafleet.common.schema.family import Family, pipeline_family
 from lorafleet.common.schema.settings import Settings
 
@@ -127,9 +128,9 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
     guidance_embeds = width = None
     if family is not None and family.is_flow:
         transformer = _config(folder / "transformer" / "config.json")
-        native = _flow_native_size(vae)
+        native = flow_native_size(vae)
         guidance_embeds = bool(transformer.get("guidance_embeds", False))
-        width = _transformer_width(transformer)
+        width = transformer_width(transformer)
     return ModelRef(
         key=key,
         path=folder,
@@ -141,28 +142,6 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         guidance_embeds=guidance_embeds,
         transformer_width=width,
     )
-
-
-def _transformer_width(config: dict) -> int | None:
-    """Heads x head size (FLUX.1, FLUX.2, Qwen-Image), or Z-Image's ``dim``."""
-    heads, size = config.get("num_attention_heads"), config.get("attention_head_dim")
-    if isinstance(heads, int) and isinstance(size, int):
-        return heads * size
-    return config["dim"] if isinstance(config.get("dim"), int) else None
-
-
-FLOW_LATENT_SIZE = 128
-"""The latent size the flow pipelines sample when given no size (``default_sample_size``)."""
-
-
-def _flow_native_size(vae: dict) -> int | None:
-    """What a flow-matching pipeline draws by default: its latent size times the VAE's
-    downscale (2 per block after the first; Qwen-Image's VAE: 2 per temporal downsample)."""
-    if isinstance(vae.get("temperal_downsample"), list):
-        return FLOW_LATENT_SIZE * 2 ** len(vae["temperal_downsample"])
-    if isinstance(vae.get("block_out_channels"), list):
-        return FLOW_LATENT_SIZE * 2 ** (len(vae["block_out_channels"]) - 1)
-    return None
 
 
 def is_pipeline_folder(folder: Path) -> bool:
@@ -318,13 +297,13 @@ class ModelRegistry:
         if not NAME.match(name):
             raise BadArgument(f"{name!r} is not a model name", field="NAME", allowed=NAME_ALLOWED)
         path = Path(source).expanduser()
-        base_family = None
+        base_ref = None
         if base is not None:
             if config is not None:
                 raise BadArgument("--base and --config name the same thing", field="--base", allowed="one of them")
             if not is_checkpoint_path(path):
                 raise BadArgument("only a single-file checkpoint takes --base", field="--base")
-            config, base_family = self._base(base)
+            config, base_ref = self._base(base)
         if config is not None and not (HUB_ID.match(config) or Path(config).is_absolute()):
             raise BadArgument(
                 f"{config!r} is neither an absolute folder path nor a hub id",
@@ -343,12 +322,8 @@ class ModelRegistry:
                 raise BadArgument(exc.reason, field="SOURCE", allowed=exc.allowed) from None
             if family is not None and family is not ref.family:
                 raise BadArgument(f"the file's tensors say {ref.family}, not {family}", field="--family")
-            if base_family is not None and base_family is not ref.family:
-                raise BadArgument(
-                    f"{base!r} is a {base_family.traits.label} model but {path.name} is {ref.family.traits.label}",
-                    field="--base",
-                    allowed=f"a {ref.family.traits.label} model: a registered name, a folder or a hub id",
-                )
+            if base_ref is not None:
+                check_base(base, base_ref, ref, path.name)
         elif path.is_absolute():
             ref = ModelRef(key=name, path=path, family=family)  # a folder on the workers, not here
         elif HUB_ID.match(source):
@@ -368,8 +343,8 @@ class ModelRegistry:
         self.redis.hset(keys.REGISTERED_MODELS, name, json.dumps(ref.entry()))
         return ref
 
-    def _base(self, base: str) -> tuple[str, Family | None]:
-        """Where a checkpoint's other components come from, and that base's family if known:
+    def _base(self, base: str) -> tuple[str, ModelRef | None]:
+        """Where a checkpoint's other components come from, and that base if it is readable:
         a registered or local model's folder or hub id, else the folder or hub id given."""
         path = Path(base).expanduser()
         if NAME.match(base) and (base in self.registered() or self.is_local_name(base)):
@@ -380,9 +355,9 @@ class ModelRegistry:
                     field="--base",
                     allowed="a model that is a diffusers folder or a hub id",
                 )
-            return ref.source, ref.family
+            return ref.source, ref if ref.path is not None and is_pipeline_folder(ref.path) else None
         if path.is_absolute() and is_pipeline_folder(path):
-            return str(path), describe_folder(base, path).family
+            return str(path), describe_folder(base, path)
         if path.is_absolute() or HUB_ID.match(base):
             return base, None  # a folder only the workers see, or a hub id: checked when loaded
         raise BadArgument(

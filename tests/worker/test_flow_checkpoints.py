@@ -44,10 +44,12 @@ def pixels(pipe, **fields) -> np.ndarray:
     return np.asarray(sample(pipe, dict(pipe.scheduler.config), job, [c, c], [5, 5], lambda s: None, 2)[0])
 
 
-def write(folder, path, family, *, fp8: bool = False):
+def write(folder, path, family, *, fp8: bool = False, all_fp8: bool = False):
     state = transformer_to_original(load(folder).transformer, PREFIX[family])
-    if fp8:  # as fp8 downloads are: the linear layers' weights in e4m3fn, the rest kept wide
+    if fp8:  # as most fp8 downloads are: the linear layers' weights in e4m3fn, the rest kept wide
         state = {k: v.to(FP8) if v.dim() == 2 and k.endswith(".weight") else v for k, v in state.items()}
+    if all_fp8:  # as Comfy-Org's flux1-dev-fp8: every tensor, norms and biases too
+        state = {k: v.to(FP8) for k, v in state.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 
@@ -73,6 +75,18 @@ def test_an_fp8_file_samples_as_the_folder_with_fp8_cast_weights(folders, tmp_pa
         for module in reference.transformer.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(module.weight.to(FP8).float())
+    assert np.array_equal(pixels(loaded), pixels(reference))
+
+
+@pytest.mark.parametrize("family", ["flux1", "zimage"])
+def test_a_file_with_every_tensor_in_fp8_samples_as_the_folder_with_those_tensors_fp8_cast(folders, tmp_path, family):
+    folder = folders[family]
+    path = write(folder, tmp_path / f"{family}-all-fp8.safetensors", family, all_fp8=True)
+    loaded = load_flow_checkpoint(path, str(folder), FAMILIES[family], torch.float32, local=True)
+    reference = load(folder)
+    with torch.no_grad():
+        for param in reference.transformer.parameters():
+            param.copy_(param.to(FP8).float())
     assert np.array_equal(pixels(loaded), pixels(reference))
 
 
@@ -238,3 +252,30 @@ def test_a_transformer_file_in_autoimport_runs_on_the_familys_base_from_settings
         record = client.get(handle.job_id)
     assert record.status.value == "succeeded", record.error
     assert (record.job.steps, record.job.guidance, record.job.sampler.value) == (2, 3.5, "euler")
+
+
+def test_a_scaled_fp8_file_is_refused_at_registration_naming_the_reason(registered, folders, tmp_path):
+    from lorafleet.common.schema.errors import BadArgument
+
+    registry, _ = registered
+    state = transformer_to_original(load(folders["flux1"]).transformer, "model.diffusion_model.")
+    state = {k: v.to(FP8) if v.dim() == 2 else v for k, v in state.items()}
+    state["model.diffusion_model.double_blocks.0.img_attn.proj.scale_weight"] = torch.ones(1)
+    state["model.diffusion_model.scaled_fp8"] = torch.zeros(0, dtype=FP8)
+    path = tmp_path / "flux1-dev-scaled-fp8.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(BadArgument, match="scaled fp8"):
+        registry.register("scaled", str(path), base="tiny-flux1")
+    assert "scaled" not in registry.registered()
+
+
+def test_a_schnell_file_on_a_dev_base_is_refused_at_registration(registered, folders, settings, tmp_path):
+    from lorafleet.common.schema.errors import BadArgument
+
+    registry, _ = registered
+    schnell = make_tiny_model(tmp_path / "schnell", family="flux1-schnell")
+    path = write(schnell, tmp_path / "flux1-schnell-tiny.safetensors", "flux1")
+    with pytest.raises(BadArgument) as caught:
+        registry.register("schnell-file", str(path), base="tiny-flux1")
+    assert caught.value.field == "--base" and "guidance embedding" in caught.value.reason
+    assert registry.register("schnell-file", str(path), base=str(schnell)).guidance_embeds is False
