@@ -4,7 +4,9 @@ The SD families (sd15, sd2, sdxl) keep the schema's defaults (steps 25, CFG 7, E
 The flow-matching families take theirs from their reference diffusers pipeline
 (``common/schema/family.TRAITS``) and refuse what they do not have: any sampler but their
 own flow-match Euler scheduler (``euler``), the LCM recipe, clip skip, textual-inversion
-embeddings, and ``guidance`` on a model without a guidance embedding. A1111's weights and
+embeddings, a separate VAE, ``guidance`` on a model without a guidance embedding, and sizes
+that are not multiples of 16. Step-distilled models (schnell, distilled Klein) default to 4
+steps without CFG. A1111's weights and
 BREAK mean nothing to a T5 or LLM encoder: the worker reads the prompt's plain words and
 the record says so.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from lorafleet.common.catalog.models import ModelRef
 from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.common.schema.prompts import PromptSyntax, is_plain
 
@@ -50,17 +53,37 @@ def apply_family_rules(job: GenerationJob, model: ModelRef, where: str, warnings
             field=f"{where}clip_skip",
             allowed="1 (leave it out)",
         )
-    if job.guidance is not None and not model.guidance_embeds:
+    if job.vae is not None:
         raise JobRejected(
-            f"{label} without a distilled guidance embedding (as FLUX.1 schnell)",
+            f"{label}, which decodes with its own VAE (a different latent space than SD's)",
+            field=f"{where}vae",
+            allowed="leave vae out on this family",
+        )
+    if job.guidance is not None and model.guidance_embeds is False:  # None: not readable here
+        raise JobRejected(
+            f"{label} without a distilled guidance embedding"
+            + (" (as FLUX.1 schnell)" if family.value == "flux1" else ""),
             field=f"{where}guidance",
             allowed="leave guidance out; cfg_scale above 1 guides against the negative prompt",
         )
+    for field in ("width", "height"):
+        value = getattr(job, field)
+        if value is not None and value % FLOW_SIZE_MULTIPLE:
+            raise JobRejected(
+                f"{label}, which draws sizes in multiples of {FLOW_SIZE_MULTIPLE}, not {value}",
+                field=f"{where}{field}",
+                allowed=f"a multiple of {FLOW_SIZE_MULTIPLE} (e.g. {value - value % FLOW_SIZE_MULTIPLE} or "
+                f"{value - value % FLOW_SIZE_MULTIPLE + FLOW_SIZE_MULTIPLE})",
+            )
     job.sampler = Sampler.euler
     if "steps" not in given:
-        job.steps = traits.steps
+        job.steps = traits.distilled_steps if model.distilled else traits.steps
     if "cfg_scale" not in given:
-        job.cfg_scale = traits.cfg
+        job.cfg_scale = 1.0 if model.distilled else traits.cfg
+    if model.distilled and family.value == "flux2" and job.cfg_scale > 1:
+        warnings.append(
+            f"{where}cfg_scale {job.cfg_scale:g} is ignored by step-distilled {traits.label}: it samples without CFG"
+        )
     if job.guidance is None and model.guidance_embeds:
         job.guidance = traits.guidance
     if job.prompt_syntax is PromptSyntax.compel:

@@ -59,6 +59,8 @@ class ModelRef:
     """Whether the denoiser reads a distilled guidance value (FLUX.1 dev and Krea; not schnell)."""
     transformer_width: int | None = None
     """A flow family's transformer width (FLUX.2 Klein 4B: 3072, 9B: 4096): LoRAs do not cross it."""
+    distilled: bool | None = None
+    """Step-distilled (FLUX.1 schnell; FLUX.2 Klein's ``is_distilled``): few steps, no CFG by default."""
 
     @property
     def queue(self) -> str:
@@ -87,6 +89,7 @@ class ModelRef:
             "text_widths": self.text_widths,
             "guidance_embeds": self.guidance_embeds,
             "transformer_width": self.transformer_width,
+            "distilled": self.distilled,
         }
 
 
@@ -125,12 +128,13 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
     prediction = scheduler.get("prediction_type")
     family = pipeline_family(str(index.get("_class_name", "")), cross, text_encoder.get("hidden_act"))
-    guidance_embeds = width = None
+    guidance_embeds = width = distilled = None
     if family is not None and family.is_flow:
         transformer = _config(folder / "transformer" / "config.json")
         native = flow_native_size(vae)
         guidance_embeds = bool(transformer.get("guidance_embeds", False))
         width = transformer_width(transformer)
+        distilled = bool(index.get("is_distilled")) or (family is Family.flux1 and not guidance_embeds)
     return ModelRef(
         key=key,
         path=folder,
@@ -141,6 +145,7 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         text_widths=widths or None,
         guidance_embeds=guidance_embeds,
         transformer_width=width,
+        distilled=distilled,
     )
 
 
@@ -190,6 +195,7 @@ def describe_checkpoint_file(
         text_widths=info.text_widths or None,
         guidance_embeds=info.guidance_embeds,
         transformer_width=info.transformer_width,
+        distilled=(info.family is Family.flux1 and info.guidance_embeds is False) or None,
     )
 
 
@@ -204,6 +210,7 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "text_widths": entry.get("text_widths"),
         "guidance_embeds": entry.get("guidance_embeds"),
         "transformer_width": entry.get("transformer_width"),
+        "distilled": entry.get("distilled"),
     }
     vae = entry.get("vae")
     return replace(_source_ref(name, source, known, configs), vae=vae)

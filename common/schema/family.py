@@ -82,6 +82,8 @@ class FamilyTraits:
     """Default distilled guidance for models with a guidance embedding (None: the family has none)."""
     lcm: bool = False
     """An LCM-LoRA exists for the family."""
+    distilled_steps: int = 4
+    """Default steps on a step-distilled model of the family (schnell, distilled Klein), at CFG 1."""
 
     @property
     def reads_a1111_weights(self) -> bool:
@@ -102,6 +104,9 @@ TRAITS: dict[Family, FamilyTraits] = {
     Family.flux2: FamilyTraits("FLUX.2 Klein", "Flux2KleinPipeline", "transformer", "llm", 50, 4.0, 1024, 512),
 }
 """Each family's traits; the README's family table is drawn from it."""
+
+FLOW_SIZE_MULTIPLE = 16
+"""Flow families pack 2x2 latent patches of an 8x VAE: width and height are multiples of 16."""
 
 FAMILY_BY_CROSS_ATTENTION = {768: Family.sd15, 1024: Family.sd2, 2048: Family.sdxl}
 """SD family by the width of the text embedding that cross-attention reads."""

@@ -254,7 +254,7 @@ class GenerationJob(BaseModel):
     def _defaults_by_sampler(self) -> GenerationJob:
         """Defaults by sampler; they stay out of ``model_fields_set``, which keeps saying what
         the producer gave (a flow family's own defaults replace them at submit)."""
-        given = set(self.model_fields_set)
+        given = {name for name in self.model_fields_set if getattr(self, name) is not None}  # null: not given
         if self.lcm and "sampler" not in self.model_fields_set:
             self.sampler = Sampler.lcm
         lcm = self.sampler.is_lcm

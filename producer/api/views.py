@@ -110,6 +110,8 @@ def resubmit_command(job: GenerationJob) -> str:
             text += f":{format_number(spec.text_encoder_weight)}"
         args += ["--lora", text]
     args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", format_number(job.cfg_scale)]
+    if job.guidance is not None:
+        args += ["--guidance", format_number(job.guidance)]
     if job.clip_skip != 1:
         args += ["--clip-skip", str(job.clip_skip)]
     if job.prompt_syntax is not PromptSyntax.a1111:

@@ -162,7 +162,8 @@ def submit(
     sampler: Annotated[
         str | None,
         typer.Option(
-            help="Sampler, by lorafleet's or A1111's name (default euler_a; lcm with --lcm): "
+            help="Sampler, by lorafleet's or A1111's name (default euler_a; lcm with --lcm; euler, the model's own "
+            "scheduler, on the flow families): "
             + samplers.allowed()
         ),
     ] = None,
@@ -173,8 +174,24 @@ def submit(
             help="The LCM recipe of InvokeAI's LoRA guidance: LCM sampler, CFG 1, 4 steps, the family's LCM-LoRA at 0.35.",
         ),
     ] = False,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm).")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default 7; 1 under lcm).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm; the family's on FLUX.1 and the others).")
+    ] = None,
+    cfg: Annotated[
+        float | None,
+        typer.Option(
+            "--cfg",
+            help="CFG against the negative prompt, 1 is off, on every family (default 7; 1 under lcm; the family's).",
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance",
+            help='Distilled guidance of models that read one (FLUX.1 dev and Krea, Forge\'s "Distilled CFG Scale"; '
+            "default 3.5); refused on other models.",
+        ),
+    ] = None,
     clip_skip: Annotated[
         int | None,
         typer.Option(
@@ -227,6 +244,7 @@ def submit(
             "sampler": sampler,
             "steps": steps,
             "cfg_scale": cfg,
+            "guidance": guidance,
             "clip_skip": clip_skip,
             "prompt_syntax": prompt_syntax.value if prompt_syntax else None,
             "vae": vae,

@@ -46,6 +46,14 @@ def test_a_flux_dev_job_gets_the_reference_pipelines_defaults(client):
     assert (job.width, given.steps, given.cfg_scale, given.guidance) == (job.height, 4, 3.0, 2.5)
 
 
+def test_a_null_steps_or_cfg_gets_the_familys_default_not_sds(client):
+    from lorafleet.common.schema.jobs import GenerationJob
+
+    by_json = client.get(client.submit({"model": DEV, "prompt": "x", "steps": None, "cfg_scale": None}).job_id).job
+    by_sdk = client.get(client.submit(GenerationJob(model=DEV, prompt="x", steps=None, cfg_scale=None)).job_id).job
+    assert (by_json.steps, by_json.cfg_scale) == (by_sdk.steps, by_sdk.cfg_scale) == (28, 1.0)
+
+
 def test_schnell_has_no_guidance_by_default_and_refuses_one(client):
     job = client.get(client.submit({"model": SCHNELL, "prompt": "a lighthouse"}).job_id).job
     assert job.guidance is None
@@ -68,6 +76,7 @@ def test_guidance_on_an_sd_model_is_refused_naming_the_family(client):
         ({"clip_skip": 2}, "clip_skip", "FLUX.1"),
         ({"prompt_syntax": "compel"}, "prompt_syntax", "CLIP"),
         ({"embeddings": ["easynegative"]}, "embeddings", "textual-inversion"),
+        ({"vae": "some-vae"}, "vae", "its own VAE"),
     ],
 )
 def test_what_flux_does_not_have_is_refused_naming_the_field_and_the_family(client, fields, field, words):
@@ -111,3 +120,38 @@ def test_a_klein_9b_lora_on_a_klein_4b_model_is_refused_naming_both_widths(clien
     assert caught.value.field == "loras[0].name"
     assert f"{K9} wide (klein-9b)" in str(caught.value) and "is 3072 wide" in str(caught.value)
     assert queued_messages(client) == []
+
+
+def test_schnell_defaults_to_few_steps_without_cfg_and_sizes_are_multiples_of_16(client):
+    job = client.get(client.submit({"model": SCHNELL, "prompt": "a lighthouse"}).job_id).job
+    assert (job.steps, job.cfg_scale) == (4, 1.0)
+    error = refused(client, width=72)
+    assert error.field == "width" and "multiples of 16" in error.reason and "64 or 80" in str(error)
+
+
+def test_a_step_distilled_klein_defaults_to_4_steps_and_warns_that_cfg_is_ignored(client, settings, tmp_path):
+    import json
+
+    folder = make_tiny_model(settings.home / "models" / "klein-distilled", family="flux2")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"is_distilled": True}))
+    job = client.get(client.submit({"model": "klein-distilled", "prompt": "x"}).job_id).job
+    assert (job.steps, job.cfg_scale, job.guidance) == (4, 1.0, None)
+    record = client.get(client.submit({"model": "klein-distilled", "prompt": "x", "cfg_scale": 4.0}).job_id)
+    assert any("ignored by step-distilled FLUX.2 Klein" in w for w in record.warnings)
+
+
+def test_the_cli_takes_guidance_and_the_resubmit_command_keeps_it(client, settings):
+    import json
+    import shlex
+
+    from lorafleet.producer.api.views import resubmit_command
+    from tests.helpers import lorafleet_env, run_cli
+
+    env = lorafleet_env(settings.home, settings.broker_url)
+    result = run_cli(["submit", "--model", DEV, "--prompt", "a lighthouse", "--guidance", "2.5", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    record = client.get(json.loads(result.stdout)[0]["job_id"])
+    assert record.job.guidance == 2.5
+    command = shlex.split(resubmit_command(record.job))
+    assert command[command.index("--guidance") + 1] == "2.5"

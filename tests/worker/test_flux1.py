@@ -371,3 +371,13 @@ def test_the_hot_pipeline_counts_every_components_bytes(flux_folder):
     assert hot.nbytes == weights  # nothing patched yet: no pristine copies
     assert pipeline_bytes(model, torch.float32) >= weights  # what the cache plans for before loading
     assert (model.family.value, model.guidance_embeds, model.transformer_width) == ("flux1", True, 32)
+
+
+def test_a_job_the_producer_could_not_check_fails_at_the_worker_naming_what_flux_lacks(pipes):
+    """A hub id or a folder only the workers see has no family at submit: the worker refuses."""
+    from lorafleet.common.schema.errors import JobFailed
+
+    ours, _, _ = pipes
+    job = GenerationJob(model="owner/flux", prompt="x", sampler="dpmpp_2m_karras", clip_skip=2, job_id="j1")
+    with pytest.raises(JobFailed, match=r"is FLUX.1, which has no sampler dpmpp_2m_karras .*clip_skip 2; register it with its family"):
+        conditioning(ours, job)

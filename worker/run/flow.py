@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.common.schema.jobs import GenerationJob
-from lorafleet.common.schema.prompts import plain_text
+from lorafleet.common.schema.errors import JobFailed
+from lorafleet.common.schema.jobs import GenerationJob, Sampler
+from lorafleet.common.schema.prompts import PromptSyntax, plain_text
 
 TOKENS = 512
 """Text tokens every flow family reads (the pipelines' ``max_sequence_length``)."""
@@ -117,9 +118,32 @@ def prompt_warnings(pipe, job: GenerationJob) -> list[str]:
     return notes
 
 
+def check(pipe, job: GenerationJob) -> None:
+    """JobFailed for what the family does not have, when the producer could not tell the
+    model's family at submit (a hub id, a folder only the workers see) and so let it through."""
+    call = _call(pipe)
+    problems = []
+    if job.sampler is not Sampler.euler:
+        problems.append(f"sampler {job.sampler.value} (it samples with its own flow-match Euler scheduler)")
+    if job.clip_skip != 1:
+        problems.append(f"clip_skip {job.clip_skip}")
+    if job.prompt_syntax is PromptSyntax.compel:
+        problems.append("compel's prompt syntax")
+    if job.embeddings:
+        problems.append("textual-inversion embeddings")
+    if problems:
+        raise JobFailed(
+            f"model {job.model!r} is {call.label}, which has no {', '.join(problems)}; register it with its "
+            "family (lorafleet models add NAME SOURCE --family ...) so that submit applies the family's "
+            "defaults and refusals",
+            job_id=job.job_id,
+        )
+
+
 def conditioning(pipe, job: GenerationJob, device: torch.device) -> dict[str, torch.Tensor]:
     """The job's prompt (and negative, when guided) as the pipeline's embeddings, batch 1,
     encoded on ``device`` (where the text encoders are)."""
+    check(pipe, job)
     call = _call(pipe)
     out: dict[str, torch.Tensor] = {}
     texts = {"": job.prompt} | ({"negative_": job.negative_prompt} if uses_negative(job) else {})
