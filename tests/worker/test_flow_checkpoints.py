@@ -38,7 +38,7 @@ def load(folder):
 
 def pixels(pipe, **fields) -> np.ndarray:
     job = GenerationJob(
-        **({"model": "m", "prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 5, "cfg_scale": 2.0, "negative_prompt": "fog"} | fields)
+        **({"model": "m", "prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 5, "cfg_scale": 2.0, "negative_prompt": "fog", "sampler": "euler"} | fields)
     )
     c = conditioning(pipe, job)
     return np.asarray(sample(pipe, dict(pipe.scheduler.config), job, [c, c], [5, 5], lambda s: None, 2)[0])

@@ -21,7 +21,7 @@ from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
 from tests.worker.test_runner import client, pixels, run  # noqa: F401  (client is a fixture)
 
 FLUX = "tiny-flux1"
-JOB = dict(model=FLUX, prompt="a lighthouse at night", width=64, height=64, steps=2, seed=7, guidance=3.5)
+JOB = dict(model=FLUX, prompt="a lighthouse at night", width=64, height=64, steps=2, seed=7, guidance=3.5, sampler="euler")
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +381,16 @@ def test_a_job_the_producer_could_not_check_fails_at_the_worker_naming_what_flux
     job = GenerationJob(model="owner/flux", prompt="x", sampler="dpmpp_2m_karras", clip_skip=2, job_id="j1")
     with pytest.raises(JobFailed, match=r"is FLUX.1, which has no sampler dpmpp_2m_karras .*clip_skip 2; register it with its family"):
         conditioning(ours, job)
+
+
+def test_lokr_and_loha_on_fused_layers_stay_factored(pipes, flux_folder):
+    from lorafleet.worker.lora.deltas import RowsDelta
+
+    _, _, patcher = pipes
+    _, loras = flux_folder
+    for fmt in ("lokr", "loha"):
+        state = load_file(str(loras / f"flux1-{fmt}.safetensors"))
+        parsed = parse_lora(state, patcher.index, fmt)
+        pieces = [d for d in parsed.deltas if isinstance(d, RowsDelta)]
+        assert pieces and all(d.inner is pieces[0].inner or d.nbytes < d.target.shape[0] * d.target.shape[1] * 4 for d in pieces)
+        assert len({id(d.inner) for d in pieces}) == len([k for k in state if k.endswith((".lokr_w1", ".hada_w1_a"))])

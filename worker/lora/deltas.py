@@ -221,13 +221,40 @@ def make_dora(inner: Delta, magnitude: torch.Tensor, original: torch.Tensor) -> 
     return DoraDelta(target=inner.target, inner=inner, c=c, per_row=per_row)
 
 
+@dataclass
+class RowsDelta(Delta):
+    """Some rows of another delta: ΔW = inner.ΔW[rows]. Kept factored (LoKr, LoHa): the
+    product is formed only while it is added, so a fused layer's pieces cost their factors."""
+
+    inner: Delta = field(default=None)  # type: ignore[assignment]
+    rows: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def dense(self) -> torch.Tensor:
+        return self.inner.dense()[self.rows.to(self.inner_device)]
+
+    @property
+    def inner_device(self) -> torch.device:
+        tensors = list(self.inner._tensors().values())
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    def to(self, device: torch.device) -> RowsDelta:
+        return replace(self, inner=self.inner.to(device))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+
 def take_rows(delta: Delta, target: Target, rows: torch.Tensor) -> Delta:
     """The delta of ``target``, made of ``rows`` of ``delta``'s (a layer diffusers splits:
     worker/lora/original_names.py). Low-rank deltas stay low-rank (the up factor's rows;
-    the down factor is shared); DoRA keeps its scale per row; others become full deltas."""
+    the down factor is shared); DoRA keeps its scale per row; full deltas keep their rows;
+    the rest (LoKr, LoHa, Tucker) stay factored behind a RowsDelta."""
     if isinstance(delta, LowRankDelta):
         return LowRankDelta(target, delta.up[rows].contiguous(), delta.down, delta.scale)
     if isinstance(delta, DoraDelta):
         c = delta.c[rows] if delta.per_row else delta.c
         return DoraDelta(target=target, inner=take_rows(delta.inner, target, rows), c=c, per_row=delta.per_row)
-    return FullDelta(target, delta.dense()[rows].contiguous())
+    if isinstance(delta, FullDelta):
+        return FullDelta(target, delta.dense()[rows].contiguous())
+    return RowsDelta(target, inner=delta, rows=rows.cpu())
