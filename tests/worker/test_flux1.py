@@ -392,5 +392,6 @@ def test_lokr_and_loha_on_fused_layers_stay_factored(pipes, flux_folder):
         state = load_file(str(loras / f"flux1-{fmt}.safetensors"))
         parsed = parse_lora(state, patcher.index, fmt)
         pieces = [d for d in parsed.deltas if isinstance(d, RowsDelta)]
-        assert pieces and all(d.inner is pieces[0].inner or d.nbytes < d.target.shape[0] * d.target.shape[1] * 4 for d in pieces)
+        assert pieces and len(pieces) == len(parsed.deltas)  # no piece made dense at parse time
+        # the pieces of one fused layer share that layer's factors, held once
         assert len({id(d.inner) for d in pieces}) == len([k for k in state if k.endswith((".lokr_w1", ".hada_w1_a"))])
