@@ -395,3 +395,4 @@ def test_lokr_and_loha_on_fused_layers_stay_factored(pipes, flux_folder):
         assert pieces and len(pieces) == len(parsed.deltas)  # no piece made dense at parse time
         # the pieces of one fused layer share that layer's factors, held once
         assert len({id(d.inner) for d in pieces}) == len([k for k in state if k.endswith((".lokr_w1", ".hada_w1_a"))])
+        assert parsed.nbytes == sum({id(d.inner): d.inner.nbytes for d in pieces}.values())

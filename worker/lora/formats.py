@@ -39,6 +39,7 @@ from lorafleet.worker.lora.deltas import (
     HadamardDelta,
     KroneckerDelta,
     LowRankDelta,
+    RowsDelta,
     TuckerDelta,
     make_dora,
     take_rows,
@@ -91,7 +92,9 @@ class ParsedLora:
 
     @property
     def nbytes(self) -> int:
-        return sum(d.nbytes for d in self.deltas)
+        """The factors held, each once (a fused layer's pieces share theirs)."""
+        shared = {id(d.inner): d.inner.nbytes for d in self.deltas if isinstance(d, RowsDelta)}
+        return sum(d.nbytes for d in self.deltas if not isinstance(d, RowsDelta)) + sum(shared.values())
 
 
 def split_key(key: str) -> tuple[str, str] | None:
