@@ -78,10 +78,16 @@ class HotPipeline:
 
     @property
     def nbytes(self) -> int:
-        """Every component's weights (text encoders and VAE included) and the pristine copies."""
+        """What the pipeline holds on its device: every component's weights there (text encoders
+        and VAE included; not those kept on the CPU by LORAFLEET_TEXT_ENCODER_DEVICE) and the
+        pristine copies there (not those in host memory: LORAFLEET_PRISTINE_DEVICE)."""
         modules = {id(m): m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)}
-        total = sum(p.nbytes for module in modules.values() for p in module.parameters())
-        return total + self.patcher.pristine_bytes
+        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        device = next(denoiser.parameters()).device if isinstance(denoiser, torch.nn.Module) else None
+        total = sum(
+            p.nbytes for module in modules.values() for p in module.parameters() if device is None or p.device == device
+        )
+        return total + self.patcher.pristine_bytes_on(device)
 
 
 PIPELINE_CLASS = {family: family.traits.pipeline for family in Family}
@@ -275,7 +281,10 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
     if model.path is None:
         return 0
     itemsize = torch.empty((), dtype=dtype).element_size()
-    files = [model.path] if model.single_file else model.path.glob("*/*.safetensors")
+    files = [model.path] if model.single_file else list(model.path.glob("*/*.safetensors"))
+    base = Path(str(model.config)) if model.single_file and model.family is not None and model.family.is_flow else None
+    if base is not None and base.is_absolute() and base.is_dir():  # the base's text encoders and VAE
+        files += [p for p in base.glob("*/*.safetensors") if p.parent.name != "transformer"]
     total = 0
     for path in files:
         try:

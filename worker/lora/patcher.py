@@ -97,6 +97,10 @@ class WeightPatcher:
     def pristine_bytes(self) -> int:
         return sum(t.nbytes for t in self._pristine.values())
 
+    def pristine_bytes_on(self, device: torch.device | None) -> int:
+        """The pristine copies' bytes on ``device`` (all of them for None)."""
+        return sum(t.nbytes for t in self._pristine.values() if device is None or t.device == device)
+
     @property
     def is_pristine(self) -> bool:
         """True when no parameter carries a LoRA (nothing is applied)."""
