@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, for the day a GPU is lent (one H100/H200, under 8 minutes):
+# The GPU checks in one command, for the day a GPU is lent (one H100/H200, under 10 minutes: the
+# device tool's limit for one command; the FLUX.1 step is capped at 200 s of it):
 #   1. the LoRA switch benchmark at SDXL shape in fp16 (target: a 3-LoRA stack switch in 15 ms);
+#   1b. the same at FLUX.1's full size (19 double + 38 single blocks, 12B parameters, 24 GB in
+#       bf16, random weights drawn on the GPU), lorafleet against diffusers and the copy limit;
 #   2. bench/throughput.py at SD 1.5 shape, 512x512: batch 1 against the default batch;
 #   3. bench/batch_determinism.py on the GPU (does a batch change an image's pixels?);
 #   4. one real job end to end through a `lorafleet worker` on cuda, with a LoRA.
@@ -36,17 +39,22 @@ export PATH="$(dirname "$PYTHON"):$PATH" PYTHONUNBUFFERED=1
 
 if [ "$QUICK" = 1 ]; then
     SWITCH=(--family sd15 --changes 5 --repeats 1 --skip-diffusers)
+    FLUX=(--family flux1 --shape tiny --changes 5 --repeats 1)
     THROUGHPUT=(--shape tiny --size 64 --seeds 4)
-    DTYPE=float32
+    DTYPE=float32 FLUX_DTYPE=float32
 else
     SWITCH=(--family sdxl --changes 50 --repeats 5 --skip-diffusers)
+    FLUX=(--family flux1 --blocks 19,38 --changes 20 --repeats 2)
     THROUGHPUT=(--shape sd15 --size 512 --seeds 8)
-    DTYPE=float16
+    DTYPE=float16 FLUX_DTYPE=bfloat16
 fi
 
 echo "== 1. LoRA switch"
 timeout 240 "$PYTHON" bench/lora_switch.py --device "$DEVICE" --dtype "$DTYPE" "${SWITCH[@]}" >"$LOGS/switch.log" 2>&1
 echo "exit $?" >>"$LOGS/switch.log"
+echo "== 1b. LoRA switch, FLUX.1"
+timeout 200 "$PYTHON" bench/lora_switch.py --device "$DEVICE" --dtype "$FLUX_DTYPE" "${FLUX[@]}" >"$LOGS/flux_switch.log" 2>&1
+echo "exit $?" >>"$LOGS/flux_switch.log"
 echo "== 2. throughput"
 timeout 240 "$PYTHON" bench/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" >"$LOGS/throughput.log" 2>&1
 echo "exit $?" >>"$LOGS/throughput.log"
@@ -78,6 +86,9 @@ echo
 echo "================ gpu_check summary ($(($(date +%s) - start)) s) ================"
 cat "$LOGS/device.txt"
 echo "-- LoRA switch (ms):"; grep -E "switch|apply|restore" "$LOGS/switch.log" | grep -v "^{" | head -12; tail -1 "$LOGS/switch.log"
+echo "-- LoRA switch, FLUX.1 (ms):"
+grep -E "touched|limit|lorafleet|diffusers|bit-exact" "$LOGS/flux_switch.log" | grep -v -e "^{" -e "\.\.\.$" | head -14
+tail -1 "$LOGS/flux_switch.log"
 echo "-- throughput:"; grep -A4 "images/s" "$LOGS/throughput.log"; tail -1 "$LOGS/throughput.log"
 echo "-- batch determinism:"; grep -v "^{" "$LOGS/determinism.log" | tail -11
 echo "-- one job through a worker:"; grep -E '"status"|"batch_size"|"sampling"|exit' "$LOGS/job.log" | head -8

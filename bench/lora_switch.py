@@ -6,13 +6,22 @@ kohya-format LoRA files: two "style" LoRAs of rank 32 over attention, feed-forwa
 layers, and one LCM-LoRA-shaped file of rank 64 that also covers the ResNet convolutions.
 Stacks: S1 = style A @ 0.8 + LCM @ 0.35, S2 = style B @ 0.6 + LCM @ 0.35.
 
+--family flux1: FLUX.1's transformer at its true width (3072) with --blocks D,S double and
+single blocks (19,38 is the whole 12B model), two rank-32 style LoRAs over every attention
+and MLP linear and a rank-64 "turbo" LoRA over every block linear, kohya files with BFL's
+fused names for lorafleet, the same factors in PEFT naming for diffusers; the same stacks
+with turbo in LCM's place. Each family's side is its own module (bench/_sd.py,
+bench/_flux1.py); this script measures.
+
 Measured in one run, side by side (medians of --repeats):
-- the memory-copy limit: copy_ of every parameter S1 touches from a same-shaped buffer;
+- the memory-copy limit: copy_ of every parameter S1 touches from a same-shaped buffer (the
+  patcher's pristine copies, so no third copy of the weights is held);
 - the arithmetic alone: S1's summed low-rank products for every touched parameter, into a
   buffer (on a CPU, applying is bound by this, not by memory);
 - lorafleet: apply S1 (from pristine), restore S1, switch S1 -> S2;
 - diffusers: load_lora_weights + set_adapters + fuse_lora for S1, unfuse_lora +
-  unload_lora_weights, and whether that leaves the UNet bit-exact;
+  unload_lora_weights, and whether that leaves the UNet bit-exact (FLUX.1: the transformer's
+  own load_lora_adapter, set_adapters, fuse_lora, unfuse_lora and unload_lora);
 - --changes random stack changes through lorafleet's patcher, checked bit-exact against a
   reference for repeated stacks and against the pristine weights at the end, with the
   resident memory (CPU) or allocated device memory after the first and the last change.
@@ -22,6 +31,8 @@ Prints a table and one JSON line. Never part of the test run.
     .venv/bin/python bench/lora_switch.py                       # SD1.5 shape, fp32, CPU
     .venv/bin/python bench/lora_switch.py --device cuda --dtype float16 --family sdxl
     .venv/bin/python bench/lora_switch.py --shape tiny --repeats 1 --changes 20   # a smoke run
+    .venv/bin/python bench/lora_switch.py --family flux1 --changes 100   # FLUX.1, 2 + 4 blocks
+    .venv/bin/python bench/lora_switch.py --family flux1 --blocks 19,38 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -34,40 +45,17 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import _flux1
+import _sd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafleet.worker.lora.formats import parse_lora
 from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher, concatenate_low_rank
-
-SD15 = dict(sample_size=64, cross_attention_dim=768)
-SDXL = dict(
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    cross_attention_dim=2048,
-)
-STYLE_LAYERS = (
-    ".to_q",
-    ".to_k",
-    ".to_v",
-    ".to_out.0",
-    ".ff.net.0.proj",
-    ".ff.net.2",
-    ".proj_in",
-    ".proj_out",
-)
-LCM_LAYERS = STYLE_LAYERS + (".conv1", ".conv2", ".time_emb_proj", ".conv_shortcut")
 
 
 def sync(device: torch.device) -> None:
@@ -95,69 +83,38 @@ def resident_bytes(device: torch.device) -> int:
     return 0
 
 
-def build_unet(family: str, shape: str, device: torch.device, dtype: torch.dtype):
-    """The family's UNet in its real shapes, or the tiny one of lorafleet.worker.tiny."""
-    from diffusers import UNet2DConditionModel
-
-    if shape == "tiny":
-        from lorafleet.worker.tiny import make_tiny_model
-
-        with tempfile.TemporaryDirectory() as scratch:
-            folder = make_tiny_model(Path(scratch) / "tiny", family=family)
-            unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
-    else:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**(SDXL if family == "sdxl" else SD15))
-    return unet.to(device=device, dtype=dtype).eval()
-
-
-def write_lora(unet, path: Path, layers, rank: int, seed: int) -> int:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in unet.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4) or not name.endswith(layers):
-            continue
-        out, rest = weight.shape[0], weight[0].numel()
-        r = min(rank, out, rest)
-        key = "lora_unet_" + name.replace(".", "_")
-        down = torch.randn(r, rest, generator=gen) / rest**0.5
-        up = torch.randn(out, r, generator=gen) * 0.01
-        if weight.dim() == 4:
-            down, up = down.reshape(r, *weight.shape[1:]), up.reshape(out, r, 1, 1)
-        state[f"{key}.lora_down.weight"] = down.half()
-        state[f"{key}.lora_up.weight"] = up.half()
-        state[f"{key}.alpha"] = torch.tensor(float(r)).half()
-    save_file(state, str(path))
-    return len(state) // 3
-
-
-def snapshot(unet) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+def snapshot(unet, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the model, copied (to ``device``: host memory for a 12B model on a GPU)."""
+    return {k: v.detach().to(device, copy=True) for k, v in unet.state_dict().items()}
 
 
 def differing(unet, reference) -> tuple[int, float]:
     count, worst = 0, 0.0
     for key, value in unet.state_dict().items():
+        value = value.to(reference[key].device)
         if not torch.equal(value, reference[key]):
             count += 1
             worst = max(worst, (value.float() - reference[key].float()).abs().max().item())
     return count, worst
 
 
-def bench_lorafleet(unet, files, device, repeats):
-    patcher = WeightPatcher({"unet": unet})
+def parse_all(model, component: str, states, device):
+    patcher = WeightPatcher({component: model})
     loras = {
-        name: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device)
-        for name, p in files.items()
+        name: parse_lora(state, patcher.index, "kohya-lora", device=device) for name, state in states.items()
     }
-    s1 = [StackEntry(loras["style_a"], 0.8, 0.8), StackEntry(loras["lcm"], 0.35, 0.35)]
-    s2 = [StackEntry(loras["style_b"], 0.6, 0.6), StackEntry(loras["lcm"], 0.35, 0.35)]
+    return patcher, loras
+
+
+def bench_lorafleet(unet, component, states, third, device, repeats):
+    patcher, loras = parse_all(unet, component, states, device)
+    s1 = [StackEntry(loras["style_a"], 0.8, 0.8), StackEntry(loras[third], 0.35, 0.35)]
+    s2 = [StackEntry(loras["style_b"], 0.6, 0.6), StackEntry(loras[third], 0.35, 0.35)]
     patcher.apply(s1)  # warm: pristine copies made, workspace allocated
     patcher.restore()
     keys = sorted({d.target.key for entry in s1 for d in entry.lora.deltas})
     params = [patcher.parameter(k) for k in keys]
-    buffers = [p.detach().clone() for p in params]
+    buffers = [patcher.original(patcher.index.targets[k]) for k in keys]
     touched_bytes = sum(p.nbytes for p in params)
 
     def copy_all():
@@ -221,7 +178,8 @@ def _snapshot_bytes(reference: dict[tuple, dict[str, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for state in reference.values() for t in state.values())
 
 
-def random_changes(unet, patcher, loras, pristine, device, changes: int, seed: int = 0):
+def random_changes(unet, patcher, loras, pristine, device, changes: int, watched, seed: int = 0):
+    """``watched(key)``: the state-dict keys compared between repeated stacks."""
     rng = random.Random(seed)
     names = list(loras)
     # Every parameter any LoRA touches gets its pristine copy now, so memory after this is
@@ -238,11 +196,7 @@ def random_changes(unet, patcher, loras, pristine, device, changes: int, seed: i
         patcher.apply([StackEntry(loras[n], w, w) for n, w in zip(picked, weights)])
         key = (tuple(picked), weights)
         if step % 50 == 0 or key in reference:
-            state = {
-                k: v.detach().clone()
-                for k, v in unet.state_dict().items()
-                if k in {"conv_in.weight"} or "attn1.to_q" in k
-            }
+            state = {k: v.detach().clone() for k, v in unet.state_dict().items() if watched(k)}
             if key in reference:
                 checked += 1
                 mismatches += any(not torch.equal(state[k], reference[key][k]) for k in state)
@@ -269,38 +223,17 @@ def random_changes(unet, patcher, loras, pristine, device, changes: int, seed: i
     }
 
 
-def bench_diffusers(unet, files, device, dtype, repeats, pristine):
+def quiet_diffusers() -> None:
     import warnings
 
     import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from lorafleet.worker.tiny import make_tiny_model
 
     warnings.filterwarnings("ignore")
     diffusers.utils.logging.set_verbosity_error()
-    xl = "add_embedding" in dict(unet.named_modules())
-    with tempfile.TemporaryDirectory() as scratch:
-        tiny_dir = make_tiny_model(Path(scratch) / "tiny", family="sdxl" if xl else "sd15")
-        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-        extra = {} if xl else {"safety_checker": None, "requires_safety_checker": False}
-        tiny = cls.from_pretrained(str(tiny_dir), **extra)
-    components = {k: v for k, v in tiny.components.items() if k != "unet"}
-    pipe = cls(**components, unet=unet, **({"add_watermarker": False} if xl else {})).to(device)
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(dtype)
 
-    def load_fuse(a: str, wa: float):
-        pipe.load_lora_weights(str(files[a]), adapter_name=a)
-        pipe.load_lora_weights(str(files["lcm"]), adapter_name="lcm")
-        pipe.set_adapters([a, "lcm"], [wa, 0.35])
-        pipe.fuse_lora(adapter_names=[a, "lcm"], lora_scale=1.0)
 
-    def unfuse_unload():
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
-
+def bench_diffusers(unet, calls, device, repeats, pristine):
+    load_fuse, unfuse_unload = calls
     apply_samples, restore_samples, switch_samples = [], [], []
     exact = True
     worst_changed, worst_diff = 0, 0.0
@@ -339,6 +272,62 @@ def bench_diffusers(unet, files, device, dtype, repeats, pristine):
     }
 
 
+@dataclass
+class Subject:
+    """The model one run switches stacks on, its LoRAs and diffusers' way of fusing them."""
+
+    model: torch.nn.Module
+    component: str
+    """``unet`` or ``transformer``: its name in the pipeline."""
+    states: dict[str, dict[str, torch.Tensor]]
+    """The kohya LoRA files lorafleet parses, by name: style_a, style_b and ``third``."""
+    third: str
+    """The LoRA in both stacks: ``lcm`` (SD) or ``turbo`` (FLUX.1)."""
+    layers: dict[str, int]
+    diffusers_calls: Callable[[], tuple]
+    """Gives (load_fuse(name, weight), unfuse_unload()) for bench_diffusers."""
+    watched: Callable[[str], bool]
+    """The state-dict keys compared between repeated stacks."""
+
+
+def prepare(args, device: torch.device, dtype: torch.dtype, scratch: Path) -> Subject:
+    if args.family == "flux1":
+        model = _flux1.build_transformer(args.shape, args.blocks, device, dtype)
+        kohya, peft, layers = _flux1.make_loras(model, "turbo")
+        return Subject(
+            model,
+            "transformer",
+            kohya,
+            "turbo",
+            layers,
+            lambda: _flux1.diffusers_calls(model, peft, "turbo"),
+            lambda key: key == "x_embedder.weight" or "attn.to_q" in key,
+        )
+    unet = _sd.build_unet(args.family, args.shape, device, dtype)
+    files = {name: scratch / f"{name}.safetensors" for name in ("style_a", "style_b", "lcm")}
+    layers = {
+        "style_a": _sd.write_lora(unet, files["style_a"], _sd.STYLE_LAYERS, 32, 1),
+        "style_b": _sd.write_lora(unet, files["style_b"], _sd.STYLE_LAYERS, 32, 2),
+        "lcm": _sd.write_lora(unet, files["lcm"], _sd.LCM_LAYERS, 64, 3),
+    }
+    return Subject(
+        unet,
+        "unet",
+        {name: load_file(str(path)) for name, path in files.items()},
+        "lcm",
+        layers,
+        lambda: _sd.diffusers_calls(unet, files, device, dtype),
+        lambda key: key == "conv_in.weight" or "attn1.to_q" in key,
+    )
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    double, single = (int(n) for n in text.split(","))
+    if double < 1 or single < 1:
+        raise ValueError(text)
+    return double, single
+
+
 def commit() -> str:
     try:
         return subprocess.run(
@@ -350,9 +339,16 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--family", choices=("sd15", "sdxl", "flux1"), default="sd15")
     parser.add_argument(
-        "--shape", choices=("real", "tiny"), default="real", help="the family's real UNet, or a tiny one"
+        "--shape", choices=("real", "tiny"), default="real", help="the family's real shapes, or a tiny model"
+    )
+    parser.add_argument(
+        "--blocks",
+        type=_blocks,
+        default=_flux1.BLOCKS,
+        metavar="D,S",
+        help="flux1: double and single blocks at true width (19,38: the whole 12B model)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
@@ -361,38 +357,40 @@ def main() -> None:
     parser.add_argument("--skip-diffusers", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    flux = args.family == "flux1"
+    default_dtype = "float32" if device.type != "cuda" else "bfloat16" if flux else "float16"
+    dtype = getattr(torch, args.dtype or default_dtype)
     if device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
 
-    print(f"building a {args.shape} {args.family} UNet ({dtype}, {device}) and LoRA files ...", flush=True)
-    unet = build_unet(args.family, args.shape, device, dtype)
+    what = f"{args.shape} {args.family} " + ("transformer" if flux else "UNet")
+    print(f"building a {what} ({dtype}, {device}) and LoRA files ...", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        files = {
-            "style_a": Path(scratch) / "style_a.safetensors",
-            "style_b": Path(scratch) / "style_b.safetensors",
-            "lcm": Path(scratch) / "lcm.safetensors",
-        }
-        layers = {
-            "style_a": write_lora(unet, files["style_a"], STYLE_LAYERS, 32, 1),
-            "style_b": write_lora(unet, files["style_b"], STYLE_LAYERS, 32, 2),
-            "lcm": write_lora(unet, files["lcm"], LCM_LAYERS, 64, 3),
-        }
-        pristine = snapshot(unet)
+        subject = prepare(args, device, dtype, Path(scratch))
+        unet = subject.model
+        blocks = [unet.config.num_layers, unet.config.num_single_layers] if flux else None
+        what += f" ({blocks[0]} double, {blocks[1]} single blocks)" if flux else ""
+        # FLUX.1's copy is kept in host memory: the 12B model, its pristine copies and a
+        # third copy would not fit one GPU.
+        pristine = snapshot(unet, torch.device("cpu") if flux else None)
         print("lorafleet apply / restore / switch ...", flush=True)
-        patcher, loras, ours = bench_lorafleet(unet, files, device, args.repeats)
+        patcher, loras, ours = bench_lorafleet(
+            unet, subject.component, subject.states, subject.third, device, args.repeats
+        )
         assert differing(unet, pristine)[0] == 0
         theirs = None
         if not args.skip_diffusers:
             print("diffusers load+set_adapters+fuse / unfuse+unload ...", flush=True)
-            theirs = bench_diffusers(unet, files, device, dtype, max(1, min(args.repeats, 3)), pristine)
-            patcher = WeightPatcher({"unet": unet})  # diffusers replaced modules while adapters were loaded
-            loras = {
-                n: parse_lora(load_file(str(p)), patcher.index, "kohya-lora", device=device)
-                for n, p in files.items()
-            }
+            quiet_diffusers()
+            calls = subject.diffusers_calls()
+            theirs = bench_diffusers(unet, calls, device, max(1, min(args.repeats, 3)), pristine)
+            del calls
+            # diffusers replaced modules while adapters were loaded
+            del patcher, loras
+            patcher, loras = parse_all(unet, subject.component, subject.states, device)
         print(f"{args.changes} random stack changes ...", flush=True)
-        changes = random_changes(unet, patcher, loras, pristine, device, args.changes)
+        changes = random_changes(unet, patcher, loras, pristine, device, args.changes, subject.watched)
+        layers = subject.layers
 
     limit = ours["copy_limit_s"]
     rows = [
@@ -420,7 +418,7 @@ def main() -> None:
         ]
     print()
     print(
-        f"{args.shape} {args.family} UNet, {dtype}, {device}: {ours['touched_params']} touched parameters, "
+        f"{what}, {dtype}, {device}: {ours['touched_params']} touched parameters, "
         f"{ours['touched_bytes'] / 1e9:.2f} GB; LoRA layers {layers}"
     )
     print(f"{'':40} {'ms':>10} {'x copy':>8} {'exact':>6}")
@@ -452,6 +450,7 @@ def main() -> None:
         "family": args.family,
         "shape": args.shape,
         "dtype": str(dtype).replace("torch.", ""),
+        **({"blocks": blocks, "loras": layers} if flux else {}),
         "lorafleet": ours,
         "diffusers": theirs,
         "random_changes": changes,
