@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import make_celery
 from lorafleet.common.fleet.store import JobStore

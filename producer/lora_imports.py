@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import redis
 
 from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, LoraInfo, describe_file
-from lorafleet.common.catalog.shared_files import LoraRegistry, object_key
 from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.shared_files import LoraRegistry, object_key
 from lorafleet.common.infra.storage import copy_atomic, open_storage
 from lorafleet.common.schema.errors import BadArgument, FileRefused
 from lorafleet.common.schema.jobs import check_lora_name

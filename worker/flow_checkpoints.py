@@ -23,9 +23,8 @@ Semantics:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 import torch
 
@@ -80,7 +79,10 @@ def load_components(pipe, parts: dict[str, dict], source: str, dtype: torch.dtyp
         if "shared.weight" in part and "encoder.embed_tokens.weight" in wanted:  # T5's tied embedding
             part.setdefault("encoder.embed_tokens.weight", part["shared.weight"])
         if set(part) != set(wanted):  # CLIP written with or without transformers' text_model. level
-            flipped = {(k[len("text_model.") :] if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in part.items()}
+            flipped = {
+                (k[len("text_model.") :] if k.startswith("text_model.") else f"text_model.{k}"): v
+                for k, v in part.items()
+            }
             part = flipped if set(flipped) >= set(wanted) - set(part) else part
         missing = sorted(set(wanted) - set(part))
         if missing:
@@ -88,7 +90,9 @@ def load_components(pipe, parts: dict[str, dict], source: str, dtype: torch.dtyp
         try:
             module.load_state_dict({k: part[k].to(dtype) for k in wanted}, strict=True)
         except RuntimeError as exc:
-            raise JobFailed(f"{source}: its {name} does not fit the base's ({str(exc).splitlines()[0]})") from None
+            raise JobFailed(
+                f"{source}: its {name} does not fit the base's ({str(exc).splitlines()[0]})"
+            ) from None
         logger.info("%s: %s read from the file", source, name)
 
 
@@ -142,7 +146,12 @@ def transformer_to_original(transformer: torch.nn.Module, prefix: str = "") -> d
     state = transformer.state_dict()
     out: dict[str, torch.Tensor] = {}
     names = original_names(transformer)
-    covered = {f"{piece.module}.{param}" for pieces in names.values() for piece in pieces for param in ("weight", "bias")}
+    covered = {
+        f"{piece.module}.{param}"
+        for pieces in names.values()
+        for piece in pieces
+        for param in ("weight", "bias")
+    }
     for original, pieces in names.items():
         for param in ("weight", "bias"):
             parts = [(piece, state.get(f"{piece.module}.{param}")) for piece in pieces]
@@ -224,6 +233,8 @@ def load_flow_checkpoint(path: Path, base: str, class_name: str, dtype: torch.dt
     converted = {k: v if v.dtype == FP8 and k in kept else v.to(dtype) for k, v in converted.items()}
     transformer.load_state_dict(converted, assign=True, strict=True)
     upcast_per_layer(transformer, dtype)
-    pipe = getattr(diffusers, class_name).from_pretrained(base, transformer=transformer, dtype=dtype, local_files_only=local)
+    pipe = getattr(diffusers, class_name).from_pretrained(
+        base, transformer=transformer, dtype=dtype, local_files_only=local
+    )
     load_components(pipe, others, path.name, dtype)
     return pipe

@@ -72,8 +72,15 @@ class HotPipeline:
     @property
     def modules(self) -> tuple[str, ...]:
         """What a transformer-only checkpoint runs with besides itself: its base, by name."""
-        if self.model.single_file and self.model.family is not None and self.model.family.is_flow and self.model.config:
-            return (Path(self.model.config).name if Path(self.model.config).is_absolute() else self.model.config,)
+        if (
+            self.model.single_file
+            and self.model.family is not None
+            and self.model.family.is_flow
+            and self.model.config
+        ):
+            return (
+                Path(self.model.config).name if Path(self.model.config).is_absolute() else self.model.config,
+            )
         return ()
 
     @property
@@ -85,7 +92,10 @@ class HotPipeline:
         denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
         device = next(denoiser.parameters()).device if isinstance(denoiser, torch.nn.Module) else None
         total = sum(
-            p.nbytes for module in modules.values() for p in module.parameters() if device is None or p.device == device
+            p.nbytes
+            for module in modules.values()
+            for p in module.parameters()
+            if device is None or p.device == device
         )
         return total + self.patcher.pristine_bytes_on(device)
 
@@ -282,7 +292,11 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
         return 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     files = [model.path] if model.single_file else list(model.path.glob("*/*.safetensors"))
-    base = Path(str(model.config)) if model.single_file and model.family is not None and model.family.is_flow else None
+    base = (
+        Path(str(model.config))
+        if model.single_file and model.family is not None and model.family.is_flow
+        else None
+    )
     if base is not None and base.is_absolute() and base.is_dir():  # the base's text encoders and VAE
         files += [p for p in base.glob("*/*.safetensors") if p.parent.name != "transformer"]
     total = 0
@@ -314,7 +328,9 @@ class PipelineCache:
         self.device = pick_device(settings.device)
         self.dtype = pick_dtype(settings.dtype, self.device)
         self._dtype_setting = settings.dtype
-        self.text_encoder_device = torch.device(settings.text_encoder_device) if settings.text_encoder_device else None
+        self.text_encoder_device = (
+            torch.device(settings.text_encoder_device) if settings.text_encoder_device else None
+        )
         self.pristine_device = torch.device(settings.pristine_device) if settings.pristine_device else None
         self.converted_root = settings.converted_dir
         sweep_partial_copies(self.converted_root)

@@ -13,9 +13,9 @@ import socket
 
 from celery.signals import worker_ready
 
-from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRef, ModelRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.fleet.queue import make_celery, worker_argv
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry, alive_file

@@ -44,15 +44,27 @@ def check_base(base: str, base_ref: Described, ref: Described, file_name: str) -
     config comes from the base, so its width and guidance embedding must be the file's."""
     problem = None
     if base_ref.family is not None and base_ref.family is not ref.family:
-        problem = f"{base!r} is a {base_ref.family.traits.label} model but {file_name} is {ref.family.traits.label}"
-    elif base_ref.transformer_width and ref.transformer_width and base_ref.transformer_width != ref.transformer_width:
+        problem = (
+            f"{base!r} is a {base_ref.family.traits.label} model but {file_name} is {ref.family.traits.label}"
+        )
+    elif (
+        base_ref.transformer_width
+        and ref.transformer_width
+        and base_ref.transformer_width != ref.transformer_width
+    ):
         problem = (
             f"{base!r}'s transformer is {base_ref.transformer_width} wide but {file_name}'s is "
             f"{ref.transformer_width} (another variant)"
         )
-    elif base_ref.guidance_embeds is not None and ref.guidance_embeds is not None and base_ref.guidance_embeds != ref.guidance_embeds:
+    elif (
+        base_ref.guidance_embeds is not None
+        and ref.guidance_embeds is not None
+        and base_ref.guidance_embeds != ref.guidance_embeds
+    ):
         has = "has" if ref.guidance_embeds else "has no"
-        problem = f"{file_name} {has} a guidance embedding and {base!r} does not match it (dev against schnell)"
+        problem = (
+            f"{file_name} {has} a guidance embedding and {base!r} does not match it (dev against schnell)"
+        )
     if problem:
         label = ref.family.traits.label if ref.family else "matching"
         raise BadArgument(problem, field="--base", allowed=f"a {label} model of the same variant")

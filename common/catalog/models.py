@@ -24,12 +24,12 @@ from pathlib import Path
 import redis
 
 from lorafleet.common.catalog.checkpoints import CANONICAL_CONFIGS, NATIVE_SIZE, describe_checkpoint
+from lorafleet.common.catalog.flow_models import check_base, flow_native_size, transformer_width
 from lorafleet.common.catalog.lora_files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX
 from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.catalog.vaes import VaeCatalog
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import BadArgument, ConfigError, FileRefused, ModelError, VaeError
-from lorafleet.common.catalog.flow_models import check_base, flow_native_size, transformer_width
 from lorafleet.common.schema.family import Family, pipeline_family
 from lorafleet.common.schema.settings import Settings
 
@@ -307,7 +307,9 @@ class ModelRegistry:
         base_ref = None
         if base is not None:
             if config is not None:
-                raise BadArgument("--base and --config name the same thing", field="--base", allowed="one of them")
+                raise BadArgument(
+                    "--base and --config name the same thing", field="--base", allowed="one of them"
+                )
             if not is_checkpoint_path(path):
                 raise BadArgument("only a single-file checkpoint takes --base", field="--base")
             config, base_ref = self._base(base)

@@ -93,15 +93,23 @@ class FamilyTraits:
 TRAITS: dict[Family, FamilyTraits] = {
     Family.sd15: FamilyTraits("SD 1.5", "StableDiffusionPipeline", "unet", "clip", 25, 7.0, 512, 0, lcm=True),
     Family.sd2: FamilyTraits("SD 2.x", "StableDiffusionPipeline", "unet", "clip", 25, 7.0, 768, 0, lcm=False),
-    Family.sdxl: FamilyTraits("SDXL", "StableDiffusionXLPipeline", "unet", "clip", 25, 7.0, 1024, 0, lcm=True),
+    Family.sdxl: FamilyTraits(
+        "SDXL", "StableDiffusionXLPipeline", "unet", "clip", 25, 7.0, 1024, 0, lcm=True
+    ),
     # FluxPipeline: 28 steps, true_cfg_scale 1 (off), guidance_scale 3.5, T5 max_sequence_length 512.
-    Family.flux1: FamilyTraits("FLUX.1", "FluxPipeline", "transformer", "t5", 28, 1.0, 1024, 512, guidance=3.5),
+    Family.flux1: FamilyTraits(
+        "FLUX.1", "FluxPipeline", "transformer", "t5", 28, 1.0, 1024, 512, guidance=3.5
+    ),
     # ZImagePipeline: 50 steps, guidance_scale 5 (pos + 5 (pos - neg): cfg 6 in lorafleet's meaning).
     Family.zimage: FamilyTraits("Z-Image", "ZImagePipeline", "transformer", "llm", 50, 6.0, 1024, 512),
     # QwenImagePipeline: 50 steps, true_cfg_scale 4, max_sequence_length 512.
-    Family.qwenimage: FamilyTraits("Qwen-Image", "QwenImagePipeline", "transformer", "llm", 50, 4.0, 1024, 512),
+    Family.qwenimage: FamilyTraits(
+        "Qwen-Image", "QwenImagePipeline", "transformer", "llm", 50, 4.0, 1024, 512
+    ),
     # Flux2KleinPipeline: 50 steps, guidance_scale 4 (true CFG; ignored by step-distilled Klein), 512 tokens.
-    Family.flux2: FamilyTraits("FLUX.2 Klein", "Flux2KleinPipeline", "transformer", "llm", 50, 4.0, 1024, 512),
+    Family.flux2: FamilyTraits(
+        "FLUX.2 Klein", "Flux2KleinPipeline", "transformer", "llm", 50, 4.0, 1024, 512
+    ),
 }
 """Each family's traits; the README's family table is drawn from it."""
 

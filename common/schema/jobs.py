@@ -172,26 +172,32 @@ class GenerationJob(BaseModel):
     ] = Sampler.euler_a
     lcm: bool = False
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
-    cfg_scale: Annotated[
-        float,
-        Field(
-            ge=0.0,
-            le=MAX_CFG,
-            allow_inf_nan=False,
-            description="Classifier-free guidance against the negative prompt, with one meaning on every "
-            "family: neg + cfg * (pos - neg), so 1 is off. Default by family and sampler (README).",
-        ),
-    ] | None = None
-    guidance: Annotated[
-        float,
-        Field(
-            ge=0.0,
-            le=MAX_GUIDANCE,
-            allow_inf_nan=False,
-            description="Distilled guidance of models that read one (FLUX.1 dev and Krea: Forge's "
-            '"Distilled CFG Scale", default 3.5); refused on models without a guidance embedding.',
-        ),
-    ] | None = None
+    cfg_scale: (
+        Annotated[
+            float,
+            Field(
+                ge=0.0,
+                le=MAX_CFG,
+                allow_inf_nan=False,
+                description="Classifier-free guidance against the negative prompt, with one meaning on every "
+                "family: neg + cfg * (pos - neg), so 1 is off. Default by family and sampler (README).",
+            ),
+        ]
+        | None
+    ) = None
+    guidance: (
+        Annotated[
+            float,
+            Field(
+                ge=0.0,
+                le=MAX_GUIDANCE,
+                allow_inf_nan=False,
+                description="Distilled guidance of models that read one (FLUX.1 dev and Krea: Forge's "
+                '"Distilled CFG Scale", default 3.5); refused on models without a guidance embedding.',
+            ),
+        ]
+        | None
+    ) = None
     width: int | None = None
     height: int | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None

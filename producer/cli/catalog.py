@@ -11,9 +11,9 @@ import typer
 from rich.table import Table
 
 from lorafleet.common.catalog.lora_files import LoraInfo, describe_file, read_safetensors_header
-from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry
 from lorafleet.common.infra.broker import resolve_broker
 from lorafleet.common.infra.embedded import embedded_redis
 from lorafleet.common.infra.storage import open_storage
@@ -101,7 +101,9 @@ def models_add(
     ],
     family: Annotated[
         str | None,
-        typer.Option(help="sd15, sd2, sdxl, flux1, zimage, qwenimage or flux2, when the folder is not readable here (or for a hub id)."),
+        typer.Option(
+            help="sd15, sd2, sdxl, flux1, zimage, qwenimage or flux2, when the folder is not readable here (or for a hub id)."
+        ),
     ] = None,
     config: Annotated[
         str | None,

@@ -163,8 +163,7 @@ def submit(
         str | None,
         typer.Option(
             help="Sampler, by lorafleet's or A1111's name (default euler_a; lcm with --lcm; euler, the model's own "
-            "scheduler, on the flow families): "
-            + samplers.allowed()
+            "scheduler, on the flow families): " + samplers.allowed()
         ),
     ] = None,
     lcm: Annotated[
@@ -175,7 +174,8 @@ def submit(
         ),
     ] = False,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default 25; 4 under lcm; the family's on FLUX.1 and the others).")
+        int | None,
+        typer.Option(help="Sampling steps (default 25; 4 under lcm; the family's on FLUX.1 and the others)."),
     ] = None,
     cfg: Annotated[
         float | None,

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from lorafleet.common.catalog.lora_files import describe_file
-from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles, object_key
 from lorafleet.common.catalog.loras import LoraCatalog
+from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles, object_key
 from lorafleet.common.infra.storage import LocalStorage
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import LoraError

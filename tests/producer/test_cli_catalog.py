@@ -120,7 +120,11 @@ def test_a_flux_model_and_its_loras_are_listed_and_inspected_with_their_family(h
     [kohya, *_] = make_demo_loras(home / "models" / "tiny-flux1", home / "autoimport" / "lora")
     state = load_file(str(kohya))
     state["lora_unet_double_blocks_0_img_attn_nothing.lora_down.weight"] = torch.zeros(4, 32)
-    save_file(state, str(home / "autoimport" / "lora" / "flux1-extra.safetensors"), metadata={"ss_base_model_version": "flux1"})
+    save_file(
+        state,
+        str(home / "autoimport" / "lora" / "flux1-extra.safetensors"),
+        metadata={"ss_base_model_version": "flux1"},
+    )
     env = lorafleet_env(home, None)
     models = {row["name"]: row for row in json.loads(run_cli(["models", "list", "--json"], env).stdout)}
     assert models["tiny-flux1"]["family"] == "flux1"
@@ -129,6 +133,8 @@ def test_a_flux_model_and_its_loras_are_listed_and_inspected_with_their_family(h
     data = json.loads(result.stdout)
     assert data["match"]["family_mismatch"] is None
     loras = {row["name"]: row for row in json.loads(run_cli(["loras", "list", "--json"], env).stdout)}
-    assert {loras[f"flux1-{fmt}"]["family"] for fmt in ("kohya", "bfl", "peft", "onetrainer", "xlabs")} == {"flux1"}
+    assert {loras[f"flux1-{fmt}"]["family"] for fmt in ("kohya", "bfl", "peft", "onetrainer", "xlabs")} == {
+        "flux1"
+    }
     assert data["match"]["matched"]["transformer"] > 0 and data["match"]["matched"]["text_encoder"] > 0
     assert data["match"]["unmatched"] == ["lora_unet_double_blocks_0_img_attn_nothing.lora_down.weight"]

@@ -42,15 +42,21 @@ def refused(client, **fields) -> JobRejected:
 def test_a_flux_dev_job_gets_the_reference_pipelines_defaults(client):
     job = client.get(client.submit({"model": DEV, "prompt": "a lighthouse"}).job_id).job
     assert (job.sampler.value, job.steps, job.cfg_scale, job.guidance) == ("euler", 28, 1.0, 3.5)
-    given = client.get(client.submit({"model": DEV, "prompt": "x", "steps": 4, "cfg_scale": 3.0, "guidance": 2.5}).job_id).job
+    given = client.get(
+        client.submit({"model": DEV, "prompt": "x", "steps": 4, "cfg_scale": 3.0, "guidance": 2.5}).job_id
+    ).job
     assert (job.width, given.steps, given.cfg_scale, given.guidance) == (job.height, 4, 3.0, 2.5)
 
 
 def test_a_null_steps_or_cfg_gets_the_familys_default_not_sds(client):
     from lorafleet.common.schema.jobs import GenerationJob
 
-    by_json = client.get(client.submit({"model": DEV, "prompt": "x", "steps": None, "cfg_scale": None}).job_id).job
-    by_sdk = client.get(client.submit(GenerationJob(model=DEV, prompt="x", steps=None, cfg_scale=None)).job_id).job
+    by_json = client.get(
+        client.submit({"model": DEV, "prompt": "x", "steps": None, "cfg_scale": None}).job_id
+    ).job
+    by_sdk = client.get(
+        client.submit(GenerationJob(model=DEV, prompt="x", steps=None, cfg_scale=None)).job_id
+    ).job
     assert (by_json.steps, by_json.cfg_scale) == (by_sdk.steps, by_sdk.cfg_scale) == (28, 1.0)
 
 
@@ -87,7 +93,9 @@ def test_what_flux_does_not_have_is_refused_naming_the_field_and_the_family(clie
 def test_a1111_weights_on_t5_are_dropped_with_a_warning(client):
     handle = client.submit({"model": DEV, "prompt": "a (lighthouse:1.3) BREAK at night"})
     record = client.get(handle.job_id)
-    assert record.job.prompt == "a (lighthouse:1.3) BREAK at night"  # kept as given; the worker reads the words
+    assert (
+        record.job.prompt == "a (lighthouse:1.3) BREAK at night"
+    )  # kept as given; the worker reads the words
     assert any("T5" in w and "plain words" in w for w in record.warnings)
 
 
@@ -104,17 +112,23 @@ def test_a_klein_9b_lora_on_a_klein_4b_model_is_refused_naming_both_widths(clien
     LoRA's (its factor shapes). Only configs are needed at submit, so real sizes are cheap."""
     import json
 
-    from tests.common.test_family_detection import K9, write_safetensors, wild
+    from tests.common.test_family_detection import K9, wild, write_safetensors
 
     folder = settings.home / "models" / "klein-4b"
     for sub, config in {
-        "transformer": {"_class_name": "Flux2Transformer2DModel", "num_attention_heads": 24, "attention_head_dim": 128},
+        "transformer": {
+            "_class_name": "Flux2Transformer2DModel",
+            "num_attention_heads": 24,
+            "attention_head_dim": 128,
+        },
         "vae": {"_class_name": "AutoencoderKLFlux2", "block_out_channels": [128, 256, 512, 512]},
     }.items():
         (folder / sub).mkdir(parents=True)
         (folder / sub / "config.json").write_text(json.dumps(config))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
-    write_safetensors(settings.home / "autoimport" / "lora" / "klein9.safetensors", wild("flux2-klein-9b-bfl"))
+    write_safetensors(
+        settings.home / "autoimport" / "lora" / "klein9.safetensors", wild("flux2-klein-9b-bfl")
+    )
     with pytest.raises(JobRejected) as caught:
         client.submit({"model": "klein-4b", "prompt": "a lighthouse", "loras": [{"name": "klein9"}]})
     assert caught.value.field == "loras[0].name"
@@ -149,7 +163,9 @@ def test_the_cli_takes_guidance_and_the_resubmit_command_keeps_it(client, settin
     from tests.helpers import lorafleet_env, run_cli
 
     env = lorafleet_env(settings.home, settings.broker_url)
-    result = run_cli(["submit", "--model", DEV, "--prompt", "a lighthouse", "--guidance", "2.5", "--json"], env)
+    result = run_cli(
+        ["submit", "--model", DEV, "--prompt", "a lighthouse", "--guidance", "2.5", "--json"], env
+    )
     assert result.returncode == 0, result.stderr
     record = client.get(json.loads(result.stdout)[0]["job_id"])
     assert record.job.guidance == 2.5

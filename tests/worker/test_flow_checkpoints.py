@@ -19,8 +19,18 @@ from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher
 from lorafleet.worker.run.sampling import conditioning, sample
 from lorafleet.worker.tiny import make_tiny_model
 
-FAMILIES = {"flux1": "FluxPipeline", "zimage": "ZImagePipeline", "qwenimage": "QwenImagePipeline", "flux2": "Flux2KleinPipeline"}
-PREFIX = {"flux1": "model.diffusion_model.", "zimage": "", "qwenimage": "model.diffusion_model.", "flux2": "diffusion_model."}
+FAMILIES = {
+    "flux1": "FluxPipeline",
+    "zimage": "ZImagePipeline",
+    "qwenimage": "QwenImagePipeline",
+    "flux2": "Flux2KleinPipeline",
+}
+PREFIX = {
+    "flux1": "model.diffusion_model.",
+    "zimage": "",
+    "qwenimage": "model.diffusion_model.",
+    "flux2": "diffusion_model.",
+}
 """How the downloads name them: ComfyUI's repackaged files, BFL's, Tongyi's."""
 
 
@@ -38,7 +48,20 @@ def load(folder):
 
 def pixels(pipe, **fields) -> np.ndarray:
     job = GenerationJob(
-        **({"model": "m", "prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 5, "cfg_scale": 2.0, "negative_prompt": "fog", "sampler": "euler"} | fields)
+        **(
+            {
+                "model": "m",
+                "prompt": "a lighthouse at night",
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+                "seed": 5,
+                "cfg_scale": 2.0,
+                "negative_prompt": "fog",
+                "sampler": "euler",
+            }
+            | fields
+        )
     )
     c = conditioning(pipe, job)
     return np.asarray(sample(pipe, dict(pipe.scheduler.config), job, [c, c], [5, 5], lambda s: None, 2)[0])
@@ -58,7 +81,9 @@ def write(folder, path, family, *, fp8: bool = False, all_fp8: bool = False):
 def test_a_transformer_only_file_on_its_base_gives_the_folders_pixels(folders, tmp_path, family):
     folder = folders[family]
     path = write(folder, tmp_path / f"{family}.safetensors", family)
-    assert any(k.startswith(PREFIX[family] + ("double_blocks" if "flux" in family else "")) for k in _keys(path))
+    assert any(
+        k.startswith(PREFIX[family] + ("double_blocks" if "flux" in family else "")) for k in _keys(path)
+    )
     loaded = load_flow_checkpoint(path, str(folder), FAMILIES[family], torch.float32, local=True)
     assert np.array_equal(pixels(loaded), pixels(load(folder)))
 
@@ -79,7 +104,9 @@ def test_an_fp8_file_samples_as_the_folder_with_fp8_cast_weights(folders, tmp_pa
 
 
 @pytest.mark.parametrize("family", ["flux1", "zimage"])
-def test_a_file_with_every_tensor_in_fp8_samples_as_the_folder_with_those_tensors_fp8_cast(folders, tmp_path, family):
+def test_a_file_with_every_tensor_in_fp8_samples_as_the_folder_with_those_tensors_fp8_cast(
+    folders, tmp_path, family
+):
     folder = folders[family]
     path = write(folder, tmp_path / f"{family}-all-fp8.safetensors", family, all_fp8=True)
     loaded = load_flow_checkpoint(path, str(folder), FAMILIES[family], torch.float32, local=True)
@@ -121,11 +148,17 @@ def test_a_file_of_another_model_or_cut_short_is_refused_naming_it(folders, tmp_
     truncated = dict(list(state.items())[: len(state) // 2])
     save_file({k: v.contiguous() for k, v in truncated.items()}, str(tmp_path / "cut.safetensors"))
     with pytest.raises(JobFailed, match=r"cut\.safetensors: \d+ of the transformer's tensors are missing"):
-        load_flow_checkpoint(tmp_path / "cut.safetensors", str(folder), "FluxPipeline", torch.float32, local=True)
+        load_flow_checkpoint(
+            tmp_path / "cut.safetensors", str(folder), "FluxPipeline", torch.float32, local=True
+        )
     other = transformer_to_original(load(folders["qwenimage"]).transformer)
     save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "qwen.safetensors"))
-    with pytest.raises(JobFailed, match=r"qwen\.safetensors: tensor .* is not part of a FluxTransformer2DModel"):
-        load_flow_checkpoint(tmp_path / "qwen.safetensors", str(folder), "FluxPipeline", torch.float32, local=True)
+    with pytest.raises(
+        JobFailed, match=r"qwen\.safetensors: tensor .* is not part of a FluxTransformer2DModel"
+    ):
+        load_flow_checkpoint(
+            tmp_path / "qwen.safetensors", str(folder), "FluxPipeline", torch.float32, local=True
+        )
 
 
 def _keys(path) -> list[str]:
@@ -150,17 +183,30 @@ def registered(settings, folders, tmp_path):
     return registry, path
 
 
-def test_models_add_with_base_registers_a_transformer_only_file_that_runs_like_its_folder(registered, settings):
+def test_models_add_with_base_registers_a_transformer_only_file_that_runs_like_its_folder(
+    registered, settings
+):
     from lorafleet.producer import Client
     from tests.worker.conftest import make_runner
     from tests.worker.test_runner import pixels as stored_pixels
 
     registry, path = registered
     ref = registry.register("flux-file", str(path), base="tiny-flux1")
-    assert (ref.family.value, ref.config, ref.guidance_embeds) == ("flux1", str(settings.home / "models" / "tiny-flux1"), True)
+    assert (ref.family.value, ref.config, ref.guidance_embeds) == (
+        "flux1",
+        str(settings.home / "models" / "tiny-flux1"),
+        True,
+    )
     assert ref.transformer_width == 32 and ref.single_file
     runner = make_runner(settings)
-    job = {"prompt": "a lighthouse at night", "width": 64, "height": 64, "steps": 2, "seed": 3, "cfg_scale": 2.0}
+    job = {
+        "prompt": "a lighthouse at night",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 3,
+        "cfg_scale": 2.0,
+    }
     with Client(settings) as client:
         records = []
         for model in ("flux-file", "tiny-flux1"):
@@ -211,7 +257,11 @@ def test_a_base_of_another_family_is_refused_and_nothing_is_registered(registere
     shutil.copytree(folders["qwenimage"], settings.home / "models" / "tiny-qwen")
     with pytest.raises(BadArgument) as caught:
         registry.register("flux-file", str(path), base="tiny-qwen")
-    assert caught.value.field == "--base" and "Qwen-Image" in caught.value.reason and "FLUX.1" in caught.value.reason
+    assert (
+        caught.value.field == "--base"
+        and "Qwen-Image" in caught.value.reason
+        and "FLUX.1" in caught.value.reason
+    )
     assert "flux-file" not in registry.registered()
 
 
@@ -224,11 +274,15 @@ def test_an_all_in_one_flux_file_runs_with_its_own_text_encoders_and_vae(folders
     with torch.no_grad():  # a different text encoder and VAE than the base's, so the file's must be used
         for module in (source.text_encoder, source.text_encoder_2, source.vae):
             for param in module.parameters():
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+                param.add_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05
+                )
     state = transformer_to_original(source.transformer, "model.diffusion_model.")
     state |= clip_to_original(source.text_encoder.state_dict(), "text_encoders.clip_l.transformer.")
     t5 = source.text_encoder_2.state_dict()
-    state |= {f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items() if k != "encoder.embed_tokens.weight"}
+    state |= {
+        f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.items() if k != "encoder.embed_tokens.weight"
+    }
     vae = vae_to_original(source.vae.state_dict(), dict(source.vae.config))
     state |= {"vae." + k.removeprefix("first_stage_model."): v for k, v in vae.items()}
     path = tmp_path / "flux1-dev-all-in-one.safetensors"
@@ -247,7 +301,9 @@ def test_a_transformer_file_in_autoimport_runs_on_the_familys_base_from_settings
     write(folders["flux1"], settings.checkpoints_dir / "flux1-dev-fp8.safetensors", "flux1", fp8=True)
     runner = make_runner(settings)
     with Client(settings) as client:
-        handle = client.submit({"model": "flux1-dev-fp8", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2})
+        handle = client.submit(
+            {"model": "flux1-dev-fp8", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
+        )
         runner.run(handle.job_id)
         record = client.get(handle.job_id)
     assert record.status.value == "succeeded", record.error

@@ -182,7 +182,14 @@ class TinyFamily:
 
 def job(family: str, **extra) -> GenerationJob:
     return GenerationJob(
-        model=f"tiny-{family}", prompt="a lighthouse at night", width=64, height=64, steps=2, seed=7, sampler="euler", **extra
+        model=f"tiny-{family}",
+        prompt="a lighthouse at night",
+        width=64,
+        height=64,
+        steps=2,
+        seed=7,
+        sampler="euler",
+        **extra,
     )
 
 

@@ -21,7 +21,16 @@ from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
 from tests.worker.test_runner import client, pixels, run  # noqa: F401  (client is a fixture)
 
 FLUX = "tiny-flux1"
-JOB = dict(model=FLUX, prompt="a lighthouse at night", width=64, height=64, steps=2, seed=7, guidance=3.5, sampler="euler")
+JOB = dict(
+    model=FLUX,
+    prompt="a lighthouse at night",
+    width=64,
+    height=64,
+    steps=2,
+    seed=7,
+    guidance=3.5,
+    sampler="euler",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,9 @@ def pipes(flux_folder):
     reference = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     for pipe in (ours, reference):
         pipe.set_progress_bar_config(disable=True)
-    patcher = WeightPatcher({name: getattr(ours, name) for name in ("transformer", "text_encoder", "text_encoder_2")})
+    patcher = WeightPatcher(
+        {name: getattr(ours, name) for name in ("transformer", "text_encoder", "text_encoder_2")}
+    )
     return ours, reference, patcher
 
 
@@ -88,7 +99,9 @@ def _original_delta(state, fmt: str, original: str) -> torch.Tensor | None:
         return s[f"{key}.up.weight"] @ s[f"{key}.down.weight"]
     if fmt == "lokr" and f"{flat}.lokr_w1" in s:
         w2 = s[f"{flat}.lokr_w2_a"] @ s[f"{flat}.lokr_w2_b"]
-        return torch.kron(s[f"{flat}.lokr_w1"], w2) * (s[f"{flat}.alpha"].item() / s[f"{flat}.lokr_w2_b"].shape[0])
+        return torch.kron(s[f"{flat}.lokr_w1"], w2) * (
+            s[f"{flat}.alpha"].item() / s[f"{flat}.lokr_w2_b"].shape[0]
+        )
     if fmt == "loha" and f"{flat}.hada_w1_a" in s:
         first = s[f"{flat}.hada_w1_a"] @ s[f"{flat}.hada_w1_b"]
         second = s[f"{flat}.hada_w2_a"] @ s[f"{flat}.hada_w2_b"]
@@ -106,11 +119,15 @@ def expected_deltas(pipe, state, fmt: str) -> dict[tuple[str, str], torch.Tensor
             if not isinstance(module, torch.nn.Linear):
                 continue
             if fmt == "peft" and f"transformer.{name}.lora_A.weight" in s:
-                deltas[("transformer", name)] = s[f"transformer.{name}.lora_B.weight"] @ s[f"transformer.{name}.lora_A.weight"]
+                deltas[("transformer", name)] = (
+                    s[f"transformer.{name}.lora_B.weight"] @ s[f"transformer.{name}.lora_A.weight"]
+                )
             flat = "lora_transformer_" + name.replace(".", "_")
             if fmt == "onetrainer" and f"{flat}.lora_down.weight" in s:
                 down = s[f"{flat}.lora_down.weight"]
-                deltas[("transformer", name)] = s[f"{flat}.lora_up.weight"] @ down * (s[f"{flat}.alpha"].item() / down.shape[0])
+                deltas[("transformer", name)] = (
+                    s[f"{flat}.lora_up.weight"] @ down * (s[f"{flat}.alpha"].item() / down.shape[0])
+                )
         return deltas
     for original, modules in _spec(transformer).items():
         whole = _original_delta(state, fmt, original)
@@ -130,7 +147,9 @@ def expected_deltas(pipe, state, fmt: str) -> dict[tuple[str, str], torch.Tensor
         flat = "lora_te1_" + name.replace(".", "_")
         if isinstance(module, torch.nn.Linear) and f"{flat}.lora_down.weight" in s:
             down = s[f"{flat}.lora_down.weight"]
-            deltas[("text_encoder", name)] = s[f"{flat}.lora_up.weight"] @ down * (s[f"{flat}.alpha"].item() / down.shape[0])
+            deltas[("text_encoder", name)] = (
+                s[f"{flat}.lora_up.weight"] @ down * (s[f"{flat}.alpha"].item() / down.shape[0])
+            )
     return deltas
 
 
@@ -142,7 +161,9 @@ def merged_reference(reference, ours, stack: list[tuple[dict, float]]):
             weight = getattr(reference, component).get_submodule(module).weight
             key = (component, module)
             if key not in originals:
-                originals[key] = getattr(ours, component).get_submodule(module).weight.detach().double().clone()
+                originals[key] = (
+                    getattr(ours, component).get_submodule(module).weight.detach().double().clone()
+                )
             originals[key] = originals[key] + strength * delta.reshape(weight.shape)
     with torch.no_grad():
         for (component, module), value in originals.items():
@@ -151,7 +172,17 @@ def merged_reference(reference, ours, stack: list[tuple[dict, float]]):
 
 
 def image(pipe, job: GenerationJob):
-    return np.asarray(sample(pipe, dict(pipe.scheduler.config), job, [conditioning(pipe, job)] * 2, [job.seed, job.seed], lambda s: None, 2)[0]).astype(int)
+    return np.asarray(
+        sample(
+            pipe,
+            dict(pipe.scheduler.config),
+            job,
+            [conditioning(pipe, job)] * 2,
+            [job.seed, job.seed],
+            lambda s: None,
+            2,
+        )[0]
+    ).astype(int)
 
 
 def snapshot(patcher) -> dict[str, torch.Tensor]:
@@ -226,7 +257,9 @@ def test_restore_is_bit_exact_after_1000_stack_switches(pipes, flux_folder):
     _, _, patcher = pipes
     _, loras = flux_folder
     parsed = [
-        parse_lora(load_file(str(loras / f"flux1-{fmt}.safetensors")), patcher.index, fmt, original=patcher.original)
+        parse_lora(
+            load_file(str(loras / f"flux1-{fmt}.safetensors")), patcher.index, fmt, original=patcher.original
+        )
         for fmt in FLUX1_FORMATS
     ]
     before = snapshot(patcher)
@@ -253,7 +286,9 @@ def test_a_jobs_pixels_do_not_depend_on_its_batch_companions(pipes):
     other = GenerationJob(**(JOB | {"prompt": "a red castle in the snow", "seed": 99}), cfg_scale=1.5)
     config = dict(ours.scheduler.config)
     alone = sample(ours, config, job, [conditioning(ours, job)], [7], lambda s: None, 2)[0]
-    beside = sample(ours, config, job, [conditioning(ours, job), conditioning(ours, other)], [7, 99], lambda s: None, 2)
+    beside = sample(
+        ours, config, job, [conditioning(ours, job), conditioning(ours, other)], [7, 99], lambda s: None, 2
+    )
     assert np.array_equal(np.asarray(alone), np.asarray(beside[0]))
     assert not np.array_equal(np.asarray(beside[0]), np.asarray(beside[1]))
 
@@ -269,7 +304,12 @@ def flux_home(home, flux_folder):
     return home
 
 
-def test_a_flux_job_runs_end_to_end_and_its_png_regenerates_pixel_for_pixel(flux_home, client, runner, tmp_path):  # noqa: F811
+def test_a_flux_job_runs_end_to_end_and_its_png_regenerates_pixel_for_pixel(
+    flux_home,
+    client,  # noqa: F811
+    runner,
+    tmp_path,
+):
     record = run(
         client,
         runner,
@@ -299,7 +339,10 @@ def test_dora_on_a_fused_layer_equals_dora_on_the_original_weight(pipes):
     attn = ours.transformer.transformer_blocks[0].attn
     fused = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]).detach().double()
     gen = torch.Generator().manual_seed(11)
-    down, up = torch.randn(4, fused.shape[1], generator=gen) * 0.05, torch.randn(fused.shape[0], 4, generator=gen) * 0.05
+    down, up = (
+        torch.randn(4, fused.shape[1], generator=gen) * 0.05,
+        torch.randn(fused.shape[0], 4, generator=gen) * 0.05,
+    )
     magnitude = fused.norm(dim=1) * (1 + 0.1 * torch.rand(fused.shape[0], generator=gen, dtype=torch.float64))
     name = "lora_unet_double_blocks_0_img_attn_qkv"
     state = {
@@ -329,7 +372,9 @@ def test_a_control_lora_that_widens_the_input_layer_is_refused_saying_why(pipes)
         "lora_unet_img_in.lora_down.weight": torch.zeros(4, 2 * x_in.in_features),
         "lora_unet_img_in.lora_up.weight": torch.zeros(x_in.out_features, 4),
     }
-    with pytest.raises(LoraFormatError, match=r"img_in: factors give .*: the LoRA changes the layer.s shape \(a Control LoRA"):
+    with pytest.raises(
+        LoraFormatError, match=r"img_in: factors give .*: the LoRA changes the layer.s shape \(a Control LoRA"
+    ):
         parse_lora(state, patcher.index, "kohya")
 
 
@@ -379,7 +424,10 @@ def test_a_job_the_producer_could_not_check_fails_at_the_worker_naming_what_flux
 
     ours, _, _ = pipes
     job = GenerationJob(model="owner/flux", prompt="x", sampler="dpmpp_2m_karras", clip_skip=2, job_id="j1")
-    with pytest.raises(JobFailed, match=r"is FLUX.1, which has no sampler dpmpp_2m_karras .*clip_skip 2; register it with its family"):
+    with pytest.raises(
+        JobFailed,
+        match=r"is FLUX.1, which has no sampler dpmpp_2m_karras .*clip_skip 2; register it with its family",
+    ):
         conditioning(ours, job)
 
 
@@ -394,5 +442,7 @@ def test_lokr_and_loha_on_fused_layers_stay_factored(pipes, flux_folder):
         pieces = [d for d in parsed.deltas if isinstance(d, RowsDelta)]
         assert pieces and len(pieces) == len(parsed.deltas)  # no piece made dense at parse time
         # the pieces of one fused layer share that layer's factors, held once
-        assert len({id(d.inner) for d in pieces}) == len([k for k in state if k.endswith((".lokr_w1", ".hada_w1_a"))])
+        assert len({id(d.inner) for d in pieces}) == len(
+            [k for k in state if k.endswith((".lokr_w1", ".hada_w1_a"))]
+        )
         assert parsed.nbytes == sum({id(d.inner): d.inner.nbytes for d in pieces}.values())

@@ -254,7 +254,9 @@ def take_rows(delta: Delta, target: Target, rows: torch.Tensor) -> Delta:
         return LowRankDelta(target, delta.up[rows].contiguous(), delta.down, delta.scale)
     if isinstance(delta, DoraDelta):
         c = delta.c[rows] if delta.per_row else delta.c
-        return DoraDelta(target=target, inner=take_rows(delta.inner, target, rows), c=c, per_row=delta.per_row)
+        return DoraDelta(
+            target=target, inner=take_rows(delta.inner, target, rows), c=c, per_row=delta.per_row
+        )
     if isinstance(delta, FullDelta):
         return FullDelta(target, delta.dense()[rows].contiguous())
     return RowsDelta(target, inner=delta, rows=rows.cpu())

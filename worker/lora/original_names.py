@@ -116,7 +116,10 @@ def flux1_norms(transformer: torch.nn.Module) -> dict[str, str]:
         }
     for n in range(transformer.config.num_single_layers):
         s, b = f"single_blocks.{n}", f"single_transformer_blocks.{n}.attn"
-        norms |= {f"{s}.norm.query_norm.scale": f"{b}.norm_q.weight", f"{s}.norm.key_norm.scale": f"{b}.norm_k.weight"}
+        norms |= {
+            f"{s}.norm.query_norm.scale": f"{b}.norm_q.weight",
+            f"{s}.norm.key_norm.scale": f"{b}.norm_k.weight",
+        }
     return norms
 
 
@@ -163,7 +166,9 @@ def flux2_names(transformer: torch.nn.Module) -> OriginalNames:
     }
     if transformer.config.get("guidance_embeds"):
         names["guidance_in.in_layer"] = _rename(transformer, "time_guidance_embed.guidance_embedder.linear_1")
-        names["guidance_in.out_layer"] = _rename(transformer, "time_guidance_embed.guidance_embedder.linear_2")
+        names["guidance_in.out_layer"] = _rename(
+            transformer, "time_guidance_embed.guidance_embedder.linear_2"
+        )
     half = _linear_rows(transformer, "norm_out.linear") // 2
     names["final_layer.adaLN_modulation.1"] = [Piece("norm_out.linear", ((half, 2 * half), (0, half)))]
     for n in range(transformer.config.num_layers):

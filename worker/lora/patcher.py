@@ -79,7 +79,9 @@ class WeightPatcher:
     then reads its copy across, and a restore copies it back, still bit-exact.
     """
 
-    def __init__(self, components: dict[str, torch.nn.Module], pristine_device: torch.device | None = None) -> None:
+    def __init__(
+        self, components: dict[str, torch.nn.Module], pristine_device: torch.device | None = None
+    ) -> None:
         self.components = components
         self.pristine_device = pristine_device
         self.index = ModuleIndex(components)
@@ -127,7 +129,9 @@ class WeightPatcher:
                     copy = param.clone()
                 else:
                     pin = param.device.type == "cuda" and self.pristine_device.type == "cpu"
-                    copy = torch.empty(param.shape, dtype=param.dtype, device=self.pristine_device, pin_memory=pin)
+                    copy = torch.empty(
+                        param.shape, dtype=param.dtype, device=self.pristine_device, pin_memory=pin
+                    )
                     copy.copy_(param)
                 self._pristine[key] = copy
             return copy

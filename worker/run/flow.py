@@ -82,10 +82,18 @@ def _flux1_guidance(job: GenerationJob) -> dict:
 CALLS = {
     "FluxPipeline": FlowCall("FLUX.1", _flux1, _flux1_guidance, "tokenizer_2"),
     "ZImagePipeline": FlowCall(
-        "Z-Image", _zimage, lambda job: {"guidance_scale": max(job.cfg_scale - 1, 0.0)}, "tokenizer", as_lists=True
+        "Z-Image",
+        _zimage,
+        lambda job: {"guidance_scale": max(job.cfg_scale - 1, 0.0)},
+        "tokenizer",
+        as_lists=True,
     ),
-    "QwenImagePipeline": FlowCall("Qwen-Image", _qwenimage, lambda job: {"true_cfg_scale": job.cfg_scale}, "tokenizer"),
-    "Flux2KleinPipeline": FlowCall("FLUX.2 Klein", _flux2, lambda job: {"guidance_scale": job.cfg_scale}, "tokenizer"),
+    "QwenImagePipeline": FlowCall(
+        "Qwen-Image", _qwenimage, lambda job: {"true_cfg_scale": job.cfg_scale}, "tokenizer"
+    ),
+    "Flux2KleinPipeline": FlowCall(
+        "FLUX.2 Klein", _flux2, lambda job: {"guidance_scale": job.cfg_scale}, "tokenizer"
+    ),
 }
 """Per pipeline class, how it is called."""
 
@@ -108,7 +116,9 @@ def prompt_warnings(pipe, job: GenerationJob) -> list[str]:
     call = _call(pipe)
     tokenizer = getattr(pipe, call.tokenizer)
     notes = []
-    prompts = [("prompt", job.prompt)] + ([("negative_prompt", job.negative_prompt)] if uses_negative(job) else [])
+    prompts = [("prompt", job.prompt)] + (
+        [("negative_prompt", job.negative_prompt)] if uses_negative(job) else []
+    )
     for field, text in prompts:
         count = len(tokenizer(plain_text(text), truncation=False).input_ids)
         if count > TOKENS:
@@ -149,7 +159,10 @@ def conditioning(pipe, job: GenerationJob, device: torch.device) -> dict[str, to
     texts = {"": job.prompt} | ({"negative_": job.negative_prompt} if uses_negative(job) else {})
     with torch.no_grad():
         for prefix, text in texts.items():
-            out |= {f"{prefix}{name}": value for name, value in call.encode(pipe, plain_text(text), device).items()}
+            out |= {
+                f"{prefix}{name}": value
+                for name, value in call.encode(pipe, plain_text(text), device).items()
+            }
     return out
 
 

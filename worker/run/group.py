@@ -20,8 +20,8 @@ from lorafleet.common.schema.errors import JobCancelled, Superseded
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.pipelines import HotPipeline
-from lorafleet.worker.run.batching import Member, Slot, batch_key, chunks
 from lorafleet.worker.run import flow
+from lorafleet.worker.run.batching import Member, Slot, batch_key, chunks
 from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
 from lorafleet.worker.run.store_stage import StoreContext
 
