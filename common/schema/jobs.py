@@ -38,9 +38,9 @@ SIZE_MULTIPLE = 8
 MAX_STEPS = 150
 """Most sampling steps a job may ask for."""
 MAX_CFG = 30.0
+"""Largest classifier-free guidance scale."""
 MAX_GUIDANCE = 30.0
 """The largest distilled guidance a job may ask for (Forge's "Distilled CFG Scale" slider)."""
-"""Largest classifier-free guidance scale."""
 MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -4.0, 4.0
 """Range of a LoRA's weight (and of its separate text-encoder weight)."""
 MAX_LORAS = 8
