@@ -62,6 +62,22 @@ def _rename(model: torch.nn.Module, module: str) -> list[Piece]:
     return [Piece(module, ((0, _linear_rows(model, module)),))]
 
 
+def _bfl_double_attention(transformer: torch.nn.Module, d: str, b: str) -> OriginalNames:
+    """A BFL double block's attention (FLUX.1 and FLUX.2 alike): fused qkv per stream."""
+    return {
+        f"{d}.img_attn.qkv": _split(transformer, [f"{b}.attn.to_{x}" for x in "qkv"]),
+        f"{d}.txt_attn.qkv": _split(transformer, [f"{b}.attn.add_{x}_proj" for x in "qkv"]),
+        f"{d}.img_attn.proj": _rename(transformer, f"{b}.attn.to_out.0"),
+        f"{d}.txt_attn.proj": _rename(transformer, f"{b}.attn.to_add_out"),
+    }
+
+
+def _swapped_halves(transformer: torch.nn.Module, module: str) -> list[Piece]:
+    """BFL's final modulation: (shift, scale) where diffusers has (scale, shift)."""
+    half = _linear_rows(transformer, module) // 2
+    return [Piece(module, ((half, 2 * half), (0, half)))]
+
+
 def flux1_names(transformer: torch.nn.Module) -> OriginalNames:
     """BFL's FLUX.1 layer names for a diffusers ``FluxTransformer2DModel``."""
     config = transformer.config
@@ -77,15 +93,11 @@ def flux1_names(transformer: torch.nn.Module) -> OriginalNames:
     if config.guidance_embeds:
         names["guidance_in.in_layer"] = _rename(transformer, "time_text_embed.guidance_embedder.linear_1")
         names["guidance_in.out_layer"] = _rename(transformer, "time_text_embed.guidance_embedder.linear_2")
-    half = _linear_rows(transformer, "norm_out.linear") // 2
-    names["final_layer.adaLN_modulation.1"] = [Piece("norm_out.linear", ((half, 2 * half), (0, half)))]
+    names["final_layer.adaLN_modulation.1"] = _swapped_halves(transformer, "norm_out.linear")
     for n in range(config.num_layers):
         d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
         names |= {
-            f"{d}.img_attn.qkv": _split(transformer, [f"{b}.attn.to_{x}" for x in "qkv"]),
-            f"{d}.txt_attn.qkv": _split(transformer, [f"{b}.attn.add_{x}_proj" for x in "qkv"]),
-            f"{d}.img_attn.proj": _rename(transformer, f"{b}.attn.to_out.0"),
-            f"{d}.txt_attn.proj": _rename(transformer, f"{b}.attn.to_add_out"),
+            **_bfl_double_attention(transformer, d, b),
             f"{d}.img_mlp.0": _rename(transformer, f"{b}.ff.net.0.proj"),
             f"{d}.img_mlp.2": _rename(transformer, f"{b}.ff.net.2"),
             f"{d}.txt_mlp.0": _rename(transformer, f"{b}.ff_context.net.0.proj"),
@@ -169,15 +181,11 @@ def flux2_names(transformer: torch.nn.Module) -> OriginalNames:
         names["guidance_in.out_layer"] = _rename(
             transformer, "time_guidance_embed.guidance_embedder.linear_2"
         )
-    half = _linear_rows(transformer, "norm_out.linear") // 2
-    names["final_layer.adaLN_modulation.1"] = [Piece("norm_out.linear", ((half, 2 * half), (0, half)))]
+    names["final_layer.adaLN_modulation.1"] = _swapped_halves(transformer, "norm_out.linear")
     for n in range(transformer.config.num_layers):
         d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
         names |= {
-            f"{d}.img_attn.qkv": _split(transformer, [f"{b}.attn.to_{x}" for x in "qkv"]),
-            f"{d}.txt_attn.qkv": _split(transformer, [f"{b}.attn.add_{x}_proj" for x in "qkv"]),
-            f"{d}.img_attn.proj": _rename(transformer, f"{b}.attn.to_out.0"),
-            f"{d}.txt_attn.proj": _rename(transformer, f"{b}.attn.to_add_out"),
+            **_bfl_double_attention(transformer, d, b),
             f"{d}.img_mlp.0": _rename(transformer, f"{b}.ff.linear_in"),
             f"{d}.img_mlp.2": _rename(transformer, f"{b}.ff.linear_out"),
             f"{d}.txt_mlp.0": _rename(transformer, f"{b}.ff_context.linear_in"),
