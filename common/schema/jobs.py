@@ -371,6 +371,8 @@ class Timings(BaseModel):
 
     ``lora_load`` covers finding, hashing and parsing the stack's LoRAs; ``lora_hits`` and
     ``lora_misses`` say how many came from the worker's cache and how many were parsed.
+    ``restore`` is the weights' restore after the last sampling call of the jobs sampled
+    together; a job whose images all came from an earlier call ended before it (None).
     """
 
     queue_wait: float | None = None

@@ -327,3 +327,22 @@ def test_a_job_for_a_model_the_worker_does_not_serve_fails_saying_so(client, run
     record = run(client, runner)
     assert record.status is JobStatus.failed
     assert "serves some-other-model, not 'tiny-sd15'" in record.error
+
+
+def test_the_restore_is_in_the_record_even_when_the_upload_ends_first(client, runner, monkeypatch):
+    """The store stage ends a job in its own thread; a restore slower than the upload (a
+    loaded machine) must still be in the job's timings, never raced past (found by CI)."""
+    from lorafleet.worker.lora.patcher import WeightPatcher
+
+    restore = WeightPatcher.restore
+
+    def slow_restore(self):
+        time.sleep(0.5)
+        return restore(self)
+
+    monkeypatch.setattr(WeightPatcher, "restore", slow_restore)
+    record = run(client, runner, loras=[{"name": "watercolor", "weight": 0.8}])
+    assert record.status is JobStatus.succeeded, record.error
+    assert record.timings.restore is not None
+    assert record.timings.total >= 0.5  # it ended after the restore
+    assert runner.pipelines.get(runner.models.get(TINY))[0].patcher.is_pristine

@@ -92,6 +92,7 @@ class GroupSampling:
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
             one_per_call = seeds_its_own_noise(job.sampler)
             plan = chunks(members, size, one_per_call)
+            restored, handed = None, set()
             while plan:
                 chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
                 if not chunk:
@@ -116,14 +117,31 @@ class GroupSampling:
                     free_memory(self.pipelines.device)
                     plan = chunks(members, size, one_per_call)
                     continue
-                for member in dict.fromkeys(slot.member for slot in chunk):
-                    if member.complete and not member.cancelled:
-                        member.timings.sampling = time.perf_counter() - tick
+                done = [
+                    m for m in dict.fromkeys(slot.member for slot in chunk) if m.complete and not m.cancelled
+                ]
+                for member in done:
+                    member.timings.sampling = time.perf_counter() - tick
+                try:
+                    if not plan:  # the last call: its jobs end with the weights restored
+                        restored = self._restore_group(hot, patch, [m for m in members if m not in handed])
+                finally:
+                    for member in done:
+                        handed.add(member)
                         when_done(member, context)
+        if restored is None:  # the last calls were all cancelled
+            self._restore_group(hot, patch, [])
+
+    def _restore_group(self, hot: HotPipeline, patch, members: list[Member]):
+        """Put the weights back to W₀ after a group's last call. Its time goes into the
+        timings of ``members``, the jobs not yet handed to the store stage; a job of an earlier
+        call ended before it (its ``restore`` stays None)."""
         restored = hot.patcher.restore()
-        self.stats.switch_seconds.append(patch.apply + patch.restore + restored.restore)
+        seconds = patch.restore + restored.restore
+        self.stats.switch_seconds.append(patch.apply + seconds)
         for member in members:
-            member.timings.restore = patch.restore + restored.restore
+            member.timings.restore = seconds
+        return restored
 
     def _prefetch(self, hot: HotPipeline, members: list[Member]) -> None:
         """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
