@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import redis
 
@@ -70,14 +70,15 @@ class Following:
         changed: set[str] | None = set()  # what to read next: the jobs with events (None: all)
         resync = time.monotonic() + RESYNC_SECONDS
         told = False  # on_update has had the records once
+        # Ended records do not change: only pending ones with news are read again, and every
+        # pending one now and then (a stream trimmed or unreadable meanwhile). The pending
+        # set shrinks as jobs end, so a wake costs the jobs with news, not the whole batch.
+        pending = dict.fromkeys(i for i in ids if not latest[i].status.final)
         while True:
-            # Ended records do not change: only pending ones with news are read again, and
-            # every pending one now and then (a stream trimmed or unreadable meanwhile).
-            pending = [i for i in dict.fromkeys(ids) if not latest[i].status.final]
             if changed is None or time.monotonic() >= resync:
-                reading, resync = pending, time.monotonic() + RESYNC_SECONDS
+                reading, resync = list(pending), time.monotonic() + RESYNC_SECONDS
             else:
-                reading = [i for i in pending if i in changed]
+                reading = [i for i in changed if i in pending]
             found = self._read(reading) if reading else []
             if found is None:
                 found, resync = [latest[i] for i in reading], 0.0  # Redis away: all, once back
@@ -85,16 +86,16 @@ class Following:
                 if record is None:
                     raise JobRejected(f"job {job_id!r} disappeared (its record expired)", field="job_id")
                 latest[job_id] = record
-            records = [latest[i] for i in ids]
+                if record.status.final:
+                    pending.pop(job_id, None)
             if on_update and (reading or not told):
-                on_update(records)
+                on_update([latest[i] for i in ids])
                 told = True
-            if all(r.status.final for r in records):
-                return records
+            if not pending:
+                return [latest[i] for i in ids]
             if deadline is not None and time.monotonic() >= deadline:
-                left = sum(not r.status.final for r in records)
-                raise TimeoutError(f"{left} of {len(ids)} jobs still unfinished after {timeout:g} s")
-            cursor, changed = self._until_change(cursor, {r.job_id for r in records if not r.status.final})
+                raise TimeoutError(f"{len(pending)} of {len(ids)} jobs still unfinished after {timeout:g} s")
+            cursor, changed = self._until_change(cursor, pending.keys())
 
     def _tail(self) -> str | None:
         try:
@@ -102,7 +103,9 @@ class Following:
         except redis.RedisError:
             return None
 
-    def _until_change(self, cursor: str | None, pending: set[str]) -> tuple[str | None, set[str] | None]:
+    def _until_change(
+        self, cursor: str | None, pending: Collection[str]
+    ) -> tuple[str | None, set[str] | None]:
         """Wait for events of pending jobs (at most BLOCK_SECONDS): the new cursor, and the
         pending jobs the events were about (None: unknown, the stream could not be read)."""
         if cursor is None:

@@ -75,7 +75,8 @@ class JobResolver:
         return info.is_lcm or info.name in self.lcm_loras.values()
 
     def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
-        job = job.model_copy(deep=True)
+        # the caller's job stays as given: resolving writes only fields and the LoRA specs
+        job = job.model_copy(update={"loras": [spec.model_copy() for spec in job.loras]})
         try:
             self._check_reference(job.model)
             model = self.models.get(job.model)

@@ -106,7 +106,10 @@ class JobStatus(str, Enum):
 
     @property
     def final(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self in _FINAL
+
+
+_FINAL = frozenset((JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled))
 
 
 Weight = Annotated[float, Field(ge=MIN_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]
