@@ -22,17 +22,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.common.catalog.drop_folder import DropFolder
 from lorafleet.common.catalog.lora_files import (
-    SAFETENSORS_SUFFIX,
     SafetensorsHeader,
     read_safetensors_header,
     refuse_pickled,
     sha256_file,
 )
-from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.catalog.shared_files import SharedFile, SharedFiles
 from lorafleet.common.schema.errors import EmbeddingError, FileRefused
 from lorafleet.common.schema.family import Family
-from lorafleet.common.schema.jobs import check_lora_name
 
 MAX_EMBEDDING_BYTES = 16 * 1024**2
 """Largest embedding file accepted (a 75-vector SDXL embedding is under 1 MB)."""
@@ -118,23 +117,19 @@ def describe_embedding(path: Path, name: str | None = None) -> EmbeddingInfo:
     )
 
 
-class EmbeddingCatalog:
+class EmbeddingCatalog(DropFolder[EmbeddingInfo]):
     """The embedding drop folder (each file described once per size and mtime) and, when
     given, the fleet's registered embeddings."""
 
-    def __init__(self, folder: Path, shared: SharedFiles | None = None) -> None:
-        self.folder = Path(folder)
-        self.shared = shared
-        self._described: dict[Path, tuple[tuple[int, int], EmbeddingInfo]] = {}
-        self._batch = threading.local()
+    noun = "embedding"
+    a_noun = "an embedding"
+    error = EmbeddingError
+    import_command = "lorafleet embeddings import"
+    suffix_in_names = False  # a name is a word written in a prompt, never a file name
 
-    def names(self) -> list[str]:
-        local = (
-            [p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
-            if self.folder.is_dir()
-            else []
-        )
-        return sorted(set(local) | set(self.shared.names() if self.shared else []))
+    def __init__(self, folder: Path, shared: SharedFiles | None = None) -> None:
+        super().__init__(folder, shared)
+        self._batch = threading.local()
 
     @contextmanager
     def names_read_once(self) -> Iterator[None]:
@@ -155,31 +150,9 @@ class EmbeddingCatalog:
         words = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
         return sorted({match for text in texts for match in words.findall(text)})
 
-    def get(self, name: str) -> EmbeddingInfo:
-        """The embedding ``name``; EmbeddingError says why there is none to use."""
-        try:
-            check_lora_name(name)
-        except ValueError as exc:
-            raise EmbeddingError(f"{name!r} {exc}") from None
-        path = self.folder / f"{name}{SAFETENSORS_SUFFIX}"
-        if not path.is_file():
-            registered = self.shared.lookup(name) if self.shared else None
-            if registered is not None:
-                meta = registered.meta
-                vectors, widths = int(meta.get("vectors", 1)), dict(meta.get("widths", {}))
-                return EmbeddingInfo(name, None, registered.sha256, vectors, widths, registered.object_key)
-            where = f"a .safetensors file in {self.folder}" + (
-                " or an imported embedding" if self.shared else ""
-            )
-            raise EmbeddingError(f"unknown embedding {name!r}", allowed=where)
-        stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-        cached = self._described.get(path)
-        if cached and cached[0] == stamp:
-            return cached[1]
-        try:
-            info = describe_embedding(path, name)
-        except FileRefused as exc:
-            raise EmbeddingError(f"embedding {name!r} is refused: {exc.message}") from None
-        self._described[path] = (stamp, info)
-        return info
+    def _describe(self, path: Path, name: str | None) -> EmbeddingInfo:
+        return describe_embedding(path, name)
+
+    def _from_shared(self, entry: SharedFile) -> EmbeddingInfo:
+        vectors, widths = int(entry.meta.get("vectors", 1)), dict(entry.meta.get("widths", {}))
+        return EmbeddingInfo(entry.name, None, entry.sha256, vectors, widths, entry.object_key)

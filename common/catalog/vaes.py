@@ -12,16 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.common.catalog.drop_folder import DropFolder
 from lorafleet.common.catalog.lora_files import (
-    PICKLED_SUFFIXES,
     SAFETENSORS_SUFFIX,
     read_safetensors_header,
     refuse_pickled,
     sha256_file,
 )
-from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.catalog.shared_files import SharedFile
 from lorafleet.common.schema.errors import FileRefused, VaeError
-from lorafleet.common.schema.jobs import check_lora_name
 
 DIFFUSERS_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MAX_VAE_BYTES = 2 * 1024**3
@@ -77,57 +76,37 @@ def check_vae_file(path: Path) -> None:
         raise FileRefused(f"its decoder writes {out.shape[0]} channels, not RGB", field=path.name)
 
 
-class VaeCatalog:
-    """The VAE drop folder: names to files or folders, each checked when looked up."""
+def _diffusers_weights(folder: Path) -> Path | None:
+    """The weights of a diffusers VAE folder (beside its ``config.json``), or None."""
+    weights = folder / DIFFUSERS_VAE_WEIGHTS
+    return weights if weights.is_file() and (folder / "config.json").is_file() else None
 
-    def __init__(self, folder: Path, shared: SharedFiles | None = None) -> None:
-        self.folder = Path(folder)
-        self.shared = shared
-        self._hashes: dict[tuple[Path, int, int], str] = {}
 
-    def names(self) -> list[str]:
-        registered = set(self.shared.names()) if self.shared else set()
+class VaeCatalog(DropFolder[VaeInfo]):
+    """The VAE drop folder: names to files or diffusers folders, each checked when looked up
+    (once per size and mtime of its weights)."""
+
+    noun = "VAE"
+    a_noun = "a VAE"
+    error = VaeError
+    local_kind = f"a {SAFETENSORS_SUFFIX} file or a diffusers VAE folder"
+    import_command = "lorafleet vaes import"
+
+    def local_names(self) -> list[str]:
         if not self.folder.is_dir():
-            return sorted(registered)
-        files = [p.stem for p in self.folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
-        folders = [p.name for p in self.folder.iterdir() if (p / DIFFUSERS_VAE_WEIGHTS).is_file()]
-        return sorted(set(files) | set(folders) | registered)
+            return []
+        folders = {p.name for p in self.folder.iterdir() if _diffusers_weights(p)}
+        return sorted(set(super().local_names()) | folders)
 
-    def get(self, name: str) -> VaeInfo:
-        """The VAE ``name``; VaeError says why there is none to use."""
-        stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
-        try:
-            check_lora_name(stem)  # the same rule as any name that must stay inside its folder
-        except ValueError as exc:
-            raise VaeError(
-                f"{name!r} is not a VAE name: {exc}", allowed=f"a file or folder name in {self.folder}"
-            ) from None
-        file, folder = self.folder / f"{stem}{SAFETENSORS_SUFFIX}", self.folder / stem
-        if file.is_file():
-            weights, single = file, True
-        elif (folder / DIFFUSERS_VAE_WEIGHTS).is_file() and (folder / "config.json").is_file():
-            weights, single = folder / DIFFUSERS_VAE_WEIGHTS, False
-        elif self.shared is not None and (registered := self.shared.lookup(stem)) is not None:
-            return VaeInfo(stem, None, True, registered.sha256, registered.object_key)
-        else:
-            pickled = [self.folder / f"{stem}{s}" for s in PICKLED_SUFFIXES]
-            if any(p.is_file() for p in pickled):
-                raise VaeError(
-                    f"VAE {name!r} is a pickled file: loading it can run arbitrary code",
-                    allowed="a .safetensors VAE",
-                )
-            known = ", ".join(self.names()) or "none yet"
-            raise VaeError(f"unknown VAE {name!r}", allowed=f"a VAE in {self.folder}: {known}")
-        try:
-            check_vae_file(weights)
-        except FileRefused as exc:
-            raise VaeError(f"VAE {name!r} is refused: {exc.message}") from None
-        return VaeInfo(stem, file if single else folder, single, self._sha256(weights))
+    def _local(self, stem: str) -> Path | None:
+        return super()._local(stem) or _diffusers_weights(self.folder / stem)
 
-    def _sha256(self, path: Path) -> str:
-        """The file's sha256, hashed once per (size, mtime)."""
-        stat = path.stat()
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = sha256_file(path)
-        return self._hashes[key]
+    def _describe(self, path: Path, name: str | None) -> VaeInfo:
+        # ``path`` holds the weights: the VAE file itself, or the file inside a diffusers folder
+        check_vae_file(path)
+        single = path.parent == self.folder
+        where = path if single else path.parent
+        return VaeInfo(name or where.name.removesuffix(SAFETENSORS_SUFFIX), where, single, sha256_file(path))
+
+    def _from_shared(self, entry: SharedFile) -> VaeInfo:
+        return VaeInfo(entry.name, None, True, entry.sha256, entry.object_key)
