@@ -22,7 +22,7 @@ DOCS = (REPO / "docs" / "benchmarks.md").read_text()
 
 SMOKE = {
     "affinity.py": ["--jobs", "8"],
-    "batch_determinism.py": ["--steps", "1", "--seeds", "1"],
+    "batch_determinism.py": ["--families", "sd15", "flux1", "--max-rows", "3", "--steps", "1"],
     "checkpoint_load.py": ["--shape", "tiny", "--repeats", "1"],
     "dashboard_load.py": ["--records", "200", "--queued", "50", "--repeats", "2"],
     "lora_bytes.py": [],  # shapes only (meta device): it is this fast whole

@@ -135,7 +135,8 @@ class Infotext:
     @property
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
-        return [key for key in self.fields if key not in USED_FIELDS and not _MODULE.match(key)] + self.unused
+        used = USED_FIELDS | ({"Batch size"} if self.by_lorafleet else set())
+        return [key for key in self.fields if key not in used and not _MODULE.match(key)] + self.unused
 
     @property
     def by_lorafleet(self) -> bool:
@@ -172,6 +173,8 @@ class Infotext:
             job["sampler"] = sampler.value
         if "Model" in fields:
             job["model"] = fields["Model"]
+        if "Batch size" in fields and self.by_lorafleet:  # the rows of the call: lorafleet's meaning
+            job["batch_size"] = _number(fields["Batch size"], int, f"{where}Batch size")
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job

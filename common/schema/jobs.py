@@ -50,6 +50,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 8
 """Most images one job makes."""
 MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 64
+"""Most rows a job may ask its sampling calls to have (``GenerationJob.batch_size``)."""
 """Largest seed (seeds are unsigned 32-bit, as in A1111 and InvokeAI)."""
 MAX_EMBEDDINGS = 16
 """Most textual-inversion embeddings one job's prompts may use."""
@@ -219,6 +221,19 @@ class GenerationJob(BaseModel):
         Field(max_length=MAX_EMBEDDINGS),
     ] = []
     num_images: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    batch_size: (
+        Annotated[
+            int,
+            Field(
+                ge=1,
+                le=MAX_BATCH_SIZE,
+                description="Rows of every sampling call this job's images run in (filled with other jobs' "
+                "images or copies): its pixels depend on it, never on which jobs shared its calls. None: the "
+                "worker's batch size for the model and size. A PNG records it (Batch size) for regeneration.",
+            ),
+        ]
+        | None
+    ) = None
     output_prefix: Annotated[str, StringConstraints(max_length=300)] = "images"
     priority: Priority = Priority.normal
     tags: dict[

@@ -170,9 +170,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         default=0,
         ge=0,
-        description="Most images a worker samples in one pipeline call (a job's own images and those of "
-        "compatible jobs waiting behind it); 1 turns batching off; 0 derives it from the device's free "
-        "memory and the image size.",
+        description="Rows of every pipeline call a worker makes, the batch size (a job's own images, those "
+        "of compatible jobs waiting behind it, copies for the rest: a job's pixels depend on it, never on "
+        "its companions); 1 turns batching off; 0 derives it from the device's total memory and the image size.",
     )
     background_stages: bool = Field(
         default=True,

@@ -55,7 +55,7 @@ def refused(**fields) -> JobRejected:
         ({"output_prefix": "/abs"}, "output_prefix", "segments of letters"),
         ({"job_id": "has space"}, "job_id", "pattern"),
         ({"tags": {f"k{i}": "v" for i in range(33)}}, "tags", "at most 32 tags"),
-        ({"colour": "red"}, "colour", "unknown field (allowed fields: batch_id, cfg_scale"),
+        ({"colour": "red"}, "colour", "unknown field (allowed fields: batch_id, batch_size, cfg_scale"),
     ],
 )
 def test_refusal_names_the_field_and_what_is_allowed(fields, field, words):

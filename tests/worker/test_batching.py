@@ -41,7 +41,7 @@ def test_a_jobs_images_share_one_call_and_each_keeps_its_own_seed(client, settin
     alone = client.submit(JOB | {"seed": 1236, "loras": STACK})
     runner.run(alone.job_id)
     single = client.get(alone.job_id)
-    assert single.timings.batch_size == 2  # never a one-row call: it is paired with a copy
+    assert single.timings.batch_size == 4  # every call has the batch size's rows: copies fill it
     # image 2 of the batch is the one-image job with seed 1236, pixel for pixel
     assert np.array_equal(_array(runner, record, 2), _array(runner, single, 0))
     assert np.abs(_array(runner, record, 1) - _array(runner, single, 0)).max() > 20  # another seed
@@ -56,7 +56,7 @@ def test_compatible_waiting_jobs_are_sampled_with_the_running_one(client, settin
     assert runner.run(lead.job_id) is JobStatus.succeeded
     for handle in (lead, *same):
         record = client.get(handle.job_id)
-        assert record.status is JobStatus.succeeded and record.timings.batch_size == 3, record
+        assert record.status is JobStatus.succeeded and record.timings.batch_size == 8, record
         assert record.attempts == 1 and record.progress.step == record.progress.total == 6
     assert client.get(other_stack.job_id).status is JobStatus.queued  # another LoRA weight
     assert client.get(other_steps.job_id).status is JobStatus.queued  # another step count
@@ -189,3 +189,59 @@ def test_a_job_taken_along_but_never_started_gets_a_new_message(client, settings
     assert client.get(other.job_id).status is JobStatus.queued
     assert send_unsent(client.jobs, client.celery, after=0) == [other.job_id]  # upkeep sends a new one
     assert other.job_id in {w.job_id for w in runner.waiting.peek(started.queue)}
+
+
+def test_a_jobs_pixels_and_call_rows_do_not_depend_on_its_companions(client, settings):
+    """Default settings (the batch size derived from the machine): seed 5 alone and seed 5
+    among 11 companions run in calls of the same rows and give the same pixels (before, the
+    lone job ran in a call of 2 rows and the crowd in calls of 8, which differ on this CPU)."""
+    runner = make_runner(settings)
+    crowd = [client.submit(JOB | {"seed": seed, "prompt": f"a harbour {seed}"}) for seed in range(5, 17)]
+    runner.run(crowd[0].job_id)
+    taken = [client.get(h.job_id) for h in crowd]
+    together = [r for r in taken if r.status is JobStatus.succeeded]
+    assert len(together) > 1  # companions were taken along
+    lone = client.submit(JOB | {"seed": 5, "prompt": "a harbour 5"})
+    runner.run(lone.job_id)
+    alone = client.get(lone.job_id)
+    assert alone.timings.batch_size == together[0].timings.batch_size == runner.batch_sizes.rows(alone.job)
+    assert np.array_equal(_array(runner, alone, 0), _array(runner, together[0], 0))
+
+
+def test_a_rows_result_does_not_depend_on_what_the_other_rows_hold(hot, settings):
+    """The fixed shape is the whole promise: the same rows, whatever they hold, give a row the
+    same floats, bit for bit (the copies that fill a call included)."""
+    from lorafleet.common.schema.jobs import GenerationJob
+    from lorafleet.worker.run.sampling import conditioning, sample
+
+    job = GenerationJob(model=TINY, prompt="a lighthouse", steps=3, width=64, height=64, cfg_scale=7)
+    prompts = ["a lighthouse", "a red barn", "a forest at dawn", "a city of glass"]
+    conds = [conditioning(hot.pipe, job.model_copy(update={"prompt": p})) for p in prompts]
+    outputs = [
+        sample(hot.pipe, hot.scheduler_config, job, conds[:n], [5, 9, 13, 21][:n], lambda s: None, 4, "np")[0]
+        for n in (1, 2, 4)
+    ]
+    assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
+    with pytest.raises(ValueError, match="do not fit a call of 2 rows"):
+        sample(hot.pipe, hot.scheduler_config, job, conds[:3], [1, 2, 3], lambda s: None, 2)
+
+
+def test_an_image_gets_the_same_floats_at_every_position_of_a_call(hot):
+    """With the rows fixed, a position must not matter either: the time projection's few-row
+    product used to round differently for the rows past its main block (at 5, 6, 7 and 9
+    rows here), so an image's floats depended on how many images came before it."""
+    import torch
+
+    unet = hot.pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    shape = (unet.config.in_channels, 8, 8)
+    latent, text = torch.randn(shape, generator=generator), torch.randn(77, 32, generator=generator)
+    with torch.no_grad():
+        for rows in (5, 7, 9):
+            alone = unet(latent.expand(rows, *shape), 500, text.expand(rows, 77, 32)).sample[0]
+            for position in (1, rows - 1):
+                latents = torch.randn(rows, *shape, generator=generator)
+                texts = torch.randn(rows, 77, 32, generator=generator)
+                latents[position], texts[position] = latent, text
+                out = unet(latents, 500, texts).sample[position]
+                assert torch.equal(out, alone), (rows, position)

@@ -57,6 +57,7 @@ def test_a_lorafleet_png_regenerates_pixel_for_pixel(client, runner, tmp_path, f
     second_image.write_bytes(runner.storage.get(first.images[1].key))  # image 1: seed 100
     job = client.job_from_png(second_image)
     assert job.seed == 100 and job.model == first.job.model
+    assert job.batch_size == first.timings.batch_size  # the rows of its call, read back
     again = client.submit(job)
     assert runner.run(again.job_id) is JobStatus.succeeded
     regenerated = client.get(again.job_id)
@@ -120,9 +121,11 @@ def test_the_ignored_fields_are_named(settings, tmp_path):
 
     path = a1111_png(
         tmp_path / "x.png",
-        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2",
+        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2, "
+        "Batch size: 4",
     )
-    assert read_png(path).ignored == ["Hires upscale"]
+    assert read_png(path).ignored == ["Hires upscale", "Batch size"]  # A1111's images per call
+    assert "batch_size" not in read_png(path).job_fields()
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,17 @@ everything that shapes the call is the same (``batch_key``): model, LoRA stack a
 sampler, steps, CFG, distilled guidance, size, VAE and embeddings. Prompts and seeds may differ: each image has
 its own embeddings and its own generator.
 
-The images of a group are cut into chunks of at most the batch size: ``LORAFLEET_MAX_BATCH``,
-or (0, the default) one derived from the device's free memory and the image size
-(``default_max_batch``). A chunk that runs out of memory is tried again at half the size,
-and the size that fit is remembered per model and image size (``BatchSizes``).
+The images of a group are cut into calls of one fixed number of rows, the batch size, and a
+call with fewer images is filled up with copies of its first: a job's pixels depend on the
+batch size, never on which jobs shared its calls. (Kernels pick their arithmetic by shape: on
+this project's CPU a one-row call, a two- or three-row one and a call of four or more differ
+in the last bits of the time embedding and of small convolutions, enough to flip a pixel by
+1/255; docs/benchmarks.md, bench/batch_determinism.py.) The batch size is the job's own
+``batch_size`` (a regenerated PNG's), else ``LORAFLEET_MAX_BATCH``, else (0, the default)
+one derived from the device's total memory and the image size (``default_max_batch``): the
+same on every run of a machine, and written into every PNG. A call that runs out of memory is
+tried again at half the size, and the size that fit is remembered per model and image size
+(``BatchSizes``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.common.schema.jobs import GenerationJob, JobRecord, Timings
+from lorafleet.worker.run.sampling import seeds_its_own_noise
 
 BYTES_PER_PIXEL = 3 * 1024
 """Device memory one image of a batch takes per output pixel while it samples (activations,
@@ -29,8 +37,9 @@ MEMORY_SHARE = 0.6
 """Share of the free memory the default batch size may plan to use."""
 MAX_DEFAULT_BATCH = 16
 """The default batch size never goes beyond this, however much memory is free."""
-CPU_DEFAULT_BATCH = 8
-"""The default's ceiling on a CPU, where a bigger batch buys little but takes memory."""
+CPU_DEFAULT_BATCH = 4
+"""The default's ceiling on a CPU: there a call costs almost in proportion to its rows, so a
+bigger one buys little (tiny models aside) while a lone job pays for every copy filling it."""
 
 
 def batch_key(job: GenerationJob) -> tuple:
@@ -47,31 +56,34 @@ def batch_key(job: GenerationJob) -> tuple:
         job.height,
         job.vae,
         tuple(job.embeddings),
+        job.batch_size,
     )
 
 
 def default_max_batch(device: torch.device, width: int, height: int) -> int:
-    """Images per call that fit in MEMORY_SHARE of the device's free memory at this size."""
+    """Images per call that fit in MEMORY_SHARE of the device's total memory at this size.
+    Total, not free: the batch size shapes the pixels, so it must not move with the memory
+    other processes hold at the moment (a size that does not fit is halved, and remembered)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        _, total = torch.cuda.mem_get_info(device)
         ceiling = MAX_DEFAULT_BATCH
     else:
-        free = _available_memory()
+        total = _total_memory()
         ceiling = CPU_DEFAULT_BATCH
-    fits = int(free * MEMORY_SHARE) // (width * height * BYTES_PER_PIXEL)
+    fits = int(total * MEMORY_SHARE) // (width * height * BYTES_PER_PIXEL)
     return max(1, min(ceiling, fits))
 
 
-def _available_memory() -> int:
-    """Bytes the kernel says are available (MemAvailable: free plus reclaimable cache)."""
+def _total_memory() -> int:
+    """Bytes of the machine's memory (MemTotal)."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
+                if line.startswith("MemTotal:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class BatchSizes:
@@ -84,10 +96,20 @@ class BatchSizes:
         self._fits: dict[tuple[str, int, int], int] = {}
 
     def get(self, model: str, width: int, height: int) -> int:
+        """The worker's batch size for the model and image size (a job's own ``batch_size``
+        overrides it: ``rows``)."""
         remembered = self._fits.get((model, width, height))
         if remembered is not None:
             return remembered
         return self.setting or default_max_batch(self.device, width, height)
+
+    def rows(self, job: GenerationJob) -> int:
+        """Rows of every sampling call of the job (and of the jobs sampled with it): one for a
+        sampler that seeds its own noise, else the job's batch size or the worker's."""
+        if seeds_its_own_noise(job.sampler):
+            return 1
+        assert job.width is not None and job.height is not None
+        return job.batch_size or self.get(job.model, job.width, job.height)
 
     def halve(self, model: str, width: int, height: int, size: int) -> int:
         """After an out-of-memory error at ``size``: the size to try next (0: none left)."""
@@ -107,7 +129,8 @@ class Member:
     """Image index -> PIL image, as its chunk finishes."""
     cancelled: bool = False
     """Cancelled (or taken over by another run) while it sampled: its images are dropped."""
-    largest_chunk: int = 0
+    rows: dict[int, int] = field(default_factory=dict)
+    """Image index -> rows of the call it was sampled in (its PNG's Batch size)."""
     warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

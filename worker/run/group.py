@@ -84,38 +84,42 @@ class GroupSampling:
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
         context = StoreContext(stack.infos, hot.model_hash, vae, embeddings, hot.modules)
-        size = self.batch_sizes.get(job.model, job.width, job.height)
+        rows = self.batch_sizes.rows(job)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             for member in members:
                 member.conditioning = conditioning(hot.pipe, member.job)
                 if flow.is_flow(hot.pipe):
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
             one_per_call = seeds_its_own_noise(job.sampler)
-            plan = chunks(members, size, one_per_call)
+            plan = chunks(members, rows, one_per_call)
             restored, handed = None, set()
             while plan:
                 chunk = [slot for slot in plan.pop(0) if not slot.member.cancelled]
                 if not chunk:
                     continue
-                # batching: never a one-row call (its last bits differ from a batch's)
-                min_rows = 1 if one_per_call or size < 2 else 2
                 try:
-                    self._sample_chunk(hot, job, chunk, min_rows)
+                    self._sample_chunk(hot, job, chunk, rows)
                 except Exception as exc:
-                    rows = max(len(chunk), min_rows)
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
-                    size = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                    smaller = self.batch_sizes.halve(job.model, job.width, job.height, rows)
                     logger.warning(
                         "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
-                        len(chunk),
-                        size,
+                        rows,
+                        smaller,
                         hot.model.key,
                         job.width,
                         job.height,
                     )
+                    if job.batch_size is not None:
+                        for member in members:
+                            member.warnings.append(
+                                f"batch_size {job.batch_size} ran out of memory on this worker: sampled "
+                                f"{smaller} images per call, so the pixels may differ in their last bits"
+                            )
+                    rows = smaller
                     free_memory(self.pipelines.device)
-                    plan = chunks(members, size, one_per_call)
+                    plan = chunks(members, rows, one_per_call)
                     continue
                 done = [
                     m for m in dict.fromkeys(slot.member for slot in chunk) if m.complete and not m.cancelled
@@ -169,7 +173,7 @@ class GroupSampling:
         except Exception as exc:  # the job itself meets it again and fails saying why
             logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
 
-    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], min_rows: int) -> None:
+    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], rows: int) -> None:
         """One pipeline call for the chunk's images; progress and cancellation per job."""
         counts: dict[Member, int] = {}
         for slot in chunk:
@@ -201,14 +205,13 @@ class GroupSampling:
                 [slot.member.conditioning for slot in chunk],
                 [image_seed(slot.member.job, slot.index) for slot in chunk],
                 on_step,
-                min_rows,
+                rows,
             )
         except JobCancelled:
             return
-        rows = max(len(chunk), min_rows)
         for slot, image in zip(chunk, images):
             slot.member.images[slot.index] = image
-            slot.member.largest_chunk = max(slot.member.largest_chunk, rows)
+            slot.member.rows[slot.index] = rows
 
     def _cancelled(self, member: Member) -> None:
         """A job cancelled while it samples leaves its call; its companions go on."""

@@ -264,7 +264,7 @@ class JobRunner(GroupSampling, StoreStage):
         job = lead.job
         assert job.width is not None and job.height is not None
         self._last_shape = (job.model, job.width, job.height)
-        room = self.batch_sizes.get(job.model, job.width, job.height) - job.num_images
+        room = self.batch_sizes.rows(job) - job.num_images
         if room <= 0 or seeds_its_own_noise(job.sampler):
             return []
         key = batch_key(job)

@@ -113,7 +113,8 @@ def sample(
     conditionings: list[dict[str, torch.Tensor]],
     seeds: list[int],
     on_step: Callable[[int], None],
-    min_rows: int = 1,
+    rows: int = 1,
+    output_type: str = "pil",
 ) -> list:
     """One call of the pipeline for a batch of images (PIL): image i from ``conditionings[i]``
     and its own CPU generator seeded ``seeds[i]``; ``job`` gives what the images share
@@ -121,23 +122,26 @@ def sample(
     (JobCancelled) to stop the call.
 
     Semantics: image i's starting noise and every noise draw the sampler makes for it come
-    from its own generator, so they are what a one-image call with that seed draws. A call of
-    fewer than ``min_rows`` images is filled up with copies of its first image, whose results
-    are dropped: the arithmetic of a one-row call can differ in its last bits from that of a
-    batch (docs/benchmarks.md), so a worker that batches never makes one.
+    from its own generator, so they are what a one-image call with that seed draws. The call
+    has exactly ``rows`` rows: fewer images are filled up with copies of the first, whose
+    results are dropped. Kernels choose their arithmetic by shape, so a row's last bits
+    depend on the rows of its call, and only on that: never on what the other rows hold
+    (worker/run/batching.py).
     """
     assert job.steps is not None and len(conditionings) == len(seeds) >= 1
     if seeds_its_own_noise(job.sampler) and len(seeds) > 1:
         raise ValueError(f"{job.sampler.value} seeds its scheduler itself: one image per call")
+    if len(seeds) > rows:
+        raise ValueError(f"{len(seeds)} images do not fit a call of {rows} rows")
 
     def step_end(pipeline, step: int, timestep, kwargs):
         on_step(step + 1)
         return kwargs
 
     wanted = len(seeds)
-    if wanted < min_rows:
-        conditionings = conditionings + [conditionings[0]] * (min_rows - wanted)
-        seeds = seeds + [seeds[0]] * (min_rows - wanted)
+    if wanted < rows:
+        conditionings = conditionings + [conditionings[0]] * (rows - wanted)
+        seeds = seeds + [seeds[0]] * (rows - wanted)
     batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
     if flow.is_flow(pipe):
         pipe.scheduler = flow.make_scheduler(scheduler_config)
@@ -152,5 +156,6 @@ def sample(
         height=job.height,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         callback_on_step_end=step_end,
+        output_type=output_type,
     )
     return list(result.images)[:wanted]

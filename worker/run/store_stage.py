@@ -47,13 +47,19 @@ class StoreStage:
         job, timings = member.job, member.timings
         tick = time.perf_counter()
         try:
+            # each PNG names the rows of its call (Batch size): with them it regenerates exactly
             refs = [
-                self._store_image(job, index, member.images[index], *context)
+                self._store_image(
+                    job.model_copy(update={"batch_size": member.rows[index]}),
+                    index,
+                    member.images[index],
+                    *context,
+                )
                 for index in range(job.num_images)
             ]
             timings.upload = time.perf_counter() - tick
             timings.total = time.perf_counter() - started
-            timings.batch_size = member.largest_chunk
+            timings.batch_size = max(member.rows.values())
             self.finish(
                 member.job_id,
                 JobStatus.succeeded,
