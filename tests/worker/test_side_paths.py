@@ -208,7 +208,7 @@ def test_a_batch_other_than_the_plans_rows_raises_and_the_hooks_go_with_the_cont
     paths = SidePaths.build(unet_of(hot), [[(loras["locon"], 1.0)]] * 2)
     given = inputs(3, seed=8)
     base = unet_call(hot, None, *given)
-    with pytest.raises(ValueError, match="batch must be the plan's 2 rows"):
+    with pytest.raises(ValueError, match="a batch of 3 rows: the plan has 2"):
         unet_call(hot, paths, *given)
     assert not any(layer.module._forward_hooks for layer in paths.layers.values())
     assert torch.equal(unet_call(hot, None, *given), base)
@@ -253,3 +253,12 @@ def test_the_pipeline_samples_mixed_stacks_with_cfg(hot, loras):
     assert (mixed[0] - plain[0]).abs().max() > 1e-3
     assert (mixed[0] - merged[0]).abs().max() < 1e-4
     assert for_cfg([stack, []]) == [stack, [], stack, []]
+
+
+def test_a_plan_serves_a_call_that_doubles_its_rows_for_guidance(hot, loras):
+    """diffusers' CFG lays a call out as [uncond; cond]: the plan of the images' stacks serves
+    it as the plan of the stacks doubled does, bit for bit."""
+    stacks = [[(loras["locon"], 0.7)], []]
+    given = inputs(4, seed=11)
+    doubled = unet_call(hot, SidePaths.build(unet_of(hot), for_cfg(stacks)), *given)
+    assert torch.equal(unet_call(hot, SidePaths.build(unet_of(hot), stacks), *given), doubled)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -180,42 +180,47 @@ class LayerSidePath:
     module: torch.nn.Module
     down: torch.Tensor
     up: torch.Tensor
+    _doubled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
         return self.down.shape[0]
 
+    def factors(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) for an input of ``batch`` rows: the plan's, or twice them for a call
+        that doubles its rows for classifier-free guidance ([uncond; cond], diffusers' layout)."""
+        if batch == self.rows:
+            return self.down, self.up
+        if batch == 2 * self.rows:
+            if self._doubled is None:
+                self._doubled = (torch.cat([self.down, self.down]), torch.cat([self.up, self.up]))
+            return self._doubled
+        raise ValueError(
+            f"{self.key} sees a batch of {batch} rows: the plan has {self.rows} (one stack per row; "
+            "twice that under classifier-free guidance)"
+        )
+
     def side(self, x: torch.Tensor) -> torch.Tensor:
         """Every row's side term for the layer's input ``x`` (batch first), in one pass."""
-        self._check(x)
-        module = self.module
+        down, up = self.factors(x.shape[0] if x.dim() > 1 else 0)
+        module, rows, rank = self.module, down.shape[0], down.shape[1]
         if isinstance(module, torch.nn.Conv2d):
-            rows, rank = self.rows, self.down.shape[1]
-            kernel = self.down.view(rows * rank, module.in_channels, *module.kernel_size)
+            kernel = down.view(rows * rank, module.in_channels, *module.kernel_size)
             flat = x.reshape(1, rows * module.in_channels, *x.shape[2:])
             hidden = F.conv2d(flat, kernel, None, module.stride, module.padding, module.dilation, rows)
-            up = self.up.view(rows * module.out_channels, rank, 1, 1)
-            side = F.conv2d(hidden, up, None, 1, 0, 1, rows)
+            side = F.conv2d(hidden, up.view(rows * module.out_channels, rank, 1, 1), None, 1, 0, 1, rows)
             return side.view(rows, module.out_channels, *side.shape[2:])
-        hidden = torch.bmm(x.reshape(self.rows, -1, x.shape[-1]), self.down.mT)
-        side = torch.bmm(hidden, self.up.mT)
+        hidden = torch.bmm(x.reshape(rows, -1, x.shape[-1]), down.mT)
+        side = torch.bmm(hidden, up.mT)
         return side.view(*x.shape[:-1], side.shape[-1])
-
-    def _check(self, x: torch.Tensor) -> None:
-        if x.dim() < 2 or x.shape[0] != self.rows:
-            raise ValueError(
-                f"{self.key} sees an input of shape {tuple(x.shape)}: its batch must be the plan's "
-                f"{self.rows} rows (one stack per row, in the call's own layout; for_cfg doubles "
-                "the stacks for classifier-free guidance)"
-            )
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """Forward hook: the base output plus every row's side term."""
         x = args[0] if args else kwargs["input"]
         if isinstance(module, torch.nn.Linear) and not output.requires_grad and output.is_contiguous():
-            self._check(x)
-            hidden = torch.bmm(x.reshape(self.rows, -1, x.shape[-1]), self.down.mT)
-            output.view(self.rows, -1, output.shape[-1]).baddbmm_(hidden, self.up.mT)  # one kernel
+            down, up = self.factors(x.shape[0] if x.dim() > 1 else 0)
+            hidden = torch.bmm(x.reshape(down.shape[0], -1, x.shape[-1]), down.mT)
+            output.view(down.shape[0], -1, output.shape[-1]).baddbmm_(hidden, up.mT)  # one kernel
             return output
         side = self.side(x)
         return output + side if output.requires_grad else output.add_(side)
