@@ -58,6 +58,7 @@ class Client(Submitting, Following):
             self.settings.lcm_loras,
             allow_paths=self.settings.allow_model_paths,
             allow_hub_ids=self.settings.allow_hub_ids,
+            lora_mode=self.settings.lora_mode,
         )
 
     # ------------------------------------------------------------------ jobs from images

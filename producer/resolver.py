@@ -29,6 +29,7 @@ from lorafleet.common.schema.jobs import (
     MAX_LORAS,
     MAX_SEED,
     GenerationJob,
+    LoraMode,
     LoraSpec,
     describe_validation_error,
 )
@@ -61,6 +62,7 @@ class JobResolver:
         *,
         allow_paths: bool = True,
         allow_hub_ids: bool = True,
+        lora_mode: LoraMode = LoraMode.merge,
     ) -> None:
         self.models = models
         self.allow_paths = allow_paths
@@ -70,6 +72,7 @@ class JobResolver:
         shared = SharedFiles(models.redis, "embedding") if models.redis is not None else None
         self.embeddings = EmbeddingCatalog(models.embeddings_folder, shared)
         self.lcm_loras = dict(lcm_loras or {})
+        self.lora_mode = lora_mode
 
     def _is_lcm(self, info: LoraInfo) -> bool:
         return info.is_lcm or info.name in self.lcm_loras.values()
@@ -113,6 +116,7 @@ class JobResolver:
                 f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
                 "LCM-LoRAs are meant for the lcm sampler"
             )
+        job.lora_mode = self._lora_mode(job, infos, where, warnings)
         job.embeddings = self._embeddings(job, model, where)
         job.vae = job.vae or model.vae
         if job.vae is not None:
@@ -128,6 +132,20 @@ class JobResolver:
         job.job_id = job.job_id or new_id()
         job.model = model.key
         return ResolvedJob(job=_checked(job, where), model=model, warnings=warnings)
+
+    def _lora_mode(self, job: GenerationJob, infos: list[LoraInfo], where: str, warnings: list[str]) -> LoraMode:
+        """The job's own mode, else the fleet's; side only for stacks that have side paths
+        (a job that asks for side with one that has none is refused naming the file)."""
+        wanted = job.lora_mode or self.lora_mode
+        if wanted is LoraMode.merge:
+            return wanted
+        reason = side_path_refusal(infos)
+        if reason is None:
+            return wanted
+        if job.lora_mode is LoraMode.side:
+            raise JobRejected(reason, field=f"{where}lora_mode", allowed="merge for this stack")
+        warnings.append(f"{reason}: the job runs merged")
+        return LoraMode.merge
 
     def _check_reference(self, ref: str) -> None:
         """ModelError unless ``ref`` is a local or registered name, or a path or hub id the
@@ -349,3 +367,22 @@ def _checked(job: GenerationJob, where: str) -> GenerationJob:
             field=problems[0][0],
             problems=problems,
         ) from None
+
+
+SIDE_PATH_RANK_BUDGET = 128
+"""Most LoRA ranks a side-path job's stack may join on one layer: every row of a mixed call
+is padded to it (worker/lora/side_paths.py)."""
+NO_SIDE_PATH = ("lycoris-loha", "lycoris-lokr", "full-diff", "unknown")
+
+
+def side_path_refusal(infos: list[LoraInfo]) -> str | None:
+    """Why a stack cannot run on side paths (None: it can): a LoHa, LoKr, full-difference or
+    DoRA file needs a dense change of the weight on every call; a stack past the rank budget
+    would not fit the rows every mixed call pads to."""
+    for info in infos:
+        if info.format in NO_SIDE_PATH or info.format.endswith("+dora"):
+            return f"LoRA {info.name!r} is a {info.format} file, which has no side path"
+    ranks = sum(info.rank or 0 for info in infos)
+    if ranks > SIDE_PATH_RANK_BUDGET:
+        return f"the stack joins {ranks} ranks, over the side paths' budget of {SIDE_PATH_RANK_BUDGET}"
+    return None

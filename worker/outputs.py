@@ -58,6 +58,7 @@ def parameters_text(
         *([("VAE hash", vae.short_hash), ("VAE", quote(vae.file_name))] if vae else []),
         *((f"Module {n}", quote(name)) for n, name in enumerate(modules, 1)),
         *([("Batch size", str(job.batch_size))] if job.batch_size is not None else []),
+        *([("LoRA mode", job.lora_mode.value)] if job.loras and job.lora_mode is not None else []),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
             [("Prompt syntax", job.prompt_syntax.value)]

@@ -37,6 +37,8 @@ megabytes)."""
 _MODULE = re.compile(r"^Module \d+$")
 """Forge's ``Module N``: the separate VAE and text encoders a model ran with; the model's
 registration (its base) says the same, so they are read as known, not reproduced."""
+LORAFLEET_FIELDS = {"Batch size", "LoRA mode"}
+"""Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch)."""
 _MIN_FIELDS = 3
 """A last line with fewer ``Key: value`` pairs than this is prompt text, not fields."""
 
@@ -135,7 +137,7 @@ class Infotext:
     @property
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
-        used = USED_FIELDS | ({"Batch size"} if self.by_lorafleet else set())
+        used = USED_FIELDS | (LORAFLEET_FIELDS if self.by_lorafleet else set())
         return [key for key in self.fields if key not in used and not _MODULE.match(key)] + self.unused
 
     @property
@@ -175,6 +177,8 @@ class Infotext:
             job["model"] = fields["Model"]
         if "Batch size" in fields and self.by_lorafleet:  # the rows of the call: lorafleet's meaning
             job["batch_size"] = _number(fields["Batch size"], int, f"{where}Batch size")
+        if "LoRA mode" in fields and self.by_lorafleet:
+            job["lora_mode"] = fields["LoRA mode"].strip()
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job

@@ -99,6 +99,15 @@ class Priority(str, Enum):
     low = "low"
 
 
+class LoraMode(str, Enum):
+    """How a job's LoRAs run: merged into the weights (exact restore after), or beside them
+    on side paths, where jobs with different stacks share one sampling call. The two differ
+    by rounding (docs/benchmarks.md); a job's mode is on its record and in its PNG."""
+
+    merge = "merge"
+    side = "side"
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"
@@ -234,6 +243,13 @@ class GenerationJob(BaseModel):
         ]
         | None
     ) = None
+    lora_mode: Annotated[
+        LoraMode,
+        Field(
+            description="merge: the stack merged into the weights; side: on side paths, sharing calls with "
+            "jobs of other stacks (LoRA and LoCon files only). None: the fleet's LORAFLEET_LORA_MODE."
+        ),
+    ] | None = None
     output_prefix: Annotated[str, StringConstraints(max_length=300)] = "images"
     priority: Priority = Priority.normal
     tags: dict[

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lorafleet.common.schema import guidance
+from lorafleet.common.schema.jobs import LoraMode
 
 DEFAULT_HOME = Path("~/.lorafleet")
 """Home folder when LORAFLEET_HOME is not set."""
@@ -173,6 +174,12 @@ class Settings(BaseSettings):
         description="Rows of every pipeline call a worker makes, the batch size (a job's own images, those "
         "of compatible jobs waiting behind it, copies for the rest: a job's pixels depend on it, never on "
         "its companions); 1 turns batching off; 0 derives it from the device's total memory and the image size.",
+    )
+    lora_mode: LoraMode = Field(
+        default=LoraMode.merge,
+        description="How jobs' LoRAs run unless a job says: merge (into the weights, restored exactly after) or "
+        "side (beside them: jobs with different stacks share one sampling call). A stack with a LoHa, LoKr, "
+        "full or DoRA file, or of more than 128 ranks, always runs merged.",
     )
     background_stages: bool = Field(
         default=True,

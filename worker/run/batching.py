@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.common.schema.jobs import GenerationJob, JobRecord, Timings
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, LoraMode, Timings
 from lorafleet.worker.run.sampling import seeds_its_own_noise
 
 BYTES_PER_PIXEL = 3 * 1024
@@ -42,12 +42,17 @@ CPU_DEFAULT_BATCH = 4
 bigger one buys little (tiny models aside) while a lone job pays for every copy filling it."""
 
 
+def stack_key(job: GenerationJob) -> tuple:
+    """The job's LoRA stack: names, files and weights, in order."""
+    return tuple((s.name, s.sha256, s.weight, s.text_encoder_weight) for s in job.loras)
+
+
 def batch_key(job: GenerationJob) -> tuple:
-    """Everything that must be equal for two jobs to share a sampling call."""
-    stack = tuple((s.name, s.sha256, s.weight, s.text_encoder_weight) for s in job.loras)
+    """Everything that must be equal for two jobs to share a sampling call (on side paths
+    every row takes its own stack: then the stack is not part of it)."""
     return (
         job.model,
-        stack,
+        ("side paths",) if job.lora_mode is LoraMode.side else stack_key(job),
         job.sampler,
         job.steps,
         job.cfg_scale,
@@ -57,6 +62,7 @@ def batch_key(job: GenerationJob) -> tuple:
         job.vae,
         tuple(job.embeddings),
         job.batch_size,
+        job.lora_mode,
     )
 
 

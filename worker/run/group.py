@@ -1,8 +1,12 @@
 """Group sampling, the half of JobRunner that samples: a group of jobs that share a batch
-key gets one pipeline, one LoRA stack (patched, then restored from the pristine copies) and
-sampling calls of up to the batch size, halved when the device runs out of memory; each job
-is handed to the store stage as soon as its last image is sampled. Progress and cancellation
-are per job: a cancelled job leaves its call, its companions go on.
+key gets one pipeline and sampling calls of the batch size's rows, halved when the device
+runs out of memory; each job is handed to the store stage as soon as its last image is
+sampled, after the weights are restored if its call was the group's last. In merge mode
+the group has one LoRA stack, patched, then restored from the pristine copies; on side
+paths (``lora_mode`` side) every job has its own, each prompt is encoded through its own
+stack's text-encoder deltas (merged for that encode) and each call's rows carry their
+jobs' stacks beside the weights (worker/lora/side_paths.py). Progress and cancellation are
+per job: a cancelled job leaves its call, its companions go on.
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import redis
 import torch
 
-from lorafleet.common.schema.errors import JobCancelled, Superseded
-from lorafleet.common.schema.jobs import JobStatus
+from lorafleet.common.schema.errors import JobCancelled, JobFailed, Superseded
+from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.worker.embeddings import applied
+from lorafleet.worker.lora.module_index import TEXT_ENCODERS
+from lorafleet.worker.lora.patcher import PatchTimings, StackEntry
+from lorafleet.worker.lora.side_paths import NoSidePath, SidePaths, side_stack
+from lorafleet.worker.lora.store import LoadedStack
 from lorafleet.worker.pipelines import HotPipeline
 from lorafleet.worker.run import flow
-from lorafleet.worker.run.batching import Member, Slot, batch_key, chunks
+from lorafleet.worker.run.batching import Member, Slot, chunks, stack_key
 from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
 from lorafleet.worker.run.store_stage import StoreContext
 
@@ -66,30 +75,33 @@ class GroupSampling:
         handed to ``when_done`` as soon as its last image is sampled."""
         job = members[0].job
         assert job.width is not None and job.height is not None and job.steps is not None
-        stack = self.loras.stack(hot.model.key, hot.patcher, job.loras)
-        self.stats.lora_hits += stack.hits
-        self.stats.lora_misses += stack.misses
-        patch = hot.patcher.apply(stack.entries)
+        side = job.lora_mode is LoraMode.side  # every member its own stack, beside the weights
+        stacks = self._stacks(hot, members)
+        patch = PatchTimings() if side else hot.patcher.apply(stacks[members[0]].entries)
         self._prefetch(hot, members)
         for member in members:
-            t = member.timings
-            t.lora_load, t.lora_hits, t.lora_misses, t.lora_apply = (
-                stack.seconds,
-                stack.hits,
-                stack.misses,
-                patch.apply,
-            )
+            stack, t = stacks[member], member.timings
+            t.lora_load, t.lora_hits, t.lora_misses = stack.seconds, stack.hits, stack.misses
+            t.lora_apply = patch.apply
             member.warnings.extend(stack.warnings)
         tick = time.perf_counter()
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
-        context = StoreContext(stack.infos, hot.model_hash, vae, embeddings, hot.modules)
+        contexts = {
+            m: StoreContext(stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules) for m in members
+        }
         rows = self.batch_sizes.rows(job)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
             for member in members:
+                if side:  # its prompts through its own stack's text-encoder deltas, merged
+                    hot.patcher.apply(
+                        [StackEntry(e.lora, 0.0, e.text_encoder_strength) for e in stacks[member].entries]
+                    )
                 member.conditioning = conditioning(hot.pipe, member.job)
                 if flow.is_flow(hot.pipe):
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
+            if side:
+                hot.patcher.restore()
             one_per_call = seeds_its_own_noise(job.sampler)
             plan = chunks(members, rows, one_per_call)
             restored, handed = None, set()
@@ -98,7 +110,7 @@ class GroupSampling:
                 if not chunk:
                     continue
                 try:
-                    self._sample_chunk(hot, job, chunk, rows)
+                    self._sample_chunk(hot, job, chunk, rows, stacks if side else None)
                 except Exception as exc:
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
@@ -132,7 +144,7 @@ class GroupSampling:
                 finally:
                     for member in done:
                         handed.add(member)
-                        when_done(member, context)
+                        when_done(member, contexts[member])
         if restored is None:  # the last calls were all cancelled
             self._restore_group(hot, patch, [])
 
@@ -151,7 +163,7 @@ class GroupSampling:
         """Make the LoRAs of the next waiting jobs of this queue ready while these sample."""
         if self._prefetch_stage is None:
             return
-        own = batch_key(members[0].job)[1]
+        own = stack_key(members[0].job)
         try:
             ids = [w.job_id for w in self.waiting.peek(members[0].record.queue, PREFETCH_LOOKAHEAD)]
             records = self.store.get_many(ids)
@@ -161,7 +173,7 @@ class GroupSampling:
         for record in records:
             if record is None or record.status is not JobStatus.queued or not record.job.loras:
                 continue
-            key = batch_key(record.job)[1]
+            key = stack_key(record.job)
             if key != own and len(stacks) < PREFETCH_STACKS:
                 stacks.setdefault(key, record.job.loras)
         for specs in stacks.values():
@@ -173,8 +185,34 @@ class GroupSampling:
         except Exception as exc:  # the job itself meets it again and fails saying why
             logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
 
-    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], rows: int) -> None:
-        """One pipeline call for the chunk's images; progress and cancellation per job."""
+    def _stacks(self, hot: HotPipeline, members: list[Member]) -> dict[Member, LoadedStack]:
+        """Each member's LoRA stack, loaded once per distinct stack."""
+        loaded: dict[tuple, LoadedStack] = {}
+        for member in members:
+            key = stack_key(member.job)
+            if key not in loaded:
+                loaded[key] = self.loras.stack(hot.model.key, hot.patcher, member.job.loras)
+                self.stats.lora_hits += loaded[key].hits
+                self.stats.lora_misses += loaded[key].misses
+        return {member: loaded[stack_key(member.job)] for member in members}
+
+    def _side_paths(self, hot: HotPipeline, chunk: list[Slot], rows: int, stacks: dict) -> SidePaths:
+        """The call's side paths: each image's row its job's stack, the rows that fill the
+        call none; its build time goes into the jobs' ``lora_apply``."""
+        start = time.perf_counter()
+        denoiser = {n: m for n, m in hot.patcher.components.items() if n not in TEXT_ENCODERS}
+        rows_stacks = [side_stack(stacks[slot.member].entries) for slot in chunk]
+        try:
+            paths = SidePaths.build(denoiser, rows_stacks + [[]] * (rows - len(chunk)))
+        except NoSidePath as exc:
+            raise JobFailed(f"{exc}; submit the job with lora_mode merge") from None
+        for member in dict.fromkeys(slot.member for slot in chunk):
+            member.timings.lora_apply = (member.timings.lora_apply or 0.0) + time.perf_counter() - start
+        return paths
+
+    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], rows: int, stacks: dict | None) -> None:
+        """One pipeline call for the chunk's images; progress and cancellation per job (on
+        side paths when ``stacks`` gives each member's stack)."""
         counts: dict[Member, int] = {}
         for slot in chunk:
             counts[slot.member] = counts.get(slot.member, 0) + 1
@@ -197,16 +235,18 @@ class GroupSampling:
             if not live:
                 raise JobCancelled("every job of the call was cancelled")
 
+        paths = self._side_paths(hot, chunk, rows, stacks) if stacks is not None else None
         try:
-            images = sample(
-                hot.pipe,
-                hot.scheduler_config,
-                job,
-                [slot.member.conditioning for slot in chunk],
-                [image_seed(slot.member.job, slot.index) for slot in chunk],
-                on_step,
-                rows,
-            )
+            with paths.attached() if paths is not None else nullcontext():
+                images = sample(
+                    hot.pipe,
+                    hot.scheduler_config,
+                    job,
+                    [slot.member.conditioning for slot in chunk],
+                    [image_seed(slot.member.job, slot.index) for slot in chunk],
+                    on_step,
+                    rows,
+                )
         except JobCancelled:
             return
         for slot, image in zip(chunk, images):
