@@ -133,7 +133,9 @@ class JobResolver:
         job.model = model.key
         return ResolvedJob(job=_checked(job, where), model=model, warnings=warnings)
 
-    def _lora_mode(self, job: GenerationJob, infos: list[LoraInfo], where: str, warnings: list[str]) -> LoraMode:
+    def _lora_mode(
+        self, job: GenerationJob, infos: list[LoraInfo], where: str, warnings: list[str]
+    ) -> LoraMode:
         """The job's own mode, else the fleet's; side only for stacks that have side paths
         (a job that asks for side with one that has none is refused naming the file)."""
         wanted = job.lora_mode or self.lora_mode

@@ -243,13 +243,16 @@ class GenerationJob(BaseModel):
         ]
         | None
     ) = None
-    lora_mode: Annotated[
-        LoraMode,
-        Field(
-            description="merge: the stack merged into the weights; side: on side paths, sharing calls with "
-            "jobs of other stacks (LoRA and LoCon files only). None: the fleet's LORAFLEET_LORA_MODE."
-        ),
-    ] | None = None
+    lora_mode: (
+        Annotated[
+            LoraMode,
+            Field(
+                description="merge: the stack merged into the weights; side: on side paths, sharing calls with "
+                "jobs of other stacks (LoRA and LoCon files only). None: the fleet's LORAFLEET_LORA_MODE."
+            ),
+        ]
+        | None
+    ) = None
     output_prefix: Annotated[str, StringConstraints(max_length=300)] = "images"
     priority: Priority = Priority.normal
     tags: dict[
