@@ -112,6 +112,8 @@ def resubmit_command(job: GenerationJob) -> str:
     args += ["--sampler", job.sampler.value, "--steps", str(job.steps), "--cfg", format_number(job.cfg_scale)]
     if job.guidance is not None:
         args += ["--guidance", format_number(job.guidance)]
+    if job.loras and job.lora_mode is not None:
+        args += ["--lora-mode", job.lora_mode.value]
     if job.clip_skip != 1:
         args += ["--clip-skip", str(job.clip_skip)]
     if job.prompt_syntax is not PromptSyntax.a1111:
@@ -126,6 +128,8 @@ def resubmit_command(job: GenerationJob) -> str:
         args += ["--seed", str(job.seed)]
     if job.num_images != 1:
         args += ["--images", str(job.num_images)]
+    if job.batch_size is not None:
+        args += ["--batch-size", str(job.batch_size)]
     if job.output_prefix != "images":
         args += ["--prefix", job.output_prefix]
     if job.priority.value != "normal":

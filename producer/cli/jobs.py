@@ -13,7 +13,7 @@ import typer
 from lorafleet.common.fleet.positions import standing
 from lorafleet.common.schema import samplers
 from lorafleet.common.schema.errors import BadArgument, JobRejected
-from lorafleet.common.schema.jobs import JobRecord, JobStatus, Priority
+from lorafleet.common.schema.jobs import JobRecord, JobStatus, LoraMode, Priority
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
@@ -192,6 +192,14 @@ def submit(
             "default 3.5); refused on other models.",
         ),
     ] = None,
+    lora_mode: Annotated[
+        LoraMode | None,
+        typer.Option(
+            "--lora-mode",
+            help="merge (into the weights) or side (beside them: jobs with other stacks share its calls); "
+            "default LORAFLEET_LORA_MODE.",
+        ),
+    ] = None,
     clip_skip: Annotated[
         int | None,
         typer.Option(
@@ -213,6 +221,14 @@ def submit(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: random, recorded).")] = None,
     images: Annotated[int, typer.Option("--images", help="Images per job (seeds seed, seed+1, ...).")] = 1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Rows of every sampling call the job's images run in, 1-64 (default: the worker's for the model "
+            "and size); its pixels depend on it, never on the jobs sharing its calls.",
+        ),
+    ] = None,
     count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
@@ -245,12 +261,14 @@ def submit(
             "steps": steps,
             "cfg_scale": cfg,
             "guidance": guidance,
+            "lora_mode": lora_mode.value if lora_mode else None,
             "clip_skip": clip_skip,
             "prompt_syntax": prompt_syntax.value if prompt_syntax else None,
             "vae": vae,
             "width": width,
             "height": height,
             "seed": seed,
+            "batch_size": batch_size,
         }
         given = {k: v for k, v in given.items() if v is not None}
         listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]

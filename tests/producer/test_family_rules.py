@@ -164,10 +164,15 @@ def test_the_cli_takes_guidance_and_the_resubmit_command_keeps_it(client, settin
 
     env = lorafleet_env(settings.home, settings.broker_url)
     result = run_cli(
-        ["submit", "--model", DEV, "--prompt", "a lighthouse", "--guidance", "2.5", "--json"], env
+        ["submit", "--model", DEV, "--prompt", "a lighthouse", "--guidance", "2.5", "--json"]
+        + ["--lora-mode", "side", "--batch-size", "3"],
+        env,
     )
     assert result.returncode == 0, result.stderr
     record = client.get(json.loads(result.stdout)[0]["job_id"])
     assert record.job.guidance == 2.5
+    assert record.job.lora_mode.value == "side" and record.job.batch_size == 3
     command = shlex.split(resubmit_command(record.job))
     assert command[command.index("--guidance") + 1] == "2.5"
+    assert "--lora-mode" not in command  # no LoRA: the mode says nothing
+    assert command[command.index("--batch-size") + 1] == "3"

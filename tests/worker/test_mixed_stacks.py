@@ -69,6 +69,9 @@ def test_jobs_of_different_stacks_share_calls_and_each_equals_itself_alone(clien
     assert all(torch.equal(before[k], after[k]) for k in before)  # side paths never write weights
     text = Image.open(io.BytesIO(runner.storage.get(together[0].images[0].key))).text["parameters"]
     assert "Batch size: 4, LoRA mode: side" in text
+    from lorafleet.producer.api.views import resubmit_command
+
+    assert "--lora-mode side" in resubmit_command(together[0].job)
 
 
 def test_a_side_path_image_is_the_merged_one_up_to_rounding_and_regenerates_exactly(
