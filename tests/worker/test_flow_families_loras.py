@@ -335,3 +335,32 @@ def test_a_qwen_image_lora_is_refused_by_the_flux_models(families, flux1_index, 
     mlp = {key: tensor for key, tensor in state.items() if "_mlp" in key}
     with pytest.raises(LoraFormatError, match="no key of this"):
         parse_lora(mlp, index, fmt)
+
+
+SIDE_FORMATS = {"flux1": "bfl", "zimage": "original", "qwenimage": "original", "flux2": "original"}
+"""A low-rank file in the original code's names per family (fused layers: side paths on pieces)."""
+
+
+@pytest.mark.parametrize("family", tuple(SIDE_FORMATS))
+def test_side_paths_give_the_merged_image_up_to_rounding_and_write_no_weight(families, family):
+    from lorafleet.worker.lora.side_paths import SidePaths
+
+    built = families(family)
+    parsed = built.parse(SIDE_FORMATS[family])
+    before = snapshot(built.patcher)
+    guided = job(family, cfg_scale=2.0, negative_prompt="fog")  # true CFG: two calls of the rows
+    built.patcher.apply([StackEntry(parsed, 0.8, 0.0)])
+    try:
+        merged = image(built.ours, guided)
+    finally:
+        built.patcher.restore()
+    denoiser = {"transformer": built.ours.transformer}
+    with SidePaths.build(denoiser, [[(parsed, 0.8)], [(parsed, 0.8)]]).attached():
+        side = image(built.ours, guided)
+    with SidePaths.build(denoiser, [[(parsed, 0.8)], []]).attached():  # its companion: no LoRA
+        mixed = image(built.ours, guided)
+    assert np.array_equal(side, mixed), "a row's image does not depend on the other row's stack"
+    assert np.abs(side - merged).max() <= 2, "side paths and the merge differ only by rounding"
+    assert not np.array_equal(side, built.plain)
+    after = snapshot(built.patcher)
+    assert all(torch.equal(before[k], after[k]) for k in before)
