@@ -48,10 +48,11 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def make_rows_independent(model: torch.nn.Module) -> int:
     """Give every plain Linear of ``model`` the row-independent forward; returns how many.
     Layers whose forward was already replaced (an fp8 weight's upcast, which calls
-    ``linear`` itself) are left as they are."""
+    ``linear`` itself) are left as they are, and so are Linear subclasses (a quantized
+    layer's forward reads its weight its own way)."""
     count = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and "forward" not in vars(module):
+        if type(module) is torch.nn.Linear and "forward" not in vars(module):
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count

@@ -245,3 +245,22 @@ def test_an_image_gets_the_same_floats_at_every_position_of_a_call(hot):
                 latents[position], texts[position] = latent, text
                 out = unet(latents, 500, texts).sample[position]
                 assert torch.equal(out, alone), (rows, position)
+
+
+def test_only_plain_linears_get_the_row_independent_forward():
+    import torch
+
+    from lorafleet.worker.row_invariance import linear, make_rows_independent
+
+    class Quantized(torch.nn.Linear):  # a layer that reads its weight its own way
+        def forward(self, x):
+            return super().forward(x) * 0
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Quantized(4, 4))
+    assert make_rows_independent(model) == 1 and make_rows_independent(model) == 0
+    x = torch.randn(3, 4)
+    assert torch.equal(model[1](x), torch.zeros(3, 4))
+    torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
+    others = torch.randn(5, 4)
+    others[4] = x[2]  # the same row, elsewhere among other rows
+    assert torch.equal(linear(x, model[0].weight, None)[2], linear(others, model[0].weight, None)[4])
