@@ -177,8 +177,10 @@ class Infotext:
             job["model"] = fields["Model"]
         if "Batch size" in fields and self.by_lorafleet:  # the rows of the call: lorafleet's meaning
             job["batch_size"] = _number(fields["Batch size"], int, f"{where}Batch size")
-        if "LoRA mode" in fields and self.by_lorafleet:
-            job["lora_mode"] = fields["LoRA mode"].strip()
+        if self.by_lorafleet and (mode := fields.get("LoRA mode", "").strip() or None) is not None:
+            job["lora_mode"] = mode
+        elif self.by_lorafleet and "Lora hashes" in fields:  # written before side paths: merged
+            job["lora_mode"] = "merge"
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job

@@ -50,9 +50,9 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 8
 """Most images one job makes."""
 MAX_SEED = 2**32 - 1
-MAX_BATCH_SIZE = 64
-"""Most rows a job may ask its sampling calls to have (``GenerationJob.batch_size``)."""
 """Largest seed (seeds are unsigned 32-bit, as in A1111 and InvokeAI)."""
+MAX_BATCH_SIZE = 64
+"""Most rows a sampling call may have (``GenerationJob.batch_size``, LORAFLEET_MAX_BATCH)."""
 MAX_EMBEDDINGS = 16
 """Most textual-inversion embeddings one job's prompts may use."""
 MAX_TAGS = 32

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lorafleet.common.schema import guidance
-from lorafleet.common.schema.jobs import LoraMode
+from lorafleet.common.schema.jobs import MAX_BATCH_SIZE, LoraMode
 
 DEFAULT_HOME = Path("~/.lorafleet")
 """Home folder when LORAFLEET_HOME is not set."""
@@ -171,6 +171,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         default=0,
         ge=0,
+        le=MAX_BATCH_SIZE,
         description="Rows of every pipeline call a worker makes, the batch size (a job's own images, those "
         "of compatible jobs waiting behind it, copies for the rest: a job's pixels depend on it, never on "
         "its companions); 1 turns batching off; 0 derives it from the device's total memory and the image size.",

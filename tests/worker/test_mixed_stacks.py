@@ -121,3 +121,35 @@ def test_a_stack_without_side_paths_runs_merged_or_is_refused_when_side_is_asked
     with pytest.raises(JobRejected) as refused:
         client.submit(JOB | {"loras": [{"name": "hadamard", "weight": 0.5}], "lora_mode": "side"})
     assert refused.value.field == "lora_mode" and "no side path" in refused.value.message
+
+
+def _tucker_locon(home) -> None:
+    """A LoCon whose 3x3 layer is Tucker-factored (lora_mid): the same format name as a plain
+    LoCon at submit, but no side path at the worker."""
+    from safetensors.torch import load_file, save_file
+
+    folder = home / "autoimport" / "lora"
+    state = load_file(str(folder / "texture-locon.safetensors"))
+    down = next(k for k, t in state.items() if k.endswith(".lora_down.weight") and t.shape[2:] == (3, 3))
+    prefix = down[: -len(".lora_down.weight")]
+    rank, channels = state[down].shape[0], state[down].shape[1]
+    generator = torch.Generator().manual_seed(1)
+    state[f"{prefix}.lora_mid.weight"] = torch.randn(rank, rank, 3, 3, generator=generator) * 0.01
+    state[down] = torch.randn(rank, channels, 1, 1, generator=generator) * 0.01
+    save_file(state, str(folder / "tucker.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+
+
+def test_a_job_whose_stack_has_no_side_path_fails_alone_and_its_companions_go_on(client, side_settings, home):
+    _tucker_locon(home)
+    runner = make_runner(side_settings)
+    good = client.submit(JOB | {"loras": STACKS[0]})
+    tucker = client.submit(JOB | {"seed": 8, "loras": [{"name": "tucker", "weight": 0.5}]})
+    other = client.submit(JOB | {"seed": 9, "loras": STACKS[1]})
+    assert client.get(tucker.job_id).job.lora_mode is LoraMode.side  # its format name passed submit
+    assert runner.run(good.job_id) is JobStatus.succeeded
+    failed = client.get(tucker.job_id)
+    assert failed.status is JobStatus.failed and "lora_mode merge" in failed.error, failed.error
+    assert "no side path" in failed.error
+    assert client.get(other.job_id).status is JobStatus.succeeded
+    hot, _ = runner.pipelines.get(runner.models.get(TINY))
+    assert hot.patcher.is_pristine

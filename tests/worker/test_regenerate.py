@@ -329,3 +329,19 @@ def test_invokeai_metadata_of_the_wrong_shape_is_read_as_far_as_it_goes(client, 
     )
     job = client.job_from_png(path, model=TINY)
     assert job.prompt == "a cat" and job.loras == []
+
+
+def test_a_lorafleet_png_from_before_side_paths_regenerates_merged():
+    """Its LoRAs ran merged (the only mode then): under a fleet whose default is side, the
+    job read back still says merge; a PNG that names its mode keeps it."""
+    from lorafleet.common.schema.infotext import parse_parameters
+
+    fields = 'Steps: 2, Sampler: Euler, Seed: 1, Model: tiny-sd15, Lora hashes: "watercolor: 0123456789ab"'
+    old = parse_parameters(f"a cat <lora:watercolor:0.5>\n{fields}, Version: lorafleet 0.1.0")
+    assert old.job_fields()["lora_mode"] == "merge"
+    new = parse_parameters(
+        f"a cat <lora:watercolor:0.5>\n{fields}, LoRA mode: side, Version: lorafleet 0.1.0"
+    )
+    assert new.job_fields()["lora_mode"] == "side"
+    foreign = parse_parameters(f"a cat <lora:watercolor:0.5>\n{fields}, LoRA mode: side, Version: v1.10.1")
+    assert "lora_mode" not in foreign.job_fields() and "LoRA mode" in foreign.ignored

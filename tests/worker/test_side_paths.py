@@ -262,3 +262,39 @@ def test_a_plan_serves_a_call_that_doubles_its_rows_for_guidance(hot, loras):
     given = inputs(4, seed=11)
     doubled = unet_call(hot, SidePaths.build(unet_of(hot), for_cfg(stacks)), *given)
     assert torch.equal(unet_call(hot, SidePaths.build(unet_of(hot), stacks), *given), doubled)
+
+
+def test_an_fp8_layer_gets_factors_in_its_compute_dtype_and_runs():
+    """An fp8 checkpoint's Linear keeps its weight in e4m3 and computes in its bias's dtype
+    (worker/flow_checkpoints.py): its side path must too (e4m3 factors cannot multiply)."""
+    from lorafleet.worker.flow_checkpoints import FP8, upcast_per_layer
+    from lorafleet.worker.lora.module_index import Target
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16)
+    model[0].weight.data = model[0].weight.data.to(FP8)
+    assert upcast_per_layer(model, torch.bfloat16) == 1
+    target = Target("transformer", "0", "weight", (8, 16))
+    delta = LowRankDelta(target, torch.randn(8, 4), torch.randn(4, 16), 0.5)
+    paths = SidePaths.build({"transformer": model}, [[([delta], 1.0)], []])
+    assert paths.layers["transformer:0"].down.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    with paths.attached():
+        out = model(x)
+    assert torch.equal(out[1], model(x)[1])  # the row without a stack: the plain layer
+    assert not torch.equal(out[0], model(x)[0])
+
+
+def test_a_layer_that_sees_every_images_tokens_in_one_sequence_has_no_side_path():
+    from lorafleet.worker.lora.module_index import Target
+    from lorafleet.worker.lora.side_paths import check_stack
+
+    class ZImageTransformer2DModel(torch.nn.Module):  # the class name is what tells
+        def __init__(self):
+            super().__init__()
+            self.all_x_embedder = torch.nn.ModuleDict({"2-1": torch.nn.Linear(16, 8)})
+
+    model = ZImageTransformer2DModel()
+    target = Target("transformer", "all_x_embedder.2-1", "weight", (8, 16))
+    delta = LowRankDelta(target, torch.randn(8, 4), torch.randn(4, 16), 1.0)
+    with pytest.raises(NoSidePath, match="every image's tokens in one sequence"):
+        check_stack([([delta], 1.0)], {"transformer": model})

@@ -41,6 +41,7 @@ its own merged text-encoder weights. Inference only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,8 +160,28 @@ def _parts(
             low = _low_rank(delta)
             if low is None or target.param != "weight":
                 raise NoSidePath(_refusal(format_name, delta))
+            flattened = FLATTENED_INPUTS.get(type(components[target.component]).__name__)
+            if flattened is not None and flattened.match(target.module):
+                raise NoSidePath(
+                    f"{format_name} LoRA: {target.key} sees every image's tokens in one sequence, so "
+                    "its rows cannot take different stacks; such LoRAs run merged"
+                )
             parts.setdefault(f"{target.component}:{target.module}", []).append((low, float(strength)))
     return parts
+
+
+def check_stack(stack: Stack, components: dict[str, torch.nn.Module], rank_budget: int = RANK_BUDGET) -> None:
+    """NoSidePath, saying why, unless ``stack`` can take a row of a call on ``components``:
+    what ``SidePaths.build`` would refuse it for, found before any call is planned."""
+    for key, parts in _parts(stack, components).items():
+        component, module_name = key.split(":", 1)
+        _empty_layer(key, components[component].get_submodule(module_name), 0, 0)
+        rank = sum(delta.down.shape[0] for delta, _ in parts)
+        if rank > rank_budget:
+            raise NoSidePath(
+                f"the stack joins rank {rank} on {key}, over the side paths' budget of {rank_budget}; "
+                "such a stack runs merged"
+            )
 
 
 def stack_rank(stack: Stack, components: dict[str, torch.nn.Module]) -> int:
@@ -327,6 +348,13 @@ def _identity(row: int, stack: Stack) -> tuple:
         ) from None
 
 
+FLATTENED_INPUTS = {
+    "ZImageTransformer2DModel": re.compile(r"(all_x_embedder|cap_embedder)\b"),
+}
+"""Per model class, the layers that see every image's tokens concatenated into one sequence
+(no batch dimension): no row can be told from another there, so no side path."""
+
+
 def _empty_layer(key: str, module: torch.nn.Module, rows: int, rank: int) -> LayerSidePath:
     """A layer's zero factors, on its weight's device and in its dtype."""
     weight = module.weight
@@ -343,7 +371,12 @@ def _empty_layer(key: str, module: torch.nn.Module, rows: int, rank: int) -> Lay
         raise NoSidePath(
             f"{key} is a {type(module).__name__}, not a Linear or Conv2d; this stack runs merged"
         )
-    like = {"dtype": weight.dtype, "device": weight.device}
+    # an fp8 weight is upcast as its layer runs (worker/flow_checkpoints.py): its side path
+    # computes in the layer's compute dtype, the bias's (bf16 where there is none)
+    dtype = weight.dtype
+    if dtype.itemsize == 1:
+        dtype = module.bias.dtype if module.bias is not None else torch.bfloat16
+    like = {"dtype": dtype, "device": weight.device}
     return LayerSidePath(
         key,
         module,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.common.schema.jobs import GenerationJob, JobRecord, LoraMode, Timings
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, LoraMode, Timings
 from lorafleet.worker.run.sampling import seeds_its_own_noise
 
 BYTES_PER_PIXEL = 3 * 1024
@@ -138,6 +138,8 @@ class Member:
     rows: dict[int, int] = field(default_factory=dict)
     """Image index -> rows of the call it was sampled in (its PNG's Batch size)."""
     warnings: list[str] = field(default_factory=list)
+    ended: JobStatus | None = None
+    """How the job ended when it left its group before sampling (its stack refused)."""
 
     def __post_init__(self) -> None:
         self.warnings = list(self.record.warnings)

@@ -26,7 +26,7 @@ from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.lora.module_index import TEXT_ENCODERS
 from lorafleet.worker.lora.patcher import PatchTimings, StackEntry
-from lorafleet.worker.lora.side_paths import NoSidePath, SidePaths, side_stack
+from lorafleet.worker.lora.side_paths import NoSidePath, SidePaths, check_stack, side_stack
 from lorafleet.worker.lora.store import LoadedStack
 from lorafleet.worker.pipelines import HotPipeline
 from lorafleet.worker.run import flow
@@ -77,6 +77,10 @@ class GroupSampling:
         assert job.width is not None and job.height is not None and job.steps is not None
         side = job.lora_mode is LoraMode.side  # every member its own stack, beside the weights
         stacks = self._stacks(hot, members)
+        if side:
+            members = self._side_ready(hot, members, stacks)
+            if not members:
+                return
         patch = PatchTimings() if side else hot.patcher.apply(stacks[members[0]].entries)
         self._prefetch(hot, members)
         for member in members:
@@ -114,7 +118,10 @@ class GroupSampling:
                 except Exception as exc:
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
-                    smaller = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                    if job.batch_size is None:  # the worker's size: remembered for the next ones
+                        smaller = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                    else:
+                        smaller = rows // 2
                     logger.warning(
                         "out of memory at %d images per call; trying %d (kept for %s at %dx%d)",
                         rows,
@@ -124,7 +131,7 @@ class GroupSampling:
                         job.height,
                     )
                     if job.batch_size is not None:
-                        for member in members:
+                        for member in [m for m in members if m not in handed]:
                             member.warnings.append(
                                 f"batch_size {job.batch_size} ran out of memory on this worker: sampled "
                                 f"{smaller} images per call, so the pixels may differ in their last bits"
@@ -139,7 +146,8 @@ class GroupSampling:
                 for member in done:
                     member.timings.sampling = time.perf_counter() - tick
                 try:
-                    if not plan:  # the last call: its jobs end with the weights restored
+                    last = not any(not slot.member.cancelled for left in plan for slot in left)
+                    if last:  # the last call: its jobs end with the weights restored
                         restored = self._restore_group(hot, patch, [m for m in members if m not in handed])
                 finally:
                     for member in done:
@@ -184,6 +192,26 @@ class GroupSampling:
             self.loras.prepare(hot.model.key, hot.patcher, specs)
         except Exception as exc:  # the job itself meets it again and fails saying why
             logger.info("LoRAs of a waiting job not made ready ahead: %s", exc)
+
+    def _side_ready(self, hot: HotPipeline, members: list[Member], stacks: dict) -> list[Member]:
+        """The members whose stacks can take a row of a call on side paths; each of the others
+        ends failed on its own, saying why (its companions go on)."""
+        denoiser = {n: m for n, m in hot.patcher.components.items() if n not in TEXT_ENCODERS}
+        ready = []
+        for member in members:
+            try:
+                check_stack(side_stack(stacks[member].entries), denoiser)
+            except NoSidePath as exc:
+                member.cancelled = True  # it leaves the group: ended here, not by the store stage
+                member.ended = self._fail(
+                    member.job_id,
+                    f"{exc}: submit the job with lora_mode merge",
+                    member.timings,
+                    member.warnings,
+                )
+            else:
+                ready.append(member)
+        return ready
 
     def _stacks(self, hot: HotPipeline, members: list[Member]) -> dict[Member, LoadedStack]:
         """Each member's LoRA stack, loaded once per distinct stack."""

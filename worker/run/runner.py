@@ -366,7 +366,7 @@ class JobRunner(GroupSampling, StoreStage):
                 raise failures[0]
         for member in members:
             if member.cancelled:
-                statuses.setdefault(member.job_id, JobStatus.cancelled)
+                statuses.setdefault(member.job_id, member.ended or JobStatus.cancelled)
         return statuses
 
     def _end_unsampled(
