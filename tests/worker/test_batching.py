@@ -264,3 +264,14 @@ def test_only_plain_linears_get_the_row_independent_forward():
     others = torch.randn(5, 4)
     others[4] = x[2]  # the same row, elsewhere among other rows
     assert torch.equal(linear(x, model[0].weight, None)[2], linear(others, model[0].weight, None)[4])
+
+
+def test_the_default_batch_size_stays_within_a_megapixel_a_call():
+    """A lone job pays for every row of its call: big images get few rows by default."""
+    import torch
+
+    from lorafleet.worker.run.batching import default_max_batch
+
+    cpu = torch.device("cpu")
+    assert default_max_batch(cpu, 64, 64) == 4
+    assert default_max_batch(cpu, 512, 512) <= 4 and default_max_batch(cpu, 1024, 1024) == 1

@@ -37,6 +37,11 @@ MEMORY_SHARE = 0.6
 """Share of the free memory the default batch size may plan to use."""
 MAX_DEFAULT_BATCH = 16
 """The default batch size never goes beyond this, however much memory is free."""
+CALL_PIXELS = 4 * 512 * 512
+"""The default's pixels per call: every call has the batch size's rows, so a lone job pays for
+the copies filling it; past about a megapixel a call keeps a large GPU busy by itself (SDXL at
+1024² is nearly compute-bound at one image), so bigger images get fewer rows: 4 at 512², 1 at
+1024². LORAFLEET_MAX_BATCH sets any size."""
 CPU_DEFAULT_BATCH = 4
 """The default's ceiling on a CPU: there a call costs almost in proportion to its rows, so a
 bigger one buys little (tiny models aside) while a lone job pays for every copy filling it."""
@@ -77,7 +82,7 @@ def default_max_batch(device: torch.device, width: int, height: int) -> int:
         total = _total_memory()
         ceiling = CPU_DEFAULT_BATCH
     fits = int(total * MEMORY_SHARE) // (width * height * BYTES_PER_PIXEL)
-    return max(1, min(ceiling, fits))
+    return max(1, min(ceiling, fits, CALL_PIXELS // (width * height)))
 
 
 def _total_memory() -> int:
