@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any
 
@@ -26,6 +26,8 @@ from pydantic import (
 from lorafleet.common.schema import guidance, samplers
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.prompts import PromptSyntax
+from lorafleet.common.schema.records import PHASES as PHASES
+from lorafleet.common.schema.records import ImageRef, Progress, Run, Timings, utcnow
 from lorafleet.common.schema.samplers import Sampler
 
 # ---------------------------------------------------------------------------- limits
@@ -390,73 +392,6 @@ def parse_job(data: GenerationJob | dict[str, Any], *, where: str = "") -> Gener
 
 
 # ---------------------------------------------------------------------------- records
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class Progress(BaseModel):
-    """Sampling progress: ``step`` of ``total`` (over all images of the job)."""
-
-    step: int = 0
-    total: int = 0
-
-
-class Timings(BaseModel):
-    """Seconds spent in each phase of a job; None where the phase has not happened.
-
-    ``lora_load`` covers finding, hashing and parsing the stack's LoRAs; ``lora_hits`` and
-    ``lora_misses`` say how many came from the worker's cache and how many were parsed.
-    ``restore`` is the weights' restore after the last sampling call of the jobs sampled
-    together; a job whose images all came from an earlier call ended before it (None).
-    """
-
-    queue_wait: float | None = None
-    pipeline_load: float | None = None
-    lora_load: float | None = None
-    lora_hits: int | None = None
-    lora_misses: int | None = None
-    lora_apply: float | None = None
-    sampling: float | None = None
-    restore: float | None = None
-    upload: float | None = None
-    total: float | None = None
-    batch_size: int | None = None
-    """Rows of the largest sampling call this job's images ran in (its own images, other
-    jobs', or copies: a batching worker never makes a one-row call). Companions never change
-    a job's pixels; a one-row call (LORAFLEET_MAX_BATCH=1) may differ from a batch in the
-    last bit of a few pixels (docs/benchmarks.md)."""
-
-
-PHASES = ("queue_wait", "pipeline_load", "lora_load", "lora_apply", "sampling", "restore", "upload", "total")
-"""The timed phases of a job, in the order they happen (the fields of Timings that are seconds)."""
-
-
-class ImageRef(BaseModel):
-    """One stored image."""
-
-    uri: str
-    key: str
-    size: int
-    sha256: str
-    width: int
-    height: int
-    seed: int
-
-
-class Run(BaseModel):
-    """One run of a job on a worker process, as the record keeps it (fleet/lifecycle.py)."""
-
-    run_id: str
-    """Its fencing token: only this run writes the record while it is the current one."""
-    worker: str
-    instance: str
-    started_at: datetime
-    ended_at: datetime | None = None
-    outcome: str | None = None
-    """How it ended: succeeded, failed, cancelled, queued again, handed back, or lost (another
-    run took the job over after its worker stopped beating); None while it runs."""
 
 
 class JobRecord(BaseModel):
