@@ -26,6 +26,7 @@ SMOKE = {
     "checkpoint_load.py": ["--shape", "tiny", "--repeats", "1"],
     "dashboard_load.py": ["--records", "200", "--queued", "50", "--repeats", "2"],
     "lora_bytes.py": [],  # shapes only (meta device): it is this fast whole
+    "lora_modes.py": ["--families", "sd15", "--steps", "1"],
     "lora_switch.py": ["--shape", "tiny", "--repeats", "1", "--changes", "20"],
     "mixed_stacks.py": ["--jobs", "8", "--ns", "2", "--dist", "uniform", "--steps", "1"],
     "queue_overhead.py": ["--jobs", "20"],
