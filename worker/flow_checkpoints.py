@@ -30,7 +30,6 @@ import torch
 
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lora.original_names import original_names, original_norms
-from lorafleet.worker.row_invariance import linear
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ def fp8_weights(model: torch.nn.Module) -> set[str]:
 def _upcast_forward(module: torch.nn.Linear, compute_dtype: torch.dtype):
     def forward(x: torch.Tensor) -> torch.Tensor:
         bias = module.bias.to(compute_dtype) if module.bias is not None else None
-        return linear(x, module.weight.to(compute_dtype), bias)
+        return torch.nn.functional.linear(x, module.weight.to(compute_dtype), bias)
 
     return forward
 

@@ -33,7 +33,6 @@ from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.lora.module_index import COMPONENTS, TEXT_ENCODERS
 from lorafleet.worker.lora.patcher import WeightPatcher
 from lorafleet.worker.lru import LRUCache
-from lorafleet.worker.row_invariance import make_rows_independent
 
 logger = logging.getLogger(__name__)
 
@@ -269,9 +268,6 @@ def load_pipeline(
             if isinstance(getattr(pipe, name, None), torch.nn.Module):
                 getattr(pipe, name).to(text_encoder_device)
     pipe.set_progress_bar_config(disable=True)
-    for name, part in pipe.components.items():  # the text encoders see one job's prompt at a time
-        if isinstance(part, torch.nn.Module) and name not in TEXT_ENCODERS:
-            make_rows_independent(part)
     components = {
         name: getattr(pipe, name)
         for name in COMPONENTS

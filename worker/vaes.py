@@ -20,7 +20,6 @@ from lorafleet.common.catalog.vaes import VaeInfo
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lru import LRUCache
 from lorafleet.worker.pipelines import HotPipeline
-from lorafleet.worker.row_invariance import make_rows_independent
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ class VaeCache:
                 )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise JobFailed(f"VAE {info.name!r} cannot be loaded for model {model.key!r}: {exc}") from exc
-        make_rows_independent(vae)  # as the pipeline's own VAE (worker/row_invariance.py)
         return vae.to(self.device).eval()
 
     @contextmanager

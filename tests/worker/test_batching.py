@@ -226,46 +226,6 @@ def test_a_rows_result_does_not_depend_on_what_the_other_rows_hold(hot, settings
         sample(hot.pipe, hot.scheduler_config, job, conds[:3], [1, 2, 3], lambda s: None, 2)
 
 
-def test_an_image_gets_the_same_floats_at_every_position_of_a_call(hot):
-    """With the rows fixed, a position must not matter either: the time projection's few-row
-    product used to round differently for the rows past its main block (at 5, 6, 7 and 9
-    rows here), so an image's floats depended on how many images came before it."""
-    import torch
-
-    unet = hot.pipe.unet
-    generator = torch.Generator().manual_seed(0)
-    shape = (unet.config.in_channels, 8, 8)
-    latent, text = torch.randn(shape, generator=generator), torch.randn(77, 32, generator=generator)
-    with torch.no_grad():
-        for rows in (5, 7, 9):
-            alone = unet(latent.expand(rows, *shape), 500, text.expand(rows, 77, 32)).sample[0]
-            for position in (1, rows - 1):
-                latents = torch.randn(rows, *shape, generator=generator)
-                texts = torch.randn(rows, 77, 32, generator=generator)
-                latents[position], texts[position] = latent, text
-                out = unet(latents, 500, texts).sample[position]
-                assert torch.equal(out, alone), (rows, position)
-
-
-def test_only_plain_linears_get_the_row_independent_forward():
-    import torch
-
-    from lorafleet.worker.row_invariance import linear, make_rows_independent
-
-    class Quantized(torch.nn.Linear):  # a layer that reads its weight its own way
-        def forward(self, x):
-            return super().forward(x) * 0
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Quantized(4, 4))
-    assert make_rows_independent(model) == 1 and make_rows_independent(model) == 0
-    x = torch.randn(3, 4)
-    assert torch.equal(model[1](x), torch.zeros(3, 4))
-    torch.testing.assert_close(model[0](x), torch.nn.functional.linear(x, model[0].weight, model[0].bias))
-    others = torch.randn(5, 4)
-    others[4] = x[2]  # the same row, elsewhere among other rows
-    assert torch.equal(linear(x, model[0].weight, None)[2], linear(others, model[0].weight, None)[4])
-
-
 def test_the_default_batch_size_stays_within_a_megapixel_a_call():
     """A lone job pays for every row of its call: big images get few rows by default."""
     import torch
