@@ -28,6 +28,7 @@ from lorafleet.common.schema.jobs import (
     MAX_EMBEDDINGS,
     MAX_LORAS,
     MAX_SEED,
+    SIDE_PATH_RANK_BUDGET,
     GenerationJob,
     LoraMode,
     LoraSpec,
@@ -371,9 +372,6 @@ def _checked(job: GenerationJob, where: str) -> GenerationJob:
         ) from None
 
 
-SIDE_PATH_RANK_BUDGET = 128
-"""Most LoRA ranks a side-path job's stack may join on one layer: every row of a mixed call
-is padded to it (worker/lora/side_paths.py)."""
 NO_SIDE_PATH = ("lycoris-loha", "lycoris-lokr", "full-diff", "unknown")
 
 

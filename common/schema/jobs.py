@@ -55,6 +55,9 @@ MAX_SEED = 2**32 - 1
 """Largest seed (seeds are unsigned 32-bit, as in A1111 and InvokeAI)."""
 MAX_BATCH_SIZE = 64
 """Most rows a sampling call may have (``GenerationJob.batch_size``, LORAFLEET_MAX_BATCH)."""
+SIDE_PATH_RANK_BUDGET = 128
+"""LoRA ranks every row of a side-path call is padded to (worker/lora/side_paths.py); a stack
+joining more runs merged (producer/resolver.py)."""
 MAX_EMBEDDINGS = 16
 """Most textual-inversion embeddings one job's prompts may use."""
 MAX_TAGS = 32
@@ -239,7 +242,7 @@ class GenerationJob(BaseModel):
                 ge=1,
                 le=MAX_BATCH_SIZE,
                 description="Rows of every sampling call this job's images run in (filled with other jobs' "
-                "images or copies): its pixels depend on it, never on which jobs shared its calls. None: the "
+                "images or copies): its pixels depend on it, not on how many jobs shared its calls. None: the "
                 "worker's batch size for the model and size. A PNG records it (Batch size) for regeneration.",
             ),
         ]

@@ -40,7 +40,7 @@ class Timings(BaseModel):
     total: float | None = None
     batch_size: int | None = None
     """Rows of the sampling calls this job's images ran in (its own images, other jobs', or
-    copies filling them): its pixels depend on them, never on which jobs shared them
+    copies filling them): its pixels depend on them, not on how many jobs shared them
     (worker/run/batching.py, docs/benchmarks.md)."""
 
 

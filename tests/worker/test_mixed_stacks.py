@@ -15,7 +15,7 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.producer import Client
 from tests.conftest import TINY
-from tests.worker.conftest import make_runner
+from tests.worker.conftest import make_runner, snapshot
 
 JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 7, "steps": 3, "cfg_scale": 5}
 STACKS = (
@@ -43,12 +43,7 @@ def _array(runner, record, index: int = 0) -> np.ndarray:
 
 
 def _weights(runner) -> dict[str, torch.Tensor]:
-    hot, _ = runner.pipelines.get(runner.models.get(TINY))
-    return {
-        f"{name}:{key}": value.detach().clone()
-        for name, module in hot.patcher.components.items()
-        for key, value in module.state_dict().items()
-    }
+    return snapshot(runner.pipelines.get(runner.models.get(TINY))[0])
 
 
 def test_jobs_of_different_stacks_share_calls_and_each_equals_itself_alone(client, side_settings):

@@ -28,9 +28,9 @@ of those fixed shapes, reading only its input and its factors, so the kernels do
 arithmetic in the same order for that row whatever the other rows hold. The padding adds
 exact zeros in fixed positions: a row with rank 4 gives the same bits whether the others
 have rank 0 or 120. So with the same rows and budget, a row's output is a function of its
-own input and stack alone, bit for bit (given the base layers are row-independent too, as
-a diffusion model's are). Across different row counts or budgets only float rounding
-may differ.
+own input and stack alone, bit for bit, as far as the base layers' own rows are (at some
+row counts a CPU's few-row products round by position: worker/run/batching.py). Across
+different row counts or budgets only float rounding may differ.
 
 Only a low-rank delta (LoRA, LoCon, PEFT; also a fused layer's rows of one) has a cheap
 side path. LoHa, LoKr, Tucker, full differences and DoRA need a dense ΔW per forward:
@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lorafleet.common.schema.jobs import SIDE_PATH_RANK_BUDGET
 from lorafleet.worker.lora.deltas import (
     Delta,
     DoraDelta,
@@ -63,8 +64,7 @@ from lorafleet.worker.lora.formats import ParsedLora
 from lorafleet.worker.lora.module_index import TEXT_ENCODERS
 from lorafleet.worker.lora.patcher import StackEntry, concatenate_low_rank
 
-RANK_BUDGET = 128
-"""Default rank every row is padded to on every hooked layer (a row joining more is refused)."""
+RANK_BUDGET = SIDE_PATH_RANK_BUDGET
 
 Source = ParsedLora | Sequence[Delta]
 Stack = Sequence[tuple[Source, float]]

@@ -9,10 +9,11 @@ its own embeddings and its own generator.
 
 The images of a group are cut into calls of one fixed number of rows, the batch size, and a
 call with fewer images is filled up with copies of its first: a job's pixels depend on the
-batch size, never on which jobs shared its calls. (Kernels pick their arithmetic by shape: on
-this project's CPU a one-row call, a two- or three-row one and a call of four or more differ
-in the last bits of the time embedding and of small convolutions, enough to flip a pixel by
-1/255; docs/benchmarks.md, bench/batch_determinism.py.) The batch size is the job's own
+batch size, never on how many jobs shared its calls. (Kernels pick their arithmetic by shape:
+on this project's CPU a one-row call, a two- or three-row one and a call of four or more
+differ in the last bits, enough to flip a pixel by 1/255. At some row counts, 5 to 7 and 9
+here, a few-row product also rounds a row by its position in the call: the defaults stay on
+the counts that do not; docs/benchmarks.md, bench/batch_determinism.py.) The batch size is the job's own
 ``batch_size`` (a regenerated PNG's), else ``LORAFLEET_MAX_BATCH``, else (0, the default)
 one derived from the device's total memory and the image size (``default_max_batch``): the
 same on every run of a machine, and written into every PNG. A call that runs out of memory is
