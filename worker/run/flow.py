@@ -7,8 +7,9 @@ Semantics:
   ``encode_prompt``, one job at a time, so a job's embeddings never depend on its batch
   companions (FLUX.1 and Klein pad to their fixed window; Z-Image and Qwen-Image give one
   vector per token, and only prompts of equal length share a call: batching.chunks). A
-  prompt longer than the window is cut, and the job's record says how many of the prompt's
-  own tokens were dropped.
+  prompt longer than the window is cut, and the job's record says how many tokens were dropped
+  (Z-Image, Qwen-Image and Klein wrap the prompt in a chat template whose tokens share the
+  window, so they are counted too).
 - ``cfg_scale`` c, on every family: guided = neg + c * (pos - neg), so c <= 1 is off and
   the negative prompt is encoded only above 1. It is FluxPipeline's and QwenImagePipeline's
   ``true_cfg_scale`` and Flux2KleinPipeline's ``guidance_scale`` as it is, and
@@ -61,6 +62,32 @@ def _flux2(pipe, text: str, device: torch.device) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": embeds}
 
 
+def _t5_tokens(pipe, text: str) -> int:
+    return len(pipe.tokenizer_2(text, truncation=False).input_ids)
+
+
+def _chat_tokens(thinking: bool) -> Callable[[object, str], int]:
+    """Z-Image's and Klein's count: the prompt as the user's turn of the chat template (as their
+    pipelines' ``_encode_prompt`` / ``_get_qwen3_prompt_embeds`` write it), then the window."""
+
+    def count(pipe, text: str) -> int:
+        chat = pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+        )
+        return len(pipe.tokenizer(chat, truncation=False).input_ids)
+
+    return count
+
+
+def _qwen_tokens(pipe, text: str) -> int:
+    """Qwen-Image's count: the prompt in its template, less the system turn the pipeline drops."""
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(text), truncation=False).input_ids
+    return len(ids) - pipe.prompt_template_encode_start_idx
+
+
 @dataclass(frozen=True)
 class FlowCall:
     """How one family's pipeline takes a job's prompts and guidance."""
@@ -68,8 +95,10 @@ class FlowCall:
     label: str
     encode: Callable[[object, str, torch.device], dict[str, torch.Tensor]]
     guidance: Callable[[GenerationJob], dict]
-    tokenizer: str
-    """The pipeline attribute whose tokenizer counts the prompt's tokens."""
+    tokens: Callable[[object, str], int]
+    """How many tokens the pipeline's encoder is given for a prompt, before its window cuts."""
+    templated: bool = False
+    """The pipeline wraps the prompt in a chat template whose tokens share the window."""
     as_lists: bool = False
     """The pipeline takes embeddings as a list of (tokens, width) tensors (Z-Image)."""
 
@@ -80,19 +109,28 @@ def _flux1_guidance(job: GenerationJob) -> dict:
 
 
 CALLS = {
-    "FluxPipeline": FlowCall("FLUX.1", _flux1, _flux1_guidance, "tokenizer_2"),
+    "FluxPipeline": FlowCall("FLUX.1", _flux1, _flux1_guidance, _t5_tokens),
     "ZImagePipeline": FlowCall(
         "Z-Image",
         _zimage,
         lambda job: {"guidance_scale": max(job.cfg_scale - 1, 0.0)},
-        "tokenizer",
+        _chat_tokens(thinking=True),
+        templated=True,
         as_lists=True,
     ),
     "QwenImagePipeline": FlowCall(
-        "Qwen-Image", _qwenimage, lambda job: {"true_cfg_scale": job.cfg_scale}, "tokenizer"
+        "Qwen-Image",
+        _qwenimage,
+        lambda job: {"true_cfg_scale": job.cfg_scale},
+        _qwen_tokens,
+        templated=True,
     ),
     "Flux2KleinPipeline": FlowCall(
-        "FLUX.2 Klein", _flux2, lambda job: {"guidance_scale": job.cfg_scale}, "tokenizer"
+        "FLUX.2 Klein",
+        _flux2,
+        lambda job: {"guidance_scale": job.cfg_scale},
+        _chat_tokens(thinking=False),
+        templated=True,
     ),
 }
 """Per pipeline class, how it is called."""
@@ -112,18 +150,20 @@ def uses_negative(job: GenerationJob) -> bool:
 
 
 def prompt_warnings(pipe, job: GenerationJob) -> list[str]:
-    """What the family's encoder will not read of the job's prompts (tokens past its window)."""
+    """What the family's encoder will not read of the job's prompts (tokens past its window,
+    counted as the pipeline gives them to its encoder: with the chat template where it has one)."""
     call = _call(pipe)
-    tokenizer = getattr(pipe, call.tokenizer)
+    counted = " with its chat template" if call.templated else ""
     notes = []
     prompts = [("prompt", job.prompt)] + (
         [("negative_prompt", job.negative_prompt)] if uses_negative(job) else []
     )
     for field, text in prompts:
-        count = len(tokenizer(plain_text(text), truncation=False).input_ids)
+        count = call.tokens(pipe, plain_text(text))
         if count > TOKENS:
             notes.append(
-                f"{field}: {count} tokens, {count - TOKENS} past the {TOKENS} {call.label} reads were dropped"
+                f"{field}: {count} tokens{counted}, {count - TOKENS} past the {TOKENS} {call.label} reads "
+                "were dropped"
             )
     return notes
 
