@@ -84,7 +84,9 @@ def make_demo_loras(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the LoRA files into.")],
     seed: Annotated[int, typer.Option(help="Seed of the random factors.")] = 0,
 ) -> None:
-    """Write demo LoRAs (kohya, LoCon, PEFT, an LCM-LoRA shape) for a pipeline folder."""
+    """Write demo LoRAs for a pipeline folder, in the formats its family's users bring (SD:
+    kohya, LoCon, PEFT, an LCM-LoRA shape; FLUX.1, Z-Image, Qwen-Image, FLUX.2 Klein: PEFT,
+    kohya/musubi, the original code's names, LyCORIS and the family's other trainers)."""
     tiny = worker_side("tiny")
     if not (model / "model_index.json").is_file():
         fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
