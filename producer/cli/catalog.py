@@ -63,6 +63,10 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
                 "where": where,
                 "family": ref.family.value if ref.family else None,
                 "native_size": ref.native_size,
+                # what tells a flow family's variants apart: dev/schnell, Klein 4B/9B
+                "guidance_embeds": ref.guidance_embeds,
+                "distilled": ref.distilled,
+                "transformer_width": ref.transformer_width,
                 "source": ref.source,
                 "queue": ref.queue,
                 "registered": name in registered,

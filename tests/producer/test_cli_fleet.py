@@ -113,6 +113,26 @@ def test_models_add_registers_a_name_every_machine_resolves(settings, home, redi
 
 
 @pytest.mark.slow
+def test_models_add_detects_the_family_of_each_flow_folder(home, redis_url, tmp_path):
+    from lorafleet.worker.tiny import make_tiny_model
+
+    env = lorafleet_env(home, redis_url)
+    families = {"flux1": "flux1", "flux1-schnell": "flux1", "zimage": "zimage", "qwenimage": "qwenimage"}
+    families["flux2"] = "flux2"
+    for tiny, family in families.items():
+        folder = make_tiny_model(tmp_path / "downloads" / tiny, family=tiny)
+        added = run_cli(["models", "add", f"my-{tiny}", str(folder)], env)
+        assert added.returncode == 0 and f"({family})" in added.stdout, added.stderr
+    rows = {r["name"]: r for r in json.loads(run_cli(["models", "list", "--json"], env).stdout)}
+    for tiny, family in families.items():
+        assert rows[f"my-{tiny}"]["family"] == family and rows[f"my-{tiny}"]["where"] == "shared"
+    # FLUX.1 dev reads a distilled guidance; schnell is step-distilled without one
+    assert rows["my-flux1"]["guidance_embeds"] is True and rows["my-flux1-schnell"]["distilled"] is True
+    assert rows["my-flux1"]["distilled"] is False and rows["my-flux1-schnell"]["guidance_embeds"] is False
+    assert all(rows[f"my-{tiny}"]["transformer_width"] for tiny in families)
+
+
+@pytest.mark.slow
 def test_models_add_takes_a_checkpoint_with_its_config_and_refuses_a_refiner(
     settings, home, redis_url, tmp_path
 ):
