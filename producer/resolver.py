@@ -117,7 +117,7 @@ class JobResolver:
                 f"an LCM-LoRA is in the stack but the sampler is {job.sampler.value}: "
                 "LCM-LoRAs are meant for the lcm sampler"
             )
-        job.lora_mode = self._lora_mode(job, infos, where, warnings)
+        job.lora_mode = self._lora_mode(job, model, infos, where, warnings)
         job.embeddings = self._embeddings(job, model, where)
         job.vae = job.vae or model.vae
         if job.vae is not None:
@@ -135,10 +135,27 @@ class JobResolver:
         return ResolvedJob(job=_checked(job, where), model=model, warnings=warnings)
 
     def _lora_mode(
-        self, job: GenerationJob, infos: list[LoraInfo], where: str, warnings: list[str]
+        self, job: GenerationJob, model: ModelRef, infos: list[LoraInfo], where: str, warnings: list[str]
     ) -> LoraMode:
         """The job's own mode, else the fleet's; side only for stacks that have side paths
-        (a job that asks for side with one that has none is refused naming the file)."""
+        (a job that asks for side with one that has none is refused naming the file). A GGUF
+        model's weights are never written: side always, and a stack without side paths refused."""
+        if model.quantized:
+            if job.lora_mode is LoraMode.merge:
+                raise JobRejected(
+                    f"model {model.key!r} is a GGUF-quantized transformer: merging a LoRA would requantize "
+                    "its weights (lossy, and it could not be restored)",
+                    field=f"{where}lora_mode",
+                    allowed="side (LoRAs run beside the quantized weights)",
+                )
+            reason = side_path_refusal(infos)
+            if reason is not None:
+                raise JobRejected(
+                    f"{reason}, and model {model.key!r} is GGUF-quantized: its LoRAs run beside the weights only",
+                    field=f"{where}loras",
+                    allowed="LoRA or LoCon files (low-rank), within the side paths' rank budget",
+                )
+            return LoraMode.side
         wanted = job.lora_mode or self.lora_mode
         if wanted is LoraMode.merge:
             return wanted

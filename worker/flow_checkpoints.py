@@ -133,9 +133,10 @@ def transformer_from_original(
             "a truncated file, or another model's"
         )
     for key, tensor in converted.items():
-        if tuple(tensor.shape) != tuple(wanted[key].shape):
+        shape = tuple(getattr(tensor, "quant_shape", tensor.shape))  # a GGUF tensor's values, not bytes
+        if shape != tuple(wanted[key].shape):
             raise JobFailed(
-                f"{source}: {key} is {tuple(tensor.shape)} in the file but {tuple(wanted[key].shape)} in "
+                f"{source}: {key} is {shape} in the file but {tuple(wanted[key].shape)} in "
                 "the base's transformer: the file is another size or variant than --base"
             )
     return converted

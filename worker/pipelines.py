@@ -191,8 +191,11 @@ def _load_flow_checkpoint(model: ModelRef, class_name: str, dtype: torch.dtype):
             "base for its text encoders and VAE (models add --base, or LORAFLEET_CHECKPOINT_CONFIGS)"
         )
     local = Path(str(model.config)).is_absolute()
+    load = load_flow_checkpoint
+    if model.quantized:
+        from lorafleet.worker.gguf_checkpoints import load_gguf_checkpoint as load
     try:
-        pipe = load_flow_checkpoint(model.path, model.config, class_name, dtype, local)
+        pipe = load(model.path, model.config, class_name, dtype, local)
     except (OSError, ValueError, KeyError) as exc:
         raise JobFailed(
             f"model {model.key!r}: the checkpoint {model.path.name} could not be loaded on the base "
@@ -306,6 +309,8 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
         except (OSError, FileRefused):
             continue  # loading will say what is wrong with it
         total += sum(math.prod(tensor.shape) for tensor in header.tensors.values()) * itemsize
+    if model.quantized and model.path.is_file():  # a GGUF file stays its size in memory
+        total += model.path.stat().st_size
     return total
 
 

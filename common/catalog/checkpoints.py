@@ -24,7 +24,9 @@ registration or submit what the file is, or why it is refused:
 The prediction type of an SD 2.x file is not in its tensors; it comes from the file's
 ModelSpec metadata (``modelspec.prediction_type``) when present, else from the component
 configs the file is loaded with (``--config``, or the family's canonical repository).
-A transformer-only file takes its text encoders, VAE and configs from there too.
+A transformer-only file takes its text encoders, VAE and configs from there too. A GGUF
+file (``.gguf``: quantized blocks, common/catalog/gguf_files.py) is read the same way and must
+hold a flow transformer; bitsandbytes' NF4/FP4 files are refused naming the reason.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.common.catalog.family_keys import variant_of
+from lorafleet.common.catalog.gguf_files import GGUF_ALLOWED, is_gguf, read_gguf_header
 from lorafleet.common.catalog.lora_files import (
     SafetensorsHeader,
     read_safetensors_header,
@@ -77,6 +80,8 @@ NATIVE_SIZE = {
 
 FLUX1_IMAGE_CHANNELS = {384: "a FLUX.1 Fill checkpoint", 128: "a FLUX.1 Depth or Canny checkpoint"}
 """FLUX.1 control and fill models by the channels their ``img_in`` reads (txt2img: 64)."""
+BNB_QUANT_STATE = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+"""How bitsandbytes names a 4-bit weight's serialized quantization state (Forge's NF4 files)."""
 _FLOW_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _IMAGE_IN = ("img_in.weight", "x_embedder.weight")
 """A flow transformer's input projection, original and diffusers' name: (width, channels)."""
@@ -122,8 +127,8 @@ class CheckpointInfo:
     transformer_width: int | None = None
     """The flow transformer's hidden size (what a LoRA's ``transformer_width`` must match)."""
     dtype: str | None = None
-    """The safetensors dtype most of its weight matrices are stored in (``F16``, ``BF16``,
-    ``F8_E4M3`` for ComfyUI's fp8 files ...)."""
+    """The dtype most of its weight matrices are stored in (``F16``, ``BF16``, ``F8_E4M3`` for
+    ComfyUI's fp8 files; a GGUF file's GGML type, ``Q8_0``, ``Q4_K`` ...)."""
 
     @property
     def canonical_config(self) -> str:
@@ -133,10 +138,19 @@ class CheckpointInfo:
 
 def describe_checkpoint(path: Path) -> CheckpointInfo:
     """Check a single-file checkpoint and describe it; FileRefused says why it is refused."""
-    refuse_pickled(path)
-    header = read_safetensors_header(path, max_bytes=MAX_CHECKPOINT_BYTES)
+    if is_gguf(path):
+        header = read_gguf_header(path, max_bytes=MAX_CHECKPOINT_BYTES)
+    else:
+        refuse_pickled(path)
+        header = read_safetensors_header(path, max_bytes=MAX_CHECKPOINT_BYTES)
     size, dtype = path.stat().st_size, _main_dtype(header)
     flow = flow_checkpoint(header, path.name)
+    if flow is None and is_gguf(path):
+        raise FileRefused(
+            "a GGUF file without a FLUX.1, FLUX.2 Klein, Qwen-Image or Z-Image transformer in it",
+            field=path.name,
+            allowed=GGUF_ALLOWED,
+        )
     if flow is not None:
         family, variant, guidance, width = flow
         return CheckpointInfo(
@@ -181,6 +195,14 @@ def flow_checkpoint(
             "does not apply",
             field=name,
             allowed="a plain fp8 e4m3fn, bf16 or fp16 checkpoint of the same model",
+        )
+    if any(k.endswith(BNB_QUANT_STATE) for k in keys):
+        raise FileRefused(
+            "an NF4/FP4 (bitsandbytes) checkpoint: lorafleet workers do not load bitsandbytes' 4-bit "
+            "weights (its kernels are built for CUDA); a GGUF file of the same model runs, with LoRAs "
+            "beside its quantized weights",
+            field=name,
+            allowed="a GGUF (Q8_0, Q4_K ...), fp8 e4m3fn, bf16 or fp16 file of the same model",
         )
     for p in _FLOW_PREFIXES:
         found = _finder(keys, p)

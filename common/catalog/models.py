@@ -25,6 +25,7 @@ import redis
 
 from lorafleet.common.catalog.checkpoints import CANONICAL_CONFIGS, NATIVE_SIZE, describe_checkpoint
 from lorafleet.common.catalog.flow_models import check_base, flow_native_size, transformer_width
+from lorafleet.common.catalog.gguf_files import GGUF_SUFFIX
 from lorafleet.common.catalog.lora_files import PICKLED_SUFFIXES, SAFETENSORS_SUFFIX
 from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.catalog.vaes import VaeCatalog
@@ -36,6 +37,8 @@ from lorafleet.common.schema.settings import Settings
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 NAME_ALLOWED = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+CHECKPOINT_SUFFIXES = (SAFETENSORS_SUFFIX, GGUF_SUFFIX)
+"""Single-file models: safetensors checkpoints, and GGUF transformers of the flow families."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,12 @@ class ModelRef:
     @property
     def single_file(self) -> bool:
         """Whether the model is one checkpoint file (loaded with diffusers' single-file support)."""
-        return self.path is not None and self.path.suffix.lower() == SAFETENSORS_SUFFIX
+        return self.path is not None and self.path.suffix.lower() in CHECKPOINT_SUFFIXES
+
+    @property
+    def quantized(self) -> bool:
+        """A GGUF checkpoint: its weights are quantized blocks, never written (LoRAs run beside them)."""
+        return self.path is not None and self.path.suffix.lower() == GGUF_SUFFIX
 
     def entry(self) -> dict:
         """What the registry keeps in Redis for this model."""
@@ -162,7 +170,7 @@ def _exists(path: Path) -> bool:
 
 def is_checkpoint_path(path: Path) -> bool:
     """A path that names a single-file checkpoint (or a pickled one, which is then refused)."""
-    return path.suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLED_SUFFIXES)
+    return path.suffix.lower() in (*CHECKPOINT_SUFFIXES, *PICKLED_SUFFIXES)
 
 
 def describe_checkpoint_file(
@@ -263,7 +271,12 @@ class ModelRegistry:
             [p.name for p in self.folder.iterdir() if is_pipeline_folder(p)] if self.folder.is_dir() else []
         )
         files = (
-            [p.stem for p in self.checkpoints.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()]
+            [
+                p.stem
+                for suffix in CHECKPOINT_SUFFIXES
+                for p in self.checkpoints.glob(f"*{suffix}")
+                if p.is_file()
+            ]
             if self.checkpoints.is_dir()
             else []
         )
@@ -272,9 +285,12 @@ class ModelRegistry:
     def _checkpoint_in_folder(self, name: str) -> Path | None:
         if not NAME.match(name):
             return None
-        stem = name[: -len(SAFETENSORS_SUFFIX)] if name.lower().endswith(SAFETENSORS_SUFFIX) else name
-        path = self.checkpoints / f"{stem}{SAFETENSORS_SUFFIX}"
-        return path if path.is_file() else None
+        stem = next((name[: -len(s)] for s in CHECKPOINT_SUFFIXES if name.lower().endswith(s)), name)
+        for suffix in CHECKPOINT_SUFFIXES:
+            path = self.checkpoints / f"{stem}{suffix}"
+            if path.is_file():
+                return path
+        return None
 
     def names(self) -> list[str]:
         return sorted(set(self.local_names()) | set(self.registered()))

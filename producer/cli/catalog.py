@@ -99,7 +99,7 @@ def models_add(
     source: Annotated[
         str,
         typer.Argument(
-            help="A pipeline folder or .safetensors checkpoint as the workers see it (absolute path), "
+            help="A pipeline folder, .safetensors checkpoint or GGUF transformer as the workers see it (absolute path), "
             "or a hub id owner/name."
         ),
     ],

@@ -325,6 +325,25 @@ def test_a_scaled_fp8_file_is_refused_at_registration_naming_the_reason(register
     assert "scaled" not in registry.registered()
 
 
+def test_an_nf4_file_is_refused_at_registration_naming_the_reason(registered, folders, tmp_path):
+    from lorafleet.common.schema.errors import BadArgument
+
+    registry, _ = registered
+    state = transformer_to_original(load(folders["flux1"]).transformer, "model.diffusion_model.")
+    # bitsandbytes' serialization (Forge's flux1-dev-bnb-nf4): packed bytes, absmax, a quant state
+    layer = "model.diffusion_model.double_blocks.0.img_attn.proj"
+    state[f"{layer}.weight"] = torch.zeros(512, 1, dtype=torch.uint8)
+    state[f"{layer}.weight.absmax"] = torch.ones(16)
+    state[f"{layer}.weight.quant_state.bitsandbytes__nf4"] = torch.zeros(100, dtype=torch.uint8)
+    path = tmp_path / "flux1-dev-bnb-nf4.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(
+        BadArgument, match=r"NF4/FP4 \(bitsandbytes\) checkpoint: lorafleet workers do not load"
+    ):
+        registry.register("nf4", str(path), base="tiny-flux1")
+    assert "nf4" not in registry.registered()
+
+
 def test_a_schnell_file_on_a_dev_base_is_refused_at_registration(registered, folders, settings, tmp_path):
     from lorafleet.common.schema.errors import BadArgument
 

@@ -167,7 +167,9 @@ class ModuleIndex:
                     continue
                 if isinstance(module, torch.nn.Embedding):
                     continue
-                target = Target(component, name, "weight", tuple(weight.shape))
+                # a GGUF weight's shape is its blocks' bytes; quant_shape is the values' it stands for
+                shape = tuple(getattr(weight, "quant_shape", weight.shape))
+                target = Target(component, name, "weight", shape)
                 self.targets[target.key] = target
                 bias = getattr(module, "bias", None)
                 if isinstance(bias, torch.Tensor):

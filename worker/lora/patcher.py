@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lora.deltas import Delta, LowRankDelta
 from lorafleet.worker.lora.formats import ParsedLora
 from lorafleet.worker.lora.module_index import ModuleIndex, Target
@@ -179,6 +180,11 @@ class WeightPatcher:
 
     def _write(self, key: str, parts: list[tuple[Delta, float]]) -> None:
         param = self.parameter(key)
+        if getattr(param, "quant_type", None) is not None:
+            raise JobFailed(
+                f"{key} is a GGUF-quantized weight: requantizing a merged LoRA would be lossy and "
+                "could not be restored, so a GGUF model takes LoRAs beside its weights only (lora_mode side)"
+            )
         original = self._original(key)
         self._applied.pop(key, None)  # until the write completes, the state is unknown
         self._touched.add(key)

@@ -371,9 +371,10 @@ def _empty_layer(key: str, module: torch.nn.Module, rows: int, rank: int) -> Lay
         raise NoSidePath(
             f"{key} is a {type(module).__name__}, not a Linear or Conv2d; this stack runs merged"
         )
-    # an fp8 weight is upcast as its layer runs (worker/flow_checkpoints.py): its side path
-    # computes in the layer's compute dtype, the bias's (bf16 where there is none)
-    dtype = weight.dtype
+    # an fp8 weight is upcast as its layer runs (worker/flow_checkpoints.py), a GGUF one
+    # dequantized (worker/gguf_checkpoints.py): the side path computes in the layer's compute
+    # dtype (GGUFLinear's own; for fp8 the bias's, bf16 where there is none)
+    dtype = getattr(module, "compute_dtype", None) or weight.dtype
     if dtype.itemsize == 1:
         dtype = module.bias.dtype if module.bias is not None else torch.bfloat16
     like = {"dtype": dtype, "device": weight.device}
