@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import LoraRegistry
@@ -28,7 +29,7 @@ from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import make_celery
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.infra.broker import resolve_broker
-from lorafleet.common.infra.storage import Storage
+from lorafleet.common.infra.storage import Storage, open_storage
 from lorafleet.common.schema.jobs import GenerationJob, parse_job
 from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.follow import Following
@@ -59,7 +60,9 @@ class Client(Submitting, Following):
             allow_paths=self.settings.allow_model_paths,
             allow_hub_ids=self.settings.allow_hub_ids,
             lora_mode=self.settings.lora_mode,
+            images=self.input_images,
         )
+        self._images: InputImages | None = None
 
     # ------------------------------------------------------------------ jobs from images
     def job_from_png(self, path: str | os.PathLike, **overrides: Any) -> GenerationJob:
@@ -80,6 +83,22 @@ class Client(Submitting, Following):
         """The job fields of the image at ``path`` (not yet validated) and notes on what of it
         will not be reproduced; see ``job_from_png``."""
         return PngReader(self.resolver.models, self.resolver.loras).read(Path(path), overrides)
+
+    # ------------------------------------------------------------------ images in
+    def input_images(self) -> InputImages:
+        """The object store's input images (opened on first use)."""
+        if self._images is None:
+            if self._storage is None:
+                self._storage = open_storage(self.settings)
+            self._images = InputImages(self._storage, self.settings.max_input_pixels)
+        return self._images
+
+    def upload_image(self, image: str | os.PathLike | bytes, field: str = "image") -> str:
+        """Store an input image (a file's path or its bytes) for jobs to name as ``init_image``
+        or ``mask_image``; returns its name, ``sha256:<hex>`` (the same bytes, the same name).
+        JobRejected (naming ``field``) for what is not an image lorafleet takes."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        return self.input_images().put(data, field).ref
 
     # ------------------------------------------------------------------ LoRAs
     def import_lora(

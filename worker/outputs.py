@@ -59,6 +59,7 @@ def parameters_text(
         *((f"Module {n}", quote(name)) for n, name in enumerate(modules, 1)),
         *([("Batch size", str(job.batch_size))] if job.batch_size is not None else []),
         *([("LoRA mode", job.lora_mode.value)] if job.loras and job.lora_mode is not None else []),
+        *input_fields(job),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
             [("Prompt syntax", job.prompt_syntax.value)]
@@ -75,6 +76,19 @@ def parameters_text(
     fields.append(("Version", f"lorafleet {__version__}"))
     lines.append(", ".join(f"{key}: {value}" for key, value in fields))
     return "\n".join(lines)
+
+
+def input_fields(job: GenerationJob) -> list[tuple[str, str]]:
+    """An img2img or inpainting job's fields, as A1111 writes them, with the inputs' names."""
+    if job.init_image is None:
+        return []
+    fields = [("Init image", job.init_image)]
+    if job.mask_image is not None:
+        fields += [("Mask image", job.mask_image), ("Mask blur", str(job.mask_blur))]
+        if job.inpaint_padding is not None:
+            fields += [("Inpaint area", "Only masked"), ("Masked area padding", str(job.inpaint_padding))]
+    assert job.strength is not None
+    return [("Denoising strength", format_number(job.strength)), *fields]
 
 
 def encode_png(image, parameters: str) -> bytes:

@@ -322,7 +322,7 @@ class Lifecycle:
             record.started_at = now
             record.worker, record.worker_instance, record.run_id = worker, instance, run_id
             record.runs = [*record.runs, Run(run_id=run_id, worker=worker, instance=instance, started_at=now)]
-            record.progress = Progress(step=0, total=(record.job.steps or 0) * record.job.num_images)
+            record.progress = Progress(step=0, total=record.job.sampled_steps * record.job.num_images)
             record.timings = Timings(queue_wait=(now - record.submitted_at).total_seconds())
             return record
 

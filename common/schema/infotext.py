@@ -37,8 +37,19 @@ megabytes)."""
 _MODULE = re.compile(r"^Module \d+$")
 """Forge's ``Module N``: the separate VAE and text encoders a model ran with; the model's
 registration (its base) says the same, so they are read as known, not reproduced."""
-LORAFLEET_FIELDS = {"Batch size", "LoRA mode"}
-"""Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch)."""
+INPUT_FIELDS = {
+    "Init image",
+    "Mask image",
+    "Denoising strength",
+    "Mask blur",
+    "Inpaint area",
+    "Masked area padding",
+}
+"""An img2img or inpainting job's fields: A1111's names, and lorafleet's ``Init image`` and
+``Mask image`` (the inputs' sha256 in the object store) without which they cannot be reproduced."""
+LORAFLEET_FIELDS = {"Batch size", "LoRA mode"} | INPUT_FIELDS
+"""Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch;
+its img2img PNGs do not say which image they started from)."""
 _MIN_FIELDS = 3
 """A last line with fewer ``Key: value`` pairs than this is prompt text, not fields."""
 
@@ -181,6 +192,17 @@ class Infotext:
             job["lora_mode"] = mode
         elif self.by_lorafleet and "Lora hashes" in fields:  # written before side paths: merged
             job["lora_mode"] = "merge"
+        if self.by_lorafleet and "Init image" in fields:  # the inputs, by sha256 in the object store
+            job["init_image"] = fields["Init image"].strip()
+            if "Mask image" in fields:
+                job["mask_image"] = fields["Mask image"].strip()
+                if "Mask blur" in fields:
+                    job["mask_blur"] = _number(fields["Mask blur"], int, f"{where}Mask blur")
+                if fields.get("Inpaint area", "").strip() == "Only masked":
+                    padding = fields.get("Masked area padding", "32")
+                    job["inpaint_padding"] = _number(padding, int, f"{where}Masked area padding")
+            if "Denoising strength" in fields:
+                job["strength"] = _number(fields["Denoising strength"], float, f"{where}Denoising strength")
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job

@@ -19,11 +19,12 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from lorafleet.common.schema import guidance, samplers
+from lorafleet.common.schema import guidance, inputs, samplers
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.records import PHASES as PHASES
@@ -248,6 +249,13 @@ class GenerationJob(BaseModel):
         ]
         | None
     ) = None
+    init_image: inputs.InputImage | None = None
+    """img2img's starting image (with ``mask_image``: inpainting); its size is the job's default size."""
+    mask_image: inputs.InputImage | None = None
+    """Inpainting's mask, the init image's size: white is repainted, black kept."""
+    strength: inputs.Strength | None = None
+    mask_blur: inputs.MaskBlur = inputs.DEFAULT_MASK_BLUR
+    inpaint_padding: inputs.InpaintPadding | None = None
     lora_mode: (
         Annotated[
             LoraMode,
@@ -298,6 +306,14 @@ class GenerationJob(BaseModel):
             raise ValueError(f"at most {MAX_TAGS} tags, got {len(value)}")
         return value
 
+    @field_validator("mask_image", "strength", "inpaint_padding")
+    @classmethod
+    def _with_init_image(cls, value: Any, info: ValidationInfo) -> Any:
+        needed = "mask_image" if info.field_name == "inpaint_padding" else "init_image"
+        if value is not None and info.data.get(needed) is None:
+            raise ValueError(f"means something only with {needed}, which the job does not give")
+        return value
+
     @model_validator(mode="after")
     def _defaults_by_sampler(self) -> GenerationJob:
         """Defaults by sampler; they stay out of ``model_fields_set``, which keeps saying what
@@ -312,6 +328,12 @@ class GenerationJob(BaseModel):
             self.cfg_scale = guidance.LCM_CFG if lcm else DEFAULT_CFG
         object.__setattr__(self, "__pydantic_fields_set__", given)
         return self
+
+    @property
+    def sampled_steps(self) -> int:
+        """Steps each image runs: with an init image, diffusers' int(steps x strength)."""
+        steps = self.steps or 0
+        return min(int(steps * self.strength), steps) if self.init_image and self.strength else steps
 
     def advice(self) -> list[str]:
         """Warnings for settings InvokeAI's LoRA guidance advises against; nothing is changed."""
@@ -363,6 +385,8 @@ def describe_validation_error(exc: ValidationError) -> list[tuple[str, str]]:
             if len(loc) > 1 and isinstance(loc[-2], int):
                 allowed = sorted(LoraSpec.model_fields)
             message += f" (allowed fields: {', '.join(allowed)})"
+        elif kind == "string_pattern_mismatch" and loc[-1] in ("init_image", "mask_image"):
+            message = f"must be {inputs.IMAGE_REF_ALLOWED}, got {str(err['input'])[:80]!r}"
         elif kind in _RANGE_ERRORS and isinstance(loc[-1], str) and loc[-1] in RANGES:
             message = f"must be {RANGES[loc[-1]]}, got {err['input']!r}"
         else:

@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     api_host: str = Field(default="127.0.0.1", description="Address `lorafleet serve` listens on.")
     api_port: int = Field(default=8750, ge=1, le=65535, description="Port `lorafleet serve` listens on.")
     upload_attempts: int = Field(default=6, ge=1, description="Tries per image upload before a job fails.")
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Most pixels an input image (init image, mask) may have; larger ones are refused before "
+        "they are decoded.",
+    )
     job_attempts: int = Field(
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
     )

@@ -47,7 +47,7 @@ from lorafleet.common.schema.errors import (
 )
 from lorafleet.common.schema.settings import Settings
 from lorafleet.common.services.loop import Background
-from lorafleet.producer.api import batches, events, fleet, jobs, loras, pages
+from lorafleet.producer.api import batches, events, fleet, images, jobs, loras, pages
 from lorafleet.producer.api.guard import LOOPBACK_HOSTS, RequestGuard
 from lorafleet.producer.api.state import ApiState
 from lorafleet.producer.api.views import problems
@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     batches.add_sweep_schema(app)
     app.include_router(events.router)
     app.include_router(loras.router)
+    app.include_router(images.router)
     app.include_router(fleet.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC), name="static")
     app.include_router(pages.dashboard(tokens, client.redis))

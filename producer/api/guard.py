@@ -3,8 +3,9 @@
 - A body over ``api_max_body_mb`` (the login form: 4 KiB) is refused with 413 before it is
   read; a body without a Content-Length (chunked) with 411, so no size goes unchecked.
 - A call that changes state (POST, PUT, PATCH, DELETE under ``/v1/``) must say
-  ``Content-Type: application/json`` (415): a browser cannot send that cross-site without
-  asking first, so another site's page cannot submit or cancel through a visitor's browser.
+  ``Content-Type: application/json`` (415; ``POST /v1/images`` an image type): a browser
+  cannot send those cross-site without asking first, so another site's page cannot submit or
+  cancel through a visitor's browser.
 - Without tokens (``serve`` then listens on loopback only), the Host header must name this
   machine (``localhost``, ``127.0.0.1``, ``::1``, or a name in ``api_allowed_hosts``) and
   an Origin header, when sent, the same: a page whose name was re-pointed at 127.0.0.1 (DNS
@@ -20,6 +21,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 LOGIN_MAX_BODY = 4096
+IMAGE_UPLOADS = "/v1/images"
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}
+"""What POST /v1/images takes instead of JSON: the image itself (a browser must ask first to
+send these cross-site, as for JSON)."""
 """Largest login form body, in bytes (a token and a path)."""
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -77,6 +82,8 @@ class RequestGuard:
                 return 413, f"the body is {int(length)} bytes; at most {limit} are accepted here"
         if method in STATE_CHANGING and path.startswith("/v1/"):
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if path == IMAGE_UPLOADS and kind in IMAGE_TYPES:  # not CORS-safelisted either
+                return None
             if kind != "application/json":
                 return 415, "calls that change state need 'Content-Type: application/json'"
         return None

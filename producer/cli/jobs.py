@@ -13,6 +13,7 @@ import typer
 from lorafleet.common.fleet.positions import standing
 from lorafleet.common.schema import samplers
 from lorafleet.common.schema.errors import BadArgument, JobRejected
+from lorafleet.common.schema.inputs import IMAGE_REF, IMAGE_REF_ALLOWED
 from lorafleet.common.schema.jobs import JobRecord, JobStatus, LoraMode, Priority
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.settings import Settings
@@ -229,6 +230,37 @@ def submit(
             "and size); its pixels depend on it, never on the jobs sharing its calls.",
         ),
     ] = None,
+    init_image: Annotated[
+        str | None,
+        typer.Option(
+            "--init-image",
+            help="img2img: an image file (uploaded for you) or a stored sha256:... name; the job's size "
+            "defaults to its own.",
+        ),
+    ] = None,
+    mask: Annotated[
+        str | None,
+        typer.Option(
+            "--mask",
+            help="Inpainting: the mask (white is repainted), a file or sha256:..., the init image's size.",
+        ),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        typer.Option(
+            "--strength", help="Denoising strength with --init-image, 0-1 (default 0.75, as A1111)."
+        ),
+    ] = None,
+    mask_blur: Annotated[
+        int | None, typer.Option("--mask-blur", help="Pixels the mask's edge is blurred by (default 4).")
+    ] = None,
+    inpaint_padding: Annotated[
+        int | None,
+        typer.Option(
+            "--inpaint-padding",
+            help="Inpaint only the masked region with this many pixels around it (A1111's Only masked).",
+        ),
+    ] = None,
     count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
@@ -269,6 +301,11 @@ def submit(
             "height": height,
             "seed": seed,
             "batch_size": batch_size,
+            "init_image": _image(init_image, "--init-image"),
+            "mask_image": _image(mask, "--mask"),
+            "strength": strength,
+            "mask_blur": mask_blur,
+            "inpaint_padding": inpaint_padding,
         }
         given = {k: v for k, v in given.items() if v is not None}
         listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]
@@ -305,6 +342,18 @@ def submit(
         _queue(jobs, batch_id, require_worker, wait, timeout, as_json, batch_webhook)
 
     run(action)
+
+
+def _image(value: str | None, option: str) -> str | None:
+    """A stored image's name as it is, or a file uploaded (JobRejected names the option)."""
+    if value is None or IMAGE_REF.match(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise BadArgument(
+            f"{value!r} is neither a file nor a stored image's name", field=option, allowed=IMAGE_REF_ALLOWED
+        )
+    return _client().upload_image(path, field=option)
 
 
 def submit_file(

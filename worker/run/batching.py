@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, LoraMode, Timings
-from lorafleet.worker.run.sampling import seeds_its_own_noise
+from lorafleet.worker.run.sampling import one_image_per_call
 
 BYTES_PER_PIXEL = 3 * 1024
 """Device memory one image of a batch takes per output pixel while it samples (activations,
@@ -69,6 +69,11 @@ def batch_key(job: GenerationJob) -> tuple:
         tuple(job.embeddings),
         job.batch_size,
         job.lora_mode,
+        # images in: each row its own images, the rest shared (img2img and inpainting apart)
+        job.init_image is not None,
+        job.mask_image is not None,
+        job.strength,
+        job.inpaint_padding,
     )
 
 
@@ -116,9 +121,9 @@ class BatchSizes:
         return self.setting or default_max_batch(self.device, width, height)
 
     def rows(self, job: GenerationJob) -> int:
-        """Rows of every sampling call of the job (and of the jobs sampled with it): one for a
-        sampler that seeds its own noise, else the job's batch size or the worker's."""
-        if seeds_its_own_noise(job.sampler):
+        """Rows of every sampling call of the job (and of the jobs sampled with it): one where
+        each image is a call of its own (``one_image_per_call``), else the job's batch size or the worker's."""
+        if one_image_per_call(job):
             return 1
         assert job.width is not None and job.height is not None
         return job.batch_size or self.get(job.model, job.width, job.height)
@@ -137,6 +142,8 @@ class Member:
 
     record: JobRecord
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, object] = field(default_factory=dict)
+    """Its init image (and mask) as its rows take them (worker/run/inputs.py)."""
     images: dict[int, object] = field(default_factory=dict)
     """Image index -> PIL image, as its chunk finishes."""
     cancelled: bool = False

@@ -31,7 +31,8 @@ from lorafleet.worker.lora.store import LoadedStack
 from lorafleet.worker.pipelines import HotPipeline
 from lorafleet.worker.run import flow
 from lorafleet.worker.run.batching import Member, Slot, chunks, stack_key
-from lorafleet.worker.run.sampling import conditioning, image_seed, sample, seeds_its_own_noise
+from lorafleet.worker.run.inputs import job_inputs
+from lorafleet.worker.run.sampling import conditioning, image_seed, one_image_per_call, sample
 from lorafleet.worker.run.store_stage import StoreContext
 
 logger = logging.getLogger(__name__)
@@ -102,11 +103,12 @@ class GroupSampling:
                         [StackEntry(e.lora, 0.0, e.text_encoder_strength) for e in stacks[member].entries]
                     )
                 member.conditioning = conditioning(hot.pipe, member.job)
+                member.inputs = job_inputs(member.job, self.inputs)
                 if flow.is_flow(hot.pipe):
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
             if side:
                 hot.patcher.restore()
-            one_per_call = seeds_its_own_noise(job.sampler)
+            one_per_call = one_image_per_call(job)
             plan = chunks(members, rows, one_per_call)
             restored, handed = None, set()
             while plan:
@@ -244,7 +246,7 @@ class GroupSampling:
         counts: dict[Member, int] = {}
         for slot in chunk:
             counts[slot.member] = counts.get(slot.member, 0) + 1
-        steps = job.steps
+        steps = job.sampled_steps
 
         def on_step(step: int) -> None:
             live = 0
@@ -274,6 +276,7 @@ class GroupSampling:
                     [image_seed(slot.member.job, slot.index) for slot in chunk],
                     on_step,
                     rows,
+                    inputs=[slot.member.inputs for slot in chunk],
                 )
         except JobCancelled:
             return

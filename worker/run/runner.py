@@ -43,7 +43,8 @@ from lorafleet.worker.pipelines import HotPipeline, PipelineCache
 from lorafleet.worker.run.batching import BatchSizes, Member, batch_key
 from lorafleet.worker.run.companions import WaitingJobs
 from lorafleet.worker.run.group import GroupSampling, allocator_message, is_out_of_memory
-from lorafleet.worker.run.sampling import seeds_its_own_noise
+from lorafleet.worker.run.inputs import InputReader
+from lorafleet.worker.run.sampling import one_image_per_call
 from lorafleet.worker.run.store_stage import STORE_THREADS, StoreContext, StoreStage
 from lorafleet.worker.vaes import VaeCache
 
@@ -96,6 +97,7 @@ class JobRunner(GroupSampling, StoreStage):
         self.settings = settings
         self.store = store
         self.storage = storage
+        self.inputs = InputReader(storage)  # jobs' init images and masks
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)
@@ -265,7 +267,7 @@ class JobRunner(GroupSampling, StoreStage):
         assert job.width is not None and job.height is not None
         self._last_shape = (job.model, job.width, job.height)
         room = self.batch_sizes.rows(job) - job.num_images
-        if room <= 0 or seeds_its_own_noise(job.sampler):
+        if room <= 0 or one_image_per_call(job):
             return []
         key = batch_key(job)
         waiting = [w for w in self.waiting.peek(lead.queue) if w.job_id != lead.job_id]

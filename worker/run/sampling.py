@@ -17,6 +17,7 @@ import torch
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
 from lorafleet.worker.run import flow
+from lorafleet.worker.run.inputs import call_arguments, pipeline_for
 
 SEED_MODULUS = 2**32
 
@@ -106,6 +107,14 @@ def seeds_its_own_noise(sampler: Sampler) -> bool:
     return SCHEDULERS[sampler][0] in _SEEDED_NOISE
 
 
+def one_image_per_call(job: GenerationJob) -> bool:
+    """Whether each image of the job is a call of its own: a sampler that seeds its own noise,
+    or "Only masked" inpainting (diffusers crops one image around its mask per call)."""
+    return seeds_its_own_noise(job.sampler) or (
+        job.mask_image is not None and job.inpaint_padding is not None
+    )
+
+
 def sample(
     pipe,
     scheduler_config: dict,
@@ -115,6 +124,7 @@ def sample(
     on_step: Callable[[int], None],
     rows: int = 1,
     output_type: str = "pil",
+    inputs: list[dict[str, object]] | None = None,
 ) -> list:
     """One call of the pipeline for a batch of images (PIL): image i from ``conditionings[i]``
     and its own CPU generator seeded ``seeds[i]``; ``job`` gives what the images share
@@ -129,8 +139,8 @@ def sample(
     (worker/run/batching.py).
     """
     assert job.steps is not None and len(conditionings) == len(seeds) >= 1
-    if seeds_its_own_noise(job.sampler) and len(seeds) > 1:
-        raise ValueError(f"{job.sampler.value} seeds its scheduler itself: one image per call")
+    if one_image_per_call(job) and rows > 1:
+        raise ValueError(f"job {job.job_id}: one image per call (its sampler, or Only masked inpainting)")
     if len(seeds) > rows:
         raise ValueError(f"{len(seeds)} images do not fit a call of {rows} rows")
 
@@ -139,21 +149,27 @@ def sample(
         return kwargs
 
     wanted = len(seeds)
+    inputs = inputs or [{}] * wanted
     if wanted < rows:
         conditionings = conditionings + [conditionings[0]] * (rows - wanted)
         seeds = seeds + [seeds[0]] * (rows - wanted)
+        inputs = inputs + [inputs[0]] * (rows - wanted)
     batch = {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
+    size = {"width": job.width, "height": job.height}
+    runner = pipe
     if flow.is_flow(pipe):
         pipe.scheduler = flow.make_scheduler(scheduler_config)
         arguments = flow.call_arguments(pipe, job, batch)
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
-        arguments = batch | {"guidance_scale": job.cfg_scale}
-    result = pipe(
+        runner = pipeline_for(pipe, job)  # over the same components, with this scheduler
+        arguments = batch | {"guidance_scale": job.cfg_scale} | call_arguments(job, inputs)
+        if job.init_image is not None and job.mask_image is None:
+            size = {}  # image-to-image samples at its images' size (the job's: job_inputs)
+    result = runner(
         **arguments,
         num_inference_steps=job.steps,
-        width=job.width,
-        height=job.height,
+        **size,
         generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         callback_on_step_end=step_end,
         output_type=output_type,

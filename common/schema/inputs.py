@@ -1,0 +1,51 @@
+"""What a job may bring in besides its prompt: an init image (img2img) and a mask (inpainting),
+named by the sha256 of their bytes in the object store (common/catalog/input_images.py).
+
+A1111's names and defaults: ``strength`` is its "Denoising strength" (0.75), ``mask_blur``
+its "Mask blur" (4 px), ``inpaint_padding`` the padding of its "Inpaint area: Only masked"
+(None: the whole picture is inpainted).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import Field, StringConstraints
+
+IMAGE_REF = re.compile(r"^sha256:[0-9a-f]{64}$")
+IMAGE_REF_ALLOWED = "sha256:<64 hex digits>, as POST /v1/images (or the CLI's --init-image FILE) returns"
+DEFAULT_STRENGTH = 0.75
+"""A1111's default denoising strength for img2img and inpainting."""
+DEFAULT_MASK_BLUR = 4
+"""A1111's default mask blur, in pixels."""
+MAX_MASK_BLUR = 64
+MAX_INPAINT_PADDING = 256
+
+InputImage = Annotated[
+    str,
+    StringConstraints(pattern=IMAGE_REF.pattern),
+    Field(description=f"An input image in the object store: {IMAGE_REF_ALLOWED}."),
+]
+Strength = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        le=1.0,
+        description="How much of the init image is noised away (A1111's Denoising strength): 1 keeps "
+        f"nothing of it; it runs about strength x steps steps. None with an init image: {DEFAULT_STRENGTH}.",
+    ),
+]
+MaskBlur = Annotated[
+    int,
+    Field(ge=0, le=MAX_MASK_BLUR, description="Pixels the mask's edge is blurred by (A1111's Mask blur)."),
+]
+InpaintPadding = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=MAX_INPAINT_PADDING,
+        description="Inpaint only the masked region, cropped with this many pixels around it and scaled to "
+        "the job's size (A1111's 'Only masked' padding). None: the whole picture.",
+    ),
+]

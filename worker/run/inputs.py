@@ -1,0 +1,97 @@
+"""The images a job brings in, made ready for its sampling call, and the pipeline that takes them.
+
+Semantics:
+- The init image is read from the object store by its sha256 (common/catalog/input_images.py),
+  converted to RGB and, when its size differs from the job's, resized to it with Lanczos
+  (A1111's "Just resize"). A mask is converted to one channel (white: repaint), resized the
+  same way and blurred by ``mask_blur`` pixels with a Gaussian (A1111's and diffusers'
+  ``mask_processor.blur``).
+- img2img runs the model's own components through diffusers' image-to-image pipeline
+  (``AutoPipelineForImage2Image.from_pipe``: no weight is copied, so the job's LoRAs, patched
+  or on side paths, are in it), inpainting through its inpainting pipeline (a 4-channel
+  model: A1111's way with an ordinary checkpoint), with ``padding_mask_crop`` for "Only
+  masked". Each row of a call has its own images.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from lorafleet.common.catalog.input_images import storage_key
+from lorafleet.common.infra.storage import Storage
+from lorafleet.common.schema.jobs import GenerationJob
+
+CACHED_INPUTS = 64
+"""Input images' bytes kept in memory (a sweep over one photo reads it once)."""
+
+
+@dataclass
+class InputReader:
+    """Input images' bytes from the object store, the last ``CACHED_INPUTS`` kept."""
+
+    storage: Storage
+
+    def __post_init__(self) -> None:
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, ref: str) -> bytes:
+        data = self._cache.pop(ref, None)
+        if data is None:
+            data = self.storage.get(storage_key(ref))
+        self._cache[ref] = data
+        while len(self._cache) > CACHED_INPUTS:
+            self._cache.popitem(last=False)
+        return data
+
+
+def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
+    """The job's input images as its call takes them: ``image`` (and ``mask_image``)."""
+    from PIL import Image, ImageFilter
+
+    if job.init_image is None:
+        return {}
+    size = (job.width, job.height)
+    image = Image.open(io.BytesIO(reader.get(job.init_image))).convert("RGB")
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    inputs: dict[str, object] = {"image": image}
+    if job.mask_image is not None:
+        mask = Image.open(io.BytesIO(reader.get(job.mask_image))).convert("L")
+        if mask.size != size:
+            mask = mask.resize(size, Image.Resampling.LANCZOS)
+        if job.mask_blur:
+            mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
+        inputs["mask_image"] = mask
+    return inputs
+
+
+def pipeline_for(pipe, job: GenerationJob):
+    """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image or
+    inpainting form over the same components."""
+    if job.init_image is None:
+        return pipe
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    kind = AutoPipelineForInpainting if job.mask_image is not None else AutoPipelineForImage2Image
+    derived = kind.from_pipe(pipe)
+    derived.set_progress_bar_config(disable=True)
+    return derived
+
+
+def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
+    """What the image-to-image or inpainting call adds: one image (and mask) per row."""
+    if job.init_image is None:
+        return {}
+    arguments: dict = {"image": [i["image"] for i in inputs], "strength": job.strength}
+    if job.mask_image is not None:
+        arguments["mask_image"] = [i["mask_image"] for i in inputs]
+    if job.mask_image is not None and job.inpaint_padding is not None:  # one image per call
+        [row] = inputs
+        arguments |= {
+            "image": row["image"],
+            "mask_image": row["mask_image"],
+            "padding_mask_crop": job.inpaint_padding,
+        }
+    return arguments
