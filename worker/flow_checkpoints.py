@@ -24,6 +24,7 @@ Semantics:
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -132,9 +133,12 @@ def transformer_from_original(
             f"{source}: {len(missing)} of the transformer's tensors are missing (first: {missing[0]}): "
             "a truncated file, or another model's"
         )
-    for key, tensor in converted.items():
+    for key, tensor in list(converted.items()):
         shape = tuple(getattr(tensor, "quant_shape", tensor.shape))  # a GGUF tensor's values, not bytes
-        if shape != tuple(wanted[key].shape):
+        want = tuple(wanted[key].shape)
+        if shape != want and shape == (math.prod(want),) and not hasattr(tensor, "quant_shape"):
+            converted[key] = tensor.reshape(want)  # stable-diffusion.cpp's 1-D pad tokens: (1, width)
+        elif shape != want:
             raise JobFailed(
                 f"{source}: {key} is {shape} in the file but {tuple(wanted[key].shape)} in "
                 "the base's transformer: the file is another size or variant than --base"

@@ -35,9 +35,6 @@ from lorafleet.worker.flow_checkpoints import (
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
-"""GGML types a GGUF transformer may hold that diffusers dequantizes (F32, F16 and BF16 too)."""
-
 
 def is_quantized(param: torch.Tensor) -> bool:
     """Whether ``param`` holds GGUF blocks (bytes) rather than values."""
@@ -47,6 +44,13 @@ def is_quantized(param: torch.Tensor) -> bool:
 def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The shape of the values ``param`` stands for (a GGUF parameter's is its bytes')."""
     return tuple(getattr(param, "quant_shape", param.shape))
+
+
+def _values(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's values (a GGUF tensor dequantized, float32; any other as it is)."""
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(tensor).to(torch.float32) if is_quantized(tensor) else tensor
 
 
 def read_gguf(path: Path) -> dict[str, torch.Tensor]:
@@ -66,13 +70,19 @@ def load_gguf_transformer(path: Path, base: str, class_name: str, dtype: torch.d
     from ``base``: quantized Linears as ``GGUFLinear`` computing in ``dtype``."""
     import diffusers
     from accelerate import init_empty_weights
-    from diffusers.quantizers.gguf.utils import _replace_with_gguf_linear
+    from diffusers.quantizers.gguf.utils import GGUFLinear, _replace_with_gguf_linear
 
     transformer_class = getattr(diffusers, TRANSFORMER_CLASS[class_name])
     config = transformer_class.load_config(base, subfolder="transformer", local_files_only=local)
     with init_empty_weights():
         transformer = transformer_class.from_config(config)
-    converted = transformer_from_original(read_gguf(path), transformer, path.name)
+    # only 2-D weights stay blocks; the rest (stable-diffusion.cpp's 1-D pad tokens, BF16
+    # biases and norms, which diffusers' reader also hands over as blocks) become values
+    state = {
+        key: tensor if key.endswith(".weight") and len(logical_shape(tensor)) == 2 else _values(tensor)
+        for key, tensor in read_gguf(path).items()
+    }
+    converted = transformer_from_original(state, transformer, path.name)
     # diffusers' own replacement (a private helper: its quantizer is only reachable through
     # from_single_file, whose FLUX.1 conversion assumes the full 3072 width)
     _replace_with_gguf_linear(transformer, dtype, converted)
@@ -80,6 +90,8 @@ def load_gguf_transformer(path: Path, base: str, class_name: str, dtype: torch.d
     for key, tensor in converted.items():
         module_name, _, name = key.rpartition(".")
         module = transformer.get_submodule(module_name)
+        if is_quantized(tensor) and not (isinstance(module, GGUFLinear) and name == "weight"):
+            tensor = _values(tensor)  # a quantized weight of a layer that is no Linear
         if is_quantized(tensor):
             tensor.requires_grad_(False)
             module._parameters[name] = tensor
@@ -133,13 +145,7 @@ def write_gguf(transformer: torch.nn.Module, path: Path, quant: str = "Q8_0", ar
 def dequantized(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every quantized weight of ``transformer`` as its values (float32): the reference a
     test merges a LoRA into."""
-    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
-    return {
-        name: dequantize_gguf_tensor(param).to(torch.float32)
-        for name, param in transformer.named_parameters()
-        if is_quantized(param)
-    }
+    return {name: _values(param) for name, param in transformer.named_parameters() if is_quantized(param)}
 
 
 def quantize_q4_k(values):

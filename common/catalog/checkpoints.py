@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.common.catalog.family_keys import variant_of
-from lorafleet.common.catalog.gguf_files import GGUF_ALLOWED, is_gguf, read_gguf_header
+from lorafleet.common.catalog.gguf_files import GGUF_ALLOWED, check_gguf_types, is_gguf, read_gguf_header
 from lorafleet.common.catalog.lora_files import (
     SafetensorsHeader,
     read_safetensors_header,
@@ -145,6 +145,8 @@ def describe_checkpoint(path: Path) -> CheckpointInfo:
         header = read_safetensors_header(path, max_bytes=MAX_CHECKPOINT_BYTES)
     size, dtype = path.stat().st_size, _main_dtype(header)
     flow = flow_checkpoint(header, path.name)
+    if is_gguf(path) and flow is not None:
+        check_gguf_types(header, path.name)
     if flow is None and is_gguf(path):
         raise FileRefused(
             "a GGUF file without a FLUX.1, FLUX.2 Klein, Qwen-Image or Z-Image transformer in it",

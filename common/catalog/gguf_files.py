@@ -19,6 +19,42 @@ GGUF_SUFFIX = ".gguf"
 GGUF_ALLOWED = "a GGUF file of a FLUX.1, FLUX.2 Klein, Qwen-Image or Z-Image transformer (Q8_0, Q4_K ...)"
 
 
+QUANTIZED_TYPES = {
+    "Q8_0",
+    "Q5_1",
+    "Q5_0",
+    "Q4_1",
+    "Q4_0",
+    "Q6_K",
+    "Q5_K",
+    "Q4_K",
+    "Q3_K",
+    "Q2_K",
+    "IQ4_NL",
+    "IQ4_XS",
+}
+"""GGML block types the workers dequantize (diffusers' GGUF support)."""
+PLAIN_TYPES = {"F32", "F16", "BF16"}
+
+
+def check_gguf_types(header: SafetensorsHeader, name: str) -> None:
+    """FileRefused for a type the workers cannot dequantize, or a file with no quantized tensor."""
+    types = {t.dtype for t in header.tensors.values()}
+    unknown = sorted(types - QUANTIZED_TYPES - PLAIN_TYPES)
+    if unknown:
+        raise FileRefused(
+            f"its tensors are of GGML type {', '.join(unknown)}, which lorafleet's workers cannot dequantize",
+            field=name,
+            allowed=f"GGUF files of {', '.join(sorted(QUANTIZED_TYPES))}",
+        )
+    if not types & QUANTIZED_TYPES:
+        raise FileRefused(
+            "a GGUF file without a quantized tensor: serve its weights as .safetensors",
+            field=name,
+            allowed=GGUF_ALLOWED,
+        )
+
+
 def is_gguf(path: Path) -> bool:
     return path.suffix.lower() == GGUF_SUFFIX
 

@@ -238,6 +238,13 @@ def _source_ref(name: str, source: str, known: dict, configs: dict[str, str]) ->
     return ModelRef(key=name, path=path, **known)  # a file or folder only the workers see
 
 
+def _dropped_name(path: Path) -> str:
+    """A file in autoimport/main as a model name: its stem, or its whole name where a file of
+    the same stem and another suffix is there too (``flux.safetensors`` beside ``flux.gguf``)."""
+    twins = [path.with_suffix(s) for s in CHECKPOINT_SUFFIXES if s != path.suffix.lower()]
+    return path.name if any(t.is_file() for t in twins) else path.stem
+
+
 class ModelRegistry:
     """Resolves what a job's ``model`` field names.
 
@@ -271,26 +278,26 @@ class ModelRegistry:
             [p.name for p in self.folder.iterdir() if is_pipeline_folder(p)] if self.folder.is_dir() else []
         )
         files = (
-            [
-                p.stem
-                for suffix in CHECKPOINT_SUFFIXES
-                for p in self.checkpoints.glob(f"*{suffix}")
-                if p.is_file()
-            ]
+            [p for suffix in CHECKPOINT_SUFFIXES for p in self.checkpoints.glob(f"*{suffix}") if p.is_file()]
             if self.checkpoints.is_dir()
             else []
         )
-        return sorted(set(folders) | set(files))
+        return sorted(set(folders) | {_dropped_name(p) for p in files})
 
     def _checkpoint_in_folder(self, name: str) -> Path | None:
         if not NAME.match(name):
             return None
-        stem = next((name[: -len(s)] for s in CHECKPOINT_SUFFIXES if name.lower().endswith(s)), name)
-        for suffix in CHECKPOINT_SUFFIXES:
-            path = self.checkpoints / f"{stem}{suffix}"
-            if path.is_file():
-                return path
-        return None
+        for suffix in CHECKPOINT_SUFFIXES:  # a name with its suffix names that file only
+            if name.lower().endswith(suffix):
+                path = self.checkpoints / f"{name[: -len(suffix)]}{suffix}"
+                return path if path.is_file() else None
+        found = [p for p in (self.checkpoints / f"{name}{s}" for s in CHECKPOINT_SUFFIXES) if p.is_file()]
+        if len(found) > 1:
+            raise ModelError(
+                f"{name!r} names {' and '.join(p.name for p in found)} in {self.checkpoints}",
+                allowed="the file's name with its suffix",
+            )
+        return found[0] if found else None
 
     def names(self) -> list[str]:
         return sorted(set(self.local_names()) | set(self.registered()))
@@ -349,8 +356,12 @@ class ModelRegistry:
                 raise BadArgument(f"the file's tensors say {ref.family}, not {family}", field="--family")
             if base_ref is not None:
                 check_base(base, base_ref, ref, path.name)
-        elif path.is_absolute():
-            ref = ModelRef(key=name, path=path, family=family)  # a folder on the workers, not here
+        elif path.is_absolute():  # a folder or file on the workers, not here: what it was given
+            if is_checkpoint_path(path):
+                family = family or (base_ref.family if base_ref is not None else None)
+                ref = ModelRef(key=name, path=path, family=family, config=config)
+            else:
+                ref = ModelRef(key=name, path=path, family=family)
         elif HUB_ID.match(source):
             ref = ModelRef(key=name, hub_id=source, family=family)
         else:
@@ -450,7 +461,7 @@ class ModelRegistry:
             return describe_folder(ref, self.folder / ref)
         dropped = self._checkpoint_in_folder(ref)
         if dropped is not None:
-            return describe_checkpoint_file(dropped.stem, dropped, None, self.configs)
+            return describe_checkpoint_file(_dropped_name(dropped), dropped, None, self.configs)
         registered = self._registered_ref(ref)
         if registered is not None:
             return registered

@@ -67,6 +67,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
                 "guidance_embeds": ref.guidance_embeds,
                 "distilled": ref.distilled,
                 "transformer_width": ref.transformer_width,
+                "quantized": ref.quantized,  # a GGUF file: LoRAs beside its weights only
                 "source": ref.source,
                 "queue": ref.queue,
                 "registered": name in registered,

@@ -257,3 +257,88 @@ def test_a_q4_k_file_samples_as_its_dequantized_weights_and_takes_a_lora_beside_
     assert np.abs(side - image(reference, job)).max() <= 2
     assert not np.array_equal(side, plain), "the LoRA changed nothing"
     assert all(torch.equal(stored[k], v) for k, v in _bytes(quantized.transformer).items())
+
+
+def test_stable_diffusion_cpp_style_1d_pad_tokens_and_bf16_tensors_load_as_values(tmp_path):
+    """stable-diffusion.cpp writes Z-Image's pad tokens 1-D, and BF16 tensors reach diffusers'
+    reader as blocks: neither may be taken for a quantized Linear weight."""
+    import gguf
+
+    from lorafleet.worker.flow_checkpoints import transformer_to_original
+
+    folder = make_tiny_model(tmp_path / "tiny-zimage", family="zimage")
+    plain = _plain(folder)
+    writer = gguf.GGUFWriter(str(tmp_path / "z.gguf"), "lumina2")
+    for name, tensor in transformer_to_original(plain.transformer).items():
+        values = tensor.detach().float().numpy()
+        if name.endswith("pad_token"):
+            values = values.reshape(-1)  # (1, width) stored as (width,)
+        if name.endswith(".weight") and values.ndim == 2 and values.shape[1] % 32 == 0:
+            writer.add_tensor(
+                name,
+                gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
+        else:  # everything else BF16 (biases, norms, pad tokens)
+            bf16 = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor(name, bf16, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    quantized = load_gguf_checkpoint(tmp_path / "z.gguf", str(folder), "ZImagePipeline", torch.float32, True)
+    quantized.set_progress_bar_config(disable=True)
+    transformer = quantized.transformer
+    assert transformer.x_pad_token.shape == plain.transformer.x_pad_token.shape
+    assert not any(is_quantized(p) for n, p in transformer.named_parameters() if not n.endswith(".weight"))
+    values = {n: p.detach() for n, p in transformer.named_parameters() if not is_quantized(p)}
+    reference = _plain(folder, dequantized(transformer) | values)
+    job = GenerationJob(
+        model="tiny-zimage", prompt="a lighthouse", width=64, height=64, steps=2, seed=7, sampler="euler"
+    )
+    job.cfg_scale = 1.0
+    assert np.abs(image(quantized, job) - image(reference, job)).max() <= 1
+
+
+def test_a_gguf_of_a_type_the_workers_cannot_read_is_refused_at_registration(tmp_path):
+    import gguf
+
+    from lorafleet.common.catalog.checkpoints import describe_checkpoint
+    from lorafleet.common.schema.errors import FileRefused
+
+    folder = make_tiny_model(tmp_path / "tiny-flux1", family="flux1")
+    path = write_gguf(_plain(folder).transformer, tmp_path / "ok.gguf")
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "flux")
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    kind = gguf.GGMLQuantizationType.IQ2_XXS
+    writer.add_tensor("extra.weight", np.zeros((1, gguf.GGML_QUANT_SIZES[kind][1]), np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(FileRefused, match="IQ2_XXS, which lorafleet's workers cannot dequantize"):
+        describe_checkpoint(tmp_path / "iq2.gguf")
+
+
+def test_a_safetensors_and_a_gguf_of_one_stem_are_each_named_by_their_file(settings, built, redis_proc):
+    folder, _, path = built
+    main = settings.home / "autoimport" / "main"
+    from tests.worker.test_flow_checkpoints import write
+
+    write(folder, main / f"{MODEL}.safetensors", "flux1")  # beside the fixture's tiny-flux1-q8.gguf
+    registry = ModelRegistry(settings, redis_proc.client())
+    assert {f"{MODEL}.gguf", f"{MODEL}.safetensors"} <= set(registry.local_names())
+    assert registry.get(f"{MODEL}.gguf").quantized and not registry.get(f"{MODEL}.safetensors").quantized
+    with pytest.raises(Exception, match=r"names tiny-flux1-q8\.safetensors and tiny-flux1-q8\.gguf"):
+        registry.get(MODEL)
+
+
+def test_a_gguf_only_the_workers_see_keeps_its_base_and_family(settings, built, redis_proc):
+    folder, _, _ = built
+    registry = ModelRegistry(settings, redis_proc.client())
+    ref = registry.register("remote-q8", "/srv/models/flux1-dev-Q8_0.gguf", base=str(folder))
+    assert (ref.family.value, ref.config, ref.quantized) == ("flux1", str(folder), True)
+    again = registry.get("remote-q8")
+    assert (again.family.value, again.config, again.quantized) == ("flux1", str(folder), True)

@@ -67,6 +67,12 @@ def allocator_message(exc: BaseException) -> str:
     return text
 
 
+def _no_side_path_advice(hot: HotPipeline) -> str:
+    if hot.model.quantized:
+        return "a GGUF model takes only LoRAs that run beside its weights (LoRA or LoCon files)"
+    return "submit the job with lora_mode merge"
+
+
 class GroupSampling:
     """Mixed into JobRunner (worker/run/runner.py): its sampling half. Uses the runner's
     pipelines, LoRA store, caches, batch sizes, stats and record moves."""
@@ -207,7 +213,7 @@ class GroupSampling:
                 member.cancelled = True  # it leaves the group: ended here, not by the store stage
                 member.ended = self._fail(
                     member.job_id,
-                    f"{exc}: submit the job with lora_mode merge",
+                    f"{exc}: {_no_side_path_advice(hot)}",
                     member.timings,
                     member.warnings,
                 )
@@ -235,7 +241,7 @@ class GroupSampling:
         try:
             paths = SidePaths.build(denoiser, rows_stacks + [[]] * (rows - len(chunk)))
         except NoSidePath as exc:
-            raise JobFailed(f"{exc}; submit the job with lora_mode merge") from None
+            raise JobFailed(f"{exc}; {_no_side_path_advice(hot)}") from None
         for member in dict.fromkeys(slot.member for slot in chunk):
             member.timings.lora_apply = (member.timings.lora_apply or 0.0) + time.perf_counter() - start
         return paths
