@@ -142,3 +142,52 @@ def test_a_sweep_end_to_end_with_its_grid_and_fetch(template_home, redis_url, tm
         assert "2 files fetched, 24 already there" in again.stdout  # images with the right hash stay
     finally:
         worker.kill()
+
+
+@pytest.mark.slow
+def test_a_lora_over_a_folder_of_photos_and_two_strengths_is_one_batch_with_its_grid(
+    template_home, redis_url, tmp_path
+):
+    """The issue's user: "this LoRA over my product photos", as a sweep file naming the folder."""
+    import numpy as np
+    import yaml
+
+    home = copy_home(template_home, tmp_path / "home")
+    env = lorafleet_env(home, redis_url)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(6):
+        pixels = np.random.default_rng(n).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"product-{n}.png")
+    (photos / "notes.txt").write_text("not an image: left out")
+    spec = {
+        "base": {
+            "model": TINY,
+            "prompt": "a product photo, watercolor",
+            "seed": 7,
+            "steps": 4,
+            "loras": [{"name": "watercolor", "weight": 0.8}],
+        },
+        "x": {"name": "init_image", "values": ["photos"]},
+        "y": {"name": "strength", "values": [0.4, 0.8]},
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    worker = WorkerProcess(env, TINY, tmp_path / "worker.log", name="photos@test").start()
+    try:
+        queued = run_cli(["sweep", str(tmp_path / "sweep.yaml"), "--json"], env)
+        assert queued.returncode == 0, queued.stdout + queued.stderr
+        submitted = json.loads(queued.stdout)
+        assert len(submitted) == 12 and len({j["batch_id"] for j in submitted}) == 1
+        batch = submitted[0]["batch_id"]
+        with Client(Settings(home=home, broker_url=redis_url)) as client:
+            records = client.wait([j["job_id"] for j in submitted], timeout=300)
+            assert [r.status for r in records] == [JobStatus.succeeded] * 12
+            assert len({r.job.init_image for r in records}) == 6
+            assert sorted({r.job.strength for r in records}) == [0.4, 0.8]
+            wait_until(lambda: read_layout(client.redis, batch)["grids"], timeout=60, what="the grid")
+            layout = read_layout(client.redis, batch)
+        assert layout["axes"][0]["labels"] == [f"product-{n}.png" for n in range(6)]
+        grid = Image.open(io.BytesIO(open_storage(Settings(home=home)).get(layout["grids"][0])))
+        assert grid.size == (LABEL_WIDTH + 6 * 128, 2 * LABEL_HEIGHT + 2 * 128)  # title, labels, 2 rows
+    finally:
+        worker.kill()

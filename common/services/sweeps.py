@@ -10,6 +10,9 @@ Each axis varies one thing::
     lora:NAME:te    values: its text-encoder weights
     lora            values: LoRA names (training epochs, say), each added to the base stack at
                     the axis's ``weight``
+    strength        values: denoising strengths (with an init image)
+    init_image      values: stored input images (``sha256:...``; the CLI uploads files and the
+                    images of a folder for you and labels them by file name)
 
 ``expand`` makes every combination a job (validated by the same resolver as any submit, all
 or none), tagged ``sweep.x`` / ``sweep.y`` / ``sweep.z`` with its labels. The sweep's layout is
@@ -31,7 +34,7 @@ from pydantic import BaseModel, Field, model_validator
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import JobRejected
 
-AXIS_NAMES = ("prompt", "seed", "sampler", "steps", "cfg_scale", "model", "lora")
+AXIS_NAMES = ("prompt", "seed", "sampler", "steps", "cfg_scale", "model", "lora", "strength", "init_image")
 LABEL_CHARS = 60
 """A label longer than this is cut with an ellipsis on the grid and in the tags."""
 
@@ -47,6 +50,9 @@ class Axis(BaseModel):
     weight: float = Field(
         default=0.75, ge=-4, le=4, description="lora only: the weight each LoRA is added at"
     )
+    labels: list[str] | None = Field(
+        default=None, description="What the grid and the tags call each value (default: the value itself)."
+    )
 
     @model_validator(mode="after")
     def _known(self) -> Axis:
@@ -61,6 +67,8 @@ class Axis(BaseModel):
             raise ValueError("count is for the seed axis only")
         if not self.values and self.count is None:
             raise ValueError(f"axis {self.name!r} has no values")
+        if self.labels is not None and len(self.labels) != len(self.values):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.values)} values")
         return self
 
 
@@ -75,7 +83,13 @@ class SweepSpec(BaseModel):
 
 def _label(value: Any) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, str) and value.startswith("sha256:"):  # a stored image: its short hash
+        text = value[len("sha256:") :][:10]
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
+
+
+def _labels(axis: Axis, values: list[Any]) -> list[str]:
+    return [_label(v) for v in (axis.labels if axis.labels is not None else values)]
 
 
 def _values(axis: Axis, base: dict[str, Any]) -> list[Any]:
@@ -115,17 +129,18 @@ def expand(spec: SweepSpec, cap: int) -> tuple[list[dict[str, Any]], list[dict[s
             field="sweep",
             allowed=f"at most {cap} (LORAFLEET_MAX_JOBS_PER_SUBMIT)",
         )
+    labels = [_labels(a, v) for a, v in zip(axes, values)]
     jobs = []
     for combo in itertools.product(*[range(len(v)) for v in values]):
         job = json.loads(json.dumps(spec.base))  # a deep copy
         tags = dict(job.get("tags", {}))
-        for letter, axis, vals, index in zip("xyz", axes, values, combo):
+        for letter, axis, vals, names, index in zip("xyz", axes, values, labels, combo):
             _apply(job, axis, vals[index])
-            tags[f"sweep.{letter}"] = _label(vals[index])
+            tags[f"sweep.{letter}"] = names[index]
             tags[f"sweep.{letter}.index"] = str(index)
         job["tags"] = tags
         jobs.append(job)
-    layout = [{"axis": a.name, "labels": [_label(v) for v in vals]} for a, vals in zip(axes, values)]
+    layout = [{"axis": a.name, "labels": names} for a, names in zip(axes, labels)]
     return jobs, layout
 
 

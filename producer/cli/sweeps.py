@@ -43,6 +43,52 @@ def _read_spec(path: Path) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise BadArgument(f"{path} holds no sweep", field="SPEC", allowed="a mapping: base, x, y?, z?")
+    return _with_images(data, path.parent)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _with_images(data: dict, folder: Path) -> dict:
+    """The spec with its image files uploaded: the base's ``init_image`` / ``mask_image`` and
+    an ``init_image`` axis's values (files, or folders of images), paths relative to the spec."""
+    from lorafleet.common.schema.inputs import IMAGE_REF
+
+    client = None
+
+    def upload(value, where: str) -> tuple[str, str]:
+        nonlocal client
+        if not isinstance(value, str) or IMAGE_REF.match(value):
+            return value, str(value)
+        file = (folder / value).expanduser()
+        if not file.is_file():
+            raise BadArgument(f"{value!r} is neither a file nor a stored image", field=where)
+        client = client or _client()
+        return client.upload_image(file, field=where), file.name
+
+    base = data.get("base")
+    if isinstance(base, dict):
+        for name in ("init_image", "mask_image"):
+            if name in base:
+                base[name] = upload(base[name], f"base.{name}")[0]
+    for letter in "xyz":
+        axis = data.get(letter)
+        if (
+            not isinstance(axis, dict)
+            or axis.get("name") != "init_image"
+            or not isinstance(axis.get("values"), list)
+        ):
+            continue
+        files: list = []
+        for value in axis["values"]:
+            where = folder / value if isinstance(value, str) else None
+            if where is not None and where.is_dir():
+                files += sorted(str(p) for p in where.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            else:
+                files.append(value)
+        uploaded = [upload(value, f"{letter}.values") for value in files]
+        axis["values"] = [ref for ref, _ in uploaded]
+        axis.setdefault("labels", [label for _, label in uploaded])
     return data
 
 
