@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
-from lorafleet.common.catalog.shared_files import LoraRegistry
+from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import make_celery
 from lorafleet.common.fleet.store import JobStore
@@ -61,6 +62,9 @@ class Client(Submitting, Following):
             allow_hub_ids=self.settings.allow_hub_ids,
             lora_mode=self.settings.lora_mode,
             images=self.input_images,
+            controlnets=ControlNetCatalog(
+                self.settings.controlnet_dir, SharedFiles(self.redis, "controlnet")
+            ),
         )
         self._images: InputImages | None = None
 

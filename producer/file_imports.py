@@ -1,4 +1,4 @@
-"""Importing an embedding or a VAE file for the fleet: checked, shared, dropped into the folder.
+"""Importing an embedding, a VAE or a ControlNet file for the fleet: checked, shared, dropped into the folder.
 
 As ``lora_imports`` does for LoRAs, in the same order: the file is checked (an embedding's
 vectors, a VAE's decoder), stored by sha256 and registered when a broker is reachable, then
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from lorafleet.common.catalog.controlnets import controlnet_width
 from lorafleet.common.catalog.embeddings import describe_embedding
 from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, sha256_file
 from lorafleet.common.catalog.shared_files import Kind, SharedFile, SharedFiles
@@ -34,7 +35,7 @@ class ImportedFile:
 def import_file(
     settings: Settings, kind: Kind, file: Path, client: redis.Redis | None, name: str | None = None
 ):
-    """Check ``file`` as an embedding or a VAE, share it, and drop it into its folder."""
+    """Check ``file`` as an embedding, a VAE or a ControlNet, share it, and drop it into its folder."""
     target = target_name(name or file.stem)
     try:
         if kind == "embedding":
@@ -44,6 +45,9 @@ def import_file(
                 {"vectors": info.vectors, "widths": info.widths},
                 settings.embedding_dir,
             )
+        elif kind == "controlnet":
+            width = controlnet_width(file)
+            sha256, meta, folder = sha256_file(file), {"cross_attention_dim": width}, settings.controlnet_dir
         else:
             check_vae_file(file)
             sha256, meta, folder = sha256_file(file), {}, settings.vae_dir

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.embeddings import EmbeddingCatalog
 from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.lora_files import LoraInfo
@@ -26,13 +27,10 @@ from lorafleet.common.catalog.models import HUB_ID, ModelRef, ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.schema import guidance
 from lorafleet.common.schema.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
-from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import (
     MAX_EMBEDDINGS,
     MAX_LORAS,
     MAX_SEED,
-    MAX_SIZE,
-    MIN_SIZE,
     SIDE_PATH_RANK_BUDGET,
     GenerationJob,
     LoraMode,
@@ -41,6 +39,7 @@ from lorafleet.common.schema.jobs import (
 )
 from lorafleet.common.schema.prompts import PromptSyntax, check_weights, other_tags, split_lora_tags
 from lorafleet.producer.family_rules import apply_family_rules
+from lorafleet.producer.input_checks import InputChecks
 
 FALLBACK_SIZE = 512
 """Width and height when neither the job nor the model's config gives one (hub ids)."""
@@ -70,10 +69,10 @@ class JobResolver:
         allow_hub_ids: bool = True,
         lora_mode: LoraMode = LoraMode.merge,
         images: Callable[[], InputImages] | None = None,
+        controlnets: ControlNetCatalog | None = None,
     ) -> None:
         self.models = models
-        self._images = images  # opened on the first job that brings an image
-        self._image_sizes: dict[str, tuple[int, int]] = {}  # by sha256: the bytes never change
+        self.inputs = InputChecks(images, controlnets)
         self.allow_paths = allow_paths
         self.allow_hub_ids = allow_hub_ids
         self.loras = loras
@@ -127,7 +126,7 @@ class JobResolver:
             )
         job.lora_mode = self._lora_mode(job, model, infos, where, warnings)
         job.embeddings = self._embeddings(job, model, where)
-        self._input_images(job, model, where)
+        self.inputs.check(job, model, where)
         job.vae = job.vae or model.vae
         if job.vae is not None:
             try:
@@ -175,47 +174,6 @@ class JobResolver:
             raise JobRejected(reason, field=f"{where}lora_mode", allowed="merge for this stack")
         warnings.append(f"{reason}: the job runs merged")
         return LoraMode.merge
-
-    def _input_images(self, job: GenerationJob, model: ModelRef, where: str) -> None:
-        """Check the init image and mask in the object store; the job's size defaults to the
-        init image's (to a multiple of 8) and its strength to A1111's 0.75."""
-        if job.init_image is None:
-            return
-        if model.family is not None and model.family.is_flow:
-            raise JobRejected(
-                f"model {model.key!r} is {model.family.traits.label}; init images run on SD 1.x, SD 2.x and SDXL",
-                field=f"{where}init_image",
-                allowed="no init_image on this model",
-            )
-        if self._images is None:
-            raise JobRejected(
-                "this submitter has no object store to read input images from", field=f"{where}init_image"
-            )
-        width, height = self._image_size(job.init_image, f"{where}init_image")
-        if job.mask_image is not None:
-            mask = self._image_size(job.mask_image, f"{where}mask_image")
-            if mask != (width, height):
-                raise JobRejected(
-                    f"the mask is {mask[0]}x{mask[1]} but the init image {width}x{height}",
-                    field=f"{where}mask_image",
-                    allowed="a mask of the init image's size",
-                )
-        if job.width is None and job.height is None:
-            if max(width, height) > MAX_SIZE:
-                raise JobRejected(
-                    f"the init image is {width}x{height}: give width and height (at most {MAX_SIZE}) to scale it",
-                    field=f"{where}init_image",
-                )
-            job.width, job.height = max(MIN_SIZE, width // 8 * 8), max(MIN_SIZE, height // 8 * 8)
-        if job.strength is None:
-            job.strength = DEFAULT_STRENGTH
-
-    def _image_size(self, ref: str, field: str) -> tuple[int, int]:
-        size = self._image_sizes.get(ref)
-        if size is None:
-            assert self._images is not None
-            size = self._image_sizes[ref] = self._images().size(ref, field)
-        return size
 
     def _check_reference(self, ref: str) -> None:
         """ModelError unless ``ref`` is a local or registered name, or a path or hub id the

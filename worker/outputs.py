@@ -36,6 +36,7 @@ def parameters_text(
     vae: VaeInfo | None = None,
     embeddings: list[EmbeddingInfo] | None = None,
     modules: tuple[str, ...] = (),
+    controlnets: tuple = (),
 ) -> str:
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
@@ -60,6 +61,7 @@ def parameters_text(
         *([("Batch size", str(job.batch_size))] if job.batch_size is not None else []),
         *([("LoRA mode", job.lora_mode.value)] if job.loras and job.lora_mode is not None else []),
         *input_fields(job),
+        *controlnet_fields(job, controlnets),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
             [("Prompt syntax", job.prompt_syntax.value)]
@@ -89,6 +91,20 @@ def input_fields(job: GenerationJob) -> list[tuple[str, str]]:
             fields += [("Inpaint area", "Only masked"), ("Masked area padding", str(job.inpaint_padding))]
     assert job.strength is not None
     return [("Denoising strength", format_number(job.strength)), *fields]
+
+
+def controlnet_fields(job: GenerationJob, infos: tuple) -> list[tuple[str, str]]:
+    """A1111's ``ControlNet N`` (Module none: the image is the map), and lorafleet's
+    ``ControlNet N image`` naming the map in the object store."""
+    fields = []
+    for n, (spec, info) in enumerate(zip(job.controlnets, infos)):
+        unit = (
+            f"Module: none, Model: {spec.model} [{info.short_hash}], Weight: {format_number(spec.weight)}, "
+            f"Resize Mode: Just Resize, Guidance Start: {format_number(spec.start)}, "
+            f"Guidance End: {format_number(spec.end)}"
+        )
+        fields += [(f"ControlNet {n}", quote(unit)), (f"ControlNet {n} image", spec.image)]
+    return fields
 
 
 def encode_png(image, parameters: str) -> bytes:

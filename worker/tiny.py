@@ -10,6 +10,7 @@ LCM-LoRA. Both are deterministic for a given seed.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -324,3 +325,29 @@ def make_demo_loras(model_dir: Path, out_dir: Path, seed: int = 0, strength: flo
         save_file(state, str(path), metadata=metadata)
         written.append(path)
     return written
+
+
+def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A ControlNet for the tiny SD pipeline in ``model_dir``, written as a diffusers folder.
+
+    Built from the model's UNet as ControlNet training starts (diffusers' ``from_unet``); its
+    zero convolutions, zero when training starts, get small seeded weights so that the control
+    map changes the image. The hint encoder downsamples by the VAE's factor.
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet")
+    vae_levels = len(json.loads((model_dir / "vae" / "config.json").read_text())["block_out_channels"])
+    hint = tuple(16 * 2**n for n in range(vae_levels))  # one block per halving of the VAE, plus one
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint)
+    generator = torch.Generator().manual_seed(seed)
+    zero_convs = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
+    controlnet.save_pretrained(str(out_dir))
+    return out_dir

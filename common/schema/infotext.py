@@ -50,6 +50,8 @@ INPUT_FIELDS = {
 LORAFLEET_FIELDS = {"Batch size", "LoRA mode"} | INPUT_FIELDS
 """Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch;
 its img2img PNGs do not say which image they started from)."""
+_CONTROLNET = re.compile(r"^ControlNet (\d+)( image)?$")
+"""A1111's ``ControlNet N`` units; lorafleet adds ``ControlNet N image`` (the map's sha256 name)."""
 _MIN_FIELDS = 3
 """A last line with fewer ``Key: value`` pairs than this is prompt text, not fields."""
 
@@ -149,7 +151,10 @@ class Infotext:
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
         used = USED_FIELDS | (LORAFLEET_FIELDS if self.by_lorafleet else set())
-        return [key for key in self.fields if key not in used and not _MODULE.match(key)] + self.unused
+        read = [key for key in self.fields if self.by_lorafleet and _CONTROLNET.match(key)]
+        return [
+            key for key in self.fields if key not in used and key not in read and not _MODULE.match(key)
+        ] + self.unused
 
     @property
     def by_lorafleet(self) -> bool:
@@ -203,9 +208,29 @@ class Infotext:
                     job["inpaint_padding"] = _number(padding, int, f"{where}Masked area padding")
             if "Denoising strength" in fields:
                 job["strength"] = _number(fields["Denoising strength"], float, f"{where}Denoising strength")
+        if self.by_lorafleet:
+            job["controlnets"] = self._controlnets(where)
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job
+
+    def _controlnets(self, where: str) -> list[dict[str, Any]]:
+        """lorafleet's ControlNet units: A1111's ``Model: name [hash], Weight ...`` and the map."""
+        units = []
+        for n in range(len(self.fields)):
+            unit, image = self.fields.get(f"ControlNet {n}"), self.fields.get(f"ControlNet {n} image")
+            if unit is None or image is None:
+                break
+            parts = dict(p.split(": ", 1) for p in unit.strip('"').split(", ") if ": " in p)
+            spec: dict[str, Any] = {
+                "model": parts.get("Model", "").rsplit(" [", 1)[0],
+                "image": image.strip(),
+            }
+            for key, name in (("Weight", "weight"), ("Guidance Start", "start"), ("Guidance End", "end")):
+                if key in parts:
+                    spec[name] = _number(parts[key], float, f"{where}ControlNet {n} {key}")
+            units.append(spec)
+        return units
 
 
 def _number(value: str, kind: type, field_name: str) -> int | float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 IMAGE_REF = re.compile(r"^sha256:[0-9a-f]{64}$")
 IMAGE_REF_ALLOWED = "sha256:<64 hex digits>, as POST /v1/images (or the CLI's --init-image FILE) returns"
@@ -49,3 +49,27 @@ InpaintPadding = Annotated[
         "the job's size (A1111's 'Only masked' padding). None: the whole picture.",
     ),
 ]
+
+
+MAX_CONTROLNETS = 3
+"""ControlNets one job may use together."""
+
+
+class ControlNetSpec(BaseModel):
+    """One ControlNet of a job: which, its control image (the map itself: lorafleet runs no
+    preprocessor), how strongly and over which part of the sampling (A1111's Weight, Guidance
+    Start and Guidance End)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    image: InputImage
+    weight: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    end: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _span(self) -> ControlNetSpec:
+        if self.start >= self.end:
+            raise ValueError(f"start {self.start:g} must be before end {self.end:g}")
+        return self

@@ -256,6 +256,8 @@ class GenerationJob(BaseModel):
     strength: inputs.Strength | None = None
     mask_blur: inputs.MaskBlur = inputs.DEFAULT_MASK_BLUR
     inpaint_padding: inputs.InpaintPadding | None = None
+    controlnets: Annotated[list[inputs.ControlNetSpec], Field(max_length=inputs.MAX_CONTROLNETS)] = []
+    """ControlNets steering the job, each with its control image (autoimport/controlnet)."""
     lora_mode: (
         Annotated[
             LoraMode,

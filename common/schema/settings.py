@@ -268,6 +268,11 @@ class Settings(BaseSettings):
         return self.home / "autoimport" / "vae"
 
     @property
+    def controlnet_dir(self) -> Path:
+        """The drop folder for ControlNets: a .safetensors file or diffusers folder here is a ControlNet by its name."""
+        return self.home / "autoimport" / "controlnet"
+
+    @property
     def converted_dir(self) -> Path:
         """Where a worker keeps checkpoints it converted to diffusers folders (later loads are folder loads)."""
         return self.home / "cache" / "checkpoints"

@@ -4,7 +4,7 @@
     catalog         models (list, add, remove), loras (list, inspect, import)
     fleet           workers (list, check), queues, serve, version
     embedded_redis  redis (start, stop, status)
-    worker          worker, make-tiny-model, make-demo-loras
+    worker          worker, make-tiny-model, make-demo-loras, make-tiny-controlnet
 
 Producer commands need only the producer install; worker commands (and `loras inspect`
 for a registered LoRA or with --model) import the worker side through ``worker_side``
@@ -34,6 +34,7 @@ app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.loras_app, name="loras")
 app.add_typer(catalog.embeddings_app, name="embeddings")
 app.add_typer(catalog.vaes_app, name="vaes")
+app.add_typer(catalog.controlnets_app, name="controlnets")
 app.add_typer(fleet.workers_app, name="workers")
 # Commands are listed in `lorafleet --help` in this order.
 app.command("queues")(fleet.queues)
@@ -47,6 +48,7 @@ app.command()(jobs.cancel)
 app.command()(worker.worker)
 app.command("make-tiny-model")(worker.make_tiny_model)
 app.command("make-demo-loras")(worker.make_demo_loras)
+app.command("make-tiny-controlnet")(worker.make_tiny_controlnet)
 app.command()(fleet.serve)
 app.command()(fleet.version)
 

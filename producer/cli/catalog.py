@@ -32,6 +32,7 @@ embeddings_app = typer.Typer(
 )
 vaes_app = typer.Typer(help="Separate VAE files (autoimport/vae).", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
+controlnets_app = typer.Typer(help="ControlNets (autoimport/controlnet).", no_args_is_help=True)
 
 UNMATCHED_SHOWN = 10
 """Unmatched keys `loras inspect` names (all of them with --json)."""
@@ -443,3 +444,43 @@ def vaes_import(
 ) -> None:
     """Check a VAE file, share it with every machine and drop it into autoimport/vae."""
     _import_file("vae", file, name)
+
+
+@controlnets_app.command("import")
+def controlnets_import(
+    file: Annotated[
+        Path, typer.Argument(help="A single-file .safetensors ControlNet.", exists=True, dir_okay=False)
+    ],
+    name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
+) -> None:
+    """Check a ControlNet file, share it with every machine and drop it into autoimport/controlnet."""
+    _import_file("controlnet", file, name)
+
+
+@controlnets_app.command("list")
+def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """ControlNets here (files and diffusers folders) and those registered for every machine."""
+    from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
+    from lorafleet.common.catalog.shared_files import SharedFiles
+
+    settings = Settings()
+    client = run(lambda: _fleet_redis(settings))
+    catalog = ControlNetCatalog(
+        settings.controlnet_dir, SharedFiles(client, "controlnet") if client else None
+    )
+    rows = []
+    for name in catalog.names():
+        try:
+            info = catalog.get(name)
+        except ControlNetError as exc:
+            rows.append({"name": name, "refused": exc.reason})
+            continue
+        rows.append(
+            {"name": info.name, "sha256": info.sha256, "cross_attention_dim": info.cross_attention_dim}
+        )
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        detail = row.get("refused") or f"{row['sha256'][:12]}, text width {row['cross_attention_dim'] or '?'}"
+        console.print(f"{safe(row['name'])}  {safe(detail)}", highlight=False)

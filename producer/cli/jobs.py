@@ -261,6 +261,14 @@ def submit(
             help="Inpaint only the masked region with this many pixels around it (A1111's Only masked).",
         ),
     ] = None,
+    controlnet: Annotated[
+        list[str],
+        typer.Option(
+            "--controlnet",
+            help="NAME,IMAGE[,WEIGHT[,START,END]]: a ControlNet of autoimport/controlnet with its control map "
+            "(a file, uploaded for you, or sha256:...); repeatable.",
+        ),
+    ] = [],  # noqa: B006
     count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
@@ -306,6 +314,7 @@ def submit(
             "strength": strength,
             "mask_blur": mask_blur,
             "inpaint_padding": inpaint_padding,
+            "controlnets": [_controlnet(text) for text in controlnet] or None,
         }
         given = {k: v for k, v in given.items() if v is not None}
         listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]
@@ -342,6 +351,22 @@ def submit(
         _queue(jobs, batch_id, require_worker, wait, timeout, as_json, batch_webhook)
 
     run(action)
+
+
+def _controlnet(text: str) -> dict[str, Any]:
+    """``NAME,IMAGE[,WEIGHT[,START,END]]`` as a job's ControlNet unit."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (2, 3, 5) or not all(parts):
+        raise BadArgument(f"got {text!r}", field="--controlnet", allowed="NAME,IMAGE[,WEIGHT[,START,END]]")
+    unit: dict[str, Any] = {"model": parts[0], "image": _image(parts[1], "--controlnet")}
+    try:
+        for key, value in zip(("weight", "start", "end"), parts[2:]):
+            unit[key] = float(value)
+    except ValueError:
+        raise BadArgument(
+            f"{text!r} has a weight, start or end that is no number", field="--controlnet"
+        ) from None
+    return unit
 
 
 def _image(value: str | None, option: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The worker side from the shell: `lorafleet worker`, `make-tiny-model`, `make-demo-loras`.
+"""The worker side from the shell: `lorafleet worker`, `make-tiny-model`, `make-demo-loras`,
+`make-tiny-controlnet`.
 
 Each command reaches ``lorafleet.worker`` through ``worker_side`` when it runs, so a
 producer-only install lists them and says how to install the worker side.
@@ -92,6 +93,20 @@ def make_demo_loras(
         fail(f"--model: {model} is not a diffusers pipeline folder (no model_index.json)", EXIT_REJECTED)
     for path in tiny.make_demo_loras(model, out, seed=seed):
         console.print(f"wrote {path}", markup=False, highlight=False)
+
+
+def make_tiny_controlnet(
+    model: Annotated[Path, typer.Option("--model", help="The tiny SD pipeline folder it is for.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the ControlNet into (diffusers layout).")
+    ],
+    seed: Annotated[int, typer.Option(help="Seed of its random zero convolutions.")] = 0,
+) -> None:
+    """Write a tiny ControlNet for a tiny SD pipeline folder (tests and demos; offline)."""
+    tiny = worker_side("tiny")
+    if not (model / "unet" / "config.json").is_file():
+        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
+    console.print(f"wrote {tiny.make_tiny_controlnet(model, out, seed=seed)}", markup=False, highlight=False)
 
 
 def _configure_logging(level: str = "INFO") -> None:

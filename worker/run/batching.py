@@ -74,6 +74,7 @@ def batch_key(job: GenerationJob) -> tuple:
         job.mask_image is not None,
         job.strength,
         job.inpaint_padding,
+        tuple((c.model, c.weight, c.start, c.end) for c in job.controlnets),  # the maps: per row
     )
 
 

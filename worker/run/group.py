@@ -98,8 +98,11 @@ class GroupSampling:
         tick = time.perf_counter()
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
+        controls = [self._local(self.controlnet_catalog.get(spec.model)) for spec in job.controlnets]
+        controlnet = self.controlnet_models.for_job(controls)
         contexts = {
-            m: StoreContext(stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules) for m in members
+            m: StoreContext(stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules, tuple(controls))
+            for m in members
         }
         rows = self.batch_sizes.rows(job)
         with self.vaes.swapped(hot, vae), applied(hot, embeddings):
@@ -122,7 +125,7 @@ class GroupSampling:
                 if not chunk:
                     continue
                 try:
-                    self._sample_chunk(hot, job, chunk, rows, stacks if side else None)
+                    self._sample_chunk(hot, job, chunk, rows, stacks if side else None, controlnet)
                 except Exception as exc:
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
@@ -246,7 +249,9 @@ class GroupSampling:
             member.timings.lora_apply = (member.timings.lora_apply or 0.0) + time.perf_counter() - start
         return paths
 
-    def _sample_chunk(self, hot: HotPipeline, job, chunk: list[Slot], rows: int, stacks: dict | None) -> None:
+    def _sample_chunk(
+        self, hot: HotPipeline, job, chunk: list[Slot], rows: int, stacks: dict | None, controlnet=None
+    ) -> None:
         """One pipeline call for the chunk's images; progress and cancellation per job (on
         side paths when ``stacks`` gives each member's stack)."""
         counts: dict[Member, int] = {}
@@ -283,6 +288,7 @@ class GroupSampling:
                     on_step,
                     rows,
                     inputs=[slot.member.inputs for slot in chunk],
+                    controlnet=controlnet,
                 )
         except JobCancelled:
             return

@@ -50,13 +50,18 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
     """The job's input images as its call takes them: ``image`` (and ``mask_image``)."""
     from PIL import Image, ImageFilter
 
-    if job.init_image is None:
-        return {}
     size = (job.width, job.height)
-    image = Image.open(io.BytesIO(reader.get(job.init_image))).convert("RGB")
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    inputs: dict[str, object] = {"image": image}
+
+    def rgb(ref: str):
+        image = Image.open(io.BytesIO(reader.get(ref))).convert("RGB")
+        return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+
+    inputs: dict[str, object] = {}
+    if job.controlnets:  # the control maps, each the job's size (A1111's "Just resize")
+        inputs["controls"] = [rgb(spec.image) for spec in job.controlnets]
+    if job.init_image is None:
+        return inputs
+    inputs["image"] = rgb(job.init_image)
     if job.mask_image is not None:
         mask = Image.open(io.BytesIO(reader.get(job.mask_image))).convert("L")
         if mask.size != size:
@@ -67,24 +72,37 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
     return inputs
 
 
-def pipeline_for(pipe, job: GenerationJob):
-    """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image or
-    inpainting form over the same components."""
-    if job.init_image is None:
+def pipeline_for(pipe, job: GenerationJob, controlnet=None):
+    """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image, inpainting
+    or ControlNet form over the same components (``controlnet``: the job's, loaded)."""
+    if job.init_image is None and controlnet is None:
         return pipe
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-    kind = AutoPipelineForInpainting if job.mask_image is not None else AutoPipelineForImage2Image
-    derived = kind.from_pipe(pipe)
+    if job.init_image is None:
+        kind = AutoPipelineForText2Image
+    else:
+        kind = AutoPipelineForInpainting if job.mask_image is not None else AutoPipelineForImage2Image
+    derived = kind.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
     derived.set_progress_bar_config(disable=True)
     return derived
 
 
 def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
-    """What the image-to-image or inpainting call adds: one image (and mask) per row."""
+    """What the image-to-image, inpainting or ControlNet call adds: one image (mask, control
+    maps) per row; each ControlNet's weight and the part of the sampling it steers."""
+    arguments: dict = {}
+    if job.controlnets:
+        maps = [[row["controls"][n] for row in inputs] for n in range(len(job.controlnets))]
+        single = len(job.controlnets) == 1
+        arguments["control_image" if job.init_image is not None else "image"] = maps[0] if single else maps
+        weights = [spec.weight for spec in job.controlnets]
+        arguments["controlnet_conditioning_scale"] = weights[0] if single else weights
+        arguments["control_guidance_start"] = [spec.start for spec in job.controlnets]
+        arguments["control_guidance_end"] = [spec.end for spec in job.controlnets]
     if job.init_image is None:
-        return {}
-    arguments: dict = {"image": [i["image"] for i in inputs], "strength": job.strength}
+        return arguments
+    arguments |= {"image": [i["image"] for i in inputs], "strength": job.strength}
     if job.mask_image is not None:
         arguments["mask_image"] = [i["mask_image"] for i in inputs]
     if job.mask_image is not None and job.inpaint_padding is not None:  # one image per call

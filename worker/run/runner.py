@@ -26,6 +26,7 @@ from typing import TypeVar
 import redis
 import torch
 
+from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.embeddings import EmbeddingCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
@@ -37,6 +38,7 @@ from lorafleet.common.infra.storage import Storage
 from lorafleet.common.schema.errors import InvalidInput, JobCancelled, JobFailed, Superseded, TransientError
 from lorafleet.common.schema.jobs import JobRecord, JobStatus, Timings
 from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.controlnets import ControlNetCache
 from lorafleet.worker.lora.files import DiskCache
 from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import HotPipeline, PipelineCache
@@ -97,7 +99,11 @@ class JobRunner(GroupSampling, StoreStage):
         self.settings = settings
         self.store = store
         self.storage = storage
-        self.inputs = InputReader(storage)  # jobs' init images and masks
+        self.inputs = InputReader(storage)  # jobs' init images, masks and control maps
+        self.controlnet_catalog = ControlNetCatalog(
+            settings.controlnet_dir, SharedFiles(store.redis, "controlnet")
+        )
+        self.controlnet_models = ControlNetCache(pipelines.device, pipelines.dtype)
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)

@@ -125,6 +125,7 @@ def sample(
     rows: int = 1,
     output_type: str = "pil",
     inputs: list[dict[str, object]] | None = None,
+    controlnet=None,
 ) -> list:
     """One call of the pipeline for a batch of images (PIL): image i from ``conditionings[i]``
     and its own CPU generator seeded ``seeds[i]``; ``job`` gives what the images share
@@ -162,7 +163,7 @@ def sample(
         arguments = flow.call_arguments(pipe, job, batch)
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
-        runner = pipeline_for(pipe, job)  # over the same components, with this scheduler
+        runner = pipeline_for(pipe, job, controlnet)  # over the same components, with this scheduler
         arguments = batch | {"guidance_scale": job.cfg_scale} | call_arguments(job, inputs)
         if job.init_image is not None and job.mask_image is None:
             size = {}  # image-to-image samples at its images' size (the job's: job_inputs)

@@ -36,6 +36,8 @@ class StoreContext(NamedTuple):
     embeddings: list
     modules: tuple[str, ...] = ()
     """The base a transformer-only checkpoint runs on (Forge's ``Module 1: ...``)."""
+    controlnets: tuple = ()
+    """The job's ControlNets (ControlNetInfo), as A1111 names them in ``ControlNet N``."""
 
 
 class StoreStage:
@@ -105,9 +107,11 @@ class StoreStage:
         vae: VaeInfo | None,
         embeddings: list,
         modules: tuple[str, ...] = (),
+        controlnets: tuple = (),
     ) -> ImageRef:
         seed = image_seed(job, index)
-        data = encode_png(image, parameters_text(job, seed, infos, model_hash, vae, embeddings, modules))
+        text = parameters_text(job, seed, infos, model_hash, vae, embeddings, modules, controlnets)
+        data = encode_png(image, text)
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
         logger.info("job %s image %d uploaded to %s", job.job_id, index, uri)

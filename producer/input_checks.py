@@ -1,0 +1,96 @@
+"""What a job brings in, checked at submit: its init image and mask, and its ControlNets.
+
+Each image must be in the object store and decode within the pixel limit; a mask must be its
+init image's size; each ControlNet must be known (the drop folder, then the fleet's registry)
+and made for the model's text encoder width. The job's size defaults to its init image's (to
+a multiple of 8), its strength to A1111's 0.75. A refusal names the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
+from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.models import ModelRef
+from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
+from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
+
+
+class InputChecks:
+    def __init__(
+        self, images: Callable[[], InputImages] | None, controlnets: ControlNetCatalog | None
+    ) -> None:
+        self._images = images  # opened on the first job that brings an image
+        self._sizes: dict[str, tuple[int, int]] = {}  # by sha256: the bytes never change
+        self.controlnets = controlnets
+
+    def check(self, job: GenerationJob, model: ModelRef, where: str) -> None:
+        if job.init_image is None and not job.controlnets:
+            return
+        if model.family is not None and model.family.is_flow:
+            field = "init_image" if job.init_image is not None else "controlnets"
+            raise JobRejected(
+                f"model {model.key!r} is {model.family.traits.label}; init images and ControlNets run on "
+                "SD 1.x, SD 2.x and SDXL",
+                field=f"{where}{field}",
+                allowed=f"no {field} on this model",
+            )
+        if job.init_image is not None:
+            self._init_image(job, where)
+        for n, spec in enumerate(job.controlnets):
+            self._controlnet(spec, model, f"{where}controlnets[{n}]")
+        if job.controlnets and job.inpaint_padding is not None:
+            raise JobRejected(
+                "Only masked inpainting crops one image per call, which ControlNets do not follow",
+                field=f"{where}inpaint_padding",
+                allowed="no inpaint_padding with controlnets (the whole picture is inpainted)",
+            )
+
+    def _init_image(self, job: GenerationJob, where: str) -> None:
+        assert job.init_image is not None
+        width, height = self.size(job.init_image, f"{where}init_image")
+        if job.mask_image is not None:
+            mask = self.size(job.mask_image, f"{where}mask_image")
+            if mask != (width, height):
+                raise JobRejected(
+                    f"the mask is {mask[0]}x{mask[1]} but the init image {width}x{height}",
+                    field=f"{where}mask_image",
+                    allowed="a mask of the init image's size",
+                )
+        if job.width is None and job.height is None:
+            if max(width, height) > MAX_SIZE:
+                raise JobRejected(
+                    f"the init image is {width}x{height}: give width and height (at most {MAX_SIZE}) to scale it",
+                    field=f"{where}init_image",
+                )
+            job.width, job.height = max(MIN_SIZE, width // 8 * 8), max(MIN_SIZE, height // 8 * 8)
+        if job.strength is None:
+            job.strength = DEFAULT_STRENGTH
+
+    def _controlnet(self, spec, model: ModelRef, where: str) -> None:
+        if self.controlnets is None:
+            raise JobRejected("this submitter has no ControlNet folder", field=f"{where}.model")
+        try:
+            info = self.controlnets.get(spec.model)
+        except ControlNetError as exc:
+            raise JobRejected.of(exc, f"{where}.model") from None
+        width, wanted = info.cross_attention_dim, model.cross_attention_dim
+        if width is not None and wanted is not None and width != wanted:
+            raise JobRejected(
+                f"ControlNet {info.name!r} reads a {width}-wide text embedding but model {model.key!r} gives "
+                f"{wanted}: it is made for another model family",
+                field=f"{where}.model",
+                allowed=f"a ControlNet of the model's family ({wanted} wide)",
+            )
+        spec.model = info.name
+        self.size(spec.image, f"{where}.image")
+
+    def size(self, ref: str, field: str) -> tuple[int, int]:
+        size = self._sizes.get(ref)
+        if size is None:
+            if self._images is None:
+                raise JobRejected("this submitter has no object store to read input images from", field=field)
+            size = self._sizes[ref] = self._images().size(ref, field)
+        return size

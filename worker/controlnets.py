@@ -1,0 +1,67 @@
+"""ControlNets on a worker: loaded once per file, kept a few at a time, handed to the job's call.
+
+A diffusers ControlNet folder carries its own config; a single file is read with diffusers'
+single-file loader (which takes the config of the matching published ControlNet from the
+hub once, then its cache). Loaded on the pipeline's device and dtype; a few are kept (LRU).
+Several ControlNets of one job run as diffusers' ``MultiControlNetModel``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorafleet.common.catalog.controlnets import ControlNetInfo
+from lorafleet.common.schema.errors import JobFailed
+from lorafleet.worker.lru import LRUCache
+
+logger = logging.getLogger(__name__)
+
+KEPT = 2
+"""Loaded ControlNets a worker keeps (an SD 1.5 ControlNet is about 700 MB in float16)."""
+
+
+class ControlNetCache:
+    """Loaded ControlNets by sha256."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int = KEPT) -> None:
+        self.device = device
+        self.dtype = dtype
+        self._loaded: LRUCache[str, torch.nn.Module] = LRUCache(max_items=capacity)
+
+    def get(self, info: ControlNetInfo) -> torch.nn.Module:
+        model = self._loaded.get(info.sha256)
+        if model is None:
+            model = self._load(info)
+            self._loaded.put(info.sha256, model)
+            logger.info("ControlNet %s (%s) loaded", info.name, info.short_hash)
+        return model
+
+    def _load(self, info: ControlNetInfo) -> torch.nn.Module:
+        from diffusers import ControlNetModel
+
+        try:
+            if info.single_file:
+                model = ControlNetModel.from_single_file(str(info.weights), torch_dtype=self.dtype)
+            else:
+                model = ControlNetModel.from_pretrained(
+                    str(info.path), torch_dtype=self.dtype, local_files_only=True
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise JobFailed(
+                f"ControlNet {info.name!r} cannot be loaded ({type(exc).__name__}: {exc}); a diffusers ControlNet "
+                "folder in autoimport/controlnet needs nothing else"
+            ) from exc
+        return model.to(self.device).eval()
+
+    def for_job(self, infos: list[ControlNetInfo]) -> torch.nn.Module | None:
+        """The job's ControlNets as one module for its pipeline (None: it has none)."""
+        if not infos:
+            return None
+        models = [self.get(info) for info in infos]
+        if len(models) == 1:
+            return models[0]
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        return MultiControlNetModel(models)
