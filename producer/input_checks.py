@@ -14,6 +14,7 @@ from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetEr
 from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.models import ModelRef
 from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.hires import output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 
@@ -46,6 +47,23 @@ class InputChecks:
                 "Only masked inpainting crops one image per call, which ControlNets do not follow",
                 field=f"{where}inpaint_padding",
                 allowed="no inpaint_padding with controlnets (the whole picture is inpainted)",
+            )
+
+    def check_hires(self, job: GenerationJob, model: ModelRef, where: str) -> None:
+        """The hires fix's second pass must fit the size limit, on a family that has it."""
+        if job.hr_scale is None:
+            return
+        if model.family is not None and model.family.is_flow:
+            raise JobRejected(
+                f"model {model.key!r} is {model.family.traits.label}; the hires fix runs on SD 1.x, SD 2.x and SDXL",
+                field=f"{where}hr_scale",
+            )
+        width, height = output_size(job)
+        if max(width, height) > MAX_SIZE:
+            raise JobRejected(
+                f"{job.width}x{job.height} upscaled {job.hr_scale:g} times is {width}x{height}",
+                field=f"{where}hr_scale",
+                allowed=f"a second pass of at most {MAX_SIZE} pixels a side",
             )
 
     def _init_image(self, job: GenerationJob, where: str) -> None:

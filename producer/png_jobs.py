@@ -1,12 +1,12 @@
 """A job from an image's generation parameters: regenerate a PNG, or start from one.
 
 The image's parameters (common/schema/infotext.py) give prompt, negative prompt, sampler, steps,
-CFG, seed, size, clip skip, model, VAE and LoRAs. Names are matched against what is
+CFG, seed, size, clip skip, model, VAE, LoRAs and the hires fix. Names are matched against what is
 installed here; a LoRA, model or VAE named differently here is found by the hash the image
 carries (A1111's hashes: a model's and a VAE's first 10 hex digits of the file's sha256, a
 LoRA's first 12 of its tensor data's sha256; lorafleet's own PNGs: the file's sha256).
 What is not installed is refused, naming it and its hash. Fields the writing tool used that
-lorafleet does not reproduce (hires fix, ADetailer, ...) come back as notes.
+lorafleet does not reproduce (ADetailer, an A1111 img2img source, ...) come back as notes.
 """
 
 from __future__ import annotations

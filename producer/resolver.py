@@ -136,6 +136,7 @@ class JobResolver:
         size = model.native_size or FALLBACK_SIZE
         job.width = job.width or size
         job.height = job.height or size
+        self.inputs.check_hires(job, model, where)
         if job.seed is None:
             job.seed = secrets.randbelow(MAX_SEED + 1)
         job.job_id = job.job_id or new_id()

@@ -61,6 +61,7 @@ def parameters_text(
         *([("Batch size", str(job.batch_size))] if job.batch_size is not None else []),
         *([("LoRA mode", job.lora_mode.value)] if job.loras and job.lora_mode is not None else []),
         *input_fields(job),
+        *hires_fields(job),
         *controlnet_fields(job, controlnets),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
@@ -91,6 +92,19 @@ def input_fields(job: GenerationJob) -> list[tuple[str, str]]:
             fields += [("Inpaint area", "Only masked"), ("Masked area padding", str(job.inpaint_padding))]
     assert job.strength is not None
     return [("Denoising strength", format_number(job.strength)), *fields]
+
+
+def hires_fields(job: GenerationJob) -> list[tuple[str, str]]:
+    """The hires fix as A1111 writes it (its Size stays the first pass's)."""
+    if job.hr_scale is None:
+        return []
+    fields = [
+        ("Denoising strength", format_number(job.hr_strength)),
+        ("Hires upscale", format_number(job.hr_scale)),
+    ]
+    if job.hr_steps is not None:
+        fields.append(("Hires steps", str(job.hr_steps)))
+    return [*fields, ("Hires upscaler", job.hr_upscaler)]
 
 
 def controlnet_fields(job: GenerationJob, infos: tuple) -> list[tuple[str, str]]:

@@ -44,6 +44,7 @@ from lorafleet.common.fleet import events
 from lorafleet.common.fleet.store import JobStore, parsed, score, stored_form
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import LorafleetError, Superseded
+from lorafleet.common.schema.hires import sampled_steps
 from lorafleet.common.schema.jobs import PHASES, JobRecord, JobStatus, Progress, Run, Timings, utcnow
 
 logger = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ class Lifecycle:
             record.started_at = now
             record.worker, record.worker_instance, record.run_id = worker, instance, run_id
             record.runs = [*record.runs, Run(run_id=run_id, worker=worker, instance=instance, started_at=now)]
-            record.progress = Progress(step=0, total=record.job.sampled_steps * record.job.num_images)
+            record.progress = Progress(step=0, total=sampled_steps(record.job) * record.job.num_images)
             record.timings = Timings(queue_wait=(now - record.submitted_at).total_seconds())
             return record
 

@@ -50,6 +50,8 @@ INPUT_FIELDS = {
 LORAFLEET_FIELDS = {"Batch size", "LoRA mode"} | INPUT_FIELDS
 """Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch;
 its img2img PNGs do not say which image they started from)."""
+HIRES_FIELDS = {"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"}
+"""A1111's hires fix, read from any A1111, Forge or lorafleet PNG."""
 _CONTROLNET = re.compile(r"^ControlNet (\d+)( image)?$")
 """A1111's ``ControlNet N`` units; lorafleet adds ``ControlNet N image`` (the map's sha256 name)."""
 _MIN_FIELDS = 3
@@ -151,6 +153,8 @@ class Infotext:
     def ignored(self) -> list[str]:
         """Fields that change the picture in the tool that wrote them but are not reproduced here."""
         used = USED_FIELDS | (LORAFLEET_FIELDS if self.by_lorafleet else set())
+        if "Hires upscale" in self.fields:  # A1111's hires fix, reproduced (its strength with it)
+            used = used | HIRES_FIELDS
         read = [key for key in self.fields if self.by_lorafleet and _CONTROLNET.match(key)]
         return [
             key for key in self.fields if key not in used and key not in read and not _MODULE.match(key)
@@ -210,6 +214,16 @@ class Infotext:
                 job["strength"] = _number(fields["Denoising strength"], float, f"{where}Denoising strength")
         if self.by_lorafleet:
             job["controlnets"] = self._controlnets(where)
+        if "Hires upscale" in fields and "Init image" not in fields:
+            job["hr_scale"] = _number(fields["Hires upscale"], float, f"{where}Hires upscale")
+            job["hr_upscaler"] = fields.get("Hires upscaler", "Latent").strip()
+            steps = _number(fields.get("Hires steps", "0"), int, f"{where}Hires steps")
+            if steps:  # A1111 writes 0 for "the first pass's steps"
+                job["hr_steps"] = steps
+            if "Denoising strength" in fields:
+                job["hr_strength"] = _number(
+                    fields["Denoising strength"], float, f"{where}Denoising strength"
+                )
         if "Prompt syntax" in fields:  # lorafleet's own field, for prompts in compel's syntax
             job["prompt_syntax"] = fields["Prompt syntax"]
         return job

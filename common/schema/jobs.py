@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorafleet.common.schema import guidance, inputs, samplers
+from lorafleet.common.schema import guidance, hires, inputs, samplers
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.records import PHASES as PHASES
@@ -157,6 +157,15 @@ class LoraSpec(BaseModel):
         return name
 
 
+_NEEDS = {
+    "inpaint_padding": "mask_image",
+    "hr_upscaler": "hr_scale",
+    "hr_steps": "hr_scale",
+    "hr_strength": "hr_scale",
+}
+"""Fields that mean something only beside another (the rest: beside init_image)."""
+
+
 class GenerationJob(BaseModel):
     """What a producer asks for: one prompt on one base model with one LoRA stack.
 
@@ -258,6 +267,10 @@ class GenerationJob(BaseModel):
     inpaint_padding: inputs.InpaintPadding | None = None
     controlnets: Annotated[list[inputs.ControlNetSpec], Field(max_length=inputs.MAX_CONTROLNETS)] = []
     """ControlNets steering the job, each with its control image (autoimport/controlnet)."""
+    hr_scale: hires.HiresScale | None = None
+    hr_upscaler: hires.HiresUpscaler = hires.DEFAULT_UPSCALER
+    hr_steps: hires.HiresSteps | None = None
+    hr_strength: hires.HiresStrength = hires.DEFAULT_HR_STRENGTH
     lora_mode: (
         Annotated[
             LoraMode,
@@ -308,11 +321,20 @@ class GenerationJob(BaseModel):
             raise ValueError(f"at most {MAX_TAGS} tags, got {len(value)}")
         return value
 
-    @field_validator("mask_image", "strength", "inpaint_padding")
+    @field_validator(
+        "mask_image", "strength", "inpaint_padding", "hr_scale", "hr_upscaler", "hr_steps", "hr_strength"
+    )
     @classmethod
-    def _with_init_image(cls, value: Any, info: ValidationInfo) -> Any:
-        needed = "mask_image" if info.field_name == "inpaint_padding" else "init_image"
-        if value is not None and info.data.get(needed) is None:
+    def _with_its_field(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "hr_scale":
+            if value is not None and (info.data.get("init_image") or info.data.get("controlnets")):
+                raise ValueError(
+                    "the hires fix is for text-to-image jobs: not with init_image or controlnets"
+                )
+            return value
+        needed = _NEEDS.get(info.field_name or "", "init_image")
+        default = GenerationJob.model_fields[info.field_name or ""].default  # a dumped job carries it
+        if value is not None and value != default and info.data.get(needed) is None:
             raise ValueError(f"means something only with {needed}, which the job does not give")
         return value
 
@@ -330,12 +352,6 @@ class GenerationJob(BaseModel):
             self.cfg_scale = guidance.LCM_CFG if lcm else DEFAULT_CFG
         object.__setattr__(self, "__pydantic_fields_set__", given)
         return self
-
-    @property
-    def sampled_steps(self) -> int:
-        """Steps each image runs: with an init image, diffusers' int(steps x strength)."""
-        steps = self.steps or 0
-        return min(int(steps * self.strength), steps) if self.init_image and self.strength else steps
 
     def advice(self) -> list[str]:
         """Warnings for settings InvokeAI's LoRA guidance advises against; nothing is changed."""

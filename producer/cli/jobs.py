@@ -269,6 +269,21 @@ def submit(
             "(a file, uploaded for you, or sha256:...); repeatable.",
         ),
     ] = [],  # noqa: B006
+    hr_scale: Annotated[
+        float | None,
+        typer.Option("--hr-scale", help="A1111's hires fix: upscale by this (1-4) and sample again."),
+    ] = None,
+    hr_upscaler: Annotated[
+        str | None,
+        typer.Option("--hr-upscaler", help="Latent (default), Latent (nearest), ..., Lanczos, Nearest."),
+    ] = None,
+    hr_steps: Annotated[
+        int | None, typer.Option("--hr-steps", help="Steps of the hires pass (default: --steps).")
+    ] = None,
+    hr_strength: Annotated[
+        float | None,
+        typer.Option("--hr-strength", help="Denoising strength of the hires pass (default 0.7)."),
+    ] = None,
     count: Annotated[int, typer.Option("--count", help="Submit N jobs with consecutive seeds.")] = 1,
     prefix: Annotated[str, typer.Option("--prefix", help="Storage key prefix of the images.")] = "images",
     priority: Annotated[Priority, typer.Option(help="Queue priority.")] = Priority.normal,
@@ -315,6 +330,10 @@ def submit(
             "mask_blur": mask_blur,
             "inpaint_padding": inpaint_padding,
             "controlnets": [_controlnet(text) for text in controlnet] or None,
+            "hr_scale": hr_scale,
+            "hr_upscaler": hr_upscaler,
+            "hr_steps": hr_steps,
+            "hr_strength": hr_strength,
         }
         given = {k: v for k, v in given.items() if v is not None}
         listed = [_parse_lora(text) | ({"inject_trigger": True} if inject_triggers else {}) for text in lora]

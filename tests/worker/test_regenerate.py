@@ -124,8 +124,9 @@ def test_the_ignored_fields_are_named(settings, tmp_path):
         "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Hires upscale: 2, "
         "Batch size: 4",
     )
-    assert read_png(path).ignored == ["Hires upscale", "Batch size"]  # A1111's images per call
-    assert "batch_size" not in read_png(path).job_fields()
+    assert read_png(path).ignored == ["Batch size"]  # A1111's images per call; its hires fix is read
+    fields = read_png(path).job_fields()
+    assert "batch_size" not in fields and (fields["hr_scale"], fields["hr_upscaler"]) == (2.0, "Latent")
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafleet.common.schema.hires import output_size
 from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus, LoraMode, Timings
 from lorafleet.worker.run.sampling import one_image_per_call
 
@@ -75,6 +76,7 @@ def batch_key(job: GenerationJob) -> tuple:
         job.strength,
         job.inpaint_padding,
         tuple((c.model, c.weight, c.start, c.end) for c in job.controlnets),  # the maps: per row
+        (job.hr_scale, job.hr_upscaler, job.hr_steps, job.hr_strength) if job.hr_scale else None,
     )
 
 
@@ -126,8 +128,8 @@ class BatchSizes:
         each image is a call of its own (``one_image_per_call``), else the job's batch size or the worker's."""
         if one_image_per_call(job):
             return 1
-        assert job.width is not None and job.height is not None
-        return job.batch_size or self.get(job.model, job.width, job.height)
+        width, height = output_size(job)  # the hires fix's second pass is the larger one
+        return job.batch_size or self.get(job.model, width, height)
 
     def halve(self, model: str, width: int, height: int, size: int) -> int:
         """After an out-of-memory error at ``size``: the size to try next (0: none left)."""

@@ -22,6 +22,7 @@ import redis
 import torch
 
 from lorafleet.common.schema.errors import JobCancelled, JobFailed, Superseded
+from lorafleet.common.schema.hires import output_size, sampled_steps
 from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.lora.module_index import TEXT_ENCODERS
@@ -130,7 +131,7 @@ class GroupSampling:
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
                     if job.batch_size is None:  # the worker's size: remembered for the next ones
-                        smaller = self.batch_sizes.halve(job.model, job.width, job.height, rows)
+                        smaller = self.batch_sizes.halve(job.model, *output_size(job), rows)
                     else:
                         smaller = rows // 2
                     logger.warning(
@@ -257,7 +258,7 @@ class GroupSampling:
         counts: dict[Member, int] = {}
         for slot in chunk:
             counts[slot.member] = counts.get(slot.member, 0) + 1
-        steps = job.sampled_steps
+        steps = sampled_steps(job)
 
         def on_step(step: int) -> None:
             live = 0

@@ -16,7 +16,7 @@ import torch
 
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
-from lorafleet.worker.run import flow
+from lorafleet.worker.run import flow, hires
 from lorafleet.worker.run.inputs import call_arguments, pipeline_for
 
 SEED_MODULUS = 2**32
@@ -167,12 +167,33 @@ def sample(
         arguments = batch | {"guidance_scale": job.cfg_scale} | call_arguments(job, inputs)
         if job.init_image is not None and job.mask_image is None:
             size = {}  # image-to-image samples at its images' size (the job's: job_inputs)
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    first_output = hires.first_output(job) if job.hr_scale else output_type
     result = runner(
         **arguments,
         num_inference_steps=job.steps,
         **size,
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        generator=generators,
         callback_on_step_end=step_end,
-        output_type=output_type,
+        output_type=first_output,
     )
+    if job.hr_scale:  # the second pass over the upscaled images, the generators continued
+        second = hires.second_pass(pipe)
+        second.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+        done = job.steps
+
+        def second_end(pipeline, step: int, timestep, kwargs):
+            on_step(done + step + 1)
+            return kwargs
+
+        result = second(
+            **batch,
+            guidance_scale=job.cfg_scale,
+            image=hires.upscaled(pipe, job, result.images),
+            strength=job.hr_strength,
+            num_inference_steps=job.hr_steps or job.steps,
+            generator=generators,
+            callback_on_step_end=second_end,
+            output_type=output_type,
+        )
     return list(result.images)[:wanted]

@@ -1,0 +1,86 @@
+"""A1111's hires fix: sample at the job's size, upscale, then sample again over the upscaled
+image with a denoising strength (its "Hires upscale", "Hires upscaler", "Hires steps" and
+"Denoising strength"), so a 512 px model renders 1024 px without repeating itself.
+
+Semantics: the first pass is the job as it would run alone (its ``width`` x ``height``,
+``steps``); its result is upscaled by ``hr_scale`` (to a multiple of 8) with ``hr_upscaler``:
+in latent space (``Latent`` bilinear, ``Latent (antialiased)``, ``Latent (bicubic)``,
+``Latent (bicubic antialiased)``, ``Latent (nearest)``, ``Latent (nearest-exact)``: torch's
+interpolation of the latents) or in pixels (``Lanczos``, ``Nearest``: the decoded image
+resized); the second pass is diffusers' image-to-image over it with ``hr_strength`` and
+``hr_steps`` (None: ``steps``), which runs int(hr_steps x hr_strength) steps. Both passes use
+the job's prompts, LoRAs and each image's own seeded generator, continued.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, Field
+
+LATENT_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+"""A1111's latent upscalers: torch.nn.functional.interpolate's mode and antialias."""
+PIXEL_MODES = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+"""A1111's pixel upscalers lorafleet has: PIL's resampling filters."""
+UPSCALERS = (*LATENT_MODES, *PIXEL_MODES)
+DEFAULT_UPSCALER = "Latent"
+DEFAULT_HR_STRENGTH = 0.7
+"""A1111's default denoising strength for the hires pass."""
+
+HiresScale = Annotated[
+    float,
+    Field(
+        gt=1.0, le=4.0, description="Upscale factor of A1111's hires fix (Hires upscale); None: no hires fix."
+    ),
+]
+HiresSteps = Annotated[
+    int, Field(ge=1, le=150, description="Steps of the hires pass (Hires steps); None: the job's steps.")
+]
+HiresStrength = Annotated[
+    float, Field(gt=0.0, le=1.0, description="Denoising strength of the hires pass (A1111's default 0.7).")
+]
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The second pass's size: the first's times ``scale``, to a multiple of 8 (as A1111)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def sampled_steps(job: Any) -> int:
+    """Steps each image of a GenerationJob runs: with an init image, diffusers' int(steps x
+    strength); with the hires fix, its second pass's int(hr_steps x hr_strength) more."""
+    steps = job.steps or 0
+    first = min(int(steps * job.strength), steps) if job.init_image and job.strength else steps
+    second = int((job.hr_steps or steps) * job.hr_strength) if job.hr_scale else 0
+    return first + second
+
+
+def output_size(job: Any) -> tuple[int, int]:
+    """The size of a GenerationJob's images: its own, or the hires fix's."""
+    assert job.width is not None and job.height is not None
+    return hires_size(job.width, job.height, job.hr_scale) if job.hr_scale else (job.width, job.height)
+
+
+def check_upscaler(name: str) -> str:
+    """The upscaler's A1111 name (any case); ValueError naming the ones lorafleet has."""
+    for known in UPSCALERS:
+        if name.strip().lower() == known.lower():
+            return known
+    raise ValueError(
+        f"{name!r} is not an upscaler lorafleet has (ESRGAN-family models are not yet served); "
+        f"allowed: {', '.join(UPSCALERS)}"
+    )
+
+
+HiresUpscaler = Annotated[
+    str,
+    AfterValidator(check_upscaler),
+    Field(description=f"How the hires fix upscales (Hires upscaler): {', '.join(UPSCALERS)}."),
+]

@@ -1,0 +1,40 @@
+"""A1111's hires fix on a worker (common/schema/hires.py says what it means): the first pass's
+output as the upscaler wants it, the upscale, and the image-to-image pipeline of the second pass."""
+
+from __future__ import annotations
+
+import torch
+
+from lorafleet.common.schema.hires import LATENT_MODES, PIXEL_MODES, output_size
+from lorafleet.common.schema.jobs import GenerationJob
+
+
+def first_output(job: GenerationJob) -> str:
+    """What the first pass returns: latents for a latent upscaler, images for a pixel one."""
+    return "latent" if job.hr_upscaler in LATENT_MODES else "pil"
+
+
+def upscaled(pipe, job: GenerationJob, first):
+    """The first pass's output at the second pass's size: latents interpolated by torch, or
+    images resized by PIL."""
+    width, height = output_size(job)
+    if job.hr_upscaler in LATENT_MODES:
+        mode, antialias = LATENT_MODES[job.hr_upscaler]
+        factor = pipe.vae_scale_factor
+        extra = {"antialias": antialias} if mode in ("bilinear", "bicubic") else {}
+        return torch.nn.functional.interpolate(
+            first, size=(height // factor, width // factor), mode=mode, **extra
+        )
+    from PIL import Image
+
+    resample = getattr(Image.Resampling, PIXEL_MODES[job.hr_upscaler])
+    return [image.resize((width, height), resample) for image in first]
+
+
+def second_pass(pipe):
+    """diffusers' image-to-image pipeline over the model's components."""
+    from diffusers import AutoPipelineForImage2Image
+
+    second = AutoPipelineForImage2Image.from_pipe(pipe)
+    second.set_progress_bar_config(disable=True)
+    return second
