@@ -23,6 +23,7 @@ from typing import Any
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles
@@ -65,6 +66,7 @@ class Client(Submitting, Following):
             controlnets=ControlNetCatalog(
                 self.settings.controlnet_dir, SharedFiles(self.redis, "controlnet")
             ),
+            ip_adapters=IpAdapterCatalog(self.settings.ip_adapter_dir),
         )
         self._images: InputImages | None = None
 

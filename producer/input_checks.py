@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
 from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog, IpAdapterError
 from lorafleet.common.catalog.models import ModelRef
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.hires import output_size
@@ -21,20 +22,30 @@ from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 
 class InputChecks:
     def __init__(
-        self, images: Callable[[], InputImages] | None, controlnets: ControlNetCatalog | None
+        self,
+        images: Callable[[], InputImages] | None,
+        controlnets: ControlNetCatalog | None,
+        ip_adapters: IpAdapterCatalog | None = None,
     ) -> None:
         self._images = images  # opened on the first job that brings an image
         self._sizes: dict[str, tuple[int, int]] = {}  # by sha256: the bytes never change
         self.controlnets = controlnets
+        self.ip_adapters = ip_adapters
 
     def check(self, job: GenerationJob, model: ModelRef, where: str) -> None:
-        if job.init_image is None and not job.controlnets:
+        if job.init_image is None and not job.controlnets and job.ip_adapter is None:
             return
         if model.family is not None and model.family.is_flow:
-            field = "init_image" if job.init_image is not None else "controlnets"
+            field = (
+                "init_image"
+                if job.init_image is not None
+                else "controlnets"
+                if job.controlnets
+                else "ip_adapter"
+            )
             raise JobRejected(
-                f"model {model.key!r} is {model.family.traits.label}; init images and ControlNets run on "
-                "SD 1.x, SD 2.x and SDXL",
+                f"model {model.key!r} is {model.family.traits.label}; init images, ControlNets and IP-Adapters "
+                "run on SD 1.x, SD 2.x and SDXL",
                 field=f"{where}{field}",
                 allowed=f"no {field} on this model",
             )
@@ -42,6 +53,8 @@ class InputChecks:
             self._init_image(job, where)
         for n, spec in enumerate(job.controlnets):
             self._controlnet(spec, model, f"{where}controlnets[{n}]")
+        if job.ip_adapter is not None:
+            self._ip_adapter(job.ip_adapter, model, f"{where}ip_adapter")
         if job.controlnets and job.inpaint_padding is not None:
             raise JobRejected(
                 "Only masked inpainting crops one image per call, which ControlNets do not follow",
@@ -104,6 +117,23 @@ class InputChecks:
             )
         spec.model = info.name
         self.size(spec.image, f"{where}.image")
+
+    def _ip_adapter(self, spec, model: ModelRef, where: str) -> None:
+        if self.ip_adapters is None:
+            raise JobRejected("this submitter has no IP-Adapter folder", field=f"{where}.model")
+        try:
+            info = self.ip_adapters.get(spec.model)
+        except IpAdapterError as exc:
+            raise JobRejected.of(exc, f"{where}.model") from None
+        width, wanted = info.cross_attention_dim, model.cross_attention_dim
+        if width is not None and wanted is not None and width != wanted:
+            raise JobRejected(
+                f"IP-Adapter {info.name!r} writes {width}-wide image tokens but model {model.key!r} reads {wanted}",
+                field=f"{where}.model",
+                allowed=f"an IP-Adapter of the model's family ({wanted} wide)",
+            )
+        for n, image in enumerate(spec.images):
+            self.size(image, f"{where}.images[{n}]")
 
     def size(self, ref: str, field: str) -> tuple[int, int]:
         size = self._sizes.get(ref)

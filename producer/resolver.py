@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.embeddings import EmbeddingCatalog
 from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.lora_files import LoraInfo
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import HUB_ID, ModelRef, ModelRegistry
@@ -70,9 +71,10 @@ class JobResolver:
         lora_mode: LoraMode = LoraMode.merge,
         images: Callable[[], InputImages] | None = None,
         controlnets: ControlNetCatalog | None = None,
+        ip_adapters: IpAdapterCatalog | None = None,
     ) -> None:
         self.models = models
-        self.inputs = InputChecks(images, controlnets)
+        self.inputs = InputChecks(images, controlnets, ip_adapters)
         self.allow_paths = allow_paths
         self.allow_hub_ids = allow_hub_ids
         self.loras = loras

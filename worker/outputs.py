@@ -37,6 +37,7 @@ def parameters_text(
     embeddings: list[EmbeddingInfo] | None = None,
     modules: tuple[str, ...] = (),
     controlnets: tuple = (),
+    ip_adapter=None,
 ) -> str:
     """The A1111 "parameters" text for one image of a job (``model_hash``: a checkpoint's
     10-digit short sha256, which Civitai and PNG-info readers match models by)."""
@@ -63,6 +64,7 @@ def parameters_text(
         *input_fields(job),
         *hires_fields(job),
         *controlnet_fields(job, controlnets),
+        *ip_adapter_fields(job, ip_adapter),
         *([("Clip skip", str(job.clip_skip))] if job.clip_skip > 1 else []),
         *(
             [("Prompt syntax", job.prompt_syntax.value)]
@@ -119,6 +121,16 @@ def controlnet_fields(job: GenerationJob, infos: tuple) -> list[tuple[str, str]]
         )
         fields += [(f"ControlNet {n}", quote(unit)), (f"ControlNet {n} image", spec.image)]
     return fields
+
+
+def ip_adapter_fields(job: GenerationJob, info) -> list[tuple[str, str]]:
+    """lorafleet's ``IP-Adapter`` (model, hash, weight) and ``IP-Adapter images`` (their names)."""
+    if job.ip_adapter is None or info is None:
+        return []
+    unit = (
+        f"Model: {job.ip_adapter.model} [{info.short_hash}], Weight: {format_number(job.ip_adapter.weight)}"
+    )
+    return [("IP-Adapter", quote(unit)), ("IP-Adapter images", quote(" ".join(job.ip_adapter.images)))]
 
 
 def encode_png(image, parameters: str) -> bytes:

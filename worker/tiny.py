@@ -351,3 +351,51 @@ def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.2)
     controlnet.save_pretrained(str(out_dir))
     return out_dir
+
+
+def make_tiny_ip_adapter(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """An IP-Adapter for the tiny SD pipeline in ``model_dir``, laid out as h94/IP-Adapter's
+    ``models/``: ``ip-adapter.safetensors`` (image projection to 4 tokens, image key/value
+    projections for every cross-attention in diffusers' order) beside a tiny CLIP image
+    encoder (224 px, as diffusers' default image processor crops)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet")
+    cross, embed, tokens = unet.config.cross_attention_dim, 32, 4
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * 0.1
+
+    state = {
+        "image_proj.proj.weight": rand(cross * tokens, embed),
+        "image_proj.proj.bias": rand(cross * tokens),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1  # diffusers numbers the adapter's layers 1, 3, 5 ... over the cross-attentions
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, cross)
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, cross)
+        key_id += 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "ip-adapter.safetensors"))
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+            projection_dim=embed,
+        )
+    )
+    encoder.save_pretrained(str(out_dir / "image_encoder"))
+    return out_dir

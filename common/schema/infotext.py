@@ -47,7 +47,7 @@ INPUT_FIELDS = {
 }
 """An img2img or inpainting job's fields: A1111's names, and lorafleet's ``Init image`` and
 ``Mask image`` (the inputs' sha256 in the object store) without which they cannot be reproduced."""
-LORAFLEET_FIELDS = {"Batch size", "LoRA mode"} | INPUT_FIELDS
+LORAFLEET_FIELDS = {"Batch size", "LoRA mode", "IP-Adapter", "IP-Adapter images"} | INPUT_FIELDS
 """Fields read back only from lorafleet's own PNGs (A1111's "Batch size" means its own batch;
 its img2img PNGs do not say which image they started from)."""
 HIRES_FIELDS = {"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"}
@@ -214,6 +214,13 @@ class Infotext:
                 job["strength"] = _number(fields["Denoising strength"], float, f"{where}Denoising strength")
         if self.by_lorafleet:
             job["controlnets"] = self._controlnets(where)
+        if self.by_lorafleet and "IP-Adapter" in fields and "IP-Adapter images" in fields:
+            parts = dict(p.split(": ", 1) for p in fields["IP-Adapter"].strip('"').split(", ") if ": " in p)
+            job["ip_adapter"] = {
+                "model": parts.get("Model", "").rsplit(" [", 1)[0],
+                "images": fields["IP-Adapter images"].strip('"').split(),
+                "weight": _number(parts.get("Weight", "1"), float, f"{where}IP-Adapter Weight"),
+            }
         if "Hires upscale" in fields and "Init image" not in fields:
             job["hr_scale"] = _number(fields["Hires upscale"], float, f"{where}Hires upscale")
             job["hr_upscaler"] = fields.get("Hires upscaler", "Latent").strip()

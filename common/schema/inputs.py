@@ -73,3 +73,17 @@ class ControlNetSpec(BaseModel):
         if self.start >= self.end:
             raise ValueError(f"start {self.start:g} must be before end {self.end:g}")
         return self
+
+
+MAX_IP_IMAGES = 4
+
+
+class IpAdapterSpec(BaseModel):
+    """A job's IP-Adapter: which (autoimport/ip_adapter), its image prompt (stored images) and
+    how strongly it steers (diffusers' IP-Adapter scale)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    images: Annotated[list[InputImage], Field(min_length=1, max_length=MAX_IP_IMAGES)]
+    weight: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0

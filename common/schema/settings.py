@@ -273,6 +273,11 @@ class Settings(BaseSettings):
         return self.home / "autoimport" / "controlnet"
 
     @property
+    def ip_adapter_dir(self) -> Path:
+        """The drop folder for IP-Adapters: a folder here (weights and image_encoder/) is one by its name."""
+        return self.home / "autoimport" / "ip_adapter"
+
+    @property
     def converted_dir(self) -> Path:
         """Where a worker keeps checkpoints it converted to diffusers folders (later loads are folder loads)."""
         return self.home / "cache" / "checkpoints"

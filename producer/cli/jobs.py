@@ -13,11 +13,11 @@ import typer
 from lorafleet.common.fleet.positions import standing
 from lorafleet.common.schema import samplers
 from lorafleet.common.schema.errors import BadArgument, JobRejected
-from lorafleet.common.schema.inputs import IMAGE_REF, IMAGE_REF_ALLOWED
 from lorafleet.common.schema.jobs import JobRecord, JobStatus, LoraMode, Priority
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.display import WaitDisplay, print_report, record_table
+from lorafleet.producer.cli.job_inputs import controlnet_unit, image_option, ip_adapter_unit
 from lorafleet.producer.cli.terminal import EXIT_JOB_FAILED, console, errors, print_json, run, safe
 
 
@@ -269,6 +269,14 @@ def submit(
             "(a file, uploaded for you, or sha256:...); repeatable.",
         ),
     ] = [],  # noqa: B006
+    ip_adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--ip-adapter",
+            help="NAME,IMAGE[,WEIGHT]: an IP-Adapter of autoimport/ip_adapter and its image prompt (a file, "
+            "uploaded for you, or sha256:...).",
+        ),
+    ] = None,
     hr_scale: Annotated[
         float | None,
         typer.Option("--hr-scale", help="A1111's hires fix: upscale by this (1-4) and sample again."),
@@ -324,12 +332,13 @@ def submit(
             "height": height,
             "seed": seed,
             "batch_size": batch_size,
-            "init_image": _image(init_image, "--init-image"),
-            "mask_image": _image(mask, "--mask"),
+            "init_image": image_option(init_image, "--init-image", _client),
+            "mask_image": image_option(mask, "--mask", _client),
             "strength": strength,
             "mask_blur": mask_blur,
             "inpaint_padding": inpaint_padding,
-            "controlnets": [_controlnet(text) for text in controlnet] or None,
+            "controlnets": [controlnet_unit(text, _client) for text in controlnet] or None,
+            "ip_adapter": ip_adapter_unit(ip_adapter, _client) if ip_adapter else None,
             "hr_scale": hr_scale,
             "hr_upscaler": hr_upscaler,
             "hr_steps": hr_steps,
@@ -370,34 +379,6 @@ def submit(
         _queue(jobs, batch_id, require_worker, wait, timeout, as_json, batch_webhook)
 
     run(action)
-
-
-def _controlnet(text: str) -> dict[str, Any]:
-    """``NAME,IMAGE[,WEIGHT[,START,END]]`` as a job's ControlNet unit."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) not in (2, 3, 5) or not all(parts):
-        raise BadArgument(f"got {text!r}", field="--controlnet", allowed="NAME,IMAGE[,WEIGHT[,START,END]]")
-    unit: dict[str, Any] = {"model": parts[0], "image": _image(parts[1], "--controlnet")}
-    try:
-        for key, value in zip(("weight", "start", "end"), parts[2:]):
-            unit[key] = float(value)
-    except ValueError:
-        raise BadArgument(
-            f"{text!r} has a weight, start or end that is no number", field="--controlnet"
-        ) from None
-    return unit
-
-
-def _image(value: str | None, option: str) -> str | None:
-    """A stored image's name as it is, or a file uploaded (JobRejected names the option)."""
-    if value is None or IMAGE_REF.match(value):
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise BadArgument(
-            f"{value!r} is neither a file nor a stored image's name", field=option, allowed=IMAGE_REF_ALLOWED
-        )
-    return _client().upload_image(path, field=option)
 
 
 def submit_file(

@@ -77,6 +77,7 @@ def batch_key(job: GenerationJob) -> tuple:
         job.inpaint_padding,
         tuple((c.model, c.weight, c.start, c.end) for c in job.controlnets),  # the maps: per row
         (job.hr_scale, job.hr_upscaler, job.hr_steps, job.hr_strength) if job.hr_scale else None,
+        job.ip_adapter.model_dump_json() if job.ip_adapter else None,  # one image prompt per call
     )
 
 

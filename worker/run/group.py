@@ -25,6 +25,7 @@ from lorafleet.common.schema.errors import JobCancelled, JobFailed, Superseded
 from lorafleet.common.schema.hires import output_size, sampled_steps
 from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.worker.embeddings import applied
+from lorafleet.worker.ip_adapters import ip_adapter_loaded
 from lorafleet.worker.lora.module_index import TEXT_ENCODERS
 from lorafleet.worker.lora.patcher import PatchTimings, StackEntry
 from lorafleet.worker.lora.side_paths import NoSidePath, SidePaths, check_stack, side_stack
@@ -99,14 +100,22 @@ class GroupSampling:
         tick = time.perf_counter()
         vae = self._local(self.models.vaes.get(job.vae)) if job.vae else None
         embeddings = [self._local(self.embeddings.get(name)) for name in job.embeddings]
+        ip = job.ip_adapter
+        ip_info = self.ip_adapter_catalog.get(ip.model) if ip is not None else None
         controls = [self._local(self.controlnet_catalog.get(spec.model)) for spec in job.controlnets]
         controlnet = self.controlnet_models.for_job(controls)
         contexts = {
-            m: StoreContext(stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules, tuple(controls))
+            m: StoreContext(
+                stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules, tuple(controls), ip_info
+            )
             for m in members
         }
         rows = self.batch_sizes.rows(job)
-        with self.vaes.swapped(hot, vae), applied(hot, embeddings):
+        with (
+            self.vaes.swapped(hot, vae),
+            applied(hot, embeddings),
+            ip_adapter_loaded(hot.pipe, ip_info, ip.weight if ip else 1.0),
+        ):
             for member in members:
                 if side:  # its prompts through its own stack's text-encoder deltas, merged
                     hot.patcher.apply(

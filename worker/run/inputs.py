@@ -59,6 +59,10 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
     inputs: dict[str, object] = {}
     if job.controlnets:  # the control maps, each the job's size (A1111's "Just resize")
         inputs["controls"] = [rgb(spec.image) for spec in job.controlnets]
+    if job.ip_adapter is not None:  # the image prompt: CLIP's processor sizes it
+        inputs["ip_images"] = [
+            Image.open(io.BytesIO(reader.get(r))).convert("RGB") for r in job.ip_adapter.images
+        ]
     if job.init_image is None:
         return inputs
     inputs["image"] = rgb(job.init_image)
@@ -92,6 +96,8 @@ def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
     """What the image-to-image, inpainting or ControlNet call adds: one image (mask, control
     maps) per row; each ControlNet's weight and the part of the sampling it steers."""
     arguments: dict = {}
+    if job.ip_adapter is not None:  # one image prompt for every row (batching.batch_key)
+        arguments["ip_adapter_image"] = [inputs[0]["ip_images"]]
     if job.controlnets:
         maps = [[row["controls"][n] for row in inputs] for n in range(len(job.controlnets))]
         single = len(job.controlnets) == 1

@@ -28,6 +28,7 @@ import torch
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.embeddings import EmbeddingCatalog
+from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
 from lorafleet.common.fleet.lifecycle import Lifecycle
@@ -104,6 +105,7 @@ class JobRunner(GroupSampling, StoreStage):
             settings.controlnet_dir, SharedFiles(store.redis, "controlnet")
         )
         self.controlnet_models = ControlNetCache(pipelines.device, pipelines.dtype)
+        self.ip_adapter_catalog = IpAdapterCatalog(settings.ip_adapter_dir)
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)

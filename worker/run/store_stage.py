@@ -38,6 +38,8 @@ class StoreContext(NamedTuple):
     """The base a transformer-only checkpoint runs on (Forge's ``Module 1: ...``)."""
     controlnets: tuple = ()
     """The job's ControlNets (ControlNetInfo), as A1111 names them in ``ControlNet N``."""
+    ip_adapter: object = None
+    """The job's IP-Adapter (IpAdapterInfo)."""
 
 
 class StoreStage:
@@ -108,9 +110,12 @@ class StoreStage:
         embeddings: list,
         modules: tuple[str, ...] = (),
         controlnets: tuple = (),
+        ip_adapter=None,
     ) -> ImageRef:
         seed = image_seed(job, index)
-        text = parameters_text(job, seed, infos, model_hash, vae, embeddings, modules, controlnets)
+        text = parameters_text(
+            job, seed, infos, model_hash, vae, embeddings, modules, controlnets, ip_adapter
+        )
         data = encode_png(image, text)
         key = image_key(job.output_prefix, job.batch_id, job.job_id, index)
         uri = self._upload(key, data)
