@@ -18,8 +18,8 @@ from lorafleet.worker.lru import LRUCache
 
 logger = logging.getLogger(__name__)
 
-KEPT = 2
-"""Loaded ControlNets a worker keeps (an SD 1.5 ControlNet is about 700 MB in float16)."""
+KEPT = 3
+"""Loaded ControlNets a worker keeps: as many as a job may use (an SD 1.5 one is about 700 MB in float16)."""
 
 
 class ControlNetCache:

@@ -210,3 +210,48 @@ def test_the_cli_imports_lists_and_submits_controlnets(
     assert (unit.model, unit.weight, unit.image) == (CN, 0.7, image_ref(mapped))
     bad = run_cli(["submit", "--model", TINY, "--prompt", "x", "--controlnet", f"{CN}"], env)
     assert bad.returncode == 2 and "NAME,IMAGE[,WEIGHT[,START,END]]" in bad.stderr
+
+
+def test_two_controlnets_on_jobs_sharing_a_call_give_diffusers_own_images(
+    client, runner, reference, controlnet_folder, settings
+):
+    from diffusers import AutoPipelineForText2Image, ControlNetModel
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    shutil.copytree(controlnet_folder, settings.controlnet_dir / "second")
+    maps = [[control_map(10 + 2 * n), control_map(11 + 2 * n)] for n in range(2)]
+    stack = {"loras": [{"name": LORA[0], "weight": LORA[1]}], "width": 64, "height": 64}
+    jobs = [
+        JOB
+        | stack
+        | {
+            "seed": 100 + n,
+            "controlnets": [
+                {"model": CN, "image": client.upload_image(pair[0]), "weight": 0.8},
+                {"model": "second", "image": client.upload_image(pair[1]), "weight": 0.5, "end": 0.5},
+            ],
+        }
+        for n, pair in enumerate(maps)
+    ]
+    handles = [client.submit(job) for job in jobs]
+    runner.run(handles[0].job_id)  # both rows in one call, each with its own two maps
+    records = [client.get(h.job_id) for h in handles]
+    assert all(r.status is JobStatus.succeeded for r in records), [r.error for r in records]
+    nets = MultiControlNetModel([ControlNetModel.from_pretrained(str(controlnet_folder)) for _ in range(2)])
+    derived = AutoPipelineForText2Image.from_pipe(reference, controlnet=nets)
+    derived.set_progress_bar_config(disable=True)
+    for n, record in enumerate(records):
+        want = derived(
+            prompt=JOB["prompt"],
+            image=[Image.open(io.BytesIO(m)).convert("RGB") for m in maps[n]],
+            controlnet_conditioning_scale=[0.8, 0.5],
+            control_guidance_start=[0.0, 0.0],
+            control_guidance_end=[1.0, 0.5],
+            guidance_scale=7.0,
+            num_inference_steps=JOB["steps"],
+            width=64,
+            height=64,
+            generator=torch.Generator("cpu").manual_seed(100 + n),
+        ).images[0]
+        got = decoded(runner.storage.get(record.images[0].key))
+        assert np.abs(got - np.asarray(want.convert("RGB")).astype(int)).max() <= 2

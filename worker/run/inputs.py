@@ -19,6 +19,8 @@ import io
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
+
 from lorafleet.common.catalog.input_images import storage_key
 from lorafleet.common.infra.storage import Storage
 from lorafleet.common.schema.jobs import GenerationJob
@@ -92,6 +94,14 @@ def pipeline_for(pipe, job: GenerationJob, controlnet=None):
     return derived
 
 
+def _batch(images: list) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])).permute(
+        0, 3, 1, 2
+    )
+
+
 def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
     """What the image-to-image, inpainting or ControlNet call adds: one image (mask, control
     maps) per row; each ControlNet's weight and the part of the sampling it steers."""
@@ -99,9 +109,12 @@ def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
     if job.ip_adapter is not None:  # one image prompt for every row (batching.batch_key)
         arguments["ip_adapter_image"] = [inputs[0]["ip_images"]]
     if job.controlnets:
-        maps = [[row["controls"][n] for row in inputs] for n in range(len(job.controlnets))]
         single = len(job.controlnets) == 1
-        arguments["control_image" if job.init_image is not None else "image"] = maps[0] if single else maps
+        if single:  # one map per row
+            maps: object = [row["controls"][0] for row in inputs]
+        else:  # per ControlNet, its rows' maps as one (rows, 3, H, W) batch in [0, 1], as PIL's give
+            maps = [_batch([row["controls"][n] for row in inputs]) for n in range(len(job.controlnets))]
+        arguments["control_image" if job.init_image is not None else "image"] = maps
         weights = [spec.weight for spec in job.controlnets]
         arguments["controlnet_conditioning_scale"] = weights[0] if single else weights
         arguments["control_guidance_start"] = [spec.start for spec in job.controlnets]
