@@ -99,6 +99,13 @@ class InputChecks:
             job.width, job.height = max(MIN_SIZE, width // 8 * 8), max(MIN_SIZE, height // 8 * 8)
         if job.strength is None:
             job.strength = DEFAULT_STRENGTH
+        assert job.steps is not None
+        if int(job.steps * job.strength) < 1:
+            raise JobRejected(
+                f"{job.steps} steps at strength {job.strength:g} run int({job.steps} x {job.strength:g}) = 0 steps",
+                field=f"{where}strength",
+                allowed=f"a strength of at least {1 / job.steps:.3g} at {job.steps} steps, or more steps",
+            )
 
     def _controlnet(self, spec, model: ModelRef, where: str) -> None:
         if self.controlnets is None:

@@ -7,13 +7,15 @@ Semantics: the first pass is the job as it would run alone (its ``width`` x ``he
 in latent space (``Latent`` bilinear, ``Latent (antialiased)``, ``Latent (bicubic)``,
 ``Latent (bicubic antialiased)``, ``Latent (nearest)``, ``Latent (nearest-exact)``: torch's
 interpolation of the latents) or in pixels (``Lanczos``, ``Nearest``: the decoded image
-resized); the second pass is diffusers' image-to-image over it with ``hr_strength`` and
-``hr_steps`` (None: ``steps``), which runs int(hr_steps x hr_strength) steps. Both passes use
-the job's prompts, LoRAs and each image's own seeded generator, continued.
+resized); the second pass is diffusers' image-to-image over it with ``hr_strength`` on a
+schedule stretched to ceil(hr_steps / hr_strength) steps, so that it runs exactly ``hr_steps``
+(None: ``steps``), as A1111 runs its Hires steps. Both passes use the job's prompts, LoRAs and
+each image's own seeded generator, continued.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
@@ -55,11 +57,17 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 def sampled_steps(job: Any) -> int:
     """Steps each image of a GenerationJob runs: with an init image, diffusers' int(steps x
-    strength); with the hires fix, its second pass's int(hr_steps x hr_strength) more."""
+    strength); with the hires fix, its second pass's hr_steps (or steps) more."""
     steps = job.steps or 0
     first = min(int(steps * job.strength), steps) if job.init_image and job.strength else steps
-    second = int((job.hr_steps or steps) * job.hr_strength) if job.hr_scale else 0
+    second = (job.hr_steps or steps) if job.hr_scale else 0
     return first + second
+
+
+def stretched_steps(job: Any) -> int:
+    """The second pass's schedule: int(n x hr_strength) of it run, which is n = hr_steps."""
+    wanted = job.hr_steps or job.steps or 0
+    return math.ceil(wanted / job.hr_strength - 1e-9)
 
 
 def output_size(job: Any) -> tuple[int, int]:

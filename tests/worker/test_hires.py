@@ -8,6 +8,7 @@ hires settings are read back."""
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -47,7 +48,8 @@ def two_passes(pipe, upscaler: str, scale: float = 1.5, strength: float = 0.6, s
     second = AutoPipelineForImage2Image.from_pipe(pipe)
     second.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     second.set_progress_bar_config(disable=True)
-    out = second(**common, image=image, strength=strength, num_inference_steps=steps or JOB["steps"])
+    wanted = steps or JOB["steps"]  # A1111 runs exactly its Hires steps: the schedule stretched
+    out = second(**common, image=image, strength=strength, num_inference_steps=math.ceil(wanted / strength))
     return np.asarray(out.images[0].convert("RGB")).astype(int)
 
 
@@ -57,7 +59,7 @@ def test_a_hires_job_gives_the_two_passes_of_diffusers_own_pipelines(client, run
         client, runner, width=64, height=64, hr_scale=1.5, hr_upscaler=upscaler, hr_strength=0.6
     )
     assert (record.images[0].width, record.images[0].height) == (96, 96)
-    assert record.progress.total == 8 + 4  # the first pass's steps, then int(8 x 0.6)
+    assert record.progress.total == 8 + 8  # the first pass's steps, then the hires pass's 8 (A1111)
     want = two_passes(reference, upscaler)
     assert np.abs(decoded(png) - want).max() <= 2
 
@@ -87,3 +89,25 @@ def test_what_the_hires_fix_cannot_do_is_refused_naming_the_field(client):
         with pytest.raises(JobRejected) as refused:
             client.submit(JOB | fields)
         assert refused.value.field == field and words in str(refused.value), (fields, refused.value)
+
+
+def test_the_hires_pass_runs_exactly_its_steps_as_a1111():
+    """diffusers' image-to-image runs min(int(total x strength), total) of a schedule of total."""
+    from lorafleet.common.schema.hires import stretched_steps
+    from lorafleet.common.schema.jobs import GenerationJob
+
+    for steps in range(1, 61):
+        for strength in (0.05, 0.1, 0.25, 0.3, 0.33, 0.35, 0.5, 0.6, 0.7, 0.75, 0.9, 0.99, 1.0):
+            job = GenerationJob(
+                model="m", prompt="p", steps=10, hr_scale=2, hr_steps=steps, hr_strength=strength
+            )
+            total = stretched_steps(job)
+            assert min(int(total * strength), total) == steps, (steps, strength, total)
+
+
+def test_a_strength_that_runs_no_step_is_refused(client):
+    from tests.worker.test_images_in import photo
+
+    with pytest.raises(JobRejected) as refused:
+        client.submit(JOB | {"steps": 2, "init_image": client.upload_image(photo(20)), "strength": 0.3})
+    assert refused.value.field == "strength" and "at least 0.5" in str(refused.value)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorafleet.common.schema.hires import stretched_steps
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
 from lorafleet.worker.run import flow, hires
@@ -191,7 +192,7 @@ def sample(
             guidance_scale=job.cfg_scale,
             image=hires.upscaled(pipe, job, result.images),
             strength=job.hr_strength,
-            num_inference_steps=job.hr_steps or job.steps,
+            num_inference_steps=stretched_steps(job),  # so that it runs hr_steps, as A1111
             generator=generators,
             callback_on_step_end=second_end,
             output_type=output_type,
