@@ -3,11 +3,12 @@ the object store and named in jobs as ``sha256:<hex>``, so every job that names 
 bytes shares one object, and a PNG can name the exact input it was made from.
 
 Semantics:
-- ``put(data, field)`` checks the bytes (a PNG, JPEG or WebP that decodes whole, at most
+- ``put(data, field)`` checks the bytes (a PNG, JPEG (MPO too) or WebP that decodes whole, at most
   ``max_pixels`` pixels, refused before decoding when its header claims more: no
   decompression bomb is ever decoded) and stores them at ``inputs/<sha256>`` unless that
   object exists already. The same bytes give the same name; nothing is stored for a refusal.
-- ``size(ref, field)`` is the (width, height) of a stored image, checked the same way (an
+- ``size(ref, field)`` is the (width, height) of a stored image as it is shown (its EXIF
+  orientation applied, as the worker applies it), checked the same way (an
   object put there by other means is refused like an upload); ``get(ref)`` its bytes.
 - Refusals are JobRejected naming ``field`` and what is allowed.
 """
@@ -25,8 +26,9 @@ from lorafleet.common.schema.inputs import IMAGE_REF, IMAGE_REF_ALLOWED
 
 INPUT_PREFIX = "inputs/"
 """Where input images live in the object store (beside the outputs' prefixes)."""
-FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-"""Image formats accepted, with the content type they are stored with."""
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "WEBP": "image/webp"}
+"""Image formats accepted, with the content type they are stored with (MPO: a JPEG with more
+pictures after the first, as many phones write; the first is the image)."""
 
 
 def image_ref(data: bytes) -> str:
@@ -45,11 +47,18 @@ class CheckedImage:
     format: str
 
 
+def upright(image):
+    """The image as viewers show it: its EXIF orientation applied (A1111's and diffusers' way)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
 def check_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
     """The image in ``data``, decoded once to prove it whole; JobRejected names ``field``."""
     from PIL import Image, UnidentifiedImageError
 
-    allowed = f"a PNG, JPEG or WebP image of at most {max_pixels:,} pixels"
+    allowed = f"a PNG, JPEG (MPO too) or WebP image of at most {max_pixels:,} pixels"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -64,6 +73,7 @@ def check_image(data: bytes, field: str, max_pixels: int) -> CheckedImage:
                     allowed=allowed,
                 )
             image.load()  # the whole image decodes (a truncated file does not)
+            width, height = upright(image).size  # as shown: a phone's EXIF orientation applied
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise JobRejected(
                 f"a decompression bomb, not decoded ({exc})", field=field, allowed=allowed

@@ -275,3 +275,30 @@ def test_the_cli_uploads_an_init_image_file_for_the_job(settings, home, redis_ur
     assert (job.init_image, job.strength, job.width, job.height) == (image_ref(data), 0.5, 72, 80)
     missing = run_cli([*args, "--init-image", str(tmp_path / "nowhere.png")], env)
     assert missing.returncode == 2 and "--init-image" in missing.stderr
+
+
+def test_a_job_whose_image_is_gone_fails_alone_and_its_companions_go_on(client, runner):  # noqa: F811
+    from lorafleet.common.catalog.input_images import storage_key
+
+    refs = [client.upload_image(photo(30 + n)) for n in range(2)]
+    handles = [client.submit(JOB | {"init_image": ref, "strength": 0.7}) for ref in refs]
+    (runner.storage.root / storage_key(refs[1])).unlink()  # deleted from the store after submit
+    runner.run(handles[0].job_id)
+    first, second = (client.get(h.job_id) for h in handles)
+    assert first.status is JobStatus.succeeded, first.error
+    assert second.status is JobStatus.failed and "an input image cannot be read" in second.error
+
+
+def test_a_phone_photo_is_taken_upright_and_an_mpo_jpeg_is_taken(client, runner):  # noqa: F811
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show": a portrait taken with the phone held upright
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(Image.open(io.BytesIO(photo(40, size=(80, 64)))))).save(
+        buffer, format="JPEG", exif=exif.tobytes()
+    )
+    record, png = submitted(client, runner, init_image=client.upload_image(buffer.getvalue()), strength=0.5)
+    assert (record.job.width, record.job.height) == (64, 80) and Image.open(io.BytesIO(png)).size == (64, 80)
+    mpo = io.BytesIO()
+    first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    first.save(mpo, format="MPO", save_all=True, append_images=[second])
+    assert client.upload_image(mpo.getvalue()).startswith("sha256:")

@@ -122,7 +122,16 @@ class GroupSampling:
                         [StackEntry(e.lora, 0.0, e.text_encoder_strength) for e in stacks[member].entries]
                     )
                 member.conditioning = conditioning(hot.pipe, member.job)
-                member.inputs = job_inputs(member.job, self.inputs)
+                try:
+                    member.inputs = job_inputs(member.job, self.inputs)
+                except (JobFailed, OSError, ValueError) as exc:  # its image gone or damaged: it alone fails
+                    member.cancelled = True
+                    member.ended = self._fail(
+                        member.job_id,
+                        f"an input image cannot be read: {exc}",
+                        member.timings,
+                        member.warnings,
+                    )
                 if flow.is_flow(hot.pipe):
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
             if side:

@@ -2,7 +2,8 @@
 
 Semantics:
 - The init image is read from the object store by its sha256 (common/catalog/input_images.py),
-  converted to RGB and, when its size differs from the job's, resized to it with Lanczos
+  turned upright by its EXIF orientation, converted to RGB and, when its size differs from
+  the job's, resized to it with Lanczos
   (A1111's "Just resize"). A mask is converted to one channel (white: repaint), resized the
   same way and blurred by ``mask_blur`` pixels with a Gaussian (A1111's and diffusers'
   ``mask_processor.blur``).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafleet.common.catalog.input_images import storage_key
+from lorafleet.common.catalog.input_images import storage_key, upright
 from lorafleet.common.infra.storage import Storage
 from lorafleet.common.schema.jobs import GenerationJob
 
@@ -55,7 +56,7 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
     size = (job.width, job.height)
 
     def rgb(ref: str):
-        image = Image.open(io.BytesIO(reader.get(ref))).convert("RGB")
+        image = upright(Image.open(io.BytesIO(reader.get(ref)))).convert("RGB")
         return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
     inputs: dict[str, object] = {}
@@ -63,13 +64,13 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
         inputs["controls"] = [rgb(spec.image) for spec in job.controlnets]
     if job.ip_adapter is not None:  # the image prompt: CLIP's processor sizes it
         inputs["ip_images"] = [
-            Image.open(io.BytesIO(reader.get(r))).convert("RGB") for r in job.ip_adapter.images
+            upright(Image.open(io.BytesIO(reader.get(r)))).convert("RGB") for r in job.ip_adapter.images
         ]
     if job.init_image is None:
         return inputs
     inputs["image"] = rgb(job.init_image)
     if job.mask_image is not None:
-        mask = Image.open(io.BytesIO(reader.get(job.mask_image))).convert("L")
+        mask = upright(Image.open(io.BytesIO(reader.get(job.mask_image)))).convert("L")
         if mask.size != size:
             mask = mask.resize(size, Image.Resampling.LANCZOS)
         if job.mask_blur:
