@@ -197,4 +197,10 @@ def sample(
             callback_on_step_end=second_end,
             output_type=output_type,
         )
-    return list(result.images)[:wanted]
+    images = list(result.images)[:wanted]
+    if job.mask_image is not None and job.inpaint_padding is None and output_type == "pil":
+        # A1111's overlay: what the blurred mask keeps is the init image's own pixels (with
+        # padding, diffusers overlays its crop itself)
+        overlay = runner.image_processor.apply_overlay
+        images = [overlay(row["mask_image"], row["image"], image) for image, row in zip(images, inputs)]
+    return images
