@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -191,3 +192,34 @@ def test_a_lora_over_a_folder_of_photos_and_two_strengths_is_one_batch_with_its_
         assert grid.size == (LABEL_WIDTH + 6 * 128, 2 * LABEL_HEIGHT + 2 * 128)  # title, labels, 2 rows
     finally:
         worker.kill()
+
+
+def test_a_sweep_file_read_by_a_relative_path_finds_its_images_and_uploads_its_maps(
+    settings, monkeypatch, tmp_path
+):
+    import numpy as np
+    import yaml
+
+    from lorafleet.common.catalog.input_images import image_ref
+    from lorafleet.producer.cli.sweeps import _read_spec
+
+    monkeypatch.setenv("LORAFLEET_HOME", str(settings.home))
+    monkeypatch.setenv("LORAFLEET_BROKER_URL", settings.broker_url)
+    monkeypatch.setenv("LORAFLEET_STORAGE_URL", settings.storage_url)
+    (tmp_path / "sw" / "photos").mkdir(parents=True)
+    data = {}
+    for n in range(2):
+        Image.fromarray(np.full((64, 64, 3), 40 * n, np.uint8)).save(tmp_path / "sw" / "photos" / f"p{n}.png")
+        data[n] = (tmp_path / "sw" / "photos" / f"p{n}.png").read_bytes()
+    spec = {
+        "base": {"model": TINY, "prompt": "x", "controlnets": [{"model": "c", "image": "photos/p1.png"}]},
+        "x": {"name": "init_image", "values": ["photos"]},
+    }
+    (tmp_path / "sw" / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    read = _read_spec(Path("sw/spec.yaml"))
+    assert read["x"]["values"] == [image_ref(data[0]), image_ref(data[1])] and read["x"]["labels"] == [
+        "p0.png",
+        "p1.png",
+    ]
+    assert read["base"]["controlnets"][0]["image"] == image_ref(data[1])

@@ -60,7 +60,7 @@ def _with_images(data: dict, folder: Path) -> dict:
         nonlocal client
         if not isinstance(value, str) or IMAGE_REF.match(value):
             return value, str(value)
-        file = (folder / value).expanduser()
+        file = _beside(folder, value)
         if not file.is_file():
             raise BadArgument(f"{value!r} is neither a file nor a stored image", field=where)
         client = client or _client()
@@ -71,6 +71,12 @@ def _with_images(data: dict, folder: Path) -> dict:
         for name in ("init_image", "mask_image"):
             if name in base:
                 base[name] = upload(base[name], f"base.{name}")[0]
+        for n, unit in enumerate(base.get("controlnets") or []):
+            if isinstance(unit, dict) and "image" in unit:
+                unit["image"] = upload(unit["image"], f"base.controlnets[{n}].image")[0]
+        ip = base.get("ip_adapter")
+        if isinstance(ip, dict) and isinstance(ip.get("images"), list):
+            ip["images"] = [upload(i, f"base.ip_adapter.images[{n}]")[0] for n, i in enumerate(ip["images"])]
     for letter in "xyz":
         axis = data.get(letter)
         if (
@@ -81,15 +87,23 @@ def _with_images(data: dict, folder: Path) -> dict:
             continue
         files: list = []
         for value in axis["values"]:
-            where = folder / value if isinstance(value, str) else None
-            if where is not None and where.is_dir():
-                files += sorted(str(p) for p in where.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            where = _beside(folder, value) if isinstance(value, str) else None
+            if where is not None and where.is_dir():  # absolute paths: joined to the folder, they stay
+                files += sorted(
+                    str(p.absolute()) for p in where.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                )
             else:
                 files.append(value)
         uploaded = [upload(value, f"{letter}.values") for value in files]
         axis["values"] = [ref for ref, _ in uploaded]
         axis.setdefault("labels", [label for _, label in uploaded])
     return data
+
+
+def _beside(folder: Path, value: str) -> Path:
+    """A path the sweep file gives: ``~`` expanded, relative ones from the file's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else folder / path
 
 
 def sweep(
