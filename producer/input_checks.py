@@ -32,7 +32,7 @@ class InputChecks:
         self.controlnets = controlnets
         self.ip_adapters = ip_adapters
 
-    def check(self, job: GenerationJob, model: ModelRef, where: str) -> None:
+    def check(self, job: GenerationJob, model: ModelRef, where: str, warnings: list[str]) -> None:
         if job.init_image is None and not job.controlnets and job.ip_adapter is None:
             return
         if model.family is not None and model.family.is_flow:
@@ -50,7 +50,7 @@ class InputChecks:
                 allowed=f"no {field} on this model",
             )
         if job.init_image is not None:
-            self._init_image(job, where)
+            self._init_image(job, where, warnings)
         for n, spec in enumerate(job.controlnets):
             self._controlnet(spec, model, f"{where}controlnets[{n}]")
         if job.ip_adapter is not None:
@@ -79,7 +79,7 @@ class InputChecks:
                 allowed=f"a second pass of at most {MAX_SIZE} pixels a side",
             )
 
-    def _init_image(self, job: GenerationJob, where: str) -> None:
+    def _init_image(self, job: GenerationJob, where: str, warnings: list[str]) -> None:
         assert job.init_image is not None
         width, height = self.size(job.init_image, f"{where}init_image")
         if job.mask_image is not None:
@@ -90,13 +90,22 @@ class InputChecks:
                     field=f"{where}mask_image",
                     allowed="a mask of the init image's size",
                 )
-        if job.width is None and job.height is None:
-            if max(width, height) > MAX_SIZE:
-                raise JobRejected(
-                    f"the init image is {width}x{height}: give width and height (at most {MAX_SIZE}) to scale it",
-                    field=f"{where}init_image",
-                )
-            job.width, job.height = max(MIN_SIZE, width // 8 * 8), max(MIN_SIZE, height // 8 * 8)
+        if job.width is None or job.height is None:  # from the image, its shape kept
+            if job.width is not None:
+                scale = job.width / width
+            elif job.height is not None:
+                scale = job.height / height
+            else:
+                scale = min(1.0, MAX_SIZE / max(width, height))
+                if scale < 1:
+                    warnings.append(
+                        f"the init image is {width}x{height}: sampled scaled down to fit {MAX_SIZE}"
+                    )
+
+            def side(pixels: int) -> int:
+                return min(MAX_SIZE, max(MIN_SIZE, int(pixels * scale) // 8 * 8))
+
+            job.width, job.height = job.width or side(width), job.height or side(height)
         if job.strength is None:
             job.strength = DEFAULT_STRENGTH
         assert job.steps is not None

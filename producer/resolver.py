@@ -89,7 +89,12 @@ class JobResolver:
 
     def resolve(self, job: GenerationJob, *, where: str = "") -> ResolvedJob:
         # the caller's job stays as given: resolving writes only fields and the LoRA specs
-        job = job.model_copy(update={"loras": [spec.model_copy() for spec in job.loras]})
+        job = job.model_copy(
+            update={
+                "loras": [spec.model_copy() for spec in job.loras],
+                "controlnets": [unit.model_copy() for unit in job.controlnets],  # their names resolved
+            }
+        )
         try:
             self._check_reference(job.model)
             model = self.models.get(job.model)
@@ -128,7 +133,7 @@ class JobResolver:
             )
         job.lora_mode = self._lora_mode(job, model, infos, where, warnings)
         job.embeddings = self._embeddings(job, model, where)
-        self.inputs.check(job, model, where)
+        self.inputs.check(job, model, where, warnings)
         job.vae = job.vae or model.vae
         if job.vae is not None:
             try:

@@ -26,6 +26,7 @@ from pydantic import (
 
 from lorafleet.common.schema import guidance, hires, inputs, samplers
 from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.names import check_lora_name as check_lora_name
 from lorafleet.common.schema.prompts import PromptSyntax
 from lorafleet.common.schema.records import PHASES as PHASES
 from lorafleet.common.schema.records import ImageRef, Progress, Run, Timings, utcnow
@@ -79,22 +80,6 @@ TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """A tenant's name, as ``LORAFLEET_API_TOKENS`` gives it (``tenant:token``)."""
 ADMIN_TENANT = "admin"
 """The tenant whose tokens see and act on every job (a token without a tenant is one too)."""
-_LORA_NAME_BAD = re.compile(r"[/\\\x00-\x1f\x7f]")
-
-
-_TAG_BREAKING = re.compile(r"[:<>]")
-
-
-def check_lora_name(name: str) -> None:
-    """ValueError unless ``name`` can only mean a file inside the LoRA folder, and can be
-    written in a prompt's ``<lora:NAME:WEIGHT>`` tag."""
-    if _TAG_BREAKING.search(name or ""):
-        raise ValueError("must not contain ':', '<' or '>' (a <lora:NAME:WEIGHT> tag could not spell it)")
-    if not name or _LORA_NAME_BAD.search(name) or name.startswith(".") or name.strip() != name:
-        raise ValueError(
-            "must be a plain LoRA name: no path separators, control characters, "
-            "leading dot or surrounding spaces"
-        )
 
 
 class Priority(str, Enum):
@@ -159,6 +144,7 @@ class LoraSpec(BaseModel):
 
 _NEEDS = {
     "inpaint_padding": "mask_image",
+    "mask_blur": "mask_image",
     "hr_upscaler": "hr_scale",
     "hr_steps": "hr_scale",
     "hr_strength": "hr_scale",
@@ -323,7 +309,14 @@ class GenerationJob(BaseModel):
         return value
 
     @field_validator(
-        "mask_image", "strength", "inpaint_padding", "hr_scale", "hr_upscaler", "hr_steps", "hr_strength"
+        "mask_image",
+        "strength",
+        "mask_blur",
+        "inpaint_padding",
+        "hr_scale",
+        "hr_upscaler",
+        "hr_steps",
+        "hr_strength",
     )
     @classmethod
     def _with_its_field(cls, value: Any, info: ValidationInfo) -> Any:

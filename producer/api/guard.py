@@ -21,11 +21,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 LOGIN_MAX_BODY = 4096
+"""Largest login form body, in bytes (a token and a path)."""
 IMAGE_UPLOADS = "/v1/images"
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp"}
 """What POST /v1/images takes instead of JSON: the image itself (a browser must ask first to
 send these cross-site, as for JSON)."""
-"""Largest login form body, in bytes (a token and a path)."""
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -79,7 +79,10 @@ class RequestGuard:
             if not length.isdigit():
                 return 400, "Content-Length is not a number"
             if int(length) > limit:
-                return 413, f"the body is {int(length)} bytes; at most {limit} are accepted here"
+                return 413, (
+                    f"the body is {int(length)} bytes; at most {limit} are accepted here"
+                    + (" (LORAFLEET_API_MAX_BODY_MB)" if path != "/login" else "")
+                )
         if method in STATE_CHANGING and path.startswith("/v1/"):
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if path == IMAGE_UPLOADS and kind in IMAGE_TYPES:  # not CORS-safelisted either

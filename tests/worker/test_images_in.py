@@ -318,3 +318,22 @@ def test_a_phone_photo_is_taken_upright_and_an_mpo_jpeg_is_taken(client, runner)
     first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     first.save(mpo, format="MPO", save_all=True, append_images=[second])
     assert client.upload_image(mpo.getvalue()).startswith("sha256:")
+
+
+def test_the_default_size_keeps_the_init_images_shape(client):  # noqa: F811
+    big = io.BytesIO()
+    Image.new("RGB", (4032, 3024), "gray").save(big, format="PNG")  # a phone photo's size
+    ref = client.upload_image(big.getvalue())
+    handle = client.submit(JOB | {"init_image": ref})
+    assert (handle.job.width, handle.job.height) == (2048, 1536)
+    assert any("scaled down to fit 2048" in w for w in handle.warnings)
+    wide = client.submit(JOB | {"init_image": ref, "width": 512}).job
+    assert (wide.width, wide.height) == (512, 384)
+    with pytest.raises(JobRejected) as refused:
+        client.submit(JOB | {"mask_blur": 8})
+    assert refused.value.field == "mask_blur"
+    units = [{"model": "nowhere", "image": ref}]
+    job = JOB | {"controlnets": units}
+    with pytest.raises(JobRejected):
+        client.submit(job)
+    assert units == [{"model": "nowhere", "image": ref}]  # the caller's job is left as given
