@@ -3,7 +3,8 @@
 Builds the tiny offline model and demo LoRAs (once), starts the embedded Redis and one
 worker, submits a batch of jobs (standard samplers, LCM with the LCM-LoRA at InvokeAI's LoRA guidance's
 0.35, stacks of two LoRAs), shows their progress, prints each job's timings and where its
-PNG went, and stops what it started. Everything lives under .demo/ in the repository.
+PNG went, restyles the first image with a LoRA (img2img), and stops what it started.
+Everything lives under .demo/ in the repository.
 """
 
 from __future__ import annotations
@@ -115,6 +116,20 @@ def start_worker(log: Path) -> subprocess.Popen:
     return worker
 
 
+def restyle(client: Client, record) -> None:
+    """Images in: the batch's first image, restyled with a LoRA (img2img, A1111's strength)."""
+    from lorafleet.common.infra.storage import open_storage
+
+    console.rule("restyling the first image with a LoRA (img2img)")
+    image = client.upload_image(open_storage(client.settings).get(record.images[0].key))
+    job = {"model": MODEL, "prompt": "a watercolor painting", "init_image": image, "strength": 0.6}
+    handle = client.submit(job | {"loras": [{"name": "watercolor", "weight": 0.8}], "seed": 7})
+    [done] = client.wait([handle.job_id], timeout=600)
+    if done.status.value != "succeeded":
+        raise SystemExit(f"the restyle did not succeed: {done.error}")
+    console.print(f"{image} restyled: {done.images[0].uri}", highlight=False)
+
+
 def main() -> None:
     for key in [k for k in os.environ if k.startswith("LORAFLEET_")]:
         del os.environ[key]  # the demo is the zero-configuration path
@@ -142,6 +157,7 @@ def main() -> None:
             failed = [r for r in records if r.status.value != "succeeded"]
             if failed:
                 raise SystemExit(f"{len(failed)} jobs did not succeed")
+            restyle(client, records[0])
     finally:
         console.rule("stopping what the demo started")
         os.killpg(worker.pid, signal.SIGTERM)
