@@ -19,6 +19,9 @@ from lorafleet.common.schema.hires import output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 
+FLOW_IMAGES_IN = {"flux1", "qwenimage", "zimage"}
+"""Flow families whose diffusers pipelines take an init image and a mask."""
+
 
 class InputChecks:
     def __init__(
@@ -36,19 +39,7 @@ class InputChecks:
         if job.init_image is None and not job.controlnets and job.ip_adapter is None:
             return
         if model.family is not None and model.family.is_flow:
-            field = (
-                "init_image"
-                if job.init_image is not None
-                else "controlnets"
-                if job.controlnets
-                else "ip_adapter"
-            )
-            raise JobRejected(
-                f"model {model.key!r} is {model.family.traits.label}; init images, ControlNets and IP-Adapters "
-                "run on SD 1.x, SD 2.x and SDXL",
-                field=f"{where}{field}",
-                allowed=f"no {field} on this model",
-            )
+            self._flow_family(job, model, where)
         if job.init_image is not None:
             self._init_image(job, where, warnings)
         for n, spec in enumerate(job.controlnets):
@@ -60,6 +51,25 @@ class InputChecks:
                 "Only masked inpainting crops one image per call, which ControlNets do not follow",
                 field=f"{where}inpaint_padding",
                 allowed="no inpaint_padding with controlnets (the whole picture is inpainted)",
+            )
+
+    def _flow_family(self, job: GenerationJob, model: ModelRef, where: str) -> None:
+        """On the flow families: init images and masks where diffusers has their image-to-image
+        and inpainting pipelines (FLUX.1, Qwen-Image, Z-Image); no ControlNets or IP-Adapters."""
+        assert model.family is not None
+        label = model.family.traits.label
+        for field, given in (("controlnets", job.controlnets), ("ip_adapter", job.ip_adapter)):
+            if given:
+                raise JobRejected(
+                    f"model {model.key!r} is {label}; ControlNets and IP-Adapters run on SD 1.x, SD 2.x and SDXL",
+                    field=f"{where}{field}",
+                    allowed=f"no {field} on this model",
+                )
+        if job.init_image is not None and model.family.value not in FLOW_IMAGES_IN:
+            raise JobRejected(
+                f"model {model.key!r} is {label}, which has no image-to-image pipeline in diffusers",
+                field=f"{where}init_image",
+                allowed="init images on SD 1.x, SD 2.x, SDXL, FLUX.1, Qwen-Image and Z-Image",
             )
 
     def check_hires(self, job: GenerationJob, model: ModelRef, where: str) -> None:

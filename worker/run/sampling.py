@@ -161,7 +161,8 @@ def sample(
     runner = pipe
     if flow.is_flow(pipe):
         pipe.scheduler = flow.make_scheduler(scheduler_config)
-        arguments = flow.call_arguments(pipe, job, batch)
+        runner = pipeline_for(pipe, job)  # FLUX.1, Qwen-Image, Z-Image: their img2img and inpainting
+        arguments = flow.call_arguments(pipe, job, batch) | call_arguments(job, inputs)
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
         runner = pipeline_for(pipe, job, controlnet)  # over the same components, with this scheduler
