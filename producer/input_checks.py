@@ -36,6 +36,14 @@ class InputChecks:
         self.ip_adapters = ip_adapters
 
     def check(self, job: GenerationJob, model: ModelRef, where: str, warnings: list[str]) -> None:
+        if model.inpainting and (job.init_image is None or job.mask_image is None):
+            field = "init_image" if job.init_image is None else "mask_image"
+            raise JobRejected(
+                f"model {model.key!r} is an inpainting model (its UNet reads 9 channels): it repaints the "
+                "masked region of an init image",
+                field=f"{where}{field}",
+                allowed="init_image and mask_image on this model, or an ordinary model for text to image",
+            )
         if job.init_image is None and not job.controlnets and job.ip_adapter is None:
             return
         if model.family is not None and model.family.is_flow:

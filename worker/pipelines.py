@@ -104,8 +104,18 @@ PIPELINE_CLASS = {family: family.traits.pipeline for family in Family}
 """The diffusers pipeline a single-file checkpoint of each family becomes."""
 
 
+INPAINTING_CLASS = {
+    Family.sd15: "StableDiffusionInpaintPipeline",
+    Family.sd2: "StableDiffusionInpaintPipeline",
+    Family.sdxl: "StableDiffusionXLInpaintPipeline",
+}
+"""The pipeline an inpainting checkpoint (a 9-channel UNet) of each family becomes."""
+
+
 def _pipeline_class(model: ModelRef) -> str:
     if model.single_file:
+        if model.inpainting and model.family is not None:
+            return INPAINTING_CLASS.get(model.family, "")
         return PIPELINE_CLASS.get(model.family, "") if model.family else ""
     if model.path is None:
         return ""
@@ -117,9 +127,9 @@ def _pipeline_class(model: ModelRef) -> str:
 
 def _options(class_name: str) -> dict:
     """What lorafleet leaves out of every pipeline: the safety checker, the watermark."""
-    if class_name == "StableDiffusionPipeline":
+    if class_name in ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"):
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    if class_name == "StableDiffusionXLPipeline":
+    if class_name in ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"):
         return {"add_watermarker": False}
     return {}
 

@@ -28,7 +28,7 @@ from lorafleet.worker.tiny_text import clip_text_encoder, write_clip_tokenizer
 TINY_SIZE = 64
 """Native image size of the tiny models (UNet sample size 8, VAE downscale 8)."""
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl", *FLOW_FAMILIES)
+TINY_FAMILIES = ("sd15", "sd15-inpainting", "sd2", "sdxl", *FLOW_FAMILIES)
 """What ``make_tiny_model`` builds (``flux1`` is FLUX.1 dev-shaped, ``flux1-schnell`` schnell-shaped)."""
 
 
@@ -52,13 +52,15 @@ def _vae(scaling_factor: float):
 def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     """Write a tiny pipeline of ``family`` (one of ``TINY_FAMILIES``) into ``folder``; return it.
 
-    The tiny SD 2.x has an OpenCLIP-like text encoder (gelu, 48 wide) and predicts v, as
+    ``sd15-inpainting`` is the tiny SD 1.5 as an inpainting model (its UNet reads 9 channels:
+    latents, mask, masked image). The tiny SD 2.x has an OpenCLIP-like text encoder (gelu, 48 wide) and predicts v, as
     the 768 px SD 2.x models do; the tiny SDXL's second encoder is 48 wide beside the
     first's 32, so its UNet reads a text embedding 80 wide.
     """
     from diffusers import (
         EulerDiscreteScheduler,
         PNDMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -74,16 +76,16 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)
         vocab_size = write_clip_tokenizer(scratch_dir / "tok")
-        if family in ("sd15", "sd2"):
-            width = 32 if family == "sd15" else 48
-            activation = "quick_gelu" if family == "sd15" else "gelu"
+        if family in ("sd15", "sd15-inpainting", "sd2"):
+            width = 32 if family != "sd2" else 48
+            activation = "quick_gelu" if family != "sd2" else "gelu"
             text_encoder, tokenizer = clip_text_encoder(
                 vocab_size, scratch_dir / "tok", width=width, activation=activation
             )
-            prediction = "epsilon" if family == "sd15" else "v_prediction"
+            prediction = "epsilon" if family != "sd2" else "v_prediction"
             unet = UNet2DConditionModel(
                 sample_size=TINY_SIZE // 8,
-                in_channels=4,
+                in_channels=9 if family == "sd15-inpainting" else 4,  # latents, mask, masked image
                 out_channels=4,
                 block_out_channels=(32, 64),
                 layers_per_block=2,
@@ -93,7 +95,8 @@ def make_tiny_model(folder: Path, family: str = "sd15", seed: int = 0) -> Path:
                 attention_head_dim=8,
                 norm_num_groups=32,
             )
-            pipe = StableDiffusionPipeline(
+            kind = StableDiffusionInpaintPipeline if family == "sd15-inpainting" else StableDiffusionPipeline
+            pipe = kind(
                 vae=_vae(0.18215),
                 text_encoder=text_encoder,
                 tokenizer=tokenizer,

@@ -16,10 +16,13 @@ registration or submit what the file is, or why it is refused:
   tell the variant, Qwen-Image ``txt_norm`` and ``img_mlp``, Z-Image its layers'
   ``adaLN_modulation.0`` (the keys diffusers' single-file loader tells them by);
 - what lorafleet cannot run is refused by name: an SDXL refiner (only the OpenCLIP
-  encoder), an inpainting (9 input channels) or instruct-pix2pix (8) UNet, FLUX.1 Fill
+  encoder), an instruct-pix2pix (8 input channels) UNet, FLUX.1 Fill
   (384 input channels) or Depth/Canny (128), Chroma, FLUX.2 [dev], a file with no model
   lorafleet knows at all (a LoRA, a VAE, SD3 ...). FLUX.1 Kontext and Qwen-Image Edit have
   their base model's shapes: they cannot be told apart here.
+
+An inpainting checkpoint (its UNet reads 9 channels: latents, mask, masked image) is a model
+whose jobs bring an init image and a mask; its configs are its family's inpainting model's.
 
 The prediction type of an SD 2.x file is not in its tensors; it comes from the file's
 ModelSpec metadata (``modelspec.prediction_type``) when present, else from the component
@@ -69,6 +72,13 @@ VARIANT_CONFIGS = {
 }
 """Canonical configs of the variants whose transformer config differs from the family's
 (schnell has no guidance embedding; Klein 9B is 4096 wide): ``CheckpointInfo.canonical_config``."""
+
+INPAINTING_CONFIGS = {
+    Family.sd15: "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    Family.sd2: "stabilityai/stable-diffusion-2-inpainting",
+    Family.sdxl: "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+}
+"""Canonical configs of inpainting checkpoints (a 9-channel UNet)."""
 
 NATIVE_SIZE = {
     Family.sd15: 512,
@@ -126,6 +136,8 @@ class CheckpointInfo:
     """Whether the transformer reads a distilled guidance value (``guidance_in``); None for SD."""
     transformer_width: int | None = None
     """The flow transformer's hidden size (what a LoRA's ``transformer_width`` must match)."""
+    inpainting: bool = False
+    """An inpainting UNet (9 input channels): jobs bring an init image and a mask."""
     dtype: str | None = None
     """The dtype most of its weight matrices are stored in (``F16``, ``BF16``, ``F8_E4M3`` for
     ComfyUI's fp8 files; a GGUF file's GGML type, ``Q8_0``, ``Q4_K`` ...)."""
@@ -133,6 +145,8 @@ class CheckpointInfo:
     @property
     def canonical_config(self) -> str:
         """The repository its component configs come from when nothing else names them."""
+        if self.inpainting:
+            return INPAINTING_CONFIGS[self.family]
         return VARIANT_CONFIGS.get((self.family, self.variant)) or CANONICAL_CONFIGS[self.family]
 
 
@@ -181,7 +195,9 @@ def describe_checkpoint(path: Path) -> CheckpointInfo:
     for encoder, key in _TEXT_WIDTH_KEYS[family]:
         if key in header.tensors and header.tensors[key].shape:
             widths[encoder] = header.tensors[key].shape[-1]
-    return CheckpointInfo(path, size, family, width, prediction, widths, dtype=dtype)
+    unet_input = header.tensors[UNET_INPUT].shape
+    inpainting = len(unet_input) == 4 and unet_input[1] == 9
+    return CheckpointInfo(path, size, family, width, prediction, widths, dtype=dtype, inpainting=inpainting)
 
 
 def flow_checkpoint(
@@ -266,14 +282,13 @@ def checkpoint_family(header: SafetensorsHeader, name: str) -> Family:
             allowed=ALLOWED,
         )
     channels = unet_input.shape[1] if len(unet_input.shape) == 4 else None
-    if channels == 9:
-        raise FileRefused(
-            "an inpainting checkpoint (its UNet reads 9 channels): lorafleet runs txt2img models", field=name
-        )
     if channels == 8:
         raise FileRefused("an instruct-pix2pix checkpoint (its UNet reads 8 channels)", field=name)
-    if channels != 4:
-        raise FileRefused(f"its UNet reads {channels} channels, not the 4 of a txt2img model", field=name)
+    if channels not in (4, 9):
+        raise FileRefused(
+            f"its UNet reads {channels} channels, not the 4 of a txt2img model or the 9 of an inpainting one",
+            field=name,
+        )
     if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         return Family.sdxl
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):

@@ -64,6 +64,8 @@ class ModelRef:
     """A flow family's transformer width (FLUX.2 Klein 4B: 3072, 9B: 4096): LoRAs do not cross it."""
     distilled: bool | None = None
     """Step-distilled (FLUX.1 schnell; FLUX.2 Klein's ``is_distilled``): few steps, no CFG by default."""
+    inpainting: bool | None = None
+    """An inpainting model (its UNet reads 9 channels): its jobs need an init image and a mask."""
 
     @property
     def queue(self) -> str:
@@ -98,6 +100,7 @@ class ModelRef:
             "guidance_embeds": self.guidance_embeds,
             "transformer_width": self.transformer_width,
             "distilled": self.distilled,
+            "inpainting": self.inpainting,
         }
 
 
@@ -154,6 +157,7 @@ def describe_folder(key: str, folder: Path) -> ModelRef:
         guidance_embeds=guidance_embeds,
         transformer_width=width,
         distilled=distilled,
+        inpainting=unet.get("in_channels") == 9 or None,
     )
 
 
@@ -184,7 +188,8 @@ def describe_checkpoint_file(
         raise ModelError(f"{path.name}: {exc.reason}", allowed=exc.allowed) from None
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-    config = config or settings_configs.get(info.family.value) or info.canonical_config
+    kind = f"{info.family.value}-inpainting" if info.inpainting else info.family.value
+    config = config or settings_configs.get(kind) or info.canonical_config
     native = NATIVE_SIZE[info.family]
     prediction = info.prediction_type
     folder = Path(config)
@@ -204,6 +209,7 @@ def describe_checkpoint_file(
         guidance_embeds=info.guidance_embeds,
         transformer_width=info.transformer_width,
         distilled=(info.family is Family.flux1 and info.guidance_embeds is False) or None,
+        inpainting=info.inpainting or None,
     )
 
 
@@ -219,6 +225,7 @@ def _from_entry(name: str, entry: dict, configs: dict[str, str]) -> ModelRef:
         "guidance_embeds": entry.get("guidance_embeds"),
         "transformer_width": entry.get("transformer_width"),
         "distilled": entry.get("distilled"),
+        "inpainting": entry.get("inpainting"),
     }
     vae = entry.get("vae")
     return replace(_source_ref(name, source, known, configs), vae=vae)
@@ -239,8 +246,7 @@ def _source_ref(name: str, source: str, known: dict, configs: dict[str, str]) ->
 
 
 def _dropped_name(path: Path) -> str:
-    """A file in autoimport/main as a model name: its stem, or its whole name where a file of
-    the same stem and another suffix is there too (``flux.safetensors`` beside ``flux.gguf``)."""
+    """A dropped file's model name: its stem, or its whole name beside a twin (``flux.gguf``)."""
     twins = [path.with_suffix(s) for s in CHECKPOINT_SUFFIXES if s != path.suffix.lower()]
     return path.name if any(t.is_file() for t in twins) else path.stem
 

@@ -122,6 +122,8 @@ FAMILY_BY_CROSS_ATTENTION = {768: Family.sd15, 1024: Family.sd2, 2048: Family.sd
 FAMILY_BY_PIPELINE = {
     "StableDiffusionPipeline": Family.sd15,  # SD 2.x shares the class: told apart by its width
     "StableDiffusionXLPipeline": Family.sdxl,
+    "StableDiffusionInpaintPipeline": Family.sd15,  # inpainting models: a 9-channel UNet
+    "StableDiffusionXLInpaintPipeline": Family.sdxl,
     "FluxPipeline": Family.flux1,
     "ZImagePipeline": Family.zimage,
     "QwenImagePipeline": Family.qwenimage,

@@ -79,7 +79,8 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Where single-file checkpoints take their component configs from, per family, as JSON: "
         '{"sdxl": "/srv/configs/sdxl-base"} (a diffusers folder as the workers see it, or a hub id); '
-        "unset families use the family's canonical hub repository. `models add --config` wins.",
+        'inpainting checkpoints (a 9-channel UNet) use FAMILY-inpainting ("sd15-inpainting"); unset ones take the '
+        "family's canonical hub repository. `models add --config` wins.",
     )
     lcm_loras: dict[str, str] = Field(
         default_factory=dict,

@@ -18,7 +18,17 @@ from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.terminal import EXIT_REJECTED, console, fail, run
 from lorafleet.producer.cli.worker_side import worker_side
 
-TINY_FAMILIES = ("sd15", "sd2", "sdxl", "flux1", "flux1-schnell", "zimage", "qwenimage", "flux2")
+TINY_FAMILIES = (
+    "sd15",
+    "sd15-inpainting",
+    "sd2",
+    "sdxl",
+    "flux1",
+    "flux1-schnell",
+    "zimage",
+    "qwenimage",
+    "flux2",
+)
 """Families ``make-tiny-model`` writes (lorafleet.worker.tiny's, named here: the producer never
 imports the worker side until a command runs)."""
 

@@ -68,7 +68,6 @@ def test_an_sd2_files_modelspec_metadata_gives_its_prediction_type(tmp_path):
 @pytest.mark.parametrize(
     "shapes, words",
     [
-        (shapes_of("sd15", channels=9), "an inpainting checkpoint"),
         (shapes_of("sd15", channels=8), "instruct-pix2pix"),
         (shapes_of("refiner"), "an SDXL refiner"),
         (shapes_of("none"), "an architecture lorafleet does not know"),
@@ -106,9 +105,10 @@ def test_a_dropped_checkpoint_is_a_model_by_its_name_and_a_bad_one_is_refused_at
     with pytest.raises(ModelError, match="pickled .ckpt checkpoint"):
         registry.get("old")
     with Client(settings) as client:
-        with pytest.raises(JobRejected, match="inpaint.safetensors: an inpainting checkpoint") as refused:
-            client.submit({"model": "inpaint", "prompt": "x"})
-        assert refused.value.field == "model"
+        with pytest.raises(JobRejected, match="'inpaint' is an inpainting model") as refused:
+            client.submit({"model": "inpaint", "prompt": "x"})  # no init image or mask
+        assert refused.value.field == "init_image"
+        assert registry.get("inpaint").config == "stable-diffusion-v1-5/stable-diffusion-inpainting"
         handle = client.submit({"model": "dreamshaper_8", "prompt": "x"})
         assert handle.job.model == "dreamshaper_8" and handle.queue == "lorafleet.model.dreamshaper_8"
 

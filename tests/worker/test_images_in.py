@@ -337,3 +337,64 @@ def test_the_default_size_keeps_the_init_images_shape(client):  # noqa: F811
     with pytest.raises(JobRejected):
         client.submit(job)
     assert units == [{"model": "nowhere", "image": ref}]  # the caller's job is left as given
+
+
+@pytest.fixture
+def inpainting_home(home):
+    from lorafleet.worker.tiny import make_tiny_model
+
+    make_tiny_model(home / "models" / "tiny-inpainting", family="sd15-inpainting")
+    return home
+
+
+def test_an_inpainting_model_repaints_as_diffusers_and_refuses_text_to_image(inpainting_home, client, runner):  # noqa: F811
+    from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+
+    init, drawn = photo(60), mask()
+    fields = {"model": "tiny-inpainting", "init_image": client.upload_image(init), "strength": 1.0}
+    record, png = submitted(client, runner, **fields, mask_image=client.upload_image(drawn))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        str(inpainting_home / "models" / "tiny-inpainting"),
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    assert pipe.unet.config.in_channels == 9
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    state = load_file(str(inpainting_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors"))
+    with torch.no_grad():  # the job's LoRA, merged here in float64 (its UNet-only PEFT file)
+        for key, down in state.items():
+            if key.endswith(".lora_A.weight"):
+                module = pipe.unet.get_submodule(key[len("unet.") : -len(".lora_A.weight")])
+                up = state[key.replace("lora_A", "lora_B")]
+                module.weight.copy_(
+                    (module.weight.double() + LORA[1] * (up.double() @ down.double())).float()
+                )
+    want = diffusers_image(pipe, "inpaint", init, 1.0, drawn, overlay=True)
+    assert np.abs(decoded(png) - want).max() <= 2
+    for given, field in (({}, "mask_image"), ({"init_image": None, "strength": None}, "init_image")):
+        with pytest.raises(JobRejected) as refused:
+            client.submit(JOB | fields | given)
+        assert refused.value.field == field and "inpainting model (its UNet reads 9 channels)" in str(
+            refused.value
+        )
+
+
+def test_an_inpainting_checkpoint_file_runs_as_its_folder(inpainting_home, settings, client, runner):  # noqa: F811
+    from lorafleet.worker.checkpoint_format import write_single_file
+
+    folder = inpainting_home / "models" / "tiny-inpainting"
+    write_single_file(folder, settings.checkpoints_dir / "tiny-inpainting-file.safetensors", "sd15")
+    configs = {"sd15-inpainting": str(folder)}  # as LORAFLEET_CHECKPOINT_CONFIGS would say it
+    from lorafleet.common.catalog.models import ModelRegistry
+
+    ref = ModelRegistry(settings.model_copy(update={"checkpoint_configs": configs}), client.redis).get(
+        "tiny-inpainting-file"
+    )
+    assert ref.inpainting and ref.config == str(folder)
+    init, drawn = client.upload_image(photo(61)), client.upload_image(mask())
+    fields = {"init_image": init, "mask_image": drawn, "strength": 1.0}
+    _, from_folder = submitted(client, runner, model="tiny-inpainting", **fields)
+    client.resolver.models.configs = configs
+    runner.models.configs = configs
+    _, from_file = submitted(client, runner, model="tiny-inpainting-file", **fields)
+    assert np.array_equal(decoded(from_file), decoded(from_folder))
