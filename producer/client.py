@@ -67,6 +67,7 @@ class Client(Submitting, Following):
                 self.settings.controlnet_dir, SharedFiles(self.redis, "controlnet")
             ),
             ip_adapters=IpAdapterCatalog(self.settings.ip_adapter_dir),
+            url_hosts={h.strip() for h in (self.settings.api_import_hosts or "").split(",") if h.strip()},
         )
         self._images: InputImages | None = None
 

@@ -8,6 +8,7 @@ a multiple of 8), its strength to A1111's 0.75. A refusal names the field.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
@@ -18,7 +19,10 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.hires import output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
+from lorafleet.producer.image_urls import fetch_image
 
+URL_KEPT_SECONDS = 60.0
+"""How long an image fetched by URL stands for that URL (the jobs of one batch fetch it once)."""
 FLOW_IMAGES_IN = {"flux1", "qwenimage", "zimage"}
 """Flow families whose diffusers pipelines take an init image and a mask."""
 
@@ -29,11 +33,14 @@ class InputChecks:
         images: Callable[[], InputImages] | None,
         controlnets: ControlNetCatalog | None,
         ip_adapters: IpAdapterCatalog | None = None,
+        url_hosts: set[str] | None = None,
     ) -> None:
         self._images = images  # opened on the first job that brings an image
         self._sizes: dict[str, tuple[int, int]] = {}  # by sha256: the bytes never change
+        self._urls: dict[str, tuple[str, float]] = {}  # URL -> (its stored name, when fetched)
         self.controlnets = controlnets
         self.ip_adapters = ip_adapters
+        self.url_hosts = url_hosts or set()
 
     def check(self, job: GenerationJob, model: ModelRef, where: str, warnings: list[str]) -> None:
         if model.inpainting and (job.init_image is None or job.mask_image is None):
@@ -99,9 +106,9 @@ class InputChecks:
 
     def _init_image(self, job: GenerationJob, where: str, warnings: list[str]) -> None:
         assert job.init_image is not None
-        width, height = self.size(job.init_image, f"{where}init_image")
+        job.init_image, (width, height) = self.stored(job.init_image, f"{where}init_image")
         if job.mask_image is not None:
-            mask = self.size(job.mask_image, f"{where}mask_image")
+            job.mask_image, mask = self.stored(job.mask_image, f"{where}mask_image")
             if mask != (width, height):
                 raise JobRejected(
                     f"the mask is {mask[0]}x{mask[1]} but the init image {width}x{height}",
@@ -150,7 +157,7 @@ class InputChecks:
                 allowed=f"a ControlNet of the model's family ({wanted} wide)",
             )
         spec.model = info.name
-        self.size(spec.image, f"{where}.image")
+        spec.image, _ = self.stored(spec.image, f"{where}.image")
 
     def _ip_adapter(self, spec, model: ModelRef, where: str) -> None:
         if self.ip_adapters is None:
@@ -166,13 +173,21 @@ class InputChecks:
                 field=f"{where}.model",
                 allowed=f"an IP-Adapter of the model's family ({wanted} wide)",
             )
-        for n, image in enumerate(spec.images):
-            self.size(image, f"{where}.images[{n}]")
+        spec.images = [self.stored(image, f"{where}.images[{n}]")[0] for n, image in enumerate(spec.images)]
 
-    def size(self, ref: str, field: str) -> tuple[int, int]:
+    def stored(self, ref: str, field: str) -> tuple[str, tuple[int, int]]:
+        """The image's stored name and size; an http(s) URL is fetched and stored first."""
+        if self._images is None:
+            raise JobRejected("this submitter has no object store to read input images from", field=field)
+        if ref.startswith(("http://", "https://")):
+            known, when = self._urls.get(ref, ("", 0.0))
+            if time.monotonic() - when > URL_KEPT_SECONDS:  # a batch naming one URL fetches it once
+                checked = self._images().put(fetch_image(ref, field, self.url_hosts), field)
+                known = checked.ref
+                self._urls[ref] = (known, time.monotonic())
+                self._sizes[known] = (checked.width, checked.height)
+            ref = known
         size = self._sizes.get(ref)
         if size is None:
-            if self._images is None:
-                raise JobRejected("this submitter has no object store to read input images from", field=field)
             size = self._sizes[ref] = self._images().size(ref, field)
-        return size
+        return ref, size

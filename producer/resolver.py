@@ -72,9 +72,10 @@ class JobResolver:
         images: Callable[[], InputImages] | None = None,
         controlnets: ControlNetCatalog | None = None,
         ip_adapters: IpAdapterCatalog | None = None,
+        url_hosts: set[str] | None = None,
     ) -> None:
         self.models = models
-        self.inputs = InputChecks(images, controlnets, ip_adapters)
+        self.inputs = InputChecks(images, controlnets, ip_adapters, url_hosts)
         self.allow_paths = allow_paths
         self.allow_hub_ids = allow_hub_ids
         self.loras = loras

@@ -14,7 +14,11 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 IMAGE_REF = re.compile(r"^sha256:[0-9a-f]{64}$")
-IMAGE_REF_ALLOWED = "sha256:<64 hex digits>, as POST /v1/images (or the CLI's --init-image FILE) returns"
+IMAGE_SOURCE = re.compile(r"^(sha256:[0-9a-f]{64}|https?://\S{1,2000})$")
+"""What a job may give: a stored image's name, or an http(s) URL fetched and stored at submit."""
+IMAGE_REF_ALLOWED = (
+    "sha256:<64 hex digits>, as POST /v1/images (or the CLI's --init-image FILE) returns, or an http(s) URL"
+)
 DEFAULT_STRENGTH = 0.75
 """A1111's default denoising strength for img2img and inpainting."""
 DEFAULT_MASK_BLUR = 4
@@ -24,7 +28,7 @@ MAX_INPAINT_PADDING = 256
 
 InputImage = Annotated[
     str,
-    StringConstraints(pattern=IMAGE_REF.pattern),
+    StringConstraints(pattern=IMAGE_SOURCE.pattern),
     Field(description=f"An input image in the object store: {IMAGE_REF_ALLOWED}."),
 ]
 Strength = Annotated[

@@ -133,8 +133,8 @@ class Settings(BaseSettings):
     )
     api_import_hosts: str | None = Field(
         default=None,
-        description="Comma-separated hosts on private or loopback addresses that POST /v1/loras may download "
-        "from; every other host must resolve to public addresses.",
+        description="Comma-separated hosts on private or loopback addresses that POST /v1/loras and input "
+        "images given by URL may download from; every other host must resolve to public addresses.",
     )
     api_allowed_hosts: str = Field(
         default="",

@@ -398,3 +398,57 @@ def test_an_inpainting_checkpoint_file_runs_as_its_folder(inpainting_home, setti
     runner.models.configs = configs
     _, from_file = submitted(client, runner, model="tiny-inpainting-file", **fields)
     assert np.array_equal(decoded(from_file), decoded(from_folder))
+
+
+@pytest.fixture
+def image_server():
+    """A real HTTP server on loopback: /photo.png, /moved (a redirect to it), /page (HTML)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = photo(70)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/photo.png")
+                self.end_headers()
+                return
+            body, kind = (
+                (data, "image/png") if self.path == "/photo.png" else (b"<html>login</html>", "text/html")
+            )
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", data
+    server.shutdown()
+
+
+def test_an_init_image_by_url_is_fetched_once_and_stored_by_its_hash(settings, image_server, runner):
+    from lorafleet.common.catalog.input_images import image_ref
+    from lorafleet.producer.client import Client
+
+    base, data = image_server
+    with Client(settings) as closed:  # loopback is not a public address: refused, nothing stored
+        with pytest.raises(JobRejected) as refused:
+            closed.submit(JOB | {"init_image": f"{base}/photo.png"})
+        assert refused.value.field == "init_image" and "not a public address" in str(refused.value)
+    assert _stored_inputs(runner) == []
+    with Client(settings.model_copy(update={"api_import_hosts": "127.0.0.1"})) as opened:
+        job = opened.submit(JOB | {"init_image": f"{base}/moved", "strength": 0.6}).job
+        assert job.init_image == image_ref(data)  # the record names the bytes it ran with
+        runner.run(job.job_id)
+        assert opened.get(job.job_id).status is JobStatus.succeeded
+        with pytest.raises(JobRejected) as page:
+            opened.submit(JOB | {"init_image": f"{base}/page"})
+        assert page.value.field == "init_image" and "not an image" in str(page.value)
+    assert _stored_inputs(runner) == [image_ref(data).removeprefix("sha256:")]
