@@ -142,38 +142,35 @@ class InputChecks:
             )
 
     def _controlnet(self, spec, model: ModelRef, where: str) -> None:
-        if self.controlnets is None:
-            raise JobRejected("this submitter has no ControlNet folder", field=f"{where}.model")
-        try:
-            info = self.controlnets.get(spec.model)
-        except ControlNetError as exc:
-            raise JobRejected.of(exc, f"{where}.model") from None
-        width, wanted = info.cross_attention_dim, model.cross_attention_dim
-        if width is not None and wanted is not None and width != wanted:
-            raise JobRejected(
-                f"ControlNet {info.name!r} reads a {width}-wide text embedding but model {model.key!r} gives "
-                f"{wanted}: it is made for another model family",
-                field=f"{where}.model",
-                allowed=f"a ControlNet of the model's family ({wanted} wide)",
-            )
+        info = self._add_on(
+            self.controlnets, ControlNetError, "ControlNet", spec.model, model, f"{where}.model"
+        )
         spec.model = info.name
         spec.image, _ = self.stored(spec.image, f"{where}.image")
 
     def _ip_adapter(self, spec, model: ModelRef, where: str) -> None:
-        if self.ip_adapters is None:
-            raise JobRejected("this submitter has no IP-Adapter folder", field=f"{where}.model")
+        self._add_on(self.ip_adapters, IpAdapterError, "IP-Adapter", spec.model, model, f"{where}.model")
+        spec.images = [self.stored(image, f"{where}.images[{n}]")[0] for n, image in enumerate(spec.images)]
+
+    @staticmethod
+    def _add_on(catalog, error: type[Exception], noun: str, name: str, model: ModelRef, field: str):
+        """A ControlNet's or IP-Adapter's description, refused unless it is made for the width of
+        the model's text embedding (its cross-attention)."""
+        if catalog is None:
+            raise JobRejected(f"this submitter has no {noun} folder", field=field)
         try:
-            info = self.ip_adapters.get(spec.model)
-        except IpAdapterError as exc:
-            raise JobRejected.of(exc, f"{where}.model") from None
+            info = catalog.get(name)
+        except error as exc:
+            raise JobRejected.of(exc, field) from None
         width, wanted = info.cross_attention_dim, model.cross_attention_dim
         if width is not None and wanted is not None and width != wanted:
             raise JobRejected(
-                f"IP-Adapter {info.name!r} writes {width}-wide image tokens but model {model.key!r} reads {wanted}",
-                field=f"{where}.model",
-                allowed=f"an IP-Adapter of the model's family ({wanted} wide)",
+                f"{noun} {info.name!r} is made for a {width}-wide text embedding but model {model.key!r} "
+                f"reads {wanted}: it is made for another model family",
+                field=field,
+                allowed=f"{'an' if noun[0] in 'AEIOU' else 'a'} {noun} of the model's family ({wanted} wide)",
             )
-        spec.images = [self.stored(image, f"{where}.images[{n}]")[0] for n, image in enumerate(spec.images)]
+        return info
 
     def stored(self, ref: str, field: str) -> tuple[str, tuple[int, int]]:
         """The image's stored name and size; an http(s) URL is fetched and stored first."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.common.catalog.drop_folder import DropFolder
+from lorafleet.common.catalog.drop_folder import FilesOrFolders
 from lorafleet.common.catalog.lora_files import (
     SAFETENSORS_SUFFIX,
     read_safetensors_header,
@@ -72,12 +72,7 @@ def controlnet_width(path: Path) -> int | None:
     return widths.pop() if len(widths) == 1 else None
 
 
-def _diffusers_weights(folder: Path) -> Path | None:
-    weights = folder / DIFFUSERS_WEIGHTS
-    return weights if weights.is_file() and (folder / "config.json").is_file() else None
-
-
-class ControlNetCatalog(DropFolder[ControlNetInfo]):
+class ControlNetCatalog(FilesOrFolders[ControlNetInfo]):
     """The ControlNet drop folder, then the fleet's registry."""
 
     noun = "ControlNet"
@@ -85,15 +80,6 @@ class ControlNetCatalog(DropFolder[ControlNetInfo]):
     error = ControlNetError
     local_kind = f"a {SAFETENSORS_SUFFIX} file or a diffusers ControlNet folder"
     import_command = "lorafleet controlnets import"
-
-    def local_names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        folders = {p.name for p in self.folder.iterdir() if _diffusers_weights(p)}
-        return sorted(set(super().local_names()) | folders)
-
-    def _local(self, stem: str) -> Path | None:
-        return super()._local(stem) or _diffusers_weights(self.folder / stem)
 
     def _describe(self, path: Path, name: str | None) -> ControlNetInfo:
         width = controlnet_width(path)

@@ -169,3 +169,24 @@ class DropFolder(ABC, Generic[InfoT]):
         if self.shared is not None:
             where += f" or {self.a_noun} imported with `{self.import_command}`"
         return self.error(f"unknown {self.noun} {name!r}", allowed=f"{where}: {listing or 'none yet'}")
+
+
+class FilesOrFolders(DropFolder[InfoT]):
+    """A drop folder whose kind also comes as diffusers folders (``config.json`` beside
+    ``diffusion_pytorch_model.safetensors``): VAEs, ControlNets. A folder is named by itself."""
+
+    weights_name: ClassVar[str] = "diffusion_pytorch_model.safetensors"
+
+    def local_names(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        folders = {p.name for p in self.folder.iterdir() if self._folder_weights(p)}
+        return sorted(set(super().local_names()) | folders)
+
+    def _local(self, stem: str) -> Path | None:
+        return super()._local(stem) or self._folder_weights(self.folder / stem)
+
+    def _folder_weights(self, folder: Path) -> Path | None:
+        """The weights of a diffusers folder (beside its ``config.json``), or None."""
+        weights = folder / self.weights_name
+        return weights if weights.is_file() and (folder / "config.json").is_file() else None

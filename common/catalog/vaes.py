@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.common.catalog.drop_folder import DropFolder
+from lorafleet.common.catalog.drop_folder import FilesOrFolders
 from lorafleet.common.catalog.lora_files import (
     SAFETENSORS_SUFFIX,
     read_safetensors_header,
@@ -76,13 +76,7 @@ def check_vae_file(path: Path) -> None:
         raise FileRefused(f"its decoder writes {out.shape[0]} channels, not RGB", field=path.name)
 
 
-def _diffusers_weights(folder: Path) -> Path | None:
-    """The weights of a diffusers VAE folder (beside its ``config.json``), or None."""
-    weights = folder / DIFFUSERS_VAE_WEIGHTS
-    return weights if weights.is_file() and (folder / "config.json").is_file() else None
-
-
-class VaeCatalog(DropFolder[VaeInfo]):
+class VaeCatalog(FilesOrFolders[VaeInfo]):
     """The VAE drop folder: names to files or diffusers folders, each checked when looked up
     (once per size and mtime of its weights)."""
 
@@ -91,15 +85,6 @@ class VaeCatalog(DropFolder[VaeInfo]):
     error = VaeError
     local_kind = f"a {SAFETENSORS_SUFFIX} file or a diffusers VAE folder"
     import_command = "lorafleet vaes import"
-
-    def local_names(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        folders = {p.name for p in self.folder.iterdir() if _diffusers_weights(p)}
-        return sorted(set(super().local_names()) | folders)
-
-    def _local(self, stem: str) -> Path | None:
-        return super()._local(stem) or _diffusers_weights(self.folder / stem)
 
     def _describe(self, path: Path, name: str | None) -> VaeInfo:
         # ``path`` holds the weights: the VAE file itself, or the file inside a diffusers folder

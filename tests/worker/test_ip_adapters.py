@@ -121,5 +121,5 @@ def test_an_sdxl_ip_adapter_job_gives_diffusers_own_image(client, runner, settin
     pipe.set_progress_bar_config(disable=True)
     want = diffusers_ip_image(pipe, settings.ip_adapter_dir / "sdxl-ip", face, 0.7)
     assert np.abs(decoded(runner.storage.get(record.images[0].key)) - want).max() <= 2
-    with pytest.raises(JobRejected, match="writes 80-wide image tokens but model 'tiny-sd15' reads 32"):
+    with pytest.raises(JobRejected, match="made for a 80-wide text embedding but model 'tiny-sd15' reads 32"):
         client.submit(JOB | {"ip_adapter": unit})
