@@ -16,6 +16,7 @@ from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog, IpAdapterError
 from lorafleet.common.catalog.models import ModelRef
 from lorafleet.common.schema.errors import JobRejected
+from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
 from lorafleet.common.schema.hires import output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
@@ -56,7 +57,8 @@ class InputChecks:
         if model.family is not None and model.family.is_flow:
             self._flow_family(job, model, where)
         if job.init_image is not None:
-            self._init_image(job, where, warnings)
+            multiple = FLOW_SIZE_MULTIPLE if model.family is not None and model.family.is_flow else 8
+            self._init_image(job, where, warnings, multiple)
         for n, spec in enumerate(job.controlnets):
             self._controlnet(spec, model, f"{where}controlnets[{n}]")
         if job.ip_adapter is not None:
@@ -104,7 +106,7 @@ class InputChecks:
                 allowed=f"a second pass of at most {MAX_SIZE} pixels a side",
             )
 
-    def _init_image(self, job: GenerationJob, where: str, warnings: list[str]) -> None:
+    def _init_image(self, job: GenerationJob, where: str, warnings: list[str], multiple: int = 8) -> None:
         assert job.init_image is not None
         job.init_image, (width, height) = self.stored(job.init_image, f"{where}init_image")
         if job.mask_image is not None:
@@ -128,7 +130,7 @@ class InputChecks:
                     )
 
             def side(pixels: int) -> int:
-                return min(MAX_SIZE, max(MIN_SIZE, int(pixels * scale) // 8 * 8))
+                return min(MAX_SIZE, max(MIN_SIZE, int(pixels * scale) // multiple * multiple))
 
             job.width, job.height = job.width or side(width), job.height or side(height)
         if job.strength is None:
@@ -177,10 +179,12 @@ class InputChecks:
         if self._images is None:
             raise JobRejected("this submitter has no object store to read input images from", field=field)
         if ref.startswith(("http://", "https://")):
-            known, when = self._urls.get(ref, ("", 0.0))
+            known, when = self._urls.get(ref, ("", -URL_KEPT_SECONDS * 2))
             if time.monotonic() - when > URL_KEPT_SECONDS:  # a batch naming one URL fetches it once
                 checked = self._images().put(fetch_image(ref, field, self.url_hosts), field)
                 known = checked.ref
+                if len(self._urls) > 1024:  # a long-lived API process: forget the old ones
+                    self._urls.clear()
                 self._urls[ref] = (known, time.monotonic())
                 self._sizes[known] = (checked.width, checked.height)
             ref = known

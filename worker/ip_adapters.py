@@ -22,24 +22,33 @@ logger = logging.getLogger(__name__)
 
 @contextmanager
 def ip_adapter_loaded(pipe, info: IpAdapterInfo | None, weight: float) -> Iterator[None]:
-    """``info``'s IP-Adapter in ``pipe`` at ``weight`` for the block (None: nothing to do)."""
+    """``info``'s IP-Adapter in ``pipe`` at ``weight`` for the block (None: nothing to do);
+    after it, whatever happened, the pipeline's encoder, image processor and attention
+    processors are the ones it had."""
     if info is None:
         yield
         return
+    kept = {name: getattr(pipe, name, None) for name in ("image_encoder", "feature_extractor")}
+    processors = dict(pipe.unet.attn_processors)
     try:
-        pipe.load_ip_adapter(
-            str(info.path),
-            subfolder="",
-            weight_name=info.weights_name,
-            image_encoder_folder=ENCODER,
-            local_files_only=True,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        pipe.unload_ip_adapter()
-        raise JobFailed(f"IP-Adapter {info.name!r} cannot be loaded ({type(exc).__name__}: {exc})") from exc
-    logger.info("IP-Adapter %s (%s) loaded at %g", info.name, info.short_hash, weight)
-    try:
+        try:
+            pipe.load_ip_adapter(
+                str(info.path),
+                subfolder="",
+                weight_name=info.weights_name,
+                image_encoder_folder=ENCODER,
+                local_files_only=True,
+            )
+        except Exception as exc:
+            raise JobFailed(
+                f"IP-Adapter {info.name!r} cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from exc
+        logger.info("IP-Adapter %s (%s) loaded at %g", info.name, info.short_hash, weight)
         pipe.set_ip_adapter_scale(weight)
         yield
     finally:
         pipe.unload_ip_adapter()
+        pipe.unet.set_attn_processor(processors)
+        for name, value in kept.items():
+            if hasattr(pipe, name):
+                pipe.register_modules(**{name: value})

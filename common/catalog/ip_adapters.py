@@ -56,6 +56,12 @@ def describe_ip_adapter(folder: Path) -> IpAdapterInfo:
     if not (folder / ENCODER / "config.json").is_file():
         raise FileRefused(f"no {ENCODER}/ beside its weights", field=folder.name, allowed=allowed)
     file, tensors = weights[0]
+    if any("lora" in k for k in tensors if k.startswith("ip_adapter.")):
+        raise FileRefused(
+            "a FaceID IP-Adapter: its LoRA would stay in the model after the job",
+            field=folder.name,
+            allowed="a plain IP-Adapter (image_proj and ip_adapter tensors only)",
+        )
     widths = {t.shape[1] for k, t in tensors.items() if k.endswith("to_k_ip.weight") and len(t.shape) == 2}
     return IpAdapterInfo(
         folder.name, folder, file.name, sha256_file(file), widths.pop() if len(widths) == 1 else None
@@ -67,6 +73,7 @@ class IpAdapterCatalog:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._described: dict[Path, tuple[tuple, IpAdapterInfo]] = {}  # by (size, mtime) of its files
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
@@ -82,8 +89,14 @@ class IpAdapterCatalog:
         if not folder.is_dir():
             known = ", ".join(self.names()) or f"none yet: put IP-Adapter folders in {self.folder}"
             raise IpAdapterError(f"unknown IP-Adapter {name!r}", allowed=f"an IP-Adapter folder ({known})")
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*")))
+        known = self._described.get(folder)
+        if known is not None and known[0] == stamp:
+            return known[1]
         try:
-            return describe_ip_adapter(folder)
+            info = describe_ip_adapter(folder)
+            self._described[folder] = (stamp, info)
+            return info
         except FileRefused as exc:
             raise IpAdapterError(
                 f"IP-Adapter {name!r} is refused: {exc.reason}", allowed=exc.allowed

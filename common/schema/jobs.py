@@ -321,9 +321,11 @@ class GenerationJob(BaseModel):
     @classmethod
     def _with_its_field(cls, value: Any, info: ValidationInfo) -> Any:
         if info.field_name == "hr_scale":
-            if value is not None and (info.data.get("init_image") or info.data.get("controlnets")):
+            if value is not None and any(
+                info.data.get(f) for f in ("init_image", "controlnets", "ip_adapter")
+            ):
                 raise ValueError(
-                    "the hires fix is for text-to-image jobs: not with init_image or controlnets"
+                    "the hires fix is for text-to-image jobs: not with init_image, controlnets or ip_adapter"
                 )
             return value
         needed = _NEEDS.get(info.field_name or "", "init_image")

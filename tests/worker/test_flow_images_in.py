@@ -135,3 +135,9 @@ def test_flux2_klein_refuses_an_init_image_naming_the_family(client):
     assert refused.value.field == "init_image" and "FLUX.2 Klein, which has no image-to-image" in str(
         refused.value
     )
+
+
+def test_a_flow_jobs_size_from_its_init_image_is_a_multiple_of_16(client):
+    ref = client.upload_image(photo(54, size=(100, 72)))
+    job = client.submit(JOB | {"model": "tiny-flux1", "init_image": ref, "width": None, "height": None}).job
+    assert (job.width, job.height) == (96, 64)

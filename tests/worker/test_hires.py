@@ -84,6 +84,11 @@ def test_what_the_hires_fix_cannot_do_is_refused_naming_the_field(client):
         ({"hr_steps": 10}, "hr_steps", "only with hr_scale"),
         ({"hr_scale": 4.0, "width": 1024, "height": 512}, "hr_scale", "4096x2048"),
         ({"hr_scale": 9}, "hr_scale", "4"),
+        (
+            {"hr_scale": 1.5, "ip_adapter": {"model": "ip", "images": ["sha256:" + "3" * 64]}},
+            "hr_scale",
+            "not with init_image, controlnets or ip_adapter",
+        ),
     ]
     for fields, field, words in cases:
         with pytest.raises(JobRejected) as refused:

@@ -68,6 +68,8 @@ def test_an_ip_adapter_job_gives_diffusers_own_image_and_leaves_the_pipeline_as_
     after, _ = submitted(client, runner, width=64, height=64)
     plain = [decoded(runner.storage.get(r.images[0].key)) for r in (before, after)]
     assert np.array_equal(*plain), "the IP-Adapter was not removed after its job"
+    [hot] = runner.pipelines.loaded()
+    assert hot.pipe.image_encoder is None and hot.pipe.feature_extractor is None  # as it was loaded
     assert np.abs(plain[0] - decoded(png)).max() > 10
     fields = parse_parameters(Image.open(io.BytesIO(png)).info["parameters"]).fields
     assert (
@@ -89,7 +91,15 @@ def test_what_is_no_ip_adapter_is_refused_naming_the_field(client, settings):
     broken = settings.ip_adapter_dir / "no-encoder"
     broken.mkdir(parents=True)
     shutil.copy(settings.ip_adapter_dir / IP / "ip-adapter.safetensors", broken / "ip-adapter.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    faceid = settings.ip_adapter_dir / "faceid"
+    shutil.copytree(settings.ip_adapter_dir / IP, faceid)
+    state = load_file(str(faceid / "ip-adapter.safetensors"))
+    state["ip_adapter.1.to_k_lora.down.weight"] = state["ip_adapter.1.to_k_ip.weight"][:4].clone()
+    save_file(state, str(faceid / "ip-adapter.safetensors"))
     cases = [
+        ({"model": "faceid", "images": [image]}, "ip_adapter.model", "a FaceID IP-Adapter"),
         ({"model": "nowhere", "images": [image]}, "ip_adapter.model", "unknown IP-Adapter 'nowhere'"),
         ({"model": "no-encoder", "images": [image]}, "ip_adapter.model", "no image_encoder/"),
         ({"model": IP, "images": ["sha256:" + "2" * 64]}, "ip_adapter.images[0]", "upload it first"),
