@@ -129,7 +129,9 @@ def test_qwen_image_drops_exactly_the_system_part_of_its_template(pipelines):
 
 
 def test_an_unknown_family_is_refused_with_the_allowed_ones():
-    with pytest.raises(ValueError, match="sd15, sd2, sdxl, flux1, flux1-schnell, zimage, qwenimage, flux2"):
+    with pytest.raises(
+        ValueError, match="sd15, sd15-inpainting, sd2, sdxl, flux1, flux1-schnell, zimage, qwenimage, flux2"
+    ):
         make_tiny_model(Path("/nonexistent"), family="sd3")
 
 
