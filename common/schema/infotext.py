@@ -215,7 +215,7 @@ class Infotext:
         if self.by_lorafleet:
             job["controlnets"] = self._controlnets(where)
         if self.by_lorafleet and "IP-Adapter" in fields and "IP-Adapter images" in fields:
-            parts = dict(p.split(": ", 1) for p in fields["IP-Adapter"].strip('"').split(", ") if ": " in p)
+            parts = _unit_fields(fields["IP-Adapter"])
             job["ip_adapter"] = {
                 "model": parts.get("Model", "").rsplit(" [", 1)[0],
                 "images": fields["IP-Adapter images"].strip('"').split(),
@@ -242,7 +242,7 @@ class Infotext:
             unit, image = self.fields.get(f"ControlNet {n}"), self.fields.get(f"ControlNet {n} image")
             if unit is None or image is None:
                 break
-            parts = dict(p.split(": ", 1) for p in unit.strip('"').split(", ") if ": " in p)
+            parts = _unit_fields(unit)
             spec: dict[str, Any] = {
                 "model": parts.get("Model", "").rsplit(" [", 1)[0],
                 "image": image.strip(),
@@ -252,6 +252,13 @@ class Infotext:
                     spec[name] = _number(parts[key], float, f"{where}ControlNet {n} {key}")
             units.append(spec)
         return units
+
+
+def _unit_fields(unit: str) -> dict[str, str]:
+    """A unit's own ``Key: value, Key: value`` text (A1111's ``ControlNet N``, lorafleet's
+    ``IP-Adapter``), quoted or not, as a dict; a part without ``": "`` is skipped."""
+    parts = (part.split(": ", 1) for part in unit.strip('"').split(", "))
+    return {part[0]: part[1] for part in parts if len(part) == 2}
 
 
 def _number(value: str, kind: type, field_name: str) -> int | float:
