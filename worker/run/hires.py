@@ -1,5 +1,6 @@
 """A1111's hires fix on a worker (common/schema/hires.py says what it means): the first pass's
-output as the upscaler wants it, the upscale, and the image-to-image pipeline of the second pass."""
+output as the upscaler wants it, and the upscale. The second pass runs in the model's
+image-to-image pipeline (worker/run/inputs.py's ``derived``), as an img2img job does."""
 
 from __future__ import annotations
 
@@ -29,12 +30,3 @@ def upscaled(pipe, job: GenerationJob, first):
 
     resample = getattr(Image.Resampling, PIXEL_MODES[job.hr_upscaler])
     return [image.resize((width, height), resample) for image in first]
-
-
-def second_pass(pipe):
-    """diffusers' image-to-image pipeline over the model's components."""
-    from diffusers import AutoPipelineForImage2Image
-
-    second = AutoPipelineForImage2Image.from_pipe(pipe)
-    second.set_progress_bar_config(disable=True)
-    return second

@@ -84,15 +84,32 @@ def pipeline_for(pipe, job: GenerationJob, controlnet=None):
     or ControlNet form over the same components (``controlnet``: the job's, loaded)."""
     if job.init_image is None and controlnet is None:
         return pipe
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
-
     if job.init_image is None:
-        kind = AutoPipelineForText2Image
+        kind = "text-to-image"
     else:
-        kind = AutoPipelineForInpainting if job.mask_image is not None else AutoPipelineForImage2Image
-    derived = kind.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
-    derived.set_progress_bar_config(disable=True)
-    return derived
+        kind = "inpainting" if job.mask_image is not None else "image-to-image"
+    return derived(pipe, kind, controlnet)
+
+
+_AUTO_PIPELINES = {
+    "text-to-image": "AutoPipelineForText2Image",
+    "image-to-image": "AutoPipelineForImage2Image",
+    "inpainting": "AutoPipelineForInpainting",
+}
+"""diffusers' pipeline that takes a model's components for each kind of call."""
+
+
+def derived(pipe, kind: str, controlnet=None):
+    """``pipe``'s components in diffusers' ``kind`` pipeline (one of ``_AUTO_PIPELINES``; with
+    ``controlnet`` when given), its progress bar off: ``from_pipe`` copies no weight, so the
+    job's LoRAs, patched or on side paths, are in it. The hires fix's second pass is its
+    image-to-image form."""
+    import diffusers
+
+    auto = getattr(diffusers, _AUTO_PIPELINES[kind])
+    pipeline = auto.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def _batch(images: list) -> torch.Tensor:

@@ -18,7 +18,7 @@ from lorafleet.common.schema.hires import stretched_steps
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
 from lorafleet.worker.run import flow, hires
-from lorafleet.worker.run.inputs import call_arguments, pipeline_for
+from lorafleet.worker.run.inputs import call_arguments, derived, pipeline_for
 
 SEED_MODULUS = 2**32
 
@@ -180,7 +180,7 @@ def sample(
         output_type=first_output,
     )
     if job.hr_scale:  # the second pass over the upscaled images, the generators continued
-        second = hires.second_pass(pipe)
+        second = derived(pipe, "image-to-image")
         second.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
         done = job.steps
 
