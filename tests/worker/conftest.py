@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +44,28 @@ def assert_same(hot, before: dict[str, torch.Tensor]) -> None:
     after = snapshot(hot)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"{len(changed)} tensors differ from pristine, e.g. {changed[:3]}"
+
+
+def dropped_in(
+    settings: Settings,
+    *,
+    models: Iterable[Path] = (),
+    loras: Iterable[Path] = (),
+    checkpoints: Iterable[Path] = (),
+    checkpoint_configs: dict[str, str] | None = None,
+) -> Settings:
+    """``settings`` (conftest's) with files dropped into its home: pipeline folders into
+    models/ by their own names, LoRA files into the LoRA drop folder, single-file checkpoints
+    into autoimport/main; ``checkpoint_configs`` as LORAFLEET_CHECKPOINT_CONFIGS gives them."""
+    for folder in models:
+        shutil.copytree(folder, settings.models_dir / folder.name)
+    for target, files in ((settings.lora_dir, loras), (settings.checkpoints_dir, checkpoints)):
+        for path in files:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target / path.name)
+    if checkpoint_configs:
+        settings = settings.model_copy(update={"checkpoint_configs": checkpoint_configs})
+    return settings
 
 
 def make_runner(settings) -> JobRunner:

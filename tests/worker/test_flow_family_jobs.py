@@ -7,7 +7,6 @@ warning naming the family's encoder; what the family lacks is refused at submit,
 from __future__ import annotations
 
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
 from tests.producer.test_client import queued_messages
+from tests.worker.conftest import dropped_in
 from tests.worker.test_flow_checkpoints import write
 from tests.worker.test_runner import client  # noqa: F401  (a fixture)
 
@@ -52,18 +52,13 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture
-def settings(home, redis_url, tmp_path, built, family) -> Settings:  # conftest's, with this family
+def settings(settings, built, family) -> Settings:  # conftest's, with this family
     folder, loras, checkpoint = built[family]
-    shutil.copytree(folder, home / "models" / folder_name(family))
-    for path in loras:
-        shutil.copy(path, home / "autoimport" / "lora" / path.name)
-    (home / "autoimport" / "main").mkdir(parents=True, exist_ok=True)
-    shutil.copy(checkpoint, home / "autoimport" / "main" / checkpoint.name)
-    return Settings(
-        home=home,
-        broker_url=redis_url,
-        storage_url=str(tmp_path / "outputs"),
-        api_allowed_hosts="testserver",
+    return dropped_in(
+        settings,
+        models=[folder],
+        loras=loras,
+        checkpoints=[checkpoint],
         checkpoint_configs={family: str(folder)},  # the file's text encoder, tokenizer and VAE
     )
 

@@ -8,7 +8,6 @@ has none, refuses an init image naming the family."""
 from __future__ import annotations
 
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.schema.settings import Settings
 from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
+from tests.worker.conftest import dropped_in
 from tests.worker.test_flux1 import expected_deltas, merged_reference
 from tests.worker.test_images_in import decoded, mask, photo
 from tests.worker.test_runner import client  # noqa: F401
@@ -38,12 +38,11 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture
-def settings(home, redis_url, tmp_path, folders) -> Settings:  # conftest's, with the flow models
+def settings(settings, folders) -> Settings:  # conftest's, with the flow models
     root, built = folders
-    for family, folder in built.items():
-        shutil.copytree(folder, home / "models" / folder.name)
-    shutil.copy(root / "flux1-loras" / "flux1-peft.safetensors", home / "autoimport" / "lora")
-    return Settings(home=home, broker_url=redis_url, storage_url=str(tmp_path / "outputs"))
+    return dropped_in(
+        settings, models=built.values(), loras=[root / "flux1-loras" / "flux1-peft.safetensors"]
+    )
 
 
 def run(client, runner, **fields):

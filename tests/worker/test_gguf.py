@@ -5,8 +5,6 @@ rounding), and after 100 LoRA jobs through the runner its quantized bytes are th
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -28,6 +26,7 @@ from lorafleet.worker.lora.module_index import ModuleIndex
 from lorafleet.worker.lora.patcher import StackEntry, WeightPatcher
 from lorafleet.worker.lora.side_paths import SidePaths
 from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
+from tests.worker.conftest import dropped_in
 from tests.worker.test_flux1 import expected_deltas, image, merged_reference
 from tests.worker.test_runner import client  # noqa: F401  (a fixture)
 
@@ -131,17 +130,12 @@ def test_the_patcher_never_merges_into_a_quantized_weight(pipes, built):
 
 
 @pytest.fixture
-def settings(home, redis_url, tmp_path, built) -> Settings:  # conftest's, with the GGUF model
+def settings(settings, built) -> Settings:  # conftest's, with the GGUF model
     folder, loras, path = built
-    for lora in loras.values():
-        shutil.copy(lora, home / "autoimport" / "lora" / lora.name)
-    (home / "autoimport" / "main").mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, home / "autoimport" / "main" / path.name)
-    return Settings(
-        home=home,
-        broker_url=redis_url,
-        storage_url=str(tmp_path / "outputs"),
-        api_allowed_hosts="testserver",
+    return dropped_in(
+        settings,
+        loras=loras.values(),
+        checkpoints=[path],
         checkpoint_configs={"flux1": str(folder)},  # text encoders, tokenizers and VAE
     )
 
