@@ -53,17 +53,22 @@ def reference(template_home):
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    state = load_file(str(template_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors"))
+    merge_peft(
+        pipe, load_file(str(template_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors")), LORA[1]
+    )
+    return pipe
+
+
+def merge_peft(pipe, state: dict[str, torch.Tensor], weight: float) -> None:
+    """A UNet-only PEFT LoRA merged into ``pipe``'s UNet in float64, by the file's own math:
+    W + weight x (B @ A), rounded once to the weight's dtype."""
     with torch.no_grad():
         for key, down in state.items():
             if key.endswith(".lora_A.weight"):
                 module = pipe.unet.get_submodule(key[len("unet.") : -len(".lora_A.weight")])
                 up = state[key.replace("lora_A", "lora_B")]
-                merged = module.weight.double() + LORA[1] * (up.double() @ down.double()).view_as(
-                    module.weight
-                )
-                module.weight.copy_(merged.float())
-    return pipe
+                delta = (up.double() @ down.double()).view_as(module.weight)
+                module.weight.copy_((module.weight.double() + weight * delta).to(module.weight.dtype))
 
 
 def diffusers_image(
@@ -360,15 +365,9 @@ def test_an_inpainting_model_repaints_as_diffusers_and_refuses_text_to_image(inp
     )
     assert pipe.unet.config.in_channels == 9
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    state = load_file(str(inpainting_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors"))
-    with torch.no_grad():  # the job's LoRA, merged here in float64 (its UNet-only PEFT file)
-        for key, down in state.items():
-            if key.endswith(".lora_A.weight"):
-                module = pipe.unet.get_submodule(key[len("unet.") : -len(".lora_A.weight")])
-                up = state[key.replace("lora_A", "lora_B")]
-                module.weight.copy_(
-                    (module.weight.double() + LORA[1] * (up.double() @ down.double())).float()
-                )
+    merge_peft(
+        pipe, load_file(str(inpainting_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors")), LORA[1]
+    )
     want = diffusers_image(pipe, "inpaint", init, 1.0, drawn, overlay=True)
     assert np.abs(decoded(png) - want).max() <= 2
     for given, field in (({}, "mask_image"), ({"init_image": None, "strength": None}, "init_image")):
