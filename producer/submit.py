@@ -381,12 +381,13 @@ class Submitting:
     def _queue(self, records: list[JobRecord]) -> None:
         self._check_room(records)
         try:
-            self.jobs.create_many(records)
+            self._keep_inputs(records)  # the input images they name, written before the records
+            stored = self.jobs.create_many(records)
         except redis.ResponseError as exc:  # OOM, or EXECABORT after one inside the transaction
             if not (_redis_full(exc) or isinstance(exc, redis.exceptions.ExecAbortError)):
                 raise
             raise _full(exc) from None
-        self._send(grouped_by_stack(records))
+        self._send(grouped_by_stack(records), stored)
 
     def _check_room(self, records: list[JobRecord]) -> None:
         """QueueFull when a model's queue would pass ``max_queued_per_model``, or a tenant's
@@ -411,12 +412,12 @@ class Submitting:
                     "(LORAFLEET_MAX_QUEUED_PER_MODEL): submit again when workers have caught up"
                 )
 
-    def _send(self, records: Sequence[JobRecord]) -> None:
+    def _send(self, records: Sequence[JobRecord], stored: dict[str, str]) -> None:
         sent = 0
         try:
             with self.celery.producer_or_acquire() as producer:
                 for record in records:
-                    send_job(self.celery, record, producer)
+                    send_job(self.celery, record, producer, queued=stored[record.job_id])
                     sent += 1
                     logger.info("queued job %s on %s", record.job_id, record.queue)
         except Exception as exc:  # kombu and redis raise many kinds; all mean "not sent"

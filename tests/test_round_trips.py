@@ -9,6 +9,7 @@ import redis
 
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.store import JobStore
+from lorafleet.common.schema import keys
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.producer import Client
 from tests.conftest import TINY
@@ -64,6 +65,44 @@ def test_a_jobs_transitions_take_one_round_trip_each_and_its_start_two(settings)
         client.cancel(second.job_id)
         after, progress = _trips(lambda: lifecycle.progress(second.job_id, run_id, 1))
         assert after.cancel_requested and progress == 2
+
+
+def test_a_start_with_its_messages_hint_is_one_round_trip_and_a_stale_hint_is_never_taken(settings):
+    """The message carries the record as queued (``send_job``): the start tries it first, and
+    Redis compares it with what is stored, and answers a stale one with the stored record,
+    which decides; a hint that is not a record is read past (one more round trip)."""
+    with Client(settings) as client:
+        store = JobStore(redis.Redis.from_url(settings.broker_url), retention=settings.record_retention)
+        hint = {}
+        for name in ("fresh", "cancelled", "garbage"):
+            job_id = client.submit({"model": TINY, "prompt": name, "steps": STEPS}).job_id
+            hint[name] = (job_id, store.redis.get(keys.job(job_id)))
+        client.cancel(hint["cancelled"][0])  # after its message (and hint) was sent
+        _counting(store.redis)
+        lifecycle = Lifecycle(store)
+        lifecycle.cancel(client.submit({"model": TINY, "prompt": "warm"}).job_id)  # the script loaded
+        start = dict(worker="w", instance="i", attempts_allowed=3, owner_alive=lambda r: False, lost_after=10)
+
+        job_id, queued = hint["fresh"]
+        (before, record, run_id), trips = _trips(lambda: lifecycle.start(job_id, guess=queued, **start))
+        assert (before, record.status, record.run_id, trips) == (
+            JobStatus.queued,
+            JobStatus.running,
+            run_id,
+            1,
+        )
+
+        job_id, queued = hint["cancelled"]
+        (before, record, _), trips = _trips(lambda: lifecycle.start(job_id, guess=queued, **start))
+        # the script answered the stale hint with the stored record, which decided: nothing to write
+        assert before is JobStatus.cancelled and record.status is JobStatus.cancelled and trips == 1
+        assert store.get(job_id).status is JobStatus.cancelled and not store.get(job_id).runs
+
+        job_id, _ = hint["garbage"]
+        (_, record, _), trips = _trips(
+            lambda: lifecycle.start(job_id, guess=b'{"job": "not a record"}', **start)
+        )
+        assert record.status is JobStatus.running and trips == 2
 
 
 def test_round_trips_of_a_whole_job_on_the_worker_and_its_submit(settings):

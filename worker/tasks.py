@@ -1,7 +1,8 @@
 """The Celery task: thin — it hands the job id to the JobRunner, which does the rest.
 
-The message carries only the job id; the job itself is read from its record, the one source
-of job state. The runner ends every job's record itself, so the task returns and the
+The message carries the job id and, as a hint, the record as it was queued; the job itself is
+read from its record, the one source of job state (the hint is only the start's first guess,
+compared with the stored record inside Redis: fleet/lifecycle.py). The runner ends every job's record itself, so the task returns and the
 message is acknowledged (acks_late) only then. The one exception: a job the runner queued
 again after a transient failure is sent again with a countdown (Celery's retry publishes
 the new message before the old one is acknowledged); if that publish fails, or Redis fails
@@ -33,9 +34,9 @@ def register_tasks(app: Celery, runner: JobRunner) -> None:
         ignore_result=True,
         max_retries=None,
     )
-    def generate(task, job_id: str) -> str | None:
+    def generate(task, job_id: str, queued: str | None = None) -> str | None:
         try:
-            status = runner.run(job_id)
+            status = runner.run(job_id, queued)
         except redis.RedisError as exc:
             # The record could not be written (the broker went away mid-job): give the message
             # back rather than acknowledge it; the next run's start takes the record over. The

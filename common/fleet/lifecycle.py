@@ -22,11 +22,14 @@ sweep's grid, is put on ``keys.BATCHES_ENDED`` when its last job ends, for servi
 record never moves again), so its end's effects are written once, whoever ends it and
 however often a caller retries through a Redis outage.
 
-Round trips: a process remembers the record it last wrote for each job it changes and
-tries the change against it first; the script answers a stale guess with the stored record,
-so a progress write or a run's end is one round trip unless someone else changed the record
-(a cancel), then two. A guess is never taken for the stored record: a change that finds
-nothing to write on a guess reads what is stored and decides again.
+Round trips: a process remembers the record it last wrote for each job it changes (as stored
+and as parsed back, so the next change parses nothing) and tries the change against it
+first; a worker's start tries it against the record the job's message carries, as the
+producer stored it. The script answers a stale guess with the stored record, so a start, a
+progress write or a run's end is one round trip unless someone else changed the record (a
+cancel, a requeue), then two. A guess is never taken for the stored record: a change that
+finds nothing to write on a guess, or a guess that does not parse, reads what is stored and
+decides again.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import ValidationError
+
 from lorafleet.common.fleet import events
-from lorafleet.common.fleet.store import JobStore, parsed, score, stored_form
+from lorafleet.common.fleet.store import JobStore, parsed, read_back, score
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import LorafleetError, Superseded
 from lorafleet.common.schema.hires import sampled_steps
@@ -203,30 +208,33 @@ class Lifecycle:
         self.store = store
         self.redis = store.redis
         self._transition = self.redis.register_script(_TRANSITION)
-        self._written: dict[str, bytes] = {}
-        """Job id -> the record this process last wrote (its guess for the next change)."""
+        self._written: dict[str, tuple[bytes, JobRecord]] = {}
+        """Job id -> the record this process last wrote, as stored and parsed back (its guess
+        for the next change; taken out while a change uses it, so no two threads share it)."""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ the one way to change
-    def change(self, job_id: str, change: Change) -> JobRecord | None:
+    def change(self, job_id: str, change: Change, *, guess: str | bytes | None = None) -> JobRecord | None:
         """Apply ``change`` atomically: it returns the new record, or None to leave the record
         as it is. Returns what is stored afterwards (None if there is no record; a damaged
-        record's stand-in, unchanged). IllegalMove if the change breaks ``MOVES``."""
+        record's stand-in, unchanged). IllegalMove if the change breaks ``MOVES``. ``guess``:
+        what the caller believes is stored (tried first when this process remembers nothing)."""
         key = keys.job(job_id)
-        raw = self._written.get(job_id)
-        guessed = raw is not None  # what this process wrote last: maybe changed since
+        raw, before = self._take_guess(job_id, guess)
+        guessed = raw is not None  # what this process wrote last, or the caller's belief
         if not guessed:
             raw = self.redis.get(key)
         while True:
-            before = parsed(job_id, raw)
+            if before is None:
+                before = parsed(job_id, raw)
             if before is None or before.damaged:
                 self._written.pop(job_id, None)
                 return before
             status_before = before.status
-            after = change(before)  # may change ``before`` in place: it is a fresh copy
+            after = change(before)  # may change ``before`` in place: no one else holds it
             if after is None:
                 if guessed:  # nothing to write says nothing of a guess: read what is stored
-                    guessed, raw = False, self.redis.get(key)
+                    guessed, raw, before = False, self.redis.get(key), None
                     continue
                 return before
             if after.status not in MOVES[status_before]:
@@ -234,7 +242,7 @@ class Lifecycle:
                     f"job {job_id}: {status_before.value} -> {after.status.value} is not a legal move",
                     job_id=job_id,
                 )
-            new = stored_form(after)
+            new, new_parsed = read_back(after)
             ends = after.status.final and not status_before.final
             reply = self._transition(
                 keys=[
@@ -257,18 +265,34 @@ class Lifecycle:
                 ],
             )
             if reply[0] == 1:
-                self._remember(job_id, None if after.status.final else new.encode())
+                self._remember(job_id, None if after.status.final else (new.encode(), new_parsed))
                 return after
-            guessed, raw = False, reply[1] or None  # someone else changed it: again on what is stored
+            # someone else changed it: again on what is stored
+            guessed, raw, before = False, reply[1] or None, None
 
-    def _remember(self, job_id: str, raw: bytes | None) -> None:
+    def _take_guess(self, job_id: str, guess: str | bytes | None) -> tuple[bytes | None, JobRecord | None]:
+        """(raw, parsed) of the first guess for a change of the job: what this process wrote
+        last (taken out), else ``guess`` if it parses, else (None, None): read what is stored."""
+        with self._lock:
+            remembered = self._written.pop(job_id, None)
+        if remembered is not None:
+            return remembered
+        if guess is None:
+            return None, None
+        raw = guess.encode() if isinstance(guess, str) else guess
+        try:
+            return raw, JobRecord.model_validate_json(raw)
+        except ValidationError:  # a hint, not a record: read what is stored instead
+            return None, None
+
+    def _remember(self, job_id: str, written: tuple[bytes, JobRecord] | None) -> None:
         with self._lock:  # the store stage's threads and the API's end jobs beside each other
-            if raw is None:
+            if written is None:
                 self._written.pop(job_id, None)
                 return
             if len(self._written) >= REMEMBERED:
                 self._written.pop(next(iter(self._written)), None)
-            self._written[job_id] = raw
+            self._written[job_id] = written
 
     # ------------------------------------------------------------------ transitions
     def start(
@@ -280,6 +304,7 @@ class Lifecycle:
         attempts_allowed: int,
         owner_alive: Callable[[JobRecord], bool],
         lost_after: float,
+        guess: str | bytes | None = None,
     ) -> tuple[JobStatus | None, JobRecord | None, str]:
         """Take the job for a new run: (its status before, the record after, the run's id).
 
@@ -327,7 +352,7 @@ class Lifecycle:
             record.timings = Timings(queue_wait=(now - record.submitted_at).total_seconds())
             return record
 
-        record = self.change(job_id, change)
+        record = self.change(job_id, change, guess=guess)
         return (before[-1] if before else None), record, run_id
 
     def progress(self, job_id: str, run_id: str | None, step: int) -> JobRecord | None:

@@ -98,11 +98,18 @@ def worker_argv(name: str, queues: list[str], loglevel: str = "INFO") -> list[st
     ]
 
 
-def send_job(app: Celery, record: JobRecord, producer=None) -> None:
-    """Send the job's message to its model's queue at its priority (the task id is the job id)."""
+def send_job(app: Celery, record: JobRecord, producer=None, *, queued: str | None = None) -> None:
+    """Send the job's message to its model's queue at its priority (the task id is the job id).
+
+    ``queued`` is the record as the producer stored it: the message carries it as a hint, so a
+    worker's start is one round trip (``Lifecycle.start``'s guess, compared with the stored
+    record inside Redis and never taken for it; a stale hint costs one more round trip)."""
+    kwargs: dict[str, Any] = {"job_id": record.job_id}
+    if queued is not None:
+        kwargs["queued"] = queued
     app.send_task(
         TASK_GENERATE,
-        kwargs={"job_id": record.job_id},
+        kwargs=kwargs,
         task_id=record.job_id,
         queue=record.queue,
         priority=PRIORITY_VALUE[record.job.priority],

@@ -37,15 +37,19 @@ def score(record: JobRecord) -> float:
 def stored_form(record: JobRecord) -> str:
     """The record as stored, checked to read back: a record the readers could not parse is
     never written (JobRejected names the field)."""
+    return read_back(record)[0]
+
+
+def read_back(record: JobRecord) -> tuple[str, JobRecord]:
+    """The record as stored and as a reader parses it (``stored_form``'s check gives both)."""
     text = record.model_dump_json()
     try:
-        JobRecord.model_validate_json(text)
+        return text, JobRecord.model_validate_json(text)
     except ValidationError as exc:
         problems = describe_validation_error(exc)
         raise JobRejected(
             "; ".join(f"{field}: {message}" for field, message in problems), field=problems[0][0]
         ) from None
-    return text
 
 
 def parsed(job_id: str, raw: bytes | None) -> JobRecord | None:
@@ -69,8 +73,9 @@ class JobStore:
         self.retention = retention
 
     # ------------------------------------------------------------------ create
-    def create_many(self, records: Iterable[JobRecord]) -> None:
-        """Write new records (status queued) and index them; refuses an id already taken."""
+    def create_many(self, records: Iterable[JobRecord]) -> dict[str, str]:
+        """Write new records (status queued) and index them; refuses an id already taken.
+        Returns each record as stored, by job id (its message carries it: ``send_job``)."""
         records = list(records)
         stored = {r.job_id: stored_form(r) for r in records}
         record_keys = [keys.job(r.job_id) for r in records]
@@ -93,33 +98,49 @@ class JobStore:
                             allowed="a new id, or none (the producer makes one)",
                         )
                     pipe.multi()
-                    for record in records:
-                        at = score(record)
-                        pipe.set(keys.job(record.job_id), stored[record.job_id])
-                        pipe.zadd(keys.ALL_JOBS, {record.job_id: at})
-                        pipe.zadd(keys.status(record.status.value), {record.job_id: at})
-                        if record.job.batch_id:
-                            pipe.zadd(keys.batch(record.job.batch_id), {record.job_id: at})
-                            pipe.hincrby(keys.batch_end(record.job.batch_id), "total", 1)
-                            # a batch's index and end tracker (fleet/lifecycle.py counts the ends)
-                            # outlive its records' retention (they expire one by one); set once
-                            # they exist: EXPIRE of a key not yet there does nothing
-                            for name in (
-                                keys.batch(record.job.batch_id),
-                                keys.batch_end(record.job.batch_id),
-                            ):
-                                pipe.expire(name, 2 * self.retention + BATCH_INDEX_SLACK)
-                        pipe.zadd(keys.model_jobs(record.job.model), {record.job_id: at})
-                        pipe.sadd(keys.MODELS_WITH_JOBS, record.job.model)
-                        if record.tenant is not None:
-                            pipe.zadd(keys.tenant_jobs(record.tenant), {record.job_id: at})
-                            pipe.sadd(keys.TENANTS_WITH_JOBS, record.tenant)
-                        pipe.zadd(keys.UNSENT, {record.job_id: at})
-                        self._announce(pipe, record)
+                    self._index_new(pipe, records, stored)
                     pipe.execute()
-                    return
+                    return stored
                 except redis.WatchError:
                     continue
+
+    def _index_new(self, pipe, records: list[JobRecord], stored: dict[str, str]) -> None:
+        """Queue the commands that write and index new records: one command per index for the
+        whole submission (a sweep of a thousand jobs is a few dozen commands, not thousands),
+        and per record only its SET and its event."""
+        by_index: dict[str, dict[str, float]] = {}
+        batch_counts: dict[str, int] = {}
+        sets: dict[str, set[str]] = {}
+        for record in records:
+            at = score(record)
+            pipe.set(keys.job(record.job_id), stored[record.job_id])
+            self._announce(pipe, record)
+            names = [
+                keys.ALL_JOBS,
+                keys.status(record.status.value),
+                keys.model_jobs(record.job.model),
+                keys.UNSENT,
+            ]
+            sets.setdefault(keys.MODELS_WITH_JOBS, set()).add(record.job.model)
+            if record.job.batch_id:
+                names.append(keys.batch(record.job.batch_id))
+                batch_counts[record.job.batch_id] = batch_counts.get(record.job.batch_id, 0) + 1
+            if record.tenant is not None:
+                names.append(keys.tenant_jobs(record.tenant))
+                sets.setdefault(keys.TENANTS_WITH_JOBS, set()).add(record.tenant)
+            for name in names:
+                by_index.setdefault(name, {})[record.job_id] = at
+        for name, members in by_index.items():
+            pipe.zadd(name, members)
+        for name, members in sets.items():
+            pipe.sadd(name, *members)
+        for batch_id, count in batch_counts.items():
+            pipe.hincrby(keys.batch_end(batch_id), "total", count)
+            # a batch's index and end tracker (fleet/lifecycle.py counts the ends) outlive its
+            # records' retention (they expire one by one); set once they exist: EXPIRE of a
+            # key not yet there does nothing
+            for name in (keys.batch(batch_id), keys.batch_end(batch_id)):
+                pipe.expire(name, 2 * self.retention + BATCH_INDEX_SLACK)
 
     @staticmethod
     def _announce(client, record: JobRecord) -> None:

@@ -149,11 +149,12 @@ class JobRunner(GroupSampling, StoreStage):
         """Seconds the task waits before sending a job that was queued again."""
 
     # ------------------------------------------------------------------ record moves
-    def _start(self, job_id: str) -> tuple[JobStatus | None, JobRecord | None]:
-        """Take the job for a run of this worker (fleet/lifecycle.py ``start``): (its status
-        before, the record after)."""
+    def _start(self, job_id: str, queued: str | None = None) -> tuple[JobStatus | None, JobRecord | None]:
+        """Take the job for a run of this worker (fleet/lifecycle.py ``start``; ``queued``: the
+        message's hint of its record): (its status before, the record after)."""
         before, record, run_id = self.lifecycle.start(
             job_id,
+            guess=queued,
             worker=self.worker_name,
             instance=self.instance,
             attempts_allowed=self.settings.job_attempts,
@@ -214,13 +215,14 @@ class JobRunner(GroupSampling, StoreStage):
             raise exc.__cause__ or exc from None
 
     # ------------------------------------------------------------------ the job
-    def run(self, job_id: str) -> JobStatus | None:
+    def run(self, job_id: str, queued: str | None = None) -> JobStatus | None:
         """Run one job to its end, and with it the jobs waiting in its queue that can share its
         sampling calls (worker/run/companions.py); returns the job's final status (None if it was not
-        ours to run, or another run took it over)."""
+        ours to run, or another run took it over). ``queued``: the record as its message says
+        it was queued, a hint for the start (fleet/lifecycle.py), never taken for the record."""
         self._runs = {}
         try:
-            record, status = self._take(job_id)
+            record, status = self._take(job_id, queued)
             if record is None:
                 return status
             self.stats.current_job, self.stats.current_step = job_id, 0
@@ -239,10 +241,10 @@ class JobRunner(GroupSampling, StoreStage):
             self._last_progress = {}
             self.disk.release()  # the job's cached files: other workers may evict them now
 
-    def _take(self, job_id: str) -> tuple[JobRecord | None, JobStatus | None]:
+    def _take(self, job_id: str, queued: str | None = None) -> tuple[JobRecord | None, JobStatus | None]:
         """Start the job: (its running record, None), or (None, what ``run`` returns) when it
         is not this worker's to run."""
-        before, record = self._start(job_id)
+        before, record = self._start(job_id, queued)
         if record is None:
             logger.warning("job %s has no record (expired or never queued); dropped", job_id)
             return None, None
