@@ -55,13 +55,29 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 
 
-def sampled_steps(job: Any) -> int:
-    """Steps each image of a GenerationJob runs: with an init image, diffusers' int(steps x
-    strength); with the hires fix, its second pass's hr_steps (or steps) more."""
+def sampled_steps(job: Any, *, flow: bool = False) -> int:
+    """Steps each image of a GenerationJob runs: with an init image, what its pipeline runs of
+    ``steps`` at ``strength`` (``image_steps``; ``flow``: on a flow-matching family); with
+    the hires fix, its second pass's hr_steps (or steps) more."""
     steps = job.steps or 0
-    first = min(int(steps * job.strength), steps) if job.init_image and job.strength else steps
+    first = image_steps(steps, job.strength, flow=flow) if job.init_image and job.strength else steps
     second = (job.hr_steps or steps) if job.hr_scale else 0
     return first + second
+
+
+def image_steps(steps: int, strength: float, *, flow: bool = False) -> int:
+    """Steps diffusers' image-to-image and inpainting pipelines run of a ``steps`` schedule at
+    ``strength``, as their ``get_timesteps`` counts them (the same float arithmetic):
+
+    - SD 1.x, SD 2.x, SDXL (pipeline_stable_diffusion_img2img.py, _inpaint.py, the SDXL and
+      ControlNet forms): int(steps x strength), the first ``steps - that`` skipped;
+    - FLUX.1, Qwen-Image, Z-Image (pipeline_flux_img2img.py, pipeline_qwenimage_img2img.py,
+      pipeline_z_image_img2img.py and their inpainting forms): int(steps - steps x strength)
+      skipped, so one more where steps x strength is not whole.
+    """
+    if flow:
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+    return min(int(steps * strength), steps)
 
 
 def stretched_steps(job: Any) -> int:

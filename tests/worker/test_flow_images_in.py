@@ -16,9 +16,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from lorafleet.common.fleet import events
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.run import runner as runner_module
 from lorafleet.worker.tiny import make_demo_loras, make_tiny_model
 from tests.worker.conftest import dropped_in
 from tests.worker.test_flux1 import expected_deltas, merged_reference
@@ -110,6 +112,27 @@ def test_qwen_image_and_z_image_img2img_give_diffusers_own_image(client, runner,
     extra = {"guidance_scale": 0.0} if family == "zimage" else {"true_cfg_scale": 1.0}
     want = diffusers_image(reference, init, 0.6, **extra)
     assert np.abs(got - want).max() <= 2
+
+
+@pytest.mark.parametrize("family", ["flux1", "qwenimage", "zimage"])
+def test_a_flow_img2img_jobs_progress_ends_at_its_total_and_never_passes_it(
+    client, runner, family, monkeypatch
+):
+    monkeypatch.setattr(runner_module, "PROGRESS_SECONDS", 0.0)  # every step written, none skipped
+    after = events.tail(client.redis)
+    # 4 steps at 0.6: these pipelines run 3 of them each image (SD's would run int(4 x 0.6) = 2)
+    handle = client.submit(
+        JOB
+        | {"model": f"tiny-{family}", "init_image": client.upload_image(photo(55)), "strength": 0.6}
+        | {"num_images": 2}
+    )
+    runner.run(handle.job_id)
+    record = client.get(handle.job_id)
+    assert record.status is JobStatus.succeeded, record.error
+    running = [e for e in events.read_events(client.redis, after, block=0) if e.job_id == handle.job_id]
+    running = [e for e in running if e.status == "running"]
+    assert all(e.step <= e.total for e in running), [(e.step, e.total) for e in running]
+    assert max(e.step for e in running) == running[-1].total == record.progress.total == 6
 
 
 def test_flux_inpainting_gives_diffusers_own_image(client, runner, folders):

@@ -134,6 +134,7 @@ class GroupSampling:
                     )
                 if flow.is_flow(hot.pipe):
                     member.warnings.extend(flow.prompt_warnings(hot.pipe, member.job))
+                    self._recount(member, sampled_steps(member.job, flow=True))
             if side:
                 hot.patcher.restore()
             one_per_call = one_image_per_call(job)
@@ -276,7 +277,7 @@ class GroupSampling:
         counts: dict[Member, int] = {}
         for slot in chunk:
             counts[slot.member] = counts.get(slot.member, 0) + 1
-        steps = sampled_steps(job)
+        steps = sampled_steps(job, flow=flow.is_flow(hot.pipe))
 
         def on_step(step: int) -> None:
             live = 0
@@ -314,6 +315,29 @@ class GroupSampling:
         for slot, image in zip(chunk, images):
             slot.member.images[slot.index] = image
             slot.member.rows[slot.index] = rows
+
+    def _recount(self, member: Member, steps: int) -> None:
+        """The record's progress total as this pipeline counts its steps (``steps`` per image):
+        the start counted them SD's way, the record not knowing the model's family, and a flow
+        family's image-to-image runs one more where steps x strength is not whole."""
+        total = steps * member.job.num_images
+        if member.record.progress.total == total:
+            return
+        member.record.progress.total = total
+        if self.stats.current_job == member.job_id:
+            self.stats.current_total = total
+        run_id = self._runs.get(member.job_id)
+
+        def change(record):
+            if record.run_id != run_id or record.status is not JobStatus.running:
+                return None  # not this run's any more: its next progress write says so
+            record.progress.total = total
+            return record
+
+        try:
+            self.lifecycle.change(member.job_id, change)
+        except redis.RedisError as exc:  # as a progress write: sampling goes on without it
+            logger.warning("job %s: progress total not written (Redis unavailable: %s)", member.job_id, exc)
 
     def _cancelled(self, member: Member) -> None:
         """A job cancelled while it samples leaves its call; its companions go on."""
