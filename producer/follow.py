@@ -12,7 +12,7 @@ import redis
 
 from lorafleet.common.fleet.events import BLOCK_SECONDS, JobEvent, read_events, tail
 from lorafleet.common.schema.errors import BadArgument, JobRejected
-from lorafleet.common.schema.jobs import JobRecord
+from lorafleet.common.schema.jobs import JobRecord, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ class Following:
                 return [latest[i] for i in ids]
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{len(pending)} of {len(ids)} jobs still unfinished after {timeout:g} s")
-            cursor, changed = self._until_change(cursor, pending.keys())
+            # with no progress display, only an end is news: a running job's record is not read
+            cursor, changed = self._until_change(cursor, pending.keys(), ended_only=on_update is None)
 
     def _tail(self) -> str | None:
         try:
@@ -104,10 +105,11 @@ class Following:
             return None
 
     def _until_change(
-        self, cursor: str | None, pending: Collection[str]
+        self, cursor: str | None, pending: Collection[str], *, ended_only: bool = False
     ) -> tuple[str | None, set[str] | None]:
-        """Wait for events of pending jobs (at most BLOCK_SECONDS): the new cursor, and the
-        pending jobs the events were about (None: unknown, the stream could not be read)."""
+        """Wait for events of pending jobs (``ended_only``: their ends) for at most
+        BLOCK_SECONDS: the new cursor, and the pending jobs the events were about (None:
+        unknown, the stream could not be read)."""
         if cursor is None:
             time.sleep(POLL_SECONDS)
             return self._tail(), None
@@ -118,7 +120,11 @@ class Following:
                 events = read_events(self.redis, cursor, block=max(0.01, deadline - time.monotonic()))
                 if events:
                     cursor = events[-1].id
-                    changed |= {e.job_id for e in events if e.job_id in pending}
+                    changed |= {
+                        e.job_id
+                        for e in events
+                        if e.job_id in pending and (not ended_only or JobStatus(e.status).final)
+                    }
                     if changed:
                         break
         except redis.RedisError:

@@ -294,3 +294,43 @@ def test_wait_ends_even_when_an_end_left_no_event(client, monkeypatch):
     client.redis.set(keys.job(handle.job_id), record.model_dump_json())  # no event for it
     (ended,) = client.wait([handle.job_id], timeout=30)  # TimeoutError if it never read it again
     assert ended.status is JobStatus.cancelled
+
+
+def test_wait_reads_a_record_again_only_when_the_job_has_ended(client):
+    """Without a progress display, a running job's events (its start, each progress write) are
+    no reason to read its record: wait reads each record once at first and once at its end."""
+    import threading
+
+    from lorafleet.common.fleet.lifecycle import Lifecycle
+
+    handles = client.submit_many([JOB, JOB])
+    ids = [h.job_id for h in handles]
+    reads: list[str] = []
+    first_read = threading.Event()
+    get_many = client.jobs.get_many
+
+    def counted(job_ids):
+        reads.extend(job_ids)
+        first_read.set()
+        return get_many(job_ids)
+
+    client.jobs.get_many = counted
+    waited: list = []
+    waiter = threading.Thread(target=lambda: waited.extend(client.wait(ids, timeout=60)))
+    waiter.start()
+    assert first_read.wait(10)
+    lifecycle = Lifecycle(client.jobs)
+    runs = {}
+    for job_id in ids:
+        _, _, runs[job_id] = lifecycle.start(
+            job_id, worker="w", instance="i", attempts_allowed=3, owner_alive=lambda r: False, lost_after=10
+        )
+    for step in range(1, 6):
+        for job_id in ids:
+            lifecycle.progress(job_id, runs[job_id], step)
+            time.sleep(0.01)  # a waiter that read on news would read here
+    for job_id in ids:
+        lifecycle.end(job_id, JobStatus.succeeded, runs[job_id])
+    waiter.join(30)
+    assert [r.status for r in waited] == [JobStatus.succeeded] * 2
+    assert sorted(reads) == sorted(ids * 2)
