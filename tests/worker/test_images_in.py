@@ -378,6 +378,32 @@ def test_an_inpainting_model_repaints_as_diffusers_and_refuses_text_to_image(inp
         )
 
 
+def test_an_inpainting_model_only_workers_see_fails_jobs_without_its_inputs(inpainting_home, client, runner):  # noqa: F811
+    import shutil
+
+    from lorafleet.common.catalog.models import ModelRegistry
+    from lorafleet.common.schema.family import Family
+
+    on_workers = inpainting_home.parent / "on-the-workers" / "tiny-inpainting"  # not here at submit
+    ModelRegistry(client.settings, client.redis).register(
+        "remote-inpainting", str(on_workers), family=Family.sd15
+    )
+    job = JOB | {"model": "remote-inpainting", "width": 64, "height": 64}
+    handles = [
+        client.submit(job),
+        client.submit(job | {"init_image": client.upload_image(photo(62)), "strength": 0.5}),
+    ]
+    shutil.copytree(inpainting_home / "models" / "tiny-inpainting", on_workers)
+    for handle, missing in zip(handles, ("init_image and mask_image", "mask_image")):
+        runner.run(handle.job_id)
+        record = client.get(handle.job_id)
+        assert record.status is JobStatus.failed
+        assert "inpainting model (its UNet reads 9 channels)" in record.error, record.error
+        assert (
+            f"this job has no {missing}" in record.error and "needs init_image and mask_image" in record.error
+        )
+
+
 def test_an_inpainting_checkpoint_file_runs_as_its_folder(inpainting_home, settings, client, runner):  # noqa: F811
     from lorafleet.worker.checkpoint_format import write_single_file
 

@@ -24,10 +24,13 @@ import torch
 
 from lorafleet.common.catalog.input_images import storage_key, upright
 from lorafleet.common.infra.storage import Storage
+from lorafleet.common.schema.errors import JobFailed
 from lorafleet.common.schema.jobs import GenerationJob
 
 CACHED_INPUTS = 64
 """Input images' bytes kept in memory (a sweep over one photo reads it once)."""
+INPAINTING_CHANNELS = 9
+"""What an inpainting model's UNet reads: the latents, the mask and the masked image's latents."""
 
 
 @dataclass
@@ -81,7 +84,10 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
 
 def pipeline_for(pipe, job: GenerationJob, controlnet=None):
     """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image, inpainting
-    or ControlNet form over the same components (``controlnet``: the job's, loaded)."""
+    or ControlNet form over the same components (``controlnet``: the job's, loaded). JobFailed
+    for a job without an init image and a mask on an inpainting model, which submit lets
+    through when it cannot read the model (a hub id, a folder only the workers see)."""
+    _check_inpainting_inputs(pipe, job)
     if job.init_image is None and controlnet is None:
         return pipe
     if job.init_image is None:
@@ -89,6 +95,20 @@ def pipeline_for(pipe, job: GenerationJob, controlnet=None):
     else:
         kind = "inpainting" if job.mask_image is not None else "image-to-image"
     return derived(pipe, kind, controlnet)
+
+
+def _check_inpainting_inputs(pipe, job: GenerationJob) -> None:
+    unet = getattr(pipe, "unet", None)
+    if unet is None or unet.config.in_channels != INPAINTING_CHANNELS:
+        return
+    missing = [name for name in ("init_image", "mask_image") if getattr(job, name) is None]
+    if missing:
+        raise JobFailed(
+            f"model {job.model!r} is an inpainting model (its UNet reads {INPAINTING_CHANNELS} channels): "
+            f"it repaints the masked region of an init image and needs init_image and mask_image, and this "
+            f"job has no {' and '.join(missing)}; give both, or use an ordinary model for this job",
+            job_id=job.job_id,
+        )
 
 
 _AUTO_PIPELINES = {
