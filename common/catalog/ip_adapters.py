@@ -68,12 +68,23 @@ def describe_ip_adapter(folder: Path) -> IpAdapterInfo:
     )
 
 
+def _stamp(folder: Path, weights_name: str) -> tuple[int, int, int] | None:
+    """What says an IP-Adapter folder is as it was described: the folder's mtime (a file added,
+    removed or renamed in it) and its weights file's size and mtime; None if either is gone."""
+    try:
+        weights = (folder / weights_name).stat()
+        return folder.stat().st_mtime_ns, weights.st_size, weights.st_mtime_ns
+    except OSError:
+        return None
+
+
 class IpAdapterCatalog:
-    """The IP-Adapter drop folder, by folder name."""
+    """The IP-Adapter drop folder, by folder name; each folder described once per change
+    (``_stamp``: two stats a lookup, the folder listed and hashed again only when it changed)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self._described: dict[Path, tuple[tuple, IpAdapterInfo]] = {}  # by (size, mtime) of its files
+        self._described: dict[Path, tuple[tuple[int, int, int] | None, IpAdapterInfo]] = {}
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
@@ -86,18 +97,25 @@ class IpAdapterCatalog:
         except ValueError as exc:
             raise IpAdapterError(str(exc)) from None
         folder = self.folder / name
+        cached = self._described.get(folder)
+        if (
+            cached is not None
+            and cached[0] is not None
+            and cached[0] == _stamp(folder, cached[1].weights_name)
+        ):
+            return cached[1]
         if not folder.is_dir():
             known = ", ".join(self.names()) or f"none yet: put IP-Adapter folders in {self.folder}"
             raise IpAdapterError(f"unknown IP-Adapter {name!r}", allowed=f"an IP-Adapter folder ({known})")
-        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*")))
-        known = self._described.get(folder)
-        if known is not None and known[0] == stamp:
-            return known[1]
+        # stamped before they are read: a file rewritten while it is hashed is described again
+        stamps = {p.name: _stamp(folder, p.name) for p in folder.glob(f"*{SAFETENSORS_SUFFIX}")}
         try:
             info = describe_ip_adapter(folder)
-            self._described[folder] = (stamp, info)
-            return info
         except FileRefused as exc:
             raise IpAdapterError(
                 f"IP-Adapter {name!r} is refused: {exc.reason}", allowed=exc.allowed
             ) from None
+        except OSError as exc:
+            raise IpAdapterError(f"IP-Adapter {name!r} cannot be read: {exc.strerror or exc}") from None
+        self._described[folder] = (stamps.get(info.weights_name), info)
+        return info
