@@ -4,7 +4,8 @@
     catalog         models (list, add, remove), loras (list, inspect, import)
     fleet           workers (list, check), queues, serve, version
     embedded_redis  redis (start, stop, status)
-    worker          worker, make-tiny-model, make-demo-loras, make-tiny-controlnet
+    worker          worker, make-tiny-model, make-demo-loras, make-tiny-controlnet,
+                    make-tiny-ip-adapter
 
 Producer commands need only the producer install; worker commands (and `loras inspect`
 for a registered LoRA or with --model) import the worker side through ``worker_side``
@@ -49,6 +50,7 @@ app.command()(worker.worker)
 app.command("make-tiny-model")(worker.make_tiny_model)
 app.command("make-demo-loras")(worker.make_demo_loras)
 app.command("make-tiny-controlnet")(worker.make_tiny_controlnet)
+app.command("make-tiny-ip-adapter")(worker.make_tiny_ip_adapter)
 app.command()(fleet.serve)
 app.command()(fleet.version)
 

@@ -133,3 +133,19 @@ def test_an_sdxl_ip_adapter_job_gives_diffusers_own_image(client, runner, settin
     assert np.abs(decoded(runner.storage.get(record.images[0].key)) - want).max() <= 2
     with pytest.raises(JobRejected, match="made for a 80-wide text embedding but model 'tiny-sd15' reads 32"):
         client.submit(JOB | {"ip_adapter": unit})
+
+
+def test_make_tiny_ip_adapter_writes_one_the_catalog_takes(template_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
+    from lorafleet.producer.cli import app
+
+    out = tmp_path / "ip_adapter" / "tiny-ip"
+    model = template_home / "models" / TINY
+    made = CliRunner().invoke(app, ["make-tiny-ip-adapter", "--model", str(model), "--out", str(out)])
+    assert made.exit_code == 0, made.output
+    info = IpAdapterCatalog(out.parent).get("tiny-ip")
+    assert info.weights_name == "ip-adapter.safetensors" and info.cross_attention_dim == 32  # tiny-sd15's
+    refused = CliRunner().invoke(app, ["make-tiny-ip-adapter", "--model", str(tmp_path), "--out", str(out)])
+    assert refused.exit_code == 2 and "--model" in refused.output
