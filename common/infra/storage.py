@@ -103,6 +103,9 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Remove the object under ``key``; nothing happens if there is none."""
+
     def uri(self, key: str) -> str: ...
 
     def describe(self) -> str: ...
@@ -146,6 +149,13 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise TransientError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -230,6 +240,9 @@ class S3Storage:
         except ObjectMissing:
             return False
         return True
+
+    def delete(self, key: str) -> None:
+        self._call("deletion of", key, self.client.delete_object)  # S3 answers 204 for a missing key too
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"

@@ -42,6 +42,16 @@ def test_local_put_overwrites_atomically(tmp_path):
         store.get("images/b/j/1.png")
 
 
+def test_local_delete_removes_the_object_once(tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    store.put("inputs/abc", b"bytes")
+    store.delete("inputs/abc")
+    store.delete("inputs/abc")  # a missing object: nothing to do
+    assert not store.exists("inputs/abc")
+    with pytest.raises(JobFailed, match="refused"):
+        store.delete("../escape")
+
+
 def test_storage_url_picks_the_backend(tmp_path):
     assert isinstance(open_storage(Settings(home=tmp_path)), LocalStorage)
     assert open_storage(Settings(home=tmp_path)).root == tmp_path / "outputs"
@@ -72,6 +82,9 @@ def test_s3_round_trip_through_a_real_server(s3_credentials):
         Bucket="round-trip", Key="run-1/images/b/j/0.png"
     )
     assert head["ContentType"] == "image/png"
+    store.delete("images/b/j/0.png")
+    store.delete("images/b/j/0.png")  # a missing object: nothing to do
+    assert not store.exists("images/b/j/0.png")
 
 
 def test_s3_missing_bucket_is_a_failure_that_says_what_to_check(s3_credentials):
