@@ -23,6 +23,7 @@ from typing import Any
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.input_retention import InputRetention, named_images
 from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
@@ -32,7 +33,7 @@ from lorafleet.common.fleet.queue import make_celery
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.infra.broker import resolve_broker
 from lorafleet.common.infra.storage import Storage, open_storage
-from lorafleet.common.schema.jobs import GenerationJob, parse_job
+from lorafleet.common.schema.jobs import GenerationJob, JobRecord, parse_job
 from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.follow import Following
 from lorafleet.producer.lora_imports import ImportedLora, import_lora
@@ -97,8 +98,18 @@ class Client(Submitting, Following):
         if self._images is None:
             if self._storage is None:
                 self._storage = open_storage(self.settings)
-            self._images = InputImages(self._storage, self.settings.max_input_pixels)
+            retention = InputRetention(
+                self.redis, self.settings.input_image_grace, self.settings.record_retention
+            )
+            self._images = InputImages(self._storage, self.settings.max_input_pixels, retention)
         return self._images
+
+    def _keep_inputs(self, records: list[JobRecord]) -> None:
+        """Keep the input images ``records`` name while the records are kept: written just
+        before them (common/catalog/input_retention.py). JobRejected for one deleted since."""
+        jobs = [record.job for record in records]
+        if any(named_images(job) for job in jobs):
+            self.input_images().keep_for(jobs)
 
     def upload_image(self, image: str | os.PathLike | bytes, field: str = "image") -> str:
         """Store an input image (a file's path or its bytes) for jobs to name as ``init_image``

@@ -1,5 +1,6 @@
 """Upkeep: hand a lost worker's jobs back to the queue (once, within about a minute), send
-the messages a dead producer never sent, and drop the index entries of expired records.
+the messages a dead producer never sent, drop the index entries of expired records, and
+delete the input images that no kept job record names any more (common/catalog/input_retention.py).
 
 Every live worker and API process runs an ``Upkeep`` thread, but one process at a time does
 the work: each pass first takes (or renews) the lease ``keys.UPKEEP_LEASE`` for
@@ -39,6 +40,7 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
+from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import send_job
 from lorafleet.common.fleet.store import JobStore
@@ -117,8 +119,11 @@ class Upkeep:
         lost_after: float,
         own: Callable[[], tuple[str, set[str]]] | None = None,
         orphans: set[str] | None = None,
+        inputs: InputImages | None = None,
     ) -> None:
         self.store, self.workers, self.app, self.lost_after = store, workers, app, lost_after
+        self.inputs = inputs
+        """The input images, to delete those no kept job names (None: left alone)."""
         self.orphans = orphans
         """A worker's: jobs whose messages a Redis failure may have lost; listed unsent here."""
         self.lifecycle = Lifecycle(store)
@@ -146,6 +151,10 @@ class Upkeep:
             dropped = self.store.trim_indexes(self.store.retention)
             if dropped:
                 logger.info("dropped %d expired records from the indexes", dropped)
+        if self.inputs is not None:
+            gone = self.inputs.expire()  # within its time budget: the next pass goes on
+            if gone:
+                logger.info("deleted %d input images that no kept job names", len(gone))
         return True
 
 

@@ -50,7 +50,14 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
     lorafleet:handback:<job_id>:<run_id>  string  held (NX, 5 min) by the one process that hands
                                                   a lost worker's run back to the queue
     lorafleet:upkeep:lease                string  the process that runs upkeep now (hand-back, unsent
-                                                  messages, index trimming); expires unless renewed
+                                                  messages, index trimming, input images); expires unless renewed
+    lorafleet:inputs:due                  zset    every input image lorafleet keeps track of (its sha256 hex),
+                                                  scored by when upkeep next looks whether it is still needed
+                                                  (Redis's clock; common/catalog/input_retention.py)
+    lorafleet:input-jobs:<sha256>         zset    the ids of the jobs that name that input image, scored by
+                                                  when they were named (pruned as their records expire)
+    lorafleet:inputs:deleting             zset    input images being deleted from the object store now, scored
+                                                  by when a deletion cut short is taken up again
     lorafleet:alive:<worker name>         string  the worker process's instance, set at every beat to
                                                   expire after FORGET_AFTER: its age is read from its
                                                   TTL, on Redis's clock, never a machine's
@@ -142,6 +149,15 @@ def idempotency(scope: str, digest: str) -> str:
 WEBHOOKS_DUE = PREFIX + "webhooks:due"
 BATCHES_ENDED = PREFIX + "batches:ended"
 UPKEEP_LEASE = PREFIX + "upkeep:lease"
+INPUTS_DUE = PREFIX + "inputs:due"
+INPUTS_DELETING = PREFIX + "inputs:deleting"
+INPUT_JOBS = PREFIX + "input-jobs:"
+"""An input image's job ids are INPUT_JOBS + its sha256 hex (``input_jobs``)."""
+
+
+def input_jobs(sha: str) -> str:
+    """The ids of the jobs that name input image ``sha`` (hex), scored by when they were named."""
+    return INPUT_JOBS + sha
 
 
 def batch_end(batch_id: str) -> str:

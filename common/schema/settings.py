@@ -158,6 +158,13 @@ class Settings(BaseSettings):
         description="Most pixels an input image (init image, mask) may have; larger ones are refused before "
         "they are decoded.",
     )
+    input_image_grace: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="Seconds an input image (an upload, or one fetched by URL at submit) is kept while no job "
+        "names it: a client uploads, then submits. Once jobs name it, it is kept as long as their records are "
+        "(queued and running ones for good, ended ones LORAFLEET_RECORD_RETENTION), then deleted by upkeep.",
+    )
     job_attempts: int = Field(
         default=3, ge=1, description="Runs of a job (transient failures, lost workers) before it ends failed."
     )

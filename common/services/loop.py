@@ -11,6 +11,8 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
+from lorafleet.common.catalog.input_images import InputImages
+from lorafleet.common.catalog.input_retention import InputRetention
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.upkeep import HANDBACK_SECONDS, Periodic, Upkeep
 from lorafleet.common.fleet.workers import WorkerRegistry
@@ -56,8 +58,15 @@ class Background:
         own: Callable[[], tuple[str, set[str]]] | None = None,
         orphans: set[str] | None = None,
     ) -> None:
+        retention = InputRetention(store.redis, settings.input_image_grace, settings.record_retention)
         self.upkeep = Upkeep(
-            store, WorkerRegistry(store.redis), app, settings.worker_lost_after, own=own, orphans=orphans
+            store,
+            WorkerRegistry(store.redis),
+            app,
+            settings.worker_lost_after,
+            own=own,
+            orphans=orphans,
+            inputs=InputImages(storage, settings.max_input_pixels, retention),
         )
         self._upkeep = Periodic("lorafleet-upkeep", self.upkeep.run, HANDBACK_SECONDS)
         self.services = ServicesLoop(settings, store, storage)
