@@ -28,6 +28,7 @@ from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import LoraRegistry, SharedFiles
+from lorafleet.common.catalog.upscalers import UpscalerCatalog
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.queue import make_celery
 from lorafleet.common.fleet.store import JobStore
@@ -68,6 +69,7 @@ class Client(Submitting, Following):
                 self.settings.controlnet_dir, SharedFiles(self.redis, "controlnet")
             ),
             ip_adapters=IpAdapterCatalog(self.settings.ip_adapter_dir),
+            upscalers=UpscalerCatalog(self.settings.upscaler_dir, SharedFiles(self.redis, "upscaler")),
             url_hosts={h.strip() for h in (self.settings.api_import_hosts or "").split(",") if h.strip()},
         )
         self._images: InputImages | None = None

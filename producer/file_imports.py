@@ -1,4 +1,4 @@
-"""Importing an embedding, a VAE or a ControlNet file for the fleet: checked, shared, dropped into the folder.
+"""Importing an embedding, a VAE, a ControlNet or an upscaler file for the fleet: checked, shared, dropped into the folder.
 
 As ``lora_imports`` does for LoRAs, in the same order: the file is checked (an embedding's
 vectors, a VAE's decoder), stored by sha256 and registered when a broker is reachable, then
@@ -17,6 +17,7 @@ from lorafleet.common.catalog.controlnets import controlnet_width
 from lorafleet.common.catalog.embeddings import describe_embedding
 from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, sha256_file
 from lorafleet.common.catalog.shared_files import Kind, SharedFile, SharedFiles
+from lorafleet.common.catalog.upscalers import describe_upscaler
 from lorafleet.common.catalog.vaes import check_vae_file
 from lorafleet.common.infra.storage import copy_atomic, open_storage
 from lorafleet.common.schema.errors import FileRefused
@@ -35,7 +36,7 @@ class ImportedFile:
 def import_file(
     settings: Settings, kind: Kind, file: Path, client: redis.Redis | None, name: str | None = None
 ):
-    """Check ``file`` as an embedding, a VAE or a ControlNet, share it, and drop it into its folder."""
+    """Check ``file`` as an embedding, a VAE, a ControlNet or an upscaler, share it, and drop it into its folder."""
     target = target_name(name or file.stem)
     try:
         if kind == "embedding":
@@ -45,6 +46,9 @@ def import_file(
                 {"vectors": info.vectors, "widths": info.widths},
                 settings.embedding_dir,
             )
+        elif kind == "upscaler":
+            upscaler = describe_upscaler(file, target)
+            sha256, meta, folder = upscaler.sha256, {"shape": upscaler.shape}, settings.upscaler_dir
         elif kind == "controlnet":
             width = controlnet_width(file)
             sha256, meta, folder = sha256_file(file), {"cross_attention_dim": width}, settings.controlnet_dir

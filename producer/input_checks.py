@@ -2,7 +2,7 @@
 
 Each image must be in the object store and decode within the pixel limit; a mask must be its
 init image's size; each ControlNet must be known (the drop folder, then the fleet's registry)
-and made for the model's text encoder width. The job's size defaults to its init image's (to
+and made for the model's text encoder width, and so must a hires fix's ESRGAN-family upscaler. The job's size defaults to its init image's (to
 a multiple of 8), its strength to A1111's 0.75. A refusal names the field.
 """
 
@@ -15,9 +15,10 @@ from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetEr
 from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog, IpAdapterError
 from lorafleet.common.catalog.models import ModelRef
+from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
-from lorafleet.common.schema.hires import output_size
+from lorafleet.common.schema.hires import UPSCALERS, is_model_upscaler, output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 from lorafleet.producer.image_urls import fetch_image
@@ -35,12 +36,14 @@ class InputChecks:
         controlnets: ControlNetCatalog | None,
         ip_adapters: IpAdapterCatalog | None = None,
         url_hosts: set[str] | None = None,
+        upscalers: UpscalerCatalog | None = None,
     ) -> None:
         self._images = images  # opened on the first job that brings an image
         self._sizes: dict[str, tuple[int, int]] = {}  # by sha256: the bytes never change
         self._urls: dict[str, tuple[str, float]] = {}  # URL -> (its stored name, when fetched)
         self.controlnets = controlnets
         self.ip_adapters = ip_adapters
+        self.upscalers = upscalers
         self.url_hosts = url_hosts or set()
 
     def check(self, job: GenerationJob, model: ModelRef, where: str, warnings: list[str]) -> None:
@@ -98,6 +101,14 @@ class InputChecks:
                 f"model {model.key!r} is {model.family.traits.label}; the hires fix runs on SD 1.x, SD 2.x and SDXL",
                 field=f"{where}hr_scale",
             )
+        if is_model_upscaler(job.hr_upscaler):  # an ESRGAN-family model: known here or registered
+            if self.upscalers is None:
+                raise JobRejected("this submitter has no upscaler folder", field=f"{where}hr_upscaler")
+            try:
+                job.hr_upscaler = self.upscalers.get(job.hr_upscaler).name
+            except UpscalerError as exc:
+                allowed = f"{exc.allowed + '; or ' if exc.allowed else ''}a built-in upscaler: {', '.join(UPSCALERS)}"
+                raise JobRejected(exc.reason, field=f"{where}hr_upscaler", allowed=allowed) from None
         width, height = output_size(job)
         if max(width, height) > MAX_SIZE:
             raise JobRejected(

@@ -26,6 +26,7 @@ from lorafleet.common.catalog.lora_files import LoraInfo
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import HUB_ID, ModelRef, ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.catalog.upscalers import UpscalerCatalog
 from lorafleet.common.schema import guidance
 from lorafleet.common.schema.errors import EmbeddingError, JobRejected, LoraError, ModelError, VaeError
 from lorafleet.common.schema.jobs import (
@@ -73,9 +74,10 @@ class JobResolver:
         controlnets: ControlNetCatalog | None = None,
         ip_adapters: IpAdapterCatalog | None = None,
         url_hosts: set[str] | None = None,
+        upscalers: UpscalerCatalog | None = None,
     ) -> None:
         self.models = models
-        self.inputs = InputChecks(images, controlnets, ip_adapters, url_hosts)
+        self.inputs = InputChecks(images, controlnets, ip_adapters, url_hosts, upscalers)
         self.allow_paths = allow_paths
         self.allow_hub_ids = allow_hub_ids
         self.loras = loras

@@ -402,3 +402,52 @@ def make_tiny_ip_adapter(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     )
     encoder.save_pretrained(str(out_dir / "image_encoder"))
     return out_dir
+
+
+UPSCALER_LAYOUTS = ("basicsr", "esrgan", "esrgan-old")
+"""Key layouts ``make_tiny_upscaler`` writes (common/catalog/upscalers.py reads all three)."""
+
+
+def make_tiny_upscaler(path: Path, *, scale: int = 4, layout: str = "basicsr", seed: int = 0) -> Path:
+    """A tiny ESRGAN-family upscaler (RRDB net, 8 features, 2 blocks) as a .safetensors file in
+    one of the layouts people's files use; seeded small weights, so it sharpens a little."""
+    from safetensors.torch import save_file
+
+    from lorafleet.worker.upscalers import RRDBNet
+
+    if layout not in UPSCALER_LAYOUTS or scale not in (1, 2, 4):
+        raise ValueError(f"layout one of {', '.join(UPSCALER_LAYOUTS)}, scale 1, 2 or 4")
+    unshuffle = {4: 1, 2: 2, 1: 4}[scale]
+    torch.manual_seed(seed)
+    model = RRDBNet(channels=3, features=8, growth=4, blocks=2, ups=2, unshuffle=unshuffle)
+    state = {k: v.detach().clone() * 0.5 for k, v in model.state_dict().items()}
+    if layout != "basicsr" and unshuffle != 1:
+        raise ValueError("ESRGAN's own layouts are 4x (2x and 1x models are Real-ESRGAN's)")
+    state = {_esrgan_name(k, layout, blocks=2): v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def _esrgan_name(name: str, layout: str, *, blocks: int) -> str:
+    """RRDBNet's parameter name in BasicSR's layout, or ESRGAN's newer or original one."""
+    part, _, kind = name.rpartition(".")
+    if layout == "basicsr":
+        return f"conv_up{int(part[4:]) + 1}.{kind}" if part.startswith("ups.") else name
+    pieces = part.split(".")
+    if pieces[0] == "body":  # body.N.rdbR.convC
+        n, rdb, conv = pieces[1], pieces[2][3:], pieces[3]
+        if layout == "esrgan":
+            return f"RRDB_trunk.{n}.RDB{rdb}.{conv}.{kind}"
+        return f"model.1.sub.{n}.RDB{rdb}.{conv}.0.{kind}"
+    if layout == "esrgan":
+        new = {"conv_body": "trunk_conv", "conv_hr": "HRconv", "ups.0": "upconv1", "ups.1": "upconv2"}
+        return f"{new.get(part, part)}.{kind}"
+    old = {
+        "conv_first": "model.0",
+        "conv_body": f"model.1.sub.{blocks}",
+        "ups.0": "model.3",
+        "ups.1": "model.6",
+    }
+    old |= {"conv_hr": "model.8", "conv_last": "model.10"}
+    return f"{old[part]}.{kind}"

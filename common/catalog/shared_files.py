@@ -27,12 +27,13 @@ from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import BadArgument
 from lorafleet.common.schema.family import Family
 
-Kind = Literal["lora", "embedding", "vae", "controlnet"]
+Kind = Literal["lora", "embedding", "vae", "controlnet", "upscaler"]
 _WHERE = {
     "lora": (keys.REGISTERED_LORAS, "loras"),
     "embedding": (keys.REGISTERED_EMBEDDINGS, "embeddings"),
     "vae": (keys.REGISTERED_VAES, "vaes"),
     "controlnet": (keys.REGISTERED_CONTROLNETS, "controlnets"),
+    "upscaler": (keys.REGISTERED_UPSCALERS, "upscalers"),
 }
 """Each kind's Redis hash of names and its folder in the object store."""
 

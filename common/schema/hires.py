@@ -7,7 +7,8 @@ Semantics: the first pass is the job as it would run alone (its ``width`` x ``he
 in latent space (``Latent`` bilinear, ``Latent (antialiased)``, ``Latent (bicubic)``,
 ``Latent (bicubic antialiased)``, ``Latent (nearest)``, ``Latent (nearest-exact)``: torch's
 interpolation of the latents) or in pixels (``Lanczos``, ``Nearest``: the decoded image
-resized); the second pass is diffusers' image-to-image over it with ``hr_strength`` on a
+resized; an ESRGAN-family model by its name, e.g. ``4x-UltraSharp``: the decoded image through
+the model, then Lanczos to the exact size, as A1111; worker/upscalers.py); the second pass is diffusers' image-to-image over it with ``hr_strength`` on a
 schedule stretched to ceil(hr_steps / hr_strength) steps, so that it runs exactly ``hr_steps``
 (None: ``steps``), as A1111 runs its Hires steps. Both passes use the job's prompts, LoRAs and
 each image's own seeded generator, continued.
@@ -19,6 +20,8 @@ import math
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
+
+from lorafleet.common.schema.names import check_lora_name
 
 LATENT_MODES = {
     "Latent": ("bilinear", False),
@@ -93,18 +96,32 @@ def output_size(job: Any) -> tuple[int, int]:
 
 
 def check_upscaler(name: str) -> str:
-    """The upscaler's A1111 name (any case); ValueError naming the ones lorafleet has."""
+    """A built-in upscaler's A1111 name (any case), or the name of an ESRGAN-family model
+    (its file in the upscaler folder: checked at submit); ValueError if it is neither."""
     for known in UPSCALERS:
         if name.strip().lower() == known.lower():
             return known
-    raise ValueError(
-        f"{name!r} is not an upscaler lorafleet has (ESRGAN-family models are not yet served); "
-        f"allowed: {', '.join(UPSCALERS)}"
-    )
+    try:
+        check_lora_name(name)  # a model's name: the one rule for a name inside its folder
+    except ValueError as exc:
+        raise ValueError(
+            f"{name!r} is neither a built-in upscaler ({', '.join(UPSCALERS)}) nor an upscaler model's name: {exc}"
+        ) from None
+    return name
+
+
+def is_model_upscaler(name: str) -> bool:
+    """Whether ``name`` (as checked) names an ESRGAN-family model, not a built-in upscaler."""
+    return name not in UPSCALERS
 
 
 HiresUpscaler = Annotated[
     str,
     AfterValidator(check_upscaler),
-    Field(description=f"How the hires fix upscales (Hires upscaler): {', '.join(UPSCALERS)}."),
+    Field(
+        description=(
+            f"How the hires fix upscales (Hires upscaler): {', '.join(UPSCALERS)}, or the name of an "
+            "ESRGAN-family model in the upscaler folder (e.g. 4x-UltraSharp)."
+        )
+    ),
 ]

@@ -29,6 +29,7 @@ lorafleet's own keys all start with ``lorafleet:``; Celery's queue lists start w
                                                   meta} (`lorafleet embeddings import`)
     lorafleet:vaes                        hash    VAE name -> the same (`lorafleet vaes import`)
     lorafleet:controlnets                 hash    ControlNet name -> the same (`lorafleet controlnets import`)
+    lorafleet:upscalers                   hash    upscaler name -> the same (`lorafleet upscalers import`)
     lorafleet:workers                     hash    worker name -> JSON WorkerBeat (heartbeats)
     lorafleet:idempotency:<scope>:<sha256>  string  a submit's idempotency key (its sha256), per tenant
                                                   (scope "-": operators): JSON {fingerprint, state,
@@ -97,6 +98,7 @@ REGISTERED_LORAS = PREFIX + "loras"
 REGISTERED_EMBEDDINGS = PREFIX + "embeddings"
 REGISTERED_VAES = PREFIX + "vaes"
 REGISTERED_CONTROLNETS = PREFIX + "controlnets"
+REGISTERED_UPSCALERS = PREFIX + "upscalers"
 WORKERS = PREFIX + "workers"
 STATS_FINISHED = PREFIX + "stats:finished"
 STATS_PHASES = PREFIX + "stats:phases"

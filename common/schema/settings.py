@@ -281,6 +281,11 @@ class Settings(BaseSettings):
         return self.home / "autoimport" / "controlnet"
 
     @property
+    def upscaler_dir(self) -> Path:
+        """The drop folder for ESRGAN-family upscalers (the hires fix's ``hr_upscaler``): a .safetensors file here is one by its name."""
+        return self.home / "autoimport" / "upscaler"
+
+    @property
     def ip_adapter_dir(self) -> Path:
         """The drop folder for IP-Adapters: a folder here (weights and image_encoder/) is one by its name."""
         return self.home / "autoimport" / "ip_adapter"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import typer
 
-from lorafleet.producer.cli import catalog, embedded_redis, fleet, jobs, sweeps, worker
+from lorafleet.producer.cli import add_ons, catalog, embedded_redis, fleet, jobs, sweeps, worker
 
 app = typer.Typer(
     name="lorafleet",
@@ -35,7 +35,8 @@ app.add_typer(catalog.models_app, name="models")
 app.add_typer(catalog.loras_app, name="loras")
 app.add_typer(catalog.embeddings_app, name="embeddings")
 app.add_typer(catalog.vaes_app, name="vaes")
-app.add_typer(catalog.controlnets_app, name="controlnets")
+app.add_typer(add_ons.controlnets_app, name="controlnets")
+app.add_typer(add_ons.upscalers_app, name="upscalers")
 app.add_typer(fleet.workers_app, name="workers")
 # Commands are listed in `lorafleet --help` in this order.
 app.command("queues")(fleet.queues)

@@ -32,7 +32,6 @@ embeddings_app = typer.Typer(
 )
 vaes_app = typer.Typer(help="Separate VAE files (autoimport/vae).", no_args_is_help=True)
 loras_app = typer.Typer(help="LoRA files in the autoimport folder.", no_args_is_help=True)
-controlnets_app = typer.Typer(help="ControlNets (autoimport/controlnet).", no_args_is_help=True)
 
 UNMATCHED_SHOWN = 10
 """Unmatched keys `loras inspect` names (all of them with --json)."""
@@ -52,7 +51,7 @@ _METADATA_SHOWN = (
 def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Models: pipeline folders under <home>/models, and those registered for every machine."""
     settings = Settings()
-    registry = ModelRegistry(settings, run(lambda: _fleet_redis(settings)))
+    registry = ModelRegistry(settings, run(lambda: fleet_redis(settings)))
     local, registered = set(registry.local_names()), registry.registered()
     rows = []
     for name in registry.names():
@@ -292,7 +291,7 @@ def loras_inspect(
 
 def _match(settings: Settings, info: LoraInfo, model_name: str) -> dict[str, Any]:
     try:
-        model = ModelRegistry(settings, _fleet_redis(settings)).get(model_name)
+        model = ModelRegistry(settings, fleet_redis(settings)).get(model_name)
     except ModelError as exc:
         raise BadArgument(exc.reason, field="--model", allowed=exc.allowed) from None
     if model.path is None or info.path is None:
@@ -347,7 +346,7 @@ def loras_import(
             result = import_lora(
                 settings,
                 source,
-                _fleet_redis(settings),
+                fleet_redis(settings),
                 name=name,
                 sha256=sha256,
                 force=force,
@@ -380,7 +379,7 @@ def loras_import(
     run(action)
 
 
-def _fleet_redis(settings: Settings) -> redis.Redis | None:
+def fleet_redis(settings: Settings) -> redis.Redis | None:
     """The configured broker, or the embedded Redis if it runs (never started just to look).
 
     A lone machine with no broker configured and its embedded Redis stopped has nothing
@@ -393,15 +392,15 @@ def _fleet_redis(settings: Settings) -> redis.Redis | None:
 
 def _lora_registry(settings: Settings) -> LoraRegistry | None:
     """The fleet's shared LoRA registry; None as above."""
-    client = _fleet_redis(settings)
+    client = fleet_redis(settings)
     return LoraRegistry(client) if client else None
 
 
-def _import_file(kind: str, file: Path, name: str | None) -> None:
+def import_shared_file(kind: str, file: Path, name: str | None) -> None:
     settings = Settings()
 
     def action():
-        result = import_file(settings, kind, file, _fleet_redis(settings), name)
+        result = import_file(settings, kind, file, fleet_redis(settings), name)
         console.print(
             f"imported {kind} {result.name} (sha256 {result.sha256[:12]}) into {result.destination.parent}",
             markup=False,
@@ -432,7 +431,7 @@ def embeddings_import(
     name: Annotated[str | None, typer.Option(help="The word prompts use (default: the file's name).")] = None,
 ) -> None:
     """Check an embedding, share it with every machine and drop it into autoimport/embedding."""
-    _import_file("embedding", file, name)
+    import_shared_file("embedding", file, name)
 
 
 @vaes_app.command("import")
@@ -443,44 +442,4 @@ def vaes_import(
     name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
 ) -> None:
     """Check a VAE file, share it with every machine and drop it into autoimport/vae."""
-    _import_file("vae", file, name)
-
-
-@controlnets_app.command("import")
-def controlnets_import(
-    file: Annotated[
-        Path, typer.Argument(help="A single-file .safetensors ControlNet.", exists=True, dir_okay=False)
-    ],
-    name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
-) -> None:
-    """Check a ControlNet file, share it with every machine and drop it into autoimport/controlnet."""
-    _import_file("controlnet", file, name)
-
-
-@controlnets_app.command("list")
-def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """ControlNets here (files and diffusers folders) and those registered for every machine."""
-    from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
-    from lorafleet.common.catalog.shared_files import SharedFiles
-
-    settings = Settings()
-    client = run(lambda: _fleet_redis(settings))
-    catalog = ControlNetCatalog(
-        settings.controlnet_dir, SharedFiles(client, "controlnet") if client else None
-    )
-    rows = []
-    for name in catalog.names():
-        try:
-            info = catalog.get(name)
-        except ControlNetError as exc:
-            rows.append({"name": name, "refused": exc.reason})
-            continue
-        rows.append(
-            {"name": info.name, "sha256": info.sha256, "cross_attention_dim": info.cross_attention_dim}
-        )
-    if as_json:
-        print_json(rows)
-        return
-    for row in rows:
-        detail = row.get("refused") or f"{row['sha256'][:12]}, text width {row['cross_attention_dim'] or '?'}"
-        console.print(f"{safe(row['name'])}  {safe(detail)}", highlight=False)
+    import_shared_file("vae", file, name)

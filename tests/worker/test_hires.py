@@ -80,7 +80,7 @@ def test_the_png_says_the_hires_fix_as_a1111_and_regenerates(client, runner, tmp
 
 def test_what_the_hires_fix_cannot_do_is_refused_naming_the_field(client):
     cases = [
-        ({"hr_scale": 1.5, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler", "not an upscaler lorafleet has"),
+        ({"hr_scale": 1.5, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler", "unknown upscaler 'R-ESRGAN 4x+'"),
         ({"hr_steps": 10}, "hr_steps", "only with hr_scale"),
         ({"hr_scale": 4.0, "width": 1024, "height": 512}, "hr_scale", "4096x2048"),
         ({"hr_scale": 9}, "hr_scale", "4"),

@@ -22,7 +22,7 @@ import redis
 import torch
 
 from lorafleet.common.schema.errors import JobCancelled, JobFailed, Superseded
-from lorafleet.common.schema.hires import output_size, sampled_steps
+from lorafleet.common.schema.hires import is_model_upscaler, output_size, sampled_steps
 from lorafleet.common.schema.jobs import JobStatus, LoraMode
 from lorafleet.worker.embeddings import applied
 from lorafleet.worker.ip_adapters import ip_adapter_loaded
@@ -104,6 +104,9 @@ class GroupSampling:
         ip_info = self.ip_adapter_catalog.get(ip.model) if ip is not None else None
         controls = [self._local(self.controlnet_catalog.get(spec.model)) for spec in job.controlnets]
         controlnet = self.controlnet_models.for_job(controls)
+        upscaler = None
+        if job.hr_scale and is_model_upscaler(job.hr_upscaler):  # an ESRGAN-family model
+            upscaler = self.upscaler_models.get(self._local(self.upscaler_catalog.get(job.hr_upscaler)))
         contexts = {
             m: StoreContext(
                 stacks[m].infos, hot.model_hash, vae, embeddings, hot.modules, tuple(controls), ip_info
@@ -145,7 +148,7 @@ class GroupSampling:
                 if not chunk:
                     continue
                 try:
-                    self._sample_chunk(hot, job, chunk, rows, stacks if side else None, controlnet)
+                    self._sample_chunk(hot, job, chunk, rows, stacks if side else None, controlnet, upscaler)
                 except Exception as exc:
                     if not is_out_of_memory(exc) or rows == 1:
                         raise
@@ -270,7 +273,14 @@ class GroupSampling:
         return paths
 
     def _sample_chunk(
-        self, hot: HotPipeline, job, chunk: list[Slot], rows: int, stacks: dict | None, controlnet=None
+        self,
+        hot: HotPipeline,
+        job,
+        chunk: list[Slot],
+        rows: int,
+        stacks: dict | None,
+        controlnet=None,
+        upscaler=None,
     ) -> None:
         """One pipeline call for the chunk's images; progress and cancellation per job (on
         side paths when ``stacks`` gives each member's stack)."""
@@ -309,6 +319,7 @@ class GroupSampling:
                     rows,
                     inputs=[slot.member.inputs for slot in chunk],
                     controlnet=controlnet,
+                    upscaler=upscaler,
                 )
         except JobCancelled:
             return

@@ -15,10 +15,15 @@ def first_output(job: GenerationJob) -> str:
     return "latent" if job.hr_upscaler in LATENT_MODES else "pil"
 
 
-def upscaled(pipe, job: GenerationJob, first):
-    """The first pass's output at the second pass's size: latents interpolated by torch, or
-    images resized by PIL."""
+def upscaled(pipe, job: GenerationJob, first, upscaler=None):
+    """The first pass's output at the second pass's size: latents interpolated by torch,
+    images resized by PIL, or (``upscaler``: the job's ESRGAN-family model, loaded) images
+    through the model, each alone (worker/upscalers.py)."""
     width, height = output_size(job)
+    if upscaler is not None:
+        from lorafleet.worker.upscalers import upscale
+
+        return [upscale(upscaler, image, (width, height)) for image in first]
     if job.hr_upscaler in LATENT_MODES:
         mode, antialias = LATENT_MODES[job.hr_upscaler]
         factor = pipe.vae_scale_factor

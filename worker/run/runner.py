@@ -31,6 +31,7 @@ from lorafleet.common.catalog.embeddings import EmbeddingCatalog
 from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.catalog.shared_files import SharedFiles
+from lorafleet.common.catalog.upscalers import UpscalerCatalog
 from lorafleet.common.fleet.lifecycle import Lifecycle
 from lorafleet.common.fleet.store import JobStore
 from lorafleet.common.fleet.workers import WorkerRegistry
@@ -49,6 +50,7 @@ from lorafleet.worker.run.group import GroupSampling, allocator_message, is_out_
 from lorafleet.worker.run.inputs import InputReader
 from lorafleet.worker.run.sampling import one_image_per_call
 from lorafleet.worker.run.store_stage import STORE_THREADS, StoreContext, StoreStage
+from lorafleet.worker.upscalers import UpscalerCache
 from lorafleet.worker.vaes import VaeCache
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ class JobRunner(GroupSampling, StoreStage):
         )
         self.controlnet_models = ControlNetCache(pipelines.device, pipelines.dtype)
         self.ip_adapter_catalog = IpAdapterCatalog(settings.ip_adapter_dir)
+        self.upscaler_catalog = UpscalerCatalog(settings.upscaler_dir, SharedFiles(store.redis, "upscaler"))
+        self.upscaler_models = UpscalerCache(pipelines.device)
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)

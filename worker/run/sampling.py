@@ -127,6 +127,7 @@ def sample(
     output_type: str = "pil",
     inputs: list[dict[str, object]] | None = None,
     controlnet=None,
+    upscaler=None,
 ) -> list:
     """One call of the pipeline for a batch of images (PIL): image i from ``conditionings[i]``
     and its own CPU generator seeded ``seeds[i]``; ``job`` gives what the images share
@@ -191,7 +192,7 @@ def sample(
         result = second(
             **batch,
             guidance_scale=job.cfg_scale,
-            image=hires.upscaled(pipe, job, result.images),
+            image=hires.upscaled(pipe, job, result.images, upscaler),
             strength=job.hr_strength,
             num_inference_steps=stretched_steps(job),  # so that it runs hr_steps, as A1111
             generator=generators,
