@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 
 from lorafleet.common.schema.settings import Settings
-from tests.helpers import MotoServer, RedisProcess
+from tests.helpers import RUNNER_HEARTBEATS, MotoServer, RedisProcess
 
 TINY = "tiny-sd15"
 TINY_XL = "tiny-sdxl"
 TINY_SD2 = "tiny-sd2"
+
+
+@pytest.fixture(autouse=True)
+def _runner_heartbeats_stop():
+    """A runner's heartbeat beats for its test only (``make_runner`` starts it)."""
+    yield
+    while RUNNER_HEARTBEATS:
+        RUNNER_HEARTBEATS.pop().stop()
 
 
 @pytest.fixture(scope="session")

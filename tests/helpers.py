@@ -29,6 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+RUNNER_HEARTBEATS: list = []
+"""Heartbeats of the runners a test made (tests/worker/conftest.py ``make_runner``); stopped
+when the test ends (tests/conftest.py)."""
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))

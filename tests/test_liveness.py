@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
 
 import pytest
+import redis
 
 from lorafleet.common.fleet.workers import FORGET_AFTER, STALE_AFTER, WorkerBeat, WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
@@ -115,3 +116,13 @@ def test_twenty_slow_webhook_receivers_never_delay_a_heartbeat(settings):
             background.stop()
             heartbeat.stop()
             receiver.server.shutdown()
+
+
+def test_a_tests_runner_stays_alive_while_its_test_runs(settings):
+    """make_runner's runner beats like a worker's: an API's upkeep in the same test never hands
+    its jobs back however long a loaded machine takes (one beat at its start went stale)."""
+    lost_after = 3.0
+    runner = make_runner(settings.model_copy(update={"worker_lost_after": lost_after}))
+    registry = WorkerRegistry(redis.Redis.from_url(settings.broker_url))
+    time.sleep(lost_after + 1.5)
+    assert registry.owner_alive(runner.worker_name, runner.instance, lost_after)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,14 +12,16 @@ import torch
 from lorafleet.common.catalog.loras import LoraCatalog
 from lorafleet.common.catalog.models import ModelRegistry
 from lorafleet.common.fleet.store import JobStore
-from lorafleet.common.fleet.workers import WorkerBeat, WorkerRegistry
+from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
 from lorafleet.common.schema.settings import Settings
+from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.lora.files import LoraFiles
 from lorafleet.worker.lora.store import LoraStore
 from lorafleet.worker.pipelines import PipelineCache, load_pipeline
 from lorafleet.worker.run.runner import JobRunner
 from tests.conftest import TINY
+from tests.helpers import RUNNER_HEARTBEATS
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +78,21 @@ def make_runner(settings) -> JobRunner:
         LoraFiles(LoraCatalog(settings.lora_dir), None, None), pipelines.device, 256 * 1024 * 1024
     )
     runner = JobRunner(settings, store, open_storage(settings), pipelines, loras, worker_name="test-worker")
-    # one beat, as a live worker's: an API's upkeep in the same test (its lifespan runs one)
-    # would hand the jobs of a silent worker back to the queue
-    now = time.time()
-    WorkerRegistry(store.redis).beat(
-        WorkerBeat(
-            name=runner.worker_name,
-            instance=runner.instance,
-            host="test",
-            pid=os.getpid(),
-            version="test",
-            device="cpu",
-            started_at=now,
-            last_seen=now,
-        )
+    # a live worker's heartbeat (its own connection: round-trip counts see only the runner's),
+    # until the test ends (tests/conftest.py stops it): an API's upkeep in the same test hands
+    # the jobs of a silent worker back, and one beat went stale while a loaded machine ran a job
+    heartbeat = Heartbeat(
+        WorkerRegistry(redis.Redis.from_url(settings.broker_url)),
+        runner.worker_name,
+        [],
+        [],
+        runner,
+        pipelines,
+        loras,
     )
+    heartbeat.beat()
+    heartbeat.start()
+    RUNNER_HEARTBEATS.append(heartbeat)
     return runner
 
 
