@@ -2,7 +2,9 @@
 
 A diffusers ControlNet folder carries its own config; a single file is read with diffusers'
 single-file loader (which takes the config of the matching published ControlNet from the
-hub once, then its cache). Loaded on the pipeline's device and dtype; a few are kept (LRU).
+hub once, then its cache). Loaded on the pipeline's device and dtype; a few are kept (LRU),
+their bytes counted in the hot pipelines' budget (worker/pipelines.py: an older one, then an
+idle pipeline, makes room for one).
 Several ControlNets of one job run as diffusers' ``MultiControlNetModel``.
 """
 
@@ -15,6 +17,7 @@ import torch
 from lorafleet.common.catalog.controlnets import ControlNetInfo
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lru import LRUCache
+from lorafleet.worker.pipelines import PipelineCache, weights_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -23,16 +26,27 @@ KEPT = 3
 
 
 class ControlNetCache:
-    """Loaded ControlNets by sha256."""
+    """Loaded ControlNets by sha256; with ``pipelines``, within the hot pipelines' budget."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int = KEPT) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = KEPT,
+        pipelines: PipelineCache | None = None,
+    ) -> None:
         self.device = device
         self.dtype = dtype
-        self._loaded: LRUCache[str, torch.nn.Module] = LRUCache(max_items=capacity)
+        self._pipelines = pipelines
+        self._loaded: LRUCache[str, torch.nn.Module] = (
+            pipelines.add_on_cache(capacity) if pipelines is not None else LRUCache(max_items=capacity)
+        )
 
     def get(self, info: ControlNetInfo) -> torch.nn.Module:
         model = self._loaded.get(info.sha256)
         if model is None:
+            if self._pipelines is not None and info.weights is not None:
+                self._pipelines.make_room_for(weights_bytes([info.weights], self.dtype))
             model = self._load(info)
             self._loaded.put(info.sha256, model)
             logger.info("ControlNet %s (%s) loaded", info.name, info.short_hash)

@@ -303,7 +303,6 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
     """The weights a pipeline will occupy at ``dtype``, from its safetensors headers."""
     if model.path is None:
         return 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
     files = [model.path] if model.single_file else list(model.path.glob("*/*.safetensors"))
     base = (
         Path(str(model.config))
@@ -312,6 +311,15 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
     )
     if base is not None and base.is_absolute() and base.is_dir():  # the base's text encoders and VAE
         files += [p for p in base.glob("*/*.safetensors") if p.parent.name != "transformer"]
+    total = weights_bytes(files, dtype)
+    if model.quantized and model.path.is_file():  # a GGUF file stays its size in memory
+        total += model.path.stat().st_size
+    return total
+
+
+def weights_bytes(files: list[Path], dtype: torch.dtype) -> int:
+    """The bytes the tensors of these safetensors files take at ``dtype`` (read from headers)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     for path in files:
         try:
@@ -319,9 +327,12 @@ def pipeline_bytes(model: ModelRef, dtype: torch.dtype) -> int:
         except (OSError, FileRefused):
             continue  # loading will say what is wrong with it
         total += sum(math.prod(tensor.shape) for tensor in header.tensors.values()) * itemsize
-    if model.quantized and model.path.is_file():  # a GGUF file stays its size in memory
-        total += model.path.stat().st_size
     return total
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """The bytes of a model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def default_budget(device: torch.device) -> int:
@@ -337,6 +348,10 @@ class PipelineCache:
     The least recently used pipeline goes first when a new one would not fit, never the one
     in use (pinned while a job runs on it, see ``using``); a budget of 0 means no byte
     limit. A pipeline's size counts its weights and the pristine copies its patcher keeps.
+
+    The add-on models jobs bring (ControlNets, T2I-Adapters, upscalers) live in caches made by
+    ``add_on_cache`` and count against the same budget: room for one, or for a pipeline, is
+    made by evicting the least recently used add-ons first, then idle pipelines.
     """
 
     def __init__(self, settings: Settings, capacity: int | None = None) -> None:
@@ -350,12 +365,14 @@ class PipelineCache:
         self.converted_root = settings.converted_dir
         sweep_partial_copies(self.converted_root)
         budget = settings.pipeline_memory_mb * 1024 * 1024
+        self._budget = budget or default_budget(self.device)
         self._hot: LRUCache[str, HotPipeline] = LRUCache(
             max_items=capacity or settings.max_pipelines,
-            max_bytes=budget or default_budget(self.device),
+            max_bytes=self._budget,
             size=lambda hot: hot.nbytes,
             on_evict=self._evicted,
         )
+        self._add_ons: list[LRUCache[str, torch.nn.Module]] = []
         self.loads = 0
 
     @property
@@ -364,14 +381,29 @@ class PipelineCache:
 
     @property
     def budget_bytes(self) -> int:
-        return self._hot.max_bytes
+        return self._budget
 
     def loaded(self) -> list[HotPipeline]:
         return self._hot.values()
 
     @property
     def used_bytes(self) -> int:
-        return self._hot.used_bytes
+        """Bytes of the hot pipelines and of the add-on models kept beside them."""
+        return self._hot.used_bytes + self._add_on_bytes()
+
+    def _add_on_bytes(self) -> int:
+        return sum(cache.used_bytes for cache in self._add_ons)
+
+    def add_on_cache(self, capacity: int) -> LRUCache[str, torch.nn.Module]:
+        """A cache of at most ``capacity`` add-on models whose bytes count against this
+        cache's budget; put an entry only after ``make_room_for`` its bytes."""
+        cache: LRUCache[str, torch.nn.Module] = LRUCache(max_items=capacity, size=module_bytes)
+        self._add_ons.append(cache)
+        return cache
+
+    def make_room_for(self, nbytes: int) -> None:
+        """Evict the least recently used add-ons, then idle pipelines, until ``nbytes`` more fit."""
+        self._fit(nbytes)
 
     def get(self, model: ModelRef) -> tuple[HotPipeline, float]:
         """The model's pipeline and the seconds spent loading it (0 when it was hot)."""
@@ -379,7 +411,7 @@ class PipelineCache:
         if hot is not None:
             return hot, 0.0
         dtype = pick_dtype(self._dtype_setting, self.device, model.family)
-        self._hot.make_room(pipeline_bytes(model, dtype), incoming_items=1)
+        self._fit(pipeline_bytes(model, dtype), incoming_items=1)
         hot = load_pipeline(
             model,
             self.device,
@@ -403,8 +435,24 @@ class PipelineCache:
             self.trim()
 
     def trim(self) -> None:
-        """Evict idle pipelines while the hot ones exceed the budget (pristine copies grow)."""
-        self._hot.make_room()
+        """Evict add-ons, then idle pipelines, while they exceed the budget (pristine copies grow)."""
+        self._fit(0)
+
+    def _fit(self, incoming_bytes: int, incoming_items: int = 0) -> None:
+        """Add-ons out first (the least recently used: a ControlNet reloads in a fraction of a
+        pipeline's time), then idle pipelines, until the hot pipelines, the add-ons and what
+        comes fit the budget."""
+        for cache in self._add_ons:
+            over = self._hot.used_bytes + self._add_on_bytes() + incoming_bytes - self._budget
+            if not self._budget or over <= 0:
+                break
+            cache.max_bytes = max(1, cache.used_bytes - over)
+            cache.make_room()
+            cache.max_bytes = 0
+        if self._budget:
+            self._hot.max_bytes = max(1, self._budget - self._add_on_bytes())
+        self._hot.make_room(incoming_bytes, incoming_items)
+        self._hot.max_bytes = self._budget
 
     def _evicted(self, key: str, hot: HotPipeline) -> None:
         logger.info("pipeline evicted: %s", key)

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from lorafleet.common.catalog.upscalers import UpscalerInfo, canonical_keys
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lru import LRUCache
+from lorafleet.worker.pipelines import PipelineCache, weights_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +141,22 @@ def upscale(model: RRDBNet, image: Image.Image, size: tuple[int, int]) -> Image.
 
 
 class UpscalerCache:
-    """Loaded upscalers by sha256."""
+    """Loaded upscalers by sha256; with ``pipelines``, within the hot pipelines' budget."""
 
-    def __init__(self, device: torch.device, capacity: int = KEPT) -> None:
+    def __init__(
+        self, device: torch.device, capacity: int = KEPT, pipelines: PipelineCache | None = None
+    ) -> None:
         self.device = device
-        self._loaded: LRUCache[str, RRDBNet] = LRUCache(max_items=capacity)
+        self._pipelines = pipelines
+        self._loaded: LRUCache[str, torch.nn.Module] = (
+            pipelines.add_on_cache(capacity) if pipelines is not None else LRUCache(max_items=capacity)
+        )
 
     def get(self, info: UpscalerInfo) -> RRDBNet:
         model = self._loaded.get(info.sha256)
         if model is None:
+            if self._pipelines is not None and info.path is not None:
+                self._pipelines.make_room_for(weights_bytes([info.path], torch.float32))
             model = load_upscaler(info, self.device)
             self._loaded.put(info.sha256, model)
             logger.info("upscaler %s (%s, %gx) loaded", info.name, info.sha256[:10], model.scale)

@@ -57,3 +57,42 @@ def test_parsed_loras_stay_within_their_budget_but_a_jobs_own_stack_is_kept(sett
     roomy.stack(TINY, hot.patcher, specs)
     again = roomy.stack(TINY, hot.patcher, specs)
     assert (again.hits, again.misses) == (2, 0)
+
+
+def test_add_on_models_count_against_the_pipeline_budget(settings, tmp_path):
+    """ControlNets and upscalers live within the hot pipelines' byte budget: the least recently
+    used add-on goes first, then an idle pipeline; the pipeline a job runs on stays."""
+    from lorafleet.common.catalog.controlnets import ControlNetCatalog
+    from lorafleet.common.catalog.upscalers import describe_upscaler
+    from lorafleet.worker.controlnets import ControlNetCache
+    from lorafleet.worker.pipelines import module_bytes
+    from lorafleet.worker.tiny import make_tiny_controlnet, make_tiny_upscaler
+    from lorafleet.worker.upscalers import UpscalerCache
+
+    sd15 = ModelRegistry(settings).get(TINY)
+    pipeline = pipeline_bytes(sd15, torch.float32)
+    make_tiny_controlnet(sd15.path, tmp_path / "controlnet" / "canny")
+    control = ControlNetCatalog(tmp_path / "controlnet").get("canny")
+    upscaler = describe_upscaler(make_tiny_upscaler(tmp_path / "4x.safetensors"))
+    cache = PipelineCache(settings.model_copy(update={"max_pipelines": 2}))
+    controlnets = ControlNetCache(cache.device, torch.float32, pipelines=cache)
+    upscalers = UpscalerCache(cache.device, pipelines=cache)
+    control_size = module_bytes(controlnets.get(control))
+    upscaler_size = module_bytes(upscalers.get(upscaler))
+    assert cache.used_bytes == control_size + upscaler_size  # no pipeline yet
+
+    # (set in bytes: the MiB of pipeline_memory_mb are coarse for tiny models)
+    # room for the pipeline and one add-on: the older add-on (the ControlNet) makes way
+    cache._budget = pipeline + upscaler_size + control_size // 2
+    hot, _ = cache.get(sd15)
+    assert cache.used_bytes <= cache.budget_bytes and [h.model.key for h in cache.loaded()] == [TINY]
+    assert upscalers._loaded.keys() == [upscaler.sha256] and controlnets._loaded.keys() == []
+
+    # with the pipeline in use, the ControlNet displaces the upscaler, never the pipeline
+    with cache.using(hot):
+        controlnets.get(control)
+        assert [h.model.key for h in cache.loaded()] == [TINY] and upscalers._loaded.keys() == []
+    # an idle pipeline makes room when the add-ons alone would not
+    cache._budget = control_size + upscaler_size + 1
+    upscalers.get(upscaler)
+    assert cache.loaded() == [] and cache.used_bytes <= cache.budget_bytes

@@ -106,10 +106,10 @@ class JobRunner(GroupSampling, StoreStage):
         self.controlnet_catalog = ControlNetCatalog(
             settings.controlnet_dir, SharedFiles(store.redis, "controlnet")
         )
-        self.controlnet_models = ControlNetCache(pipelines.device, pipelines.dtype)
+        self.controlnet_models = ControlNetCache(pipelines.device, pipelines.dtype, pipelines=pipelines)
         self.ip_adapter_catalog = IpAdapterCatalog(settings.ip_adapter_dir)
         self.upscaler_catalog = UpscalerCatalog(settings.upscaler_dir, SharedFiles(store.redis, "upscaler"))
-        self.upscaler_models = UpscalerCache(pipelines.device)
+        self.upscaler_models = UpscalerCache(pipelines.device, pipelines=pipelines)
         self.pipelines = pipelines
         self.loras = loras
         self.vaes = VaeCache(pipelines.device, pipelines.dtype)
