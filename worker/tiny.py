@@ -356,6 +356,30 @@ def make_tiny_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def make_tiny_t2i_adapter(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """A T2I-Adapter for the tiny SD pipeline in ``model_dir``, written as a diffusers folder:
+    one block per UNet block of its width (diffusers' ``full_adapter``, unshuffling by the VAE's
+    8; on SDXL its ``full_adapter_xl``, by 16, as SDXL's first block adds its map after halving),
+    with seeded random weights, so that the control image changes the picture."""
+    from diffusers import T2IAdapter
+
+    unet = json.loads((model_dir / "unet" / "config.json").read_text())
+    xl = describe_folder(model_dir.name, model_dir).family is Family.sdxl
+    adapter = T2IAdapter(
+        channels=list(unet["block_out_channels"]),
+        num_res_blocks=1,
+        downscale_factor=16 if xl else 8,
+        adapter_type="full_adapter_xl" if xl else "full_adapter",
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for weight in adapter.parameters():  # He's scale (a bias as if it had 16 inputs)
+            fan_in = weight[0].numel() if weight.dim() > 1 else 16
+            weight.copy_(torch.randn(weight.shape, generator=generator) * math.sqrt(2 / fan_in))
+    adapter.save_pretrained(str(out_dir))
+    return out_dir
+
+
 def make_tiny_ip_adapter(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
     """An IP-Adapter for the tiny SD pipeline in ``model_dir``, laid out as h94/IP-Adapter's
     ``models/``: ``ip-adapter.safetensors`` (image projection to 4 tokens, image key/value

@@ -5,7 +5,7 @@
     fleet           workers (list, check), queues, serve, version
     embedded_redis  redis (start, stop, status)
     worker          worker, make-tiny-model, make-demo-loras, make-tiny-controlnet,
-                    make-tiny-ip-adapter
+                    make-tiny-t2i-adapter, make-tiny-ip-adapter
 
 Producer commands need only the producer install; worker commands (and `loras inspect`
 for a registered LoRA or with --model) import the worker side through ``worker_side``
@@ -51,6 +51,7 @@ app.command()(worker.worker)
 app.command("make-tiny-model")(worker.make_tiny_model)
 app.command("make-demo-loras")(worker.make_demo_loras)
 app.command("make-tiny-controlnet")(worker.make_tiny_controlnet)
+app.command("make-tiny-t2i-adapter")(worker.make_tiny_t2i_adapter)
 app.command("make-tiny-ip-adapter")(worker.make_tiny_ip_adapter)
 app.command()(fleet.serve)
 app.command()(fleet.version)

@@ -1,5 +1,5 @@
 """The worker side from the shell: `lorafleet worker`, `make-tiny-model`, `make-demo-loras`,
-`make-tiny-controlnet`, `make-tiny-ip-adapter`.
+`make-tiny-controlnet`, `make-tiny-t2i-adapter`, `make-tiny-ip-adapter`.
 
 Each command reaches ``lorafleet.worker`` through ``worker_side`` when it runs, so a
 producer-only install lists them and says how to install the worker side.
@@ -117,6 +117,20 @@ def make_tiny_controlnet(
     if not (model / "unet" / "config.json").is_file():
         fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
     console.print(f"wrote {tiny.make_tiny_controlnet(model, out, seed=seed)}", markup=False, highlight=False)
+
+
+def make_tiny_t2i_adapter(
+    model: Annotated[Path, typer.Option("--model", help="The tiny SD pipeline folder it is for.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the T2I-Adapter into (diffusers layout).")
+    ],
+    seed: Annotated[int, typer.Option(help="Seed of its random weights.")] = 0,
+) -> None:
+    """Write a tiny T2I-Adapter for a tiny SD pipeline folder (tests and demos; offline)."""
+    tiny = worker_side("tiny")
+    if not (model / "unet" / "config.json").is_file():
+        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
+    console.print(f"wrote {tiny.make_tiny_t2i_adapter(model, out, seed=seed)}", markup=False, highlight=False)
 
 
 def make_tiny_ip_adapter(
