@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from lorafleet.common.catalog.controlnets import controlnet_width
+from lorafleet.common.catalog.controlnets import ControlNetInfo, read_control
 from lorafleet.common.catalog.embeddings import describe_embedding
 from lorafleet.common.catalog.lora_files import SAFETENSORS_SUFFIX, sha256_file
 from lorafleet.common.catalog.shared_files import Kind, SharedFile, SharedFiles
@@ -49,9 +49,10 @@ def import_file(
         elif kind == "upscaler":
             upscaler = describe_upscaler(file, target)
             sha256, meta, folder = upscaler.sha256, {"shape": upscaler.shape}, settings.upscaler_dir
-        elif kind == "controlnet":
-            width = controlnet_width(file)
-            sha256, meta, folder = sha256_file(file), {"cross_attention_dim": width}, settings.controlnet_dir
+        elif kind == "controlnet":  # a ControlNet or a T2I-Adapter, its kind in the registry
+            width, adapter = read_control(file)
+            control = ControlNetInfo(target, file, True, sha256_file(file), width, adapter=adapter)
+            sha256, meta, folder = control.sha256, control.meta(), settings.controlnet_dir
         else:
             check_vae_file(file)
             sha256, meta, folder = sha256_file(file), {}, settings.vae_dir

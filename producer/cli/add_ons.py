@@ -1,6 +1,6 @@
 """`lorafleet controlnets` and `lorafleet upscalers`: the add-on models a job may name beside
-its base model and LoRAs (a ControlNet steers it by a control image; an ESRGAN-family upscaler
-enlarges the hires fix's first pass)."""
+its base model and LoRAs (a ControlNet or a T2I-Adapter steers it by a control image; an
+ESRGAN-family upscaler enlarges the hires fix's first pass)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from lorafleet.common.schema.settings import Settings
 from lorafleet.producer.cli.catalog import fleet_redis, import_shared_file
 from lorafleet.producer.cli.terminal import console, print_json, run, safe
 
-controlnets_app = typer.Typer(help="ControlNets (autoimport/controlnet).", no_args_is_help=True)
+controlnets_app = typer.Typer(
+    help="ControlNets and T2I-Adapters (autoimport/controlnet).", no_args_is_help=True
+)
 upscalers_app = typer.Typer(
     help="ESRGAN-family upscalers for the hires fix (autoimport/upscaler).", no_args_is_help=True
 )
@@ -22,17 +24,20 @@ upscalers_app = typer.Typer(
 @controlnets_app.command("import")
 def controlnets_import(
     file: Annotated[
-        Path, typer.Argument(help="A single-file .safetensors ControlNet.", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(
+            help="A single-file .safetensors ControlNet or T2I-Adapter.", exists=True, dir_okay=False
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
 ) -> None:
-    """Check a ControlNet file, share it with every machine and drop it into autoimport/controlnet."""
+    """Check a ControlNet or T2I-Adapter file, share it with every machine and drop it into autoimport/controlnet."""
     import_shared_file("controlnet", file, name)
 
 
 @controlnets_app.command("list")
 def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """ControlNets here (files and diffusers folders) and those registered for every machine."""
+    """ControlNets and T2I-Adapters here (files and diffusers folders) and those registered for every machine."""
     from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
     from lorafleet.common.catalog.shared_files import SharedFiles
 
@@ -49,13 +54,25 @@ def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
             rows.append({"name": name, "refused": exc.reason})
             continue
         rows.append(
-            {"name": info.name, "sha256": info.sha256, "cross_attention_dim": info.cross_attention_dim}
+            {
+                "name": info.name,
+                "kind": info.kind,
+                "sha256": info.sha256,
+                "cross_attention_dim": info.cross_attention_dim,
+                "adapter": info.adapter.config() if info.adapter is not None else None,
+            }
         )
     if as_json:
         print_json(rows)
         return
     for row in rows:
-        detail = row.get("refused") or f"{row['sha256'][:12]}, text width {row['cross_attention_dim'] or '?'}"
+        if "refused" in row:
+            detail = row["refused"]
+        elif row["adapter"] is not None:
+            widths = ", ".join(map(str, row["adapter"]["channels"]))
+            detail = f"{row['sha256'][:12]}, T2I-Adapter ({row['adapter']['adapter_type']}), widths {widths}"
+        else:
+            detail = f"{row['sha256'][:12]}, ControlNet, text width {row['cross_attention_dim'] or '?'}"
         console.print(f"{safe(row['name'])}  {safe(detail)}", highlight=False)
 
 
