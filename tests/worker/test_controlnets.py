@@ -21,7 +21,19 @@ from lorafleet.common.schema.infotext import parse_parameters
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.worker.tiny import make_tiny_controlnet, make_tiny_model
 from tests.conftest import TINY
-from tests.worker.test_images_in import JOB, LORA, decoded, photo, reference, submitted  # noqa: F401
+from tests.worker.test_images_in import (  # noqa: F401
+    JOB,
+    LORA,
+    XL_LORA,
+    decoded,
+    merge_peft,
+    photo,
+    reference,
+    sdxl_pipeline,
+    submitted,
+    with_xl_lora,
+    xl_lora_file,
+)
 from tests.worker.test_runner import client  # noqa: F401  (a fixture)
 
 CN = "tiny-canny"
@@ -150,23 +162,26 @@ def test_a_controlnet_that_names_nothing_or_fits_another_family_is_refused(clien
     assert queued_messages(client) == []
 
 
-def test_an_sdxl_controlnet_job_gives_diffusers_own_image(client, runner, settings, tmp_path):  # noqa: F811
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
+def test_an_sdxl_controlnet_job_with_a_lora_gives_diffusers_own_image(client, runner, settings, xl_lora_file):  # noqa: F811
     make_tiny_model(settings.models_dir / "tiny-sdxl", family="sdxl")
     folder = make_tiny_controlnet(settings.models_dir / "tiny-sdxl", settings.controlnet_dir / "sdxl-canny")
+    state = with_xl_lora(settings, xl_lora_file)
     mapped = control_map(5)
     unit = {"model": "sdxl-canny", "image": client.upload_image(mapped)}
-    handle = client.submit(JOB | {"model": "tiny-sdxl", "controlnets": [unit], "width": 64, "height": 64})
+    stack = [{"name": XL_LORA[0], "weight": XL_LORA[1]}]
+    handle = client.submit(
+        JOB | {"model": "tiny-sdxl", "controlnets": [unit], "loras": stack, "width": 64, "height": 64}
+    )
     runner.run(handle.job_id)
     record = client.get(handle.job_id)
     assert record.status is JobStatus.succeeded, record.error
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        str(settings.models_dir / "tiny-sdxl"), add_watermarker=False
-    )
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    got = decoded(runner.storage.get(record.images[0].key))
+    pipe = sdxl_pipeline(settings.models_dir / "tiny-sdxl")
+    plain = diffusers_controlnet_image(pipe, folder, mapped)
+    merge_peft(pipe, state, XL_LORA[1])
     want = diffusers_controlnet_image(pipe, folder, mapped)
-    assert np.abs(decoded(runner.storage.get(record.images[0].key)) - want).max() <= 2
+    assert np.abs(got - want).max() <= 2
+    assert np.abs(got - plain).max() > 4  # nearer want than diffusers' image without the LoRA
 
 
 @pytest.mark.slow

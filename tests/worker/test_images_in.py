@@ -1,5 +1,5 @@
-"""Images in: img2img and inpainting jobs on the tiny SD1.5, with a LoRA stack, give the image
-diffusers' own image-to-image and inpainting pipelines give from the same inputs and seed
+"""Images in: img2img and inpainting jobs on the tiny SD1.5 and SDXL, with a LoRA stack, give the
+image diffusers' own image-to-image and inpainting pipelines give from the same inputs and seed
 (the LoRA merged here in float64); jobs with different init images share a call, each as it
 would be alone; the PNG names its inputs and regenerates pixel for pixel; hostile images are
 refused at upload or submit with nothing stored."""
@@ -7,6 +7,7 @@ refused at upload or submit with nothing stored."""
 from __future__ import annotations
 
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -17,11 +18,12 @@ from safetensors.torch import load_file
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.infotext import parse_parameters
 from lorafleet.common.schema.jobs import JobStatus
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_XL
 from tests.worker.test_runner import client  # noqa: F401  (a fixture)
 
 JOB = {"model": TINY, "prompt": "a lighthouse at night", "seed": 1234, "steps": 8, "sampler": "euler"}
 LORA = ("ink-sketch", 0.8)  # a PEFT LoRA of the demo set (UNet only)
+XL_LORA = ("ink-sketch-xl", 0.8)  # the same demo LoRA made for the tiny SDXL (xl_lora_file)
 
 
 def photo(seed: int, size=(64, 64)) -> bytes:
@@ -60,15 +62,48 @@ def reference(template_home):
 
 
 def merge_peft(pipe, state: dict[str, torch.Tensor], weight: float) -> None:
-    """A UNet-only PEFT LoRA merged into ``pipe``'s UNet in float64, by the file's own math:
-    W + weight x (B @ A), rounded once to the weight's dtype."""
+    """A PEFT LoRA merged in float64 into each component of ``pipe`` its keys name (``unet.``,
+    ``text_encoder.``, ``text_encoder_2.``), by the file's own math: W + weight x (B @ A),
+    rounded once to the weight's dtype."""
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state), "not a PEFT LoRA"
     with torch.no_grad():
         for key, down in state.items():
             if key.endswith(".lora_A.weight"):
-                module = pipe.unet.get_submodule(key[len("unet.") : -len(".lora_A.weight")])
+                component, name = key[: -len(".lora_A.weight")].split(".", 1)
+                module = getattr(pipe, component).get_submodule(name)
                 up = state[key.replace("lora_A", "lora_B")]
                 delta = (up.double() @ down.double()).view_as(module.weight)
                 module.weight.copy_((module.weight.double() + weight * delta).to(module.weight.dtype))
+
+
+@pytest.fixture(scope="module")
+def xl_lora_file(template_home, tmp_path_factory):
+    """The PEFT LoRA (UNet only) of the demo set made for the tiny SDXL, at three times the demo
+    strength: at the demo's own, the tiny SDXL ControlNet's image moves by only 3 levels."""
+    from lorafleet.worker.tiny import make_demo_loras
+
+    written = make_demo_loras(
+        template_home / "models" / TINY_XL, tmp_path_factory.mktemp("xl-loras"), strength=0.15
+    )
+    [peft] = [p for p in written if all(k.startswith("unet.") for k in load_file(str(p)))]
+    return peft
+
+
+def with_xl_lora(settings, path) -> dict[str, torch.Tensor]:
+    """The LoRA file at ``path`` dropped into the LoRA folder as ``XL_LORA``'s name (the SD1.5
+    demo LoRA of its file name is there already); its tensors."""
+    shutil.copy(path, settings.lora_dir / f"{XL_LORA[0]}.safetensors")
+    return load_file(str(path))
+
+
+def sdxl_pipeline(folder):
+    """diffusers' own SDXL pipeline for the tiny SDXL in ``folder``, with lorafleet's Euler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), add_watermarker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def diffusers_image(
@@ -257,25 +292,31 @@ def sdxl_home(home, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
-def test_sdxl_img2img_and_inpainting_give_diffusers_own_image(sdxl_home, client, runner, kind):  # noqa: F811
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
+def test_sdxl_img2img_and_inpainting_with_a_lora_give_diffusers_own_image(
+    sdxl_home,
+    settings,
+    client,  # noqa: F811
+    runner,
+    xl_lora_file,
+    kind,
+):
+    state = with_xl_lora(settings, xl_lora_file)
     init, drawn = photo(8), mask()
     fields = {"model": "tiny-sdxl", "init_image": client.upload_image(init), "strength": 0.8}
     if kind == "inpaint":
         fields["mask_image"] = client.upload_image(drawn)
-    handle = client.submit(JOB | fields)
+    handle = client.submit(JOB | fields | {"loras": [{"name": XL_LORA[0], "weight": XL_LORA[1]}]})
     runner.run(handle.job_id)
     record = client.get(handle.job_id)
     assert record.status is JobStatus.succeeded, record.error
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        str(sdxl_home / "models" / "tiny-sdxl"), add_watermarker=False
-    )
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    want = diffusers_image(
-        pipe, kind, init, 0.8, drawn if kind == "inpaint" else None, overlay=kind == "inpaint"
-    )
-    assert np.abs(decoded(runner.storage.get(record.images[0].key)) - want).max() <= 2
+    got = decoded(runner.storage.get(record.images[0].key))
+    pipe = sdxl_pipeline(sdxl_home / "models" / "tiny-sdxl")
+    inputs = (init, 0.8, drawn if kind == "inpaint" else None, kind == "inpaint")
+    plain = diffusers_image(pipe, kind, *inputs)
+    merge_peft(pipe, state, XL_LORA[1])
+    want = diffusers_image(pipe, kind, *inputs)
+    assert np.abs(got - want).max() <= 2
+    assert np.abs(got - plain).max() > 4  # nearer want than diffusers' image without the LoRA
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """IP-Adapters: a job with an image prompt (and a LoRA) gives the image of diffusers' own pipeline
-with the same IP-Adapter, image and seed; the adapter leaves the pipeline as it found it; the PNG
-names it and its images and regenerates pixel for pixel; a folder that is no IP-Adapter, or a
-name that names nothing, is refused at submit naming the field."""
+with the same IP-Adapter, image and seed, on the tiny SD1.5 and SDXL; the adapter leaves the
+pipeline as it found it; the PNG names it and its images and regenerates pixel for pixel; a folder
+that is no IP-Adapter, or a name that names nothing, is refused at submit naming the field."""
 
 # ruff: noqa: F811  (client and reference are fixtures imported from other test modules)
 
@@ -19,7 +19,18 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.infotext import parse_parameters
 from lorafleet.worker.tiny import make_tiny_ip_adapter
 from tests.conftest import TINY
-from tests.worker.test_images_in import JOB, decoded, photo, reference, submitted  # noqa: F401
+from tests.worker.test_images_in import (  # noqa: F401
+    JOB,
+    XL_LORA,
+    decoded,
+    merge_peft,
+    photo,
+    reference,
+    sdxl_pipeline,
+    submitted,
+    with_xl_lora,
+    xl_lora_file,
+)
 from tests.worker.test_runner import client  # noqa: F401
 
 IP = "tiny-ip"
@@ -112,25 +123,29 @@ def test_what_is_no_ip_adapter_is_refused_naming_the_field(client, settings):
     assert queued_messages(client) == []
 
 
-def test_an_sdxl_ip_adapter_job_gives_diffusers_own_image(client, runner, settings):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
+def test_an_sdxl_ip_adapter_job_with_a_lora_gives_diffusers_own_image(client, runner, settings, xl_lora_file):
     from lorafleet.common.schema.jobs import JobStatus
     from lorafleet.worker.tiny import make_tiny_model
 
     folder = make_tiny_model(settings.models_dir / "tiny-sdxl", family="sdxl")
     make_tiny_ip_adapter(folder, settings.ip_adapter_dir / "sdxl-ip")
+    state = with_xl_lora(settings, xl_lora_file)
     face = photo(13)
     unit = {"model": "sdxl-ip", "images": [client.upload_image(face)], "weight": 0.7}
-    handle = client.submit(JOB | {"model": "tiny-sdxl", "ip_adapter": unit, "width": 64, "height": 64})
+    stack = [{"name": XL_LORA[0], "weight": XL_LORA[1]}]
+    handle = client.submit(
+        JOB | {"model": "tiny-sdxl", "ip_adapter": unit, "loras": stack, "width": 64, "height": 64}
+    )
     runner.run(handle.job_id)
     record = client.get(handle.job_id)
     assert record.status is JobStatus.succeeded, record.error
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), add_watermarker=False)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    got = decoded(runner.storage.get(record.images[0].key))
+    pipe = sdxl_pipeline(folder)
+    plain = diffusers_ip_image(pipe, settings.ip_adapter_dir / "sdxl-ip", face, 0.7)
+    merge_peft(pipe, state, XL_LORA[1])
     want = diffusers_ip_image(pipe, settings.ip_adapter_dir / "sdxl-ip", face, 0.7)
-    assert np.abs(decoded(runner.storage.get(record.images[0].key)) - want).max() <= 2
+    assert np.abs(got - want).max() <= 2
+    assert np.abs(got - plain).max() > 4  # nearer want than diffusers' image without the LoRA
     with pytest.raises(JobRejected, match="made for a 80-wide text embedding but model 'tiny-sd15' reads 32"):
         client.submit(JOB | {"ip_adapter": unit})
 
