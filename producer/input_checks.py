@@ -3,7 +3,8 @@
 Each image must be in the object store and decode within the pixel limit; a mask must be its
 init image's size; each ControlNet must be known (the drop folder, then the fleet's registry)
 and made for the model's text encoder width, and so must a hires fix's ESRGAN-family upscaler. The job's size defaults to its init image's (to
-a multiple of 8), its strength to A1111's 0.75. A refusal names the field.
+a multiple of 8), its strength to A1111's 0.75. A job's T2I-Adapters (named as ControlNets) must
+be what diffusers' adapter pipelines run (``_t2i_adapters``). A refusal names the field.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
+from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError, ControlNetInfo
 from lorafleet.common.catalog.input_images import InputImages
 from lorafleet.common.catalog.ip_adapters import IpAdapterCatalog, IpAdapterError
 from lorafleet.common.catalog.models import ModelRef
+from lorafleet.common.catalog.t2i_adapters import misfit, unet_widths
 from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
 from lorafleet.common.schema.errors import JobRejected
-from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
+from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE, Family
 from lorafleet.common.schema.hires import UPSCALERS, is_model_upscaler, output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
@@ -62,8 +64,11 @@ class InputChecks:
         if job.init_image is not None:
             multiple = FLOW_SIZE_MULTIPLE if model.family is not None and model.family.is_flow else 8
             self._init_image(job, where, warnings, multiple)
-        for n, spec in enumerate(job.controlnets):
-            self._controlnet(spec, model, f"{where}controlnets[{n}]")
+        controls = [
+            self._controlnet(s, model, f"{where}controlnets[{n}]") for n, s in enumerate(job.controlnets)
+        ]
+        if any(info.adapter is not None for info in controls):
+            self._t2i_adapters(job, model, controls, where)
         if job.ip_adapter is not None:
             self._ip_adapter(job.ip_adapter, model, f"{where}ip_adapter")
         if job.controlnets and job.inpaint_padding is not None:
@@ -154,12 +159,88 @@ class InputChecks:
                 allowed=f"a strength of at least {1 / job.steps:.3g} at {job.steps} steps, or more steps",
             )
 
-    def _controlnet(self, spec, model: ModelRef, where: str) -> None:
+    def _controlnet(self, spec, model: ModelRef, where: str) -> ControlNetInfo:
         info = self._add_on(
             self.controlnets, ControlNetError, "ControlNet", spec.model, model, f"{where}.model"
         )
         spec.model = info.name
         spec.image, _ = self.stored(spec.image, f"{where}.image")
+        return info
+
+    @staticmethod
+    def _t2i_adapters(job: GenerationJob, model: ModelRef, infos: list[ControlNetInfo], where: str) -> None:
+        """A job's T2I-Adapters, as diffusers' adapter pipelines take them: text to image only, no
+        ControlNet beside them, from the first step; on SDXL until ``end`` (one for all), on SD
+        1.x and 2.x on every step; made for the model (its family; its UNet's widths where they
+        can be read here); the image a multiple of their unshuffle factor."""
+        first = next(info for info in infos if info.adapter is not None)
+        assert first.adapter is not None
+        if job.init_image is not None:
+            raise JobRejected(
+                f"T2I-Adapter {first.name!r} steers text to image only: diffusers has no image-to-image or "
+                "inpainting pipeline with T2I-Adapters",
+                field=f"{where}init_image",
+                allowed="no init_image with a T2I-Adapter (a ControlNet runs on an init image)",
+            )
+        if job.ip_adapter is not None and not first.adapter.for_sdxl:
+            raise JobRejected(
+                f"T2I-Adapter {first.name!r} is for SD 1.x and 2.x, whose adapter pipeline in diffusers "
+                "takes no IP-Adapter",
+                field=f"{where}ip_adapter",
+                allowed="no ip_adapter beside an SD 1.x or 2.x T2I-Adapter (on SDXL both run)",
+            )
+        sdxl = model.family is Family.sdxl if model.family is not None else None
+        widths = unet_widths(model)
+        for n, (spec, info) in enumerate(zip(job.controlnets, infos)):
+            unit = f"{where}controlnets[{n}]"
+            if info.adapter is None:
+                raise JobRejected(
+                    f"ControlNet {info.name!r} and T2I-Adapter {first.name!r} in one job: diffusers has no "
+                    "pipeline that runs both",
+                    field=f"{unit}.model",
+                    allowed="only ControlNets or only T2I-Adapters in one job",
+                )
+            reason = misfit(info.adapter, sdxl, widths)
+            if reason is not None:
+                raise JobRejected(
+                    f"T2I-Adapter {info.name!r} does not fit model {model.key!r}: {reason}",
+                    field=f"{unit}.model",
+                    allowed="a T2I-Adapter made for the model",
+                )
+            if info.adapter.total_downscale != first.adapter.total_downscale:
+                raise JobRejected(
+                    f"T2I-Adapters {first.name!r} and {info.name!r} scale the map down differently "
+                    "(a light adapter and a full one): diffusers' MultiAdapter adds maps of one size",
+                    field=f"{unit}.model",
+                    allowed=f"T2I-Adapters of {first.name!r}'s kind ({first.adapter.adapter_type})",
+                )
+            if spec.start != 0:
+                raise JobRejected(
+                    "a T2I-Adapter acts from the first step: diffusers' adapter pipelines have no start",
+                    field=f"{unit}.start",
+                    allowed="start 0",
+                )
+            if not info.adapter.for_sdxl and spec.end != 1:
+                raise JobRejected(
+                    "on SD 1.x and 2.x a T2I-Adapter acts on every step: diffusers' adapter pipeline has no end",
+                    field=f"{unit}.end",
+                    allowed="end 1 (on SDXL, end is the share of the steps it acts on)",
+                )
+            if spec.end != job.controlnets[0].end:
+                raise JobRejected(
+                    "one job's T2I-Adapters act over the same steps on SDXL (diffusers' "
+                    "adapter_conditioning_factor is one number)",
+                    field=f"{unit}.end",
+                    allowed=f"end {job.controlnets[0].end:g}, as controlnets[0]'s",
+                )
+        factor = first.adapter.downscale_factor
+        for side in ("width", "height"):
+            if (size := getattr(job, side)) is not None and size % factor:
+                raise JobRejected(
+                    f"T2I-Adapter {first.name!r} unshuffles the image by {factor}: a {side} of {size} does not divide",
+                    field=f"{where}{side}",
+                    allowed=f"a {side} that is a multiple of {factor}",
+                )
 
     def _ip_adapter(self, spec, model: ModelRef, where: str) -> None:
         self._add_on(self.ip_adapters, IpAdapterError, "IP-Adapter", spec.model, model, f"{where}.model")

@@ -15,8 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
+from lorafleet.common.schema.errors import JobRejected
 from lorafleet.worker.tiny import make_tiny_controlnet, make_tiny_t2i_adapter
-from tests.conftest import TINY
+from tests.conftest import TINY, TINY_XL
+from tests.worker.test_controlnets import control_map
+from tests.worker.test_images_in import JOB
+from tests.worker.test_runner import client  # noqa: F401  (a fixture)
 
 AD = "tiny-sketch"
 
@@ -89,3 +93,42 @@ def test_the_cli_imports_and_lists_t2i_adapters_with_their_kind(
     assert "T2I-Adapter (full_adapter), widths 32, 64" in shown, shown
     refused = run_cli(["controlnets", "import", str(original_layout(tmp_path / "tencent.safetensors"))], env)
     assert refused.returncode == 2 and "TencentARC's original layout" in refused.stderr, refused.stderr
+
+
+def test_what_diffusers_adapter_pipelines_cannot_do_is_refused_at_submit_naming_the_field(
+    client, settings, template_home
+):
+    from diffusers import T2IAdapter
+
+    from tests.producer.test_client import queued_messages
+
+    image = client.upload_image(control_map(1))
+    make_tiny_t2i_adapter(template_home / "models" / TINY_XL, settings.controlnet_dir / "sdxl-sketch")
+    make_tiny_controlnet(template_home / "models" / TINY, settings.controlnet_dir / "tiny-canny")
+    T2IAdapter(channels=[16, 32], num_res_blocks=1).save_pretrained(str(settings.controlnet_dir / "narrow"))
+    unit, xl = {"model": AD, "image": image}, {"model": "sdxl-sketch", "image": image}
+    on_xl = {"model": TINY_XL, "width": 64, "height": 64}
+    cases = [
+        ({"controlnets": [unit | {"start": 0.2}]}, "controlnets[0].start", "from the first step"),
+        ({"controlnets": [unit | {"end": 0.5}]}, "controlnets[0].end", "on every step"),
+        (
+            {"controlnets": [unit, {"model": "tiny-canny", "image": image}]},
+            "controlnets[1].model",
+            "ControlNet",
+        ),
+        ({"controlnets": [unit], "init_image": image, "strength": 0.5}, "init_image", "text to image"),
+        (
+            {"controlnets": [unit], "ip_adapter": {"model": "x", "images": [image]}},
+            "ip_adapter",
+            "IP-Adapter",
+        ),
+        ({"controlnets": [xl]}, "controlnets[0].model", "made for another model family"),
+        ({"controlnets": [{"model": "narrow", "image": image}]}, "controlnets[0].model", "16, 32 wide"),
+        (on_xl | {"controlnets": [xl], "width": 72}, "width", "multiple of 16"),
+        (on_xl | {"controlnets": [xl | {"end": 0.5}, xl]}, "controlnets[1].end", "end 0.5"),
+    ]
+    for fields, field, words in cases:
+        with pytest.raises(JobRejected) as refused:
+            client.submit(JOB | fields)
+        assert refused.value.field == field and words in str(refused.value), (fields, refused.value)
+    assert queued_messages(client) == []
