@@ -34,6 +34,12 @@ from lorafleet.common.schema.errors import BadArgument, TransientError
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 """The file name diffusers' save_lora_weights writes (and hub LCM-LoRA repos hold)."""
+GENERIC_WEIGHTS = {
+    DIFFUSERS_WEIGHTS,
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+}
+"""File names diffusers gives every repo's weights: an import names the file after its repo."""
 HUB_SOURCE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(/[\w./-]+\.safetensors)?$")
 CHUNK = 1024 * 1024
 TIMEOUT_SECONDS = 30.0
@@ -303,5 +309,5 @@ def _from_hub(source: str, scratch: Path) -> Fetched:
         if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
             raise TransientError(f"hub: {source} could not be fetched: {exc}") from None
         raise
-    name = repo if filename == DIFFUSERS_WEIGHTS else Path(filename).stem
+    name = repo if Path(filename).name in GENERIC_WEIGHTS else Path(filename).stem
     return Fetched(path, name, temporary=True, cleanup=folder)

@@ -4,13 +4,12 @@ ESRGAN-family upscaler enlarges the hires fix's first pass)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lorafleet.common.schema.settings import Settings
-from lorafleet.producer.cli.catalog import fleet_redis, import_shared_file
+from lorafleet.producer.cli.catalog import Sha256Option, fleet_redis, import_shared_file, source_argument
 from lorafleet.producer.cli.terminal import console, print_json, run, safe
 
 controlnets_app = typer.Typer(
@@ -23,16 +22,13 @@ upscalers_app = typer.Typer(
 
 @controlnets_app.command("import")
 def controlnets_import(
-    file: Annotated[
-        Path,
-        typer.Argument(
-            help="A single-file .safetensors ControlNet or T2I-Adapter.", exists=True, dir_okay=False
-        ),
-    ],
+    source: Annotated[str, source_argument("A single-file .safetensors ControlNet or T2I-Adapter")],
     name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
+    sha256: Sha256Option = None,
 ) -> None:
-    """Check a ControlNet or T2I-Adapter file, share it with every machine and drop it into autoimport/controlnet."""
-    import_shared_file("controlnet", file, name)
+    """Fetch and check a ControlNet or T2I-Adapter file, share it with every machine and drop it
+    into autoimport/controlnet."""
+    import_shared_file("controlnet", source, name, sha256)
 
 
 @controlnets_app.command("list")
@@ -78,18 +74,14 @@ def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
 
 @upscalers_app.command("import")
 def upscalers_import(
-    file: Annotated[
-        Path,
-        typer.Argument(
-            help="An ESRGAN or Real-ESRGAN (RRDB) .safetensors model.", exists=True, dir_okay=False
-        ),
-    ],
+    source: Annotated[str, source_argument("An ESRGAN or Real-ESRGAN (RRDB) .safetensors model")],
     name: Annotated[
         str | None, typer.Option(help="Its name for jobs' --hr-upscaler (default: the file's name).")
     ] = None,
+    sha256: Sha256Option = None,
 ) -> None:
-    """Check an upscaler file, share it with every machine and drop it into autoimport/upscaler."""
-    import_shared_file("upscaler", file, name)
+    """Fetch and check an upscaler file, share it with every machine and drop it into autoimport/upscaler."""
+    import_shared_file("upscaler", source, name, sha256)
 
 
 @upscalers_app.command("list")

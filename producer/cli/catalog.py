@@ -396,11 +396,14 @@ def _lora_registry(settings: Settings) -> LoraRegistry | None:
     return LoraRegistry(client) if client else None
 
 
-def import_shared_file(kind: str, file: Path, name: str | None) -> None:
+def import_shared_file(kind: str, source: str, name: str | None, sha256: str | None = None) -> None:
     settings = Settings()
 
     def action():
-        result = import_file(settings, kind, file, fleet_redis(settings), name)
+        with DownloadProgress(console) as progress:
+            result = import_file(
+                settings, kind, source, fleet_redis(settings), name, sha256=sha256, progress=progress.update
+            )
         console.print(
             f"imported {kind} {result.name} (sha256 {result.sha256[:12]}) into {result.destination.parent}",
             markup=False,
@@ -425,21 +428,33 @@ def import_shared_file(kind: str, file: Path, name: str | None) -> None:
     run(action)
 
 
+def source_argument(what: str):
+    """The SOURCE argument of an import: a local file, a download link, a hub file."""
+    return typer.Argument(
+        help=f"{what}: a local file, an http(s) download link, or a hub file owner/repo[/file.safetensors]."
+    )
+
+
+Sha256Option = Annotated[
+    str | None, typer.Option("--sha256", help="Refuse the file unless it has this sha256.")
+]
+
+
 @embeddings_app.command("import")
 def embeddings_import(
-    file: Annotated[Path, typer.Argument(help="A .safetensors embedding.", exists=True, dir_okay=False)],
+    source: Annotated[str, source_argument("A .safetensors embedding")],
     name: Annotated[str | None, typer.Option(help="The word prompts use (default: the file's name).")] = None,
+    sha256: Sha256Option = None,
 ) -> None:
-    """Check an embedding, share it with every machine and drop it into autoimport/embedding."""
-    import_shared_file("embedding", file, name)
+    """Fetch and check an embedding, share it with every machine and drop it into autoimport/embedding."""
+    import_shared_file("embedding", source, name, sha256)
 
 
 @vaes_app.command("import")
 def vaes_import(
-    file: Annotated[
-        Path, typer.Argument(help="A single-file .safetensors VAE.", exists=True, dir_okay=False)
-    ],
+    source: Annotated[str, source_argument("A single-file .safetensors VAE")],
     name: Annotated[str | None, typer.Option(help="Its name for jobs (default: the file's name).")] = None,
+    sha256: Sha256Option = None,
 ) -> None:
-    """Check a VAE file, share it with every machine and drop it into autoimport/vae."""
-    import_shared_file("vae", file, name)
+    """Fetch and check a VAE file, share it with every machine and drop it into autoimport/vae."""
+    import_shared_file("vae", source, name, sha256)
