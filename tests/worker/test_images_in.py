@@ -220,7 +220,7 @@ def test_the_png_names_its_inputs_and_regenerates_pixel_for_pixel(client, runner
     assert np.array_equal(decoded(runner.storage.get(redone.images[0].key)), decoded(png))
 
 
-def _stored_inputs(runner) -> list[str]:
+def stored_inputs(runner) -> list[str]:
     root = runner.storage.root / "inputs"
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
@@ -242,7 +242,7 @@ def test_a_hostile_upload_is_refused_and_nothing_is_stored(client, runner, data,
     with pytest.raises(JobRejected) as refused:
         client.upload_image(data, field="init_image")
     assert refused.value.field == "init_image" and words in refused.value.reason
-    assert _stored_inputs(runner) == []
+    assert stored_inputs(runner) == []
 
 
 def test_what_does_not_fit_is_refused_at_submit_naming_the_field(client, runner, settings):  # noqa: F811
@@ -264,7 +264,7 @@ def test_what_does_not_fit_is_refused_at_submit_naming_the_field(client, runner,
             client.submit(JOB | fields)
         assert refused.value.field == field, (fields, refused.value)
     assert queued_messages(client) == []
-    assert "0" * 64 not in _stored_inputs(runner)
+    assert "0" * 64 not in stored_inputs(runner)
 
 
 def test_the_api_stores_an_upload_once_by_its_hash(settings, client):  # noqa: F811
@@ -383,138 +383,3 @@ def test_the_default_size_keeps_the_init_images_shape(client):  # noqa: F811
     with pytest.raises(JobRejected):
         client.submit(job)
     assert units == [{"model": "nowhere", "image": ref}]  # the caller's job is left as given
-
-
-@pytest.fixture
-def inpainting_home(home):
-    from lorafleet.worker.tiny import make_tiny_model
-
-    make_tiny_model(home / "models" / "tiny-inpainting", family="sd15-inpainting")
-    return home
-
-
-def test_an_inpainting_model_repaints_as_diffusers_and_refuses_text_to_image(inpainting_home, client, runner):  # noqa: F811
-    from diffusers import EulerDiscreteScheduler, StableDiffusionInpaintPipeline
-
-    init, drawn = photo(60), mask()
-    fields = {"model": "tiny-inpainting", "init_image": client.upload_image(init), "strength": 1.0}
-    record, png = submitted(client, runner, **fields, mask_image=client.upload_image(drawn))
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        str(inpainting_home / "models" / "tiny-inpainting"),
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    assert pipe.unet.config.in_channels == 9
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    merge_peft(
-        pipe, load_file(str(inpainting_home / "autoimport" / "lora" / f"{LORA[0]}.safetensors")), LORA[1]
-    )
-    want = diffusers_image(pipe, "inpaint", init, 1.0, drawn, overlay=True)
-    assert np.abs(decoded(png) - want).max() <= 2
-    for given, field in (({}, "mask_image"), ({"init_image": None, "strength": None}, "init_image")):
-        with pytest.raises(JobRejected) as refused:
-            client.submit(JOB | fields | given)
-        assert refused.value.field == field and "inpainting model (its UNet reads 9 channels)" in str(
-            refused.value
-        )
-
-
-def test_an_inpainting_model_only_workers_see_fails_jobs_without_its_inputs(inpainting_home, client, runner):  # noqa: F811
-    import shutil
-
-    from lorafleet.common.catalog.models import ModelRegistry
-    from lorafleet.common.schema.family import Family
-
-    on_workers = inpainting_home.parent / "on-the-workers" / "tiny-inpainting"  # not here at submit
-    ModelRegistry(client.settings, client.redis).register(
-        "remote-inpainting", str(on_workers), family=Family.sd15
-    )
-    job = JOB | {"model": "remote-inpainting", "width": 64, "height": 64}
-    handles = [
-        client.submit(job),
-        client.submit(job | {"init_image": client.upload_image(photo(62)), "strength": 0.5}),
-    ]
-    shutil.copytree(inpainting_home / "models" / "tiny-inpainting", on_workers)
-    for handle, missing in zip(handles, ("init_image and mask_image", "mask_image")):
-        runner.run(handle.job_id)
-        record = client.get(handle.job_id)
-        assert record.status is JobStatus.failed
-        assert "inpainting model (its UNet reads 9 channels)" in record.error, record.error
-        assert (
-            f"this job has no {missing}" in record.error and "needs init_image and mask_image" in record.error
-        )
-
-
-def test_an_inpainting_checkpoint_file_runs_as_its_folder(inpainting_home, settings, client, runner):  # noqa: F811
-    from lorafleet.worker.checkpoint_format import write_single_file
-
-    folder = inpainting_home / "models" / "tiny-inpainting"
-    write_single_file(folder, settings.checkpoints_dir / "tiny-inpainting-file.safetensors", "sd15")
-    configs = {"sd15-inpainting": str(folder)}  # as LORAFLEET_CHECKPOINT_CONFIGS would say it
-    from lorafleet.common.catalog.models import ModelRegistry
-
-    ref = ModelRegistry(settings.model_copy(update={"checkpoint_configs": configs}), client.redis).get(
-        "tiny-inpainting-file"
-    )
-    assert ref.inpainting and ref.config == str(folder)
-    init, drawn = client.upload_image(photo(61)), client.upload_image(mask())
-    fields = {"init_image": init, "mask_image": drawn, "strength": 1.0}
-    _, from_folder = submitted(client, runner, model="tiny-inpainting", **fields)
-    client.resolver.models.configs = configs
-    runner.models.configs = configs
-    _, from_file = submitted(client, runner, model="tiny-inpainting-file", **fields)
-    assert np.array_equal(decoded(from_file), decoded(from_folder))
-
-
-@pytest.fixture
-def image_server():
-    """A real HTTP server on loopback: /photo.png, /moved (a redirect to it), /page (HTML)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    data = photo(70)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            if self.path == "/moved":
-                self.send_response(302)
-                self.send_header("Location", "/photo.png")
-                self.end_headers()
-                return
-            body, kind = (
-                (data, "image/png") if self.path == "/photo.png" else (b"<html>login</html>", "text/html")
-            )
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", data
-    server.shutdown()
-
-
-def test_an_init_image_by_url_is_fetched_once_and_stored_by_its_hash(settings, image_server, runner):
-    from lorafleet.common.catalog.input_images import image_ref
-    from lorafleet.producer.client import Client
-
-    base, data = image_server
-    with Client(settings) as closed:  # loopback is not a public address: refused, nothing stored
-        with pytest.raises(JobRejected) as refused:
-            closed.submit(JOB | {"init_image": f"{base}/photo.png"})
-        assert refused.value.field == "init_image" and "not a public address" in str(refused.value)
-    assert _stored_inputs(runner) == []
-    with Client(settings.model_copy(update={"api_import_hosts": "127.0.0.1"})) as opened:
-        job = opened.submit(JOB | {"init_image": f"{base}/moved", "strength": 0.6}).job
-        assert job.init_image == image_ref(data)  # the record names the bytes it ran with
-        runner.run(job.job_id)
-        assert opened.get(job.job_id).status is JobStatus.succeeded
-        with pytest.raises(JobRejected) as page:
-            opened.submit(JOB | {"init_image": f"{base}/page"})
-        assert page.value.field == "init_image" and "not an image" in str(page.value)
-    assert _stored_inputs(runner) == [image_ref(data).removeprefix("sha256:")]
