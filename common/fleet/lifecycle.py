@@ -355,14 +355,19 @@ class Lifecycle:
         record = self.change(job_id, change, guess=guess)
         return (before[-1] if before else None), record, run_id
 
-    def progress(self, job_id: str, run_id: str | None, step: int) -> JobRecord | None:
-        """Write the run's progress; Superseded if another run owns the job now."""
+    def progress(
+        self, job_id: str, run_id: str | None, step: int, total: int | None = None
+    ) -> JobRecord | None:
+        """Write the run's progress (``total``: its count of steps, where the run counts them
+        otherwise than the start did); Superseded if another run owns the job now."""
 
         def change(record: JobRecord) -> JobRecord | None:
             _fence(record, run_id)
             if record.status is not JobStatus.running:
                 return None  # no run writes it (run_id None): nothing to count
             record.progress.step = step
+            if total is not None:
+                record.progress.total = total
             return record
 
         return self.change(job_id, change)

@@ -330,25 +330,15 @@ class GroupSampling:
     def _recount(self, member: Member, steps: int) -> None:
         """The record's progress total as this pipeline counts its steps (``steps`` per image):
         the start counted them SD's way, the record not knowing the model's family, and a flow
-        family's image-to-image runs one more where steps x strength is not whole."""
+        family's image-to-image runs one more where steps x strength is not whole. Written
+        with the job's next progress (runner ``_progress``)."""
         total = steps * member.job.num_images
         if member.record.progress.total == total:
             return
         member.record.progress.total = total
+        self._totals[member.job_id] = total
         if self.stats.current_job == member.job_id:
             self.stats.current_total = total
-        run_id = self._runs.get(member.job_id)
-
-        def change(record):
-            if record.run_id != run_id or record.status is not JobStatus.running:
-                return None  # not this run's any more: its next progress write says so
-            record.progress.total = total
-            return record
-
-        try:
-            self.lifecycle.change(member.job_id, change)
-        except redis.RedisError as exc:  # as a progress write: sampling goes on without it
-            logger.warning("job %s: progress total not written (Redis unavailable: %s)", member.job_id, exc)
 
     def _cancelled(self, member: Member) -> None:
         """A job cancelled while it samples leaves its call; its companions go on."""

@@ -133,6 +133,9 @@ class JobRunner(GroupSampling, StoreStage):
         """Jobs whose messages this run took from the queue: queued again, they need a new one."""
         """Job id -> the fencing token of this worker's run of it, for the jobs running now."""
         self._last_progress: dict[str, float] = {}
+        self._totals: dict[str, int] = {}
+        """Job id -> its progress total where the pipeline counts it otherwise than the start
+        did (a flow family's image-to-image: worker/run/group.py); written with its progress."""
         self.batch_sizes = BatchSizes(settings.max_batch, pipelines.device)
         self._last_shape = ("", 512, 512)
         self._store_stage = (
@@ -189,7 +192,7 @@ class JobRunner(GroupSampling, StoreStage):
             return
         self._last_progress[job_id] = now
         try:
-            record = self.lifecycle.progress(job_id, self._runs.get(job_id), step)
+            record = self.lifecycle.progress(job_id, self._runs.get(job_id), step, self._totals.get(job_id))
         except redis.RedisError as exc:  # Redis away: sampling goes on, progress waits for it
             if not self._redis_away:
                 logger.warning(
@@ -243,6 +246,7 @@ class JobRunner(GroupSampling, StoreStage):
             self._runs = {}
             self._taken = set()
             self._last_progress = {}
+            self._totals = {}
             self.disk.release()  # the job's cached files: other workers may evict them now
 
     def _take(self, job_id: str, queued: str | None = None) -> tuple[JobRecord | None, JobStatus | None]:
