@@ -34,42 +34,40 @@ def controlnets_import(
 @controlnets_app.command("list")
 def controlnets_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """ControlNets and T2I-Adapters here (files and diffusers folders) and those registered for every machine."""
-    from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
+    from lorafleet.common.catalog.controlnets import ControlNetCatalog
+
+    def row(info) -> dict:
+        adapter = info.adapter.config() if info.adapter is not None else None
+        if adapter is not None:
+            widths = ", ".join(map(str, adapter["channels"]))
+            detail = f"{info.sha256[:12]}, T2I-Adapter ({adapter['adapter_type']}), widths {widths}"
+        else:
+            detail = f"{info.sha256[:12]}, ControlNet, text width {info.cross_attention_dim or '?'}"
+        fields = {"kind": info.kind, "cross_attention_dim": info.cross_attention_dim, "adapter": adapter}
+        return {"name": info.name, "sha256": info.sha256, **fields, "detail": detail}
+
+    _list(ControlNetCatalog, "controlnet", "controlnet_dir", row, as_json)
+
+
+def _list(catalog_class, kind: str, folder: str, row, as_json: bool) -> None:
+    """Print the catalog's entries (``row``: an entry's fields and its ``detail`` line); a
+    refused file is listed with why."""
     from lorafleet.common.catalog.shared_files import SharedFiles
 
     settings = Settings()
     client = run(lambda: fleet_redis(settings))
-    catalog = ControlNetCatalog(
-        settings.controlnet_dir, SharedFiles(client, "controlnet") if client else None
-    )
+    catalog = catalog_class(getattr(settings, folder), SharedFiles(client, kind) if client else None)
     rows = []
     for name in catalog.names():
         try:
-            info = catalog.get(name)
-        except ControlNetError as exc:
-            rows.append({"name": name, "refused": exc.reason})
-            continue
-        rows.append(
-            {
-                "name": info.name,
-                "kind": info.kind,
-                "sha256": info.sha256,
-                "cross_attention_dim": info.cross_attention_dim,
-                "adapter": info.adapter.config() if info.adapter is not None else None,
-            }
-        )
+            rows.append(row(catalog.get(name)))
+        except catalog_class.error as exc:
+            rows.append({"name": name, "refused": exc.reason, "detail": exc.reason})
     if as_json:
-        print_json(rows)
+        print_json([{k: v for k, v in r.items() if k != "detail"} for r in rows])
         return
-    for row in rows:
-        if "refused" in row:
-            detail = row["refused"]
-        elif row["adapter"] is not None:
-            widths = ", ".join(map(str, row["adapter"]["channels"]))
-            detail = f"{row['sha256'][:12]}, T2I-Adapter ({row['adapter']['adapter_type']}), widths {widths}"
-        else:
-            detail = f"{row['sha256'][:12]}, ControlNet, text width {row['cross_attention_dim'] or '?'}"
-        console.print(f"{safe(row['name'])}  {safe(detail)}", highlight=False)
+    for r in rows:
+        console.print(f"{safe(r['name'])}  {safe(r['detail'])}", highlight=False)
 
 
 @upscalers_app.command("import")
@@ -87,30 +85,15 @@ def upscalers_import(
 @upscalers_app.command("list")
 def upscalers_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Upscalers here and those registered for every machine, with their scale."""
-    from lorafleet.common.catalog.shared_files import SharedFiles
-    from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
+    from lorafleet.common.catalog.upscalers import UpscalerCatalog
 
-    settings = Settings()
-    client = run(lambda: fleet_redis(settings))
-    catalog = UpscalerCatalog(settings.upscaler_dir, SharedFiles(client, "upscaler") if client else None)
-    rows = []
-    for name in catalog.names():
-        try:
-            info = catalog.get(name)
-        except UpscalerError as exc:
-            rows.append({"name": name, "refused": exc.reason})
-            continue
-        rows.append(
-            {
-                "name": info.name,
-                "sha256": info.sha256,
-                "scale": info.scale,
-                "blocks": info.shape.get("blocks"),
-            }
-        )
-    if as_json:
-        print_json(rows)
-        return
-    for row in rows:
-        detail = row.get("refused") or f"{row['sha256'][:12]}, {row['scale']:g}x, {row['blocks']} RRDB blocks"
-        console.print(f"{safe(row['name'])}  {safe(detail)}", highlight=False)
+    def row(info) -> dict:
+        blocks = info.shape.get("blocks")
+        fields = {"sha256": info.sha256, "scale": info.scale, "blocks": blocks}
+        return {
+            "name": info.name,
+            **fields,
+            "detail": f"{info.sha256[:12]}, {info.scale:g}x, {blocks} RRDB blocks",
+        }
+
+    _list(UpscalerCatalog, "upscaler", "upscaler_dir", row, as_json)
