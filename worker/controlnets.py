@@ -6,6 +6,12 @@ hub once, then its cache). Loaded on the pipeline's device and dtype; a few are 
 their bytes counted in the hot pipelines' budget (worker/pipelines.py: an older one, then an
 idle pipeline, makes room for one).
 Several ControlNets of one job run as diffusers' ``MultiControlNetModel``.
+
+T2I-Adapters (entries of the same catalog) are kept here too: a diffusers folder with its
+config, a single file built as the shape its tensors gave (common/catalog/t2i_adapters.py) and
+loaded strictly; several of one job run as diffusers' ``MultiAdapter``. Whether they fit the
+model (its family, its UNet's block widths) is checked once the pipeline is at hand, as a
+submitter may not have seen the model's config.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import torch
 
 from lorafleet.common.catalog.controlnets import ControlNetInfo
+from lorafleet.common.catalog.t2i_adapters import misfit
 from lorafleet.common.schema.errors import JobFailed
 from lorafleet.worker.lru import LRUCache
 from lorafleet.worker.pipelines import PipelineCache, weights_bytes
@@ -49,11 +56,14 @@ class ControlNetCache:
                 self._pipelines.make_room_for(weights_bytes([info.weights], self.dtype))
             model = self._load(info)
             self._loaded.put(info.sha256, model)
-            logger.info("ControlNet %s (%s) loaded", info.name, info.short_hash)
+            logger.info("%s %s (%s) loaded", info.noun, info.name, info.short_hash)
         return model
 
     def _load(self, info: ControlNetInfo) -> torch.nn.Module:
         from diffusers import ControlNetModel
+
+        if info.adapter is not None:
+            return self._load_adapter(info)
 
         try:
             if info.single_file:
@@ -69,13 +79,59 @@ class ControlNetCache:
             ) from exc
         return model.to(self.device).eval()
 
-    def for_job(self, infos: list[ControlNetInfo]) -> torch.nn.Module | None:
-        """The job's ControlNets as one module for its pipeline (None: it has none)."""
+    def _load_adapter(self, info: ControlNetInfo) -> torch.nn.Module:
+        from diffusers import T2IAdapter
+        from safetensors.torch import load_file
+
+        assert info.adapter is not None
+        try:
+            if info.single_file:
+                model = T2IAdapter(**info.adapter.config())
+                model.load_state_dict(load_file(str(info.weights)))  # strict: every tensor, each shape
+                model = model.to(self.dtype)
+            else:
+                model = T2IAdapter.from_pretrained(
+                    str(info.path), torch_dtype=self.dtype, local_files_only=True
+                )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise JobFailed(
+                f"T2I-Adapter {info.name!r} cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from exc
+        return model.to(self.device).eval()
+
+    def for_job(self, infos: list[ControlNetInfo], pipe=None, model: str = "") -> torch.nn.Module | None:
+        """The job's ControlNets (or T2I-Adapters, checked against ``pipe``, the hot pipeline of
+        ``model``) as one module for its pipeline (None: it has none)."""
         if not infos:
             return None
+        adapters = [info for info in infos if info.adapter is not None]
+        if adapters:
+            _check_adapters(infos, pipe, model)
         models = [self.get(info) for info in infos]
         if len(models) == 1:
             return models[0]
+        if adapters:
+            from diffusers import MultiAdapter
+
+            return MultiAdapter(models)
         from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
         return MultiControlNetModel(models)
+
+
+def _check_adapters(infos: list[ControlNetInfo], pipe, model: str) -> None:
+    """JobFailed unless every unit is a T2I-Adapter that fits ``pipe`` (SDXL or not, its UNet's
+    block widths): submit checks what it can see, and a model only workers see is seen here."""
+    mixed = next((info for info in infos if info.adapter is None), None)
+    if mixed is not None:
+        raise JobFailed(
+            f"ControlNet {mixed.name!r} and T2I-Adapters in one job: diffusers has no pipeline that runs both"
+        )
+    unet = getattr(pipe, "unet", None)
+    sdxl = type(pipe).__name__.startswith("StableDiffusionXL") if pipe is not None else None
+    widths = tuple(unet.config.block_out_channels) if unet is not None else None
+    for info in infos:
+        assert info.adapter is not None
+        reason = misfit(info.adapter, sdxl, widths)
+        if reason is not None:
+            raise JobFailed(f"T2I-Adapter {info.name!r} does not fit model {model!r}: {reason}")

@@ -103,7 +103,7 @@ class GroupSampling:
         ip = job.ip_adapter
         ip_info = self.ip_adapter_catalog.get(ip.model) if ip is not None else None
         controls = [self._local(self.controlnet_catalog.get(spec.model)) for spec in job.controlnets]
-        controlnet = self.controlnet_models.for_job(controls)
+        controlnet = self.controlnet_models.for_job(controls, hot.pipe, hot.model.key)
         upscaler = None
         if job.hr_scale and is_model_upscaler(job.hr_upscaler):  # an ESRGAN-family model
             upscaler = self.upscaler_models.get(self._local(self.upscaler_catalog.get(job.hr_upscaler)))

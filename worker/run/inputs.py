@@ -12,6 +12,11 @@ Semantics:
   or on side paths, are in it), inpainting through its inpainting pipeline (a 4-channel
   model: A1111's way with an ordinary checkpoint), with ``padding_mask_crop`` for "Only
   masked". Each row of a call has its own images.
+- T2I-Adapters (a job's ``controlnets`` naming them) run through diffusers' adapter pipelines
+  (``StableDiffusionAdapterPipeline`` / ``StableDiffusionXLAdapterPipeline``, over the same
+  components: text to image only): each unit's ``weight`` is its ``adapter_conditioning_scale``,
+  ``end`` on SDXL the ``adapter_conditioning_factor`` (the share of the steps, from the first,
+  it acts on); several run as diffusers' ``MultiAdapter``, each row with its own maps.
 """
 
 from __future__ import annotations
@@ -83,10 +88,11 @@ def job_inputs(job: GenerationJob, reader: InputReader) -> dict[str, object]:
 
 
 def pipeline_for(pipe, job: GenerationJob, controlnet=None):
-    """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image, inpainting
-    or ControlNet form over the same components (``controlnet``: the job's, loaded). JobFailed
-    for a job without an init image and a mask on an inpainting model, which submit lets
-    through when it cannot read the model (a hub id, a folder only the workers see)."""
+    """The pipeline that samples ``job``: ``pipe`` itself, or its image-to-image, inpainting,
+    ControlNet or T2I-Adapter form over the same components (``controlnet``: the job's
+    ControlNets or T2I-Adapters, loaded). JobFailed for a job without an init image and a mask
+    on an inpainting model, which submit lets through when it cannot read the model (a hub id,
+    a folder only the workers see), and for T2I-Adapters with an init image."""
     _check_inpainting_inputs(pipe, job)
     if job.init_image is None and controlnet is None:
         return pipe
@@ -94,6 +100,12 @@ def pipeline_for(pipe, job: GenerationJob, controlnet=None):
         kind = "text-to-image"
     else:
         kind = "inpainting" if job.mask_image is not None else "image-to-image"
+    if controlnet is not None and is_adapter(controlnet) and kind != "text-to-image":
+        raise JobFailed(
+            "T2I-Adapters steer text to image only: diffusers has no image-to-image or inpainting "
+            "pipeline with T2I-Adapters; drop init_image, or use a ControlNet",
+            job_id=job.job_id,
+        )
     return derived(pipe, kind, controlnet)
 
 
@@ -117,17 +129,30 @@ _AUTO_PIPELINES = {
     "inpainting": "AutoPipelineForInpainting",
 }
 """diffusers' pipeline that takes a model's components for each kind of call."""
+_ADAPTER_PIPELINES = {True: "StableDiffusionXLAdapterPipeline", False: "StableDiffusionAdapterPipeline"}
+"""diffusers' text-to-image pipelines with T2I-Adapters, for SDXL and for SD 1.x/2.x (AutoPipeline has none)."""
+
+
+def is_adapter(module) -> bool:
+    """Whether a job's loaded control module is T2I-Adapters (one, or diffusers' MultiAdapter)."""
+    from diffusers import MultiAdapter, T2IAdapter
+
+    return isinstance(module, (T2IAdapter, MultiAdapter))
 
 
 def derived(pipe, kind: str, controlnet=None):
     """``pipe``'s components in diffusers' ``kind`` pipeline (one of ``_AUTO_PIPELINES``; with
-    ``controlnet`` when given), its progress bar off: ``from_pipe`` copies no weight, so the
-    job's LoRAs, patched or on side paths, are in it. The hires fix's second pass is its
-    image-to-image form."""
+    ``controlnet`` when given, the adapter pipeline when it is T2I-Adapters), its progress bar
+    off: ``from_pipe`` copies no weight, so the job's LoRAs, patched or on side paths, are in it.
+    The hires fix's second pass is its image-to-image form."""
     import diffusers
 
-    auto = getattr(diffusers, _AUTO_PIPELINES[kind])
-    pipeline = auto.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
+    if controlnet is not None and is_adapter(controlnet):
+        sdxl = type(pipe).__name__.startswith("StableDiffusionXL")
+        pipeline = getattr(diffusers, _ADAPTER_PIPELINES[sdxl]).from_pipe(pipe, adapter=controlnet)
+    else:
+        auto = getattr(diffusers, _AUTO_PIPELINES[kind])
+        pipeline = auto.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -140,13 +165,16 @@ def _batch(images: list) -> torch.Tensor:
     )
 
 
-def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
-    """What the image-to-image, inpainting or ControlNet call adds: one image (mask, control
-    maps) per row; each ControlNet's weight and the part of the sampling it steers."""
+def call_arguments(job: GenerationJob, inputs: list[dict[str, object]], runner=None) -> dict:
+    """What the image-to-image, inpainting, ControlNet or T2I-Adapter call (``runner``, the
+    pipeline) adds: one image (mask, control maps) per row; each ControlNet's weight and the
+    part of the sampling it steers."""
     arguments: dict = {}
     if job.ip_adapter is not None:  # one image prompt for every row (batching.batch_key)
         arguments["ip_adapter_image"] = [inputs[0]["ip_images"]]
-    if job.controlnets:
+    if job.controlnets and getattr(runner, "adapter", None) is not None:
+        arguments |= _adapter_arguments(job, inputs, type(runner).__name__ == _ADAPTER_PIPELINES[True])
+    elif job.controlnets:
         single = len(job.controlnets) == 1
         if single:  # one map per row
             maps: object = [row["controls"][0] for row in inputs]
@@ -169,4 +197,19 @@ def call_arguments(job: GenerationJob, inputs: list[dict[str, object]]) -> dict:
             "mask_image": row["mask_image"],
             "padding_mask_crop": job.inpaint_padding,
         }
+    return arguments
+
+
+def _adapter_arguments(job: GenerationJob, inputs: list[dict[str, object]], sdxl: bool) -> dict:
+    """The adapter pipelines' arguments: per T2I-Adapter its rows' maps and its weight; on SDXL
+    the share of the steps they act on (one ``end`` for all: submit checks it)."""
+    maps = [[row["controls"][n] for row in inputs] for n in range(len(job.controlnets))]
+    weights = [spec.weight for spec in job.controlnets]
+    single = len(maps) == 1
+    arguments = {
+        "image": maps[0] if single else maps,
+        "adapter_conditioning_scale": weights[0] if single else weights,
+    }
+    if sdxl:
+        arguments["adapter_conditioning_factor"] = job.controlnets[0].end
     return arguments

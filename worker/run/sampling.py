@@ -167,17 +167,20 @@ def sample(
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
         runner = pipeline_for(pipe, job, controlnet)  # over the same components, with this scheduler
-        arguments = batch | {"guidance_scale": job.cfg_scale} | call_arguments(job, inputs)
+        arguments = batch | {"guidance_scale": job.cfg_scale} | call_arguments(job, inputs, runner)
         if job.init_image is not None and job.mask_image is None:
             size = {}  # image-to-image samples at its images' size (the job's: job_inputs)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     first_output = hires.first_output(job) if job.hr_scale else output_type
+    progress: dict = {"callback_on_step_end": step_end}
+    if getattr(runner, "adapter", None) is not None:  # diffusers' adapter pipelines call back the old way
+        progress = {"callback": lambda step, timestep, latents: on_step(step + 1), "callback_steps": 1}
     result = runner(
         **arguments,
         num_inference_steps=job.steps,
         **size,
         generator=generators,
-        callback_on_step_end=step_end,
+        **progress,
         output_type=first_output,
     )
     if job.hr_scale:  # the second pass over the upscaled images, the generators continued
