@@ -60,9 +60,10 @@ MAX_CONTROLNETS = 3
 
 
 class ControlNetSpec(BaseModel):
-    """One ControlNet of a job: which, its control image (the map itself: lorafleet runs no
-    preprocessor), how strongly and over which part of the sampling (A1111's Weight, Guidance
-    Start and Guidance End)."""
+    """One ControlNet (or T2I-Adapter) of a job: which, its control image (the map itself:
+    lorafleet runs no preprocessor), how strongly and over which part of the sampling (A1111's
+    Weight, Guidance Start and Guidance End; a T2I-Adapter's part is what diffusers' adapter
+    pipelines allow: producer/input_checks.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -252,7 +252,7 @@ class GenerationJob(BaseModel):
     mask_blur: inputs.MaskBlur = inputs.DEFAULT_MASK_BLUR
     inpaint_padding: inputs.InpaintPadding | None = None
     controlnets: Annotated[list[inputs.ControlNetSpec], Field(max_length=inputs.MAX_CONTROLNETS)] = []
-    """ControlNets steering the job, each with its control image (autoimport/controlnet)."""
+    """ControlNets or T2I-Adapters steering the job, each with its control image (autoimport/controlnet)."""
     ip_adapter: inputs.IpAdapterSpec | None = None
     hr_scale: hires.HiresScale | None = None
     hr_upscaler: hires.HiresUpscaler = hires.DEFAULT_UPSCALER

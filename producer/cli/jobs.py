@@ -265,7 +265,7 @@ def submit(
         list[str],
         typer.Option(
             "--controlnet",
-            help="NAME,IMAGE[,WEIGHT[,START,END]]: a ControlNet of autoimport/controlnet with its control map "
+            help="NAME,IMAGE[,WEIGHT[,START,END]]: a ControlNet or T2I-Adapter of autoimport/controlnet with its control map "
             "(a file, uploaded for you, or sha256:...); repeatable.",
         ),
     ] = [],  # noqa: B006
