@@ -113,10 +113,7 @@ def make_tiny_controlnet(
     seed: Annotated[int, typer.Option(help="Seed of its random zero convolutions.")] = 0,
 ) -> None:
     """Write a tiny ControlNet for a tiny SD pipeline folder (tests and demos; offline)."""
-    tiny = worker_side("tiny")
-    if not (model / "unet" / "config.json").is_file():
-        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
-    console.print(f"wrote {tiny.make_tiny_controlnet(model, out, seed=seed)}", markup=False, highlight=False)
+    _make_add_on("make_tiny_controlnet", model, out, seed)
 
 
 def make_tiny_t2i_adapter(
@@ -127,10 +124,7 @@ def make_tiny_t2i_adapter(
     seed: Annotated[int, typer.Option(help="Seed of its random weights.")] = 0,
 ) -> None:
     """Write a tiny T2I-Adapter for a tiny SD pipeline folder (tests and demos; offline)."""
-    tiny = worker_side("tiny")
-    if not (model / "unet" / "config.json").is_file():
-        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
-    console.print(f"wrote {tiny.make_tiny_t2i_adapter(model, out, seed=seed)}", markup=False, highlight=False)
+    _make_add_on("make_tiny_t2i_adapter", model, out, seed)
 
 
 def make_tiny_ip_adapter(
@@ -144,10 +138,15 @@ def make_tiny_ip_adapter(
     seed: Annotated[int, typer.Option(help="Seed of its random weights.")] = 0,
 ) -> None:
     """Write a tiny IP-Adapter for a tiny SD pipeline folder (tests and demos; offline)."""
+    _make_add_on("make_tiny_ip_adapter", model, out, seed)
+
+
+def _make_add_on(maker: str, model: Path, out: Path, seed: int) -> None:
+    """Write a tiny add-on model (``worker.tiny``'s ``maker``) for the tiny SD pipeline ``model``."""
     tiny = worker_side("tiny")
     if not (model / "unet" / "config.json").is_file():
         fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
-    console.print(f"wrote {tiny.make_tiny_ip_adapter(model, out, seed=seed)}", markup=False, highlight=False)
+    console.print(f"wrote {getattr(tiny, maker)(model, out, seed=seed)}", markup=False, highlight=False)
 
 
 def _configure_logging(level: str = "INFO") -> None:
