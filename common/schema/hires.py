@@ -9,9 +9,11 @@ in latent space (``Latent`` bilinear, ``Latent (antialiased)``, ``Latent (bicubi
 interpolation of the latents) or in pixels (``Lanczos``, ``Nearest``: the decoded image
 resized; an ESRGAN-family model by its name, e.g. ``4x-UltraSharp``: the decoded image through
 the model, then Lanczos to the exact size, as A1111; worker/upscalers.py); the second pass is diffusers' image-to-image over it with ``hr_strength`` on a
-schedule stretched to ceil(hr_steps / hr_strength) steps, so that it runs exactly ``hr_steps``
-(None: ``steps``), as A1111 runs its Hires steps. Both passes use the job's prompts, LoRAs and
-each image's own seeded generator, continued.
+schedule stretched (``stretched_steps``) so that it runs exactly ``hr_steps`` (None: ``steps``),
+as A1111 runs its Hires steps. Both passes use the job's prompts, LoRAs and each image's own
+seeded generator, continued. On FLUX.1, Qwen-Image and Z-Image the upscale is in pixels only and
+the second pass is the family's own image-to-image pipeline, at a multiple of 16 (checked at
+submit); FLUX.2 Klein has none.
 """
 
 from __future__ import annotations
@@ -83,10 +85,21 @@ def image_steps(steps: int, strength: float, *, flow: bool = False) -> int:
     return min(int(steps * strength), steps)
 
 
-def stretched_steps(job: Any) -> int:
-    """The second pass's schedule: int(n x hr_strength) of it run, which is n = hr_steps."""
+def stretched_steps(job: Any, *, flow: bool = False) -> int:
+    """The second pass's schedule n, so that its pipeline runs exactly hr_steps (or steps) of it:
+
+    - SD 1.x, SD 2.x, SDXL: int(n x hr_strength) run, so n = ceil(hr_steps / hr_strength);
+    - ``flow`` (FLUX.1, Qwen-Image, Z-Image): n - int(n - n x hr_strength) run (``image_steps``),
+      which grows by 0 or 1 with n: the least n that runs hr_steps, counted from
+      (hr_steps - 1) / hr_strength, below which it runs fewer.
+    """
     wanted = job.hr_steps or job.steps or 0
-    return math.ceil(wanted / job.hr_strength - 1e-9)
+    if not flow:
+        return math.ceil(wanted / job.hr_strength - 1e-9)
+    n = max(wanted, int((wanted - 1) / job.hr_strength) - 1)
+    while image_steps(n, job.hr_strength, flow=True) < wanted:
+        n += 1
+    return n
 
 
 def output_size(job: Any) -> tuple[int, int]:
