@@ -20,7 +20,7 @@ from lorafleet.common.catalog.t2i_adapters import misfit, unet_widths
 from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE, Family
-from lorafleet.common.schema.hires import UPSCALERS, is_model_upscaler, output_size
+from lorafleet.common.schema.hires import LATENT_MODES, PIXEL_MODES, UPSCALERS, is_model_upscaler, output_size
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 from lorafleet.producer.image_urls import fetch_image
@@ -102,10 +102,7 @@ class InputChecks:
         if job.hr_scale is None:
             return
         if model.family is not None and model.family.is_flow:
-            raise JobRejected(
-                f"model {model.key!r} is {model.family.traits.label}; the hires fix runs on SD 1.x, SD 2.x and SDXL",
-                field=f"{where}hr_scale",
-            )
+            self._flow_hires(job, model, where)
         if is_model_upscaler(job.hr_upscaler):  # an ESRGAN-family model: known here or registered
             if self.upscalers is None:
                 raise JobRejected("this submitter has no upscaler folder", field=f"{where}hr_upscaler")
@@ -120,6 +117,38 @@ class InputChecks:
                 f"{job.width}x{job.height} upscaled {job.hr_scale:g} times is {width}x{height}",
                 field=f"{where}hr_scale",
                 allowed=f"a second pass of at most {MAX_SIZE} pixels a side",
+            )
+
+    @staticmethod
+    def _flow_hires(job: GenerationJob, model: ModelRef, where: str) -> None:
+        """On FLUX.1, Qwen-Image and Z-Image the hires fix upscales in pixels and samples again in
+        their image-to-image pipelines, at a multiple of 16; FLUX.2 Klein has no such pipeline."""
+        assert model.family is not None
+        label = model.family.traits.label
+        if model.family.value not in FLOW_IMAGES_IN:
+            raise JobRejected(
+                f"model {model.key!r} is {label}, which has no image-to-image pipeline in diffusers for "
+                "the hires fix's second pass",
+                field=f"{where}hr_scale",
+                allowed="the hires fix on SD 1.x, SD 2.x, SDXL, FLUX.1, Qwen-Image and Z-Image",
+            )
+        if job.hr_upscaler in LATENT_MODES:
+            packed = "its pipeline packs its latents into 2x2 patches, which A1111's latent upscalers"
+            if model.family.value == "zimage":
+                packed = "its transformer patchifies its latents, and a latent upscale for it"
+            raise JobRejected(
+                f"model {model.key!r} is {label}: the hires fix upscales a flow family's images in pixels "
+                f"only; {packed} (made for SD's image-shaped latents) would not be A1111's ({job.hr_upscaler!r})",
+                field=f"{where}hr_upscaler",
+                allowed=f"a pixel upscaler on this model: {', '.join(PIXEL_MODES)} or an ESRGAN-family model",
+            )
+        width, height = output_size(job)
+        if width % FLOW_SIZE_MULTIPLE or height % FLOW_SIZE_MULTIPLE:
+            raise JobRejected(
+                f"{job.width}x{job.height} upscaled {job.hr_scale:g} times is {width}x{height}, and {label} "
+                f"samples sizes that are a multiple of {FLOW_SIZE_MULTIPLE}",
+                field=f"{where}hr_scale",
+                allowed=f"an hr_scale that makes both sides a multiple of {FLOW_SIZE_MULTIPLE}",
             )
 
     def _init_image(self, job: GenerationJob, where: str, warnings: list[str], multiple: int = 8) -> None:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.common.schema.errors import JobFailed
+from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
+from lorafleet.common.schema.hires import LATENT_MODES, output_size
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.common.schema.prompts import PromptSyntax, plain_text
 
@@ -181,6 +183,7 @@ def check(pipe, job: GenerationJob) -> None:
         problems.append("compel's prompt syntax")
     if job.embeddings:
         problems.append("textual-inversion embeddings")
+    problems += _hires_problems(call, job)
     if problems:
         raise JobFailed(
             f"model {job.model!r} is {call.label}, which has no {', '.join(problems)}; register it with its "
@@ -188,6 +191,22 @@ def check(pipe, job: GenerationJob) -> None:
             "defaults and refusals",
             job_id=job.job_id,
         )
+
+
+def _hires_problems(call: FlowCall, job: GenerationJob) -> list[str]:
+    """What of a job's hires fix the family cannot run (producer/input_checks.py says why)."""
+    if job.hr_scale is None:
+        return []
+    if call.label == "FLUX.2 Klein":
+        return ["hires fix (no image-to-image pipeline in diffusers)"]
+    if job.hr_upscaler in LATENT_MODES:
+        return [
+            f"latent upscaler {job.hr_upscaler!r} for the hires fix (the hires fix upscales a flow family's images in pixels only)"
+        ]
+    width, height = output_size(job)
+    if width % FLOW_SIZE_MULTIPLE or height % FLOW_SIZE_MULTIPLE:
+        return [f"hires fix at {width}x{height} (it samples multiples of {FLOW_SIZE_MULTIPLE})"]
+    return []
 
 
 def conditioning(pipe, job: GenerationJob, device: torch.device) -> dict[str, torch.Tensor]:

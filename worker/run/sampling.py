@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorafleet.common.schema.hires import stretched_steps
+from lorafleet.common.schema.hires import output_size, stretched_steps
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.worker.prompt_encoding import prompt_arguments
 from lorafleet.worker.run import flow, hires
@@ -184,8 +184,14 @@ def sample(
         output_type=first_output,
     )
     if job.hr_scale:  # the second pass over the upscaled images, the generators continued
-        second = derived(pipe, "image-to-image")
-        second.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+        second = derived(pipe, "image-to-image")  # on a flow family, the one pipeline_for derives
+        if flow.is_flow(pipe):
+            second.scheduler = flow.make_scheduler(scheduler_config)
+            width, height = output_size(job)  # flow pipelines sample at their width and height
+            arguments = flow.call_arguments(pipe, job, batch) | {"width": width, "height": height}
+        else:
+            second.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
+            arguments = batch | {"guidance_scale": job.cfg_scale}
         done = job.steps
 
         def second_end(pipeline, step: int, timestep, kwargs):
@@ -193,11 +199,10 @@ def sample(
             return kwargs
 
         result = second(
-            **batch,
-            guidance_scale=job.cfg_scale,
+            **arguments,
             image=hires.upscaled(pipe, job, result.images, upscaler),
             strength=job.hr_strength,
-            num_inference_steps=stretched_steps(job),  # so that it runs hr_steps, as A1111
+            num_inference_steps=stretched_steps(job, flow=flow.is_flow(pipe)),  # runs hr_steps, as A1111
             generator=generators,
             callback_on_step_end=second_end,
             output_type=output_type,
