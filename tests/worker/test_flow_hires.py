@@ -156,3 +156,32 @@ def test_what_the_flow_hires_fix_cannot_do_is_refused_naming_the_field(client):
             client.submit(JOB | {"hr_scale": 1.5} | fields)
         assert refused.value.field == field and words in str(refused.value), (fields, refused.value)
     assert client.redis.dbsize() == queued  # nothing queued
+
+
+def test_a_flow_hires_job_the_producer_could_not_check_fails_at_the_worker(folders):
+    """A hub id or a folder only the workers see has no family at submit: the worker refuses."""
+    from lorafleet.common.schema.errors import JobFailed
+    from lorafleet.worker.run import flow
+
+    _, built = folders
+    base = {
+        "model": "owner/flow",
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "hr_scale": 1.5,
+        "job_id": "j1",
+        "sampler": "euler",
+    }
+    cases = [
+        ("flux1", {"hr_upscaler": "Latent"}, "latent upscaler 'Latent' for the hires fix"),
+        ("zimage", {"hr_upscaler": "Lanczos", "hr_scale": 1.2}, "hires fix at 72x72"),
+        ("flux2", {"hr_upscaler": "Lanczos"}, "is FLUX.2 Klein, which has no hires fix"),
+    ]
+    for family, fields, words in cases:
+        pipe = DiffusionPipeline.from_pretrained(str(built[family]), local_files_only=True)
+        with pytest.raises(JobFailed, match="register it with its family") as failed:
+            flow.check(pipe, GenerationJob(**base | fields))
+        assert words in str(failed.value) and failed.value.job_id == "j1", failed.value
+    zimage = DiffusionPipeline.from_pretrained(str(built["zimage"]), local_files_only=True)
+    flow.check(zimage, GenerationJob(**base | {"hr_upscaler": "Lanczos"}))  # 96x96 in pixels: runs
