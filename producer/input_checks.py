@@ -20,7 +20,14 @@ from lorafleet.common.catalog.t2i_adapters import misfit, unet_widths
 from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE, Family
-from lorafleet.common.schema.hires import LATENT_MODES, PIXEL_MODES, UPSCALERS, is_model_upscaler, output_size
+from lorafleet.common.schema.hires import (
+    DEFAULT_UPSCALER,
+    LATENT_MODES,
+    PIXEL_MODES,
+    UPSCALERS,
+    is_model_upscaler,
+    output_size,
+)
 from lorafleet.common.schema.inputs import DEFAULT_STRENGTH
 from lorafleet.common.schema.jobs import MAX_SIZE, MIN_SIZE, GenerationJob
 from lorafleet.producer.image_urls import fetch_image
@@ -133,14 +140,18 @@ class InputChecks:
                 allowed="the hires fix on SD 1.x, SD 2.x, SDXL, FLUX.1, Qwen-Image and Z-Image",
             )
         if job.hr_upscaler in LATENT_MODES:
-            packed = "its pipeline packs its latents into 2x2 patches, which A1111's latent upscalers"
-            if model.family.value == "zimage":
-                packed = "its transformer patchifies its latents, and a latent upscale for it"
+            why = (
+                "its transformer cuts its latents into patches itself, and no latent upscale is built for them"
+                if model.family is Family.zimage
+                else "its pipeline packs its latents into 2x2 patches, which A1111's latent upscalers (made "
+                "for SD's image-shaped latents) cannot stretch"
+            )
             raise JobRejected(
                 f"model {model.key!r} is {label}: the hires fix upscales a flow family's images in pixels "
-                f"only; {packed} (made for SD's image-shaped latents) would not be A1111's ({job.hr_upscaler!r})",
+                f"only, not with {job.hr_upscaler!r}: {why}",
                 field=f"{where}hr_upscaler",
-                allowed=f"a pixel upscaler on this model: {', '.join(PIXEL_MODES)} or an ESRGAN-family model",
+                allowed=f"a pixel upscaler on this model: {', '.join(PIXEL_MODES)} or an ESRGAN-family model "
+                f"(the default, {DEFAULT_UPSCALER}, is for SD 1.x, SD 2.x and SDXL)",
             )
         width, height = output_size(job)
         if width % FLOW_SIZE_MULTIPLE or height % FLOW_SIZE_MULTIPLE:

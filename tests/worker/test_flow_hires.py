@@ -143,7 +143,11 @@ def test_what_the_flow_hires_fix_cannot_do_is_refused_naming_the_field(client):
             "hr_upscaler",
             "packs its latents into 2x2 patches",
         ),
-        ({"model": "tiny-zimage", "hr_upscaler": "Latent (bicubic)"}, "hr_upscaler", "Lanczos, Nearest"),
+        (
+            {"model": "tiny-zimage", "hr_upscaler": "Latent (bicubic)"},
+            "hr_upscaler",
+            "Lanczos, Nearest or an ESRGAN-family model (the default, Latent, is for SD",
+        ),
         ({"model": "tiny-flux2", "hr_upscaler": "Lanczos"}, "hr_scale", "FLUX.2 Klein"),
         (
             {"model": "tiny-qwenimage", "hr_upscaler": "Lanczos", "hr_scale": 1.2},
