@@ -26,6 +26,7 @@ from lorafleet.common.schema.jobs import GenerationJob, JobStatus
 from lorafleet.worker.run import runner as runner_module
 from lorafleet.worker.tiny import make_tiny_upscaler
 from tests.worker.test_flow_images_in import JOB, folders, settings  # noqa: F401
+from tests.worker.test_flux1 import expected_deltas, merged_reference
 from tests.worker.test_images_in import decoded
 from tests.worker.test_runner import client  # noqa: F401
 from tests.worker.test_upscalers import published_upscale
@@ -52,12 +53,13 @@ def lanczos(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def two_passes(folder, family: str, strength: float, steps: int, upscale=lanczos) -> np.ndarray:
+def two_passes(pipe, family: str, strength: float, steps: int, upscale=lanczos) -> np.ndarray:
     """The hires fix written out with diffusers: text to image (PIL), ``upscale`` (Lanczos), the
     family's image-to-image on a schedule of ``steps``, one generator for both."""
     from diffusers import AutoPipelineForImage2Image
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    if not isinstance(pipe, DiffusionPipeline):  # its folder
+        pipe = DiffusionPipeline.from_pretrained(str(pipe), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu").manual_seed(JOB["seed"])
     common = {"prompt": JOB["prompt"], "generator": generator} | EXTRA[family]
@@ -78,6 +80,19 @@ def test_a_flow_hires_job_gives_the_two_passes_of_diffusers_own_pipelines(client
     # 4 Hires steps at 0.6: a schedule of 6 (6 - int(6 - 3.6) = 4); SD's stretch, 7, would run 5
     want = two_passes(built[family], family, 0.6, 6)
     assert np.abs(decoded(png) - want).max() <= 2
+
+
+def test_a_flux_hires_job_with_a_lora_runs_both_passes_with_it(client, runner, folders):
+    root, built = folders
+    _, png = hires_job(
+        client, runner, "flux1", hr_strength=0.6, loras=[{"name": "flux1-peft", "weight": 0.8}]
+    )
+    reference = DiffusionPipeline.from_pretrained(str(built["flux1"]), local_files_only=True)
+    state = load_file(str(root / "flux1-loras" / "flux1-peft.safetensors"))
+    merged_reference(reference, reference, [(expected_deltas(reference, state, "peft"), 0.8)])
+    want = two_passes(reference, "flux1", 0.6, 6)
+    assert np.abs(decoded(png) - want).max() <= 2
+    assert np.abs(two_passes(built["flux1"], "flux1", 0.6, 6) - want).max() > 2  # the LoRA shows
 
 
 def test_a_flow_hires_job_through_an_esrgan_upscaler_gives_the_two_passes(client, runner, folders, settings):
