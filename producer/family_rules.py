@@ -5,7 +5,8 @@ The flow-matching families take theirs from their reference diffusers pipeline
 (``common/schema/family.TRAITS``) and refuse what they do not have: any sampler but their
 own flow-match Euler scheduler (``euler``), the LCM recipe, clip skip, textual-inversion
 embeddings, a separate VAE, ``guidance`` on a model without a guidance embedding, and sizes
-that are not multiples of 16. Step-distilled models (schnell, distilled Klein) default to 4
+that are not multiples of 16; the hires fix upscales with Lanczos unless told otherwise
+(A1111's default, a latent upscaler, cannot stretch their latents). Step-distilled models (schnell, distilled Klein) default to 4
 steps without CFG. A1111's weights and
 BREAK mean nothing to a T5 or LLM encoder: the worker reads the prompt's plain words and
 the record says so.
@@ -18,6 +19,10 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE
 from lorafleet.common.schema.jobs import GenerationJob, Sampler
 from lorafleet.common.schema.prompts import PromptSyntax, is_plain
+
+FLOW_HIRES_UPSCALER = "Lanczos"
+"""The hires fix's upscaler on a flow family when the job names none: their latents are
+patches, so the fix upscales in pixels (producer/input_checks.py)."""
 
 
 def apply_family_rules(job: GenerationJob, model: ModelRef, where: str, warnings: list[str]) -> None:
@@ -76,6 +81,8 @@ def apply_family_rules(job: GenerationJob, model: ModelRef, where: str, warnings
                 f"{value - value % FLOW_SIZE_MULTIPLE + FLOW_SIZE_MULTIPLE})",
             )
     job.sampler = Sampler.euler
+    if job.hr_scale is not None and "hr_upscaler" not in given:
+        job.hr_upscaler = FLOW_HIRES_UPSCALER  # A1111's default, Latent, has no meaning here
     if "steps" not in given:
         job.steps = traits.distilled_steps if model.distilled else traits.steps
     if "cfg_scale" not in given:

@@ -21,7 +21,6 @@ from lorafleet.common.catalog.upscalers import UpscalerCatalog, UpscalerError
 from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.family import FLOW_SIZE_MULTIPLE, Family
 from lorafleet.common.schema.hires import (
-    DEFAULT_UPSCALER,
     LATENT_MODES,
     PIXEL_MODES,
     UPSCALERS,
@@ -151,7 +150,7 @@ class InputChecks:
                 f"only, not with {job.hr_upscaler!r}: {why}",
                 field=f"{where}hr_upscaler",
                 allowed=f"a pixel upscaler on this model: {', '.join(PIXEL_MODES)} or an ESRGAN-family model "
-                f"(the default, {DEFAULT_UPSCALER}, is for SD 1.x, SD 2.x and SDXL)",
+                "(leave hr_upscaler out: Lanczos on this family)",
             )
         width, height = output_size(job)
         if width % FLOW_SIZE_MULTIPLE or height % FLOW_SIZE_MULTIPLE:

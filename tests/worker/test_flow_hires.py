@@ -161,7 +161,7 @@ def test_what_the_flow_hires_fix_cannot_do_is_refused_naming_the_field(client):
         (
             {"model": "tiny-zimage", "hr_upscaler": "Latent (bicubic)"},
             "hr_upscaler",
-            "Lanczos, Nearest or an ESRGAN-family model (the default, Latent, is for SD",
+            "Lanczos, Nearest or an ESRGAN-family model (leave hr_upscaler out: Lanczos",
         ),
         ({"model": "tiny-flux2", "hr_upscaler": "Lanczos"}, "hr_scale", "FLUX.2 Klein"),
         (
@@ -175,6 +175,15 @@ def test_what_the_flow_hires_fix_cannot_do_is_refused_naming_the_field(client):
             client.submit(JOB | {"hr_scale": 1.5} | fields)
         assert refused.value.field == field and words in str(refused.value), (fields, refused.value)
     assert client.redis.dbsize() == queued  # nothing queued
+
+
+def test_a_flow_hires_job_that_names_no_upscaler_upscales_with_lanczos(client):
+    """A1111's default upscaler (Latent) cannot stretch a flow family's latents: a job that
+    names none gets Lanczos there, and an SD job keeps A1111's default."""
+    flux = client.submit(JOB | {"model": "tiny-flux1", "hr_scale": 1.5}).job
+    assert flux.hr_upscaler == "Lanczos"
+    sd = client.submit({"model": "tiny-sd15", "prompt": "p", "hr_scale": 1.5}).job
+    assert sd.hr_upscaler == "Latent"
 
 
 def test_a_flow_hires_job_the_producer_could_not_check_fails_at_the_worker(folders):
