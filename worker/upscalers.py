@@ -18,8 +18,9 @@ Semantics (ESRGAN, Wang et al. 2018; BasicSR's ``RRDBNet``): with lrelu = LeakyR
 
 Its scale is 2^(upsampling convs) / (the pixel unshuffle of a 2x or 1x Real-ESRGAN model).
 Upscaling follows A1111: the model runs until the image reaches the target size (at most
-``MAX_PASSES`` times), then Lanczos brings it to the exact size; each image runs alone, so
-its pixels never depend on the other images of its call.
+``MAX_PASSES`` times), in tiles of ``TILE`` pixels with ``TILE_PAD`` of context, then Lanczos
+brings it to the exact size; each image runs alone, so its pixels never depend on the other
+images of its call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ KEPT = 2
 """Loaded upscalers a worker keeps (a 4x RRDB model is about 67 MB in float32)."""
 MAX_PASSES = 3
 """Most times an image goes through the model to reach its size (A1111's limit too)."""
+TILE = 256
+"""Input pixels a side of one tile: a 4x model's activations on a 1024 px image whole would
+take several GB (A1111 tiles at 192)."""
+TILE_PAD = 16
+"""Pixels of a tile's surroundings run with it and cut off: seams show less (A1111 overlaps 8)."""
 
 
 class _DenseBlock(nn.Module):
@@ -126,15 +132,55 @@ def _to_image(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.numpy(), "RGB")
 
 
+def _forward(model: RRDBNet, x: torch.Tensor) -> torch.Tensor:
+    """The model on ``x``, its sides padded (reflected) to a multiple of its pixel unshuffle
+    and the padding's output cut off again, as Real-ESRGAN does for its 2x and 1x models."""
+    _, _, height, width = x.shape
+    step = model.unshuffle
+    extra_h, extra_w = -height % step, -width % step
+    if extra_h or extra_w:
+        x = F.pad(x, (0, extra_w, 0, extra_h), mode="reflect" if min(height, width) > step else "replicate")
+    out = model(x)
+    scale = round(model.scale)
+    return out[:, :, : height * scale, : width * scale]
+
+
+def _tiled(model: RRDBNet, x: torch.Tensor, tile: int, pad: int) -> torch.Tensor:
+    """The model on ``x`` tile by tile (``tile`` input pixels a side, each run with ``pad``
+    pixels of its surroundings, whose output is cut off), so a large image needs the memory
+    of one tile's activations; exact where ``pad`` covers the network's reach."""
+    _, _, height, width = x.shape
+    if height <= tile and width <= tile:
+        return _forward(model, x)
+    scale = round(model.scale)
+    out = x.new_zeros((x.shape[0], x.shape[1], height * scale, width * scale))
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            t0, l0 = max(top - pad, 0), max(left - pad, 0)
+            t1, l1 = min(top + tile + pad, height), min(left + tile + pad, width)
+            block = _forward(model, x[:, :, t0:t1, l0:l1])
+            h, w = min(tile, height - top), min(tile, width - left)
+            out[:, :, top * scale : (top + h) * scale, left * scale : (left + w) * scale] = block[
+                :,
+                :,
+                (top - t0) * scale : (top - t0 + h) * scale,
+                (left - l0) * scale : (left - l0 + w) * scale,
+            ]
+    return out
+
+
 @torch.inference_mode()
-def upscale(model: RRDBNet, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+def upscale(
+    model: RRDBNet, image: Image.Image, size: tuple[int, int], *, tile: int = TILE, pad: int = TILE_PAD
+) -> Image.Image:
     """``image`` at ``size`` (width, height): through the model until it is at least that big
-    (at most MAX_PASSES times), then resized to it with Lanczos, as A1111 does."""
+    (at most MAX_PASSES times), then resized to it with Lanczos, as A1111 does; an image
+    larger than ``tile`` runs in tiles."""
     device = next(model.parameters()).device
     for _ in range(MAX_PASSES):
         if image.width >= size[0] and image.height >= size[1]:
             break
-        image = _to_image(model(_to_tensor(image, device)))
+        image = _to_image(_tiled(model, _to_tensor(image, device), tile, pad))
         if model.scale <= 1:  # a 1x model restores; running it again would not enlarge
             break
     return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)

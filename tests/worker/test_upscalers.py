@@ -94,6 +94,25 @@ def test_every_key_layout_makes_the_published_network(tmp_path):
         assert info.scale == scale and model(pixels(image)).shape[-2:] == (12 * scale, 16 * scale)
 
 
+def test_a_large_image_runs_in_tiles_exactly_where_their_context_covers_the_networks_reach(tmp_path):
+    """Tiles keep a large image's activations to one tile's; with context as wide as the tiny
+    net's reach (about 32 px at its input), the tiled image is the whole image's, bit for bit.
+    Sides the 2x and 1x models' pixel unshuffle does not divide are padded and cut back."""
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8), "RGB")
+    model = load_upscaler(
+        describe_upscaler(make_tiny_upscaler(tmp_path / "4x.safetensors")), torch.device("cpu")
+    )
+    whole = upscale(model, image, (360, 280), tile=1024)
+    assert np.array_equal(np.asarray(upscale(model, image, (360, 280), tile=32, pad=40)), np.asarray(whole))
+    assert not np.array_equal(
+        np.asarray(upscale(model, image, (360, 280), tile=32, pad=0)), np.asarray(whole)
+    )
+    for scale in (2, 1):
+        info = describe_upscaler(make_tiny_upscaler(tmp_path / f"x{scale}.safetensors", scale=scale))
+        odd, wanted = image.crop((0, 0, 17, 13)), (17 * scale + 1, 13 * scale + 1)  # the model runs once
+        assert upscale(load_upscaler(info, torch.device("cpu")), odd, wanted).size == wanted
+
+
 def test_a_hires_job_through_an_esrgan_upscaler_gives_diffusers_two_passes(
     client, runner, reference, upscalers
 ):
