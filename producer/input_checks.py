@@ -2,7 +2,8 @@
 
 Each image must be in the object store and decode within the pixel limit; a mask must be its
 init image's size; each ControlNet must be known (the drop folder, then the fleet's registry)
-and made for the model's text encoder width, and so must a hires fix's ESRGAN-family upscaler. The job's size defaults to its init image's (to
+and made for the model's text encoder width (a FLUX.1 ControlNet: for a FLUX.1 model of its
+transformer width, text to image), and so must a hires fix's ESRGAN-family upscaler. The job's size defaults to its init image's (to
 a multiple of 8), its strength to A1111's 0.75. A job's T2I-Adapters (named as ControlNets) must
 be what diffusers' adapter pipelines run (``_t2i_adapters``). A refusal names the field.
 """
@@ -35,6 +36,8 @@ URL_KEPT_SECONDS = 60.0
 """How long an image fetched by URL stands for that URL (the jobs of one batch fetch it once)."""
 FLOW_IMAGES_IN = {"flux1", "qwenimage", "zimage"}
 """Flow families whose diffusers pipelines take an init image and a mask."""
+FLOW_CONTROLNETS = {"flux1"}
+"""Flow families with a ControlNet pipeline in diffusers (FLUX.1's ``FluxControlNetPipeline``)."""
 
 
 class InputChecks:
@@ -86,16 +89,28 @@ class InputChecks:
 
     def _flow_family(self, job: GenerationJob, model: ModelRef, where: str) -> None:
         """On the flow families: init images and masks where diffusers has their image-to-image
-        and inpainting pipelines (FLUX.1, Qwen-Image, Z-Image); no ControlNets or IP-Adapters."""
+        and inpainting pipelines (FLUX.1, Qwen-Image, Z-Image); ControlNets on FLUX.1, text to
+        image (diffusers' ``FluxControlNetPipeline``); no IP-Adapters."""
         assert model.family is not None
         label = model.family.traits.label
-        for field, given in (("controlnets", job.controlnets), ("ip_adapter", job.ip_adapter)):
-            if given:
-                raise JobRejected(
-                    f"model {model.key!r} is {label}; ControlNets and IP-Adapters run on SD 1.x, SD 2.x and SDXL",
-                    field=f"{where}{field}",
-                    allowed=f"no {field} on this model",
-                )
+        if job.controlnets and model.family.value not in FLOW_CONTROLNETS:
+            raise JobRejected(
+                f"model {model.key!r} is {label}; ControlNets run on SD 1.x, SD 2.x, SDXL and FLUX.1",
+                field=f"{where}controlnets",
+                allowed="no controlnets on this model",
+            )
+        if job.controlnets and job.init_image is not None:
+            raise JobRejected(
+                f"model {model.key!r} is {label}: lorafleet runs its ControlNets text to image only",
+                field=f"{where}init_image",
+                allowed="no init_image with controlnets on this model (on SD 1.x, SD 2.x and SDXL both run)",
+            )
+        if job.ip_adapter is not None:
+            raise JobRejected(
+                f"model {model.key!r} is {label}; IP-Adapters run on SD 1.x, SD 2.x and SDXL",
+                field=f"{where}ip_adapter",
+                allowed="no ip_adapter on this model",
+            )
         if job.init_image is not None and model.family.value not in FLOW_IMAGES_IN:
             raise JobRejected(
                 f"model {model.key!r} is {label}, which has no image-to-image pipeline in diffusers",
@@ -202,6 +217,7 @@ class InputChecks:
         info = self._add_on(
             self.controlnets, ControlNetError, "ControlNet", spec.model, model, f"{where}.model"
         )
+        _control_family(info, model, f"{where}.model")
         spec.model = info.name
         spec.image, _ = self.stored(spec.image, f"{where}.image")
         return info
@@ -323,3 +339,29 @@ class InputChecks:
         if size is None:
             size = self._sizes[ref] = self._images().size(ref, field)
         return ref, size
+
+
+def _control_family(info: ControlNetInfo, model: ModelRef, field: str) -> None:
+    """A FLUX.1 ControlNet runs on FLUX.1 models of its transformer's width, SD's on SD's."""
+    if model.family is None:  # a model submit cannot read: the worker checks it
+        return
+    label = model.family.traits.label
+    if info.family is None and model.family.is_flow:
+        raise JobRejected(
+            f"{info.noun} {info.name!r} is for SD 1.x, SD 2.x or SDXL but model {model.key!r} is {label}",
+            field=field,
+            allowed="a FLUX.1 ControlNet (a diffusers FluxControlNetModel folder) on a FLUX.1 model",
+        )
+    if info.family is not None and info.family != model.family.value:
+        raise JobRejected(
+            f"ControlNet {info.name!r} is for FLUX.1 but model {model.key!r} is {label}",
+            field=field,
+            allowed="a ControlNet of the model's family",
+        )
+    width, wanted = info.transformer_width, model.transformer_width
+    if width is not None and wanted is not None and width != wanted:
+        raise JobRejected(
+            f"ControlNet {info.name!r} is {width} wide but model {model.key!r}'s transformer is {wanted}",
+            field=field,
+            allowed=f"a FLUX.1 ControlNet made for the model ({wanted} wide)",
+        )

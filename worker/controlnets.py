@@ -5,7 +5,10 @@ single-file loader (which takes the config of the matching published ControlNet 
 hub once, then its cache). Loaded on the pipeline's device and dtype; a few are kept (LRU),
 their bytes counted in the hot pipelines' budget (worker/pipelines.py: an older one, then an
 idle pipeline, makes room for one).
-Several ControlNets of one job run as diffusers' ``MultiControlNetModel``.
+Several ControlNets of one job run as diffusers' ``MultiControlNetModel``. FLUX.1 ControlNets
+(diffusers folders, ``family`` ``flux1``) load as ``FluxControlNetModel`` and run together as
+``FluxMultiControlNetModel``; one made for another family than the hot pipeline's fails the job
+(submit refuses it where it can read the model's family).
 
 T2I-Adapters (entries of the same catalog) are kept here too: a diffusers folder with its
 config, a single file built as the shape its tensors gave (common/catalog/t2i_adapters.py) and
@@ -66,7 +69,13 @@ class ControlNetCache:
             return self._load_adapter(info)
 
         try:
-            if info.single_file:
+            if info.family is not None:  # FLUX.1: folders only (common/catalog/controlnets.py)
+                from diffusers import FluxControlNetModel
+
+                model = FluxControlNetModel.from_pretrained(
+                    str(info.path), torch_dtype=self.dtype, local_files_only=True
+                )
+            elif info.single_file:
                 model = ControlNetModel.from_single_file(str(info.weights), torch_dtype=self.dtype)
             else:
                 model = ControlNetModel.from_pretrained(
@@ -107,9 +116,15 @@ class ControlNetCache:
         adapters = [info for info in infos if info.adapter is not None]
         if adapters:
             _check_adapters(infos, pipe, model)
+        if pipe is not None:
+            _check_family(infos, pipe, model)
         models = [self.get(info) for info in infos]
         if len(models) == 1:
             return models[0]
+        if infos[0].family is not None:
+            from diffusers import FluxMultiControlNetModel
+
+            return FluxMultiControlNetModel(models)
         if adapters:
             from diffusers import MultiAdapter
 
@@ -135,3 +150,21 @@ def _check_adapters(infos: list[ControlNetInfo], pipe, model: str) -> None:
         reason = misfit(info.adapter, sdxl, widths)
         if reason is not None:
             raise JobFailed(f"T2I-Adapter {info.name!r} does not fit model {model!r}: {reason}")
+
+
+def _check_family(infos: list[ControlNetInfo], pipe, model: str) -> None:
+    """JobFailed unless every ControlNet is made for ``pipe``'s family: FLUX.1 ones for
+    ``FluxPipeline``, SD's for the UNet pipelines (a model submit could not read gets here)."""
+    flux = type(pipe).__name__ == "FluxPipeline"
+    unet = getattr(pipe, "unet", None) is not None
+    for info in infos:
+        if info.family is not None and not flux:
+            raise JobFailed(
+                f"ControlNet {info.name!r} is for FLUX.1 but model {model!r} is not; use a ControlNet of the "
+                "model's family"
+            )
+        if info.family is None and not unet:
+            raise JobFailed(
+                f"{info.noun} {info.name!r} is for SD 1.x, SD 2.x or SDXL but model {model!r} is not; use a "
+                "FLUX.1 ControlNet on a FLUX.1 model (ControlNets run on SD and FLUX.1 only)"
+            )

@@ -317,3 +317,27 @@ def make_tiny_flow_model(folder: Path, family: str, seed: int = 0) -> Path:
             pipe = _flux2()
         pipe.save_pretrained(str(folder))
     return folder
+
+
+def make_tiny_flux_controlnet(model_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.1 ControlNet (a diffusers ``FluxControlNetModel`` folder) for the tiny
+    FLUX.1 pipeline ``model_dir``; return ``out_dir``.
+
+    Built as diffusers builds one from a FLUX transformer (``from_transformer``: its embedders
+    and first double block copied, 1 double block, no single block); its output projections
+    (``controlnet_blocks``) and map embedder, zero at first as in training, get small seeded
+    weights so that the map changes the image."""
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(Path(model_dir) / "transformer"))
+    heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=0, attention_head_dim=head_dim, num_attention_heads=heads
+    )
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks.", "controlnet_x_embedder.")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    controlnet.save_pretrained(str(out_dir))
+    return Path(out_dir)

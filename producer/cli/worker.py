@@ -106,14 +106,31 @@ def make_demo_loras(
 
 
 def make_tiny_controlnet(
-    model: Annotated[Path, typer.Option("--model", help="The tiny SD pipeline folder it is for.")],
+    model: Annotated[Path, typer.Option("--model", help="The tiny SD or FLUX.1 pipeline folder it is for.")],
     out: Annotated[
         Path, typer.Option("--out", help="Folder to write the ControlNet into (diffusers layout).")
     ],
     seed: Annotated[int, typer.Option(help="Seed of its random zero convolutions.")] = 0,
 ) -> None:
-    """Write a tiny ControlNet for a tiny SD pipeline folder (tests and demos; offline)."""
+    """Write a tiny ControlNet for a tiny SD or FLUX.1 pipeline folder (tests and demos; offline)."""
+    if _is_flux1(model):
+        console.print(
+            f"wrote {worker_side('tiny_flow').make_tiny_flux_controlnet(model, out, seed=seed)}",
+            markup=False,
+            highlight=False,
+        )
+        return
     _make_add_on("make_tiny_controlnet", model, out, seed)
+
+
+def _is_flux1(model: Path) -> bool:
+    """Whether ``model`` is a FLUX.1 pipeline folder (its model_index.json names FluxPipeline)."""
+    import json
+
+    try:
+        return json.loads((model / "model_index.json").read_text()).get("_class_name") == "FluxPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def make_tiny_t2i_adapter(
@@ -145,7 +162,12 @@ def _make_add_on(maker: str, model: Path, out: Path, seed: int) -> None:
     """Write a tiny add-on model (``worker.tiny``'s ``maker``) for the tiny SD pipeline ``model``."""
     tiny = worker_side("tiny")
     if not (model / "unet" / "config.json").is_file():
-        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json)", EXIT_REJECTED)
+        allowed = (
+            " or a FLUX.1 one (model_index.json naming FluxPipeline)"
+            if maker == "make_tiny_controlnet"
+            else ""
+        )
+        fail(f"--model: {model} is not an SD pipeline folder (no unet/config.json){allowed}", EXIT_REJECTED)
     console.print(f"wrote {getattr(tiny, maker)(model, out, seed=seed)}", markup=False, highlight=False)
 
 

@@ -17,6 +17,10 @@ Semantics:
   components: text to image only): each unit's ``weight`` is its ``adapter_conditioning_scale``,
   ``end`` on SDXL the ``adapter_conditioning_factor`` (the share of the steps, from the first,
   it acts on); several run as diffusers' ``MultiAdapter``, each row with its own maps.
+- FLUX.1's ControlNets run through ``FluxControlNetPipeline.from_pipe`` (text to image; several
+  as ``FluxMultiControlNetModel``): each row its ``control_image``, each unit's ``weight`` its
+  ``controlnet_conditioning_scale``, ``start`` / ``end`` its ``control_guidance_start`` / ``_end``;
+  no ``control_mode`` (Union models are refused: common/catalog/controlnets.py).
 """
 
 from __future__ import annotations
@@ -106,6 +110,12 @@ def pipeline_for(pipe, job: GenerationJob, controlnet=None):
             "pipeline with T2I-Adapters; drop init_image, or use a ControlNet",
             job_id=job.job_id,
         )
+    if controlnet is not None and type(pipe).__name__ == "FluxPipeline" and kind != "text-to-image":
+        raise JobFailed(
+            "lorafleet runs FLUX.1 ControlNets text to image only (diffusers' FluxControlNetPipeline); "
+            "drop init_image, or the controlnets",
+            job_id=job.job_id,
+        )
     return derived(pipe, kind, controlnet)
 
 
@@ -150,6 +160,8 @@ def derived(pipe, kind: str, controlnet=None):
     if controlnet is not None and is_adapter(controlnet):
         sdxl = type(pipe).__name__.startswith("StableDiffusionXL")
         pipeline = getattr(diffusers, _ADAPTER_PIPELINES[sdxl]).from_pipe(pipe, adapter=controlnet)
+    elif controlnet is not None and type(pipe).__name__ == "FluxPipeline":
+        pipeline = diffusers.FluxControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
     else:
         auto = getattr(diffusers, _AUTO_PIPELINES[kind])
         pipeline = auto.from_pipe(pipe, **({"controlnet": controlnet} if controlnet is not None else {}))
@@ -176,11 +188,14 @@ def call_arguments(job: GenerationJob, inputs: list[dict[str, object]], runner=N
         arguments |= _adapter_arguments(job, inputs, type(runner).__name__ == _ADAPTER_PIPELINES[True])
     elif job.controlnets:
         single = len(job.controlnets) == 1
+        flux = type(runner).__name__ == "FluxControlNetPipeline"  # it names the maps control_image
         if single:  # one map per row
             maps: object = [row["controls"][0] for row in inputs]
+        elif flux:  # per ControlNet, its rows' maps (its pipeline takes a list of PIL images each)
+            maps = [[row["controls"][n] for row in inputs] for n in range(len(job.controlnets))]
         else:  # per ControlNet, its rows' maps as one (rows, 3, H, W) batch in [0, 1], as PIL's give
             maps = [_batch([row["controls"][n] for row in inputs]) for n in range(len(job.controlnets))]
-        arguments["control_image" if job.init_image is not None else "image"] = maps
+        arguments["control_image" if job.init_image is not None or flux else "image"] = maps
         weights = [spec.weight for spec in job.controlnets]
         arguments["controlnet_conditioning_scale"] = weights[0] if single else weights
         arguments["control_guidance_start"] = [spec.start for spec in job.controlnets]

@@ -162,8 +162,8 @@ def sample(
     runner = pipe
     if flow.is_flow(pipe):
         pipe.scheduler = flow.make_scheduler(scheduler_config)
-        runner = pipeline_for(pipe, job)  # FLUX.1, Qwen-Image, Z-Image: their img2img and inpainting
-        arguments = flow.call_arguments(pipe, job, batch) | call_arguments(job, inputs)
+        runner = pipeline_for(pipe, job, controlnet)  # their img2img, inpainting, FLUX.1's ControlNets
+        arguments = flow.call_arguments(pipe, job, batch) | call_arguments(job, inputs, runner)
     else:
         pipe.scheduler = make_scheduler(job.sampler, scheduler_config, seeds[0])
         runner = pipeline_for(pipe, job, controlnet)  # over the same components, with this scheduler
