@@ -63,6 +63,22 @@ def control_map(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def says_its_unit_and_regenerates(client, runner, png: bytes, unit: dict, weight: float, tmp_path) -> None:
+    """The PNG carries the job's ``ControlNet 0`` unit as A1111's extension writes it (a
+    T2I-Adapter's too) and its map's name, and --from-png gives the same pixels again."""
+    fields = parse_parameters(Image.open(io.BytesIO(png)).info["parameters"]).fields
+    assert fields["ControlNet 0"].startswith(f"Module: none, Model: {unit['model']} [")
+    assert f"Weight: {weight:g}" in fields["ControlNet 0"]
+    assert fields["ControlNet 0 image"] == unit["image"]
+    path = tmp_path / "controlled.png"
+    path.write_bytes(png)
+    again = client.submit(client.job_from_png(path))
+    runner.run(again.job_id)
+    redone = client.get(again.job_id)
+    assert [(c.model, c.weight) for c in redone.job.controlnets] == [(unit["model"], weight)]
+    assert np.array_equal(decoded(runner.storage.get(redone.images[0].key)), decoded(png))
+
+
 def diffusers_controlnet_image(pipe, folder, control: bytes, init: bytes | None = None, weight: float = 1.0):
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, ControlNetModel
 
@@ -103,19 +119,7 @@ def test_a_controlnet_job_with_a_lora_gives_diffusers_own_image_and_its_png_rege
     assert np.abs(decoded(png) - want).max() <= 2
     plain, _ = submitted(client, runner, width=64, height=64)
     assert np.abs(decoded(runner.storage.get(plain.images[0].key)) - decoded(png)).max() > 10
-    fields = parse_parameters(Image.open(io.BytesIO(png)).info["parameters"]).fields
-    assert (
-        fields["ControlNet 0"].startswith(f"Module: none, Model: {CN} [")
-        and "Weight: 0.9" in fields["ControlNet 0"]
-    )
-    assert fields["ControlNet 0 image"] == unit["image"]
-    path = tmp_path / "controlled.png"
-    path.write_bytes(png)
-    again = client.submit(client.job_from_png(path))
-    runner.run(again.job_id)
-    redone = client.get(again.job_id)
-    assert [(c.model, c.weight) for c in redone.job.controlnets] == [(CN, 0.9)]
-    assert np.array_equal(decoded(runner.storage.get(redone.images[0].key)), decoded(png))
+    says_its_unit_and_regenerates(client, runner, png, unit, 0.9, tmp_path)
 
 
 def test_a_controlnet_on_an_init_image_gives_diffusers_own_image(

@@ -21,12 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog
 from lorafleet.common.schema.errors import JobRejected
-from lorafleet.common.schema.infotext import parse_parameters
 from lorafleet.worker.tiny import make_tiny_controlnet, make_tiny_model
 from lorafleet.worker.tiny_flow import make_tiny_flux_controlnet
 from tests.conftest import TINY
 from tests.worker.conftest import dropped_in
-from tests.worker.test_controlnets import control_map
+from tests.worker.test_controlnets import control_map, says_its_unit_and_regenerates
 from tests.worker.test_flow_images_in import JOB
 from tests.worker.test_flux1 import expected_deltas, merged_reference
 from tests.worker.test_images_in import decoded, photo
@@ -113,19 +112,7 @@ def test_a_flux_controlnet_job_with_a_lora_gives_diffusers_own_image_and_its_png
     assert np.abs(decoded(png) - want).max() <= 2
     _, plain = submitted(client, runner, **stack)
     assert np.abs(decoded(plain) - decoded(png)).max() > 10
-    fields = parse_parameters(Image.open(io.BytesIO(png)).info["parameters"]).fields
-    assert (
-        fields["ControlNet 0"].startswith(f"Module: none, Model: {CN} [")
-        and "Weight: 0.9" in fields["ControlNet 0"]
-    )
-    assert fields["ControlNet 0 image"] == unit["image"]
-    path = tmp_path / "controlled.png"
-    path.write_bytes(png)
-    again = client.submit(client.job_from_png(path))
-    runner.run(again.job_id)
-    redone = client.get(again.job_id)
-    assert [(c.model, c.weight) for c in redone.job.controlnets] == [(CN, 0.9)]
-    assert np.array_equal(decoded(runner.storage.get(redone.images[0].key)), decoded(png))
+    says_its_unit_and_regenerates(client, runner, png, unit, 0.9, tmp_path)
 
 
 def test_two_flux_controlnets_give_diffusers_own_multi_controlnet_image(client, runner, folders):

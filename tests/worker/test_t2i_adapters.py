@@ -19,11 +19,10 @@ from safetensors.torch import save_file
 
 from lorafleet.common.catalog.controlnets import ControlNetCatalog, ControlNetError
 from lorafleet.common.schema.errors import JobRejected
-from lorafleet.common.schema.infotext import parse_parameters
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.worker.tiny import make_tiny_controlnet, make_tiny_t2i_adapter
 from tests.conftest import TINY, TINY_XL
-from tests.worker.test_controlnets import control_map
+from tests.worker.test_controlnets import control_map, says_its_unit_and_regenerates
 from tests.worker.test_images_in import (  # noqa: F401  (reference and xl_lora_file are fixtures)
     JOB,
     LORA,
@@ -194,19 +193,7 @@ def test_a_t2i_adapter_job_with_a_lora_gives_diffusers_own_image_and_its_png_reg
     assert np.abs(decoded(png) - want).max() <= 2
     plain, _ = submitted(client, runner, width=64, height=64)
     assert np.abs(decoded(runner.storage.get(plain.images[0].key)) - decoded(png)).max() > 10
-    fields = parse_parameters(Image.open(io.BytesIO(png)).info["parameters"]).fields
-    assert (
-        fields["ControlNet 0"].startswith(f"Module: none, Model: {AD} [")
-        and "Weight: 0.8" in fields["ControlNet 0"]
-    )
-    assert fields["ControlNet 0 image"] == unit["image"]
-    path = tmp_path / "adapted.png"
-    path.write_bytes(png)
-    again = client.submit(client.job_from_png(path))
-    runner.run(again.job_id)
-    redone = client.get(again.job_id)
-    assert [(c.model, c.weight) for c in redone.job.controlnets] == [(AD, 0.8)]
-    assert np.array_equal(decoded(runner.storage.get(redone.images[0].key)), decoded(png))
+    says_its_unit_and_regenerates(client, runner, png, unit, 0.8, tmp_path)
 
 
 def test_two_t2i_adapters_on_jobs_sharing_a_call_give_diffusers_own_images_and_their_own_pixels(
