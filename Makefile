@@ -26,10 +26,12 @@ test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest --durations=25
 
 # The edit-test loop: everything but the tests marked slow (real worker processes, servers,
-# failovers, the benches' smoke runs). Not a substitute for `make test`. Torch on one thread:
-# on cores shared with other work, a thread per core made the tiny models' tests ~4x slower.
+# failovers, the benches' smoke runs), in two pytest processes (pytest-xdist), each with its
+# own Redis and S3 server. Not a substitute for `make test`, which runs in one process. Torch
+# on one thread: on cores shared with other work, a thread per core made the tiny models'
+# tests ~4x slower.
 test-fast: $(STAMP) system-deps
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow" -n 2
 
 # The project's own ruff configuration (pyproject.toml): lint and format, checked, never rewritten.
 lint: $(STAMP)
