@@ -4,6 +4,10 @@ Two runs, one after the other, each with one worker process (solo pool, prefetch
 acks_late, task events on: lorafleet's Celery configuration) and the same Redis:
 
 - bare Celery: ``send_task`` of N no-op tasks; each task only counts itself;
+- the floor: the same, and each task also makes the two atomic record writes a job's
+  lifecycle needs at least (its start and its end, fleet/lifecycle.py), each the barest
+  such step: one server-side script that compares a record-sized value and replaces it. What
+  any design with an atomic start and end costs on this Redis before it does its own work;
 - lorafleet: ``Client.submit_many`` of N jobs (validation, resolution, records, grouping,
   sending), and a worker whose runner does all its record keeping (record read, start
   transaction, final record, metrics) but replaces pipeline, LoRA and sampling work with
@@ -13,7 +17,7 @@ The jobs name a tiny pipeline folder built offline in the bench's temporary home
 ``models/<name>`` would be); it is resolved at submit, never loaded. Nothing is downloaded.
 
 Each run's time goes from the first send to the last job ended. Prints both, per job and per
-second, their ratio (target: lorafleet within 1.3x of bare Celery) and lorafleet's jobs per
+second, their ratios to bare Celery (target: lorafleet within 1.3x) and lorafleet's jobs per
 second through one worker (target: at least 300 on the 2-core development machine), then one
 JSON line. Never part of the test run.
 
@@ -39,6 +43,13 @@ from lorafleet.common.schema.settings import Settings
 
 MODEL = "noop-model"  # a tiny pipeline folder under the home's models/: resolved, never loaded
 COUNTER = "bench:bare:done"
+RECORD = "bench:floor:record"
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+"""The barest atomic record change: compare with what the writer believes, then replace."""
 BATCH = 500
 
 
@@ -49,7 +60,7 @@ def app_for(settings: Settings):
 
 
 def serve(kind: str, settings: Settings) -> None:
-    """The worker process: bare Celery, or lorafleet's runner with the GPU work left out."""
+    """The worker process: bare Celery, the floor, or lorafleet's runner with the GPU work left out."""
     from lorafleet.common.fleet.store import JobStore
     from lorafleet.common.infra.broker import resolve_broker
     from lorafleet.common.schema.jobs import JobRecord, JobStatus, Progress
@@ -60,6 +71,17 @@ def serve(kind: str, settings: Settings) -> None:
 
         @app.task(name="bench.noop", acks_late=True, ignore_result=True)
         def noop() -> None:
+            redis.incr(COUNTER)
+
+    elif kind == "floor":
+        swap = redis.register_script(_SWAP)
+        queued, running = "q" * 1100, "r" * 1100  # a record's size as stored (~1.1 KB)
+        redis.set(RECORD, queued)
+
+        @app.task(name="bench.noop", acks_late=True, ignore_result=True)
+        def two_steps() -> None:
+            assert swap(keys=[RECORD], args=[queued, running]) == 1  # the start
+            assert swap(keys=[RECORD], args=[running, queued]) == 1  # the end
             redis.incr(COUNTER)
 
     else:
@@ -137,8 +159,9 @@ def measure(kind: str, home: Path, jobs: int) -> float:
     try:
         time.sleep(0.5)
         warm = max(20, jobs // 50)
-        (run_bare if kind == "bare" else run_lorafleet)(settings, warm)  # the worker up and warm
-        return (run_bare if kind == "bare" else run_lorafleet)(settings, jobs)
+        run = run_lorafleet if kind == "lorafleet" else run_bare
+        run(settings, warm)  # the worker up and warm
+        return run(settings, jobs)
     finally:
         worker.terminate()
         worker.wait(30)
@@ -147,7 +170,7 @@ def measure(kind: str, home: Path, jobs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--serve", choices=("bare", "lorafleet"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("bare", "floor", "lorafleet"), help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -161,20 +184,25 @@ def main() -> None:
         make_tiny_model(settings.models_dir / MODEL)
         try:
             bare = measure("bare", Path(home), args.jobs)
+            floor = measure("floor", Path(home), args.jobs)
             fleet = measure("lorafleet", Path(home), args.jobs)
         finally:
             embedded_redis(settings).stop()
-    ratio = fleet / bare
+    ratio, floor_ratio = fleet / bare, floor / bare
     print(f"\n{args.jobs} jobs through one worker, the embedded Redis (unix socket), solo pool, prefetch 1\n")
     print(f"{'path':<44} {'ms/job':>8} {'jobs/s':>8}")
     print(
         f"{'bare Celery (send_task, no-op task)':<44} {bare / args.jobs * 1000:>8.2f} {args.jobs / bare:>8.0f}"
     )
     print(
+        f"{'floor (bare + two atomic record writes)':<44} {floor / args.jobs * 1000:>8.2f} {args.jobs / floor:>8.0f}"
+    )
+    print(
         f"{'lorafleet (submit_many, records, no GPU work)':<44} {fleet / args.jobs * 1000:>8.2f} {args.jobs / fleet:>8.0f}"
     )
     print(
-        f"\nlorafleet / bare Celery: {ratio:.2f}x (target <= 1.3x); lorafleet {args.jobs / fleet:.0f} jobs/s (target >= 300)"
+        f"\nlorafleet / bare Celery: {ratio:.2f}x (target <= 1.3x; the floor: {floor_ratio:.2f}x); "
+        f"lorafleet {args.jobs / fleet:.0f} jobs/s (target >= 300)"
     )
     print(
         json.dumps(
@@ -182,6 +210,8 @@ def main() -> None:
                 "bench": "queue_overhead",
                 "jobs": args.jobs,
                 "bare_s": bare,
+                "floor_s": floor,
+                "floor_ratio": floor_ratio,
                 "lorafleet_s": fleet,
                 "ratio": ratio,
                 "lorafleet_jobs_per_s": args.jobs / fleet,
