@@ -7,9 +7,11 @@ holds at most PAGE_MAX_PIXELS: the cells of a large sweep are drawn smaller."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
+from collections.abc import Callable
 
 import redis
 from PIL import Image, ImageDraw
@@ -29,30 +31,52 @@ CELL_MIN = 128
 """...or up (nearest neighbour) to at least this many, so that small images stay legible..."""
 PAGE_MAX_PIXELS = 64 * 2**20
 """...unless the page would pass this many pixels (about 8192 x 8192, 192 MiB as RGB while it is
-drawn): then every cell is scaled down until it fits, whatever CELL_MIN says."""
-CELL_FLOOR = 8
-"""The least side a cell is drawn at (a sweep's job cap keeps pages within the cap at it)."""
+drawn), labels included: then every cell is drawn smaller until it fits, whatever CELL_MIN
+says (down to one pixel a side; a sweep's job cap keeps cells far larger than that)."""
+
+
+def page_size(cell: tuple[int, int], columns: int, rows: int) -> tuple[int, int]:
+    """The page's width and height: the row labels' column and two label rows on top."""
+    return LABEL_WIDTH + cell[0] * columns, LABEL_HEIGHT * 2 + cell[1] * rows
 
 
 def cell_size(width: int, height: int, columns: int, rows: int) -> tuple[int, int]:
     """The size each cell of a ``columns`` x ``rows`` page is drawn at, for images of
-    ``width`` x ``height``: CELL_MIN..CELL_MAX a side, and the page within PAGE_MAX_PIXELS."""
+    ``width`` x ``height``: CELL_MIN..CELL_MAX a side, and the page within PAGE_MAX_PIXELS.
+
+    Semantics: with cells of ``width·s`` x ``height·s``, the page is
+    ``(LABEL_WIDTH + a·s)(2·LABEL_HEIGHT + b·s)`` pixels (a = width·columns, b = height·rows);
+    ``s`` is the preferred scale, or the positive root of that product = PAGE_MAX_PIXELS if
+    less. Cells are rounded down, so the page never passes the cap.
+    """
     scale = min(CELL_MAX / max(width, height), max(1.0, CELL_MIN / max(width, height)))
-    room = PAGE_MAX_PIXELS - LABEL_HEIGHT * 2 * (LABEL_WIDTH + width * scale * columns)
-    fit = (max(room, 0) / (columns * rows * width * height)) ** 0.5
-    if (width * scale * columns + LABEL_WIDTH) * (height * scale * rows + LABEL_HEIGHT * 2) > PAGE_MAX_PIXELS:
-        scale = min(scale, fit)
-    return max(CELL_FLOOR, int(width * scale)), max(CELL_FLOOR, int(height * scale))
+    a, b = width * columns, height * rows
+    labels_w, labels_h = LABEL_WIDTH, LABEL_HEIGHT * 2
+    # a·b·s² + (labels_w·b + labels_h·a)·s + labels_w·labels_h − PAGE_MAX_PIXELS = 0
+    linear = labels_w * b + labels_h * a
+    constant = labels_w * labels_h - PAGE_MAX_PIXELS
+    fit = (-linear + (linear * linear - 4 * a * b * constant) ** 0.5) / (2 * a * b)
+    scale = min(scale, fit)
+    cell = max(1, int(width * scale)), max(1, int(height * scale))
+    while page_size(cell, columns, rows)[0] * page_size(cell, columns, rows)[1] > PAGE_MAX_PIXELS:
+        cell = max(1, cell[0] - 1), max(1, cell[1] - 1)  # float rounding at the root: a pixel less
+        if cell == (1, 1):
+            break
+    return cell
 
 
-def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str], title: str) -> Image.Image:
-    """One page: ``cells[(x, y)]`` an image or the text of a cell without one."""
+def draw_page(
+    layout: list[dict],
+    cells: dict[tuple[int, int], Callable[[], Image.Image] | str],
+    size: tuple[int, int],
+    title: str,
+) -> Image.Image:
+    """One page of images of ``size``: ``cells[(x, y)]`` opens the cell's image (called once,
+    when the cell is drawn: one image is held at a time) or is the text of a cell without one."""
     xs = layout[0]["labels"]
     ys = layout[1]["labels"] if len(layout) > 1 else [""]
-    sample = next((c for c in cells.values() if isinstance(c, Image.Image)), None)
-    width, height = sample.size if sample is not None else (128, 128)
-    cw, ch = cell_size(width, height, len(xs), len(ys))
-    page = Image.new("RGB", (LABEL_WIDTH + cw * len(xs), LABEL_HEIGHT * 2 + ch * len(ys)), "white")
+    cw, ch = cell_size(*size, len(xs), len(ys))
+    page = Image.new("RGB", page_size((cw, ch), len(xs), len(ys)), "white")
     draw = ImageDraw.Draw(page)
     names = f"X: {layout[0]['axis']}" + (f", Y: {layout[1]['axis']}" if len(layout) > 1 else "")
     draw.text((4, 4), f"{title} · {names}", fill="black")
@@ -65,12 +89,19 @@ def draw_page(layout: list[dict], cells: dict[tuple[int, int], Image.Image | str
         for i in range(len(xs)):
             left = LABEL_WIDTH + i * cw
             cell = cells.get((i, j), "missing")
-            if isinstance(cell, Image.Image):
-                page.paste(cell.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (left, top))
-            else:
+            if isinstance(cell, str):
                 draw.rectangle((left, top, left + cw - 1, top + ch - 1), fill="#bbbbbb", outline="white")
                 draw.text((left + 6, top + ch // 2), cell, fill="black")
+                continue
+            _paste(page, cell, (left, top), (cw, ch))
     return page
+
+
+def _paste(
+    page: Image.Image, cell: Callable[[], Image.Image], at: tuple[int, int], size: tuple[int, int]
+) -> None:
+    with cell() as image:  # let go on return, before the next cell's is opened
+        page.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), at)
 
 
 class GridBuilder:
@@ -91,7 +122,7 @@ class GridBuilder:
             i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(keys.batch(batch_id), 0, -1)
         ]
         records = [JobRecord.model_validate_json(r) for r in self.redis.mget([keys.job(i) for i in ids]) if r]
-        pages: dict[int, dict[tuple[int, int], Image.Image | str]] = {}
+        pages: dict[int, dict[tuple[int, int], Callable[[], Image.Image] | str]] = {}
         for record in records:
             tags = record.job.tags
             if "sweep.x.index" not in tags:
@@ -99,16 +130,18 @@ class GridBuilder:
             x, y, z = (int(tags.get(f"sweep.{a}.index", 0)) for a in "xyz")
             cells = pages.setdefault(z, {})
             if record.status is JobStatus.succeeded and record.images:
-                cells[(x, y)] = Image.open(io.BytesIO(self.storage.get(record.images[0].key)))
-            elif (x, y) not in cells or not isinstance(cells[(x, y)], Image.Image):
+                cells[(x, y)] = functools.partial(self._open, record.images[0].key)
+            elif (x, y) not in cells or isinstance(cells[(x, y)], str):
                 cells[(x, y)] = record.status.value
         zs = axes[2]["labels"] if len(axes) > 2 else [""]
         stored = []
-        for z, label in enumerate(zs):
+        for z, label in enumerate(zs):  # one page in memory at a time, and one image in it
             title = f"sweep {batch_id}" + (f" · {axes[2]['axis']}: {label}" if label else "")
-            page = draw_page(axes, pages.get(z, {}), title)
+            cells = pages.get(z, {})
+            page = draw_page(axes, cells, self._image_size(cells), title)
             buffer = io.BytesIO()
             page.save(buffer, format="PNG")
+            del page
             key = check_key(f"{sweep['prefix']}/{batch_id}/grid-{z}.png")
             self.storage.put(key, buffer.getvalue(), "image/png")
             stored.append(key)
@@ -116,3 +149,15 @@ class GridBuilder:
         self.redis.set(keys.sweep(batch_id), json.dumps(sweep), keepttl=True)
         logger.info("sweep %s: %d grid page(s) stored", batch_id, len(stored))
         return stored
+
+    def _open(self, key: str) -> Image.Image:
+        return Image.open(io.BytesIO(self.storage.get(key)))
+
+    @staticmethod
+    def _image_size(cells: dict[tuple[int, int], Callable[[], Image.Image] | str]) -> tuple[int, int]:
+        """The size of the page's images (its first one's header; 128 x 128 with none)."""
+        for cell in cells.values():
+            if not isinstance(cell, str):
+                with cell() as image:
+                    return image.size
+        return 128, 128
