@@ -1,6 +1,6 @@
 """What lorafleet's path costs per job beyond Celery's own round trip, on the same Redis.
 
-Two runs, one after the other, each with one worker process (solo pool, prefetch 1,
+Three runs, one after the other, each with one worker process (solo pool, prefetch 1,
 acks_late, task events on: lorafleet's Celery configuration) and the same Redis:
 
 - bare Celery: ``send_task`` of N no-op tasks; each task only counts itself;
@@ -16,7 +16,7 @@ acks_late, task events on: lorafleet's Celery configuration) and the same Redis:
 The jobs name a tiny pipeline folder built offline in the bench's temporary home (as a user's
 ``models/<name>`` would be); it is resolved at submit, never loaded. Nothing is downloaded.
 
-Each run's time goes from the first send to the last job ended. Prints both, per job and per
+Each run's time goes from the first send to the last job ended. Prints each, per job and per
 second, their ratios to bare Celery (target: lorafleet within 1.3x) and lorafleet's jobs per
 second through one worker (target: at least 300 on the 2-core development machine), then one
 JSON line. Never part of the test run.

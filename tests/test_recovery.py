@@ -194,8 +194,8 @@ def test_a_batch_that_does_not_fit_is_halved_and_the_size_that_fit_is_kept(fleet
     worker = fleet["start_worker"]("halving@recovery", LORAFLEET_MAX_BATCH="8", **EXACT_ADDRESS_SPACE)
     warm = {"model": TINY, "prompt": "warm", "steps": 2}
     assert client.submit(warm).wait(timeout=60).status is JobStatus.succeeded
-    # Room for four 512x512 images per call but not eight (344 and 670 MB, EXACT_ADDRESS_SPACE),
-    # about 160 MB from either: the allocations fail for real, as on a full GPU.
+    # Room for four 512x512 images per call but not eight (344 and 670 MB, EXACT_ADDRESS_SPACE,
+    # measured with 2 steps and CFG), about 160 MB from either: the allocations fail for real, as on a full GPU.
     worker.limit_memory(headroom_mb=512)
     # One step without CFG: a call's peak is its VAE decode, the same as with 2 steps and CFG,
     # and a job samples in a third of the time (with them, the failed call of 8 and the two
