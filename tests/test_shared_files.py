@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 
+import pytest
 import torch
 from PIL import Image
 
@@ -17,6 +18,7 @@ from tests.helpers import lorafleet_env, run_cli
 from tests.worker.conftest import make_runner
 
 
+@pytest.mark.slow  # the `lorafleet` command as a process
 def test_an_imported_embedding_and_vae_are_used_by_a_worker_that_never_had_them(
     template_home, redis_url, tmp_path
 ):

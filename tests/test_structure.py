@@ -179,3 +179,43 @@ def test_every_worker_module_the_cli_asks_for_exists():
             ):
                 asked.add(f"lorafleet.worker.{node.args[0].value}")
     assert asked and not asked - set(MODULES), sorted(asked - set(MODULES))
+
+
+PROCESS_STARTERS = {"run_cli", "WorkerProcess", "start_worker", "Popen", "run_worker_cli"}
+"""What starts a real process in a test (tests/helpers.py, fixtures, subprocess)."""
+NOT_A_PROCESS_TEST = {
+    "tests/worker/test_checkpoints.py::test_a_copy_left_half_written_by_a_dead_worker_is_swept",
+}
+"""Tests that start a process only to have a pid that is dead (`true`)."""
+
+
+def _marked_slow(decorators: list[ast.expr]) -> bool:
+    return any("slow" in ast.unparse(d) for d in decorators)
+
+
+def test_every_test_that_starts_a_process_is_marked_slow():
+    """`make test-fast` (the edit loop) leaves out real-process tests by their `slow` mark."""
+    unmarked = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_slow = any(
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)
+            and "slow" in ast.unparse(node.value)
+            for node in tree.body
+        )
+        if module_slow:
+            continue
+        for node in tree.body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            names |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            names |= {
+                n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            }
+            name = f"{path.relative_to(REPO)}::{node.name}"
+            starts = names & PROCESS_STARTERS and name not in NOT_A_PROCESS_TEST
+            if starts and not _marked_slow(node.decorator_list):
+                unmarked.append(name)
+    assert not unmarked, "start a process but are not marked slow: " + ", ".join(unmarked)

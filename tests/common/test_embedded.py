@@ -51,6 +51,7 @@ def test_a_second_process_finds_and_reuses_the_running_server(embedded):
     assert _server_pid(embedded) == pid
 
 
+@pytest.mark.slow  # real processes
 def test_processes_starting_at_once_share_one_server(embedded):
     code = (
         "from pathlib import Path; from lorafleet.common.infra.embedded import EmbeddedRedis; import redis; "

@@ -155,6 +155,7 @@ def test_a_step_distilled_klein_defaults_to_4_steps_and_warns_that_cfg_is_ignore
     assert any("ignored by step-distilled FLUX.2 Klein" in w for w in record.warnings)
 
 
+@pytest.mark.slow  # the `lorafleet` command as a process
 def test_the_cli_takes_guidance_and_the_resubmit_command_keeps_it(client, settings):
     import json
     import shlex

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from lorafleet.common.fleet.positions import standing
@@ -35,6 +36,7 @@ def test_positions_follow_the_order_celery_delivers_in(settings):
         assert standing(client.redis, client.get(normal[0].job_id)).position == 1
 
 
+@pytest.mark.slow  # the `lorafleet` command as a process
 def test_the_api_and_the_cli_show_a_queued_jobs_standing(settings, home, redis_url):
     with Client(settings) as client:
         client.submit(JOB)

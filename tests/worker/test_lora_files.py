@@ -140,6 +140,7 @@ sys.stdin.readline()
 """
 
 
+@pytest.mark.slow  # real processes
 def test_a_worker_never_evicts_a_file_another_worker_process_is_using(tmp_path):
     import subprocess
     import sys
