@@ -12,6 +12,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from lorafleet.producer.auth import COOKIE, COOKIE_SECONDS, ApiToken, close_session, find_token, open_session
 
@@ -81,7 +82,7 @@ def dashboard(tokens: list[ApiToken], client) -> APIRouter:
         if tokens:
             response.set_cookie(
                 COOKIE,
-                open_session(client, token),
+                await run_in_threadpool(open_session, client, token),  # Redis: off the event loop
                 max_age=COOKIE_SECONDS,
                 httponly=True,
                 samesite="strict",

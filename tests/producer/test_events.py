@@ -247,3 +247,31 @@ def test_a_session_looked_up_in_a_stalled_redis_holds_up_no_other_request(settin
     assert bearer.status_code == 200
     assert answers["bearer"] - paused_at < pause_ms / 1000, "the event loop waited for Redis"
     assert answers["cookie"] - paused_at >= pause_ms / 1000 - 0.1  # it did wait for the pause
+
+
+def test_a_login_waiting_on_a_stalled_redis_holds_up_no_other_request(settings):
+    """/login writes the new session to Redis in the threadpool: while that write waits, the
+    event loop answers other requests."""
+    pause_ms = 3000
+    with _serving(settings.model_copy(update={"api_tokens": "t1"})) as (base, _), Client(settings) as client:
+        pauser = client.broker.client()
+        pauser.ping()  # connected before the pause
+        answers: dict[str, float] = {}
+
+        def login() -> None:
+            form = {"token": "t1"}
+            response = httpx.post(f"{base}/login", data=form, follow_redirects=False, timeout=60)
+            assert response.status_code == 303 and COOKIE in response.cookies
+            answers["login"] = time.monotonic()
+
+        paused_at = time.monotonic()
+        pauser.client_pause(pause_ms)  # every Redis client waits, the session's write too
+        waiting = threading.Thread(target=login)
+        waiting.start()
+        time.sleep(0.5)  # the login is writing its session now, waiting for Redis
+        bearer = httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer t1"}, timeout=60)
+        answers["bearer"] = time.monotonic()
+        waiting.join(60)
+    assert bearer.status_code == 200
+    assert answers["bearer"] - paused_at < pause_ms / 1000, "the event loop waited for Redis"
+    assert answers["login"] - paused_at >= pause_ms / 1000 - 0.1  # it did wait for the pause
