@@ -190,12 +190,15 @@ async def _next_event(lines) -> str:
     raise AssertionError("the stream ended")
 
 
-def test_open_event_streams_hold_no_threadpool_thread_and_the_api_answers_beside_them(settings):
-    with _serving(settings) as (base, loop), Client(settings) as client:
+@pytest.mark.parametrize("token", [None, "t1"], ids=["open", "behind-tokens"])
+def test_open_event_streams_hold_no_threadpool_thread_and_the_api_answers_beside_them(settings, token):
+    served = settings.model_copy(update={"api_tokens": token}) if token else settings
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with _serving(served) as (base, loop), Client(settings) as client:
 
         async def main() -> None:
             limits = httpx.Limits(max_connections=STREAMS + 8)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=headers) as http:
                 async with AsyncExitStack() as streams:
                     readers = []
                     for _ in range(STREAMS):
