@@ -3,13 +3,16 @@
 fleet/lifecycle.py counts each job's end in its batch's tracker (``keys.batch_end``: the
 jobs submitted into the batch, and those that ended) in the same atomic step that ends the
 job, and puts the batch on ``keys.BATCHES_ENDED`` when the two meet. ``BatchEnds`` takes
-batches from there, each for a lease of LEASE_SECONDS (one process handles a batch at a
-time; one that dies mid-way leaves it to the next when the lease runs out), and hands it to
-its two consumers: the batch webhook (one ``batch.ended`` event, when the batch was
-submitted with ``batch_webhook_url``) and the sweep grid (when the batch is a sweep). Both
-can run twice without harm: the event is queued once by its id, the grid drawn again over
-the same keys. A batch that gets more jobs after it ended (a retry) ends again: its grid is
-drawn again, its event is not sent twice.
+batches from there one at a time, each just before handling it, for a lease of
+LEASE_SECONDS (services/leases.py): while the lease holds, no other process handles the
+batch, and one that dies mid-way leaves it to the next when the lease runs out. It hands the
+batch to its two consumers: the batch webhook (one ``batch.ended`` event, when the batch was
+submitted with ``batch_webhook_url``) and the sweep grid (when the batch is a sweep), then
+takes the batch off the set only if its lease still holds. Both consumers can run twice
+without harm, even at once (a handler that outlived its lease goes on beside the next
+holder): the event is queued once by its id, the grid drawn again over the same keys. A
+batch that gets more jobs after it ended (a retry) ends again, which also ends the lease of
+whoever is handling it: its grid is drawn again, its event is not sent twice.
 """
 
 from __future__ import annotations
@@ -22,18 +25,18 @@ from typing import Any
 import redis
 
 from lorafleet.common.fleet.store import JobStore
-from lorafleet.common.fleet.upkeep import claim_due
 from lorafleet.common.infra.storage import Storage
 from lorafleet.common.schema import keys
+from lorafleet.common.services import leases
 from lorafleet.common.services.grids import GridBuilder
 from lorafleet.common.services.webhooks import queue_event
 
 logger = logging.getLogger(__name__)
 
 LEASE_SECONDS = 120.0
-"""How long a process holds an ended batch it is handling (drawing a large grid takes a while)."""
+"""How long a process holds the one ended batch it is handling (drawing a large grid takes a while)."""
 BATCH = 10
-"""Ended batches one pass takes at most."""
+"""Ended batches one pass handles at most (each claimed in turn)."""
 
 
 _DONE = """
@@ -90,18 +93,24 @@ class BatchEnds:
         self.grids = GridBuilder(store.redis, storage)
 
     def handle_due(self, now: float | None = None) -> list[str]:
-        """Handle the batches that have ended; returns those done."""
-        now = time.time() if now is None else now
+        """Handle up to BATCH batches ended by ``now`` (default: the time), each claimed just
+        before it is handled, at ``now`` plus the seconds the pass has taken so far; returns
+        those handled."""
+        start, began = time.time() if now is None else now, time.monotonic()
         done = []
-        claimed = now + LEASE_SECONDS
-        for batch_id in claim_due(self.redis, keys.BATCHES_ENDED, now, LEASE_SECONDS, BATCH):
+        for batch_id in leases.due(self.redis, keys.BATCHES_ENDED, start, BATCH):
+            at = start + time.monotonic() - began
+            deadline = leases.claim(self.redis, keys.BATCHES_ENDED, batch_id, at, LEASE_SECONDS)
+            if deadline is None:
+                continue  # another process holds it, or has handled it
             try:
                 self.handle(batch_id)
             except Exception as exc:  # the store away, Redis failing over: the lease runs out, then again
                 logger.warning("end of batch %s not handled yet: %s", batch_id, exc)
                 continue
-            # done, unless it ended again meanwhile (a retry's end re-scored it: handle it again)
-            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(claimed)])
+            # done while the lease holds: not if it ended again meanwhile (a retry's end
+            # re-scored it: handle it again), nor if the lease ran out (the next holder's)
+            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(deadline)])
             done.append(batch_id)
         return done
 

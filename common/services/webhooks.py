@@ -11,9 +11,16 @@ Delivery is at least once, from a durable outbox in Redis (``keys.webhook_event`
 ``keys.WEBHOOKS_DUE``): a job's event is written in the atomic step that ends the job
 (fleet/lifecycle.py), a batch's by services/batches.py, each once (the event id is the job's
 or the batch's), and every process that runs the services loop (live workers, the API)
-delivers the events that are due. A process takes an event for a lease of
-LEASE_SECONDS, so one delivery runs at a time, and one that dies mid-delivery leaves it to
-the next. A failed attempt (connection error, timeout, a status other than 2xx) is recorded
+delivers the events that are due. A process claims one event at a time, just before it
+POSTs it, for a lease of LEASE_SECONDS (services/leases.py), long enough for one attempt:
+while the lease holds, no other process delivers the event, and one that dies mid-delivery
+leaves it to the next when the lease runs out. The attempt's outcome is written only if the
+lease still holds once it is known (one server-side script checks and writes), so a holder
+whose lease ran out (it stalled, or its receiver answered after LEASE_SECONDS) never
+overwrites the next holder's outcome: it records nothing and logs its attempt instead, and
+the next holder POSTs the event again, perhaps while the late one is still at it. A
+receiver may therefore get an event more than once, and should dedupe by its ``webhook-id``.
+A failed attempt (connection error, timeout, a status other than 2xx) is recorded
 with its time, status and error, and tried again after 10 s, 20 s, 40 s ... up to an hour
 apart, until LORAFLEET_WEBHOOK_MAX_SECONDS after the event (a day by default); then it is
 given up and says so. Restarting the API or every worker loses nothing: the outbox is in Redis.
@@ -36,21 +43,22 @@ from urllib.parse import urlsplit
 import redis
 
 from lorafleet.common.fleet.lifecycle import WEBHOOK_KEEP_SECONDS, event_id, outbox_entry
-from lorafleet.common.fleet.upkeep import claim_due
 from lorafleet.common.infra.net import checked_address, send_pinned
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.errors import ConfigError, JobRejected
+from lorafleet.common.services import leases
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 60
-"""How long a process holds an event it is delivering."""
+TIMEOUT_SECONDS = 10.0
+"""Seconds a receiver has for each step of one delivery (connect, send, each read of the answer)."""
+LEASE_SECONDS = 60.0
+"""How long a process holds the one event it is delivering: an attempt's steps of at most
+TIMEOUT_SECONDS each, the address lookup and the outcome's write, with room to spare."""
 FIRST_RETRY_SECONDS = 10.0
 MAX_RETRY_SECONDS = 3600.0
-TIMEOUT_SECONDS = 10.0
-"""Seconds a receiver has to answer one delivery."""
 BATCH = 20
-"""Events one upkeep pass delivers at most."""
+"""Events one pass of the services loop delivers at most (each claimed in turn)."""
 KEEP_SECONDS = WEBHOOK_KEEP_SECONDS
 """How long an event and its attempts stay readable after it was delivered or given up."""
 
@@ -59,6 +67,15 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 en
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
+
+_RECORD = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+if ARGV[5] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[5], ARGV[1]) end
+return 1
+"""
+"""An attempt's outcome: the event written, and off the due set or due again at ARGV[5], if
+the claim whose deadline is ARGV[2] still holds it (services/leases.py)."""
 
 
 def check_url(url: str, allow_private: bool, field: str = "webhook_url") -> str | None:
@@ -90,7 +107,7 @@ def read_event(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
 
 
 class WebhookSender:
-    """Delivers due events from the outbox; one per upkeep process."""
+    """Delivers due events from the outbox; one per process that runs the services loop."""
 
     def __init__(
         self, client: redis.Redis, secret: str | None, allow_private: bool, max_seconds: float
@@ -101,49 +118,60 @@ class WebhookSender:
         self.max_seconds = max_seconds
 
     def deliver_due(self, now: float | None = None) -> int:
-        """Deliver the events that are due; returns how many were delivered."""
-        now = time.time() if now is None else now
+        """Deliver up to BATCH events due at ``now`` (default: the time), each claimed just
+        before its delivery, at ``now`` plus the seconds the pass has taken so far; returns
+        how many the receivers took."""
         if self.secret is None:
             return 0
-        taken = claim_due(self.redis, keys.WEBHOOKS_DUE, now, LEASE_SECONDS, BATCH)
+        start, began = time.time() if now is None else now, time.monotonic()
         delivered = 0
-        for raw_id in taken:
-            delivered += self._deliver(raw_id.decode() if isinstance(raw_id, bytes) else raw_id)
+        for event_id_ in leases.due(self.redis, keys.WEBHOOKS_DUE, start, BATCH):
+            at = start + time.monotonic() - began
+            deadline = leases.claim(self.redis, keys.WEBHOOKS_DUE, event_id_, at, LEASE_SECONDS)
+            if deadline is not None:  # else another process holds it, or has delivered it
+                delivered += self._deliver(event_id_, deadline)
         return delivered
 
-    def _deliver(self, event_id_: str) -> bool:
+    def _deliver(self, event_id_: str, deadline: float) -> bool:
+        """One attempt at an event claimed until ``deadline``, its outcome written if the claim
+        still holds; True if the receiver took it."""
         name = keys.webhook_event(event_id_)
-        raw = self.redis.get(name)
+        raw = self.redis.get(name)  # read under the claim: no earlier holder writes it any more
         if raw is None:
             self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
             return False
         event = json.loads(raw)
         status, error = self._post(event)
         event["attempts"].append({"at": time.time(), "status": status, "error": error})
+        tries = len(event["attempts"])
         ok = status is not None and 200 <= status < 300
+        again = None  # seconds until the next attempt; None: no more
         if ok:
             event["state"] = "delivered"
-            self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
-            logger.info(
-                "webhook %s delivered to %s (attempt %d)", event_id_, event["url"], len(event["attempts"])
-            )
         elif time.time() - event["created"] >= self.max_seconds:
             event["state"] = "given up"
-            self.redis.zrem(keys.WEBHOOKS_DUE, event_id_)
-            logger.warning(
-                "webhook %s given up after %d attempts: %s", event_id_, len(event["attempts"]), error
-            )
         else:
-            delay = min(FIRST_RETRY_SECONDS * 2 ** (len(event["attempts"]) - 1), MAX_RETRY_SECONDS)
-            self.redis.zadd(keys.WEBHOOKS_DUE, {event_id_: time.time() + delay})
-            logger.info(
-                "webhook %s attempt %d failed (%s); again in %.0f s",
+            again = min(FIRST_RETRY_SECONDS * 2 ** (tries - 1), MAX_RETRY_SECONDS)
+        next_at = "" if again is None else repr(time.time() + again)
+        recorded = self.redis.register_script(_RECORD)(
+            keys=[keys.WEBHOOKS_DUE, name],
+            args=[event_id_, repr(deadline), json.dumps(event), KEEP_SECONDS, next_at],
+        )
+        if not recorded:
+            logger.warning(
+                "webhook %s: attempt %d (%s) outlived its lease of %s s: not recorded, another "
+                "process has the event now",
                 event_id_,
-                len(event["attempts"]),
-                error,
-                delay,
+                tries,
+                error or f"HTTP {status}",
+                LEASE_SECONDS,
             )
-        self.redis.set(name, json.dumps(event), ex=KEEP_SECONDS)
+        elif ok:
+            logger.info("webhook %s delivered to %s (attempt %d)", event_id_, event["url"], tries)
+        elif again is None:
+            logger.warning("webhook %s given up after %d attempts: %s", event_id_, tries, error)
+        else:
+            logger.info("webhook %s attempt %d failed (%s); again in %.0f s", event_id_, tries, error, again)
         return ok
 
     def _post(self, event: dict[str, Any]) -> tuple[int | None, str | None]:
