@@ -66,28 +66,12 @@ two writes) has its message sent by upkeep."""
 TRIM_SECONDS = 600.0
 """How often upkeep drops the index entries of expired records."""
 
-_CLAIM = """
-local taken = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))) do
-  redis.call('ZADD', KEYS[1], ARGV[2], id)
-  table.insert(taken, id)
-end
-return taken
-"""
-
 _LEASE = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
-
-
-def claim_due(client: redis.Redis, due: str, now: float, lease: float, limit: int) -> list[str]:
-    """Take up to ``limit`` members of zset ``due`` scored ``now`` or earlier, re-scored
-    ``now + lease``: whoever took one holds it that long (then it is due again)."""
-    taken = client.register_script(_CLAIM)(keys=[due], args=[now, now + lease, limit])
-    return [t.decode() if isinstance(t, bytes) else t for t in taken]
 
 
 class Lease:
