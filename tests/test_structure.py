@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,18 @@ def test_every_test_that_starts_a_process_is_marked_slow():
             if starts and not _marked_slow(node.decorator_list):
                 unmarked.append(name)
     assert not unmarked, "start a process but are not marked slow: " + ", ".join(unmarked)
+
+
+RECORD_WRITE = re.compile(
+    r"\.(set|setex|setnx|psetex|getset|getdel|delete|unlink|expire|pexpire|persist|rename)\(\s*keys\.job\("
+)
+"""A Redis write naming a job record's key directly."""
+
+
+def test_job_records_are_written_only_by_the_store_and_the_lifecycle():
+    """Every change of a record is a fleet/lifecycle.py transition (one script); the store only
+    creates records (and takes back a create that failed half way)."""
+    writers = {
+        str(path.relative_to(REPO)) for path in _modules().values() if RECORD_WRITE.search(path.read_text())
+    }
+    assert writers == {"common/fleet/store.py"}, writers  # the store: the check sees writes

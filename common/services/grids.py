@@ -16,9 +16,10 @@ from collections.abc import Callable
 import redis
 from PIL import Image, ImageDraw
 
+from lorafleet.common.fleet.store import parsed
 from lorafleet.common.infra.storage import Storage, check_key
 from lorafleet.common.schema import keys
-from lorafleet.common.schema.jobs import JobRecord, JobStatus
+from lorafleet.common.schema.jobs import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ class GridBuilder:
         ids = [
             i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(keys.batch(batch_id), 0, -1)
         ]
-        records = [JobRecord.model_validate_json(r) for r in self.redis.mget([keys.job(i) for i in ids]) if r]
+        raws = self.redis.mget([keys.job(i) for i in ids])
+        records = [
+            r for r in (parsed(i, raw) for i, raw in zip(ids, raws)) if r is not None and not r.damaged
+        ]
         pages: dict[int, dict[tuple[int, int], Callable[[], Image.Image] | str]] = {}
         for record in records:
             tags = record.job.tags
