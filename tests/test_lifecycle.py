@@ -10,6 +10,7 @@ import pytest
 
 from lorafleet.common.fleet.lifecycle import IllegalMove, Lifecycle, event_id
 from lorafleet.common.fleet.metrics import totals
+from lorafleet.common.fleet.queue import queue_depths
 from lorafleet.common.fleet.upkeep import hand_back_lost_jobs
 from lorafleet.common.fleet.workers import WorkerRegistry
 from lorafleet.common.infra.storage import open_storage
@@ -101,8 +102,13 @@ def test_a_job_cancelled_while_its_worker_was_lost_ends_with_every_effect_of_an_
     lifecycle.end(done.job_id, JobStatus.failed, _start(lifecycle, done.job_id), error="out of memory")
     _start(lifecycle, frozen.job_id, instance="frozen")
     assert client.cancel(frozen.job_id).cancel_requested
+    queue = client.get(frozen.job_id).queue
+    waiting = sum(queue_depths(client.redis, [queue])[queue].values())
     handed = hand_back_lost_jobs(lifecycle, WorkerRegistry(client.redis), client.celery, 10)
     assert handed == [frozen.job_id]
+    # it ends cancelled here: no message is sent for it, and it is not listed unsent
+    assert sum(queue_depths(client.redis, [queue])[queue].values()) == waiting
+    assert client.redis.zscore(keys.UNSENT, frozen.job_id) is None
     record = client.get(frozen.job_id)
     assert (
         record.status is JobStatus.cancelled

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from lorafleet.common.fleet.upkeep import send_unsent
+from lorafleet.common.fleet.upkeep import Lease, send_unsent
 from lorafleet.common.schema import keys
 from lorafleet.common.schema.jobs import GenerationJob, JobRecord, JobStatus
 from lorafleet.producer import Client
@@ -126,3 +126,14 @@ def test_a_job_whose_start_met_a_redis_failure_gets_a_message_again(settings):
         assert not runner.orphans and client.redis.zscore(keys.UNSENT, handle.job_id) is not None
         assert send_unsent(client.jobs, client.celery, 0) == [handle.job_id]
         assert len(queued_messages(client)) == 1
+
+
+def test_a_lease_is_let_go_only_by_its_holder(settings):
+    with Client(settings) as client:
+        first = Lease(client.redis, "lorafleet:test:lease", 30)
+        second = Lease(client.redis, "lorafleet:test:lease", 30)
+        assert first.take() and not second.take()
+        second.release()  # not its lease: nothing happens
+        assert not second.take() and first.take()
+        first.release()
+        assert second.take()

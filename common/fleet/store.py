@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import redis
 from pydantic import ValidationError
@@ -22,8 +22,6 @@ from lorafleet.common.schema.errors import JobRejected
 from lorafleet.common.schema.jobs import JobRecord, JobStatus, describe_validation_error, utcnow
 
 logger = logging.getLogger(__name__)
-
-Change = Callable[[JobRecord], "JobRecord | None"]
 
 
 BATCH_INDEX_SLACK = 24 * 3600

@@ -74,6 +74,12 @@ return 1
 """
 
 
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
 class Lease:
     """A named lease in Redis that one process holds at a time (``take`` also renews it)."""
 
@@ -81,14 +87,15 @@ class Lease:
         self.redis, self.name, self.seconds = client, name, seconds
         self.holder = uuid.uuid4().hex
         self._take = client.register_script(_LEASE)
+        self._release = client.register_script(_RELEASE)
 
     def take(self) -> bool:
         """True if this process holds the lease now, for ``seconds`` more."""
         return bool(self._take(keys=[self.name], args=[self.holder, int(self.seconds * 1000)]))
 
     def release(self) -> None:
-        if self.redis.get(self.name) == self.holder.encode():
-            self.redis.delete(self.name)
+        """Let the lease go if this process still holds it (one step: never another's)."""
+        self._release(keys=[self.name], args=[self.holder])
 
 
 class Upkeep:
@@ -219,9 +226,11 @@ def hand_back_lost_jobs(
             continue  # another process hands this run back
         try:
             # listed unsent first: should its next delivery be dropped before the record is
-            # queued (its worker beat again meanwhile), upkeep sends the queued job a new one
-            store.mark_unsent([record.job_id])
-            send_job(app, record)
+            # queued (its worker beat again meanwhile), upkeep sends the queued job a new one;
+            # a job with a cancel asked ends cancelled below and needs no message
+            if not record.cancel_requested:
+                store.mark_unsent([record.job_id])
+                send_job(app, record)
         except Exception as exc:  # kombu and redis raise many kinds: all mean "not sent"
             _let_go(store, record.job_id, run)
             logger.warning("job %s: its run could not be handed back yet: %s", record.job_id, exc)
