@@ -51,3 +51,17 @@ def test_every_job_field_is_in_the_jobs_table():
         re.findall(r"^\| `[a-z_]+`, `([a-z_]+)`", table, re.MULTILINE)
     )
     assert set(GenerationJob.model_fields) - {"job_id", "batch_id"} - documented == set()
+
+
+def test_the_readmes_code_layout_names_every_module_and_folder():
+    start = README.index("Code layout (")
+    layout = README[README.index("```\n", start) : README.index("```\n", README.index("```\n", start) + 4)]
+    missing = []
+    for side in ("common", "producer", "worker"):
+        for path in sorted((REPO / side).rglob("*.py")):
+            if path.name != "__init__.py" and path.name not in layout:
+                missing.append(str(path.relative_to(REPO)))
+        for folder in sorted(p for p in (REPO / side).iterdir() if p.is_dir() and p.name != "__pycache__"):
+            if f"{folder.name}/" not in layout:
+                missing.append(f"{folder.relative_to(REPO)}/")
+    assert not missing, f"not in the README's code layout: {missing}"
