@@ -105,11 +105,16 @@ def send_job(app: Celery, record: JobRecord, producer=None, *, queued: str | Non
     worker's start is one round trip (``Lifecycle.start``'s guess, compared with the stored
     record inside Redis and never taken for it; a stale hint costs one more round trip)."""
     kwargs: dict[str, Any] = {"job_id": record.job_id}
+    shown = f"{{'job_id': {record.job_id!r}"
     if queued is not None:
         kwargs["queued"] = queued
+        shown += f", 'queued': <the record as queued, {len(queued)} characters>"
     app.send_task(
         TASK_GENERATE,
         kwargs=kwargs,
+        # what Flower and the task events show: Celery would put a second copy of the record
+        # there (cut at 1024 characters), in every message and each event about it
+        kwargsrepr=shown + "}",
         task_id=record.job_id,
         queue=record.queue,
         priority=PRIORITY_VALUE[record.job.priority],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -44,6 +45,12 @@ def test_submit_writes_a_queued_record_and_one_message(client):
     assert [m["headers"]["id"] for m in messages] == [handle.job_id]
     assert messages[0]["headers"]["task"] == "lorafleet.generate"
     assert messages[0]["content-type"] == "application/json"
+    # the body carries the record as queued (the start's hint); the header that Flower and the
+    # task events show says so in a line, rather than a second copy cut at 1024 characters
+    body_kwargs = json.loads(base64.b64decode(messages[0]["body"]))[1]
+    assert json.loads(body_kwargs["queued"])["job"]["job_id"] == handle.job_id
+    kwargsrepr = messages[0]["headers"]["kwargsrepr"]
+    assert handle.job_id in kwargsrepr and "prompt" not in kwargsrepr and len(kwargsrepr) < 160
 
 
 def test_priorities_land_in_celerys_priority_lists(client):
