@@ -1,9 +1,10 @@
 """A chaos run with real processes: 300 jobs over two models and two workers while a worker is
 killed and restarted, the Redis primary fails over (Sentinel) and the object store is down for
 20 s. At the end every job has ended exactly once (succeeded, or failed saying why), every
-image of a succeeded job is in the store once, and no job ran on two workers at the same time:
-all checked from what lorafleet wrote (the records with their runs, the end counters, the
-store), never from log lines."""
+image of a succeeded job is in the store once, every job's webhook event and its batch's
+were delivered, signed, and no job ran on two workers at the same time: all checked from what
+lorafleet wrote (the records with their runs, the end counters, the store, what a receiver
+got), never from log lines."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import boto3
 import pytest
 import redis
 
+from lorafleet.common.fleet.lifecycle import event_id
 from lorafleet.common.fleet.metrics import totals
 from lorafleet.common.schema.jobs import JobStatus
 from lorafleet.common.schema.settings import Settings
+from lorafleet.common.services.batches import batch_event_id
 from lorafleet.producer import Client
 from tests.conftest import TINY, TINY_SD2, copy_home
 from tests.helpers import SentinelRedis, TcpProxy, WorkerProcess, lorafleet_env, s3_env, wait_until
+from tests.test_webhooks import SECRET, Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +37,7 @@ def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outa
     sentinel_redis = SentinelRedis(tmp_path / "redis").start()
     moto = s3_credentials
     store = TcpProxy(moto.port).up()
+    receiver = Receiver()  # every job's webhook and its batch's
     boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     home = copy_home(template_home, tmp_path / "home")
     env = lorafleet_env(
@@ -40,6 +45,8 @@ def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outa
         sentinel_redis.url,
         f"s3://{BUCKET}/out",
         LORAFLEET_WORKER_LOST_AFTER="10",
+        LORAFLEET_WEBHOOK_SECRET=SECRET,
+        LORAFLEET_WEBHOOK_ALLOW_PRIVATE="true",
         OMP_NUM_THREADS="1",  # two workers on this machine's cores: one thread each, or they thrash
         **s3_env(store.endpoint),
     )
@@ -57,13 +64,17 @@ def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outa
             broker_url=sentinel_redis.url,
             storage_url=f"s3://{BUCKET}/out",
             s3_endpoint_url=store.endpoint,
+            webhook_secret=SECRET,
+            webhook_allow_private=True,
         )
         with Client(settings) as client:
             handles = client.submit_many(
                 [
                     {"model": (TINY, TINY_SD2)[i % 2], "prompt": f"chaos {i}", "seed": i, "steps": 8}
+                    | {"webhook_url": receiver.url}
                     for i in range(JOBS)
-                ]
+                ],
+                batch_webhook_url=receiver.url,
             )
             ids = [h.job_id for h in handles]
 
@@ -96,10 +107,19 @@ def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outa
 
             records = client.wait(ids, timeout=600)
             finished = totals(client.redis).get("finished", {})
+            # each end's webhook event (written in the end's own step) and the batch's, delivered
+            # by the workers' services loops: at least once each, receivers dedupe by webhook-id
+            events = {event_id(i) for i in ids} | {batch_event_id(handles[0].batch_id)}
+            wait_until(
+                lambda: events <= {d["id"] for d in receiver.deliveries},
+                timeout=300,
+                what="every job's webhook event and the batch's delivered",
+            )
     finally:
         for worker in workers:
             worker.kill()
         sentinel_redis.stop()
+        receiver.close()
 
     try:
         by_id = {r.job_id: r for r in records}
@@ -140,5 +160,14 @@ def test_every_job_ends_once_through_a_killed_worker_a_failover_and_a_store_outa
             last = (runs[-1].outcome, record.status.value)
             assert last[0] == last[1] or last == ("lost", "failed"), (record.job_id, runs)
         assert any(len(r.runs) > 1 for r in records), "the killed worker's job ran again"
+        assert all(d["verified"] for d in receiver.deliveries)
+        ended = {d["id"]: d["body"]["type"] for d in receiver.deliveries}
+        assert all(ended[event_id(r.job_id)] == f"job.{r.status.value}" for r in records)
+        counts = next(
+            d["body"] for d in receiver.deliveries if d["id"] == batch_event_id(handles[0].batch_id)
+        )
+        assert counts["data"]["counts"] == {
+            s.value: n for s in JobStatus if (n := sum(r.status is s for r in records))
+        }, counts
     finally:
         store.down()
