@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -52,9 +53,11 @@ logger = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 10.0
 """Seconds a receiver has for each step of one delivery (connect, send, each read of the answer)."""
+ATTEMPT_SECONDS = 30.0
+"""Seconds a receiver has for the whole of one attempt, its answer read to the end."""
 LEASE_SECONDS = 60.0
-"""How long a process holds the one event it is delivering: an attempt's steps of at most
-TIMEOUT_SECONDS each, the address lookup and the outcome's write, with room to spare."""
+"""How long a process holds the one event it is delivering: an attempt of at most
+ATTEMPT_SECONDS, the address lookup and the outcome's write, with room to spare."""
 FIRST_RETRY_SECONDS = 10.0
 MAX_RETRY_SECONDS = 3600.0
 BATCH = 20
@@ -198,11 +201,30 @@ class WebhookSender:
             "webhook-timestamp": str(int(sent_at.timestamp())),
             "webhook-signature": signature,
         }
-        try:
-            with httpx.Client(timeout=TIMEOUT_SECONDS) as http:
-                response = send_pinned(http, "POST", url, address, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+        http = httpx.Client(timeout=TIMEOUT_SECONDS)
+        answer: list[httpx.Response | BaseException] = []
+
+        def post() -> None:
+            try:
+                answer.append(send_pinned(http, "POST", url, address, content=body, headers=headers))
+            except BaseException as exc:  # noqa: BLE001  (handed to the caller below)
+                answer.append(exc)
+
+        # httpx bounds each step (connect, write, each read), not a whole request: a receiver
+        # trickling its answer could hold an attempt past its lease, and the attempt would go
+        # unrecorded. The POST runs beside this thread, which stops waiting at ATTEMPT_SECONDS
+        # and closes the client under it (its next read fails; it ends by itself).
+        worker = threading.Thread(target=post, name="lorafleet-webhook-post", daemon=True)
+        worker.start()
+        worker.join(ATTEMPT_SECONDS)
+        http.close()
+        if not answer:
+            return None, f"no whole answer within {ATTEMPT_SECONDS:g} s"
+        response = answer[0]
+        if isinstance(response, httpx.HTTPError):
+            return None, f"{type(response).__name__}: {response}"
+        if isinstance(response, BaseException):
+            raise response
         if 200 <= response.status_code < 300:
             return response.status_code, None
         return response.status_code, f"HTTP {response.status_code}"

@@ -23,6 +23,7 @@ from lorafleet.common.schema import keys
 from lorafleet.common.services import batches, webhooks
 from lorafleet.common.services.batches import BatchEnds
 from lorafleet.common.services.webhooks import WebhookSender, queue_event, read_event
+from tests.helpers import free_port, wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"a test secret of thirty-two bytes").decode()
 LEASE = 1.5
@@ -142,6 +143,7 @@ def test_a_delivery_that_outlived_its_lease_leaves_the_next_holders_outcome_alon
     first = threading.Thread(target=sender(client).deliver_due, daemon=True)
     with caplog.at_level(logging.WARNING, logger=webhooks.__name__):
         first.start()
+        wait_until(lambda: slow.deliveries, timeout=30, what="the first holder's POST")  # it holds it
         second = sender(client)
         deadline = time.monotonic() + 30
         while (read_event(client, "overrun") or {}).get("state") != "delivered":
@@ -187,3 +189,37 @@ def test_two_processes_never_handle_one_ended_batch_at_once(client, tmp_path, mo
         thread.join()
     assert overlapping == []
     assert handled == Counter(dict.fromkeys(ids, 1))
+
+
+def test_an_answer_trickled_past_the_attempts_time_is_recorded_as_no_answer(client, monkeypatch):
+    """httpx bounds each read, not the whole answer: a receiver sending a byte every 0.2 s
+    would hold the attempt (and past its lease, the event) for as long as it liked."""
+    monkeypatch.setattr(webhooks, "TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(webhooks, "ATTEMPT_SECONDS", 1.0)
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-length", "20")
+            self.end_headers()
+            for _ in range(20):
+                self.wfile.write(b".")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        queue_event(client, "msg_trickle", url, {"type": "job.succeeded"})
+        sender(client).deliver_due()
+        event = read_event(client, "trickle")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert event["state"] == "pending" and len(event["attempts"]) == 1
+    assert "no whole answer within 1 s" in event["attempts"][0]["error"]
