@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -79,6 +80,7 @@ def test_the_producer_imports_the_worker_only_from_its_cli_package():
     assert "import_module" in text
 
 
+@pytest.mark.slow  # a Python process
 def test_lorafleet_submit_help_loads_no_torch():
     code = (
         "import sys\n"
@@ -183,11 +185,13 @@ def test_every_worker_module_the_cli_asks_for_exists():
 
 
 PROCESS_STARTERS = {"run_cli", "WorkerProcess", "start_worker", "Popen", "run_worker_cli"}
-"""What starts a real process in a test (tests/helpers.py, fixtures, subprocess)."""
+"""What starts a real process in a test (tests/helpers.py, fixtures), beside any use of
+``subprocess`` (Redis and S3 servers that fixtures start are the suite's, not the test's)."""
 NOT_A_PROCESS_TEST = {
     "tests/worker/test_checkpoints.py::test_a_copy_left_half_written_by_a_dead_worker_is_swept",
+    "tests/test_benches.py::test_a_gpu_script_parses",
 }
-"""Tests that start a process only to have a pid that is dead (`true`)."""
+"""Tests whose process is not lorafleet's: `true` for a pid that is dead, `bash -n` on a script."""
 
 
 def _marked_slow(decorators: list[ast.expr]) -> bool:
@@ -216,22 +220,27 @@ def test_every_test_that_starts_a_process_is_marked_slow():
                 n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
             }
             name = f"{path.relative_to(REPO)}::{node.name}"
-            starts = names & PROCESS_STARTERS and name not in NOT_A_PROCESS_TEST
+            subprocesses = any(
+                isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "subprocess"
+                for n in ast.walk(node)
+            )
+            starts = (names & PROCESS_STARTERS or subprocesses) and name not in NOT_A_PROCESS_TEST
             if starts and not _marked_slow(node.decorator_list):
                 unmarked.append(name)
     assert not unmarked, "start a process but are not marked slow: " + ", ".join(unmarked)
 
 
-RECORD_WRITE = re.compile(
-    r"\.(set|setex|setnx|psetex|getset|getdel|delete|unlink|expire|pexpire|persist|rename)\(\s*keys\.job\("
-)
-"""A Redis write naming a job record's key directly."""
+RECORDS_NAMED_BY = {
+    "common/fleet/store.py": "creates records (and takes back a create that failed half way); reads",
+    "common/fleet/lifecycle.py": "every change of a record, one script each",
+    "common/services/grids.py": "reads a sweep's records",
+    "common/catalog/input_retention.py": "reads records' remaining lifetimes",
+}
+"""The modules that name a job record's key (``keys.job``), and what for."""
 
 
-def test_job_records_are_written_only_by_the_store_and_the_lifecycle():
-    """Every change of a record is a fleet/lifecycle.py transition (one script); the store only
-    creates records (and takes back a create that failed half way)."""
-    writers = {
-        str(path.relative_to(REPO)) for path in _modules().values() if RECORD_WRITE.search(path.read_text())
-    }
-    assert writers == {"common/fleet/store.py"}, writers  # the store: the check sees writes
+def test_job_records_are_named_only_where_they_are_created_changed_or_read():
+    """Every change of a record is a fleet/lifecycle.py transition; a module that names a
+    record's key anywhere else (a write that skips the lifecycle) fails here."""
+    naming = {str(path.relative_to(REPO)) for path in _modules().values() if "keys.job(" in path.read_text()}
+    assert naming == set(RECORDS_NAMED_BY), naming

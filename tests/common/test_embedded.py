@@ -39,6 +39,7 @@ def test_no_broker_configured_starts_the_embedded_redis(tmp_path):
         EmbeddedRedis(settings.redis_dir).stop()
 
 
+@pytest.mark.slow  # a Python process
 def test_a_second_process_finds_and_reuses_the_running_server(embedded):
     embedded.ensure_running()
     pid = _server_pid(embedded)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lorafleet.producer
 from tests.helpers import REPO
 
@@ -50,6 +52,7 @@ def test_public_api_is_pinned():
         assert getattr(lorafleet.producer, name) is not None
 
 
+@pytest.mark.slow  # a Python process
 def test_producer_side_imports_and_runs_without_torch(settings, tmp_path):
     code = (
         BLOCK_TORCH
@@ -67,6 +70,7 @@ print(client.get(handle.job_id).status.value)
     assert result.stdout.strip() == "queued"
 
 
+@pytest.mark.slow  # a Python process
 def test_worker_commands_say_how_to_install_the_worker_side():
     code = (
         BLOCK_TORCH
