@@ -4,8 +4,9 @@ fleet/lifecycle.py counts each job's end in its batch's tracker (``keys.batch_en
 jobs submitted into the batch, and those that ended) in the same atomic step that ends the
 job, and puts the batch on ``keys.BATCHES_ENDED`` when the two meet. ``BatchEnds`` takes
 batches from there one at a time, each just before handling it, for a lease of
-LEASE_SECONDS (services/leases.py): while the lease holds, no other process handles the
-batch, and one that dies mid-way leaves it to the next when the lease runs out. It hands the
+LEASE_SECONDS (services/leases.py), renewed as a long grid is drawn (every few cells): while
+the lease holds, no other process handles the batch, and one that dies mid-way leaves it to
+the next when the lease runs out; a handler that finds its lease taken over stops. It hands the
 batch to its two consumers: the batch webhook (one ``batch.ended`` event, when the batch was
 submitted with ``batch_webhook_url``) and the sweep grid (when the batch is a sweep), then
 takes the batch off the set only if its lease still holds. Both consumers can run twice
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -84,6 +86,14 @@ def batch_event(store: JobStore, batch_id: str) -> dict[str, Any]:
     }
 
 
+class LeaseLost(Exception):
+    """The batch being handled is another process's now: this handling stops."""
+
+
+def _nothing() -> None:
+    pass
+
+
 class BatchEnds:
     """Hands ended batches to their consumers."""
 
@@ -91,6 +101,8 @@ class BatchEnds:
         self.store = store
         self.redis = store.redis
         self.grids = GridBuilder(store.redis, storage)
+        self._keep: Callable[[], None] = _nothing
+        """Renews the lease of the batch being handled (``handle_due`` sets it)."""
 
     def handle_due(self, now: float | None = None) -> list[str]:
         """Handle up to BATCH batches ended by ``now`` (default: the time), each claimed just
@@ -103,14 +115,30 @@ class BatchEnds:
             deadline = leases.claim(self.redis, keys.BATCHES_ENDED, batch_id, at, LEASE_SECONDS)
             if deadline is None:
                 continue  # another process holds it, or has handled it
+            held = [deadline]
+
+            def keep(batch_id: str = batch_id, held: list[float] = held) -> None:
+                """Renew the lease once half of it has passed (a large grid draws for minutes);
+                LeaseLost once another process holds the batch."""
+                at = start + time.monotonic() - began
+                if at < held[0] - LEASE_SECONDS / 2:
+                    return
+                renewed = leases.renew(self.redis, keys.BATCHES_ENDED, batch_id, held[0], at, LEASE_SECONDS)
+                if renewed is None:
+                    raise LeaseLost(f"batch {batch_id}: its lease ran out and another process holds it")
+                held[0] = renewed
+
+            self._keep = keep
             try:
                 self.handle(batch_id)
             except Exception as exc:  # the store away, Redis failing over: the lease runs out, then again
                 logger.warning("end of batch %s not handled yet: %s", batch_id, exc)
                 continue
+            finally:
+                self._keep = _nothing
             # done while the lease holds: not if it ended again meanwhile (a retry's end
             # re-scored it: handle it again), nor if the lease ran out (the next holder's)
-            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(deadline)])
+            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(held[0])])
             done.append(batch_id)
         return done
 
@@ -121,4 +149,4 @@ class BatchEnds:
             if queue_event(self.redis, batch_event_id(batch_id), url, batch_event(self.store, batch_id)):
                 logger.info("batch %s ended: its webhook event is queued", batch_id)
         if self.redis.exists(keys.sweep(batch_id)):
-            self.grids.build(batch_id)
+            self.grids.build(batch_id, keep=self._keep)

@@ -36,6 +36,10 @@ drawn), labels included: then every cell is drawn smaller until it fits, whateve
 says (down to one pixel a side; a sweep's job cap keeps cells far larger than that)."""
 
 
+KEEP_CELLS = 64
+"""Cells drawn between two calls of a page's ``keep`` (the caller's lease renewal)."""
+
+
 def page_size(cell: tuple[int, int], columns: int, rows: int) -> tuple[int, int]:
     """The page's width and height: the row labels' column and two label rows on top."""
     return LABEL_WIDTH + cell[0] * columns, LABEL_HEIGHT * 2 + cell[1] * rows
@@ -71,6 +75,7 @@ def draw_page(
     cells: dict[tuple[int, int], Callable[[], Image.Image] | str],
     size: tuple[int, int],
     title: str,
+    keep: Callable[[], None] = lambda: None,
 ) -> Image.Image:
     """One page of images of ``size``: ``cells[(x, y)]`` opens the cell's image (called once,
     when the cell is drawn: one image is held at a time) or is the text of a cell without one."""
@@ -93,8 +98,10 @@ def draw_page(
             if isinstance(cell, str):
                 draw.rectangle((left, top, left + cw - 1, top + ch - 1), fill="#bbbbbb", outline="white")
                 draw.text((left + 6, top + ch // 2), cell, fill="black")
-                continue
-            _paste(page, cell, (left, top), (cw, ch))
+            else:
+                _paste(page, cell, (left, top), (cw, ch))
+            if (j * len(xs) + i) % KEEP_CELLS == KEEP_CELLS - 1:
+                keep()
     return page
 
 
@@ -112,8 +119,9 @@ class GridBuilder:
         self.redis = client
         self.storage = storage
 
-    def build(self, batch_id: str) -> list[str]:
-        """Draw and store the batch's grid pages; returns their keys."""
+    def build(self, batch_id: str, keep: Callable[[], None] = lambda: None) -> list[str]:
+        """Draw and store the batch's grid pages; returns their keys. ``keep`` is called every
+        KEEP_CELLS cells and at each page (services/batches.py renews its lease there)."""
         layout_raw = self.redis.get(keys.sweep(batch_id))
         if layout_raw is None:
             return []
@@ -140,15 +148,17 @@ class GridBuilder:
         zs = axes[2]["labels"] if len(axes) > 2 else [""]
         stored = []
         for z, label in enumerate(zs):  # one page in memory at a time, and one image in it
+            keep()
             title = f"sweep {batch_id}" + (f" · {axes[2]['axis']}: {label}" if label else "")
             cells = pages.get(z, {})
-            page = draw_page(axes, cells, self._image_size(cells), title)
+            page = draw_page(axes, cells, self._image_size(cells), title, keep)
             buffer = io.BytesIO()
             page.save(buffer, format="PNG")
             del page
             key = check_key(f"{sweep['prefix']}/{batch_id}/grid-{z}.png")
             self.storage.put(key, buffer.getvalue(), "image/png")
             stored.append(key)
+        keep()  # still this process's to write
         sweep["grids"] = stored
         self.redis.set(keys.sweep(batch_id), json.dumps(sweep), keepttl=True)
         logger.info("sweep %s: %d grid page(s) stored", batch_id, len(stored))

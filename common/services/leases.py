@@ -17,7 +17,7 @@ early.
 What a lease does not do: stop its holder. A holder that outlives its lease (it stalled, or
 its work took longer than the lease) goes on with its work while the next holder does the
 same work; only its writes are refused. The work is done at least once, not exactly once,
-and should take well within a lease.
+and should take well within a lease, or ``renew`` it as it goes.
 
 Claims are one id at a time, just before its work, so that a lease is spent on one piece of
 work: a pass lists the ids due (``due``) and claims each in turn, skipping those another
@@ -51,3 +51,22 @@ def claim(client: redis.Redis, key: str, id_: str, now: float, seconds: float) -
     deadline = now + seconds
     taken = client.register_script(_CLAIM)(keys=[key], args=[id_, repr(now), repr(deadline)])
     return deadline if taken else None
+
+
+_RENEW = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
+
+def renew(
+    client: redis.Redis, key: str, id_: str, deadline: float, now: float, seconds: float
+) -> float | None:
+    """Extend a claim of ``id_`` whose deadline is ``deadline`` to ``now + seconds`` (at least
+    the deadline it had); returns the new deadline (the claim's token from now on), or None
+    when the claim is no longer held (its lease ran out and another process took it, or the
+    id was re-scored): its holder should stop."""
+    extended = max(deadline, now + seconds)
+    held = client.register_script(_RENEW)(keys=[key], args=[id_, repr(deadline), repr(extended)])
+    return extended if held else None

@@ -12,6 +12,7 @@ from PIL import Image
 from lorafleet.common.services.grids import (
     CELL_MAX,
     CELL_MIN,
+    KEEP_CELLS,
     PAGE_MAX_PIXELS,
     cell_size,
     draw_page,
@@ -66,3 +67,10 @@ def test_each_cells_image_is_opened_when_it_is_drawn_and_let_go_after():
     assert page.getpixel((page_size((CELL_MIN, CELL_MIN), 0, 1)[0] + 5, top + 5)) == (255, 0, 0)
     assert page.getpixel((page_size((CELL_MIN, CELL_MIN), 1, 1)[0] + 5, top + 5)) == (0xBB, 0xBB, 0xBB)
     assert page.getpixel((page_size((CELL_MIN, CELL_MIN), 2, 1)[0] + 5, top + 5)) == (0, 0, 255)
+
+
+def test_a_long_page_calls_keep_every_few_cells():
+    layout = [{"axis": "seed", "labels": [str(i) for i in range(2 * KEEP_CELLS + 3)]}]
+    kept = []
+    draw_page(layout, {}, (8, 8), "sweep", keep=lambda: kept.append(1))
+    assert len(kept) == 2  # after cell 64 and after cell 128: the caller's lease renewed

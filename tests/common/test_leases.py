@@ -223,3 +223,36 @@ def test_an_answer_trickled_past_the_attempts_time_is_recorded_as_no_answer(clie
         server.server_close()
     assert event["state"] == "pending" and len(event["attempts"]) == 1
     assert "no whole answer within 1 s" in event["attempts"][0]["error"]
+
+
+def test_a_batch_handled_for_longer_than_its_lease_keeps_it_and_is_handled_once(
+    client, tmp_path, monkeypatch
+):
+    """A large sweep's grid draws for minutes: its handler renews the lease as it goes (the
+    grid builder calls ``keep`` every few cells), so a second process never takes it over."""
+    monkeypatch.setattr(batches, "LEASE_SECONDS", 1.0)
+    client.zadd(keys.BATCHES_ENDED, {"long": 0})
+    handled: Counter[str] = Counter()
+    overlapping: list[str] = []
+    lock = threading.Lock()
+
+    def process() -> BatchEnds:
+        ends = BatchEnds(JobStore(client, retention=3600), LocalStorage(tmp_path))
+
+        def handle(batch_id: str) -> None:  # 2.5 s of drawing, the lease renewed as it goes
+            with lock:
+                handled[batch_id] += 1
+                if handled[batch_id] > 1:
+                    overlapping.append(batch_id)
+            for _ in range(25):
+                time.sleep(0.1)
+                ends._keep()
+
+        ends.handle = handle
+        return ends
+
+    passes = [until_empty(keys.BATCHES_ENDED, client, process().handle_due) for _ in range(2)]
+    for thread in passes:
+        thread.join()
+    assert overlapping == [] and handled == Counter({"long": 1})
+    assert client.zscore(keys.BATCHES_ENDED, "long") is None  # done, by its holder
