@@ -224,57 +224,51 @@ def test_open_event_streams_hold_no_threadpool_thread_and_the_api_answers_beside
         asyncio.run(main())
 
 
-def test_a_session_looked_up_in_a_stalled_redis_holds_up_no_other_request(settings):
-    """The token middleware reads a cookie's session from Redis in the threadpool: while that
-    read waits, the event loop answers other requests."""
-    pause_ms = 3000
+PAUSE_MS = 3000
+
+
+def _beside_a_stalled_redis(settings, slow_request) -> None:
+    """``slow_request(base)`` waits on Redis (paused for PAUSE_MS) in the threadpool;
+    meanwhile a bearer request, which needs no Redis, is answered: the event loop is free."""
     with _serving(settings.model_copy(update={"api_tokens": "t1"})) as (base, _), Client(settings) as client:
-        session = open_session(client.redis, "t1")
         pauser = client.broker.client()
         pauser.ping()  # connected before the pause
-        answers: dict[str, float] = {}
+        answered: dict[str, float] = {}
 
-        def with_cookie() -> None:
-            response = httpx.get(f"{base}/v1/workers", cookies={COOKIE: session}, timeout=60)
-            assert response.status_code == 200
-            answers["cookie"] = time.monotonic()
+        def waiting_on_redis() -> None:
+            slow_request(base)
+            answered["slow"] = time.monotonic()
 
         paused_at = time.monotonic()
-        pauser.client_pause(pause_ms)  # every Redis client waits, the session lookup too
-        waiting = threading.Thread(target=with_cookie)
+        pauser.client_pause(PAUSE_MS)  # every Redis client waits
+        waiting = threading.Thread(target=waiting_on_redis)
         waiting.start()
-        time.sleep(0.5)  # the cookie's request is in the middleware now, waiting for Redis
+        time.sleep(0.5)  # the slow request is waiting for Redis now
         bearer = httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer t1"}, timeout=60)
-        answers["bearer"] = time.monotonic()
+        answered["bearer"] = time.monotonic()
         waiting.join(60)
     assert bearer.status_code == 200
-    assert answers["bearer"] - paused_at < pause_ms / 1000, "the event loop waited for Redis"
-    assert answers["cookie"] - paused_at >= pause_ms / 1000 - 0.1  # it did wait for the pause
+    assert answered["bearer"] - paused_at < PAUSE_MS / 1000, "the event loop waited for Redis"
+    assert answered["slow"] - paused_at >= PAUSE_MS / 1000 - 0.1  # it did wait for the pause
+
+
+def test_a_session_looked_up_in_a_stalled_redis_holds_up_no_other_request(settings):
+    """The token middleware reads a cookie's session from Redis in the threadpool."""
+    with Client(settings) as client:
+        session = open_session(client.redis, "t1")  # before the pause
+
+    def with_cookie(base: str) -> None:
+        response = httpx.get(f"{base}/v1/workers", cookies={COOKIE: session}, timeout=60)
+        assert response.status_code == 200
+
+    _beside_a_stalled_redis(settings, with_cookie)
 
 
 def test_a_login_waiting_on_a_stalled_redis_holds_up_no_other_request(settings):
-    """/login writes the new session to Redis in the threadpool: while that write waits, the
-    event loop answers other requests."""
-    pause_ms = 3000
-    with _serving(settings.model_copy(update={"api_tokens": "t1"})) as (base, _), Client(settings) as client:
-        pauser = client.broker.client()
-        pauser.ping()  # connected before the pause
-        answers: dict[str, float] = {}
+    """/login writes the new session to Redis in the threadpool."""
 
-        def login() -> None:
-            form = {"token": "t1"}
-            response = httpx.post(f"{base}/login", data=form, follow_redirects=False, timeout=60)
-            assert response.status_code == 303 and COOKIE in response.cookies
-            answers["login"] = time.monotonic()
+    def login(base: str) -> None:
+        response = httpx.post(f"{base}/login", data={"token": "t1"}, follow_redirects=False, timeout=60)
+        assert response.status_code == 303 and COOKIE in response.cookies
 
-        paused_at = time.monotonic()
-        pauser.client_pause(pause_ms)  # every Redis client waits, the session's write too
-        waiting = threading.Thread(target=login)
-        waiting.start()
-        time.sleep(0.5)  # the login is writing its session now, waiting for Redis
-        bearer = httpx.get(f"{base}/openapi.json", headers={"Authorization": "Bearer t1"}, timeout=60)
-        answers["bearer"] = time.monotonic()
-        waiting.join(60)
-    assert bearer.status_code == 200
-    assert answers["bearer"] - paused_at < pause_ms / 1000, "the event loop waited for Redis"
-    assert answers["login"] - paused_at >= pause_ms / 1000 - 0.1  # it did wait for the pause
+    _beside_a_stalled_redis(settings, login)
