@@ -214,12 +214,12 @@ def test_a_batch_that_ends_again_while_its_end_is_handled_is_handled_again(clien
     ends = BatchEnds(client.jobs, open_storage(settings))
     retried = []
 
-    def handle(batch_id):  # a retry of the cell submitted and ended while the grid is drawn
+    def handle(batch_id, keep):  # a retry of the cell submitted and ended while the grid is drawn
         if not retried:
             retried.append(client.retry(first.job_id))
             job = retried[0].job_id
             lifecycle.end(job, JobStatus.failed, _start(lifecycle, job), error="y")
-        BatchEnds.handle(ends, batch_id)
+        BatchEnds.handle(ends, batch_id, keep)
 
     ends.handle = handle
     assert ends.handle_due() == [first.batch_id]

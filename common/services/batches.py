@@ -19,7 +19,6 @@ whoever is handling it: its grid is drawn again, its event is not sent twice.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -41,10 +40,8 @@ BATCH = 10
 """Ended batches one pass handles at most (each claimed in turn)."""
 
 
-_DONE = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') == tonumber(ARGV[2]) then
-    redis.call('ZREM', KEYS[1], ARGV[1])
-end
+_DONE = f"""
+if {leases.HELD} then redis.call('ZREM', KEYS[1], ARGV[1]) end
 """
 
 
@@ -86,14 +83,6 @@ def batch_event(store: JobStore, batch_id: str) -> dict[str, Any]:
     }
 
 
-class LeaseLost(Exception):
-    """The batch being handled is another process's now: this handling stops."""
-
-
-def _nothing() -> None:
-    pass
-
-
 class BatchEnds:
     """Hands ended batches to their consumers."""
 
@@ -101,52 +90,32 @@ class BatchEnds:
         self.store = store
         self.redis = store.redis
         self.grids = GridBuilder(store.redis, storage)
-        self._keep: Callable[[], None] = _nothing
-        """Renews the lease of the batch being handled (``handle_due`` sets it)."""
 
     def handle_due(self, now: float | None = None) -> list[str]:
         """Handle up to BATCH batches ended by ``now`` (default: the time), each claimed just
-        before it is handled, at ``now`` plus the seconds the pass has taken so far; returns
-        those handled."""
-        start, began = time.time() if now is None else now, time.monotonic()
+        before it is handled (services/leases.py); returns those handled."""
         done = []
-        for batch_id in leases.due(self.redis, keys.BATCHES_ENDED, start, BATCH):
-            at = start + time.monotonic() - began
-            deadline = leases.claim(self.redis, keys.BATCHES_ENDED, batch_id, at, LEASE_SECONDS)
-            if deadline is None:
-                continue  # another process holds it, or has handled it
-            held = [deadline]
-
-            def keep(batch_id: str = batch_id, held: list[float] = held) -> None:
-                """Renew the lease once half of it has passed (a large grid draws for minutes);
-                LeaseLost once another process holds the batch."""
-                at = start + time.monotonic() - began
-                if at < held[0] - LEASE_SECONDS / 2:
-                    return
-                renewed = leases.renew(self.redis, keys.BATCHES_ENDED, batch_id, held[0], at, LEASE_SECONDS)
-                if renewed is None:
-                    raise LeaseLost(f"batch {batch_id}: its lease ran out and another process holds it")
-                held[0] = renewed
-
-            self._keep = keep
+        for claim in leases.claim_each(self.redis, keys.BATCHES_ENDED, now, BATCH, LEASE_SECONDS):
             try:
-                self.handle(batch_id)
+                self.handle(claim.id, claim.keep)
             except Exception as exc:  # the store away, Redis failing over: the lease runs out, then again
-                logger.warning("end of batch %s not handled yet: %s", batch_id, exc)
+                logger.warning("end of batch %s not handled yet: %s", claim.id, exc)
                 continue
-            finally:
-                self._keep = _nothing
             # done while the lease holds: not if it ended again meanwhile (a retry's end
             # re-scored it: handle it again), nor if the lease ran out (the next holder's)
-            self.redis.register_script(_DONE)(keys=[keys.BATCHES_ENDED], args=[batch_id, repr(held[0])])
-            done.append(batch_id)
+            self.redis.register_script(_DONE)(
+                keys=[keys.BATCHES_ENDED], args=[claim.id, repr(claim.deadline)]
+            )
+            done.append(claim.id)
         return done
 
-    def handle(self, batch_id: str) -> None:
+    def handle(self, batch_id: str, keep: Callable[[], None] = lambda: None) -> None:
+        """Queue the batch's webhook event and draw its grid; ``keep`` renews the lease as the
+        grid is drawn (LeaseLost: another process holds the batch now)."""
         url = self.redis.hget(keys.batch_webhook(batch_id), "url")
         if url is not None:
             url = url.decode() if isinstance(url, bytes) else url
             if queue_event(self.redis, batch_event_id(batch_id), url, batch_event(self.store, batch_id)):
                 logger.info("batch %s ended: its webhook event is queued", batch_id)
         if self.redis.exists(keys.sweep(batch_id)):
-            self.grids.build(batch_id, keep=self._keep)
+            self.grids.build(batch_id, keep=keep)

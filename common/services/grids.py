@@ -63,11 +63,13 @@ def cell_size(width: int, height: int, columns: int, rows: int) -> tuple[int, in
     fit = (-linear + (linear * linear - 4 * a * b * constant) ** 0.5) / (2 * a * b)
     scale = min(scale, fit)
     cell = max(1, int(width * scale)), max(1, int(height * scale))
-    while page_size(cell, columns, rows)[0] * page_size(cell, columns, rows)[1] > PAGE_MAX_PIXELS:
+    while _pixels(page_size(cell, columns, rows)) > PAGE_MAX_PIXELS and cell != (1, 1):
         cell = max(1, cell[0] - 1), max(1, cell[1] - 1)  # float rounding at the root: a pixel less
-        if cell == (1, 1):
-            break
     return cell
+
+
+def _pixels(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
 
 
 def draw_page(
@@ -135,6 +137,7 @@ class GridBuilder:
             r for r in (parsed(i, raw) for i, raw in zip(ids, raws)) if r is not None and not r.damaged
         ]
         pages: dict[int, dict[tuple[int, int], Callable[[], Image.Image] | str]] = {}
+        sizes: dict[int, tuple[int, int]] = {}  # a page's image size: its first image's, as recorded
         for record in records:
             tags = record.job.tags
             if "sweep.x.index" not in tags:
@@ -142,7 +145,9 @@ class GridBuilder:
             x, y, z = (int(tags.get(f"sweep.{a}.index", 0)) for a in "xyz")
             cells = pages.setdefault(z, {})
             if record.status is JobStatus.succeeded and record.images:
-                cells[(x, y)] = functools.partial(self._open, record.images[0].key)
+                image = record.images[0]
+                cells[(x, y)] = functools.partial(self._open, image.key)
+                sizes.setdefault(z, (image.width, image.height))
             elif (x, y) not in cells or isinstance(cells[(x, y)], str):
                 cells[(x, y)] = record.status.value
         zs = axes[2]["labels"] if len(axes) > 2 else [""]
@@ -150,15 +155,14 @@ class GridBuilder:
         for z, label in enumerate(zs):  # one page in memory at a time, and one image in it
             keep()
             title = f"sweep {batch_id}" + (f" · {axes[2]['axis']}: {label}" if label else "")
-            cells = pages.get(z, {})
-            page = draw_page(axes, cells, self._image_size(cells), title, keep)
+            page = draw_page(axes, pages.get(z, {}), sizes.get(z, (128, 128)), title, keep)
             buffer = io.BytesIO()
             page.save(buffer, format="PNG")
             del page
             key = check_key(f"{sweep['prefix']}/{batch_id}/grid-{z}.png")
             self.storage.put(key, buffer.getvalue(), "image/png")
             stored.append(key)
-        keep()  # still this process's to write
+        keep()  # a lease lost while the last page was drawn stops here, before the layout
         sweep["grids"] = stored
         self.redis.set(keys.sweep(batch_id), json.dumps(sweep), keepttl=True)
         logger.info("sweep %s: %d grid page(s) stored", batch_id, len(stored))
@@ -166,12 +170,3 @@ class GridBuilder:
 
     def _open(self, key: str) -> Image.Image:
         return Image.open(io.BytesIO(self.storage.get(key)))
-
-    @staticmethod
-    def _image_size(cells: dict[tuple[int, int], Callable[[], Image.Image] | str]) -> tuple[int, int]:
-        """The size of the page's images (its first one's header; 128 x 128 with none)."""
-        for cell in cells.values():
-            if not isinstance(cell, str):
-                with cell() as image:
-                    return image.size
-        return 128, 128

@@ -71,8 +71,8 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-_RECORD = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '-1') ~= tonumber(ARGV[2]) then return 0 end
+_RECORD = f"""
+if not ({leases.HELD}) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 if ARGV[5] == '' then redis.call('ZREM', KEYS[1], ARGV[1]) else redis.call('ZADD', KEYS[1], ARGV[5], ARGV[1]) end
 return 1
@@ -126,13 +126,9 @@ class WebhookSender:
         how many the receivers took."""
         if self.secret is None:
             return 0
-        start, began = time.time() if now is None else now, time.monotonic()
         delivered = 0
-        for event_id_ in leases.due(self.redis, keys.WEBHOOKS_DUE, start, BATCH):
-            at = start + time.monotonic() - began
-            deadline = leases.claim(self.redis, keys.WEBHOOKS_DUE, event_id_, at, LEASE_SECONDS)
-            if deadline is not None:  # else another process holds it, or has delivered it
-                delivered += self._deliver(event_id_, deadline)
+        for claim in leases.claim_each(self.redis, keys.WEBHOOKS_DUE, now, BATCH, LEASE_SECONDS):
+            delivered += self._deliver(claim.id, claim.deadline)  # others: another process's now
         return delivered
 
     def _deliver(self, event_id_: str, deadline: float) -> bool:

@@ -170,14 +170,14 @@ def test_two_processes_never_handle_one_ended_batch_at_once(client, tmp_path, mo
     def process() -> BatchEnds:
         ends = BatchEnds(JobStore(client, retention=3600), LocalStorage(tmp_path))
 
-        def handle(batch_id: str) -> None:  # a consumer as slow as a large sweep's grid
+        def handle(batch_id: str, keep) -> None:  # a consumer as slow as a large sweep's grid
             with lock:
                 handled[batch_id] += 1
                 in_flight[batch_id] += 1
                 if in_flight[batch_id] > 1:
                     overlapping.append(batch_id)
             time.sleep(SLOW)
-            BatchEnds.handle(ends, batch_id)
+            BatchEnds.handle(ends, batch_id, keep)
             with lock:
                 in_flight[batch_id] -= 1
 
@@ -239,14 +239,14 @@ def test_a_batch_handled_for_longer_than_its_lease_keeps_it_and_is_handled_once(
     def process() -> BatchEnds:
         ends = BatchEnds(JobStore(client, retention=3600), LocalStorage(tmp_path))
 
-        def handle(batch_id: str) -> None:  # 2.5 s of drawing, the lease renewed as it goes
+        def handle(batch_id: str, keep) -> None:  # 2.5 s of drawing, the lease renewed as it goes
             with lock:
                 handled[batch_id] += 1
                 if handled[batch_id] > 1:
                     overlapping.append(batch_id)
             for _ in range(25):
                 time.sleep(0.1)
-                ends._keep()
+                keep()
 
         ends.handle = handle
         return ends
