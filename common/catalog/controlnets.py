@@ -26,6 +26,7 @@ from pathlib import Path
 from lorafleet.common.catalog.drop_folder import FilesOrFolders
 from lorafleet.common.catalog.lora_files import (
     SAFETENSORS_SUFFIX,
+    SafetensorsHeader,
     read_safetensors_header,
     refuse_pickled,
     sha256_file,
@@ -96,12 +97,23 @@ class ControlNetInfo:
 
 def read_control(path: Path, config: Path | None = None) -> tuple[int | None, AdapterShape | None]:
     """What the ControlNet folder's file ``path`` is (``config``: its folder's config.json):
-    (its cross-attention width, None) for a ControlNet, (None, its shape) for a T2I-Adapter;
-    FileRefused if it is neither."""
-    refuse_pickled(path)
-    header = read_safetensors_header(path, max_bytes=MAX_CONTROLNET_BYTES)
-    if read_flux_control(path, config) is not None:
+    (its cross-attention width, None) for an SD ControlNet, (None, its shape) for a
+    T2I-Adapter; FileRefused if it is neither (a FLUX.1 ControlNet too: ``_describe`` takes those)."""
+    header = _header(path)
+    if _flux_width(path, header, config) is not None:
         raise FileRefused("a FLUX.1 ControlNet", field=path.name, allowed="an SD ControlNet here")
+    return _sd_control(path, header, config)
+
+
+def _header(path: Path) -> SafetensorsHeader:
+    """The file's tensors, read without torch; FileRefused for a pickled or non-.safetensors file."""
+    refuse_pickled(path)
+    return read_safetensors_header(path, max_bytes=MAX_CONTROLNET_BYTES)
+
+
+def _sd_control(
+    path: Path, header: SafetensorsHeader, config: Path | None
+) -> tuple[int | None, AdapterShape | None]:
     hinted = any(part in key for key in header.tensors for part in _HINT)
     if not hinted and is_adapter(list(header.tensors)):
         return None, adapter_shape(path, header.tensors, _json(config) if config is not None else None)
@@ -118,12 +130,11 @@ def read_control(path: Path, config: Path | None = None) -> tuple[int | None, Ad
     return (widths.pop() if len(widths) == 1 else None), None
 
 
-def read_flux_control(path: Path, config: Path | None = None) -> int | None:
-    """A FLUX.1 ControlNet's inner width (heads x head size) when ``path`` is the weights of a
-    diffusers ``FluxControlNetModel`` folder (``config``: its config.json); None when it is no
-    FLUX ControlNet. FileRefused for a FLUX ControlNet lorafleet does not load: a single file
-    (its config is not in it), XLabs' original names, a ControlNet-Union model."""
-    header = read_safetensors_header(path, max_bytes=MAX_CONTROLNET_BYTES)
+def _flux_width(path: Path, header: SafetensorsHeader, config: Path | None) -> int | None:
+    """A FLUX.1 ControlNet's inner width (heads x head size) when ``path`` (its ``header``) is
+    the weights of a diffusers ``FluxControlNetModel`` folder (``config``: its config.json);
+    None when it is no FLUX ControlNet. FileRefused for a FLUX ControlNet lorafleet does not
+    load: a single file (its config is not in it), XLabs' original names, a ControlNet-Union model."""
     keys = list(header.tensors)
     allowed = (
         "a FLUX.1 ControlNet as a diffusers FluxControlNetModel folder (config.json beside "
@@ -184,12 +195,13 @@ class ControlNetCatalog(FilesOrFolders[ControlNetInfo]):
         config = None if single else path.parent / "config.json"
         where = path if single else path.parent
         name = name or where.name.removesuffix(SAFETENSORS_SUFFIX)
-        flux_width = read_flux_control(path, config)
+        header = _header(path)  # read once: FLUX.1's names, then SD's
+        flux_width = _flux_width(path, header, config)
         if flux_width is not None or (config is not None and _is_flux_config(config)):
             return ControlNetInfo(
                 name, where, False, sha256_file(path), None, family=FLUX_FAMILY, transformer_width=flux_width
             )
-        width, adapter = read_control(path, config)
+        width, adapter = _sd_control(path, header, config)
         return ControlNetInfo(name, where, single, sha256_file(path), width, adapter=adapter)
 
     def _from_shared(self, entry: SharedFile) -> ControlNetInfo:

@@ -124,13 +124,16 @@ def make_tiny_controlnet(
 
 
 def _is_flux1(model: Path) -> bool:
-    """Whether ``model`` is a FLUX.1 pipeline folder (its model_index.json names FluxPipeline)."""
+    """Whether ``model`` is a FLUX.1 pipeline folder (by its model_index.json's class)."""
     import json
 
+    from lorafleet.common.schema.family import FAMILY_BY_PIPELINE, Family
+
     try:
-        return json.loads((model / "model_index.json").read_text()).get("_class_name") == "FluxPipeline"
+        class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return False
+    return isinstance(class_name, str) and FAMILY_BY_PIPELINE.get(class_name) is Family.flux1
 
 
 def make_tiny_t2i_adapter(
