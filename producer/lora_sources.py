@@ -260,6 +260,7 @@ def _from_hub(source: str, scratch: Path) -> Fetched:
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
+    from huggingface_hub.errors import HTTPError as HubTransportError  # no connection, a timeout
     from huggingface_hub.utils import validate_repo_id
 
     owner, repo, *rest = source.split("/")
@@ -306,7 +307,7 @@ def _from_hub(source: str, scratch: Path) -> Fetched:
             raise BadArgument(
                 f"hub: {source!r} is not a valid repo or file name ({exc})", field=FIELD
             ) from None
-        if isinstance(exc, (HfHubHTTPError, LocalEntryNotFoundError, OSError)):
+        if isinstance(exc, (HfHubHTTPError, HubTransportError, LocalEntryNotFoundError, OSError)):
             raise TransientError(f"hub: {source} could not be fetched: {exc}") from None
         raise
     name = repo if Path(filename).name in GENERIC_WEIGHTS else Path(filename).stem

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.helpers import lorafleet_env, run_cli
+from tests.helpers import free_port, lorafleet_env, run_cli
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -315,3 +315,17 @@ def test_a_name_too_long_for_a_file_is_refused(home, site):
     result = run_cli(["loras", "import", f"{site.url}/f"], lorafleet_env(home, None))
     assert result.returncode == 2 and "--name" in result.stderr and "at most 200" in result.stderr
     assert leftovers(home) == []
+
+
+def test_a_hub_that_cannot_be_reached_is_a_transient_error_naming_the_source(tmp_path, monkeypatch):
+    """huggingface_hub's transport errors (httpx's, not OSError) are told as such, not raised
+    raw: the API answered 500 to POST /v1/loras {"source": "0/0"} with no network."""
+    import huggingface_hub.constants
+
+    from lorafleet.common.schema.errors import TransientError
+    from lorafleet.producer.lora_sources import fetch
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TransientError, match="hub: acme/lora could not be fetched"):
+        fetch("acme/lora", tmp_path / "scratch")
+    assert list((tmp_path / "scratch").iterdir()) == []  # nothing left behind
